@@ -1,0 +1,153 @@
+//! Compaction: which tables to merge (a pure policy) and the merge itself.
+//!
+//! The policy is size-tiered: tables of similar size are grouped, and a group
+//! of at least `min_tables` is merged into one (split into files of about
+//! `table_bytes_target`). Each table is rewritten about once per size tier,
+//! so write amplification grows with the logarithm of the data size.
+//!
+//! Merging applies the sibling rule to every key found in several tables,
+//! which drops shadowed versions. A key whose versions are all tombstones is
+//! dropped when its newest tombstone is older than the grace period *and* no
+//! table outside the merge may hold an older version of it (checked with
+//! their timestamp ranges and bloom filters), so a delete never uncovers the
+//! value it deleted.
+
+use quiver_ring::Siblings;
+
+use crate::storage::error::Result;
+
+/// A table as the policy sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableSize {
+    pub id: u64,
+    pub bytes: u64,
+}
+
+/// Knobs of the size-tiered policy.
+#[derive(Clone, Copy, Debug)]
+pub struct Policy {
+    /// A group needs this many tables to be merged.
+    pub min_tables: usize,
+    /// At most this many tables are merged at once.
+    pub max_tables: usize,
+    /// Tables below this size all count as one tier.
+    pub small_table_bytes: u64,
+}
+
+/// The ids of the tables to merge next, if any group is ready.
+pub fn plan(tables: &[TableSize], policy: &Policy) -> Option<Vec<u64>> {
+    let mut by_size = tables.to_vec();
+    by_size.sort_by_key(|t| (t.bytes, t.id));
+    let mut buckets: Vec<Vec<TableSize>> = Vec::new();
+    for table in by_size {
+        let fits = buckets.last().is_some_and(|bucket| {
+            let avg = bucket.iter().map(|t| t.bytes).sum::<u64>() / bucket.len() as u64;
+            table.bytes <= policy.small_table_bytes || table.bytes <= avg.saturating_mul(3) / 2
+        });
+        match buckets.last_mut() {
+            Some(bucket) if fits => bucket.push(table),
+            _ => buckets.push(vec![table]),
+        }
+    }
+    // Smallest tier first: cheap merges keep the table count down.
+    let bucket = buckets.into_iter().find(|bucket| bucket.len() >= policy.min_tables.max(2))?;
+    Some(bucket.into_iter().take(policy.max_tables.max(2)).map(|t| t.id).collect())
+}
+
+/// Merges sorted sources of `(key, versions)` into one sorted stream, merging
+/// the versions of equal keys.
+pub struct MergeIter<'a> {
+    sources: Vec<std::iter::Peekable<Box<dyn Iterator<Item = Result<(Vec<u8>, Siblings)>> + 'a>>>,
+}
+
+impl std::fmt::Debug for MergeIter<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MergeIter").field("sources", &self.sources.len()).finish()
+    }
+}
+
+impl<'a> MergeIter<'a> {
+    /// Merges `sources`, each sorted by key without duplicates.
+    pub fn new(sources: Vec<Box<dyn Iterator<Item = Result<(Vec<u8>, Siblings)>> + 'a>>) -> MergeIter<'a> {
+        MergeIter { sources: sources.into_iter().map(Iterator::peekable).collect() }
+    }
+}
+
+impl Iterator for MergeIter<'_> {
+    type Item = Result<(Vec<u8>, Siblings)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        // The smallest head key; errors surface first.
+        let mut smallest: Option<Vec<u8>> = None;
+        for source in &mut self.sources {
+            match source.peek() {
+                Some(Err(_)) => return source.next(),
+                Some(Ok((key, _))) if smallest.as_ref().is_none_or(|s| key < s) => smallest = Some(key.clone()),
+                _ => {}
+            }
+        }
+        let key = smallest?;
+        let mut merged = Siblings::default();
+        for source in &mut self.sources {
+            if let Some(Ok((head, _))) = source.peek() {
+                if *head == key {
+                    if let Some(Ok((_, siblings))) = source.next() {
+                        merged.merge(siblings);
+                    }
+                }
+            }
+        }
+        Some(Ok((key, merged)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: Policy = Policy { min_tables: 4, max_tables: 32, small_table_bytes: 1 << 20 };
+
+    fn sizes(bytes: &[u64]) -> Vec<TableSize> {
+        bytes.iter().enumerate().map(|(i, &bytes)| TableSize { id: i as u64, bytes }).collect()
+    }
+
+    #[test]
+    fn nothing_to_do_below_the_threshold() {
+        assert_eq!(plan(&sizes(&[10 << 20, 10 << 20, 10 << 20]), &POLICY), None);
+    }
+
+    #[test]
+    fn merges_a_tier_of_similar_tables_and_leaves_big_ones() {
+        let tables = sizes(&[100 << 20, 8 << 20, 9 << 20, 10 << 20, 8 << 20]);
+        assert_eq!(plan(&tables, &POLICY), Some(vec![1, 4, 2, 3]));
+    }
+
+    #[test]
+    fn small_tables_form_one_tier() {
+        let tables = sizes(&[1000, 50_000, 200_000, 900_000, 40 << 20]);
+        assert_eq!(plan(&tables, &POLICY), Some(vec![0, 1, 2, 3]));
+    }
+
+    #[test]
+    fn repeated_flushes_give_logarithmic_tiers() {
+        // Simulate 64 equal flushes: the table count stays small and every
+        // byte is rewritten only a few times.
+        let mut tables: Vec<TableSize> = Vec::new();
+        let (mut next_id, mut written) = (0, 0u64);
+        for _ in 0..64 {
+            tables.push(TableSize { id: next_id, bytes: 8 << 20 });
+            next_id += 1;
+            written += 8 << 20;
+            while let Some(ids) = plan(&tables, &POLICY) {
+                let bytes: u64 = tables.iter().filter(|t| ids.contains(&t.id)).map(|t| t.bytes).sum();
+                tables.retain(|t| !ids.contains(&t.id));
+                tables.push(TableSize { id: next_id, bytes });
+                next_id += 1;
+                written += bytes;
+            }
+            assert!(tables.len() < 12, "{} tables", tables.len());
+        }
+        let amplification = written as f64 / (64.0 * (8 << 20) as f64);
+        assert!(amplification <= 4.0, "write amplification {amplification}");
+    }
+}

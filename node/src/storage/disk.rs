@@ -1,0 +1,416 @@
+//! The file system under the engine, as a small trait.
+//!
+//! Every byte the engine reads or writes goes through [`Fs`] and [`File`], so
+//! tests can swap the real disk for:
+//! - [`SimFs`]: an in-memory file system that remembers which bytes and which
+//!   directory entries were synced, and can [`crash`](SimFs::crash) into
+//!   exactly what a power cut would leave;
+//! - [`SkipWriteFs`]: the debug fault of `--debug-skip-write-probability`,
+//!   which silently drops writes to data files (SSTables, index snapshots),
+//!   as a file system that lost unsynced data would. The WAL and the manifest
+//!   are never touched by it.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// An open file. Offsets are absolute; there is no cursor.
+pub trait File: Send + Sync + fmt::Debug {
+    /// Current length in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Fills `buf` from `offset`; fails if the file is shorter.
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes all of `buf` at `offset`, extending the file if needed.
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Truncates or extends (with zeros) to `len`.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// `fdatasync`: returns once the data written so far is durable.
+    fn sync_data(&self) -> io::Result<()>;
+}
+
+/// A file system: opens files and changes directories.
+pub trait Fs: Send + Sync + fmt::Debug {
+    /// Creates `path` empty (truncating it if it exists), for reading and writing.
+    fn create(&self, path: &Path) -> io::Result<Box<dyn File>>;
+    /// Opens an existing file for reading and writing.
+    fn open(&self, path: &Path) -> io::Result<Box<dyn File>>;
+    /// Removes a file.
+    fn remove(&self, path: &Path) -> io::Result<()>;
+    /// Renames a file, replacing `to` if it exists.
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    /// The names of the files in `dir`.
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
+    /// Creates `dir` and its parents.
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()>;
+    /// Makes `dir`'s entries (creations, renames, removals) durable.
+    fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+}
+
+/// Reads a whole file into memory.
+pub fn read_all(file: &dyn File) -> io::Result<Vec<u8>> {
+    let len = usize::try_from(file.len()?).map_err(|_| io::Error::other("file too large to read"))?;
+    let mut buf = vec![0; len];
+    file.read_exact_at(&mut buf, 0)?;
+    Ok(buf)
+}
+
+// ---------------------------------------------------------------------------
+// The real disk.
+
+/// The operating system's file system.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RealFs;
+
+#[derive(Debug)]
+struct RealFile(std::fs::File);
+
+impl File for RealFile {
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.0.metadata()?.len())
+    }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        std::os::unix::fs::FileExt::read_exact_at(&self.0, buf, offset)
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        std::os::unix::fs::FileExt::write_all_at(&self.0, buf, offset)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+}
+
+impl Fs for RealFs {
+    fn create(&self, path: &Path) -> io::Result<Box<dyn File>> {
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
+        Ok(Box::new(RealFile(file)))
+    }
+    fn open(&self, path: &Path) -> io::Result<Box<dyn File>> {
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
+        Ok(Box::new(RealFile(file)))
+    }
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_file(path)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        std::fs::rename(from, to)
+    }
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            if let Ok(name) = entry?.file_name().into_string() {
+                names.push(name);
+            }
+        }
+        Ok(names)
+    }
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        std::fs::create_dir_all(dir)
+    }
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        std::fs::File::open(dir)?.sync_all()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The debug fault: silently skipped data-file writes.
+
+/// Whether a file holds data the engine can rebuild from the WAL (SSTables,
+/// index snapshots): only those are subject to the skip-write fault.
+pub fn is_data_file(path: &Path) -> bool {
+    matches!(path.extension().and_then(|e| e.to_str()), Some("sst" | "idx"))
+}
+
+/// Wraps a file system and drops each write to a data file with probability
+/// `p`, reporting success. Simulates a file system that lost unsynced data.
+#[derive(Debug, Clone)]
+pub struct SkipWriteFs {
+    inner: Arc<dyn Fs>,
+    fault: Arc<SkipFault>,
+}
+
+#[derive(Debug)]
+struct SkipFault {
+    /// Probability scaled to `u64::MAX`.
+    threshold: u64,
+    rng: AtomicU64,
+    skipped: AtomicU64,
+}
+
+impl SkipFault {
+    fn should_skip(&self) -> bool {
+        // splitmix64 over an atomic counter: lock-free and seedable.
+        let mut z = self.rng.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        let skip = z < self.threshold;
+        if skip {
+            self.skipped.fetch_add(1, Ordering::Relaxed);
+        }
+        skip
+    }
+}
+
+impl SkipWriteFs {
+    /// Drops data-file writes on `inner` with `probability` (0.0..=1.0).
+    pub fn new(inner: Arc<dyn Fs>, probability: f64, seed: u64) -> SkipWriteFs {
+        let threshold = (probability.clamp(0.0, 1.0) * u64::MAX as f64) as u64;
+        SkipWriteFs { inner, fault: Arc::new(SkipFault { threshold, rng: AtomicU64::new(seed), skipped: AtomicU64::new(0) }) }
+    }
+
+    /// How many writes were dropped so far.
+    pub fn skipped(&self) -> u64 {
+        self.fault.skipped.load(Ordering::Relaxed)
+    }
+
+    fn wrap(&self, path: &Path, file: Box<dyn File>) -> Box<dyn File> {
+        if is_data_file(path) {
+            Box::new(SkipWriteFile { inner: file, fault: self.fault.clone() })
+        } else {
+            file
+        }
+    }
+}
+
+#[derive(Debug)]
+struct SkipWriteFile {
+    inner: Box<dyn File>,
+    fault: Arc<SkipFault>,
+}
+
+impl File for SkipWriteFile {
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.inner.read_exact_at(buf, offset)
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if self.fault.should_skip() {
+            return Ok(());
+        }
+        self.inner.write_all_at(buf, offset)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        self.inner.sync_data()
+    }
+}
+
+impl Fs for SkipWriteFs {
+    fn create(&self, path: &Path) -> io::Result<Box<dyn File>> {
+        Ok(self.wrap(path, self.inner.create(path)?))
+    }
+    fn open(&self, path: &Path) -> io::Result<Box<dyn File>> {
+        Ok(self.wrap(path, self.inner.open(path)?))
+    }
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        self.inner.remove(path)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.inner.rename(from, to)
+    }
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        self.inner.list(dir)
+    }
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        self.inner.create_dir_all(dir)
+    }
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        self.inner.sync_dir(dir)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The simulated disk, for crash tests.
+
+#[derive(Debug, Default)]
+struct SimData {
+    /// What reads see.
+    current: Vec<u8>,
+    /// What survives a crash: the content at the last `sync_data`.
+    synced: Vec<u8>,
+}
+
+type SimNode = Arc<Mutex<SimData>>;
+
+#[derive(Debug, Default)]
+struct SimDirs {
+    /// The names reads see.
+    current: HashMap<PathBuf, SimNode>,
+    /// The names that survive a crash: as of each directory's last sync.
+    synced: HashMap<PathBuf, SimNode>,
+}
+
+/// An in-memory file system that remembers what was synced. [`SimFs::crash`]
+/// returns the file system a power cut would leave: each file holds what it
+/// held at its last `sync_data`, and each directory the entries it had at its
+/// last `sync_dir`.
+#[derive(Debug, Default, Clone)]
+pub struct SimFs {
+    dirs: Arc<Mutex<SimDirs>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn not_found(path: &Path) -> io::Error {
+    io::Error::new(io::ErrorKind::NotFound, format!("{} not found", path.display()))
+}
+
+impl SimFs {
+    /// An empty file system.
+    pub fn new() -> SimFs {
+        SimFs::default()
+    }
+
+    /// What survives a power cut now.
+    pub fn crash(&self) -> SimFs {
+        let dirs = lock(&self.dirs);
+        let mut survived = HashMap::new();
+        for (path, node) in &dirs.synced {
+            let synced = lock(node).synced.clone();
+            survived.insert(path.clone(), Arc::new(Mutex::new(SimData { current: synced.clone(), synced })));
+        }
+        SimFs { dirs: Arc::new(Mutex::new(SimDirs { current: survived.clone(), synced: survived })) }
+    }
+
+    /// Replaces a file's whole content (synced), for tests that build images.
+    pub fn put(&self, path: &Path, bytes: Vec<u8>) {
+        let node = Arc::new(Mutex::new(SimData { current: bytes.clone(), synced: bytes }));
+        let mut dirs = lock(&self.dirs);
+        dirs.current.insert(path.to_path_buf(), node.clone());
+        dirs.synced.insert(path.to_path_buf(), node);
+    }
+
+    /// A file's current content.
+    pub fn get(&self, path: &Path) -> Option<Vec<u8>> {
+        lock(&self.dirs).current.get(path).map(|node| lock(node).current.clone())
+    }
+}
+
+#[derive(Debug)]
+struct SimFile(SimNode);
+
+impl File for SimFile {
+    fn len(&self) -> io::Result<u64> {
+        Ok(lock(&self.0).current.len() as u64)
+    }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let data = lock(&self.0);
+        let start = usize::try_from(offset).map_err(io::Error::other)?;
+        let bytes = start
+            .checked_add(buf.len())
+            .and_then(|end| data.current.get(start..end))
+            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "read past end of file"))?;
+        buf.copy_from_slice(bytes);
+        Ok(())
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let mut data = lock(&self.0);
+        let start = usize::try_from(offset).map_err(io::Error::other)?;
+        let end = start + buf.len();
+        if data.current.len() < end {
+            data.current.resize(end, 0);
+        }
+        data.current[start..end].copy_from_slice(buf);
+        Ok(())
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        let len = usize::try_from(len).map_err(io::Error::other)?;
+        lock(&self.0).current.resize(len, 0);
+        Ok(())
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        let mut data = lock(&self.0);
+        data.synced = data.current.clone();
+        Ok(())
+    }
+}
+
+impl Fs for SimFs {
+    fn create(&self, path: &Path) -> io::Result<Box<dyn File>> {
+        let node: SimNode = Arc::default();
+        lock(&self.dirs).current.insert(path.to_path_buf(), node.clone());
+        Ok(Box::new(SimFile(node)))
+    }
+    fn open(&self, path: &Path) -> io::Result<Box<dyn File>> {
+        let node = lock(&self.dirs).current.get(path).cloned().ok_or_else(|| not_found(path))?;
+        Ok(Box::new(SimFile(node)))
+    }
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        lock(&self.dirs).current.remove(path).map(drop).ok_or_else(|| not_found(path))
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        let mut dirs = lock(&self.dirs);
+        let node = dirs.current.remove(from).ok_or_else(|| not_found(from))?;
+        dirs.current.insert(to.to_path_buf(), node);
+        Ok(())
+    }
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        let dirs = lock(&self.dirs);
+        Ok(dirs
+            .current
+            .keys()
+            .filter(|path| path.parent() == Some(dir))
+            .filter_map(|path| path.file_name()?.to_str().map(str::to_owned))
+            .collect())
+    }
+    fn create_dir_all(&self, _dir: &Path) -> io::Result<()> {
+        Ok(())
+    }
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        let mut dirs = lock(&self.dirs);
+        let SimDirs { current, synced } = &mut *dirs;
+        synced.retain(|path, _| path.parent() != Some(dir));
+        for (path, node) in current.iter().filter(|(path, _)| path.parent() == Some(dir)) {
+            synced.insert(path.clone(), node.clone());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crash_keeps_only_synced_bytes_and_entries() {
+        let fs = SimFs::new();
+        let dir = Path::new("/d");
+        let a = fs.create(&dir.join("a")).unwrap();
+        a.write_all_at(b"hello", 0).unwrap();
+        a.sync_data().unwrap();
+        fs.sync_dir(dir).unwrap();
+        a.write_all_at(b" world", 5).unwrap();
+        let b = fs.create(&dir.join("b")).unwrap();
+        b.write_all_at(b"unsynced entry", 0).unwrap();
+        b.sync_data().unwrap();
+
+        let after = fs.crash();
+        assert_eq!(after.get(&dir.join("a")).unwrap(), b"hello");
+        assert!(after.get(&dir.join("b")).is_none(), "b's directory entry was never synced");
+    }
+
+    #[test]
+    fn skip_write_only_touches_data_files() {
+        let sim = SimFs::new();
+        let fs = SkipWriteFs::new(Arc::new(sim.clone()), 1.0, 7);
+        let sst = fs.create(Path::new("/d/1.sst")).unwrap();
+        sst.write_all_at(b"data", 0).unwrap();
+        let wal = fs.create(Path::new("/d/1.wal")).unwrap();
+        wal.write_all_at(b"data", 0).unwrap();
+        assert_eq!(sim.get(Path::new("/d/1.sst")).unwrap(), b"");
+        assert_eq!(sim.get(Path::new("/d/1.wal")).unwrap(), b"data");
+        assert_eq!(fs.skipped(), 1);
+    }
+}

@@ -1,0 +1,901 @@
+//! The engine: its state, its three threads, and recovery.
+//!
+//! Threads:
+//! - **commit**: takes every waiting write, frames them into one group,
+//!   writes the group to the WAL with one `write` and one `fdatasync`,
+//!   applies it to the active memtable, then acknowledges every write in it.
+//!   It is the only writer of the active memtable and the only place the
+//!   memtable is rotated, so no write can land in a memtable being flushed.
+//! - **flush**: writes the oldest frozen memtable to a verified SSTable,
+//!   commits the manifest edit, swaps the table in, then deletes the WAL
+//!   segments it covers.
+//! - **compact**: merges tables chosen by [`compaction::plan`].
+//!
+//! Readers take a snapshot of [`Levels`] (an `Arc`) and merge what they find
+//! in the memtables and tables; the merge rule does not depend on order.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use quiver_ring::{Hlc, Siblings};
+use tokio::sync::oneshot;
+
+use crate::storage::compaction::{self, MergeIter, Policy, TableSize};
+use crate::storage::disk::{is_data_file, Fs, RealFs, SkipWriteFs};
+use crate::storage::error::{Error, IoContext, Result};
+use crate::storage::manifest::{Edit, Manifest, TableMeta};
+use crate::storage::memtable::Memtable;
+use crate::storage::sstable::{parse_table_name, table_name, Table, TableBuilder};
+use crate::storage::wal::{self, SegmentInfo, WalWriter};
+use crate::storage::Op;
+
+/// Engine settings. Memory use is bounded by `memtable_bytes_max *
+/// (frozen_memtables_max + 1)` plus one table being built, whatever the data
+/// size (bloom filters and block indexes, about 2 bytes per key, aside).
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The active memtable is frozen and flushed past this many bytes.
+    pub memtable_bytes_max: usize,
+    /// Writes wait when this many frozen memtables are waiting for flush.
+    pub frozen_memtables_max: usize,
+    /// Size of each pre-allocated WAL segment.
+    pub wal_segment_bytes: u64,
+    /// Largest encoded write (one WAL record).
+    pub record_bytes_max: usize,
+    /// Target size of an SSTable data block.
+    pub block_bytes: usize,
+    pub bloom_bits_per_key: usize,
+    /// Compaction splits its output into files of about this size.
+    pub table_bytes_target: usize,
+    /// Size-tiered compaction: merge this many similar tables at once (min).
+    pub compaction_min_tables: usize,
+    pub compaction_max_tables: usize,
+    /// Whether compaction runs by itself in the background.
+    pub background_compaction: bool,
+    /// Tombstones younger than this are kept by compaction.
+    pub tombstone_grace_ms: u64,
+    /// Versions kept per key; past it the lowest `(hlc, origin)` is dropped.
+    pub siblings_max: usize,
+    /// Tries to write and verify one table before giving up for now.
+    pub table_write_attempts: u32,
+    /// Manifest edits before it is rolled over to a snapshot.
+    pub manifest_edits_max: usize,
+    /// Open a damaged WAL or manifest by keeping its valid prefix.
+    pub repair: bool,
+    /// Debug fault: drop each data-file write with this probability.
+    pub debug_skip_write_probability: f64,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            memtable_bytes_max: 64 << 20,
+            frozen_memtables_max: 2,
+            wal_segment_bytes: 64 << 20,
+            record_bytes_max: 72 << 20,
+            block_bytes: 4096,
+            bloom_bits_per_key: 10,
+            table_bytes_target: 64 << 20,
+            compaction_min_tables: 4,
+            compaction_max_tables: 32,
+            background_compaction: true,
+            tombstone_grace_ms: 10 * 24 * 3600 * 1000,
+            siblings_max: 16,
+            table_write_attempts: 16,
+            manifest_edits_max: 1024,
+            repair: false,
+            debug_skip_write_probability: 0.0,
+        }
+    }
+}
+
+/// Counters and sizes, for status reports and tests.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub tables: usize,
+    pub table_bytes: u64,
+    /// Entries in tables; a key in several tables counts several times.
+    pub table_entries: u64,
+    pub memtable_bytes: usize,
+    pub memtable_entries: usize,
+    pub frozen_memtables: usize,
+    pub wal_segments: usize,
+    pub last_seq: u64,
+    pub flushed_seq: u64,
+    pub group_commits: u64,
+    pub flushes: u64,
+    pub compactions: u64,
+    /// Table writes that failed verification and were redone.
+    pub table_rewrites: u64,
+}
+
+/// The readable state: memtables and tables, newest first.
+#[derive(Debug)]
+struct Levels {
+    active: Arc<RwLock<Memtable>>,
+    frozen: Vec<Arc<RwLock<Memtable>>>,
+    tables: Vec<Arc<Table>>,
+}
+
+#[derive(Debug)]
+enum Request {
+    Write { ops: Vec<Op>, encoded: Vec<u8>, done: oneshot::Sender<Result<u64>> },
+    /// Freeze the active memtable; answers with the last sequence in it.
+    Rotate { done: oneshot::Sender<Result<u64>> },
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    requests: Vec<Request>,
+    closing: bool,
+}
+
+#[derive(Debug, Default)]
+struct Background {
+    closing: bool,
+    compaction_wanted: bool,
+    flush_error: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    last_seq: AtomicU64,
+    group_commits: AtomicU64,
+    flushes: AtomicU64,
+    compactions: AtomicU64,
+    table_rewrites: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Inner {
+    fs: Arc<dyn Fs>,
+    dir: PathBuf,
+    opts: Options,
+    levels: RwLock<Arc<Levels>>,
+    queue: Mutex<Queue>,
+    queue_cv: Condvar,
+    manifest: Mutex<Manifest>,
+    /// WAL segments on disk and the current one, under one lock.
+    segments: Mutex<(Vec<SegmentInfo>, u64)>,
+    background: Mutex<Background>,
+    background_cv: Condvar,
+    compaction_lock: Mutex<()>,
+    failed: Mutex<Option<String>>,
+    counters: Counters,
+}
+
+/// The storage engine. Cheap to share behind an `Arc`; every method takes
+/// `&self`.
+#[derive(Debug)]
+pub struct Engine {
+    inner: Arc<Inner>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Engine {
+    /// Opens (or creates) the engine in `dir` on the real disk, with the
+    /// skip-write fault if the options ask for it.
+    pub fn open(dir: impl AsRef<Path>, opts: Options) -> Result<Engine> {
+        let real: Arc<dyn Fs> = Arc::new(RealFs);
+        let fs: Arc<dyn Fs> = if opts.debug_skip_write_probability > 0.0 {
+            Arc::new(SkipWriteFs::new(real, opts.debug_skip_write_probability, now_ms() ^ u64::from(std::process::id())))
+        } else {
+            real
+        };
+        Engine::open_with(fs, dir.as_ref(), opts)
+    }
+
+    /// Opens the engine on any file system: recovers the manifest, opens the
+    /// tables, removes files no manifest names, replays the WAL, and starts
+    /// the threads.
+    pub fn open_with(fs: Arc<dyn Fs>, dir: &Path, opts: Options) -> Result<Engine> {
+        fs.create_dir_all(dir).ctx("create directory", dir)?;
+        let manifest = Manifest::open(fs.clone(), dir, opts.repair, opts.manifest_edits_max)?;
+        let state = manifest.state().clone();
+
+        let mut tables = Vec::with_capacity(state.tables.len());
+        for meta in state.tables.values() {
+            let path = dir.join(table_name(meta.id));
+            let table = Table::open(fs.as_ref(), &path, meta.id)?;
+            if table.size() != meta.size {
+                return Err(Error::corrupt(&path, 0, format!("{} bytes, the manifest says {}", table.size(), meta.size)));
+            }
+            tables.push(Arc::new(table));
+        }
+        sort_newest_first(&mut tables);
+        remove_orphans(fs.as_ref(), dir, |id| state.tables.contains_key(&id))?;
+
+        let inner = Arc::new(Inner {
+            fs: fs.clone(),
+            dir: dir.to_path_buf(),
+            levels: RwLock::new(Arc::new(Levels { active: Arc::default(), frozen: Vec::new(), tables })),
+            queue: Mutex::default(),
+            queue_cv: Condvar::new(),
+            manifest: Mutex::new(manifest),
+            segments: Mutex::default(),
+            background: Mutex::default(),
+            background_cv: Condvar::new(),
+            compaction_lock: Mutex::new(()),
+            failed: Mutex::new(None),
+            counters: Counters::default(),
+            opts,
+        });
+
+        let recovered = wal::recover(fs.as_ref(), dir, state.flushed_seq, inner.opts.repair, |seq, ops| {
+            let full = {
+                let levels = inner.levels();
+                let mut active = write(&levels.active);
+                for op in ops {
+                    active.insert(seq, op, inner.opts.siblings_max);
+                }
+                active.bytes() >= inner.opts.memtable_bytes_max
+            };
+            if full {
+                // No thread runs yet: flush right here to stay within memory.
+                inner.rotate();
+                if let Some(memtable) = inner.levels().frozen.last().cloned() {
+                    inner.flush(&memtable)?;
+                }
+            }
+            Ok(())
+        })?;
+        let last_seq = recovered.last_seq.max(state.flushed_seq);
+        inner.counters.last_seq.store(last_seq, Ordering::Relaxed);
+        let number = recovered.segments.last().map_or(1, |s| s.number + 1);
+        let wal = WalWriter::create(fs, dir, number, inner.opts.wal_segment_bytes)?;
+        {
+            let mut segments = lock(&inner.segments);
+            segments.0 = recovered.segments;
+            segments.0.push(SegmentInfo { number, last_seq: None });
+            segments.1 = number;
+        }
+        inner.delete_flushed_segments()?;
+
+        let spawn = |name: &str, body: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new().name(name.to_owned()).spawn(body).ctx("spawn thread", Path::new(name))
+        };
+        let mut threads = Vec::new();
+        let commit_inner = inner.clone();
+        threads.push(spawn("quiver-commit", Box::new(move || commit_loop(commit_inner, wal, last_seq + 1)))?);
+        let flush_inner = inner.clone();
+        threads.push(spawn("quiver-flush", Box::new(move || flush_loop(flush_inner)))?);
+        let compact_inner = inner.clone();
+        threads.push(spawn("quiver-compact", Box::new(move || compact_loop(compact_inner)))?);
+        inner.wake_background(true);
+        Ok(Engine { inner, threads: Mutex::new(threads) })
+    }
+
+    fn submit(&self, request: Request) -> Result<()> {
+        let mut queue = lock(&self.inner.queue);
+        if queue.closing {
+            return Err(Error::Closed);
+        }
+        queue.requests.push(request);
+        drop(queue);
+        self.inner.queue_cv.notify_one();
+        Ok(())
+    }
+
+    fn submit_write(&self, ops: Vec<Op>) -> Result<oneshot::Receiver<Result<u64>>> {
+        let encoded = postcard::to_stdvec(&ops).expect("postcard encodes ops into a Vec without failing");
+        if wal::record_len(encoded.len()) > self.inner.opts.record_bytes_max {
+            return Err(Error::TooLarge { size: encoded.len(), max: self.inner.opts.record_bytes_max });
+        }
+        let (done, receiver) = oneshot::channel();
+        self.submit(Request::Write { ops, encoded, done })?;
+        Ok(receiver)
+    }
+
+    /// Writes `ops` as one WAL record: all of them become durable and
+    /// visible together, or none does. Returns the record's sequence number
+    /// once it is on disk (after `fdatasync`).
+    pub async fn write(&self, ops: Vec<Op>) -> Result<u64> {
+        let receiver = self.submit_write(ops)?;
+        receiver.await.unwrap_or(Err(Error::Closed))
+    }
+
+    /// [`Engine::write`] for plain threads. Must not be called from async code.
+    pub fn write_blocking(&self, ops: Vec<Op>) -> Result<u64> {
+        let receiver = self.submit_write(ops)?;
+        receiver.blocking_recv().unwrap_or(Err(Error::Closed))
+    }
+
+    /// The live versions of `key`, merged from every level. `None` when the
+    /// key was never written (a deleted key returns its tombstone).
+    pub fn get(&self, key: &[u8]) -> Result<Option<Siblings>> {
+        let levels = self.inner.levels();
+        let mut found: Option<Siblings> = None;
+        let mut add = |siblings: Siblings| match &mut found {
+            Some(all) => all.merge(siblings),
+            None => found = Some(siblings),
+        };
+        if let Some(siblings) = read(&levels.active).get(key) {
+            add(siblings.clone());
+        }
+        for memtable in &levels.frozen {
+            if let Some(siblings) = read(memtable).get(key) {
+                add(siblings.clone());
+            }
+        }
+        for table in &levels.tables {
+            if let Some(siblings) = table.get(key)? {
+                add(siblings);
+            }
+        }
+        Ok(found)
+    }
+
+    /// Every key `>= start` (and `< end`, if given) with its merged versions,
+    /// in key order, tombstones included. Reads a consistent snapshot of the
+    /// tables; memtable entries in the range are copied up front.
+    pub fn scan(&self, start: &[u8], end: Option<&[u8]>) -> impl Iterator<Item = Result<(Vec<u8>, Siblings)>> + use<> {
+        let levels = self.inner.levels();
+        let end = end.map(<[u8]>::to_vec);
+        let in_range = {
+            let end = end.clone();
+            move |key: &Vec<u8>| end.as_ref().is_none_or(|end| key < end)
+        };
+        let mut sources: Vec<Box<dyn Iterator<Item = Result<(Vec<u8>, Siblings)>>>> = Vec::new();
+        for memtable in std::iter::once(&levels.active).chain(&levels.frozen) {
+            let copied: Vec<_> = read(memtable)
+                .range(start.to_vec()..)
+                .take_while(|(key, _)| in_range(key))
+                .map(|(key, siblings)| Ok((key.clone(), siblings.clone())))
+                .collect();
+            sources.push(Box::new(copied.into_iter()));
+        }
+        for table in &levels.tables {
+            sources.push(Box::new(table.iter_from(start)));
+        }
+        MergeIter::new(sources).take_while(move |item| item.as_ref().map_or(true, |(key, _)| in_range(key)))
+    }
+
+    /// Freezes the active memtable and waits until it and every older one
+    /// are in verified SSTables.
+    pub fn flush(&self) -> Result<()> {
+        let (done, receiver) = oneshot::channel();
+        self.submit(Request::Rotate { done })?;
+        let seq = receiver.blocking_recv().unwrap_or(Err(Error::Closed))?;
+        self.inner.wait_flushed(seq)
+    }
+
+    /// Merges every table into one (a major compaction), dropping shadowed
+    /// versions and tombstones past the grace period.
+    pub fn compact(&self) -> Result<()> {
+        self.inner.compact(true).map(drop)
+    }
+
+    /// The highest timestamp in the store: a restarted node's clock must
+    /// start above it.
+    pub fn max_hlc(&self) -> Hlc {
+        let levels = self.inner.levels();
+        let mut max = read(&levels.active).max_hlc();
+        for memtable in &levels.frozen {
+            max = max.max(read(memtable).max_hlc());
+        }
+        for table in &levels.tables {
+            max = max.max(Hlc(table.props().max_hlc));
+        }
+        max
+    }
+
+    /// Current sizes and counters.
+    pub fn stats(&self) -> Stats {
+        let levels = self.inner.levels();
+        let active = read(&levels.active);
+        let counters = &self.inner.counters;
+        Stats {
+            tables: levels.tables.len(),
+            table_bytes: levels.tables.iter().map(|t| t.size()).sum(),
+            table_entries: levels.tables.iter().map(|t| t.props().entries).sum(),
+            memtable_bytes: active.bytes() + levels.frozen.iter().map(|m| read(m).bytes()).sum::<usize>(),
+            memtable_entries: active.len() + levels.frozen.iter().map(|m| read(m).len()).sum::<usize>(),
+            frozen_memtables: levels.frozen.len(),
+            wal_segments: lock(&self.inner.segments).0.len(),
+            last_seq: counters.last_seq.load(Ordering::Relaxed),
+            flushed_seq: lock(&self.inner.manifest).state().flushed_seq,
+            group_commits: counters.group_commits.load(Ordering::Relaxed),
+            flushes: counters.flushes.load(Ordering::Relaxed),
+            compactions: counters.compactions.load(Ordering::Relaxed),
+            table_rewrites: counters.table_rewrites.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Bytes of every file in the engine's directory.
+    pub fn disk_bytes(&self) -> Result<u64> {
+        let dir = &self.inner.dir;
+        let mut total = 0;
+        for name in self.inner.fs.list(dir).ctx("list", dir)? {
+            if let Ok(file) = self.inner.fs.open(&dir.join(&name)) {
+                total += file.len().unwrap_or(0);
+            }
+        }
+        Ok(total)
+    }
+
+    /// Why the engine stopped accepting writes, if it did.
+    pub fn failure(&self) -> Option<String> {
+        lock(&self.inner.failed).clone()
+    }
+
+    /// Graceful close: finishes queued writes, flushes every memtable to
+    /// verified tables, deletes the WAL they cover, and stops the threads.
+    pub fn close(self) -> Result<()> {
+        let flushed = if self.failure().is_none() { self.flush() } else { Ok(()) };
+        self.stop();
+        flushed?;
+        self.inner.delete_flushed_segments()?;
+        match self.failure() {
+            Some(reason) => Err(Error::Failed(reason)),
+            None => Ok(()),
+        }
+    }
+
+    /// Stops the threads without flushing (what `Drop` does). Everything
+    /// acknowledged is already in the WAL.
+    fn stop(&self) {
+        lock(&self.inner.queue).closing = true;
+        self.inner.queue_cv.notify_all();
+        lock(&self.inner.background).closing = true;
+        self.inner.background_cv.notify_all();
+        for handle in lock(&self.threads).drain(..) {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn sort_newest_first(tables: &mut [Arc<Table>]) {
+    tables.sort_by_key(|t| std::cmp::Reverse((t.props().max_seq, t.id())));
+}
+
+/// Removes table files the manifest does not name (left by a crash between
+/// writing a table and committing its edit) and temporary files.
+fn remove_orphans(fs: &dyn Fs, dir: &Path, known: impl Fn(u64) -> bool) -> Result<()> {
+    let mut removed = false;
+    for name in fs.list(dir).ctx("list", dir)? {
+        let path = dir.join(&name);
+        let orphan = match parse_table_name(&name) {
+            Some(id) => !known(id),
+            None => is_data_file(&path),
+        };
+        if orphan {
+            tracing::info!(path = %path.display(), "removing a table file no manifest names");
+            fs.remove(&path).ctx("remove", &path)?;
+            removed = true;
+        }
+    }
+    if removed {
+        fs.sync_dir(dir).ctx("sync directory", dir)?;
+    }
+    Ok(())
+}
+
+impl Inner {
+    fn levels(&self) -> Arc<Levels> {
+        read(&self.levels).clone()
+    }
+
+    fn fail(&self, reason: String) {
+        tracing::error!(%reason, "storage engine stops accepting writes");
+        lock(&self.failed).get_or_insert(reason);
+        self.background_cv.notify_all();
+    }
+
+    fn wake_background(&self, compaction: bool) {
+        let mut background = lock(&self.background);
+        background.compaction_wanted |= compaction;
+        drop(background);
+        self.background_cv.notify_all();
+    }
+
+    /// Freezes the active memtable (commit thread, or open before threads).
+    /// Returns the last sequence in it.
+    fn rotate(&self) -> u64 {
+        let mut levels = write(&self.levels);
+        let max_seq = read(&levels.active).seq_range().1;
+        if read(&levels.active).is_empty() {
+            return max_seq;
+        }
+        let mut frozen = vec![levels.active.clone()];
+        frozen.extend(levels.frozen.iter().cloned());
+        *levels = Arc::new(Levels { active: Arc::default(), frozen, tables: levels.tables.clone() });
+        drop(levels);
+        self.wake_background(false);
+        max_seq
+    }
+
+    /// Blocks the commit thread while too many memtables wait for flush.
+    fn wait_for_flush_room(&self) {
+        let mut background = lock(&self.background);
+        while self.levels().frozen.len() >= self.opts.frozen_memtables_max.max(1)
+            && !background.closing
+            && lock(&self.failed).is_none()
+        {
+            background = self.background_cv.wait_timeout(background, Duration::from_millis(100)).map_or_else(|p| p.into_inner().0, |r| r.0);
+        }
+    }
+
+    /// Waits until every write up to `seq` is in tables.
+    fn wait_flushed(&self, seq: u64) -> Result<()> {
+        let mut background = lock(&self.background);
+        loop {
+            if lock(&self.manifest).state().flushed_seq >= seq || self.levels().frozen.is_empty() {
+                return Ok(());
+            }
+            if let Some(reason) = lock(&self.failed).clone() {
+                return Err(Error::Failed(reason));
+            }
+            if background.closing {
+                return Err(Error::Closed);
+            }
+            background = self.background_cv.wait_timeout(background, Duration::from_millis(100)).map_or_else(|p| p.into_inner().0, |r| r.0);
+        }
+    }
+
+    /// Writes `bytes` as a new table file, syncs it, re-reads and verifies
+    /// it; retries with a new file if verification fails.
+    fn write_table(&self, bytes: &[u8]) -> Result<Arc<Table>> {
+        let attempts = self.opts.table_write_attempts.max(1);
+        let mut last_error = None;
+        for attempt in 1..=attempts {
+            let id = lock(&self.manifest).next_file_id();
+            let path = self.dir.join(table_name(id));
+            let written = (|| {
+                let file = self.fs.create(&path).ctx("create", &path)?;
+                file.write_all_at(bytes, 0).ctx("write", &path)?;
+                file.sync_data().ctx("sync", &path)?;
+                self.fs.sync_dir(&self.dir).ctx("sync directory", &self.dir)?;
+                drop(file);
+                let table = Table::open(self.fs.as_ref(), &path, id)?;
+                table.verify()?;
+                if table.size() != bytes.len() as u64 {
+                    return Err(Error::corrupt(&path, 0, format!("{} bytes on disk, {} written", table.size(), bytes.len())));
+                }
+                Ok(table)
+            })();
+            match written {
+                Ok(table) => return Ok(Arc::new(table)),
+                Err(error) => {
+                    tracing::warn!(path = %path.display(), attempt, %error, "new table failed verification; writing it again");
+                    self.counters.table_rewrites.fetch_add(1, Ordering::Relaxed);
+                    let _ = self.fs.remove(&path);
+                    last_error = Some(error);
+                }
+            }
+        }
+        Err(last_error.unwrap_or(Error::Closed))
+    }
+
+    /// Flushes one frozen memtable: table, manifest edit, swap, WAL cleanup.
+    fn flush(&self, memtable: &Arc<RwLock<Memtable>>) -> Result<()> {
+        let built = {
+            let memtable = read(memtable);
+            let (min_seq, max_seq) = memtable.seq_range();
+            if memtable.is_empty() {
+                None
+            } else {
+                let mut builder = TableBuilder::new(self.opts.block_bytes, self.opts.bloom_bits_per_key, min_seq, max_seq);
+                for (key, siblings) in memtable.iter() {
+                    builder.add(key, siblings);
+                }
+                Some((builder.finish().0, max_seq))
+            }
+        };
+        let table = match &built {
+            Some((bytes, _)) => Some(self.write_table(bytes)?),
+            None => None,
+        };
+        {
+            let mut manifest = lock(&self.manifest);
+            if let (Some(table), Some((_, max_seq))) = (&table, &built) {
+                let meta = TableMeta { id: table.id(), size: table.size(), props: table.props().clone() };
+                manifest.commit(Edit { added: vec![meta], flushed_seq: Some(*max_seq), ..Edit::default() })?;
+            }
+            let mut levels = write(&self.levels);
+            let frozen = levels.frozen.iter().filter(|m| !Arc::ptr_eq(m, memtable)).cloned().collect();
+            let mut tables = levels.tables.clone();
+            if let Some(table) = table {
+                tables.insert(0, table);
+            }
+            *levels = Arc::new(Levels { active: levels.active.clone(), frozen, tables });
+        }
+        self.counters.flushes.fetch_add(1, Ordering::Relaxed);
+        self.wake_background(true);
+        self.delete_flushed_segments()
+    }
+
+    /// Deletes WAL segments whose every record is in tables. Never the one
+    /// being written.
+    fn delete_flushed_segments(&self) -> Result<()> {
+        let flushed = lock(&self.manifest).state().flushed_seq;
+        let mut segments = lock(&self.segments);
+        let current = segments.1;
+        let (dead, live): (Vec<SegmentInfo>, Vec<SegmentInfo>) = segments
+            .0
+            .iter()
+            .partition(|s| s.number != current && s.last_seq.is_none_or(|last| last <= flushed));
+        for segment in &dead {
+            let path = self.dir.join(wal::segment_name(segment.number));
+            match self.fs.remove(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).ctx("remove", &path),
+                _ => {}
+            }
+        }
+        segments.0 = live;
+        if !dead.is_empty() {
+            self.fs.sync_dir(&self.dir).ctx("sync directory", &self.dir)?;
+        }
+        Ok(())
+    }
+
+    /// Runs one compaction: the planned one, or all tables if `full`.
+    /// Returns whether it merged anything.
+    fn compact(&self, full: bool) -> Result<bool> {
+        let _only_one = lock(&self.compaction_lock);
+        let tables = self.levels().tables.clone();
+        let ids: Vec<u64> = if full {
+            tables.iter().map(|t| t.id()).collect()
+        } else {
+            let policy = Policy {
+                min_tables: self.opts.compaction_min_tables,
+                max_tables: self.opts.compaction_max_tables,
+                small_table_bytes: (self.opts.memtable_bytes_max / 4) as u64,
+            };
+            let sizes: Vec<TableSize> = tables.iter().map(|t| TableSize { id: t.id(), bytes: t.size() }).collect();
+            compaction::plan(&sizes, &policy).unwrap_or_default()
+        };
+        if ids.is_empty() {
+            return Ok(false);
+        }
+        let (inputs, outside): (Vec<Arc<Table>>, Vec<Arc<Table>>) = tables.into_iter().partition(|t| ids.contains(&t.id()));
+        let outputs = match self.merge_tables(&inputs, &outside) {
+            Ok(outputs) => outputs,
+            Err(e) => return Err(e),
+        };
+        let committed = {
+            let mut manifest = lock(&self.manifest);
+            let added = outputs.iter().map(|t| TableMeta { id: t.id(), size: t.size(), props: t.props().clone() }).collect();
+            let committed = manifest.commit(Edit { added, removed: ids.clone(), ..Edit::default() });
+            if committed.is_ok() {
+                let mut levels = write(&self.levels);
+                let mut tables: Vec<Arc<Table>> = levels.tables.iter().filter(|t| !ids.contains(&t.id())).cloned().collect();
+                tables.extend(outputs.iter().cloned());
+                sort_newest_first(&mut tables);
+                *levels = Arc::new(Levels { active: levels.active.clone(), frozen: levels.frozen.clone(), tables });
+            }
+            committed
+        };
+        let obsolete = if committed.is_ok() { &inputs } else { &outputs };
+        for table in obsolete {
+            let _ = self.fs.remove(table.path());
+        }
+        self.fs.sync_dir(&self.dir).ctx("sync directory", &self.dir)?;
+        committed?;
+        self.counters.compactions.fetch_add(1, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// Merges `inputs` into new verified tables. Tombstones may be dropped
+    /// only when no table in `outside` can hold an older version of the key.
+    fn merge_tables(&self, inputs: &[Arc<Table>], outside: &[Arc<Table>]) -> Result<Vec<Arc<Table>>> {
+        let min_seq = inputs.iter().map(|t| t.props().min_seq).min().unwrap_or(0);
+        let max_seq = inputs.iter().map(|t| t.props().max_seq).max().unwrap_or(0);
+        let horizon_ms = now_ms().saturating_sub(self.opts.tombstone_grace_ms);
+        let new_builder = || TableBuilder::new(self.opts.block_bytes, self.opts.bloom_bits_per_key, min_seq, max_seq);
+        let sources = inputs.iter().map(|t| Box::new(t.iter_from(&[])) as Box<dyn Iterator<Item = _>>).collect();
+        let mut outputs = Vec::new();
+        let mut builder = new_builder();
+        let result = (|| {
+            for item in MergeIter::new(sources) {
+                let (key, siblings) = item?;
+                if droppable(&key, &siblings, horizon_ms, outside) {
+                    continue;
+                }
+                builder.add(&key, &siblings);
+                if builder.estimated_bytes() >= self.opts.table_bytes_target {
+                    let full = std::mem::replace(&mut builder, new_builder());
+                    outputs.push(self.write_table(&full.finish().0)?);
+                }
+            }
+            if builder.entries() > 0 {
+                let last = std::mem::replace(&mut builder, new_builder());
+                outputs.push(self.write_table(&last.finish().0)?);
+            }
+            Ok(())
+        })();
+        match result {
+            Ok(()) => Ok(outputs),
+            Err(e) => {
+                for table in &outputs {
+                    let _ = self.fs.remove(table.path());
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Whether a merged entry can leave the store: all tombstones, the newest
+/// older than the horizon, and nothing older of it outside the merge.
+fn droppable(key: &[u8], siblings: &Siblings, horizon_ms: u64, outside: &[Arc<Table>]) -> bool {
+    let Some(newest) = siblings.winner() else { return true };
+    siblings.all_tombstones()
+        && newest.hlc.physical_ms() < horizon_ms
+        && outside.iter().all(|t| t.props().min_hlc > newest.hlc.0 || !t.may_contain(key))
+}
+
+fn commit_loop(inner: Arc<Inner>, mut wal: WalWriter, mut next_seq: u64) {
+    let mut buf = Vec::new();
+    loop {
+        let requests = {
+            let mut queue = lock(&inner.queue);
+            while queue.requests.is_empty() && !queue.closing {
+                queue = inner.queue_cv.wait(queue).unwrap_or_else(|p| p.into_inner());
+            }
+            if queue.requests.is_empty() {
+                break;
+            }
+            std::mem::take(&mut queue.requests)
+        };
+        let mut writes = Vec::with_capacity(requests.len());
+        let mut rotations = Vec::new();
+        for request in requests {
+            match request {
+                Request::Write { ops, encoded, done } => writes.push((ops, encoded, done)),
+                Request::Rotate { done } => rotations.push(done),
+            }
+        }
+        if !writes.is_empty() {
+            commit_group(&inner, &mut wal, &mut buf, &mut next_seq, writes);
+        }
+        let full = read(&inner.levels().active).bytes() >= inner.opts.memtable_bytes_max;
+        if full || !rotations.is_empty() {
+            inner.wait_for_flush_room();
+            let seq = inner.rotate();
+            for done in rotations {
+                let _ = done.send(Ok(seq));
+            }
+        }
+    }
+    if let Err(e) = wal.close() {
+        tracing::warn!(error = %e, "closing the WAL");
+    }
+}
+
+type Write = (Vec<Op>, Vec<u8>, oneshot::Sender<Result<u64>>);
+
+/// One group commit: frame, write, fdatasync, apply, acknowledge.
+fn commit_group(inner: &Inner, wal: &mut WalWriter, buf: &mut Vec<u8>, next_seq: &mut u64, writes: Vec<Write>) {
+    if let Some(reason) = lock(&inner.failed).clone() {
+        for (_, _, done) in writes {
+            let _ = done.send(Err(Error::Failed(reason.clone())));
+        }
+        return;
+    }
+    let group = *next_seq;
+    buf.clear();
+    for (i, (_, encoded, _)) in writes.iter().enumerate() {
+        wal::encode_record(buf, group + i as u64, group, encoded);
+    }
+    let last = group + writes.len() as u64 - 1;
+    let synced = wal.append(buf).and_then(|segment| wal.sync().map(|()| segment));
+    let segment = match synced {
+        Ok(segment) => segment,
+        Err(e) => {
+            // After a failed write or fsync the file's state is unknown
+            // (fsync errors are not retryable on Linux): stop writing.
+            inner.fail(e.to_string());
+            for (_, _, done) in writes {
+                let _ = done.send(Err(Error::Failed(e.to_string())));
+            }
+            return;
+        }
+    };
+    *next_seq = last + 1;
+    {
+        let mut segments = lock(&inner.segments);
+        match segments.0.last_mut() {
+            Some(info) if info.number == segment => info.last_seq = Some(last),
+            _ => segments.0.push(SegmentInfo { number: segment, last_seq: Some(last) }),
+        }
+        segments.1 = segment;
+    }
+    inner.counters.last_seq.store(last, Ordering::Relaxed);
+    inner.counters.group_commits.fetch_add(1, Ordering::Relaxed);
+    let mut acks = Vec::with_capacity(writes.len());
+    {
+        let levels = inner.levels();
+        let mut active = write(&levels.active);
+        for (i, (ops, _, done)) in writes.into_iter().enumerate() {
+            let seq = group + i as u64;
+            for op in ops {
+                active.insert(seq, op, inner.opts.siblings_max);
+            }
+            acks.push((done, seq));
+        }
+    }
+    // Acknowledge only now: the group is durable (fdatasync returned) and
+    // visible to readers.
+    for (done, seq) in acks {
+        let _ = done.send(Ok(seq));
+    }
+}
+
+fn flush_loop(inner: Arc<Inner>) {
+    loop {
+        let next = {
+            let mut background = lock(&inner.background);
+            loop {
+                if let Some(memtable) = inner.levels().frozen.last().cloned() {
+                    break Some(memtable);
+                }
+                if background.closing {
+                    break None;
+                }
+                background = inner.background_cv.wait(background).unwrap_or_else(|p| p.into_inner());
+            }
+        };
+        let Some(memtable) = next else { return };
+        if let Err(error) = inner.flush(&memtable) {
+            tracing::error!(%error, "flush failed; the data stays in the WAL and the flush is retried");
+            let mut background = lock(&inner.background);
+            background.flush_error = Some(error.to_string());
+            if background.closing || !error.is_retryable() && matches!(error, Error::Corrupt { .. }) {
+                drop(background);
+                inner.fail(format!("flush failed: {error}"));
+                return;
+            }
+            let _ = inner.background_cv.wait_timeout(background, Duration::from_millis(200));
+        }
+    }
+}
+
+fn compact_loop(inner: Arc<Inner>) {
+    loop {
+        {
+            let mut background = lock(&inner.background);
+            while !background.closing && !(background.compaction_wanted && inner.opts.background_compaction) {
+                background = inner.background_cv.wait(background).unwrap_or_else(|p| p.into_inner());
+            }
+            if background.closing {
+                return;
+            }
+            background.compaction_wanted = false;
+        }
+        loop {
+            match inner.compact(false) {
+                Ok(true) if !lock(&inner.background).closing => continue,
+                Ok(_) => break,
+                Err(error) => {
+                    tracing::warn!(%error, "compaction failed; the input tables stay");
+                    break;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! Data blocks: a run of entries, their count and a checksum.
+
+use quiver_ring::Siblings;
+
+/// Builds one data block.
+#[derive(Debug, Default)]
+pub struct BlockBuilder {
+    buf: Vec<u8>,
+    count: u32,
+}
+
+impl BlockBuilder {
+    pub fn add(&mut self, key: &[u8], value: &[u8]) {
+        self.buf.extend_from_slice(&(key.len() as u32).to_le_bytes());
+        self.buf.extend_from_slice(&(value.len() as u32).to_le_bytes());
+        self.buf.extend_from_slice(key);
+        self.buf.extend_from_slice(value);
+        self.count += 1;
+    }
+
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Appends the finished block to `out` and resets the builder.
+    pub fn finish_into(&mut self, out: &mut Vec<u8>) {
+        self.buf.extend_from_slice(&self.count.to_le_bytes());
+        let crc = crc32fast::hash(&self.buf);
+        out.extend_from_slice(&self.buf);
+        out.extend_from_slice(&crc.to_le_bytes());
+        self.buf.clear();
+        self.count = 0;
+    }
+}
+
+/// A data block read from disk whose checksum was verified.
+#[derive(Debug)]
+pub struct Block {
+    data: Vec<u8>,
+    /// Offset just past the last entry.
+    entries_end: usize,
+    count: u32,
+}
+
+/// Why a block could not be read.
+#[derive(Debug)]
+pub enum BlockError {
+    Checksum { expected: u32, got: u32 },
+    Malformed(&'static str),
+}
+
+fn u32_at(buf: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(buf.get(at..at.checked_add(4)?)?.try_into().ok()?))
+}
+
+impl Block {
+    /// Checks the checksum of a block's bytes (as stored, with count and crc).
+    pub fn decode(mut data: Vec<u8>) -> Result<Block, BlockError> {
+        let crc_at = data.len().checked_sub(4).ok_or(BlockError::Malformed("block shorter than its checksum"))?;
+        let expected = u32_at(&data, crc_at).ok_or(BlockError::Malformed("block checksum"))?;
+        let got = crc32fast::hash(data.get(..crc_at).unwrap_or_default());
+        if got != expected {
+            return Err(BlockError::Checksum { expected, got });
+        }
+        let count_at = crc_at.checked_sub(4).ok_or(BlockError::Malformed("block shorter than its count"))?;
+        let count = u32_at(&data, count_at).ok_or(BlockError::Malformed("block count"))?;
+        data.truncate(crc_at);
+        Ok(Block { data, entries_end: count_at, count })
+    }
+
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
+    /// The entries, in order: `(key, value bytes)`.
+    pub fn entries(&self) -> BlockEntries<'_> {
+        BlockEntries { block: self, at: 0 }
+    }
+
+    /// The value bytes stored for `key`, if any.
+    pub fn find(&self, key: &[u8]) -> Result<Option<&[u8]>, BlockError> {
+        for entry in self.entries() {
+            let (k, v) = entry?;
+            match k.cmp(key) {
+                std::cmp::Ordering::Less => continue,
+                std::cmp::Ordering::Equal => return Ok(Some(v)),
+                std::cmp::Ordering::Greater => return Ok(None),
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Iterator over a block's entries.
+#[derive(Debug)]
+pub struct BlockEntries<'a> {
+    block: &'a Block,
+    at: usize,
+}
+
+impl<'a> Iterator for BlockEntries<'a> {
+    type Item = Result<(&'a [u8], &'a [u8]), BlockError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.at >= self.block.entries_end {
+            return None;
+        }
+        let data = &self.block.data[..self.block.entries_end];
+        let parsed = (|| {
+            let key_len = u32_at(data, self.at)? as usize;
+            let value_len = u32_at(data, self.at + 4)? as usize;
+            let key_start = self.at + 8;
+            let value_start = key_start.checked_add(key_len)?;
+            let end = value_start.checked_add(value_len)?;
+            Some((data.get(key_start..value_start)?, data.get(value_start..end)?, end))
+        })();
+        match parsed {
+            Some((key, value, end)) => {
+                self.at = end;
+                Some(Ok((key, value)))
+            }
+            None => {
+                self.at = usize::MAX;
+                Some(Err(BlockError::Malformed("entry runs past the end of its block")))
+            }
+        }
+    }
+}
+
+/// Decodes a stored value.
+pub fn decode_value(bytes: &[u8]) -> Option<Siblings> {
+    postcard::from_bytes(bytes).ok()
+}

@@ -1,0 +1,232 @@
+//! Opens, verifies and reads a table file.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use quiver_ring::Siblings;
+use serde::de::DeserializeOwned;
+
+use super::block::{decode_value, Block, BlockError};
+use super::bloom::{key_hash, Bloom};
+use super::{IndexEntry, Props, FOOTER_LEN, FORMAT_VERSION, MAGIC};
+use crate::storage::disk::{File, Fs};
+use crate::storage::error::{Error, IoContext, Result};
+
+/// An open, immutable table.
+#[derive(Debug)]
+pub struct Table {
+    id: u64,
+    path: PathBuf,
+    file: Box<dyn File>,
+    size: u64,
+    index: Vec<IndexEntry>,
+    bloom: Bloom,
+    props: Props,
+}
+
+struct Cursor<'a>(&'a [u8]);
+
+impl Cursor<'_> {
+    fn u32(&mut self) -> Option<u32> {
+        let (head, rest) = self.0.split_first_chunk::<4>()?;
+        self.0 = rest;
+        Some(u32::from_le_bytes(*head))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        let (head, rest) = self.0.split_first_chunk::<8>()?;
+        self.0 = rest;
+        Some(u64::from_le_bytes(*head))
+    }
+}
+
+impl Table {
+    /// Opens a table: checks the footer and the checksums of its index,
+    /// bloom filter and properties. Data blocks are checked as they are read,
+    /// or all at once by [`Table::verify`].
+    pub fn open(fs: &dyn Fs, path: &Path, id: u64) -> Result<Table> {
+        let file = fs.open(path).ctx("open", path)?;
+        let size = file.len().ctx("stat", path)?;
+        let corrupt = |offset: u64, reason: &str| Error::corrupt(path, offset, reason);
+        if size < FOOTER_LEN as u64 {
+            return Err(corrupt(0, &format!("table of {size} bytes is shorter than its footer")));
+        }
+        let footer_at = size - FOOTER_LEN as u64;
+        let mut footer = [0u8; FOOTER_LEN];
+        file.read_exact_at(&mut footer, footer_at).ctx("read", path)?;
+        let mut cursor = Cursor(&footer);
+        let fields = (|| {
+            let index = (cursor.u64()?, cursor.u32()?);
+            let bloom = (cursor.u64()?, cursor.u32()?);
+            let props = (cursor.u64()?, cursor.u32()?);
+            let version = cursor.u32()?;
+            let crc = cursor.u32()?;
+            let magic = cursor.u64()?;
+            Some((index, bloom, props, version, crc, magic))
+        })();
+        let Some((index_at, bloom_at, props_at, version, crc, magic)) = fields else {
+            return Err(corrupt(footer_at, "footer too short"));
+        };
+        if magic != MAGIC {
+            return Err(corrupt(footer_at, "not a Quiver table (bad magic)"));
+        }
+        let got = crc32fast::hash(&footer[..FOOTER_LEN - 12]);
+        if got != crc {
+            return Err(Error::ChecksumMismatch { path: path.to_path_buf(), offset: footer_at, expected: crc, got });
+        }
+        if version != FORMAT_VERSION {
+            return Err(corrupt(footer_at, &format!("table format version {version}, this build reads {FORMAT_VERSION}")));
+        }
+        let index: Vec<IndexEntry> = read_meta(file.as_ref(), path, index_at, footer_at)?;
+        let bloom: Bloom = read_meta(file.as_ref(), path, bloom_at, footer_at)?;
+        let props: Props = read_meta(file.as_ref(), path, props_at, footer_at)?;
+        if index.iter().any(|entry| entry.offset.saturating_add(u64::from(entry.len)) > index_at.0) {
+            return Err(corrupt(index_at.0, "index points past the data blocks"));
+        }
+        Ok(Table { id, path: path.to_path_buf(), file, size, index, bloom, props })
+    }
+
+    /// The table's id (its file number).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// File size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The table's stored properties.
+    pub fn props(&self) -> &Props {
+        &self.props
+    }
+
+    /// The file path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether the bloom filter allows `key` to be here.
+    pub fn may_contain(&self, key: &[u8]) -> bool {
+        self.bloom.may_contain(key_hash(key))
+    }
+
+    fn read_block(&self, entry: &IndexEntry) -> Result<Block> {
+        let mut data = vec![0u8; entry.len as usize];
+        self.file.read_exact_at(&mut data, entry.offset).ctx("read", &self.path)?;
+        Block::decode(data).map_err(|e| self.block_error(entry.offset, e))
+    }
+
+    fn block_error(&self, offset: u64, error: BlockError) -> Error {
+        match error {
+            BlockError::Checksum { expected, got } => Error::ChecksumMismatch { path: self.path.clone(), offset, expected, got },
+            BlockError::Malformed(reason) => Error::corrupt(&self.path, offset, reason),
+        }
+    }
+
+    fn decode(&self, offset: u64, value: &[u8]) -> Result<Siblings> {
+        decode_value(value).ok_or_else(|| Error::corrupt(&self.path, offset, "stored versions do not decode"))
+    }
+
+    /// The versions of `key` in this table.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Siblings>> {
+        if !self.may_contain(key) {
+            return Ok(None);
+        }
+        let at = self.index.partition_point(|entry| entry.last_key.as_slice() < key);
+        let Some(entry) = self.index.get(at) else { return Ok(None) };
+        let block = self.read_block(entry)?;
+        match block.find(key).map_err(|e| self.block_error(entry.offset, e))? {
+            Some(value) => self.decode(entry.offset, value).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Reads every block and checks checksums, key order, decodability and
+    /// the entry count. Run on every new table before the manifest names it.
+    pub fn verify(&self) -> Result<()> {
+        let mut entries = 0u64;
+        let mut last: Option<Vec<u8>> = None;
+        for entry in &self.index {
+            let block = self.read_block(entry)?;
+            let mut block_last: Option<&[u8]> = None;
+            for item in block.entries() {
+                let (key, value) = item.map_err(|e| self.block_error(entry.offset, e))?;
+                if last.as_deref().is_some_and(|prev| prev >= key) || block_last.is_some_and(|prev| prev >= key) {
+                    return Err(Error::corrupt(&self.path, entry.offset, "keys out of order"));
+                }
+                self.decode(entry.offset, value)?;
+                block_last = Some(key);
+                entries += 1;
+            }
+            if block_last != Some(entry.last_key.as_slice()) {
+                return Err(Error::corrupt(&self.path, entry.offset, "block's last key differs from the index"));
+            }
+            last = block_last.map(<[u8]>::to_vec);
+        }
+        if entries != self.props.entries {
+            return Err(Error::corrupt(&self.path, 0, format!("{entries} entries, properties say {}", self.props.entries)));
+        }
+        Ok(())
+    }
+
+    /// Iterates the entries with keys `>= start`, in order.
+    pub fn iter_from(self: &Arc<Self>, start: &[u8]) -> TableIter {
+        let block = self.index.partition_point(|entry| entry.last_key.as_slice() < start);
+        TableIter { table: self.clone(), next_block: block, entries: Vec::new().into_iter(), start: start.to_vec() }
+    }
+}
+
+fn read_meta<T: DeserializeOwned>(file: &dyn File, path: &Path, (offset, len): (u64, u32), limit: u64) -> Result<T> {
+    if len < 4 || offset.saturating_add(u64::from(len)) > limit {
+        return Err(Error::corrupt(path, offset, "meta block out of bounds"));
+    }
+    let mut data = vec![0u8; len as usize];
+    file.read_exact_at(&mut data, offset).ctx("read", path)?;
+    let (body, crc) = data.split_at(data.len() - 4);
+    let expected = u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]);
+    let got = crc32fast::hash(body);
+    if got != expected {
+        return Err(Error::ChecksumMismatch { path: path.to_path_buf(), offset, expected, got });
+    }
+    postcard::from_bytes(body).map_err(|e| Error::corrupt(path, offset, format!("meta block does not decode: {e}")))
+}
+
+/// Iterator over a table's entries, reading one block at a time.
+#[derive(Debug)]
+pub struct TableIter {
+    table: Arc<Table>,
+    next_block: usize,
+    entries: std::vec::IntoIter<(Vec<u8>, Siblings)>,
+    start: Vec<u8>,
+}
+
+impl Iterator for TableIter {
+    type Item = Result<(Vec<u8>, Siblings)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(entry) = self.entries.next() {
+                return Some(Ok(entry));
+            }
+            let entry = self.table.index.get(self.next_block)?.clone();
+            self.next_block += 1;
+            let decoded = self.table.read_block(&entry).and_then(|block| {
+                let mut out = Vec::with_capacity(block.count() as usize);
+                for item in block.entries() {
+                    let (key, value) = item.map_err(|e| self.table.block_error(entry.offset, e))?;
+                    if key >= self.start.as_slice() {
+                        out.push((key.to_vec(), self.table.decode(entry.offset, value)?));
+                    }
+                }
+                Ok(out)
+            });
+            match decoded {
+                Ok(entries) => self.entries = entries.into_iter(),
+                Err(e) => {
+                    self.next_block = usize::MAX;
+                    return Some(Err(e));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! Builds a table in memory.
+
+use quiver_ring::Siblings;
+
+use super::block::BlockBuilder;
+use super::bloom::{key_hash, Bloom};
+use super::{encode_meta, IndexEntry, Props, FOOTER_LEN, FORMAT_VERSION, MAGIC};
+
+/// Builds one table file from entries added in ascending key order.
+#[derive(Debug)]
+pub struct TableBuilder {
+    out: Vec<u8>,
+    block: BlockBuilder,
+    block_bytes: usize,
+    bloom_bits_per_key: usize,
+    index: Vec<IndexEntry>,
+    hashes: Vec<u64>,
+    props: Props,
+    last_key: Vec<u8>,
+    value_buf: Vec<u8>,
+}
+
+impl TableBuilder {
+    /// A builder for a table whose writes have WAL sequences in
+    /// `min_seq..=max_seq`.
+    pub fn new(block_bytes: usize, bloom_bits_per_key: usize, min_seq: u64, max_seq: u64) -> TableBuilder {
+        TableBuilder {
+            out: Vec::new(),
+            block: BlockBuilder::default(),
+            block_bytes: block_bytes.max(256),
+            bloom_bits_per_key,
+            index: Vec::new(),
+            hashes: Vec::new(),
+            props: Props { min_seq, max_seq, min_hlc: u64::MAX, ..Props::default() },
+            last_key: Vec::new(),
+            value_buf: Vec::new(),
+        }
+    }
+
+    /// Adds an entry. Keys must be strictly ascending.
+    pub fn add(&mut self, key: &[u8], siblings: &Siblings) {
+        assert!(
+            self.props.entries == 0 || key > self.last_key.as_slice(),
+            "table keys must be strictly ascending"
+        );
+        self.value_buf.clear();
+        self.value_buf = postcard::to_extend(siblings, std::mem::take(&mut self.value_buf))
+            .expect("postcard encodes versions into a Vec without failing");
+        self.block.add(key, &self.value_buf);
+        self.hashes.push(key_hash(key));
+        for version in siblings.versions() {
+            self.props.min_hlc = self.props.min_hlc.min(version.hlc.0);
+            self.props.max_hlc = self.props.max_hlc.max(version.hlc.0);
+        }
+        if self.props.entries == 0 {
+            self.props.smallest_key = key.to_vec();
+        }
+        self.props.entries += 1;
+        self.last_key.clear();
+        self.last_key.extend_from_slice(key);
+        if self.block.len() >= self.block_bytes {
+            self.finish_block();
+        }
+    }
+
+    fn finish_block(&mut self) {
+        if self.block.is_empty() {
+            return;
+        }
+        let offset = self.out.len() as u64;
+        self.block.finish_into(&mut self.out);
+        let len = (self.out.len() as u64 - offset) as u32;
+        self.index.push(IndexEntry { last_key: self.last_key.clone(), offset, len });
+    }
+
+    /// Number of entries added.
+    pub fn entries(&self) -> u64 {
+        self.props.entries
+    }
+
+    /// Bytes the file would have if finished now, roughly.
+    pub fn estimated_bytes(&self) -> usize {
+        self.out.len() + self.block.len() + self.hashes.len() * 2
+    }
+
+    /// The whole file and its properties.
+    pub fn finish(mut self) -> (Vec<u8>, Props) {
+        self.finish_block();
+        if self.props.entries == 0 {
+            self.props.min_hlc = 0;
+        }
+        self.props.largest_key = self.last_key.clone();
+        let mut out = self.out;
+        let (index_offset, index_len) = encode_meta(&mut out, &self.index);
+        let (bloom_offset, bloom_len) = encode_meta(&mut out, &Bloom::build(&self.hashes, self.bloom_bits_per_key));
+        let (props_offset, props_len) = encode_meta(&mut out, &self.props);
+        let footer_start = out.len();
+        out.extend_from_slice(&index_offset.to_le_bytes());
+        out.extend_from_slice(&index_len.to_le_bytes());
+        out.extend_from_slice(&bloom_offset.to_le_bytes());
+        out.extend_from_slice(&bloom_len.to_le_bytes());
+        out.extend_from_slice(&props_offset.to_le_bytes());
+        out.extend_from_slice(&props_len.to_le_bytes());
+        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        let crc = crc32fast::hash(&out[footer_start..]);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out.extend_from_slice(&MAGIC.to_le_bytes());
+        debug_assert_eq!(out.len() - footer_start, FOOTER_LEN);
+        (out, self.props)
+    }
+}
