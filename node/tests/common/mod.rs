@@ -1,0 +1,47 @@
+//! Helpers shared by the engine's integration tests.
+#![allow(dead_code)]
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use quiver_node::storage::{Op, Options};
+use quiver_ring::{Hlc, NodeId, Stamper};
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// Options that make every mechanism run often on little data: tiny
+/// memtables, segments and blocks, eager compaction, no tombstone grace.
+pub fn tiny_options() -> Options {
+    Options {
+        memtable_bytes_max: 4 << 10,
+        frozen_memtables_max: 2,
+        wal_segment_bytes: 16 << 10,
+        block_bytes: 256,
+        table_bytes_target: 8 << 10,
+        compaction_min_tables: 3,
+        tombstone_grace_ms: 0,
+        manifest_edits_max: 8,
+        ..Options::default()
+    }
+}
+
+/// Stamps blind writes like a single node would.
+pub struct Writer(pub Stamper);
+
+impl Writer {
+    pub fn new(after: Hlc) -> Writer {
+        Writer(Stamper::new(NodeId(1), after))
+    }
+
+    pub fn op(&mut self, key: &[u8], value: Option<&[u8]>) -> Op {
+        let stamp = self.0.next(now_ms());
+        Op { key: key.to_vec(), version: stamp.blind(value.map(<[u8]>::to_vec)) }
+    }
+
+    /// One batch: every key gets the same stamp.
+    pub fn batch(&mut self, entries: &[(Vec<u8>, Option<Vec<u8>>)]) -> Vec<Op> {
+        let stamp = self.0.next(now_ms());
+        entries.iter().map(|(key, value)| Op { key: key.clone(), version: stamp.blind(value.clone()) }).collect()
+    }
+}
