@@ -4,7 +4,7 @@
 //! must be there; no batch may be partly present.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Stdio};
 
 use quiver_node::storage::{Engine, Options};
@@ -37,12 +37,14 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
+        // Keep the pipe open until the kill: the writer must die of SIGKILL,
+        // not of a closed pipe.
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
         // Kill after a random number of acknowledgements: somewhere in the
         // middle of writes, flushes and compactions.
         let kill_after = 200 + rng.next() % 3000;
         let mut acked = 0;
-        for line in stdout.lines() {
+        for line in stdout.by_ref().lines() {
             let line = line.unwrap();
             let mut words = line.split_whitespace();
             match (words.next(), words.next(), words.next()) {
@@ -63,7 +65,9 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
         assert!(acked >= kill_after, "run {run}: the writer stopped early after {acked} writes");
         // SIGKILL: no destructor, no flush.
         child.kill().unwrap();
-        child.wait().unwrap();
+        let status = child.wait().unwrap();
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(9), "run {run}: {status}");
+        drop(stdout);
 
         let engine = Engine::open(dir.path(), Options::default()).unwrap();
         let value = |key: &str| engine.get(key.as_bytes()).unwrap().and_then(|s| s.value().map(<[u8]>::to_vec));
