@@ -1,1 +1,149 @@
-//! Placeholder: filled in by its own issue.
+//! Quiver's client library.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), quiver_client::Error> {
+//! use quiver_client::Client;
+//!
+//! let client = Client::connect(["127.0.0.1:7700"]).await?;
+//! client.set("greeting", "hello").await?;          // durable when Ok
+//! assert_eq!(client.get("greeting").await?.as_deref(), Some(&b"hello"[..]));
+//! client.bulk_set([("a", "1"), ("b", "2")]).await?; // all or nothing
+//! client.delete("greeting").await?;
+//! assert_eq!(client.get("greeting").await?, None);
+//! # Ok(()) }
+//! ```
+//!
+//! One connection carries every concurrent call (answers are matched by id),
+//! so a single `Client` shared by many tasks keeps many requests in flight.
+//! If the connection breaks, the next call reconnects, trying each seed in
+//! turn. A write that fails with [`Error::is_ambiguous`] may or may not have
+//! been applied. [`blocking::Client`] offers the same calls to plain threads.
+
+pub mod blocking;
+mod connection;
+mod error;
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+pub use error::{Error, Result};
+pub use quiver_ring::wire::{ErrorKind, NodeStatus};
+use quiver_ring::wire::{Op, Reply};
+use tokio::sync::Mutex;
+
+use connection::Connection;
+
+/// Default time a call waits for its answer.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// An async Quiver client.
+#[derive(Debug)]
+pub struct Client {
+    seeds: Vec<String>,
+    connection: Mutex<Option<Arc<Connection>>>,
+    timeout: Duration,
+    hlc: Arc<AtomicU64>,
+}
+
+impl Client {
+    /// Connects to the first seed that answers.
+    pub async fn connect<I, A>(seeds: I) -> Result<Client>
+    where
+        I: IntoIterator<Item = A>,
+        A: Into<String>,
+    {
+        let client = Client {
+            seeds: seeds.into_iter().map(Into::into).collect(),
+            connection: Mutex::new(None),
+            timeout: DEFAULT_TIMEOUT,
+            hlc: Arc::default(),
+        };
+        client.connection().await?;
+        Ok(client)
+    }
+
+    /// Sets how long each call waits for its answer.
+    pub fn with_timeout(mut self, timeout: Duration) -> Client {
+        self.timeout = timeout;
+        self
+    }
+
+    async fn connection(&self) -> Result<Arc<Connection>> {
+        let mut slot = self.connection.lock().await;
+        if let Some(connection) = slot.as_ref().filter(|c| !c.is_broken()) {
+            return Ok(connection.clone());
+        }
+        // Start with the seed after the one that just failed.
+        let start = slot.as_ref().and_then(|c| self.seeds.iter().position(|s| s == c.addr())).map_or(0, |i| i + 1);
+        let mut last = String::from("no seed addresses given");
+        for i in 0..self.seeds.len() {
+            let addr = &self.seeds[(start + i) % self.seeds.len()];
+            match Connection::open(addr, self.hlc.clone(), self.timeout).await {
+                Ok(connection) => {
+                    let connection = Arc::new(connection);
+                    *slot = Some(connection.clone());
+                    return Ok(connection);
+                }
+                Err(e) => last = format!("{addr}: {e}"),
+            }
+        }
+        Err(Error::Connect { addrs: self.seeds.clone(), last })
+    }
+
+    async fn call(&self, op: Op) -> Result<Reply> {
+        self.connection().await?.call(op, self.timeout).await
+    }
+
+    async fn call_done(&self, op: Op) -> Result<()> {
+        match self.call(op).await? {
+            Reply::Done => Ok(()),
+            other => Err(Error::Protocol(format!("expected Done, got {other:?}"))),
+        }
+    }
+
+    /// The value of `key`, or `None` if it is absent or deleted.
+    pub async fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Bytes>> {
+        match self.call(Op::Get { key: key.as_ref().to_vec() }).await? {
+            Reply::Value(value) => Ok(value.map(Bytes::from)),
+            other => Err(Error::Protocol(format!("expected a value, got {other:?}"))),
+        }
+    }
+
+    /// Stores `value` under `key`. Returns once it is durable (fsynced).
+    pub async fn set(&self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Result<()> {
+        self.call_done(Op::Set { key: key.as_ref().to_vec(), value: value.as_ref().to_vec() }).await
+    }
+
+    /// Deletes `key`. Returns once the delete is durable. Deleting an absent
+    /// key succeeds.
+    pub async fn delete(&self, key: impl AsRef<[u8]>) -> Result<()> {
+        self.call_done(Op::Delete { key: key.as_ref().to_vec() }).await
+    }
+
+    /// Stores every entry, all or nothing: after a crash either every entry
+    /// is there or none is, and no reader ever sees part of it. A key given
+    /// twice takes its last value. Returns once durable.
+    pub async fn bulk_set<K, V>(&self, entries: impl IntoIterator<Item = (K, V)>) -> Result<()>
+    where
+        K: AsRef<[u8]>,
+        V: AsRef<[u8]>,
+    {
+        let entries = entries.into_iter().map(|(k, v)| (k.as_ref().to_vec(), v.as_ref().to_vec())).collect();
+        self.call_done(Op::BulkSet { entries }).await
+    }
+
+    /// The node's id, addresses, key count, bytes on disk and uptime.
+    pub async fn status(&self) -> Result<NodeStatus> {
+        match self.call(Op::Status).await? {
+            Reply::Status(status) => Ok(status),
+            other => Err(Error::Protocol(format!("expected a status, got {other:?}"))),
+        }
+    }
+
+    /// Admin: asks the connected node to shut down gracefully.
+    pub async fn shutdown_node(&self) -> Result<()> {
+        self.call_done(Op::Shutdown).await
+    }
+}

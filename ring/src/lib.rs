@@ -8,6 +8,7 @@
 
 pub mod clock;
 pub mod version;
+pub mod wire;
 
 pub use clock::{Hlc, HlcClock};
 pub use version::{BatchId, Dot, NodeId, Siblings, Stamp, Stamper, Version, VersionVector};

@@ -229,6 +229,11 @@ impl Stamper {
         self.clock.observe(seen);
     }
 
+    /// The highest timestamp stamped or observed.
+    pub fn last(&self) -> Hlc {
+        self.clock.last()
+    }
+
     /// The stamp of the next write, given the wall clock.
     pub fn next(&mut self, now_physical_ms: u64) -> Stamp {
         let hlc = self.clock.tick(now_physical_ms);

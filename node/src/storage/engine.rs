@@ -440,6 +440,15 @@ impl Engine {
     /// Graceful close: finishes queued writes, flushes every memtable to
     /// verified tables, deletes the WAL they cover, and stops the threads.
     pub fn close(self) -> Result<()> {
+        self.shutdown()
+    }
+
+    /// [`Engine::close`] for a shared engine: afterwards every write fails
+    /// with [`Error::Closed`]; reads still work.
+    pub fn shutdown(&self) -> Result<()> {
+        if lock(&self.threads).is_empty() {
+            return Err(Error::Closed);
+        }
         let flushed = if self.failure().is_none() { self.flush() } else { Ok(()) };
         self.stop();
         flushed?;

@@ -1,6 +1,8 @@
 //! Helpers shared by the engine's integration tests.
 #![allow(dead_code)]
 
+pub mod node;
+
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use quiver_node::storage::{Op, Options};

@@ -1,0 +1,134 @@
+//! `quiver`: the command-line client.
+
+use std::io::{BufRead, Write};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use quiver_client::blocking::Client;
+
+/// Talks to a Quiver node.
+#[derive(Debug, Parser)]
+#[command(name = "quiver", version)]
+struct Args {
+    /// Node address (HOST:PORT); several, comma-separated, are tried in turn.
+    #[arg(long, env = "QUIVER_ADDR", default_value = "127.0.0.1:7700", global = true)]
+    addr: String,
+    /// Seconds to wait for an answer.
+    #[arg(long, default_value_t = 30, global = true)]
+    timeout: u64,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Stores VALUE under KEY (durable when it prints OK).
+    Set { key: String, value: String },
+    /// Prints the value of KEY; exits with status 1 if it is absent.
+    Get { key: String },
+    /// Deletes KEY.
+    Delete { key: String },
+    /// Stores several entries at once, all or nothing.
+    BulkSet {
+        /// Entries as KEY=VALUE.
+        entries: Vec<String>,
+        /// Read entries from a file (`-` for stdin), one KEY<TAB>VALUE a line.
+        #[arg(long, value_name = "FILE")]
+        file: Option<String>,
+    },
+    /// Prints the node's id, address, keys, bytes on disk and uptime.
+    Status,
+    /// Asks the node to shut down gracefully.
+    Shutdown,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("quiver: {message}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn parse_entries(args: &[String], file: Option<&str>) -> Result<Vec<(String, String)>, String> {
+    let mut entries = Vec::new();
+    for arg in args {
+        let (key, value) = arg.split_once('=').ok_or_else(|| format!("{arg:?} is not KEY=VALUE"))?;
+        entries.push((key.to_owned(), value.to_owned()));
+    }
+    if let Some(file) = file {
+        let reader: Box<dyn BufRead> = if file == "-" {
+            Box::new(std::io::stdin().lock())
+        } else {
+            Box::new(std::io::BufReader::new(std::fs::File::open(file).map_err(|e| format!("{file}: {e}"))?))
+        };
+        for (n, line) in reader.lines().enumerate() {
+            let line = line.map_err(|e| format!("{file}: {e}"))?;
+            if line.is_empty() {
+                continue;
+            }
+            let (key, value) = line.split_once('\t').ok_or_else(|| format!("{file}, line {}: expected KEY<TAB>VALUE", n + 1))?;
+            entries.push((key.to_owned(), value.to_owned()));
+        }
+    }
+    if entries.is_empty() {
+        return Err("bulk-set needs at least one entry (KEY=VALUE or --file)".into());
+    }
+    Ok(entries)
+}
+
+fn run(args: Args) -> Result<ExitCode, String> {
+    // Read input before connecting, so bad input fails fast.
+    let entries = match &args.command {
+        Command::BulkSet { entries, file } => Some(parse_entries(entries, file.as_deref())?),
+        _ => None,
+    };
+    let seeds: Vec<String> = args.addr.split(',').map(str::trim).map(str::to_owned).collect();
+    let client = Client::connect(seeds).map_err(|e| e.to_string())?.with_timeout(Duration::from_secs(args.timeout));
+    let failed = |e: quiver_client::Error| e.to_string();
+    let mut out = std::io::stdout().lock();
+    match args.command {
+        Command::Set { key, value } => {
+            client.set(key, value).map_err(failed)?;
+            writeln!(out, "OK").map_err(|e| e.to_string())?;
+        }
+        Command::Get { key } => match client.get(&key).map_err(failed)? {
+            Some(value) => {
+                out.write_all(&value).and_then(|()| writeln!(out)).map_err(|e| e.to_string())?;
+            }
+            None => {
+                eprintln!("quiver: key {key:?} not found");
+                return Ok(ExitCode::from(1));
+            }
+        },
+        Command::Delete { key } => {
+            client.delete(key).map_err(failed)?;
+            writeln!(out, "OK").map_err(|e| e.to_string())?;
+        }
+        Command::BulkSet { .. } => {
+            let entries = entries.unwrap_or_default();
+            let count = entries.len();
+            client.bulk_set(entries).map_err(failed)?;
+            writeln!(out, "OK ({count} entries)").map_err(|e| e.to_string())?;
+        }
+        Command::Status => {
+            let s = client.status().map_err(failed)?;
+            let uptime = Duration::from_millis(s.uptime_ms);
+            writeln!(
+                out,
+                "node id:       {:016x}\nclient addr:   {}\npeer addr:     {}\nversion:       {}\nkeys:          {} (approximate)\nbytes on disk: {}\nuptime:        {}s",
+                s.node_id, s.client_addr, s.peer_addr, s.version, s.keys, s.bytes_on_disk, uptime.as_secs()
+            )
+            .map_err(|e| e.to_string())?;
+        }
+        Command::Shutdown => {
+            client.shutdown_node().map_err(failed)?;
+            writeln!(out, "OK").map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

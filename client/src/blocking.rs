@@ -1,0 +1,73 @@
+//! The client for plain threads: the same calls as [`crate::Client`], each
+//! blocking until its answer. Must not be used from inside an async runtime.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::error::{Error, Result};
+use crate::NodeStatus;
+
+/// A blocking Quiver client. It runs a small runtime of its own.
+#[derive(Debug)]
+pub struct Client {
+    runtime: tokio::runtime::Runtime,
+    inner: crate::Client,
+}
+
+impl Client {
+    /// Connects to the first seed that answers.
+    pub fn connect<I, A>(seeds: I) -> Result<Client>
+    where
+        I: IntoIterator<Item = A>,
+        A: Into<String>,
+    {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("quiver-client")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Connect { addrs: Vec::new(), last: format!("starting the client runtime: {e}") })?;
+        let inner = runtime.block_on(crate::Client::connect(seeds))?;
+        Ok(Client { runtime, inner })
+    }
+
+    /// Sets how long each call waits for its answer.
+    pub fn with_timeout(self, timeout: Duration) -> Client {
+        Client { inner: self.inner.with_timeout(timeout), runtime: self.runtime }
+    }
+
+    /// See [`crate::Client::get`].
+    pub fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Bytes>> {
+        self.runtime.block_on(self.inner.get(key))
+    }
+
+    /// See [`crate::Client::set`].
+    pub fn set(&self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Result<()> {
+        self.runtime.block_on(self.inner.set(key, value))
+    }
+
+    /// See [`crate::Client::delete`].
+    pub fn delete(&self, key: impl AsRef<[u8]>) -> Result<()> {
+        self.runtime.block_on(self.inner.delete(key))
+    }
+
+    /// See [`crate::Client::bulk_set`].
+    pub fn bulk_set<K, V>(&self, entries: impl IntoIterator<Item = (K, V)>) -> Result<()>
+    where
+        K: AsRef<[u8]>,
+        V: AsRef<[u8]>,
+    {
+        self.runtime.block_on(self.inner.bulk_set(entries))
+    }
+
+    /// See [`crate::Client::status`].
+    pub fn status(&self) -> Result<NodeStatus> {
+        self.runtime.block_on(self.inner.status())
+    }
+
+    /// See [`crate::Client::shutdown_node`].
+    pub fn shutdown_node(&self) -> Result<()> {
+        self.runtime.block_on(self.inner.shutdown_node())
+    }
+}

@@ -1,0 +1,128 @@
+//! One TCP connection to a node, shared by every call: requests are written
+//! by one task (batched into few writes) and answers are matched to their
+//! callers by id, in whatever order they come.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use quiver_ring::wire::{self, Op, Request, Response};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::{Error, Result};
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>>;
+
+/// A live connection.
+#[derive(Debug)]
+pub(crate) struct Connection {
+    addr: String,
+    requests: mpsc::UnboundedSender<Vec<u8>>,
+    pending: Pending,
+    next_id: AtomicU64,
+    broken: Arc<AtomicBool>,
+    /// Largest timestamp seen in any answer on any connection.
+    hlc: Arc<AtomicU64>,
+}
+
+impl Connection {
+    pub(crate) async fn open(addr: &str, hlc: Arc<AtomicU64>, timeout: Duration) -> std::io::Result<Connection> {
+        let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+        stream.set_nodelay(true)?;
+        let (reader, writer) = stream.into_split();
+        let (requests, queue) = mpsc::unbounded_channel();
+        let pending: Pending = Arc::default();
+        let broken = Arc::new(AtomicBool::new(false));
+        tokio::spawn(write_requests(writer, queue, broken.clone()));
+        tokio::spawn(read_responses(reader, pending.clone(), broken.clone(), hlc.clone()));
+        Ok(Connection { addr: addr.to_owned(), requests, pending, next_id: AtomicU64::new(1), broken, hlc })
+    }
+
+    pub(crate) fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Sends one request and waits for its answer.
+    pub(crate) async fn call(&self, op: Op, timeout: Duration) -> Result<wire::Reply> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (done, answer) = oneshot::channel();
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(id, done);
+        let mut frame = Vec::new();
+        wire::encode_frame(&mut frame, &Request { id, hlc_seen: self.hlc.load(Ordering::Relaxed), op });
+        let lost = |reason: &str| Error::ConnectionLost { addr: self.addr.clone(), reason: reason.to_owned() };
+        if self.is_broken() || self.requests.send(frame).is_err() {
+            self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            return Err(lost("connection closed"));
+        }
+        match tokio::time::timeout(timeout, answer).await {
+            Ok(Ok(response)) => response.result.map_err(|e| Error::Server { kind: e.kind, message: e.message }),
+            Ok(Err(_)) => Err(lost("connection closed before the answer")),
+            Err(_) => {
+                self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                Err(Error::Timeout { addr: self.addr.clone(), timeout })
+            }
+        }
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        // Closing the request queue ends the writer, which closes the socket.
+        self.broken.store(true, Ordering::Release);
+    }
+}
+
+async fn write_requests(mut writer: OwnedWriteHalf, mut queue: mpsc::UnboundedReceiver<Vec<u8>>, broken: Arc<AtomicBool>) {
+    let mut buf = Vec::new();
+    while let Some(frame) = queue.recv().await {
+        buf.clear();
+        buf.extend_from_slice(&frame);
+        while let Ok(more) = queue.try_recv() {
+            buf.extend_from_slice(&more);
+        }
+        if writer.write_all(&buf).await.is_err() {
+            break;
+        }
+    }
+    broken.store(true, Ordering::Release);
+    let _ = writer.shutdown().await;
+}
+
+async fn read_responses(mut reader: OwnedReadHalf, pending: Pending, broken: Arc<AtomicBool>, hlc: Arc<AtomicU64>) {
+    loop {
+        let mut header = [0u8; wire::LEN_BYTES];
+        if reader.read_exact(&mut header).await.is_err() {
+            break;
+        }
+        let len = wire::frame_len(header);
+        if len > wire::FRAME_BYTES_MAX {
+            break;
+        }
+        let mut body = vec![0u8; len];
+        if reader.read_exact(&mut body).await.is_err() {
+            break;
+        }
+        let Ok(response) = postcard::from_bytes::<Response>(&body) else { break };
+        hlc.fetch_max(response.hlc, Ordering::Relaxed);
+        if let Some(done) = pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&response.id) {
+            let _ = done.send(response);
+        } else if response.id == 0 {
+            // A connection-level error (oversized or malformed frame): the
+            // node closes the connection after it.
+            break;
+        }
+    }
+    broken.store(true, Ordering::Release);
+    // Dropping the senders tells every waiting caller the connection is gone.
+    pending.lock().unwrap_or_else(|p| p.into_inner()).clear();
+}

@@ -1,0 +1,145 @@
+//! `quiverd`: one Quiver node.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use quiver_node::config::Config;
+use quiver_node::net::client::serve;
+use quiver_node::service::{load_or_create_node_id, Service};
+use quiver_node::storage::Engine;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+
+/// Runs one Quiver node: a durable, versioned key-value store that answers
+/// clients over TCP.
+///
+/// Settings come from the defaults, then `--config FILE` (TOML), then flags.
+#[derive(Debug, Parser)]
+#[command(name = "quiverd", version)]
+struct Args {
+    /// TOML file with settings (flags override it).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Where the node keeps its data [default: ./quiver-data].
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Address for clients [default: 127.0.0.1:7700]. Port 0 picks a free one.
+    #[arg(long, value_name = "HOST:PORT")]
+    client_addr: Option<String>,
+    /// Address for other nodes [default: 127.0.0.1:7701].
+    #[arg(long, value_name = "HOST:PORT")]
+    peer_addr: Option<String>,
+    /// Longest key, in bytes [default: 4096].
+    #[arg(long)]
+    key_bytes_max: Option<usize>,
+    /// Longest value, in bytes [default: 4 MiB].
+    #[arg(long)]
+    value_bytes_max: Option<usize>,
+    /// Most entries in one bulk set [default: 100000].
+    #[arg(long)]
+    bulk_entries_max: Option<usize>,
+    /// Most bytes (keys + values) in one bulk set [default: 64 MiB].
+    #[arg(long)]
+    bulk_bytes_max: Option<usize>,
+    /// Longest request frame, in bytes [default: 72 MiB].
+    #[arg(long)]
+    frame_bytes_max: Option<usize>,
+    /// Open a damaged WAL or manifest by keeping its valid prefix.
+    #[arg(long)]
+    repair: bool,
+    /// Debug fault: silently drop each data-file write (SSTables, index
+    /// snapshots) with this probability. Nothing acknowledged may be lost.
+    #[arg(long, value_name = "P")]
+    debug_skip_write_probability: Option<f64>,
+}
+
+impl Args {
+    fn into_config(self) -> Result<Config, String> {
+        let mut config = match &self.config {
+            Some(path) => Config::load(path).map_err(|e| e.to_string())?,
+            None => Config::default(),
+        };
+        if let Some(v) = self.data_dir { config.data_dir = v }
+        if let Some(v) = self.client_addr { config.client_addr = v }
+        if let Some(v) = self.peer_addr { config.peer_addr = v }
+        if let Some(v) = self.key_bytes_max { config.limits.key_bytes_max = v }
+        if let Some(v) = self.value_bytes_max { config.limits.value_bytes_max = v }
+        if let Some(v) = self.bulk_entries_max { config.limits.bulk_entries_max = v }
+        if let Some(v) = self.bulk_bytes_max { config.limits.bulk_bytes_max = v }
+        if let Some(v) = self.frame_bytes_max { config.limits.frame_bytes_max = v }
+        if let Some(v) = self.debug_skip_write_probability { config.debug_skip_write_probability = v }
+        config.storage.repair |= self.repair;
+        config.validate().map_err(|e| e.to_string())?;
+        Ok(config)
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let config = match Args::parse().into_config() {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("quiverd: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error}");
+            eprintln!("quiverd: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> Result<(), String> {
+    let dir = config.data_dir.clone();
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let node_id = load_or_create_node_id(&dir).map_err(|e| format!("node id in {}: {e}", dir.display()))?;
+    let options = config.engine_options();
+    let engine = tokio::task::spawn_blocking(move || Engine::open(&dir, options))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("opening the storage engine: {e}"))?;
+    let engine = Arc::new(engine);
+
+    let listener = TcpListener::bind(&config.client_addr).await.map_err(|e| format!("listening on {}: {e}", config.client_addr))?;
+    let client_addr = listener.local_addr().map_err(|e| e.to_string())?.to_string();
+    let service = Arc::new(Service::new(engine.clone(), node_id, config.limits.clone(), client_addr.clone(), config.peer_addr.clone()));
+
+    let stop = service.shutdown_requested();
+    let signals = service.clone();
+    tokio::spawn(async move {
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            tracing::warn!("cannot install signal handlers");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        signals.request_shutdown();
+    });
+
+    tracing::info!(
+        node_id = %format_args!("{:016x}", node_id.0),
+        clients = %client_addr,
+        peers = %config.peer_addr,
+        data_dir = %config.data_dir.display(),
+        "quiverd ready"
+    );
+    serve(listener, service.clone(), stop).await;
+
+    // Every connection has answered its in-flight requests: flush and close.
+    tokio::task::spawn_blocking(move || engine.shutdown()).await.map_err(|e| e.to_string())?.map_err(|e| format!("closing: {e}"))?;
+    tracing::info!("quiverd stopped");
+    Ok(())
+}

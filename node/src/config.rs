@@ -1,0 +1,174 @@
+//! `quiverd`'s settings: defaults, an optional TOML file, then flags.
+//!
+//! ```toml
+//! data_dir = "./quiver-data"
+//! client_addr = "127.0.0.1:7700"
+//! peer_addr = "127.0.0.1:7701"
+//! debug_skip_write_probability = 0.0
+//!
+//! [limits]
+//! key_bytes_max = 4096
+//! value_bytes_max = 4194304
+//! bulk_entries_max = 100000
+//! bulk_bytes_max = 67108864
+//! frame_bytes_max = 75497472
+//! requests_in_flight_max = 4096
+//!
+//! [storage]
+//! memtable_bytes_max = 67108864
+//! wal_segment_bytes = 67108864
+//! repair = false
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Everything `quiverd` can be told.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub client_addr: String,
+    /// The node-to-node (QUIC) address; announced in `status`, used by the
+    /// cluster layer.
+    pub peer_addr: String,
+    pub debug_skip_write_probability: f64,
+    pub limits: Limits,
+    pub storage: Storage,
+}
+
+/// Request limits, enforced by the node with a clear error for each.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    pub key_bytes_max: usize,
+    pub value_bytes_max: usize,
+    pub bulk_entries_max: usize,
+    pub bulk_bytes_max: usize,
+    pub frame_bytes_max: usize,
+    /// Requests one connection may have in flight; more wait.
+    pub requests_in_flight_max: usize,
+}
+
+/// Storage engine knobs exposed to operators.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Storage {
+    pub memtable_bytes_max: usize,
+    pub wal_segment_bytes: u64,
+    /// Open a damaged WAL or manifest by keeping its valid prefix.
+    pub repair: bool,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            data_dir: PathBuf::from("./quiver-data"),
+            client_addr: "127.0.0.1:7700".into(),
+            peer_addr: "127.0.0.1:7701".into(),
+            debug_skip_write_probability: 0.0,
+            limits: Limits::default(),
+            storage: Storage::default(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            key_bytes_max: 4 << 10,
+            value_bytes_max: 4 << 20,
+            bulk_entries_max: 100_000,
+            bulk_bytes_max: 64 << 20,
+            frame_bytes_max: quiver_ring::wire::FRAME_BYTES_MAX,
+            requests_in_flight_max: 4096,
+        }
+    }
+}
+
+impl Default for Storage {
+    fn default() -> Storage {
+        let engine = crate::storage::Options::default();
+        Storage { memtable_bytes_max: engine.memtable_bytes_max, wal_segment_bytes: engine.wal_segment_bytes, repair: false }
+    }
+}
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {}: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    /// The file is not valid TOML for these settings.
+    #[error("parsing {}: {source}", path.display())]
+    Parse { path: PathBuf, source: toml::de::Error },
+    /// A setting is out of range.
+    #[error("invalid setting: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads a TOML file; unset fields keep their defaults.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_path_buf(), source })
+    }
+
+    /// Checks ranges that would otherwise fail later and less clearly.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |what: String| Err(ConfigError::Invalid(what));
+        if !(0.0..=1.0).contains(&self.debug_skip_write_probability) {
+            return invalid(format!("debug_skip_write_probability {} is not within 0..=1", self.debug_skip_write_probability));
+        }
+        let l = &self.limits;
+        if l.key_bytes_max == 0 || l.requests_in_flight_max == 0 || l.bulk_entries_max == 0 {
+            return invalid("key_bytes_max, bulk_entries_max and requests_in_flight_max must be at least 1".into());
+        }
+        if l.frame_bytes_max > u32::MAX as usize {
+            return invalid(format!("frame_bytes_max {} does not fit the 4-byte frame length", l.frame_bytes_max));
+        }
+        if l.frame_bytes_max < l.value_bytes_max + l.key_bytes_max + 64 {
+            return invalid("frame_bytes_max must leave room for the largest key and value".into());
+        }
+        Ok(())
+    }
+
+    /// The engine options these settings imply.
+    pub fn engine_options(&self) -> crate::storage::Options {
+        crate::storage::Options {
+            memtable_bytes_max: self.storage.memtable_bytes_max,
+            wal_segment_bytes: self.storage.wal_segment_bytes,
+            record_bytes_max: self.limits.frame_bytes_max.max(self.limits.bulk_bytes_max * 2),
+            repair: self.storage.repair,
+            debug_skip_write_probability: self.debug_skip_write_probability,
+            ..crate::storage::Options::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_overrides_only_what_it_names() {
+        let config: Config = toml::from_str("client_addr = \"127.0.0.1:9000\"\n[limits]\nkey_bytes_max = 100\n").unwrap();
+        assert_eq!(config.client_addr, "127.0.0.1:9000");
+        assert_eq!(config.limits.key_bytes_max, 100);
+        assert_eq!(config.limits.value_bytes_max, 4 << 20);
+        assert_eq!(config.peer_addr, "127.0.0.1:7701");
+    }
+
+    #[test]
+    fn unknown_settings_are_rejected() {
+        assert!(toml::from_str::<Config>("client_adr = \"x\"").is_err());
+    }
+
+    #[test]
+    fn out_of_range_probability_is_invalid() {
+        let config = Config { debug_skip_write_probability: 1.5, ..Config::default() };
+        assert!(config.validate().is_err());
+    }
+}

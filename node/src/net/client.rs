@@ -1,0 +1,115 @@
+//! The client listener.
+//!
+//! Each connection has a reader loop and a writer task. The reader reads one
+//! frame at a time and spawns a task per request, so requests run
+//! concurrently (and group-commit together) and answer in any order. The
+//! writer drains every response queued so far into one `write`.
+//!
+//! Bad input is answered, never fatal to the node: a frame longer than the
+//! limit is refused before any of it is buffered, a body that does not decode
+//! gets a `Malformed` error with its id when the id can be read; in both
+//! cases the connection is then closed.
+
+use std::sync::Arc;
+
+use quiver_ring::wire::{self, ErrorKind, Request, Response, ServerError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::service::Service;
+
+/// Accepts connections until `stop` turns true, then waits for every
+/// connection to finish its in-flight requests.
+pub async fn serve(listener: TcpListener, service: Arc<Service>, mut stop: watch::Receiver<bool>) {
+    let mut connections = JoinSet::new();
+    let for_connections = stop.clone();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let (service, stop) = (service.clone(), for_connections.clone());
+                    connections.spawn(async move {
+                        tracing::debug!(%peer, "client connected");
+                        connection(stream, service, stop).await;
+                        tracing::debug!(%peer, "client disconnected");
+                    });
+                }
+                // Out of file descriptors and the like: keep serving the
+                // connections we have, try again shortly.
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            _ = stop.wait_for(|&stop| stop) => break,
+            Some(_) = connections.join_next() => {}
+        }
+    }
+    drop(listener);
+    while connections.join_next().await.is_some() {}
+}
+
+async fn connection(stream: TcpStream, service: Arc<Service>, mut stop: watch::Receiver<bool>) {
+    let (mut reader, writer) = stream.into_split();
+    let (responses, queue) = mpsc::unbounded_channel::<Response>();
+    let writer = tokio::spawn(write_responses(writer, queue));
+    let in_flight = Arc::new(Semaphore::new(service.limits().requests_in_flight_max));
+    let frame_max = service.limits().frame_bytes_max;
+    loop {
+        let mut header = [0u8; wire::LEN_BYTES];
+        tokio::select! {
+            read = reader.read_exact(&mut header) => if read.is_err() { break },
+            _ = stop.wait_for(|&stop| stop) => break,
+        }
+        let len = wire::frame_len(header);
+        if len > frame_max {
+            let error = ServerError::new(ErrorKind::FrameTooLarge, format!("frame of {len} bytes exceeds the limit of {frame_max} bytes"));
+            let _ = responses.send(Response { id: 0, hlc: service.hlc(), result: Err(error) });
+            break;
+        }
+        let mut body = vec![0u8; len];
+        if reader.read_exact(&mut body).await.is_err() {
+            break;
+        }
+        let request: Request = match postcard::from_bytes(&body) {
+            Ok(request) => request,
+            Err(e) => {
+                let id = wire::peek_id(&body).unwrap_or(0);
+                let error = ServerError::new(ErrorKind::Malformed, format!("request does not decode: {e}"));
+                let _ = responses.send(Response { id, hlc: service.hlc(), result: Err(error) });
+                break;
+            }
+        };
+        let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
+        let (service, responses) = (service.clone(), responses.clone());
+        tokio::spawn(async move {
+            let result = service.handle(request.hlc_seen, request.op).await;
+            let _ = responses.send(Response { id: request.id, hlc: service.hlc(), result });
+            drop(permit);
+        });
+    }
+    // The writer ends once every in-flight request has answered.
+    drop(responses);
+    let _ = writer.await;
+}
+
+async fn write_responses(mut writer: OwnedWriteHalf, mut queue: mpsc::UnboundedReceiver<Response>) {
+    let mut buf = Vec::new();
+    while let Some(response) = queue.recv().await {
+        buf.clear();
+        wire::encode_frame(&mut buf, &response);
+        while let Ok(more) = queue.try_recv() {
+            wire::encode_frame(&mut buf, &more);
+        }
+        if writer.write_all(&buf).await.is_err() {
+            // The client went away; drain so the handlers are not blocked.
+            while queue.recv().await.is_some() {}
+            return;
+        }
+    }
+    let _ = writer.shutdown().await;
+}

@@ -1,0 +1,189 @@
+//! What a node does with each client request, on one node: validate it
+//! against the limits, stamp writes, write them through the engine (durable
+//! when it returns), and read.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use quiver_ring::wire::{ErrorKind, NodeStatus, Op, Reply, ServerError};
+use quiver_ring::{Hlc, NodeId, Stamper};
+use tokio::sync::watch;
+
+use crate::config::Limits;
+use crate::storage::{self, Engine};
+
+/// The request handler shared by every connection.
+#[derive(Debug)]
+pub struct Service {
+    engine: Arc<Engine>,
+    stamper: Mutex<Stamper>,
+    limits: Limits,
+    node_id: NodeId,
+    client_addr: String,
+    peer_addr: String,
+    started: Instant,
+    shutdown: watch::Sender<bool>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn invalid(kind: ErrorKind, message: String) -> ServerError {
+    ServerError::new(kind, message)
+}
+
+impl Service {
+    /// A service over an open engine. Its clock starts above every timestamp
+    /// already stored.
+    pub fn new(engine: Arc<Engine>, node_id: NodeId, limits: Limits, client_addr: String, peer_addr: String) -> Service {
+        let stamper = Mutex::new(Stamper::new(node_id, engine.max_hlc()));
+        let (shutdown, _) = watch::channel(false);
+        Service { engine, stamper, limits, node_id, client_addr, peer_addr, started: Instant::now(), shutdown }
+    }
+
+    /// Becomes `true` when an admin asked the node to stop.
+    pub fn shutdown_requested(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    /// Asks the node to stop (signal handlers and the admin request).
+    pub fn request_shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    /// The highest timestamp stamped or seen, sent back with every response.
+    pub fn hlc(&self) -> u64 {
+        self.stamper.lock().unwrap_or_else(|p| p.into_inner()).last().0
+    }
+
+    /// The per-request limits.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    fn check_key(&self, key: &[u8]) -> Result<(), ServerError> {
+        if key.is_empty() {
+            return Err(invalid(ErrorKind::EmptyKey, "keys must be at least one byte".into()));
+        }
+        if key.len() > self.limits.key_bytes_max {
+            return Err(invalid(ErrorKind::KeyTooLarge, format!("key of {} bytes exceeds the limit of {} bytes", key.len(), self.limits.key_bytes_max)));
+        }
+        Ok(())
+    }
+
+    fn check_value(&self, value: &[u8]) -> Result<(), ServerError> {
+        if value.len() > self.limits.value_bytes_max {
+            return Err(invalid(ErrorKind::ValueTooLarge, format!("value of {} bytes exceeds the limit of {} bytes", value.len(), self.limits.value_bytes_max)));
+        }
+        Ok(())
+    }
+
+    /// Handles one request. Writes return only once durable.
+    pub async fn handle(&self, hlc_seen: u64, op: Op) -> Result<Reply, ServerError> {
+        match op {
+            Op::Get { key } => {
+                self.check_key(&key)?;
+                self.observe(hlc_seen);
+                let siblings = self.engine.get(&key).map_err(storage_error)?;
+                Ok(Reply::Value(siblings.and_then(|s| s.value().map(<[u8]>::to_vec))))
+            }
+            Op::Set { key, value } => {
+                self.check_key(&key)?;
+                self.check_value(&value)?;
+                self.write(hlc_seen, vec![(key, Some(value))]).await
+            }
+            Op::Delete { key } => {
+                self.check_key(&key)?;
+                self.write(hlc_seen, vec![(key, None)]).await
+            }
+            Op::BulkSet { entries } => {
+                if entries.len() > self.limits.bulk_entries_max {
+                    return Err(invalid(ErrorKind::BulkTooLarge, format!("bulk set of {} entries exceeds the limit of {}", entries.len(), self.limits.bulk_entries_max)));
+                }
+                let bytes: usize = entries.iter().map(|(k, v)| k.len() + v.len()).sum();
+                if bytes > self.limits.bulk_bytes_max {
+                    return Err(invalid(ErrorKind::BulkTooLarge, format!("bulk set of {bytes} bytes exceeds the limit of {} bytes", self.limits.bulk_bytes_max)));
+                }
+                for (key, value) in &entries {
+                    self.check_key(key)?;
+                    self.check_value(value)?;
+                }
+                // A key given twice takes its last value (as Redis MSET does).
+                let entries: BTreeMap<Vec<u8>, Vec<u8>> = entries.into_iter().collect();
+                self.write(hlc_seen, entries.into_iter().map(|(k, v)| (k, Some(v))).collect()).await
+            }
+            Op::Status => {
+                let stats = self.engine.stats();
+                Ok(Reply::Status(NodeStatus {
+                    node_id: self.node_id.0,
+                    client_addr: self.client_addr.clone(),
+                    peer_addr: self.peer_addr.clone(),
+                    version: env!("CARGO_PKG_VERSION").to_owned(),
+                    keys: stats.table_entries + stats.memtable_entries as u64,
+                    bytes_on_disk: self.engine.disk_bytes().map_err(storage_error)?,
+                    uptime_ms: self.started.elapsed().as_millis() as u64,
+                }))
+            }
+            Op::Shutdown => {
+                tracing::info!("shutdown requested by a client");
+                self.request_shutdown();
+                Ok(Reply::Done)
+            }
+        }
+    }
+
+    fn observe(&self, hlc_seen: u64) {
+        self.stamper.lock().unwrap_or_else(|p| p.into_inner()).observe(Hlc(hlc_seen));
+    }
+
+    /// Stamps every entry with one `(hlc, origin)` and writes them as one WAL
+    /// record: all or nothing.
+    async fn write(&self, hlc_seen: u64, entries: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<Reply, ServerError> {
+        let stamp = {
+            let mut stamper = self.stamper.lock().unwrap_or_else(|p| p.into_inner());
+            stamper.observe(Hlc(hlc_seen));
+            stamper.next(now_ms())
+        };
+        let ops = entries.into_iter().map(|(key, value)| storage::Op { key, version: stamp.blind(value) }).collect();
+        self.engine.write(ops).await.map_err(storage_error)?;
+        Ok(Reply::Done)
+    }
+}
+
+fn storage_error(error: storage::Error) -> ServerError {
+    let kind = match &error {
+        storage::Error::Closed => ErrorKind::ShuttingDown,
+        storage::Error::TooLarge { .. } => ErrorKind::BulkTooLarge,
+        storage::Error::Failed(_) | storage::Error::Io { .. } => ErrorKind::StorageFailed,
+        _ => ErrorKind::Internal,
+    };
+    ServerError::new(kind, error.to_string())
+}
+
+/// Reads the node's id from `DIR/NODE_ID`, or makes one and stores it
+/// (synced) on first start.
+pub fn load_or_create_node_id(dir: &Path) -> std::io::Result<NodeId> {
+    let path = dir.join("NODE_ID");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text
+            .trim()
+            .parse()
+            .map(NodeId)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let seed = now_ms() ^ (u64::from(std::process::id()) << 32) ^ dir.as_os_str().len() as u64;
+            let id = xxhash_rust::xxh3::xxh3_64(&seed.to_le_bytes()).max(1);
+            let tmp = dir.join("NODE_ID.tmp");
+            let mut file = std::fs::File::create(&tmp)?;
+            std::io::Write::write_all(&mut file, format!("{id}\n").as_bytes())?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            std::fs::File::open(dir)?.sync_all()?;
+            Ok(NodeId(id))
+        }
+        Err(e) => Err(e),
+    }
+}
