@@ -33,7 +33,8 @@ struct Bench {
 impl Bench {
     fn ops(&self, keys: impl Iterator<Item = u64>) -> Vec<Op> {
         let stamp = self.stamper.lock().unwrap().next(now_ms());
-        keys.map(|k| Op { key: format!("key-{k:012}").into_bytes(), version: stamp.blind(Some(self.value.clone())) }).collect()
+        keys.map(|k| Op { key: format!("key-{k:012}").into_bytes(), version: stamp.blind(Some(self.value.clone())) })
+            .collect()
     }
 
     /// Keys written per second by `in_flight` tasks each writing
@@ -76,13 +77,18 @@ async fn main() {
     let runs = env_or("QUIVER_BENCH_RUNS", 5).max(1);
     let seconds = env_or("QUIVER_BENCH_SECONDS", 2).max(1);
     let prepopulated = env_or("QUIVER_BENCH_KEYS", 1_000_000);
-    let cases: [(&str, u64, u64); 3] = [("set, 1 in flight", 1, 1), ("set, 64 in flight", 64, 1), ("batch of 1000, 4 in flight", 4, 1000)];
+    let cases: [(&str, u64, u64); 3] =
+        [("set, 1 in flight", 1, 1), ("set, 64 in flight", 64, 1), ("batch of 1000, 4 in flight", 4, 1000)];
 
     let mut rows = Vec::new();
     for stored in [0, prepopulated] {
         let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
         let engine = Arc::new(Engine::open(dir.path(), Options::default()).unwrap());
-        let bench = Arc::new(Bench { engine, stamper: Arc::new(Mutex::new(Stamper::new(NodeId(1), Default::default()))), value: vec![b'v'; 100] });
+        let bench = Arc::new(Bench {
+            engine,
+            stamper: Arc::new(Mutex::new(Stamper::new(NodeId(1), Default::default()))),
+            value: vec![b'v'; 100],
+        });
         if stored > 0 {
             eprintln!("pre-populating {stored} keys ...");
             let started = Instant::now();
@@ -100,7 +106,10 @@ async fn main() {
                 let base = 10_000_000_000 + (i as u64 * 100 + run) * 10_000_000_000_000;
                 results.push(bench.measure(in_flight, keys_per_write, seconds, base).await);
             }
-            eprintln!("{stored:>9} keys | {name:<28} | runs: {:?}", results.iter().map(|r| *r as u64).collect::<Vec<_>>());
+            eprintln!(
+                "{stored:>9} keys | {name:<28} | runs: {:?}",
+                results.iter().map(|r| *r as u64).collect::<Vec<_>>()
+            );
             rows.push((stored, name, median(results)));
         }
         let stats = bench.engine.stats();

@@ -82,7 +82,11 @@ impl Drop for Connection {
     }
 }
 
-async fn write_requests(mut writer: OwnedWriteHalf, mut queue: mpsc::UnboundedReceiver<Vec<u8>>, broken: Arc<AtomicBool>) {
+async fn write_requests(
+    mut writer: OwnedWriteHalf,
+    mut queue: mpsc::UnboundedReceiver<Vec<u8>>,
+    broken: Arc<AtomicBool>,
+) {
     let mut buf = Vec::new();
     while let Some(frame) = queue.recv().await {
         buf.clear();

@@ -90,7 +90,11 @@ impl Default for Limits {
 impl Default for Storage {
     fn default() -> Storage {
         let engine = crate::storage::Options::default();
-        Storage { memtable_bytes_max: engine.memtable_bytes_max, wal_segment_bytes: engine.wal_segment_bytes, repair: false }
+        Storage {
+            memtable_bytes_max: engine.memtable_bytes_max,
+            wal_segment_bytes: engine.wal_segment_bytes,
+            repair: false,
+        }
     }
 }
 
@@ -112,7 +116,8 @@ pub enum ConfigError {
 impl Config {
     /// Reads a TOML file; unset fields keep their defaults.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_path_buf(), source })
     }
 
@@ -120,7 +125,10 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |what: String| Err(ConfigError::Invalid(what));
         if !(0.0..=1.0).contains(&self.debug_skip_write_probability) {
-            return invalid(format!("debug_skip_write_probability {} is not within 0..=1", self.debug_skip_write_probability));
+            return invalid(format!(
+                "debug_skip_write_probability {} is not within 0..=1",
+                self.debug_skip_write_probability
+            ));
         }
         let l = &self.limits;
         if l.key_bytes_max == 0 || l.requests_in_flight_max == 0 || l.bulk_entries_max == 0 {
@@ -154,7 +162,8 @@ mod tests {
 
     #[test]
     fn file_overrides_only_what_it_names() {
-        let config: Config = toml::from_str("client_addr = \"127.0.0.1:9000\"\n[limits]\nkey_bytes_max = 100\n").unwrap();
+        let config: Config =
+            toml::from_str("client_addr = \"127.0.0.1:9000\"\n[limits]\nkey_bytes_max = 100\n").unwrap();
         assert_eq!(config.client_addr, "127.0.0.1:9000");
         assert_eq!(config.limits.key_bytes_max, 100);
         assert_eq!(config.limits.value_bytes_max, 4 << 20);

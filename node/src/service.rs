@@ -38,7 +38,13 @@ fn invalid(kind: ErrorKind, message: String) -> ServerError {
 impl Service {
     /// A service over an open engine. Its clock starts above every timestamp
     /// already stored.
-    pub fn new(engine: Arc<Engine>, node_id: NodeId, limits: Limits, client_addr: String, peer_addr: String) -> Service {
+    pub fn new(
+        engine: Arc<Engine>,
+        node_id: NodeId,
+        limits: Limits,
+        client_addr: String,
+        peer_addr: String,
+    ) -> Service {
         let stamper = Mutex::new(Stamper::new(node_id, engine.max_hlc()));
         let (shutdown, _) = watch::channel(false);
         Service { engine, stamper, limits, node_id, client_addr, peer_addr, started: Instant::now(), shutdown }
@@ -69,14 +75,20 @@ impl Service {
             return Err(invalid(ErrorKind::EmptyKey, "keys must be at least one byte".into()));
         }
         if key.len() > self.limits.key_bytes_max {
-            return Err(invalid(ErrorKind::KeyTooLarge, format!("key of {} bytes exceeds the limit of {} bytes", key.len(), self.limits.key_bytes_max)));
+            return Err(invalid(
+                ErrorKind::KeyTooLarge,
+                format!("key of {} bytes exceeds the limit of {} bytes", key.len(), self.limits.key_bytes_max),
+            ));
         }
         Ok(())
     }
 
     fn check_value(&self, value: &[u8]) -> Result<(), ServerError> {
         if value.len() > self.limits.value_bytes_max {
-            return Err(invalid(ErrorKind::ValueTooLarge, format!("value of {} bytes exceeds the limit of {} bytes", value.len(), self.limits.value_bytes_max)));
+            return Err(invalid(
+                ErrorKind::ValueTooLarge,
+                format!("value of {} bytes exceeds the limit of {} bytes", value.len(), self.limits.value_bytes_max),
+            ));
         }
         Ok(())
     }
@@ -101,11 +113,21 @@ impl Service {
             }
             Op::BulkSet { entries } => {
                 if entries.len() > self.limits.bulk_entries_max {
-                    return Err(invalid(ErrorKind::BulkTooLarge, format!("bulk set of {} entries exceeds the limit of {}", entries.len(), self.limits.bulk_entries_max)));
+                    return Err(invalid(
+                        ErrorKind::BulkTooLarge,
+                        format!(
+                            "bulk set of {} entries exceeds the limit of {}",
+                            entries.len(),
+                            self.limits.bulk_entries_max
+                        ),
+                    ));
                 }
                 let bytes: usize = entries.iter().map(|(k, v)| k.len() + v.len()).sum();
                 if bytes > self.limits.bulk_bytes_max {
-                    return Err(invalid(ErrorKind::BulkTooLarge, format!("bulk set of {bytes} bytes exceeds the limit of {} bytes", self.limits.bulk_bytes_max)));
+                    return Err(invalid(
+                        ErrorKind::BulkTooLarge,
+                        format!("bulk set of {bytes} bytes exceeds the limit of {} bytes", self.limits.bulk_bytes_max),
+                    ));
                 }
                 for (key, value) in &entries {
                     self.check_key(key)?;

@@ -79,7 +79,9 @@ fn present_prefix(engine: &Engine, records: &[Record]) -> usize {
             let found: Vec<bool> = record
                 .keys
                 .iter()
-                .map(|k| engine.get(k).unwrap().and_then(|s| s.value().map(<[u8]>::to_vec)) == Some(record.value.clone()))
+                .map(|k| {
+                    engine.get(k).unwrap().and_then(|s| s.value().map(<[u8]>::to_vec)) == Some(record.value.clone())
+                })
                 .collect();
             assert!(found.iter().all(|&f| f) || found.iter().all(|&f| !f), "batch partly applied: {found:?}");
             found[0]
@@ -102,8 +104,8 @@ fn wal_cut_at_every_byte_of_the_last_records_recovers_a_prefix() {
     for cut in from..=to {
         let fs = image.crash();
         fs.put(&segment, bytes[..cut].to_vec());
-        let engine = Engine::open_with(Arc::new(fs), Path::new(DIR), wal_only())
-            .unwrap_or_else(|e| panic!("cut at {cut}: {e}"));
+        let engine =
+            Engine::open_with(Arc::new(fs), Path::new(DIR), wal_only()).unwrap_or_else(|e| panic!("cut at {cut}: {e}"));
         let expected = ends.iter().filter(|&&end| end <= cut).count();
         assert_eq!(present_prefix(&engine, &records), expected, "cut at {cut}");
     }
@@ -192,7 +194,7 @@ fn bad_record_followed_only_by_its_own_group_is_a_torn_tail() {
 
 #[test]
 fn bad_record_followed_by_a_later_group_is_corruption() {
-    let error = open_segment(segment_with(&[(1, 1), (2, 2), (3, 3), (4, 4)], 2)).err().expect("must refuse to open");
+    let error = open_segment(segment_with(&[(1, 1), (2, 2), (3, 3), (4, 4)], 2)).expect_err("must refuse to open");
     assert!(matches!(error, Error::Corrupt { .. }), "{error}");
 }
 

@@ -52,11 +52,8 @@ fn check(engine: &Engine, model: &BTreeMap<Vec<u8>, Vec<u8>>) -> Result<(), Test
         let got = got.as_ref().and_then(|s| s.value().map(<[u8]>::to_vec));
         prop_assert_eq!(got.as_ref(), model.get(&key(k)), "key {}", k);
     }
-    let scanned: BTreeMap<Vec<u8>, Vec<u8>> = engine
-        .scan(b"", None)
-        .map(Result::unwrap)
-        .filter_map(|(k, s)| s.value().map(|v| (k, v.to_vec())))
-        .collect();
+    let scanned: BTreeMap<Vec<u8>, Vec<u8>> =
+        engine.scan(b"", None).map(Result::unwrap).filter_map(|(k, s)| s.value().map(|v| (k, v.to_vec()))).collect();
     prop_assert_eq!(&scanned, model);
     Ok(())
 }

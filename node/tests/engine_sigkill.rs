@@ -78,7 +78,11 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
         for prefix in &batches {
             let i = prefix.rsplit("-b").next().unwrap();
             for j in 0..10 {
-                assert_eq!(value(&format!("{prefix}-{j}")), Some(format!("b{i}").into_bytes()), "run {run}: batch {prefix}");
+                assert_eq!(
+                    value(&format!("{prefix}-{j}")),
+                    Some(format!("b{i}").into_bytes()),
+                    "run {run}: batch {prefix}"
+                );
             }
         }
         for (key, &min) in &hot {

@@ -35,12 +35,21 @@ pub struct Request {
 /// What a request asks for.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
-    Get { key: Vec<u8> },
-    Set { key: Vec<u8>, value: Vec<u8> },
-    Delete { key: Vec<u8> },
+    Get {
+        key: Vec<u8>,
+    },
+    Set {
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Delete {
+        key: Vec<u8>,
+    },
     /// All entries are applied together or not at all. A key given twice
     /// takes its last value.
-    BulkSet { entries: Vec<(Vec<u8>, Vec<u8>)> },
+    BulkSet {
+        entries: Vec<(Vec<u8>, Vec<u8>)>,
+    },
     Status,
     /// Admin: stop the node gracefully.
     Shutdown,

@@ -71,7 +71,8 @@ fn parse_entries(args: &[String], file: Option<&str>) -> Result<Vec<(String, Str
             if line.is_empty() {
                 continue;
             }
-            let (key, value) = line.split_once('\t').ok_or_else(|| format!("{file}, line {}: expected KEY<TAB>VALUE", n + 1))?;
+            let (key, value) =
+                line.split_once('\t').ok_or_else(|| format!("{file}, line {}: expected KEY<TAB>VALUE", n + 1))?;
             entries.push((key.to_owned(), value.to_owned()));
         }
     }

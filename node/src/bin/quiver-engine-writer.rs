@@ -67,7 +67,10 @@ fn main() {
                     }
                     if i % 7 == 0 {
                         let s = stamp();
-                        let op = Op { key: format!("hot-r{run}-t{t}").into_bytes(), version: s.blind(Some(i.to_string().into_bytes())) };
+                        let op = Op {
+                            key: format!("hot-r{run}-t{t}").into_bytes(),
+                            version: s.blind(Some(i.to_string().into_bytes())),
+                        };
                         engine.write_blocking(vec![op]).expect("hot");
                         writeln!(out.lock(), "hot r{run}-t{t} {i}").unwrap();
                     }

@@ -61,15 +61,33 @@ impl Args {
             Some(path) => Config::load(path).map_err(|e| e.to_string())?,
             None => Config::default(),
         };
-        if let Some(v) = self.data_dir { config.data_dir = v }
-        if let Some(v) = self.client_addr { config.client_addr = v }
-        if let Some(v) = self.peer_addr { config.peer_addr = v }
-        if let Some(v) = self.key_bytes_max { config.limits.key_bytes_max = v }
-        if let Some(v) = self.value_bytes_max { config.limits.value_bytes_max = v }
-        if let Some(v) = self.bulk_entries_max { config.limits.bulk_entries_max = v }
-        if let Some(v) = self.bulk_bytes_max { config.limits.bulk_bytes_max = v }
-        if let Some(v) = self.frame_bytes_max { config.limits.frame_bytes_max = v }
-        if let Some(v) = self.debug_skip_write_probability { config.debug_skip_write_probability = v }
+        if let Some(v) = self.data_dir {
+            config.data_dir = v
+        }
+        if let Some(v) = self.client_addr {
+            config.client_addr = v
+        }
+        if let Some(v) = self.peer_addr {
+            config.peer_addr = v
+        }
+        if let Some(v) = self.key_bytes_max {
+            config.limits.key_bytes_max = v
+        }
+        if let Some(v) = self.value_bytes_max {
+            config.limits.value_bytes_max = v
+        }
+        if let Some(v) = self.bulk_entries_max {
+            config.limits.bulk_entries_max = v
+        }
+        if let Some(v) = self.bulk_bytes_max {
+            config.limits.bulk_bytes_max = v
+        }
+        if let Some(v) = self.frame_bytes_max {
+            config.limits.frame_bytes_max = v
+        }
+        if let Some(v) = self.debug_skip_write_probability {
+            config.debug_skip_write_probability = v
+        }
         config.storage.repair |= self.repair;
         config.validate().map_err(|e| e.to_string())?;
         Ok(config)
@@ -111,9 +129,17 @@ async fn run(config: Config) -> Result<(), String> {
         .map_err(|e| format!("opening the storage engine: {e}"))?;
     let engine = Arc::new(engine);
 
-    let listener = TcpListener::bind(&config.client_addr).await.map_err(|e| format!("listening on {}: {e}", config.client_addr))?;
+    let listener = TcpListener::bind(&config.client_addr)
+        .await
+        .map_err(|e| format!("listening on {}: {e}", config.client_addr))?;
     let client_addr = listener.local_addr().map_err(|e| e.to_string())?.to_string();
-    let service = Arc::new(Service::new(engine.clone(), node_id, config.limits.clone(), client_addr.clone(), config.peer_addr.clone()));
+    let service = Arc::new(Service::new(
+        engine.clone(),
+        node_id,
+        config.limits.clone(),
+        client_addr.clone(),
+        config.peer_addr.clone(),
+    ));
 
     let stop = service.shutdown_requested();
     let signals = service.clone();
@@ -139,7 +165,10 @@ async fn run(config: Config) -> Result<(), String> {
     serve(listener, service.clone(), stop).await;
 
     // Every connection has answered its in-flight requests: flush and close.
-    tokio::task::spawn_blocking(move || engine.shutdown()).await.map_err(|e| e.to_string())?.map_err(|e| format!("closing: {e}"))?;
+    tokio::task::spawn_blocking(move || engine.shutdown())
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("closing: {e}"))?;
     tracing::info!("quiverd stopped");
     Ok(())
 }

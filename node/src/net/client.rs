@@ -67,7 +67,10 @@ async fn connection(stream: TcpStream, service: Arc<Service>, mut stop: watch::R
         }
         let len = wire::frame_len(header);
         if len > frame_max {
-            let error = ServerError::new(ErrorKind::FrameTooLarge, format!("frame of {len} bytes exceeds the limit of {frame_max} bytes"));
+            let error = ServerError::new(
+                ErrorKind::FrameTooLarge,
+                format!("frame of {len} bytes exceeds the limit of {frame_max} bytes"),
+            );
             let _ = responses.send(Response { id: 0, hlc: service.hlc(), result: Err(error) });
             break;
         }

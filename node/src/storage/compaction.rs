@@ -54,10 +54,13 @@ pub fn plan(tables: &[TableSize], policy: &Policy) -> Option<Vec<u64>> {
     Some(bucket.into_iter().take(policy.max_tables.max(2)).map(|t| t.id).collect())
 }
 
+/// A sorted source of `(key, versions)`: a memtable range or a table.
+pub type EntryIter<'a> = Box<dyn Iterator<Item = Result<(Vec<u8>, Siblings)>> + 'a>;
+
 /// Merges sorted sources of `(key, versions)` into one sorted stream, merging
 /// the versions of equal keys.
 pub struct MergeIter<'a> {
-    sources: Vec<std::iter::Peekable<Box<dyn Iterator<Item = Result<(Vec<u8>, Siblings)>> + 'a>>>,
+    sources: Vec<std::iter::Peekable<EntryIter<'a>>>,
 }
 
 impl std::fmt::Debug for MergeIter<'_> {
@@ -68,7 +71,7 @@ impl std::fmt::Debug for MergeIter<'_> {
 
 impl<'a> MergeIter<'a> {
     /// Merges `sources`, each sorted by key without duplicates.
-    pub fn new(sources: Vec<Box<dyn Iterator<Item = Result<(Vec<u8>, Siblings)>> + 'a>>) -> MergeIter<'a> {
+    pub fn new(sources: Vec<EntryIter<'a>>) -> MergeIter<'a> {
         MergeIter { sources: sources.into_iter().map(Iterator::peekable).collect() }
     }
 }

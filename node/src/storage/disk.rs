@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// An open file. Offsets are absolute; there is no cursor.
+#[allow(clippy::len_without_is_empty)] // a file's length is an I/O call, not a collection size
 pub trait File: Send + Sync + fmt::Debug {
     /// Current length in bytes.
     fn len(&self) -> io::Result<u64>;
@@ -161,7 +162,10 @@ impl SkipWriteFs {
     /// Drops data-file writes on `inner` with `probability` (0.0..=1.0).
     pub fn new(inner: Arc<dyn Fs>, probability: f64, seed: u64) -> SkipWriteFs {
         let threshold = (probability.clamp(0.0, 1.0) * u64::MAX as f64) as u64;
-        SkipWriteFs { inner, fault: Arc::new(SkipFault { threshold, rng: AtomicU64::new(seed), skipped: AtomicU64::new(0) }) }
+        SkipWriteFs {
+            inner,
+            fault: Arc::new(SkipFault { threshold, rng: AtomicU64::new(seed), skipped: AtomicU64::new(0) }),
+        }
     }
 
     /// How many writes were dropped so far.

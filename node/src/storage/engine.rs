@@ -23,7 +23,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use quiver_ring::{Hlc, Siblings};
 use tokio::sync::oneshot;
 
-use crate::storage::compaction::{self, MergeIter, Policy, TableSize};
+use crate::storage::compaction::{self, EntryIter, MergeIter, Policy, TableSize};
 use crate::storage::disk::{is_data_file, Fs, RealFs, SkipWriteFs};
 use crate::storage::error::{Error, IoContext, Result};
 use crate::storage::manifest::{Edit, Manifest, TableMeta};
@@ -122,9 +122,15 @@ struct Levels {
 
 #[derive(Debug)]
 enum Request {
-    Write { ops: Vec<Op>, encoded: Vec<u8>, done: oneshot::Sender<Result<u64>> },
+    Write {
+        ops: Vec<Op>,
+        encoded: Vec<u8>,
+        done: oneshot::Sender<Result<u64>>,
+    },
     /// Freeze the active memtable; answers with the last sequence in it.
-    Rotate { done: oneshot::Sender<Result<u64>> },
+    Rotate {
+        done: oneshot::Sender<Result<u64>>,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -197,7 +203,11 @@ impl Engine {
     pub fn open(dir: impl AsRef<Path>, opts: Options) -> Result<Engine> {
         let real: Arc<dyn Fs> = Arc::new(RealFs);
         let fs: Arc<dyn Fs> = if opts.debug_skip_write_probability > 0.0 {
-            Arc::new(SkipWriteFs::new(real, opts.debug_skip_write_probability, now_ms() ^ u64::from(std::process::id())))
+            Arc::new(SkipWriteFs::new(
+                real,
+                opts.debug_skip_write_probability,
+                now_ms() ^ u64::from(std::process::id()),
+            ))
         } else {
             real
         };
@@ -217,7 +227,11 @@ impl Engine {
             let path = dir.join(table_name(meta.id));
             let table = Table::open(fs.as_ref(), &path, meta.id)?;
             if table.size() != meta.size {
-                return Err(Error::corrupt(&path, 0, format!("{} bytes, the manifest says {}", table.size(), meta.size)));
+                return Err(Error::corrupt(
+                    &path,
+                    0,
+                    format!("{} bytes, the manifest says {}", table.size(), meta.size),
+                ));
             }
             tables.push(Arc::new(table));
         }
@@ -354,7 +368,7 @@ impl Engine {
             let end = end.clone();
             move |key: &Vec<u8>| end.as_ref().is_none_or(|end| key < end)
         };
-        let mut sources: Vec<Box<dyn Iterator<Item = Result<(Vec<u8>, Siblings)>>>> = Vec::new();
+        let mut sources: Vec<EntryIter<'static>> = Vec::new();
         for memtable in std::iter::once(&levels.active).chain(&levels.frozen) {
             let copied: Vec<_> = read(memtable)
                 .range(start.to_vec()..)
@@ -545,7 +559,10 @@ impl Inner {
             && !background.closing
             && lock(&self.failed).is_none()
         {
-            background = self.background_cv.wait_timeout(background, Duration::from_millis(100)).map_or_else(|p| p.into_inner().0, |r| r.0);
+            background = self
+                .background_cv
+                .wait_timeout(background, Duration::from_millis(100))
+                .map_or_else(|p| p.into_inner().0, |r| r.0);
         }
     }
 
@@ -559,10 +576,16 @@ impl Inner {
             if let Some(reason) = lock(&self.failed).clone() {
                 return Err(Error::Failed(reason));
             }
+            if let Some(reason) = background.flush_error.clone() {
+                return Err(Error::Failed(format!("flush failed (the data is safe in the WAL): {reason}")));
+            }
             if background.closing {
                 return Err(Error::Closed);
             }
-            background = self.background_cv.wait_timeout(background, Duration::from_millis(100)).map_or_else(|p| p.into_inner().0, |r| r.0);
+            background = self
+                .background_cv
+                .wait_timeout(background, Duration::from_millis(100))
+                .map_or_else(|p| p.into_inner().0, |r| r.0);
         }
     }
 
@@ -583,7 +606,11 @@ impl Inner {
                 let table = Table::open(self.fs.as_ref(), &path, id)?;
                 table.verify()?;
                 if table.size() != bytes.len() as u64 {
-                    return Err(Error::corrupt(&path, 0, format!("{} bytes on disk, {} written", table.size(), bytes.len())));
+                    return Err(Error::corrupt(
+                        &path,
+                        0,
+                        format!("{} bytes on disk, {} written", table.size(), bytes.len()),
+                    ));
                 }
                 Ok(table)
             })();
@@ -608,7 +635,8 @@ impl Inner {
             if memtable.is_empty() {
                 None
             } else {
-                let mut builder = TableBuilder::new(self.opts.block_bytes, self.opts.bloom_bits_per_key, min_seq, max_seq);
+                let mut builder =
+                    TableBuilder::new(self.opts.block_bytes, self.opts.bloom_bits_per_key, min_seq, max_seq);
                 for (key, siblings) in memtable.iter() {
                     builder.add(key, siblings);
                 }
@@ -644,10 +672,8 @@ impl Inner {
         let flushed = lock(&self.manifest).state().flushed_seq;
         let mut segments = lock(&self.segments);
         let current = segments.1;
-        let (dead, live): (Vec<SegmentInfo>, Vec<SegmentInfo>) = segments
-            .0
-            .iter()
-            .partition(|s| s.number != current && s.last_seq.is_none_or(|last| last <= flushed));
+        let (dead, live): (Vec<SegmentInfo>, Vec<SegmentInfo>) =
+            segments.0.iter().partition(|s| s.number != current && s.last_seq.is_none_or(|last| last <= flushed));
         for segment in &dead {
             let path = self.dir.join(wal::segment_name(segment.number));
             match self.fs.remove(&path) {
@@ -681,18 +707,18 @@ impl Inner {
         if ids.is_empty() {
             return Ok(false);
         }
-        let (inputs, outside): (Vec<Arc<Table>>, Vec<Arc<Table>>) = tables.into_iter().partition(|t| ids.contains(&t.id()));
-        let outputs = match self.merge_tables(&inputs, &outside) {
-            Ok(outputs) => outputs,
-            Err(e) => return Err(e),
-        };
+        let (inputs, outside): (Vec<Arc<Table>>, Vec<Arc<Table>>) =
+            tables.into_iter().partition(|t| ids.contains(&t.id()));
+        let outputs = self.merge_tables(&inputs, &outside)?;
         let committed = {
             let mut manifest = lock(&self.manifest);
-            let added = outputs.iter().map(|t| TableMeta { id: t.id(), size: t.size(), props: t.props().clone() }).collect();
+            let added =
+                outputs.iter().map(|t| TableMeta { id: t.id(), size: t.size(), props: t.props().clone() }).collect();
             let committed = manifest.commit(Edit { added, removed: ids.clone(), ..Edit::default() });
             if committed.is_ok() {
                 let mut levels = write(&self.levels);
-                let mut tables: Vec<Arc<Table>> = levels.tables.iter().filter(|t| !ids.contains(&t.id())).cloned().collect();
+                let mut tables: Vec<Arc<Table>> =
+                    levels.tables.iter().filter(|t| !ids.contains(&t.id())).cloned().collect();
                 tables.extend(outputs.iter().cloned());
                 sort_newest_first(&mut tables);
                 *levels = Arc::new(Levels { active: levels.active.clone(), frozen: levels.frozen.clone(), tables });
@@ -870,16 +896,20 @@ fn flush_loop(inner: Arc<Inner>) {
             }
         };
         let Some(memtable) = next else { return };
-        if let Err(error) = inner.flush(&memtable) {
-            tracing::error!(%error, "flush failed; the data stays in the WAL and the flush is retried");
-            let mut background = lock(&inner.background);
-            background.flush_error = Some(error.to_string());
-            if background.closing || !error.is_retryable() && matches!(error, Error::Corrupt { .. }) {
-                drop(background);
-                inner.fail(format!("flush failed: {error}"));
-                return;
+        match inner.flush(&memtable) {
+            Ok(()) => lock(&inner.background).flush_error = None,
+            Err(error) => {
+                // The data stays in the WAL; writes stall once the frozen
+                // memtables fill up, and the flush is tried again.
+                tracing::error!(%error, "flush failed; retrying");
+                let mut background = lock(&inner.background);
+                background.flush_error = Some(error.to_string());
+                inner.background_cv.notify_all();
+                if background.closing {
+                    return;
+                }
+                let _ = inner.background_cv.wait_timeout(background, Duration::from_millis(200));
             }
-            let _ = inner.background_cv.wait_timeout(background, Duration::from_millis(200));
         }
     }
 }
@@ -888,7 +918,7 @@ fn compact_loop(inner: Arc<Inner>) {
     loop {
         {
             let mut background = lock(&inner.background);
-            while !background.closing && !(background.compaction_wanted && inner.opts.background_compaction) {
+            while !(background.closing || background.compaction_wanted && inner.opts.background_compaction) {
                 background = inner.background_cv.wait(background).unwrap_or_else(|p| p.into_inner());
             }
             if background.closing {

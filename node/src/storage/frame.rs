@@ -103,7 +103,13 @@ mod tests {
         encode(&mut buf, &[b"tw", b"o"]);
         buf.extend_from_slice(&[0; 32]);
         let mut seen = Vec::new();
-        assert_eq!(scan(&buf, 0, |_, p| { seen.push(p.to_vec()); true }), Stop::End);
+        assert_eq!(
+            scan(&buf, 0, |_, p| {
+                seen.push(p.to_vec());
+                true
+            }),
+            Stop::End
+        );
         assert_eq!(seen, vec![b"one".to_vec(), b"two".to_vec()]);
     }
 
@@ -115,7 +121,10 @@ mod tests {
         }
         for cut in 0..buf.len() {
             let mut count = 0;
-            let stop = scan(&buf[..cut], 0, |_, _| { count += 1; true });
+            let stop = scan(&buf[..cut], 0, |_, _| {
+                count += 1;
+                true
+            });
             let boundary = count * (HEADER_LEN + 7);
             match stop {
                 Stop::End => assert_eq!(cut, boundary),

@@ -142,7 +142,8 @@ impl Manifest {
                 true
             }
             Err(e) => {
-                decode_error = Some(Error::corrupt(&path, offset as u64, format!("manifest edit does not decode: {e}")));
+                decode_error =
+                    Some(Error::corrupt(&path, offset as u64, format!("manifest edit does not decode: {e}")));
                 false
             }
         });
@@ -198,7 +199,8 @@ impl Manifest {
         let tmp = self.dir.join(TMP_NAME);
         let path = self.dir.join(FILE_NAME);
         let file = self.fs.create(&tmp).ctx("create", &tmp)?;
-        let payload = postcard::to_stdvec(&self.state.snapshot()).expect("postcard encodes an edit into a Vec without failing");
+        let payload =
+            postcard::to_stdvec(&self.state.snapshot()).expect("postcard encodes an edit into a Vec without failing");
         let mut buf = MAGIC.to_vec();
         frame::encode(&mut buf, &[&payload]);
         file.write_all_at(&buf, 0).ctx("write", &tmp)?;

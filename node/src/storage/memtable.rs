@@ -60,7 +60,10 @@ impl Memtable {
     }
 
     /// Entries in key order within `range`.
-    pub fn range<'a>(&'a self, range: impl RangeBounds<Vec<u8>> + 'a) -> impl Iterator<Item = (&'a Vec<u8>, &'a Siblings)> + 'a {
+    pub fn range<'a>(
+        &'a self,
+        range: impl RangeBounds<Vec<u8>> + 'a,
+    ) -> impl Iterator<Item = (&'a Vec<u8>, &'a Siblings)> + 'a {
         self.map.range(range)
     }
 

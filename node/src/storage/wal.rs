@@ -134,11 +134,16 @@ pub fn recover(
                     Some((seq, group, ops))
                 });
                 let Some((seq, _group, ops)) = decoded else {
-                    failure = Some(Error::corrupt(&path, offset as u64, "WAL record passes its checksum but does not decode"));
+                    failure = Some(Error::corrupt(
+                        &path,
+                        offset as u64,
+                        "WAL record passes its checksum but does not decode",
+                    ));
                     return false;
                 };
                 if seq <= last_seq {
-                    failure = Some(Error::corrupt(&path, offset as u64, format!("WAL sequence {seq} after {last_seq}")));
+                    failure =
+                        Some(Error::corrupt(&path, offset as u64, format!("WAL sequence {seq} after {last_seq}")));
                     return false;
                 }
                 last_seq = seq;
@@ -185,7 +190,8 @@ fn segment_has_records(fs: &dyn Fs, path: &Path) -> Result<bool> {
     let file = fs.open(path).ctx("open", path)?;
     let buf = read_all(file.as_ref()).ctx("read", path)?;
     let start = if buf.get(..MAGIC.len()) == Some(&MAGIC[..]) { MAGIC.len() } else { 0 };
-    Ok(frame::record_at(&buf, start).ok().flatten().is_some() || frame::valid_records_after(&buf, start).next().is_some())
+    Ok(frame::record_at(&buf, start).ok().flatten().is_some()
+        || frame::valid_records_after(&buf, start).next().is_some())
 }
 
 // ---------------------------------------------------------------------------
@@ -240,7 +246,8 @@ impl WalWriter {
     }
 
     fn prepare_spare(&mut self) {
-        let (fs, dir, number, capacity) = (self.fs.clone(), self.dir.clone(), self.current.number + 1, self.segment_bytes);
+        let (fs, dir, number, capacity) =
+            (self.fs.clone(), self.dir.clone(), self.current.number + 1, self.segment_bytes);
         let spawned = std::thread::Builder::new()
             .name("quiver-wal-prealloc".into())
             .spawn(move || preallocate(fs.as_ref(), &dir, number, capacity));

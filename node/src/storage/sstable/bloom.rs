@@ -38,7 +38,8 @@ impl Bloom {
         if nbits == 0 {
             return true;
         }
-        probes(hash, self.k, nbits).all(|bit| self.bits.get((bit / 8) as usize).is_some_and(|b| b & (1 << (bit % 8)) != 0))
+        probes(hash, self.k, nbits)
+            .all(|bit| self.bits.get((bit / 8) as usize).is_some_and(|b| b & (1 << (bit % 8)) != 0))
     }
 }
 

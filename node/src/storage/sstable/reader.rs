@@ -74,7 +74,10 @@ impl Table {
             return Err(Error::ChecksumMismatch { path: path.to_path_buf(), offset: footer_at, expected: crc, got });
         }
         if version != FORMAT_VERSION {
-            return Err(corrupt(footer_at, &format!("table format version {version}, this build reads {FORMAT_VERSION}")));
+            return Err(corrupt(
+                footer_at,
+                &format!("table format version {version}, this build reads {FORMAT_VERSION}"),
+            ));
         }
         let index: Vec<IndexEntry> = read_meta(file.as_ref(), path, index_at, footer_at)?;
         let bloom: Bloom = read_meta(file.as_ref(), path, bloom_at, footer_at)?;
@@ -118,7 +121,9 @@ impl Table {
 
     fn block_error(&self, offset: u64, error: BlockError) -> Error {
         match error {
-            BlockError::Checksum { expected, got } => Error::ChecksumMismatch { path: self.path.clone(), offset, expected, got },
+            BlockError::Checksum { expected, got } => {
+                Error::ChecksumMismatch { path: self.path.clone(), offset, expected, got }
+            }
             BlockError::Malformed(reason) => Error::corrupt(&self.path, offset, reason),
         }
     }
@@ -165,7 +170,11 @@ impl Table {
             last = block_last.map(<[u8]>::to_vec);
         }
         if entries != self.props.entries {
-            return Err(Error::corrupt(&self.path, 0, format!("{entries} entries, properties say {}", self.props.entries)));
+            return Err(Error::corrupt(
+                &self.path,
+                0,
+                format!("{entries} entries, properties say {}", self.props.entries),
+            ));
         }
         Ok(())
     }

@@ -39,10 +39,7 @@ impl TableBuilder {
 
     /// Adds an entry. Keys must be strictly ascending.
     pub fn add(&mut self, key: &[u8], siblings: &Siblings) {
-        assert!(
-            self.props.entries == 0 || key > self.last_key.as_slice(),
-            "table keys must be strictly ascending"
-        );
+        assert!(self.props.entries == 0 || key > self.last_key.as_slice(), "table keys must be strictly ascending");
         self.value_buf.clear();
         self.value_buf = postcard::to_extend(siblings, std::mem::take(&mut self.value_buf))
             .expect("postcard encodes versions into a Vec without failing");

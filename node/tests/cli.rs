@@ -1,0 +1,122 @@
+//! The `quiver` command-line tool against a real `quiverd`.
+
+mod common;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+use common::node::NodeProcess;
+
+/// The `quiver` binary: built next to `quiverd` by `cargo test --workspace`;
+/// built here when this crate's tests run alone.
+fn quiver_bin() -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_BIN_EXE_quiverd")).with_file_name("quiver");
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo).args(["build", "-p", "quiver-client", "--bin", "quiver"]).status().unwrap();
+        assert!(status.success(), "building quiver failed");
+    }
+    path
+}
+
+fn quiver(addr: &str, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(quiver_bin())
+        .args(args)
+        .env("QUIVER_ADDR", addr)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(text) = stdin {
+        input.write_all(text.as_bytes()).unwrap();
+    }
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8(output.stdout.clone()).unwrap()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8(output.stderr.clone()).unwrap()
+}
+
+#[test]
+fn set_get_delete_and_absent_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProcess::start(dir.path(), &[]);
+    let out = quiver(&node.addr, &["set", "greeting", "hello world"], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "OK\n");
+
+    let out = quiver(&node.addr, &["get", "greeting"], None);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(stdout(&out), "hello world\n");
+
+    let out = quiver(&node.addr, &["get", "nope"], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(stdout(&out), "");
+    assert!(stderr(&out).contains("not found"), "{}", stderr(&out));
+
+    let out = quiver(&node.addr, &["delete", "greeting"], None);
+    assert!(out.status.success());
+    assert_eq!(quiver(&node.addr, &["get", "greeting"], None).status.code(), Some(1));
+}
+
+#[test]
+fn bulk_set_from_arguments_file_and_stdin() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProcess::start(dir.path(), &[]);
+    let out = quiver(&node.addr, &["bulk-set", "a=1", "b=2=two"], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&quiver(&node.addr, &["get", "b"], None)), "2=two\n");
+
+    let file = dir.path().join("entries.tsv");
+    std::fs::write(&file, "x\t10\ny\tvalue with spaces\n").unwrap();
+    let out = quiver(&node.addr, &["bulk-set", "--file", file.to_str().unwrap()], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&quiver(&node.addr, &["get", "y"], None)), "value with spaces\n");
+
+    let out = quiver(&node.addr, &["bulk-set", "--file", "-"], Some("s1\tone\ns2\ttwo\n"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&quiver(&node.addr, &["get", "s2"], None)), "two\n");
+
+    // Bad input: a clear message, a non-zero status, nothing written.
+    let out = quiver(&node.addr, &["bulk-set", "--file", "-"], Some("ok\t1\nno-tab-here\n"));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("line 2"), "{}", stderr(&out));
+    assert_eq!(quiver(&node.addr, &["get", "ok"], None).status.code(), Some(1));
+    let out = quiver(&node.addr, &["bulk-set", "novalue"], None);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("KEY=VALUE"));
+}
+
+#[test]
+fn status_errors_and_addr_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProcess::start(dir.path(), &[]);
+    quiver(&node.addr, &["set", "k", "v"], None);
+    let out = quiver(&node.addr, &["status"], None);
+    assert!(out.status.success());
+    let text = stdout(&out);
+    for field in ["node id:", "client addr:", "keys:", "bytes on disk:", "uptime:"] {
+        assert!(text.contains(field), "{field} missing from {text}");
+    }
+    assert!(text.contains(&node.addr));
+
+    // --addr overrides QUIVER_ADDR.
+    let out = quiver("127.0.0.1:1", &["--addr", &node.addr, "get", "k"], None);
+    assert_eq!(stdout(&out), "v\n");
+
+    let out = quiver(&node.addr, &["set", "", "v"], None);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("at least one byte"), "{}", stderr(&out));
+
+    let out = quiver("127.0.0.1:1", &["get", "k"], None);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("could not connect"), "{}", stderr(&out));
+}
