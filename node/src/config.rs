@@ -34,6 +34,10 @@ pub struct Config {
     /// cluster layer.
     pub peer_addr: String,
     pub debug_skip_write_probability: f64,
+    /// Test-only (a hidden `quiverd` flag): acknowledge this fraction of
+    /// writes without writing them. Never read from the file.
+    #[serde(skip)]
+    pub debug_drop_acked_writes: f64,
     pub limits: Limits,
     pub storage: Storage,
 }
@@ -68,6 +72,7 @@ impl Default for Config {
             client_addr: "127.0.0.1:7700".into(),
             peer_addr: "127.0.0.1:7701".into(),
             debug_skip_write_probability: 0.0,
+            debug_drop_acked_writes: 0.0,
             limits: Limits::default(),
             storage: Storage::default(),
         }

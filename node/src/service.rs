@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use quiver_ring::rand::{threshold, AtomicSplitMix64};
 use quiver_ring::wire::{ErrorKind, NodeStatus, Op, Reply, ServerError};
 use quiver_ring::{Hlc, NodeId, Stamper};
 use tokio::sync::watch;
@@ -25,6 +26,10 @@ pub struct Service {
     peer_addr: String,
     started: Instant,
     shutdown: watch::Sender<bool>,
+    /// Test-only fault: the fraction of writes acknowledged but not written,
+    /// scaled to `u64::MAX`, and the generator that picks them.
+    drop_threshold: u64,
+    drop_rng: AtomicSplitMix64,
 }
 
 fn now_ms() -> u64 {
@@ -47,7 +52,29 @@ impl Service {
     ) -> Service {
         let stamper = Mutex::new(Stamper::new(node_id, engine.max_hlc()));
         let (shutdown, _) = watch::channel(false);
-        Service { engine, stamper, limits, node_id, client_addr, peer_addr, started: Instant::now(), shutdown }
+        Service {
+            engine,
+            stamper,
+            limits,
+            node_id,
+            client_addr,
+            peer_addr,
+            started: Instant::now(),
+            shutdown,
+            drop_threshold: 0,
+            drop_rng: AtomicSplitMix64::new(now_ms()),
+        }
+    }
+
+    /// Test-only: acknowledges `probability` of writes without writing them,
+    /// so tests can prove that the chaos checker reports lost writes.
+    pub fn with_dropped_writes(mut self, probability: f64) -> Service {
+        self.drop_threshold = threshold(probability);
+        self
+    }
+
+    fn drop_this_write(&self) -> bool {
+        self.drop_threshold > 0 && self.drop_rng.next_u64() < self.drop_threshold
     }
 
     /// Becomes `true` when an admin asked the node to stop.
@@ -169,6 +196,9 @@ impl Service {
             stamper.observe(Hlc(hlc_seen));
             stamper.next(now_ms())
         };
+        if self.drop_this_write() {
+            return Ok(Reply::Done);
+        }
         let ops = entries.into_iter().map(|(key, value)| storage::Op { key, version: stamp.blind(value) }).collect();
         self.engine.write(ops).await.map_err(storage_error)?;
         Ok(Reply::Done)

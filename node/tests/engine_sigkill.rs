@@ -8,25 +8,13 @@ use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Stdio};
 
 use quiver_node::storage::{Engine, Options};
-
-/// A small deterministic generator, so a failing schedule can be replayed.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-}
+use quiver_ring::rand::SplitMix64;
 
 #[test]
 fn sigkill_at_random_moments_loses_nothing_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
     let seed = std::env::var("QUIVER_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed);
-    let mut rng = SplitMix(seed);
+    let mut rng = SplitMix64::new(seed);
     let mut sets = Vec::new();
     let mut batches = Vec::new();
     let mut hot: BTreeMap<String, u64> = BTreeMap::new();
@@ -42,7 +30,7 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         // Kill after a random number of acknowledgements: somewhere in the
         // middle of writes, flushes and compactions.
-        let kill_after = 200 + rng.next() % 3000;
+        let kill_after = rng.between(200, 3200);
         let mut acked = 0;
         for line in stdout.by_ref().lines() {
             let line = line.unwrap();

@@ -7,6 +7,7 @@
 //!   that every replica and every storage level applies the same way.
 
 pub mod clock;
+pub mod rand;
 pub mod version;
 pub mod wire;
 

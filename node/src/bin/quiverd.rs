@@ -46,6 +46,12 @@ struct Args {
     /// Longest request frame, in bytes [default: 72 MiB].
     #[arg(long)]
     frame_bytes_max: Option<usize>,
+    /// Memtable size before it is flushed, in bytes [default: 64 MiB].
+    #[arg(long)]
+    memtable_bytes_max: Option<usize>,
+    /// Size of each pre-allocated WAL segment, in bytes [default: 64 MiB].
+    #[arg(long)]
+    wal_segment_bytes: Option<u64>,
     /// Open a damaged WAL or manifest by keeping its valid prefix.
     #[arg(long)]
     repair: bool,
@@ -53,6 +59,11 @@ struct Args {
     /// snapshots) with this probability. Nothing acknowledged may be lost.
     #[arg(long, value_name = "P")]
     debug_skip_write_probability: Option<f64>,
+    /// Test-only, loses data on purpose: acknowledge this fraction of writes
+    /// without writing them, so tests can show the chaos checker catches
+    /// lost writes. Refused unless QUIVER_UNSAFE_TEST_MODES=1 is set.
+    #[arg(long, value_name = "P", hide = true)]
+    debug_drop_acked_writes: Option<f64>,
 }
 
 impl Args {

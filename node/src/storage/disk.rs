@@ -17,6 +17,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use quiver_ring::rand::{threshold, AtomicSplitMix64};
+
 /// An open file. Offsets are absolute; there is no cursor.
 #[allow(clippy::len_without_is_empty)] // a file's length is an I/O call, not a collection size
 pub trait File: Send + Sync + fmt::Debug {
@@ -139,18 +141,13 @@ pub struct SkipWriteFs {
 struct SkipFault {
     /// Probability scaled to `u64::MAX`.
     threshold: u64,
-    rng: AtomicU64,
+    rng: AtomicSplitMix64,
     skipped: AtomicU64,
 }
 
 impl SkipFault {
     fn should_skip(&self) -> bool {
-        // splitmix64 over an atomic counter: lock-free and seedable.
-        let mut z = self.rng.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        let skip = z < self.threshold;
+        let skip = self.rng.next_u64() < self.threshold;
         if skip {
             self.skipped.fetch_add(1, Ordering::Relaxed);
         }
@@ -161,11 +158,8 @@ impl SkipFault {
 impl SkipWriteFs {
     /// Drops data-file writes on `inner` with `probability` (0.0..=1.0).
     pub fn new(inner: Arc<dyn Fs>, probability: f64, seed: u64) -> SkipWriteFs {
-        let threshold = (probability.clamp(0.0, 1.0) * u64::MAX as f64) as u64;
-        SkipWriteFs {
-            inner,
-            fault: Arc::new(SkipFault { threshold, rng: AtomicU64::new(seed), skipped: AtomicU64::new(0) }),
-        }
+        let fault = SkipFault { threshold: threshold(probability), rng: AtomicSplitMix64::new(seed), skipped: AtomicU64::new(0) };
+        SkipWriteFs { inner, fault: Arc::new(fault) }
     }
 
     /// How many writes were dropped so far.
