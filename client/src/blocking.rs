@@ -42,6 +42,11 @@ impl Client {
         self.runtime.block_on(self.inner.get(key))
     }
 
+    /// See [`crate::Client::get_many`].
+    pub fn get_many<K: AsRef<[u8]>>(&self, keys: impl IntoIterator<Item = K>) -> Result<Vec<Option<Bytes>>> {
+        self.runtime.block_on(self.inner.get_many(keys))
+    }
+
     /// See [`crate::Client::set`].
     pub fn set(&self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Result<()> {
         self.runtime.block_on(self.inner.set(key, value))

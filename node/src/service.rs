@@ -129,6 +129,22 @@ impl Service {
                 let siblings = self.engine.get(&key).map_err(storage_error)?;
                 Ok(Reply::Value(siblings.and_then(|s| s.value().map(<[u8]>::to_vec))))
             }
+            Op::GetMany { keys } => {
+                if keys.len() > self.limits.bulk_entries_max {
+                    return Err(invalid(
+                        ErrorKind::BulkTooLarge,
+                        format!("{} keys exceed the limit of {} per request", keys.len(), self.limits.bulk_entries_max),
+                    ));
+                }
+                keys.iter().try_for_each(|key| self.check_key(key))?;
+                self.observe(hlc_seen);
+                let values = keys
+                    .iter()
+                    .map(|key| Ok(self.engine.get(key)?.and_then(|s| s.value().map(<[u8]>::to_vec))))
+                    .collect::<Result<_, storage::Error>>()
+                    .map_err(storage_error)?;
+                Ok(Reply::Values(values))
+            }
             Op::Set { key, value } => {
                 self.check_key(&key)?;
                 self.check_value(&value)?;

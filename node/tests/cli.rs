@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
-use common::node::NodeProcess;
+use common::start_node;
 
 /// The `quiver` binary: built next to `quiverd` by `cargo test --workspace`;
 /// built here when this crate's tests run alone.
@@ -48,7 +48,7 @@ fn stderr(output: &Output) -> String {
 #[test]
 fn set_get_delete_and_absent_keys() {
     let dir = tempfile::tempdir().unwrap();
-    let node = NodeProcess::start(dir.path(), &[]);
+    let node = start_node(dir.path(), &[]);
     let out = quiver(&node.addr, &["set", "greeting", "hello world"], None);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out), "OK\n");
@@ -70,7 +70,7 @@ fn set_get_delete_and_absent_keys() {
 #[test]
 fn bulk_set_from_arguments_file_and_stdin() {
     let dir = tempfile::tempdir().unwrap();
-    let node = NodeProcess::start(dir.path(), &[]);
+    let node = start_node(dir.path(), &[]);
     let out = quiver(&node.addr, &["bulk-set", "a=1", "b=2=two"], None);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&quiver(&node.addr, &["get", "b"], None)), "2=two\n");
@@ -98,7 +98,7 @@ fn bulk_set_from_arguments_file_and_stdin() {
 #[test]
 fn status_errors_and_addr_flag() {
     let dir = tempfile::tempdir().unwrap();
-    let node = NodeProcess::start(dir.path(), &[]);
+    let node = start_node(dir.path(), &[]);
     quiver(&node.addr, &["set", "k", "v"], None);
     let out = quiver(&node.addr, &["status"], None);
     assert!(out.status.success());

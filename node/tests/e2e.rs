@@ -6,14 +6,15 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::Arc;
 
-use common::node::NodeProcess;
+use common::start_node;
+use quiver_chaos::node::NodeProcess;
 use quiver_client::blocking::Client;
 use quiver_client::ErrorKind;
 use quiver_ring::wire::{self, Response};
 
 fn node() -> (tempfile::TempDir, NodeProcess, Client) {
     let dir = tempfile::tempdir().unwrap();
-    let node = NodeProcess::start(dir.path(), &[]);
+    let node = start_node(dir.path(), &[]);
     let client = Client::connect([node.addr.clone()]).unwrap();
     (dir, node, client)
 }
@@ -52,23 +53,23 @@ fn second_set_wins() {
 #[test]
 fn set_graceful_exit_restart_get() {
     let dir = tempfile::tempdir().unwrap();
-    let mut node = NodeProcess::start(dir.path(), &[]);
+    let mut node = start_node(dir.path(), &[]);
     {
         let client = Client::connect([node.addr.clone()]).unwrap();
         client.set("k", "survives SIGTERM").unwrap();
         client.bulk_set((0..100).map(|i| (format!("b{i}"), format!("v{i}")))).unwrap();
     }
-    assert!(node.terminate().success());
+    assert!(node.terminate().unwrap().success());
 
-    let mut node = NodeProcess::start(dir.path(), &[]);
+    let mut node = start_node(dir.path(), &[]);
     let client = Client::connect([node.addr.clone()]).unwrap();
     assert_eq!(client.get("k").unwrap().as_deref(), Some(&b"survives SIGTERM"[..]));
     assert_eq!(client.get("b99").unwrap().as_deref(), Some(&b"v99"[..]));
     client.set("k", "survives admin shutdown").unwrap();
     client.shutdown_node().unwrap();
-    assert!(node.wait().success());
+    assert!(node.wait().unwrap().success());
 
-    let node = NodeProcess::start(dir.path(), &[]);
+    let node = start_node(dir.path(), &[]);
     let client = Client::connect([node.addr.clone()]).unwrap();
     assert_eq!(client.get("k").unwrap().as_deref(), Some(&b"survives admin shutdown"[..]));
 }
@@ -76,13 +77,13 @@ fn set_graceful_exit_restart_get() {
 #[test]
 fn set_sigkill_restart_get() {
     let dir = tempfile::tempdir().unwrap();
-    let mut node = NodeProcess::start(dir.path(), &[]);
+    let mut node = start_node(dir.path(), &[]);
     let client = Client::connect([node.addr.clone()]).unwrap();
     for i in 0..200 {
         client.set(format!("k{i}"), format!("v{i}")).unwrap();
     }
     node.kill();
-    let node = NodeProcess::start(dir.path(), &[]);
+    let node = start_node(dir.path(), &[]);
     let client = Client::connect([node.addr.clone()]).unwrap();
     for i in 0..200 {
         assert_eq!(client.get(format!("k{i}")).unwrap(), Some(format!("v{i}").into()), "k{i}");
@@ -97,6 +98,12 @@ fn bulk_set_then_get_every_key() {
     for (key, value) in &entries {
         assert_eq!(client.get(key).unwrap().as_deref(), Some(value.as_bytes()), "{key}");
     }
+    // Reading many keys at once, with absent ones in between.
+    let keys: Vec<String> = vec!["key-00000".into(), "nope".into(), "key-09999".into()];
+    let values = client.get_many(&keys).unwrap();
+    assert_eq!(values, vec![Some("value-0".into()), None, Some("value-9999".into())]);
+    let error = client.get_many(["ok", ""]).unwrap_err();
+    assert_eq!(error.kind(), Some(ErrorKind::EmptyKey));
     // A key given twice takes its last value.
     client.bulk_set([("dup", "one"), ("dup", "two")]).unwrap();
     assert_eq!(client.get("dup").unwrap().as_deref(), Some(&b"two"[..]));
@@ -105,7 +112,7 @@ fn bulk_set_then_get_every_key() {
 #[test]
 fn limits_at_and_over_the_edge() {
     let dir = tempfile::tempdir().unwrap();
-    let node = NodeProcess::start(dir.path(), &["--bulk-entries-max", "10"]);
+    let node = start_node(dir.path(), &["--bulk-entries-max", "10"]);
     let client = Client::connect([node.addr.clone()]).unwrap();
     let max_value = vec![b'v'; 4 << 20];
     client.set("big", &max_value).unwrap();
@@ -181,7 +188,7 @@ fn frame_claiming_4_gib_is_refused_without_buffering_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_clients_on_distinct_and_shared_keys() {
     let dir = tempfile::tempdir().unwrap();
-    let node = NodeProcess::start(dir.path(), &[]);
+    let node = start_node(dir.path(), &[]);
     let mut tasks = Vec::new();
     for c in 0..16 {
         let addr = node.addr.clone();

@@ -38,6 +38,11 @@ pub enum Op {
     Get {
         key: Vec<u8>,
     },
+    /// Several keys at once (like Redis MGET); answered with `Values` in the
+    /// same order.
+    GetMany {
+        keys: Vec<Vec<u8>>,
+    },
     Set {
         key: Vec<u8>,
         value: Vec<u8>,
@@ -69,6 +74,8 @@ pub struct Response {
 pub enum Reply {
     /// For `Get`: the value, or `None` if the key is absent or deleted.
     Value(Option<Vec<u8>>),
+    /// For `GetMany`: one entry per requested key, in order.
+    Values(Vec<Option<Vec<u8>>>),
     /// For writes: durable on disk (fsynced). For `Shutdown`: shutting down.
     Done,
     Status(NodeStatus),

@@ -99,6 +99,20 @@ impl Args {
         if let Some(v) = self.debug_skip_write_probability {
             config.debug_skip_write_probability = v
         }
+        if let Some(v) = self.memtable_bytes_max {
+            config.storage.memtable_bytes_max = v
+        }
+        if let Some(v) = self.wal_segment_bytes {
+            config.storage.wal_segment_bytes = v
+        }
+        if let Some(p) = self.debug_drop_acked_writes {
+            if std::env::var("QUIVER_UNSAFE_TEST_MODES").as_deref() != Ok("1") {
+                return Err(
+                    "--debug-drop-acked-writes loses data on purpose; it needs QUIVER_UNSAFE_TEST_MODES=1".into()
+                );
+            }
+            config.debug_drop_acked_writes = p;
+        }
         config.storage.repair |= self.repair;
         config.validate().map_err(|e| e.to_string())?;
         Ok(config)
@@ -144,13 +158,16 @@ async fn run(config: Config) -> Result<(), String> {
         .await
         .map_err(|e| format!("listening on {}: {e}", config.client_addr))?;
     let client_addr = listener.local_addr().map_err(|e| e.to_string())?.to_string();
-    let service = Arc::new(Service::new(
-        engine.clone(),
-        node_id,
-        config.limits.clone(),
-        client_addr.clone(),
-        config.peer_addr.clone(),
-    ));
+    let mut service =
+        Service::new(engine.clone(), node_id, config.limits.clone(), client_addr.clone(), config.peer_addr.clone());
+    if config.debug_drop_acked_writes > 0.0 {
+        tracing::warn!(
+            probability = config.debug_drop_acked_writes,
+            "TEST MODE: acknowledging writes without writing them"
+        );
+        service = service.with_dropped_writes(config.debug_drop_acked_writes);
+    }
+    let service = Arc::new(service);
 
     let stop = service.shutdown_requested();
     let signals = service.clone();
@@ -182,4 +199,55 @@ async fn run(config: Config) -> Result<(), String> {
         .map_err(|e| format!("closing: {e}"))?;
     tracing::info!("quiverd stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_flag_reaches_the_config() {
+        let args = Args::try_parse_from([
+            "quiverd",
+            "--data-dir=/d",
+            "--client-addr=127.0.0.1:1",
+            "--peer-addr=127.0.0.1:2",
+            "--key-bytes-max=10",
+            "--value-bytes-max=20",
+            "--bulk-entries-max=30",
+            "--bulk-bytes-max=40",
+            "--frame-bytes-max=5000",
+            "--memtable-bytes-max=60",
+            "--wal-segment-bytes=70",
+            "--repair",
+            "--debug-skip-write-probability=0.5",
+        ])
+        .unwrap();
+        let config = args.into_config().unwrap();
+        assert_eq!(config.data_dir, PathBuf::from("/d"));
+        assert_eq!((config.client_addr.as_str(), config.peer_addr.as_str()), ("127.0.0.1:1", "127.0.0.1:2"));
+        let l = &config.limits;
+        assert_eq!(
+            (l.key_bytes_max, l.value_bytes_max, l.bulk_entries_max, l.bulk_bytes_max, l.frame_bytes_max),
+            (10, 20, 30, 40, 5000)
+        );
+        assert_eq!((config.storage.memtable_bytes_max, config.storage.wal_segment_bytes), (60, 70));
+        assert!(config.storage.repair);
+        assert_eq!(config.debug_skip_write_probability, 0.5);
+    }
+
+    #[test]
+    fn unsafe_test_mode_needs_its_environment_variable() {
+        // The variable is not set in the test environment.
+        assert!(std::env::var_os("QUIVER_UNSAFE_TEST_MODES").is_none());
+        let args = Args::try_parse_from(["quiverd", "--debug-drop-acked-writes=0.1"]).unwrap();
+        let error = args.into_config().unwrap_err();
+        assert!(error.contains("QUIVER_UNSAFE_TEST_MODES"), "{error}");
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused() {
+        let args = Args::try_parse_from(["quiverd", "--debug-skip-write-probability=2"]).unwrap();
+        assert!(args.into_config().is_err());
+    }
 }

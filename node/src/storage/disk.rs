@@ -158,7 +158,11 @@ impl SkipFault {
 impl SkipWriteFs {
     /// Drops data-file writes on `inner` with `probability` (0.0..=1.0).
     pub fn new(inner: Arc<dyn Fs>, probability: f64, seed: u64) -> SkipWriteFs {
-        let fault = SkipFault { threshold: threshold(probability), rng: AtomicSplitMix64::new(seed), skipped: AtomicU64::new(0) };
+        let fault = SkipFault {
+            threshold: threshold(probability),
+            rng: AtomicSplitMix64::new(seed),
+            skipped: AtomicU64::new(0),
+        };
         SkipWriteFs { inner, fault: Arc::new(fault) }
     }
 

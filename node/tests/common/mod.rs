@@ -1,7 +1,9 @@
 //! Helpers shared by the engine's integration tests.
 #![allow(dead_code)]
 
-pub mod node;
+use std::path::Path;
+
+use quiver_chaos::node::{NodeProcess, NodeSpec};
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -46,4 +48,10 @@ impl Writer {
         let stamp = self.0.next(now_ms());
         entries.iter().map(|(key, value)| Op { key: key.clone(), version: stamp.blind(value.clone()) }).collect()
     }
+}
+
+/// Starts this build's `quiverd` on `dir` (a free port) and waits until ready.
+pub fn start_node(dir: &Path, extra: &[&str]) -> NodeProcess {
+    NodeProcess::start(&NodeSpec::new(env!("CARGO_BIN_EXE_quiverd"), dir).args(extra.iter().copied()))
+        .expect("quiverd starts")
 }

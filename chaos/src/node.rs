@@ -1,0 +1,147 @@
+//! Starting, killing and restarting real `quiverd` processes.
+
+use std::io::{self, BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// How to start one node; reused for every restart.
+#[derive(Clone, Debug)]
+pub struct NodeSpec {
+    pub quiverd: PathBuf,
+    pub data_dir: PathBuf,
+    /// `127.0.0.1:0` picks a free port at each start.
+    pub client_addr: String,
+    pub args: Vec<String>,
+    /// Copy the node's log lines to this process's stderr.
+    pub echo_log: bool,
+}
+
+impl NodeSpec {
+    /// A node on `data_dir` with a free port and no extra flags.
+    pub fn new(quiverd: impl Into<PathBuf>, data_dir: &Path) -> NodeSpec {
+        NodeSpec {
+            quiverd: quiverd.into(),
+            data_dir: data_dir.to_path_buf(),
+            client_addr: "127.0.0.1:0".into(),
+            args: Vec::new(),
+            echo_log: std::env::var_os("QUIVER_TEST_NODE_LOG").is_some(),
+        }
+    }
+
+    /// Adds flags.
+    pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, args: I) -> NodeSpec {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+}
+
+/// A running `quiverd`. Dropping it kills the process.
+#[derive(Debug)]
+pub struct NodeProcess {
+    child: Child,
+    /// The address it listens on for clients.
+    pub addr: String,
+}
+
+impl NodeProcess {
+    /// Starts the node and waits (up to 60 s) for its `quiverd ready` line.
+    pub fn start(spec: &NodeSpec) -> io::Result<NodeProcess> {
+        let mut child = Command::new(&spec.quiverd)
+            .arg("--data-dir")
+            .arg(&spec.data_dir)
+            .args(["--client-addr", &spec.client_addr, "--peer-addr", "127.0.0.1:0"])
+            .args(&spec.args)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| io::Error::new(e.kind(), format!("starting {}: {e}", spec.quiverd.display())))?;
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let (ready, addr) = mpsc::channel();
+        let echo = spec.echo_log;
+        // Drain the log for the node's whole life so it never blocks on it.
+        std::thread::spawn(move || {
+            let mut ready = Some(ready);
+            let mut last_lines = Vec::new();
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if echo {
+                    eprintln!("[quiverd] {line}");
+                }
+                if let Some(ready) = ready.as_ref() {
+                    if let Some(addr) = line.contains("quiverd ready").then(|| field(&line, "clients=")).flatten() {
+                        let _ = ready.send(Ok(addr));
+                        continue;
+                    }
+                    last_lines.push(line);
+                }
+            }
+            if let Some(ready) = ready.take() {
+                let _ = ready.send(Err(last_lines.join("\n")));
+            }
+        });
+        match addr.recv_timeout(Duration::from_secs(60)) {
+            Ok(Ok(addr)) => Ok(NodeProcess { child, addr }),
+            Ok(Err(log)) => {
+                let status = child.wait()?;
+                Err(io::Error::other(format!("quiverd exited ({status}) before it was ready:\n{log}")))
+            }
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(io::Error::new(io::ErrorKind::TimedOut, "quiverd was not ready within 60 s"))
+            }
+        }
+    }
+
+    /// SIGKILL and wait for the process to be gone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for a graceful exit.
+    pub fn terminate(&mut self) -> io::Result<ExitStatus> {
+        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status()?;
+        if !status.success() {
+            return Err(io::Error::other("kill -TERM failed"));
+        }
+        self.child.wait()
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait(&mut self) -> io::Result<ExitStatus> {
+        self.child.wait()
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn field(line: &str, name: &str) -> Option<String> {
+    let start = line.find(name)? + name.len();
+    Some(line[start..].split_whitespace().next()?.to_owned())
+}
+
+/// A loopback port free right now (the node binds it a moment later).
+pub fn free_port() -> io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Finds `quiverd`: next to the running executable (also one folder up, for
+/// test binaries in `target/*/deps/`), else on `PATH`.
+pub fn find_quiverd() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    for candidate in [dir.join("quiverd"), dir.parent()?.join("quiverd")] {
+        if candidate.is_file() {
+            return Some(candidate);
+        }
+    }
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|p| Path::new(p).join("quiverd")).find(|p| p.is_file())
+}

@@ -1,0 +1,405 @@
+//! One chaos run: a node, writer threads, a killer that SIGKILLs and
+//! restarts the node on a seeded schedule, a progress line, and the report.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use quiver_client::blocking::Client;
+use quiver_ring::rand::SplitMix64;
+use serde::Serialize;
+
+use crate::node::{NodeProcess, NodeSpec};
+
+/// How a run is set up.
+#[derive(Clone, Debug, Serialize)]
+pub struct Settings {
+    pub seed: u64,
+    pub duration: Duration,
+    /// Milliseconds between kills, drawn uniformly from this range.
+    pub kill_interval_ms: (u64, u64),
+    pub kills: bool,
+    /// Writers go on past `duration` until this many kills happened (at most
+    /// until five times `duration`), so a short run still has its kills on a
+    /// slow machine.
+    pub min_kills: u64,
+    pub writers: usize,
+    pub debug_skip_write_probability: f64,
+    /// Extra `quiverd` flags.
+    pub node_args: Vec<String>,
+    #[serde(skip)]
+    pub quiverd: PathBuf,
+    #[serde(skip)]
+    pub data_dir: PathBuf,
+    /// Print a progress line every second.
+    pub progress: bool,
+}
+
+/// What happened to one write, as its writer saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Outcome {
+    /// The node said it is durable.
+    Acked,
+    /// The connection broke or timed out: it may or may not have happened.
+    InDoubt,
+    /// It certainly did not happen (no node to send it to, or refused).
+    Failed,
+}
+
+impl Outcome {
+    pub fn of<T>(result: &quiver_client::Result<T>) -> Outcome {
+        match result {
+            Ok(_) => Outcome::Acked,
+            Err(e) if e.is_ambiguous() || e.kind() == Some(quiver_client::ErrorKind::StorageFailed) => Outcome::InDoubt,
+            Err(_) => Outcome::Failed,
+        }
+    }
+}
+
+/// Counts shared by writers, killer and progress line.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub acked: AtomicU64,
+    pub failed: AtomicU64,
+    pub in_doubt: AtomicU64,
+    pub kills: AtomicU64,
+    pub checkpoints: AtomicU64,
+}
+
+impl Counters {
+    pub fn record(&self, outcome: Outcome) {
+        match outcome {
+            Outcome::Acked => &self.acked,
+            Outcome::InDoubt => &self.in_doubt,
+            Outcome::Failed => &self.failed,
+        }
+        .fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Lets the main thread stop writers (and the killer) at a checkpoint.
+#[derive(Debug, Default)]
+pub struct Pause {
+    paused: Mutex<bool>,
+    changed: Condvar,
+    idle: AtomicUsize,
+}
+
+impl Pause {
+    /// Called by writers between operations: waits while paused.
+    pub fn checkpoint(&self) {
+        let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
+        if *paused {
+            self.idle.fetch_add(1, Ordering::SeqCst);
+            self.changed.notify_all();
+            while *paused {
+                paused = self.changed.wait(paused).unwrap_or_else(|p| p.into_inner());
+            }
+            self.idle.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    fn set(&self, value: bool) {
+        *self.paused.lock().unwrap_or_else(|p| p.into_inner()) = value;
+        self.changed.notify_all();
+    }
+
+    fn is_paused(&self) -> bool {
+        *self.paused.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Pauses and waits until `writers` writers are idle (or gone), at most
+    /// `limit`. Returns whether they all stopped.
+    fn pause_and_wait(&self, writers: usize, done: &AtomicUsize, limit: Duration) -> bool {
+        self.set(true);
+        let deadline = Instant::now() + limit;
+        let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
+        while self.idle.load(Ordering::SeqCst) + done.load(Ordering::SeqCst) < writers {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            paused = self
+                .changed
+                .wait_timeout(paused, left.min(Duration::from_millis(100)))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+}
+
+/// What writers and checkers share.
+#[derive(Debug)]
+pub struct Context {
+    pub settings: Settings,
+    pub counters: Counters,
+    pub pause: Pause,
+    /// The node's fixed client address (kept across restarts).
+    pub addr: String,
+    pub deadline: Instant,
+    hard_deadline: Instant,
+    node: Mutex<Option<NodeProcess>>,
+    spec: NodeSpec,
+    writers_done: AtomicUsize,
+    stop: AtomicBool,
+}
+
+impl Context {
+    /// A seeded generator for stream `stream` (writer index, killer, ...).
+    pub fn rng(&self, stream: u64) -> SplitMix64 {
+        let mut base = SplitMix64::new(self.settings.seed);
+        SplitMix64::new(base.next_u64() ^ stream.wrapping_mul(0xA076_1D64_78BD_642F))
+    }
+
+    /// A blocking client, retrying the connection until the deadline.
+    pub fn client(&self) -> Option<Client> {
+        loop {
+            match Client::connect([self.addr.clone()]) {
+                Ok(client) => return Some(client.with_timeout(Duration::from_secs(10))),
+                Err(_) if Instant::now() < self.deadline + Duration::from_secs(60) => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Whether writers (and the killer) should stop.
+    pub fn over(&self) -> bool {
+        let now = Instant::now();
+        let enough_kills =
+            !self.settings.kills || self.counters.kills.load(Ordering::Relaxed) >= self.settings.min_kills;
+        self.stop.load(Ordering::Relaxed) || now >= self.deadline && enough_kills || now >= self.hard_deadline
+    }
+
+    fn restart(&self, node: &mut Option<NodeProcess>) -> Result<(), String> {
+        if let Some(mut old) = node.take() {
+            old.kill();
+        }
+        let mut last = String::new();
+        for _ in 0..5 {
+            match NodeProcess::start(&self.spec) {
+                Ok(started) => {
+                    *node = Some(started);
+                    return Ok(());
+                }
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(format!("could not restart quiverd: {last}"))
+    }
+
+    /// SIGKILL and restart now, unless a checkpoint has paused the run.
+    /// Decided under the node's lock, so a checkpoint that took the lock after
+    /// pausing knows the node is up and stays up.
+    pub fn kill_and_restart(&self) -> Result<(), String> {
+        let mut node = self.node.lock().unwrap_or_else(|p| p.into_inner());
+        if self.pause.is_paused() {
+            return Ok(());
+        }
+        self.restart(&mut node)?;
+        self.counters.kills.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// A workload: writer bodies and a checker.
+pub trait Workload: Send + Sync {
+    /// Runs writer `index` until `ctx.over()`.
+    fn writer(&self, ctx: &Context, index: usize);
+    /// Checks the node's state against what was recorded; returns violations.
+    /// `final_check` is false at checkpoints taken while writers pause.
+    fn check(&self, ctx: &Context, final_check: bool) -> Vec<String>;
+    /// Workload-specific counts for the report.
+    fn counts(&self) -> Vec<(&'static str, u64)>;
+    /// How often to stop the writers and check, if ever.
+    fn checkpoint_every(&self) -> Option<Duration> {
+        None
+    }
+}
+
+/// The result of a run.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub mode: String,
+    pub settings: Settings,
+    pub elapsed_s: f64,
+    pub acknowledged: u64,
+    pub failed: u64,
+    pub in_doubt: u64,
+    pub kills: u64,
+    pub checkpoints: u64,
+    pub extra: Vec<(String, u64)>,
+    pub violations: usize,
+    /// The first violations found (at most 100).
+    pub violation_samples: Vec<String>,
+    pub ok: bool,
+}
+
+/// Runs `workload` under `settings` and checks it.
+pub fn run(mode: &str, settings: Settings, workload: Arc<dyn Workload>) -> Result<Report, String> {
+    let port = crate::node::free_port().map_err(|e| e.to_string())?;
+    let addr = format!("127.0.0.1:{port}");
+    let mut spec = NodeSpec::new(&settings.quiverd, &settings.data_dir);
+    spec.client_addr = addr.clone();
+    spec.args = settings.node_args.clone();
+    if settings.debug_skip_write_probability > 0.0 {
+        spec.args.extend(["--debug-skip-write-probability".into(), settings.debug_skip_write_probability.to_string()]);
+    }
+    let started = Instant::now();
+    let ctx = Arc::new(Context {
+        counters: Counters::default(),
+        pause: Pause::default(),
+        addr,
+        deadline: started + settings.duration,
+        hard_deadline: started + settings.duration * 5,
+        node: Mutex::new(None),
+        spec,
+        writers_done: AtomicUsize::new(0),
+        stop: AtomicBool::new(false),
+        settings,
+    });
+    {
+        let mut node = ctx.node.lock().unwrap_or_else(|p| p.into_inner());
+        ctx.restart(&mut node)?;
+    }
+
+    let writers: Vec<_> = (0..ctx.settings.writers)
+        .map(|index| {
+            let (ctx, workload) = (ctx.clone(), workload.clone());
+            std::thread::spawn(move || {
+                workload.writer(&ctx, index);
+                ctx.writers_done.fetch_add(1, Ordering::SeqCst);
+                ctx.pause.changed.notify_all();
+            })
+        })
+        .collect();
+    let killer = ctx.settings.kills.then(|| {
+        let ctx = ctx.clone();
+        std::thread::spawn(move || killer(&ctx))
+    });
+
+    let mut violations = Vec::new();
+    let mut next_checkpoint = workload.checkpoint_every().map(|every| Instant::now() + every);
+    let mut last_progress = Instant::now();
+    while ctx.writers_done.load(Ordering::SeqCst) < ctx.settings.writers {
+        std::thread::sleep(Duration::from_millis(50));
+        if ctx.settings.progress && last_progress.elapsed() >= Duration::from_secs(1) {
+            last_progress = Instant::now();
+            progress(mode, &ctx, started);
+        }
+        if let Some(at) = next_checkpoint.filter(|at| Instant::now() >= *at && !ctx.over()) {
+            next_checkpoint = Some(at + workload.checkpoint_every().unwrap_or_default());
+            // The pause also holds the killer, so the node is up while checked.
+            let stopped = ctx.pause.pause_and_wait(ctx.settings.writers, &ctx.writers_done, Duration::from_secs(30));
+            // Waits out a restart in progress; no new kill starts while paused.
+            drop(ctx.node.lock().unwrap_or_else(|p| p.into_inner()));
+            if stopped {
+                violations.extend(workload.check(&ctx, false));
+                ctx.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
+            }
+            ctx.pause.set(false);
+        }
+    }
+    ctx.stop.store(true, Ordering::Relaxed);
+    for writer in writers {
+        let _ = writer.join();
+    }
+    if let Some(killer) = killer {
+        killer.join().map_err(|_| "the killer thread panicked".to_owned())??;
+        // One last SIGKILL: everything acknowledged must survive it too.
+        ctx.pause.set(false);
+        ctx.kill_and_restart()?;
+    }
+    violations.extend(workload.check(&ctx, true));
+    let clean_exit = {
+        let mut node = ctx.node.lock().unwrap_or_else(|p| p.into_inner());
+        node.as_mut().map(|n| n.terminate().map(|s| s.success()).unwrap_or(false)).unwrap_or(false)
+    };
+    if !clean_exit {
+        violations.push("quiverd did not exit cleanly on SIGTERM".into());
+    }
+
+    let c = &ctx.counters;
+    let count = violations.len();
+    violations.truncate(100);
+    Ok(Report {
+        mode: mode.to_owned(),
+        settings: ctx.settings.clone(),
+        elapsed_s: started.elapsed().as_secs_f64(),
+        acknowledged: c.acked.load(Ordering::Relaxed),
+        failed: c.failed.load(Ordering::Relaxed),
+        in_doubt: c.in_doubt.load(Ordering::Relaxed),
+        kills: c.kills.load(Ordering::Relaxed),
+        checkpoints: c.checkpoints.load(Ordering::Relaxed),
+        extra: workload.counts().into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+        violations: count,
+        violation_samples: violations,
+        ok: count == 0,
+    })
+}
+
+fn killer(ctx: &Context) -> Result<(), String> {
+    let mut rng = ctx.rng(u64::MAX);
+    let (low, high) = ctx.settings.kill_interval_ms;
+    loop {
+        let wake = Instant::now() + Duration::from_millis(rng.between(low, high));
+        while Instant::now() < wake && !ctx.over() {
+            std::thread::sleep(Duration::from_millis(10).min(wake.saturating_duration_since(Instant::now())));
+        }
+        if ctx.over() {
+            return Ok(());
+        }
+        ctx.kill_and_restart()?;
+    }
+}
+
+fn progress(mode: &str, ctx: &Context, started: Instant) {
+    let c = &ctx.counters;
+    eprintln!(
+        "[{mode} {:>4.0}s/{:.0}s] acknowledged {} failed {} in doubt {} kills {}",
+        started.elapsed().as_secs_f64(),
+        ctx.settings.duration.as_secs_f64(),
+        c.acked.load(Ordering::Relaxed),
+        c.failed.load(Ordering::Relaxed),
+        c.in_doubt.load(Ordering::Relaxed),
+        c.kills.load(Ordering::Relaxed),
+    );
+}
+
+impl Report {
+    /// The summary table.
+    pub fn table(&self) -> String {
+        let s = &self.settings;
+        let mut rows: Vec<(String, String)> = vec![
+            ("acknowledged".into(), self.acknowledged.to_string()),
+            ("failed".into(), self.failed.to_string()),
+            ("in doubt".into(), self.in_doubt.to_string()),
+        ];
+        rows.extend(self.extra.iter().map(|(k, v)| (k.clone(), v.to_string())));
+        rows.push(("kills".into(), self.kills.to_string()));
+        rows.push(("checkpoints".into(), self.checkpoints.to_string()));
+        rows.push(("violations".into(), self.violations.to_string()));
+        let mut out = format!(
+            "quiver-chaos {}  seed={}  duration={:.0}s  writers={}  kill-interval={}  skip-write={}\n",
+            self.mode,
+            s.seed,
+            self.elapsed_s,
+            s.writers,
+            if s.kills { format!("{}..{}ms", s.kill_interval_ms.0, s.kill_interval_ms.1) } else { "none".into() },
+            s.debug_skip_write_probability,
+        );
+        out += "+------------------------+------------+\n";
+        for (name, value) in rows {
+            out += &format!("| {name:<22} | {value:>10} |\n");
+        }
+        out += "+------------------------+------------+\n";
+        for violation in self.violation_samples.iter().take(20) {
+            out += &format!("VIOLATION: {violation}\n");
+        }
+        out += if self.ok { "result: OK, no violations\n" } else { "result: FAILED\n" };
+        out
+    }
+}
