@@ -49,7 +49,7 @@ impl SplitMix64 {
 pub struct AtomicSplitMix64(AtomicU64);
 
 impl AtomicSplitMix64 {
-    pub fn new(seed: u64) -> AtomicSplitMix64 {
+    pub const fn new(seed: u64) -> AtomicSplitMix64 {
         AtomicSplitMix64(AtomicU64::new(seed))
     }
 

@@ -54,54 +54,62 @@ pub fn plan(tables: &[TableSize], policy: &Policy) -> Option<Vec<u64>> {
     Some(bucket.into_iter().take(policy.max_tables.max(2)).map(|t| t.id).collect())
 }
 
-/// A sorted source of `(key, versions)`: a memtable range or a table.
-pub type EntryIter<'a> = Box<dyn Iterator<Item = Result<(Vec<u8>, Siblings)>> + 'a>;
+/// A sorted source of `(key, value)`: a memtable range or a table, with the
+/// value decoded ([`Siblings`]) or as stored (bytes).
+pub type EntryIter<'a, V> = Box<dyn Iterator<Item = Result<(Vec<u8>, V)>> + 'a>;
 
-/// Merges sorted sources of `(key, versions)` into one sorted stream, merging
-/// the versions of equal keys.
-pub struct MergeIter<'a> {
-    sources: Vec<std::iter::Peekable<EntryIter<'a>>>,
+/// Merges sorted sources into one sorted stream of keys, each with the values
+/// of every source that holds it (in source order). Errors come first.
+pub struct MergeIter<'a, V> {
+    sources: Vec<std::iter::Peekable<EntryIter<'a, V>>>,
 }
 
-impl std::fmt::Debug for MergeIter<'_> {
+impl<V> std::fmt::Debug for MergeIter<'_, V> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MergeIter").field("sources", &self.sources.len()).finish()
     }
 }
 
-impl<'a> MergeIter<'a> {
+impl<'a, V> MergeIter<'a, V> {
     /// Merges `sources`, each sorted by key without duplicates.
-    pub fn new(sources: Vec<EntryIter<'a>>) -> MergeIter<'a> {
+    pub fn new(sources: Vec<EntryIter<'a, V>>) -> MergeIter<'a, V> {
         MergeIter { sources: sources.into_iter().map(Iterator::peekable).collect() }
     }
 }
 
-impl Iterator for MergeIter<'_> {
-    type Item = Result<(Vec<u8>, Siblings)>;
+impl<V> Iterator for MergeIter<'_, V> {
+    /// A key and `(source index, value)` for each source holding it.
+    type Item = Result<(Vec<u8>, Vec<(usize, V)>)>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        // The smallest head key; errors surface first.
         let mut smallest: Option<Vec<u8>> = None;
         for source in &mut self.sources {
             match source.peek() {
-                Some(Err(_)) => return source.next(),
+                Some(Err(_)) => return source.next().map(|item| item.map(|_| unreachable!("peeked an error"))),
                 Some(Ok((key, _))) if smallest.as_ref().is_none_or(|s| key < s) => smallest = Some(key.clone()),
                 _ => {}
             }
         }
         let key = smallest?;
-        let mut merged = Siblings::default();
-        for source in &mut self.sources {
-            if let Some(Ok((head, _))) = source.peek() {
-                if *head == key {
-                    if let Some(Ok((_, siblings))) = source.next() {
-                        merged.merge(siblings);
-                    }
+        let mut values = Vec::with_capacity(1);
+        for (index, source) in self.sources.iter_mut().enumerate() {
+            if matches!(source.peek(), Some(Ok((head, _))) if *head == key) {
+                if let Some(Ok((_, value))) = source.next() {
+                    values.push((index, value));
                 }
             }
         }
-        Some(Ok((key, merged)))
+        Some(Ok((key, values)))
     }
+}
+
+/// Merges the versions of one key found in several sources.
+pub fn merge_siblings(values: Vec<(usize, Siblings)>) -> Siblings {
+    let mut merged = Siblings::default();
+    for (_, siblings) in values {
+        merged.merge(siblings);
+    }
+    merged
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use quiver_ring::{Hlc, Siblings};
 use tokio::sync::oneshot;
 
-use crate::storage::compaction::{self, EntryIter, MergeIter, Policy, TableSize};
+use crate::storage::compaction::{self, merge_siblings, EntryIter, MergeIter, Policy, TableSize};
 use crate::storage::disk::{is_data_file, Fs, RealFs, SkipWriteFs};
 use crate::storage::error::{Error, IoContext, Result};
 use crate::storage::manifest::{Edit, Manifest, TableMeta};
@@ -137,6 +137,9 @@ enum Request {
 struct Queue {
     requests: Vec<Request>,
     closing: bool,
+    /// The commit thread is parked on the condition variable. Writers signal
+    /// only then: a notify is a system call even when nobody waits.
+    committer_waiting: bool,
 }
 
 #[derive(Debug, Default)]
@@ -304,8 +307,11 @@ impl Engine {
             return Err(Error::Closed);
         }
         queue.requests.push(request);
+        let wake = queue.committer_waiting;
         drop(queue);
-        self.inner.queue_cv.notify_one();
+        if wake {
+            self.inner.queue_cv.notify_one();
+        }
         Ok(())
     }
 
@@ -368,11 +374,12 @@ impl Engine {
             let end = end.clone();
             move |key: &Vec<u8>| end.as_ref().is_none_or(|end| key < end)
         };
-        let mut sources: Vec<EntryIter<'static>> = Vec::new();
+        let mut sources: Vec<EntryIter<'static, Siblings>> = Vec::new();
+        let end_bound = end.as_deref().map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded);
         for memtable in std::iter::once(&levels.active).chain(&levels.frozen) {
             let copied: Vec<_> = read(memtable)
-                .range(start.to_vec()..)
-                .take_while(|(key, _)| in_range(key))
+                .sorted_range(start, end_bound)
+                .into_iter()
                 .map(|(key, siblings)| Ok((key.clone(), siblings.clone())))
                 .collect();
             sources.push(Box::new(copied.into_iter()));
@@ -380,7 +387,9 @@ impl Engine {
         for table in &levels.tables {
             sources.push(Box::new(table.iter_from(start)));
         }
-        MergeIter::new(sources).take_while(move |item| item.as_ref().map_or(true, |(key, _)| in_range(key)))
+        MergeIter::new(sources)
+            .map(|item| item.map(|(key, values)| (key, merge_siblings(values))))
+            .take_while(move |item| item.as_ref().map_or(true, |(key, _)| in_range(key)))
     }
 
     /// Freezes the active memtable and waits until it and every older one
@@ -637,7 +646,7 @@ impl Inner {
             } else {
                 let mut builder =
                     TableBuilder::new(self.opts.block_bytes, self.opts.bloom_bits_per_key, min_seq, max_seq);
-                for (key, siblings) in memtable.iter() {
+                for (key, siblings) in memtable.sorted() {
                     builder.add(key, siblings);
                 }
                 Some((builder.finish().0, max_seq))
@@ -737,21 +746,37 @@ impl Inner {
 
     /// Merges `inputs` into new verified tables. Tombstones may be dropped
     /// only when no table in `outside` can hold an older version of the key.
+    ///
+    /// A key held by one input only, in a table without tombstones, is
+    /// copied as stored: nothing to merge and nothing to drop, so its bytes
+    /// are not decoded and encoded again.
     fn merge_tables(&self, inputs: &[Arc<Table>], outside: &[Arc<Table>]) -> Result<Vec<Arc<Table>>> {
         let min_seq = inputs.iter().map(|t| t.props().min_seq).min().unwrap_or(0);
         let max_seq = inputs.iter().map(|t| t.props().max_seq).max().unwrap_or(0);
         let horizon_ms = now_ms().saturating_sub(self.opts.tombstone_grace_ms);
         let new_builder = || TableBuilder::new(self.opts.block_bytes, self.opts.bloom_bits_per_key, min_seq, max_seq);
-        let sources = inputs.iter().map(|t| Box::new(t.iter_from(&[])) as Box<dyn Iterator<Item = _>>).collect();
+        let sources = inputs.iter().map(|t| Box::new(t.raw_iter_from(&[])) as EntryIter<'_, Vec<u8>>).collect();
         let mut outputs = Vec::new();
         let mut builder = new_builder();
         let result = (|| {
             for item in MergeIter::new(sources) {
-                let (key, siblings) = item?;
-                if droppable(&key, &siblings, horizon_ms, outside) {
-                    continue;
+                let (key, mut values) = item?;
+                let single = values.len() == 1 && inputs[values[0].0].props().tombstone_entries == 0;
+                if single {
+                    let (index, raw) = values.remove(0);
+                    let props = inputs[index].props();
+                    builder.add_raw(&key, &raw, (props.min_hlc, props.max_hlc));
+                } else {
+                    let mut decoded = Vec::with_capacity(values.len());
+                    for (index, raw) in values {
+                        decoded.push((index, inputs[index].decode_value(&raw)?));
+                    }
+                    let siblings = merge_siblings(decoded);
+                    if droppable(&key, &siblings, horizon_ms, outside) {
+                        continue;
+                    }
+                    builder.add(&key, &siblings);
                 }
-                builder.add(&key, &siblings);
                 if builder.estimated_bytes() >= self.opts.table_bytes_target {
                     let full = std::mem::replace(&mut builder, new_builder());
                     outputs.push(self.write_table(&full.finish().0)?);
@@ -790,7 +815,9 @@ fn commit_loop(inner: Arc<Inner>, mut wal: WalWriter, mut next_seq: u64) {
         let requests = {
             let mut queue = lock(&inner.queue);
             while queue.requests.is_empty() && !queue.closing {
+                queue.committer_waiting = true;
                 queue = inner.queue_cv.wait(queue).unwrap_or_else(|p| p.into_inner());
+                queue.committer_waiting = false;
             }
             if queue.requests.is_empty() {
                 break;

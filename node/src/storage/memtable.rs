@@ -1,15 +1,24 @@
 //! The in-memory table of recent writes.
 //!
-//! A sorted map from key to its [`Siblings`]. Inserting merges with the
+//! A hash map from key to its [`Siblings`]. Inserting merges with the
 //! versions already there by the same rule every storage level uses, so a
 //! memtable never needs to read from disk. Only the commit thread writes to
 //! the active memtable; when it grows past its budget it is frozen
 //! (read-only) and flushed to an SSTable in the background.
+//!
+//! Why a hash map and not a sorted map: inserts run on the commit thread,
+//! between one group's `fdatasync` and the next, so they are the serial part
+//! of every write; a hash insert costs a fraction of a B-tree insert with its
+//! key comparisons. Order is needed only when the memtable is flushed (once,
+//! on the flush thread) and by range scans, which sort the keys they return.
+//! The hash is seeded per memtable so clients cannot choose colliding keys.
 
-use std::collections::BTreeMap;
-use std::ops::RangeBounds;
+use std::collections::HashMap;
+use std::ops::Bound;
 
+use quiver_ring::rand::AtomicSplitMix64;
 use quiver_ring::{Hlc, Siblings};
+use xxhash_rust::xxh3::Xxh3Builder;
 
 use crate::storage::Op;
 
@@ -17,15 +26,30 @@ use crate::storage::Op;
 /// used to account memory without measuring allocations.
 const ENTRY_OVERHEAD_BYTES: usize = 96;
 
-/// A sorted, in-memory table of versions.
-#[derive(Debug, Default)]
+/// An in-memory table of versions.
+#[derive(Debug)]
 pub struct Memtable {
-    map: BTreeMap<Vec<u8>, Siblings>,
+    map: HashMap<Vec<u8>, Siblings, Xxh3Builder>,
     bytes: usize,
     min_seq: u64,
     max_seq: u64,
     max_hlc: Hlc,
     siblings_dropped: u64,
+}
+
+impl Default for Memtable {
+    fn default() -> Memtable {
+        static SEED: AtomicSplitMix64 = AtomicSplitMix64::new(0);
+        let seed = SEED.next_u64() ^ u64::from(std::process::id()) ^ (&SEED as *const _ as u64);
+        Memtable {
+            map: HashMap::with_hasher(Xxh3Builder::new().with_seed(seed)),
+            bytes: 0,
+            min_seq: 0,
+            max_seq: 0,
+            max_hlc: Hlc::default(),
+            siblings_dropped: 0,
+        }
+    }
 }
 
 impl Memtable {
@@ -59,17 +83,22 @@ impl Memtable {
         self.map.get(key)
     }
 
-    /// Entries in key order within `range`.
-    pub fn range<'a>(
-        &'a self,
-        range: impl RangeBounds<Vec<u8>> + 'a,
-    ) -> impl Iterator<Item = (&'a Vec<u8>, &'a Siblings)> + 'a {
-        self.map.range(range)
+    /// Entries with `start <= key < end` (no end: to the last key), sorted.
+    pub fn sorted_range(&self, start: &[u8], end: Bound<&[u8]>) -> Vec<(&Vec<u8>, &Siblings)> {
+        let below_end = |key: &[u8]| match end {
+            Bound::Included(end) => key <= end,
+            Bound::Excluded(end) => key < end,
+            Bound::Unbounded => true,
+        };
+        let mut entries: Vec<_> =
+            self.map.iter().filter(|(key, _)| key.as_slice() >= start && below_end(key)).collect();
+        entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        entries
     }
 
-    /// All entries in key order.
-    pub fn iter(&self) -> impl Iterator<Item = (&Vec<u8>, &Siblings)> {
-        self.map.iter()
+    /// All entries, sorted by key.
+    pub fn sorted(&self) -> Vec<(&Vec<u8>, &Siblings)> {
+        self.sorted_range(&[], Bound::Unbounded)
     }
 
     /// Approximate memory held, in bytes.

@@ -25,7 +25,7 @@ mod reader;
 mod writer;
 
 pub use bloom::Bloom;
-pub use reader::{Table, TableIter};
+pub use reader::{RawTableIter, Table, TableIter};
 pub use writer::TableBuilder;
 
 use serde::{Deserialize, Serialize};
@@ -50,6 +50,8 @@ pub struct IndexEntry {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Props {
     pub entries: u64,
+    /// Entries whose versions are all tombstones.
+    pub tombstone_entries: u64,
     /// WAL sequence range of the writes the table holds.
     pub min_seq: u64,
     pub max_seq: u64,

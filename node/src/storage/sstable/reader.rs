@@ -179,10 +179,21 @@ impl Table {
         Ok(())
     }
 
+    /// Decodes a value read by [`Table::raw_iter_from`].
+    pub fn decode_value(&self, value: &[u8]) -> Result<Siblings> {
+        self.decode(0, value)
+    }
+
     /// Iterates the entries with keys `>= start`, in order.
     pub fn iter_from(self: &Arc<Self>, start: &[u8]) -> TableIter {
+        TableIter { raw: self.raw_iter_from(start) }
+    }
+
+    /// Iterates the entries with keys `>= start` with their values as
+    /// stored (checksums checked, not decoded).
+    pub fn raw_iter_from(self: &Arc<Self>, start: &[u8]) -> RawTableIter {
         let block = self.index.partition_point(|entry| entry.last_key.as_slice() < start);
-        TableIter { table: self.clone(), next_block: block, entries: Vec::new().into_iter(), start: start.to_vec() }
+        RawTableIter { table: self.clone(), next_block: block, entries: Vec::new().into_iter(), start: start.to_vec() }
     }
 }
 
@@ -201,17 +212,32 @@ fn read_meta<T: DeserializeOwned>(file: &dyn File, path: &Path, (offset, len): (
     postcard::from_bytes(body).map_err(|e| Error::corrupt(path, offset, format!("meta block does not decode: {e}")))
 }
 
-/// Iterator over a table's entries, reading one block at a time.
+/// Iterator over a table's entries, decoded.
 #[derive(Debug)]
 pub struct TableIter {
-    table: Arc<Table>,
-    next_block: usize,
-    entries: std::vec::IntoIter<(Vec<u8>, Siblings)>,
-    start: Vec<u8>,
+    raw: RawTableIter,
 }
 
 impl Iterator for TableIter {
     type Item = Result<(Vec<u8>, Siblings)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let item = self.raw.next()?;
+        Some(item.and_then(|(key, value)| Ok((key, self.raw.table.decode_value(&value)?))))
+    }
+}
+
+/// Iterator over a table's entries as stored, reading one block at a time.
+#[derive(Debug)]
+pub struct RawTableIter {
+    table: Arc<Table>,
+    next_block: usize,
+    entries: std::vec::IntoIter<(Vec<u8>, Vec<u8>)>,
+    start: Vec<u8>,
+}
+
+impl Iterator for RawTableIter {
+    type Item = Result<(Vec<u8>, Vec<u8>)>;
 
     fn next(&mut self) -> Option<Self::Item> {
         loop {
@@ -225,7 +251,7 @@ impl Iterator for TableIter {
                 for item in block.entries() {
                     let (key, value) = item.map_err(|e| self.table.block_error(entry.offset, e))?;
                     if key >= self.start.as_slice() {
-                        out.push((key.to_vec(), self.table.decode(entry.offset, value)?));
+                        out.push((key.to_vec(), value.to_vec()));
                     }
                 }
                 Ok(out)

@@ -39,16 +39,30 @@ impl TableBuilder {
 
     /// Adds an entry. Keys must be strictly ascending.
     pub fn add(&mut self, key: &[u8], siblings: &Siblings) {
+        let mut value = std::mem::take(&mut self.value_buf);
+        value.clear();
+        let value = postcard::to_extend(siblings, value).expect("postcard encodes versions into a Vec without failing");
+        let min = siblings.versions().iter().map(|v| v.hlc.0).min().unwrap_or(u64::MAX);
+        let max = siblings.versions().iter().map(|v| v.hlc.0).max().unwrap_or(0);
+        self.props.tombstone_entries += u64::from(siblings.all_tombstones());
+        self.add_encoded(key, &value, (min, max));
+        self.value_buf = value;
+    }
+
+    /// Adds an entry copied as stored from another table that holds no
+    /// tombstones. `hlc_range` bounds its timestamps (the source table's
+    /// range will do: wider bounds are safe, they only make compaction and
+    /// restart more careful).
+    pub fn add_raw(&mut self, key: &[u8], value: &[u8], hlc_range: (u64, u64)) {
+        self.add_encoded(key, value, hlc_range);
+    }
+
+    fn add_encoded(&mut self, key: &[u8], value: &[u8], (min_hlc, max_hlc): (u64, u64)) {
         assert!(self.props.entries == 0 || key > self.last_key.as_slice(), "table keys must be strictly ascending");
-        self.value_buf.clear();
-        self.value_buf = postcard::to_extend(siblings, std::mem::take(&mut self.value_buf))
-            .expect("postcard encodes versions into a Vec without failing");
-        self.block.add(key, &self.value_buf);
+        self.block.add(key, value);
         self.hashes.push(key_hash(key));
-        for version in siblings.versions() {
-            self.props.min_hlc = self.props.min_hlc.min(version.hlc.0);
-            self.props.max_hlc = self.props.max_hlc.max(version.hlc.0);
-        }
+        self.props.min_hlc = self.props.min_hlc.min(min_hlc);
+        self.props.max_hlc = self.props.max_hlc.max(max_hlc);
         if self.props.entries == 0 {
             self.props.smallest_key = key.to_vec();
         }
