@@ -1,0 +1,413 @@
+//! Durable write throughput as the stored data grows, Quiver side by side
+//! with Redis (`appendonly yes`, `appendfsync always`), in the same run.
+//!
+//! For each system: start a fresh server on loopback, then for each stored
+//! size (0, 100k, 1M keys; 10M with `QUIVER_BENCH_MAX_KEYS=10000000`) load
+//! keys up to that size with 1000-key bulk sets (MSET for Redis), then
+//! measure, each as the median of `QUIVER_BENCH_RUNS` runs of
+//! `QUIVER_BENCH_SECONDS` seconds:
+//! - `set` at 1 and at 64 requests in flight (throughput, p50, p99);
+//! - `bulk_set` of 1000 keys, 4 in flight (keys/s);
+//! - `get` of stored keys at 64 in flight.
+//!
+//! Both systems are driven the same way: one connection per system, shared by
+//! N tasks, so N requests are in flight on it. Values are
+//! `QUIVER_BENCH_VALUE_BYTES` (100) bytes. `QUIVER_BENCH_SKIP_REDIS=1` runs
+//! Quiver alone.
+//!
+//! Output: a markdown table on stdout, `target/quiver-bench/write_throughput.csv`
+//! and `target/quiver-bench/write_throughput.svg`.
+//!
+//! Run: `cargo bench -p quiver-benches --bench write_throughput`
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use quiver_chaos::node::{NodeProcess, NodeSpec};
+use redis::AsyncCommands;
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("benches/ is in the workspace").to_path_buf()
+}
+
+/// One connection to a system under test, shared by every task.
+#[derive(Clone)]
+enum Conn {
+    Quiver(Arc<quiver_client::Client>),
+    Redis(redis::aio::MultiplexedConnection),
+}
+
+impl Conn {
+    async fn set(&mut self, key: &str, value: &[u8]) {
+        match self {
+            Conn::Quiver(c) => c.set(key, value).await.expect("quiver set"),
+            Conn::Redis(c) => c.set::<_, _, ()>(key, value).await.expect("redis set"),
+        }
+    }
+
+    async fn bulk_set(&mut self, entries: &[(String, Vec<u8>)]) {
+        match self {
+            Conn::Quiver(c) => c.bulk_set(entries.iter().map(|(k, v)| (k, v))).await.expect("quiver bulk_set"),
+            Conn::Redis(c) => c.mset::<_, _, ()>(entries).await.expect("redis mset"),
+        }
+    }
+
+    async fn get(&mut self, key: &str) -> bool {
+        match self {
+            Conn::Quiver(c) => c.get(key).await.expect("quiver get").is_some(),
+            Conn::Redis(c) => c.get::<_, Option<Vec<u8>>>(key).await.expect("redis get").is_some(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Workload {
+    Set1,
+    Set64,
+    Bulk,
+    Get64,
+}
+
+impl Workload {
+    const ALL: [Workload; 4] = [Workload::Set1, Workload::Set64, Workload::Bulk, Workload::Get64];
+
+    fn name(self) -> &'static str {
+        match self {
+            Workload::Set1 => "set, 1 in flight",
+            Workload::Set64 => "set, 64 in flight",
+            Workload::Bulk => "bulk_set 1000 keys, 4 in flight",
+            Workload::Get64 => "get, 64 in flight",
+        }
+    }
+
+    fn in_flight(self) -> u64 {
+        match self {
+            Workload::Set1 => 1,
+            Workload::Set64 | Workload::Get64 => 64,
+            Workload::Bulk => 4,
+        }
+    }
+}
+
+/// One measurement: keys per second and per-request latency percentiles.
+#[derive(Clone, Copy, Debug, Default)]
+struct Figure {
+    keys_per_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+fn median(mut xs: Vec<Figure>) -> Figure {
+    xs.sort_by(|a, b| a.keys_per_s.total_cmp(&b.keys_per_s));
+    xs[xs.len() / 2]
+}
+
+async fn measure(conn: &Conn, workload: Workload, seconds: u64, run: u64, stored: u64, value: &Arc<Vec<u8>>) -> Figure {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..workload.in_flight())
+        .map(|task| {
+            let (mut conn, value) = (conn.clone(), value.clone());
+            tokio::spawn(async move {
+                let mut latencies_us = Vec::new();
+                let mut keys = 0u64;
+                let mut rng = quiver_ring::rand::SplitMix64::new(run * 1000 + task);
+                let mut i = 0u64;
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    match workload {
+                        Workload::Set1 | Workload::Set64 => {
+                            conn.set(&format!("new-{stored}-{run}-{task}-{i}"), &value).await;
+                            keys += 1;
+                        }
+                        Workload::Bulk => {
+                            let entries: Vec<(String, Vec<u8>)> = (0..1000)
+                                .map(|j| (format!("bulk-{stored}-{run}-{task}-{i}-{j}"), value.to_vec()))
+                                .collect();
+                            conn.bulk_set(&entries).await;
+                            keys += 1000;
+                        }
+                        Workload::Get64 => {
+                            let found = conn.get(&format!("pre-{:012}", rng.between(0, stored.max(1) - 1))).await;
+                            assert!(found || stored == 0, "a pre-loaded key is missing");
+                            keys += 1;
+                        }
+                    }
+                    latencies_us.push(t.elapsed().as_micros() as u32);
+                    i += 1;
+                }
+                (keys, latencies_us)
+            })
+        })
+        .collect();
+    let (mut keys, mut latencies) = (0, Vec::new());
+    for task in tasks {
+        let (k, l) = task.await.expect("bench task");
+        keys += k;
+        latencies.extend(l);
+    }
+    latencies.sort_unstable();
+    let at = |q: f64| latencies.get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1)));
+    Figure {
+        keys_per_s: keys as f64 / started.elapsed().as_secs_f64(),
+        p50_ms: at(0.50).map_or(0.0, |&us| us as f64 / 1000.0),
+        p99_ms: at(0.99).map_or(0.0, |&us| us as f64 / 1000.0),
+    }
+}
+
+/// Loads keys `pre-{from..to}` in 1000-key bulk sets, 4 in flight.
+async fn load(conn: &Conn, from: u64, to: u64, value: &Arc<Vec<u8>>, label: &str) {
+    if to <= from {
+        return;
+    }
+    let bar = ProgressBar::new(to - from);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} keys ({per_sec}, eta {eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(format!("loading {label}"));
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(from));
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let (mut conn, value, next, bar) = (conn.clone(), value.clone(), next.clone(), bar.clone());
+            tokio::spawn(async move {
+                loop {
+                    let start = next.fetch_add(1000, std::sync::atomic::Ordering::Relaxed);
+                    if start >= to {
+                        return;
+                    }
+                    let end = (start + 1000).min(to);
+                    let entries: Vec<(String, Vec<u8>)> =
+                        (start..end).map(|k| (format!("pre-{k:012}"), value.to_vec())).collect();
+                    conn.bulk_set(&entries).await;
+                    bar.inc(end - start);
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("load task");
+    }
+    bar.finish_and_clear();
+}
+
+struct Redis {
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_redis(port: u16) -> Result<Redis, String> {
+    let setup = workspace().join("benches/setup-redis.sh");
+    let ok = Command::new("bash").arg(&setup).status().map_err(|e| e.to_string())?.success();
+    if !ok {
+        return Err(format!("{} failed", setup.display()));
+    }
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).map_err(|e| e.to_string())?;
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"])
+        .args(["--appendfsync", "always", "--daemonize", "no", "--dir"])
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("starting redis-server: {e}"))?;
+    Ok(Redis { child, _dir: dir })
+}
+
+async fn connect_redis(port: u16) -> Result<redis::aio::MultiplexedConnection, String> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).map_err(|e| e.to_string())?;
+    let mut last = String::new();
+    for _ in 0..100 {
+        match client.get_multiplexed_async_connection().await {
+            Ok(conn) => return Ok(conn),
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(format!("redis did not answer: {last}"))
+}
+
+fn build_quiverd() -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(workspace())
+        .args(["build", "--release", "-p", "quiver-node", "--bin", "quiverd"])
+        .status()
+        .expect("run cargo build");
+    assert!(status.success(), "building the release quiverd failed");
+    workspace().join("target/release/quiverd")
+}
+
+type Row = (&'static str, u64, Workload, Figure);
+
+async fn bench_system(
+    name: &'static str,
+    conn: Conn,
+    sizes: &[u64],
+    runs: u64,
+    seconds: u64,
+    value: &Arc<Vec<u8>>,
+) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let mut loaded = 0;
+    for &stored in sizes {
+        load(&conn, loaded, stored, value, &format!("{name} to {stored} keys")).await;
+        loaded = loaded.max(stored);
+        for workload in Workload::ALL {
+            if workload == Workload::Get64 && stored == 0 {
+                continue;
+            }
+            let mut figures = Vec::new();
+            for run in 0..runs {
+                figures.push(measure(&conn, workload, seconds, run, stored, value).await);
+            }
+            let runs_text: Vec<String> = figures.iter().map(|f| format!("{:.0}", f.keys_per_s)).collect();
+            eprintln!("{name:>6} | {stored:>9} keys | {:<32} | runs: {}", workload.name(), runs_text.join(" "));
+            rows.push((name, stored, workload, median(figures)));
+        }
+    }
+    rows
+}
+
+fn report(rows: &[Row], sizes: &[u64], runs: u64, seconds: u64, value_bytes: usize) -> std::io::Result<()> {
+    let out = workspace().join("target/quiver-bench");
+    std::fs::create_dir_all(&out)?;
+    let find = |system: &str, stored: u64, w: Workload| {
+        rows.iter().find(|r| r.0 == system && r.1 == stored && r.2 == w).map(|r| r.3)
+    };
+
+    println!("\nDurable writes, {value_bytes}-byte values, one connection per system; median of {runs} runs of {seconds}s.\n");
+    println!("| stored keys | workload | Quiver keys/s | p50 / p99 ms | Redis keys/s | p50 / p99 ms | Quiver / Redis | Quiver vs. empty |");
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|");
+    let mut csv = String::from("system,stored_keys,workload,keys_per_s,p50_ms,p99_ms\n");
+    for row in rows {
+        csv += &format!(
+            "{},{},{},{:.0},{:.3},{:.3}\n",
+            row.0,
+            row.1,
+            row.2.name(),
+            row.3.keys_per_s,
+            row.3.p50_ms,
+            row.3.p99_ms
+        );
+    }
+    for &stored in sizes {
+        for w in Workload::ALL {
+            let Some(q) = find("quiver", stored, w) else { continue };
+            let r = find("redis", stored, w);
+            let empty = find("quiver", 0, w).unwrap_or(q);
+            println!(
+                "| {stored} | {} | {:.0} | {:.2} / {:.2} | {} | {} | {} | {:.0}% |",
+                w.name(),
+                q.keys_per_s,
+                q.p50_ms,
+                q.p99_ms,
+                r.map_or("-".into(), |r| format!("{:.0}", r.keys_per_s)),
+                r.map_or("-".into(), |r| format!("{:.2} / {:.2}", r.p50_ms, r.p99_ms)),
+                r.map_or("-".into(), |r| format!("{:.2}x", q.keys_per_s / r.keys_per_s)),
+                100.0 * q.keys_per_s / empty.keys_per_s,
+            );
+        }
+    }
+    std::fs::write(out.join("write_throughput.csv"), csv)?;
+    plot(rows, &out.join("write_throughput.svg")).map_err(std::io::Error::other)?;
+    println!("\nCSV and plot: {}", out.display());
+    Ok(())
+}
+
+fn plot(rows: &[Row], path: &Path) -> Result<(), String> {
+    use plotters::prelude::*;
+    let root = SVGBackend::new(path, (900, 540)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let max_y = rows.iter().filter(|r| r.2 != Workload::Get64).map(|r| r.3.keys_per_s).fold(1.0, f64::max) * 1.15;
+    let max_x = rows.iter().map(|r| r.1).max().unwrap_or(1).max(1) as f64;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("Durable write throughput vs. stored keys", ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(80)
+        .build_cartesian_2d(0f64..max_x * 1.05, (1000f64..max_y).log_scale())
+        .map_err(|e| e.to_string())?;
+    chart
+        .configure_mesh()
+        .x_desc("keys already stored")
+        .y_desc("acknowledged keys/s (log)")
+        .x_label_formatter(&|x| format!("{:.0}k", x / 1000.0))
+        .y_label_formatter(&|y| format!("{:.0}k", y / 1000.0))
+        .draw()
+        .map_err(|e| e.to_string())?;
+    let series = [
+        ("quiver", Workload::Set64, RED),
+        ("quiver", Workload::Bulk, MAGENTA),
+        ("quiver", Workload::Set1, RGBColor(200, 120, 0)),
+        ("redis", Workload::Set64, BLUE),
+        ("redis", Workload::Bulk, CYAN),
+        ("redis", Workload::Set1, RGBColor(0, 120, 0)),
+    ];
+    for (system, workload, color) in series {
+        let points: Vec<(f64, f64)> =
+            rows.iter().filter(|r| r.0 == system && r.2 == workload).map(|r| (r.1 as f64, r.3.keys_per_s)).collect();
+        if points.is_empty() {
+            continue;
+        }
+        chart
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
+            .map_err(|e| e.to_string())?
+            .label(format!("{system}: {}", workload.name()))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+        chart.draw_series(points.into_iter().map(|p| Circle::new(p, 3, color.filled()))).map_err(|e| e.to_string())?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()
+        .map_err(|e| e.to_string())?;
+    root.present().map_err(|e| e.to_string())
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let runs = env_or("QUIVER_BENCH_RUNS", 3).max(1);
+    let seconds = env_or("QUIVER_BENCH_SECONDS", 3).max(1);
+    let max_keys = env_or("QUIVER_BENCH_MAX_KEYS", 1_000_000);
+    let value_bytes = env_or("QUIVER_BENCH_VALUE_BYTES", 100) as usize;
+    let sizes: Vec<u64> = [0, 100_000, 1_000_000, 10_000_000].into_iter().filter(|&s| s <= max_keys).collect();
+    let value = Arc::new(vec![b'v'; value_bytes]);
+
+    let quiverd = build_quiverd();
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
+    let node = NodeProcess::start(&NodeSpec::new(&quiverd, dir.path())).expect("start quiverd");
+    let client = quiver_client::Client::connect([node.addr.clone()]).await.expect("connect to quiverd");
+    let mut rows = bench_system("quiver", Conn::Quiver(Arc::new(client)), &sizes, runs, seconds, &value).await;
+    drop(node);
+
+    if std::env::var("QUIVER_BENCH_SKIP_REDIS").as_deref() != Ok("1") {
+        let port = quiver_chaos::node::free_port().expect("free port");
+        match start_redis(port) {
+            Ok(redis) => {
+                let conn = connect_redis(port).await.expect("connect to redis");
+                rows.extend(bench_system("redis", Conn::Redis(conn), &sizes, runs, seconds, &value).await);
+                drop(redis);
+            }
+            Err(e) => eprintln!("Redis skipped: {e}"),
+        }
+    }
+    report(&rows, &sizes, runs, seconds, value_bytes).expect("write the report");
+}
