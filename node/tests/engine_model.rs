@@ -134,3 +134,27 @@ fn tombstone_survives_partial_compaction() {
 fn crash_right_after_writes_keeps_them() {
     run((0..200).map(|i| Action::Set((i % 256) as u8, i)).chain([Action::Crash]).collect()).unwrap();
 }
+
+/// Regression: a major compaction splits its output into several files of
+/// the same size; the policy must see them as one sorted run, not as a tier
+/// of similar tables to merge again (which it once did, forever).
+#[test]
+fn compaction_output_is_one_run_and_is_not_merged_again() {
+    use quiver_node::storage::Options;
+    let fs = SimFs::new();
+    let opts = Options { background_compaction: false, ..tiny_options() };
+    let engine = Engine::open_with(Arc::new(fs), Path::new("/db"), opts).unwrap();
+    let mut writer = Writer::new(engine.max_hlc());
+    for i in 0..2000u32 {
+        engine.write_blocking(vec![writer.op(format!("k{i:05}").as_bytes(), Some(&[b'v'; 40]))]).unwrap();
+    }
+    engine.compact().unwrap();
+    let after_major = engine.stats();
+    assert!(after_major.tables >= 4, "the output should span several files: {after_major:?}");
+    assert!(!engine.compact_step().unwrap(), "the policy merged one run's files again");
+    assert_eq!(engine.stats().compactions, after_major.compactions);
+    // Gets still find every key in the split run.
+    for i in (0..2000u32).step_by(97) {
+        assert!(engine.get(format!("k{i:05}").as_bytes()).unwrap().is_some());
+    }
+}

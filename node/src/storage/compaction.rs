@@ -1,9 +1,13 @@
 //! Compaction: which tables to merge (a pure policy) and the merge itself.
 //!
-//! The policy is size-tiered: tables of similar size are grouped, and a group
-//! of at least `min_tables` is merged into one (split into files of about
-//! `table_bytes_target`). Each table is rewritten about once per size tier,
-//! so write amplification grows with the logarithm of the data size.
+//! The policy is size-tiered over *sorted runs*: a flushed table is a run; the
+//! tables one compaction writes (its output split into files of about
+//! `table_bytes_target`) form one run and never overlap in keys. Runs of
+//! similar size are grouped, and a group of at least `min_runs` is merged
+//! into one run. Each byte is rewritten about once per size tier, so write
+//! amplification grows with the logarithm of the data size. (Planning over
+//! files instead of runs would see a merge's equal-sized output files as a
+//! new tier and merge them again, forever.)
 //!
 //! Merging applies the sibling rule to every key found in several tables,
 //! which drops shadowed versions. A key whose versions are all tombstones is
@@ -16,33 +20,33 @@ use quiver_ring::Siblings;
 
 use crate::storage::error::Result;
 
-/// A table as the policy sees it.
+/// A sorted run as the policy sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TableSize {
-    pub id: u64,
+pub struct RunSize {
+    pub run: u64,
     pub bytes: u64,
 }
 
 /// Knobs of the size-tiered policy.
 #[derive(Clone, Copy, Debug)]
 pub struct Policy {
-    /// A group needs this many tables to be merged.
-    pub min_tables: usize,
-    /// At most this many tables are merged at once.
-    pub max_tables: usize,
-    /// Tables below this size all count as one tier.
-    pub small_table_bytes: u64,
+    /// A group needs this many runs to be merged.
+    pub min_runs: usize,
+    /// At most this many runs are merged at once.
+    pub max_runs: usize,
+    /// Runs below this size all count as one tier.
+    pub small_run_bytes: u64,
 }
 
-/// The ids of the tables to merge next, if any group is ready.
-pub fn plan(tables: &[TableSize], policy: &Policy) -> Option<Vec<u64>> {
-    let mut by_size = tables.to_vec();
-    by_size.sort_by_key(|t| (t.bytes, t.id));
-    let mut buckets: Vec<Vec<TableSize>> = Vec::new();
+/// The runs to merge next, if any group is ready.
+pub fn plan(runs: &[RunSize], policy: &Policy) -> Option<Vec<u64>> {
+    let mut by_size = runs.to_vec();
+    by_size.sort_by_key(|t| (t.bytes, t.run));
+    let mut buckets: Vec<Vec<RunSize>> = Vec::new();
     for table in by_size {
         let fits = buckets.last().is_some_and(|bucket| {
             let avg = bucket.iter().map(|t| t.bytes).sum::<u64>() / bucket.len() as u64;
-            table.bytes <= policy.small_table_bytes || table.bytes <= avg.saturating_mul(3) / 2
+            table.bytes <= policy.small_run_bytes || table.bytes <= avg.saturating_mul(3) / 2
         });
         match buckets.last_mut() {
             Some(bucket) if fits => bucket.push(table),
@@ -50,8 +54,8 @@ pub fn plan(tables: &[TableSize], policy: &Policy) -> Option<Vec<u64>> {
         }
     }
     // Smallest tier first: cheap merges keep the table count down.
-    let bucket = buckets.into_iter().find(|bucket| bucket.len() >= policy.min_tables.max(2))?;
-    Some(bucket.into_iter().take(policy.max_tables.max(2)).map(|t| t.id).collect())
+    let bucket = buckets.into_iter().find(|bucket| bucket.len() >= policy.min_runs.max(2))?;
+    Some(bucket.into_iter().take(policy.max_runs.max(2)).map(|t| t.run).collect())
 }
 
 /// A sorted source of `(key, value)`: a memtable range or a table, with the
@@ -116,10 +120,10 @@ pub fn merge_siblings(values: Vec<(usize, Siblings)>) -> Siblings {
 mod tests {
     use super::*;
 
-    const POLICY: Policy = Policy { min_tables: 4, max_tables: 32, small_table_bytes: 1 << 20 };
+    const POLICY: Policy = Policy { min_runs: 4, max_runs: 32, small_run_bytes: 1 << 20 };
 
-    fn sizes(bytes: &[u64]) -> Vec<TableSize> {
-        bytes.iter().enumerate().map(|(i, &bytes)| TableSize { id: i as u64, bytes }).collect()
+    fn sizes(bytes: &[u64]) -> Vec<RunSize> {
+        bytes.iter().enumerate().map(|(i, &bytes)| RunSize { run: i as u64, bytes }).collect()
     }
 
     #[test]
@@ -143,16 +147,16 @@ mod tests {
     fn repeated_flushes_give_logarithmic_tiers() {
         // Simulate 64 equal flushes: the table count stays small and every
         // byte is rewritten only a few times.
-        let mut tables: Vec<TableSize> = Vec::new();
+        let mut tables: Vec<RunSize> = Vec::new();
         let (mut next_id, mut written) = (0, 0u64);
         for _ in 0..64 {
-            tables.push(TableSize { id: next_id, bytes: 8 << 20 });
+            tables.push(RunSize { run: next_id, bytes: 8 << 20 });
             next_id += 1;
             written += 8 << 20;
             while let Some(ids) = plan(&tables, &POLICY) {
-                let bytes: u64 = tables.iter().filter(|t| ids.contains(&t.id)).map(|t| t.bytes).sum();
-                tables.retain(|t| !ids.contains(&t.id));
-                tables.push(TableSize { id: next_id, bytes });
+                let bytes: u64 = tables.iter().filter(|t| ids.contains(&t.run)).map(|t| t.bytes).sum();
+                tables.retain(|t| !ids.contains(&t.run));
+                tables.push(RunSize { run: next_id, bytes });
                 next_id += 1;
                 written += bytes;
             }

@@ -14,6 +14,7 @@
 //! Readers take a snapshot of [`Levels`] (an `Arc`) and merge what they find
 //! in the memtables and tables; the merge rule does not depend on order.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
@@ -23,7 +24,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use quiver_ring::{Hlc, Siblings};
 use tokio::sync::oneshot;
 
-use crate::storage::compaction::{self, merge_siblings, EntryIter, MergeIter, Policy, TableSize};
+use crate::storage::compaction::{self, merge_siblings, EntryIter, MergeIter, Policy, RunSize};
 use crate::storage::disk::{is_data_file, Fs, RealFs, SkipWriteFs};
 use crate::storage::error::{Error, IoContext, Result};
 use crate::storage::manifest::{Edit, Manifest, TableMeta};
@@ -228,7 +229,7 @@ impl Engine {
         let mut tables = Vec::with_capacity(state.tables.len());
         for meta in state.tables.values() {
             let path = dir.join(table_name(meta.id));
-            let table = Table::open(fs.as_ref(), &path, meta.id)?;
+            let table = Table::open(fs.as_ref(), &path, meta.id)?.with_run(meta.run);
             if table.size() != meta.size {
                 return Err(Error::corrupt(
                     &path,
@@ -405,6 +406,12 @@ impl Engine {
     /// versions and tombstones past the grace period.
     pub fn compact(&self) -> Result<()> {
         self.inner.compact(true).map(drop)
+    }
+
+    /// Runs one compaction the size-tiered policy asks for, if any (what the
+    /// background thread does). Returns whether it merged anything.
+    pub fn compact_step(&self) -> Result<bool> {
+        self.inner.compact(false)
     }
 
     /// The highest timestamp in the store: a restarted node's clock must
@@ -599,8 +606,9 @@ impl Inner {
     }
 
     /// Writes `bytes` as a new table file, syncs it, re-reads and verifies
-    /// it; retries with a new file if verification fails.
-    fn write_table(&self, bytes: &[u8]) -> Result<Arc<Table>> {
+    /// it; retries with a new file if verification fails. The table joins
+    /// `run`, or starts a run of its own.
+    fn write_table(&self, bytes: &[u8], run: Option<u64>) -> Result<Arc<Table>> {
         let attempts = self.opts.table_write_attempts.max(1);
         let mut last_error = None;
         for attempt in 1..=attempts {
@@ -612,7 +620,7 @@ impl Inner {
                 file.sync_data().ctx("sync", &path)?;
                 self.fs.sync_dir(&self.dir).ctx("sync directory", &self.dir)?;
                 drop(file);
-                let table = Table::open(self.fs.as_ref(), &path, id)?;
+                let table = Table::open(self.fs.as_ref(), &path, id)?.with_run(run.unwrap_or(id));
                 table.verify()?;
                 if table.size() != bytes.len() as u64 {
                     return Err(Error::corrupt(
@@ -653,13 +661,14 @@ impl Inner {
             }
         };
         let table = match &built {
-            Some((bytes, _)) => Some(self.write_table(bytes)?),
+            Some((bytes, _)) => Some(self.write_table(bytes, None)?),
             None => None,
         };
         {
             let mut manifest = lock(&self.manifest);
             if let (Some(table), Some((_, max_seq))) = (&table, &built) {
-                let meta = TableMeta { id: table.id(), size: table.size(), props: table.props().clone() };
+                let meta =
+                    TableMeta { id: table.id(), run: table.run(), size: table.size(), props: table.props().clone() };
                 manifest.commit(Edit { added: vec![meta], flushed_seq: Some(*max_seq), ..Edit::default() })?;
             }
             let mut levels = write(&self.levels);
@@ -702,27 +711,34 @@ impl Inner {
     fn compact(&self, full: bool) -> Result<bool> {
         let _only_one = lock(&self.compaction_lock);
         let tables = self.levels().tables.clone();
-        let ids: Vec<u64> = if full {
-            tables.iter().map(|t| t.id()).collect()
+        let runs: Vec<u64> = if full {
+            tables.iter().map(|t| t.run()).collect()
         } else {
             let policy = Policy {
-                min_tables: self.opts.compaction_min_tables,
-                max_tables: self.opts.compaction_max_tables,
-                small_table_bytes: (self.opts.memtable_bytes_max / 4) as u64,
+                min_runs: self.opts.compaction_min_tables,
+                max_runs: self.opts.compaction_max_tables,
+                small_run_bytes: (self.opts.memtable_bytes_max / 4) as u64,
             };
-            let sizes: Vec<TableSize> = tables.iter().map(|t| TableSize { id: t.id(), bytes: t.size() }).collect();
+            let mut sizes: BTreeMap<u64, u64> = BTreeMap::new();
+            for table in &tables {
+                *sizes.entry(table.run()).or_default() += table.size();
+            }
+            let sizes: Vec<RunSize> = sizes.into_iter().map(|(run, bytes)| RunSize { run, bytes }).collect();
             compaction::plan(&sizes, &policy).unwrap_or_default()
         };
-        if ids.is_empty() {
+        if runs.is_empty() || full && tables.is_empty() {
             return Ok(false);
         }
         let (inputs, outside): (Vec<Arc<Table>>, Vec<Arc<Table>>) =
-            tables.into_iter().partition(|t| ids.contains(&t.id()));
+            tables.into_iter().partition(|t| runs.contains(&t.run()));
+        let ids: Vec<u64> = inputs.iter().map(|t| t.id()).collect();
         let outputs = self.merge_tables(&inputs, &outside)?;
         let committed = {
             let mut manifest = lock(&self.manifest);
-            let added =
-                outputs.iter().map(|t| TableMeta { id: t.id(), size: t.size(), props: t.props().clone() }).collect();
+            let added = outputs
+                .iter()
+                .map(|t| TableMeta { id: t.id(), run: t.run(), size: t.size(), props: t.props().clone() })
+                .collect();
             let committed = manifest.commit(Edit { added, removed: ids.clone(), ..Edit::default() });
             if committed.is_ok() {
                 let mut levels = write(&self.levels);
@@ -779,12 +795,14 @@ impl Inner {
                 }
                 if builder.estimated_bytes() >= self.opts.table_bytes_target {
                     let full = std::mem::replace(&mut builder, new_builder());
-                    outputs.push(self.write_table(&full.finish().0)?);
+                    let run = outputs.first().map(|t: &Arc<Table>| t.run());
+                    outputs.push(self.write_table(&full.finish().0, run)?);
                 }
             }
             if builder.entries() > 0 {
                 let last = std::mem::replace(&mut builder, new_builder());
-                outputs.push(self.write_table(&last.finish().0)?);
+                let run = outputs.first().map(|t: &Arc<Table>| t.run());
+                outputs.push(self.write_table(&last.finish().0, run)?);
             }
             Ok(())
         })();

@@ -37,6 +37,9 @@ const TMP_NAME: &str = "MANIFEST.tmp";
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TableMeta {
     pub id: u64,
+    /// The sorted run the table belongs to: the tables one compaction writes
+    /// share a run and never overlap in keys; a flushed table is a run alone.
+    pub run: u64,
     pub size: u64,
     pub props: Props,
 }

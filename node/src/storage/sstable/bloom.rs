@@ -45,7 +45,10 @@ impl Bloom {
 
 fn probes(hash: u64, k: u32, nbits: u64) -> impl Iterator<Item = u64> {
     let delta = hash.rotate_left(32) | 1;
-    (0..u64::from(k)).map(move |i| hash.wrapping_add(i.wrapping_mul(delta)) % nbits)
+    // Multiply-shift maps a 64-bit hash onto 0..nbits without a division,
+    // which would cost more than the rest of the probe.
+    (0..u64::from(k))
+        .map(move |i| ((u128::from(hash.wrapping_add(i.wrapping_mul(delta))) * u128::from(nbits)) >> 64) as u64)
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ use crate::storage::error::{Error, IoContext, Result};
 #[derive(Debug)]
 pub struct Table {
     id: u64,
+    run: u64,
     path: PathBuf,
     file: Box<dyn File>,
     size: u64,
@@ -85,12 +86,24 @@ impl Table {
         if index.iter().any(|entry| entry.offset.saturating_add(u64::from(entry.len)) > index_at.0) {
             return Err(corrupt(index_at.0, "index points past the data blocks"));
         }
-        Ok(Table { id, path: path.to_path_buf(), file, size, index, bloom, props })
+        Ok(Table { id, run: id, path: path.to_path_buf(), file, size, index, bloom, props })
     }
 
     /// The table's id (its file number).
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// Places the table in a sorted run (see [`crate::storage::manifest::TableMeta`]);
+    /// a table is a run of its own until told otherwise.
+    pub fn with_run(mut self, run: u64) -> Table {
+        self.run = run;
+        self
+    }
+
+    /// The sorted run the table belongs to.
+    pub fn run(&self) -> u64 {
+        self.run
     }
 
     /// File size in bytes.
@@ -134,7 +147,9 @@ impl Table {
 
     /// The versions of `key` in this table.
     pub fn get(&self, key: &[u8]) -> Result<Option<Siblings>> {
-        if !self.may_contain(key) {
+        // The key range first: of the tables of one run, only one can match.
+        if key < self.props.smallest_key.as_slice() || key > self.props.largest_key.as_slice() || !self.may_contain(key)
+        {
             return Ok(None);
         }
         let at = self.index.partition_point(|entry| entry.last_key.as_slice() < key);
