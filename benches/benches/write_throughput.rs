@@ -13,7 +13,8 @@
 //! Both systems are driven the same way: one connection per system, shared by
 //! N tasks, so N requests are in flight on it. Values are
 //! `QUIVER_BENCH_VALUE_BYTES` (100) bytes. `QUIVER_BENCH_SKIP_REDIS=1` runs
-//! Quiver alone.
+//! Quiver alone; `QUIVER_BENCH_WORKLOADS=set1,set64,bulk,get64` picks
+//! workloads (all by default).
 //!
 //! Output: a markdown table on stdout, `target/quiver-bench/write_throughput.csv`
 //! and `target/quiver-bench/write_throughput.svg`.
@@ -77,6 +78,24 @@ enum Workload {
 
 impl Workload {
     const ALL: [Workload; 4] = [Workload::Set1, Workload::Set64, Workload::Bulk, Workload::Get64];
+
+    fn short(self) -> &'static str {
+        match self {
+            Workload::Set1 => "set1",
+            Workload::Set64 => "set64",
+            Workload::Bulk => "bulk",
+            Workload::Get64 => "get64",
+        }
+    }
+
+    /// The workloads `QUIVER_BENCH_WORKLOADS` asks for (all by default).
+    fn selected() -> Vec<Workload> {
+        let wanted = std::env::var("QUIVER_BENCH_WORKLOADS").unwrap_or_default();
+        Workload::ALL
+            .into_iter()
+            .filter(|w| wanted.is_empty() || wanted.split(',').any(|s| s.trim() == w.short()))
+            .collect()
+    }
 
     fn name(self) -> &'static str {
         match self {
@@ -268,7 +287,7 @@ async fn bench_system(
     for &stored in sizes {
         load(&conn, loaded, stored, value, &format!("{name} to {stored} keys")).await;
         loaded = loaded.max(stored);
-        for workload in Workload::ALL {
+        for workload in Workload::selected() {
             if workload == Workload::Get64 && stored == 0 {
                 continue;
             }

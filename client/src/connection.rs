@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use quiver_ring::wire::{self, Op, Request, Response};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -102,7 +102,9 @@ async fn write_requests(
     let _ = writer.shutdown().await;
 }
 
-async fn read_responses(mut reader: OwnedReadHalf, pending: Pending, broken: Arc<AtomicBool>, hlc: Arc<AtomicU64>) {
+async fn read_responses(reader: OwnedReadHalf, pending: Pending, broken: Arc<AtomicBool>, hlc: Arc<AtomicU64>) {
+    // Buffered: one read syscall brings in every answer that has arrived.
+    let mut reader = BufReader::with_capacity(64 << 10, reader);
     loop {
         let mut header = [0u8; wire::LEN_BYTES];
         if reader.read_exact(&mut header).await.is_err() {

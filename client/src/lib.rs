@@ -42,7 +42,11 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 pub struct Client {
     seeds: Vec<String>,
-    connection: Mutex<Option<Arc<Connection>>>,
+    /// The live connection. A plain mutex held only to clone the `Arc`, so
+    /// concurrent calls do not queue behind each other.
+    current: std::sync::Mutex<Option<Arc<Connection>>>,
+    /// Serialises reconnecting, which awaits.
+    reconnecting: Mutex<()>,
     timeout: Duration,
     hlc: Arc<AtomicU64>,
 }
@@ -56,7 +60,8 @@ impl Client {
     {
         let client = Client {
             seeds: seeds.into_iter().map(Into::into).collect(),
-            connection: Mutex::new(None),
+            current: std::sync::Mutex::new(None),
+            reconnecting: Mutex::new(()),
             timeout: DEFAULT_TIMEOUT,
             hlc: Arc::default(),
         };
@@ -70,20 +75,29 @@ impl Client {
         self
     }
 
+    fn live(&self) -> Option<Arc<Connection>> {
+        let current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        current.as_ref().filter(|c| !c.is_broken()).cloned()
+    }
+
     async fn connection(&self) -> Result<Arc<Connection>> {
-        let mut slot = self.connection.lock().await;
-        if let Some(connection) = slot.as_ref().filter(|c| !c.is_broken()) {
-            return Ok(connection.clone());
+        if let Some(connection) = self.live() {
+            return Ok(connection);
+        }
+        let _one_at_a_time = self.reconnecting.lock().await;
+        if let Some(connection) = self.live() {
+            return Ok(connection);
         }
         // Start with the seed after the one that just failed.
-        let start = slot.as_ref().and_then(|c| self.seeds.iter().position(|s| s == c.addr())).map_or(0, |i| i + 1);
+        let failed = self.current.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let start = failed.and_then(|c| self.seeds.iter().position(|s| s == c.addr())).map_or(0, |i| i + 1);
         let mut last = String::from("no seed addresses given");
         for i in 0..self.seeds.len() {
             let addr = &self.seeds[(start + i) % self.seeds.len()];
             match Connection::open(addr, self.hlc.clone(), self.timeout).await {
                 Ok(connection) => {
                     let connection = Arc::new(connection);
-                    *slot = Some(connection.clone());
+                    *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(connection.clone());
                     return Ok(connection);
                 }
                 Err(e) => last = format!("{addr}: {e}"),
