@@ -120,8 +120,21 @@ impl Service {
         Ok(())
     }
 
-    /// Handles one request. Writes return only once durable.
-    pub async fn handle(&self, hlc_seen: u64, op: Op) -> Result<Reply, ServerError> {
+    /// Handles one request and calls `reply` with the answer: at once for
+    /// reads and refusals, and for writes once they are durable (then from
+    /// the engine's commit thread, so `reply` must be quick).
+    pub fn start(&self, hlc_seen: u64, op: Op, reply: impl FnOnce(Result<Reply, ServerError>) + Send + 'static) {
+        match op {
+            Op::Set { .. } | Op::Delete { .. } | Op::BulkSet { .. } => match self.entries(op) {
+                Ok(entries) => self.write_then(hlc_seen, entries, reply),
+                Err(error) => reply(Err(error)),
+            },
+            read => reply(self.read(hlc_seen, read)),
+        }
+    }
+
+    /// Answers a request that writes nothing.
+    fn read(&self, hlc_seen: u64, op: Op) -> Result<Reply, ServerError> {
         match op {
             Op::Get { key } => {
                 self.check_key(&key)?;
@@ -145,14 +158,40 @@ impl Service {
                     .map_err(storage_error)?;
                 Ok(Reply::Values(values))
             }
+            Op::Status => {
+                let stats = self.engine.stats();
+                Ok(Reply::Status(NodeStatus {
+                    node_id: self.node_id.0,
+                    client_addr: self.client_addr.clone(),
+                    peer_addr: self.peer_addr.clone(),
+                    version: env!("CARGO_PKG_VERSION").to_owned(),
+                    keys: stats.table_entries + stats.memtable_entries as u64,
+                    bytes_on_disk: self.engine.disk_bytes().map_err(storage_error)?,
+                    uptime_ms: self.started.elapsed().as_millis() as u64,
+                }))
+            }
+            Op::Shutdown => {
+                tracing::info!("shutdown requested by a client");
+                self.request_shutdown();
+                Ok(Reply::Done)
+            }
+            Op::Set { .. } | Op::Delete { .. } | Op::BulkSet { .. } => {
+                Err(ServerError::new(ErrorKind::Internal, "a write was routed to the read path"))
+            }
+        }
+    }
+
+    /// Checks a write against the limits; the keys and values to write.
+    fn entries(&self, op: Op) -> Result<Vec<(Vec<u8>, Option<Vec<u8>>)>, ServerError> {
+        match op {
             Op::Set { key, value } => {
                 self.check_key(&key)?;
                 self.check_value(&value)?;
-                self.write(hlc_seen, vec![(key, Some(value))]).await
+                Ok(vec![(key, Some(value))])
             }
             Op::Delete { key } => {
                 self.check_key(&key)?;
-                self.write(hlc_seen, vec![(key, None)]).await
+                Ok(vec![(key, None)])
             }
             Op::BulkSet { entries } => {
                 if entries.len() > self.limits.bulk_entries_max {
@@ -178,25 +217,9 @@ impl Service {
                 }
                 // A key given twice takes its last value (as Redis MSET does).
                 let entries: BTreeMap<Vec<u8>, Vec<u8>> = entries.into_iter().collect();
-                self.write(hlc_seen, entries.into_iter().map(|(k, v)| (k, Some(v))).collect()).await
+                Ok(entries.into_iter().map(|(k, v)| (k, Some(v))).collect())
             }
-            Op::Status => {
-                let stats = self.engine.stats();
-                Ok(Reply::Status(NodeStatus {
-                    node_id: self.node_id.0,
-                    client_addr: self.client_addr.clone(),
-                    peer_addr: self.peer_addr.clone(),
-                    version: env!("CARGO_PKG_VERSION").to_owned(),
-                    keys: stats.table_entries + stats.memtable_entries as u64,
-                    bytes_on_disk: self.engine.disk_bytes().map_err(storage_error)?,
-                    uptime_ms: self.started.elapsed().as_millis() as u64,
-                }))
-            }
-            Op::Shutdown => {
-                tracing::info!("shutdown requested by a client");
-                self.request_shutdown();
-                Ok(Reply::Done)
-            }
+            other => Err(ServerError::new(ErrorKind::Internal, format!("{other:?} is not a write"))),
         }
     }
 
@@ -205,19 +228,23 @@ impl Service {
     }
 
     /// Stamps every entry with one `(hlc, origin)` and writes them as one WAL
-    /// record: all or nothing.
-    async fn write(&self, hlc_seen: u64, entries: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<Reply, ServerError> {
+    /// record (all or nothing); `reply` is called once it is durable.
+    fn write_then(
+        &self,
+        hlc_seen: u64,
+        entries: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+        reply: impl FnOnce(Result<Reply, ServerError>) + Send + 'static,
+    ) {
         let stamp = {
             let mut stamper = self.stamper.lock().unwrap_or_else(|p| p.into_inner());
             stamper.observe(Hlc(hlc_seen));
             stamper.next(now_ms())
         };
         if self.drop_this_write() {
-            return Ok(Reply::Done);
+            return reply(Ok(Reply::Done));
         }
         let ops = entries.into_iter().map(|(key, value)| storage::Op { key, version: stamp.blind(value) }).collect();
-        self.engine.write(ops).await.map_err(storage_error)?;
-        Ok(Reply::Done)
+        self.engine.write_then(ops, move |result| reply(result.map(|_| Reply::Done).map_err(storage_error)));
     }
 }
 

@@ -1,9 +1,12 @@
 //! The client listener.
 //!
 //! Each connection has a reader loop and a writer task. The reader reads one
-//! frame at a time and spawns a task per request, so requests run
-//! concurrently (and group-commit together) and answer in any order. The
-//! writer drains every response queued so far into one `write`.
+//! frame at a time and hands it to the service, which answers reads at once
+//! and passes writes to the engine without waiting for them: the engine's
+//! commit thread queues each write's answer when it is durable. So many
+//! requests are in flight per connection (and group-commit together) and
+//! answers go out in any order. The writer drains every answer queued so far
+//! into one `write`.
 //!
 //! Bad input is answered, never fatal to the node: a frame longer than the
 //! limit is refused before any of it is buffered, a body that does not decode
@@ -94,10 +97,11 @@ async fn connection(stream: TcpStream, service: Arc<Service>, mut stop: watch::R
             }
         };
         let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
-        let (service, responses) = (service.clone(), responses.clone());
-        tokio::spawn(async move {
-            let result = service.handle(request.hlc_seen, request.op).await;
-            let _ = responses.send(Response { id: request.id, hlc: service.hlc(), result });
+        // Reads are answered right here; a write's answer is queued by the
+        // engine's commit thread once it is durable, with no task in between.
+        let (answering, responses, id) = (service.clone(), responses.clone(), request.id);
+        service.start(request.hlc_seen, request.op, move |result| {
+            let _ = responses.send(Response { id, hlc: answering.hlc(), result });
             drop(permit);
         });
     }

@@ -121,17 +121,30 @@ struct Levels {
     tables: Vec<Arc<Table>>,
 }
 
-#[derive(Debug)]
+/// Called once with a write's outcome: its WAL sequence number once durable,
+/// or why it failed. Runs on the commit thread, so it must be quick (send a
+/// message, wake a task).
+pub type Done = Box<dyn FnOnce(Result<u64>) + Send>;
+
 enum Request {
     Write {
         ops: Vec<Op>,
         encoded: Vec<u8>,
-        done: oneshot::Sender<Result<u64>>,
+        done: Done,
     },
     /// Freeze the active memtable; answers with the last sequence in it.
     Rotate {
         done: oneshot::Sender<Result<u64>>,
     },
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Request::Write { ops, .. } => write!(f, "Write({} ops)", ops.len()),
+            Request::Rotate { .. } => write!(f, "Rotate"),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -302,10 +315,12 @@ impl Engine {
         Ok(Engine { inner, threads: Mutex::new(threads) })
     }
 
-    fn submit(&self, request: Request) -> Result<()> {
+    /// Queues a request for the commit thread; gives it back if the engine
+    /// is closing.
+    fn submit(&self, request: Request) -> Result<(), Request> {
         let mut queue = lock(&self.inner.queue);
         if queue.closing {
-            return Err(Error::Closed);
+            return Err(request);
         }
         queue.requests.push(request);
         let wake = queue.committer_waiting;
@@ -316,28 +331,37 @@ impl Engine {
         Ok(())
     }
 
-    fn submit_write(&self, ops: Vec<Op>) -> Result<oneshot::Receiver<Result<u64>>> {
+    /// Writes `ops` as one WAL record: all of them become durable and
+    /// visible together, or none does. Calls `done` with the record's
+    /// sequence number once it is on disk (after `fdatasync`), or with the
+    /// error; `done` runs on the commit thread and must be quick.
+    pub fn write_then(&self, ops: Vec<Op>, done: impl FnOnce(Result<u64>) + Send + 'static) {
         let encoded = postcard::to_stdvec(&ops).expect("postcard encodes ops into a Vec without failing");
         if wal::record_len(encoded.len()) > self.inner.opts.record_bytes_max {
-            return Err(Error::TooLarge { size: encoded.len(), max: self.inner.opts.record_bytes_max });
+            return done(Err(Error::TooLarge { size: encoded.len(), max: self.inner.opts.record_bytes_max }));
         }
-        let (done, receiver) = oneshot::channel();
-        self.submit(Request::Write { ops, encoded, done })?;
-        Ok(receiver)
+        if let Err(Request::Write { done, .. }) = self.submit(Request::Write { ops, encoded, done: Box::new(done) }) {
+            done(Err(Error::Closed));
+        }
     }
 
-    /// Writes `ops` as one WAL record: all of them become durable and
-    /// visible together, or none does. Returns the record's sequence number
-    /// once it is on disk (after `fdatasync`).
+    fn write_channel(&self, ops: Vec<Op>) -> oneshot::Receiver<Result<u64>> {
+        let (sender, receiver) = oneshot::channel();
+        self.write_then(ops, move |result| {
+            let _ = sender.send(result);
+        });
+        receiver
+    }
+
+    /// [`Engine::write_then`] as a future: the record's sequence number once
+    /// it is durable.
     pub async fn write(&self, ops: Vec<Op>) -> Result<u64> {
-        let receiver = self.submit_write(ops)?;
-        receiver.await.unwrap_or(Err(Error::Closed))
+        self.write_channel(ops).await.unwrap_or(Err(Error::Closed))
     }
 
     /// [`Engine::write`] for plain threads. Must not be called from async code.
     pub fn write_blocking(&self, ops: Vec<Op>) -> Result<u64> {
-        let receiver = self.submit_write(ops)?;
-        receiver.blocking_recv().unwrap_or(Err(Error::Closed))
+        self.write_channel(ops).blocking_recv().unwrap_or(Err(Error::Closed))
     }
 
     /// The live versions of `key`, merged from every level. `None` when the
@@ -397,7 +421,7 @@ impl Engine {
     /// are in verified SSTables.
     pub fn flush(&self) -> Result<()> {
         let (done, receiver) = oneshot::channel();
-        self.submit(Request::Rotate { done })?;
+        self.submit(Request::Rotate { done }).map_err(|_| Error::Closed)?;
         let seq = receiver.blocking_recv().unwrap_or(Err(Error::Closed))?;
         self.inner.wait_flushed(seq)
     }
@@ -867,13 +891,13 @@ fn commit_loop(inner: Arc<Inner>, mut wal: WalWriter, mut next_seq: u64) {
     }
 }
 
-type Write = (Vec<Op>, Vec<u8>, oneshot::Sender<Result<u64>>);
+type Write = (Vec<Op>, Vec<u8>, Done);
 
 /// One group commit: frame, write, fdatasync, apply, acknowledge.
 fn commit_group(inner: &Inner, wal: &mut WalWriter, buf: &mut Vec<u8>, next_seq: &mut u64, writes: Vec<Write>) {
     if let Some(reason) = lock(&inner.failed).clone() {
         for (_, _, done) in writes {
-            let _ = done.send(Err(Error::Failed(reason.clone())));
+            done(Err(Error::Failed(reason.clone())));
         }
         return;
     }
@@ -891,7 +915,7 @@ fn commit_group(inner: &Inner, wal: &mut WalWriter, buf: &mut Vec<u8>, next_seq:
             // (fsync errors are not retryable on Linux): stop writing.
             inner.fail(e.to_string());
             for (_, _, done) in writes {
-                let _ = done.send(Err(Error::Failed(e.to_string())));
+                done(Err(Error::Failed(e.to_string())));
             }
             return;
         }
@@ -922,7 +946,7 @@ fn commit_group(inner: &Inner, wal: &mut WalWriter, buf: &mut Vec<u8>, next_seq:
     // Acknowledge only now: the group is durable (fdatasync returned) and
     // visible to readers.
     for (done, seq) in acks {
-        let _ = done.send(Ok(seq));
+        done(Ok(seq));
     }
 }
 
