@@ -15,6 +15,9 @@ use tokio::sync::watch;
 use crate::config::Limits;
 use crate::storage::{self, Engine};
 
+/// Keys and values of one write; `None` deletes.
+type Entries = Vec<(Vec<u8>, Option<Vec<u8>>)>;
+
 /// The request handler shared by every connection.
 #[derive(Debug)]
 pub struct Service {
@@ -182,7 +185,7 @@ impl Service {
     }
 
     /// Checks a write against the limits; the keys and values to write.
-    fn entries(&self, op: Op) -> Result<Vec<(Vec<u8>, Option<Vec<u8>>)>, ServerError> {
+    fn entries(&self, op: Op) -> Result<Entries, ServerError> {
         match op {
             Op::Set { key, value } => {
                 self.check_key(&key)?;
@@ -232,7 +235,7 @@ impl Service {
     fn write_then(
         &self,
         hlc_seen: u64,
-        entries: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+        entries: Entries,
         reply: impl FnOnce(Result<Reply, ServerError>) + Send + 'static,
     ) {
         let stamp = {
