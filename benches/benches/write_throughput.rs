@@ -14,7 +14,8 @@
 //! N tasks, so N requests are in flight on it. Values are
 //! `QUIVER_BENCH_VALUE_BYTES` (100) bytes. `QUIVER_BENCH_SKIP_REDIS=1` runs
 //! Quiver alone; `QUIVER_BENCH_WORKLOADS=set1,set64,bulk,get64` picks
-//! workloads (all by default).
+//! workloads (all by default); `QUIVER_BENCH_PLOT_ONLY=1` re-draws the plot
+//! from the CSV of the last run without measuring.
 //!
 //! Output: a markdown table on stdout, `target/quiver-bench/write_throughput.csv`
 //! and `target/quiver-bench/write_throughput.svg`.
@@ -314,16 +315,8 @@ fn report(rows: &[Row], sizes: &[u64], runs: u64, seconds: u64, value_bytes: usi
     println!("| stored keys | workload | Quiver keys/s | p50 / p99 ms | Redis keys/s | p50 / p99 ms | Quiver / Redis | Quiver vs. empty |");
     println!("|---:|---|---:|---:|---:|---:|---:|---:|");
     let mut csv = String::from("system,stored_keys,workload,keys_per_s,p50_ms,p99_ms\n");
-    for row in rows {
-        csv += &format!(
-            "{},{},{},{:.0},{:.3},{:.3}\n",
-            row.0,
-            row.1,
-            row.2.name(),
-            row.3.keys_per_s,
-            row.3.p50_ms,
-            row.3.p99_ms
-        );
+    for (system, stored, workload, f) in rows {
+        csv += &format!("{system},{stored},{},{:.0},{:.3},{:.3}\n", workload.short(), f.keys_per_s, f.p50_ms, f.p99_ms);
     }
     for &stored in sizes {
         for w in Workload::ALL {
@@ -395,14 +388,41 @@ fn plot(rows: &[Row], path: &Path) -> Result<(), String> {
         .configure_series_labels()
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerRight)
+        .position(SeriesLabelPosition::MiddleRight)
         .draw()
         .map_err(|e| e.to_string())?;
     root.present().map_err(|e| e.to_string())
 }
 
+/// Reads the rows back from a CSV written by [`report`].
+fn read_csv(path: &Path) -> Result<Vec<Row>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut rows = Vec::new();
+    for line in text.lines().skip(1) {
+        let fields: Vec<&str> = line.split(',').collect();
+        let [system, stored, workload, keys_per_s, p50_ms, p99_ms] = fields[..] else {
+            return Err(format!("bad CSV line {line:?}"));
+        };
+        let system = if system == "quiver" { "quiver" } else { "redis" };
+        let workload = Workload::ALL
+            .into_iter()
+            .find(|w| w.short() == workload)
+            .ok_or(format!("unknown workload {workload:?}"))?;
+        let number = |s: &str| s.parse::<f64>().map_err(|e| format!("{s:?}: {e}"));
+        let figure = Figure { keys_per_s: number(keys_per_s)?, p50_ms: number(p50_ms)?, p99_ms: number(p99_ms)? };
+        rows.push((system, number(stored)? as u64, workload, figure));
+    }
+    Ok(rows)
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    if std::env::var("QUIVER_BENCH_PLOT_ONLY").as_deref() == Ok("1") {
+        let out = workspace().join("target/quiver-bench");
+        let rows = read_csv(&out.join("write_throughput.csv")).expect("read the CSV");
+        plot(&rows, &out.join("write_throughput.svg")).expect("plot");
+        return;
+    }
     let runs = env_or("QUIVER_BENCH_RUNS", 3).max(1);
     let seconds = env_or("QUIVER_BENCH_SECONDS", 3).max(1);
     let max_keys = env_or("QUIVER_BENCH_MAX_KEYS", 1_000_000);
