@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use quiver_ring::rand::{threshold, AtomicSplitMix64};
 use quiver_ring::wire::{ErrorKind, NodeStatus, Op, Reply, ServerError};
@@ -14,6 +14,7 @@ use tokio::sync::watch;
 
 use crate::config::Limits;
 use crate::storage::{self, Engine};
+use crate::{lock, now_ms};
 
 /// Keys and values of one write; `None` deletes.
 type Entries = Vec<(Vec<u8>, Option<Vec<u8>>)>;
@@ -33,10 +34,6 @@ pub struct Service {
     /// scaled to `u64::MAX`, and the generator that picks them.
     drop_threshold: u64,
     drop_rng: AtomicSplitMix64,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 fn invalid(kind: ErrorKind, message: String) -> ServerError {
@@ -92,7 +89,7 @@ impl Service {
 
     /// The highest timestamp stamped or seen, sent back with every response.
     pub fn hlc(&self) -> u64 {
-        self.stamper.lock().unwrap_or_else(|p| p.into_inner()).last().0
+        lock(&self.stamper).last().0
     }
 
     /// The per-request limits.
@@ -227,7 +224,7 @@ impl Service {
     }
 
     fn observe(&self, hlc_seen: u64) {
-        self.stamper.lock().unwrap_or_else(|p| p.into_inner()).observe(Hlc(hlc_seen));
+        lock(&self.stamper).observe(Hlc(hlc_seen));
     }
 
     /// Stamps every entry with one `(hlc, origin)` and writes them as one WAL
@@ -239,7 +236,7 @@ impl Service {
         reply: impl FnOnce(Result<Reply, ServerError>) + Send + 'static,
     ) {
         let stamp = {
-            let mut stamper = self.stamper.lock().unwrap_or_else(|p| p.into_inner());
+            let mut stamper = lock(&self.stamper);
             stamper.observe(Hlc(hlc_seen));
             stamper.next(now_ms())
         };

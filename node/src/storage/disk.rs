@@ -15,9 +15,11 @@ use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use quiver_ring::rand::{threshold, AtomicSplitMix64};
+
+use crate::lock;
 
 /// An open file. Offsets are absolute; there is no cursor.
 #[allow(clippy::len_without_is_empty)] // a file's length is an I/O call, not a collection size
@@ -259,10 +261,6 @@ struct SimDirs {
 #[derive(Debug, Default, Clone)]
 pub struct SimFs {
     dirs: Arc<Mutex<SimDirs>>,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn not_found(path: &Path) -> io::Error {
