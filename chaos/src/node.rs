@@ -102,13 +102,29 @@ impl NodeProcess {
         let _ = self.child.wait();
     }
 
-    /// SIGTERM, then wait for a graceful exit.
+    /// SIGTERM, then wait (at most two minutes) for a graceful exit.
     pub fn terminate(&mut self) -> io::Result<ExitStatus> {
+        self.terminate_within(Duration::from_secs(120))?
+            .ok_or_else(|| io::Error::new(io::ErrorKind::TimedOut, "quiverd did not exit within 2 minutes of SIGTERM"))
+    }
+
+    /// SIGTERM, then wait at most `limit` for the exit: `None` if the process
+    /// is still running then (it is then killed), so a test fails instead of
+    /// hanging.
+    pub fn terminate_within(&mut self, limit: Duration) -> io::Result<Option<ExitStatus>> {
         let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status()?;
         if !status.success() {
             return Err(io::Error::other("kill -TERM failed"));
         }
-        self.child.wait()
+        let deadline = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(Some(status));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill();
+        Ok(None)
     }
 
     /// Waits for the process to exit by itself.

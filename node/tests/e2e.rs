@@ -236,3 +236,21 @@ fn a_client_sees_its_own_writes_in_order() {
         assert_eq!(client.get("counter").unwrap(), Some(i.to_string().into()));
     }
 }
+
+#[test]
+fn a_client_stalled_mid_frame_does_not_block_graceful_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = start_node(dir.path(), &[]);
+    let client = Client::connect([node.addr.clone()]).unwrap();
+    client.set("k", "v").unwrap();
+    // A header announcing 100 bytes, then only 3 of them, then silence.
+    let mut stalled = TcpStream::connect(&node.addr).unwrap();
+    stalled.write_all(&100u32.to_be_bytes()).unwrap();
+    stalled.write_all(b"abc").unwrap();
+    // The stalled connection's reader is now (almost surely) waiting for the
+    // rest of the body; the node must still stop when asked.
+    assert_eq!(client.get("k").unwrap().as_deref(), Some(&b"v"[..]));
+    let status = node.terminate_within(std::time::Duration::from_secs(60)).unwrap();
+    assert!(status.is_some_and(|s| s.success()), "quiverd did not exit cleanly on SIGTERM: {status:?}");
+    drop(stalled);
+}

@@ -84,8 +84,11 @@ async fn connection(stream: TcpStream, service: Arc<Service>, mut stop: watch::R
             break;
         }
         let mut body = vec![0u8; len];
-        if reader.read_exact(&mut body).await.is_err() {
-            break;
+        // Also raced against shutdown: a client that sends half a frame and
+        // stalls must not keep the node from stopping.
+        tokio::select! {
+            read = reader.read_exact(&mut body) => if read.is_err() { break },
+            _ = stop.wait_for(|&stop| stop) => break,
         }
         let request: Request = match postcard::from_bytes(&body) {
             Ok(request) => request,
