@@ -96,6 +96,11 @@ impl NodeProcess {
         }
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL and wait for the process to be gone.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -254,3 +254,44 @@ fn a_client_stalled_mid_frame_does_not_block_graceful_shutdown() {
     assert!(status.is_some_and(|s| s.success()), "quiverd did not exit cleanly on SIGTERM: {status:?}");
     drop(stalled);
 }
+
+#[test]
+fn sigint_shuts_down_gracefully_and_keeps_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = start_node(dir.path(), &[]);
+    Client::connect([node.addr.clone()]).unwrap().set("k", "before SIGINT").unwrap();
+    let pid = node.pid().to_string();
+    assert!(std::process::Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    assert!(node.wait().unwrap().success());
+    let node = start_node(dir.path(), &[]);
+    let client = Client::connect([node.addr.clone()]).unwrap();
+    assert_eq!(client.get("k").unwrap().as_deref(), Some(&b"before SIGINT"[..]));
+}
+
+#[test]
+fn config_file_sets_limits_and_flags_override_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("quiver.toml");
+    std::fs::write(&config, "[limits]\nkey_bytes_max = 10\nvalue_bytes_max = 100\n").unwrap();
+    let data = dir.path().join("data");
+    let node = start_node(&data, &["--config", config.to_str().unwrap(), "--value-bytes-max", "200"]);
+    let client = Client::connect([node.addr.clone()]).unwrap();
+    client.set("0123456789", "v").unwrap();
+    assert_eq!(client.set("0123456789a", "v").unwrap_err().kind(), Some(ErrorKind::KeyTooLarge));
+    client.set("k", vec![b'v'; 200]).unwrap();
+    assert_eq!(client.set("k", vec![b'v'; 201]).unwrap_err().kind(), Some(ErrorKind::ValueTooLarge));
+}
+
+#[test]
+fn a_bad_config_file_is_refused_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("quiver.toml");
+    std::fs::write(&config, "client_adr = \"127.0.0.1:1\"\n").unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_quiverd"))
+        .args(["--config", config.to_str().unwrap(), "--data-dir", dir.path().join("d").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("quiver.toml") && stderr.contains("client_adr"), "{stderr}");
+}
