@@ -10,3 +10,9 @@
 pub mod node;
 pub mod run;
 pub mod workload;
+
+/// Locks a mutex, going on after a panic elsewhere poisoned it (a writer
+/// thread that panicked must not stop the report).
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

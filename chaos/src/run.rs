@@ -10,6 +10,7 @@ use quiver_client::blocking::Client;
 use quiver_ring::rand::SplitMix64;
 use serde::Serialize;
 
+use crate::lock;
 use crate::node::{NodeProcess, NodeSpec};
 
 /// How a run is set up.
@@ -89,7 +90,7 @@ pub struct Pause {
 impl Pause {
     /// Called by writers between operations: waits while paused.
     pub fn checkpoint(&self) {
-        let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
+        let mut paused = lock(&self.paused);
         if *paused {
             self.idle.fetch_add(1, Ordering::SeqCst);
             self.changed.notify_all();
@@ -101,12 +102,12 @@ impl Pause {
     }
 
     fn set(&self, value: bool) {
-        *self.paused.lock().unwrap_or_else(|p| p.into_inner()) = value;
+        *lock(&self.paused) = value;
         self.changed.notify_all();
     }
 
     fn is_paused(&self) -> bool {
-        *self.paused.lock().unwrap_or_else(|p| p.into_inner())
+        *lock(&self.paused)
     }
 
     /// Pauses and waits until `writers` writers are idle (or gone), at most
@@ -114,7 +115,7 @@ impl Pause {
     fn pause_and_wait(&self, writers: usize, done: &AtomicUsize, limit: Duration) -> bool {
         self.set(true);
         let deadline = Instant::now() + limit;
-        let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
+        let mut paused = lock(&self.paused);
         while self.idle.load(Ordering::SeqCst) + done.load(Ordering::SeqCst) < writers {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -195,7 +196,7 @@ impl Context {
     /// Decided under the node's lock, so a checkpoint that took the lock after
     /// pausing knows the node is up and stays up.
     pub fn kill_and_restart(&self) -> Result<(), String> {
-        let mut node = self.node.lock().unwrap_or_else(|p| p.into_inner());
+        let mut node = lock(&self.node);
         if self.pause.is_paused() {
             return Ok(());
         }
@@ -262,7 +263,7 @@ pub fn run(mode: &str, settings: Settings, workload: Arc<dyn Workload>) -> Resul
         settings,
     });
     {
-        let mut node = ctx.node.lock().unwrap_or_else(|p| p.into_inner());
+        let mut node = lock(&ctx.node);
         ctx.restart(&mut node)?;
     }
 
@@ -295,7 +296,7 @@ pub fn run(mode: &str, settings: Settings, workload: Arc<dyn Workload>) -> Resul
             // The pause also holds the killer, so the node is up while checked.
             let stopped = ctx.pause.pause_and_wait(ctx.settings.writers, &ctx.writers_done, Duration::from_secs(30));
             // Waits out a restart in progress; no new kill starts while paused.
-            drop(ctx.node.lock().unwrap_or_else(|p| p.into_inner()));
+            drop(lock(&ctx.node));
             if stopped {
                 violations.extend(workload.check(&ctx, false));
                 ctx.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
@@ -315,7 +316,7 @@ pub fn run(mode: &str, settings: Settings, workload: Arc<dyn Workload>) -> Resul
     }
     violations.extend(workload.check(&ctx, true));
     let clean_exit = {
-        let mut node = ctx.node.lock().unwrap_or_else(|p| p.into_inner());
+        let mut node = lock(&ctx.node);
         node.as_mut().map(|n| n.terminate().map(|s| s.success()).unwrap_or(false)).unwrap_or(false)
     };
     if !clean_exit {

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::lock;
 use crate::run::{Context, Outcome, Workload};
 
 /// Reads `keys` through one pipelined connection, 1000 keys a request and
@@ -56,10 +57,6 @@ pub fn read_all(addr: &str, keys: &[Vec<u8>]) -> Vec<Result<Option<Vec<u8>>, Str
         }
         results
     })
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Pads values to about 100 bytes, like the benchmarks.

@@ -14,6 +14,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Error, Result};
+use crate::lock;
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>>;
 
@@ -56,19 +57,19 @@ impl Connection {
     pub(crate) async fn call(&self, op: Op, timeout: Duration) -> Result<wire::Reply> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (done, answer) = oneshot::channel();
-        self.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(id, done);
+        lock(&self.pending).insert(id, done);
         let mut frame = Vec::new();
         wire::encode_frame(&mut frame, &Request { id, hlc_seen: self.hlc.load(Ordering::Relaxed), op });
         let lost = |reason: &str| Error::ConnectionLost { addr: self.addr.clone(), reason: reason.to_owned() };
         if self.is_broken() || self.requests.send(frame).is_err() {
-            self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            lock(&self.pending).remove(&id);
             return Err(lost("connection closed"));
         }
         match tokio::time::timeout(timeout, answer).await {
             Ok(Ok(response)) => response.result.map_err(|e| Error::Server { kind: e.kind, message: e.message }),
             Ok(Err(_)) => Err(lost("connection closed before the answer")),
             Err(_) => {
-                self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                lock(&self.pending).remove(&id);
                 Err(Error::Timeout { addr: self.addr.clone(), timeout })
             }
         }
@@ -120,7 +121,7 @@ async fn read_responses(reader: OwnedReadHalf, pending: Pending, broken: Arc<Ato
         }
         let Ok(response) = postcard::from_bytes::<Response>(&body) else { break };
         hlc.fetch_max(response.hlc, Ordering::Relaxed);
-        if let Some(done) = pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&response.id) {
+        if let Some(done) = lock(&pending).remove(&response.id) {
             let _ = done.send(response);
         } else if response.id == 0 {
             // A connection-level error (oversized or malformed frame): the
@@ -130,5 +131,5 @@ async fn read_responses(reader: OwnedReadHalf, pending: Pending, broken: Arc<Ato
     }
     broken.store(true, Ordering::Release);
     // Dropping the senders tells every waiting caller the connection is gone.
-    pending.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    lock(&pending).clear();
 }

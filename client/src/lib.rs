@@ -35,6 +35,12 @@ use tokio::sync::Mutex;
 
 use connection::Connection;
 
+/// Locks a mutex, going on after a panic elsewhere poisoned it: the values
+/// behind these locks are replaced whole, never left half-changed.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Default time a call waits for its answer.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -76,7 +82,7 @@ impl Client {
     }
 
     fn live(&self) -> Option<Arc<Connection>> {
-        let current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let current = lock(&self.current);
         current.as_ref().filter(|c| !c.is_broken()).cloned()
     }
 
@@ -89,7 +95,7 @@ impl Client {
             return Ok(connection);
         }
         // Start with the seed after the one that just failed.
-        let failed = self.current.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let failed = lock(&self.current).clone();
         let start = failed.and_then(|c| self.seeds.iter().position(|s| s == c.addr())).map_or(0, |i| i + 1);
         let mut last = String::from("no seed addresses given");
         for i in 0..self.seeds.len() {
@@ -97,7 +103,7 @@ impl Client {
             match Connection::open(addr, self.hlc.clone(), self.timeout).await {
                 Ok(connection) => {
                     let connection = Arc::new(connection);
-                    *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(connection.clone());
+                    *lock(&self.current) = Some(connection.clone());
                     return Ok(connection);
                 }
                 Err(e) => last = format!("{addr}: {e}"),

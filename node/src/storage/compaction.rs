@@ -89,7 +89,7 @@ impl<V> Iterator for MergeIter<'_, V> {
         let mut smallest: Option<Vec<u8>> = None;
         for source in &mut self.sources {
             match source.peek() {
-                Some(Err(_)) => return source.next().map(|item| item.map(|_| unreachable!("peeked an error"))),
+                Some(Err(_)) => return source.next().and_then(Result::err).map(Err),
                 Some(Ok((key, _))) if smallest.as_ref().is_none_or(|s| key < s) => smallest = Some(key.clone()),
                 _ => {}
             }

@@ -743,7 +743,7 @@ impl Inner {
             let sizes: Vec<RunSize> = sizes.into_iter().map(|(run, bytes)| RunSize { run, bytes }).collect();
             compaction::plan(&sizes, &policy).unwrap_or_default()
         };
-        if runs.is_empty() || full && tables.is_empty() {
+        if runs.is_empty() {
             return Ok(false);
         }
         let (inputs, outside): (Vec<Arc<Table>>, Vec<Arc<Table>>) =
@@ -789,8 +789,15 @@ impl Inner {
         let horizon_ms = now_ms().saturating_sub(self.opts.tombstone_grace_ms);
         let new_builder = || TableBuilder::new(self.opts.block_bytes, self.opts.bloom_bits_per_key, min_seq, max_seq);
         let sources = inputs.iter().map(|t| Box::new(t.raw_iter_from(&[])) as EntryIter<'_, Vec<u8>>).collect();
-        let mut outputs = Vec::new();
+        let mut outputs: Vec<Arc<Table>> = Vec::new();
         let mut builder = new_builder();
+        // Writes a finished builder as the next file of this merge's run (the
+        // first file's id names the run).
+        let emit = |builder: TableBuilder, outputs: &mut Vec<Arc<Table>>| -> Result<()> {
+            let run = outputs.first().map(|t| t.run());
+            outputs.push(self.write_table(&builder.finish().0, run)?);
+            Ok(())
+        };
         let result = (|| {
             for item in MergeIter::new(sources) {
                 let (key, mut values) = item?;
@@ -811,15 +818,11 @@ impl Inner {
                     builder.add(&key, &siblings);
                 }
                 if builder.estimated_bytes() >= self.opts.table_bytes_target {
-                    let full = std::mem::replace(&mut builder, new_builder());
-                    let run = outputs.first().map(|t: &Arc<Table>| t.run());
-                    outputs.push(self.write_table(&full.finish().0, run)?);
+                    emit(std::mem::replace(&mut builder, new_builder()), &mut outputs)?;
                 }
             }
             if builder.entries() > 0 {
-                let last = std::mem::replace(&mut builder, new_builder());
-                let run = outputs.first().map(|t: &Arc<Table>| t.run());
-                outputs.push(self.write_table(&last.finish().0, run)?);
+                emit(std::mem::replace(&mut builder, new_builder()), &mut outputs)?;
             }
             Ok(())
         })();

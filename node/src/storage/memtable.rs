@@ -16,7 +16,6 @@
 use std::collections::HashMap;
 use std::ops::Bound;
 
-use quiver_ring::rand::AtomicSplitMix64;
 use quiver_ring::{Hlc, Siblings};
 use xxhash_rust::xxh3::Xxh3Builder;
 
@@ -48,8 +47,8 @@ pub struct Memtable {
 
 impl Default for Memtable {
     fn default() -> Memtable {
-        static SEED: AtomicSplitMix64 = AtomicSplitMix64::new(0);
-        let seed = SEED.next_u64() ^ u64::from(std::process::id()) ^ (&SEED as *const _ as u64);
+        // std's RandomState is seeded from the operating system's randomness.
+        let seed = std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), 0u64);
         Memtable {
             map: HashMap::with_hasher(Xxh3Builder::new().with_seed(seed)),
             bytes: 0,
