@@ -6,7 +6,8 @@
 //! each on an empty engine and on one already holding 1M keys. Each figure is
 //! the median of `QUIVER_BENCH_RUNS` (default 5) runs of
 //! `QUIVER_BENCH_SECONDS` (default 2) seconds. `QUIVER_BENCH_KEYS` sets the
-//! pre-populated size (default 1,000,000).
+//! pre-populated size (default 1,000,000; 0 runs the empty engine only);
+//! `QUIVER_BENCH_WORKLOADS` picks workloads by id (`set1,set64,batch`).
 //!
 //! Run: `cargo bench -p quiver-benches --bench engine`
 
@@ -15,6 +16,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use quiver_node::storage::{Engine, Op, Options};
 use quiver_ring::{NodeId, Stamper};
+
+/// The allocator `quiverd` uses (see there).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -77,11 +82,21 @@ async fn main() {
     let runs = env_or("QUIVER_BENCH_RUNS", 5).max(1);
     let seconds = env_or("QUIVER_BENCH_SECONDS", 2).max(1);
     let prepopulated = env_or("QUIVER_BENCH_KEYS", 1_000_000);
-    let cases: [(&str, u64, u64); 3] =
-        [("set, 1 in flight", 1, 1), ("set, 64 in flight", 64, 1), ("batch of 1000, 4 in flight", 4, 1000)];
+    let all: [(&str, &str, u64, u64); 3] = [
+        ("set1", "set, 1 in flight", 1, 1),
+        ("set64", "set, 64 in flight", 64, 1),
+        ("batch", "batch of 1000, 4 in flight", 4, 1000),
+    ];
+    let wanted = std::env::var("QUIVER_BENCH_WORKLOADS").unwrap_or_default();
+    let cases: Vec<(&str, u64, u64)> = all
+        .iter()
+        .filter(|c| wanted.is_empty() || wanted.split(',').any(|w| w == c.0))
+        .map(|&(_, name, in_flight, keys)| (name, in_flight, keys))
+        .collect();
+    let sizes: Vec<u64> = if prepopulated == 0 { vec![0] } else { vec![0, prepopulated] };
 
     let mut rows = Vec::new();
-    for stored in [0, prepopulated] {
+    for stored in sizes {
         let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
         let engine = Arc::new(Engine::open(dir.path(), Options::default()).unwrap());
         let bench = Arc::new(Bench {

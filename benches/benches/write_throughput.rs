@@ -14,8 +14,9 @@
 //! N tasks, so N requests are in flight on it. Values are
 //! `QUIVER_BENCH_VALUE_BYTES` (100) bytes. `QUIVER_BENCH_SKIP_REDIS=1` runs
 //! Quiver alone; `QUIVER_BENCH_WORKLOADS=set1,set64,bulk,get64` picks
-//! workloads (all by default); `QUIVER_BENCH_PLOT_ONLY=1` re-draws the plot
-//! from the CSV of the last run without measuring.
+//! workloads (all by default); `QUIVER_BENCH_NODE_ARGS` passes flags to
+//! `quiverd` (e.g. `--memtable-bytes-max=16777216`); `QUIVER_BENCH_PLOT_ONLY=1` re-draws
+//! the plot from the CSV of the last run without measuring.
 //!
 //! Output: a markdown table on stdout, `target/quiver-bench/write_throughput.csv`
 //! and `target/quiver-bench/write_throughput.svg`.
@@ -30,6 +31,10 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressStyle};
 use quiver_chaos::node::{NodeProcess, NodeSpec};
 use redis::AsyncCommands;
+
+/// The allocator `quiverd` uses (see there).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -432,7 +437,10 @@ async fn main() {
 
     let quiverd = build_quiverd();
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
-    let node = NodeProcess::start(&NodeSpec::new(&quiverd, dir.path())).expect("start quiverd");
+    let mut spec = NodeSpec::new(&quiverd, dir.path());
+    spec.args =
+        std::env::var("QUIVER_BENCH_NODE_ARGS").unwrap_or_default().split_whitespace().map(String::from).collect();
+    let node = NodeProcess::start(&spec).expect("start quiverd");
     let client = quiver_client::Client::connect([node.addr.clone()]).await.expect("connect to quiverd");
     let mut rows = bench_system("quiver", Conn::Quiver(Arc::new(client)), &sizes, runs, seconds, &value).await;
     drop(node);

@@ -18,6 +18,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use quiver_node::storage::{Engine, Op, Options};
 use quiver_ring::{NodeId, Stamper};
 
+/// The allocator `quiverd` uses (see there).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let [_, dir, run, threads] = args.as_slice() else {

@@ -12,6 +12,12 @@ use quiver_node::storage::Engine;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 
+/// mimalloc instead of glibc's malloc: keys and values are allocated on one
+/// thread and freed on another (commit, flush), which glibc's arenas handle
+/// poorly.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Runs one Quiver node: a durable, versioned key-value store that answers
 /// clients over TCP.
 ///

@@ -35,8 +35,9 @@ use crate::storage::Op;
 use crate::{lock, now_ms};
 
 /// Engine settings. Memory use is bounded by `memtable_bytes_max *
-/// (frozen_memtables_max + 1)` plus one table being built, whatever the data
-/// size (bloom filters and block indexes, about 2 bytes per key, aside).
+/// (frozen_memtables_max + 1)` plus two table buffers (one being built by a
+/// flush, one by compaction; both kept for reuse), whatever the data size
+/// (bloom filters and block indexes, about 2 bytes per key, aside).
 #[derive(Clone, Debug)]
 pub struct Options {
     /// The active memtable is frozen and flushed past this many bytes.
@@ -187,6 +188,8 @@ struct Inner {
     background: Mutex<Background>,
     background_cv: Condvar,
     compaction_lock: Mutex<()>,
+    /// Table buffers kept between flushes and between compaction outputs.
+    table_buffers: Mutex<Vec<Vec<u8>>>,
     failed: Mutex<Option<String>>,
     counters: Counters,
 }
@@ -259,6 +262,7 @@ impl Engine {
             background: Mutex::default(),
             background_cv: Condvar::new(),
             compaction_lock: Mutex::new(()),
+            table_buffers: Mutex::default(),
             failed: Mutex::new(None),
             counters: Counters::default(),
             opts,
@@ -367,11 +371,11 @@ impl Engine {
             None => found = Some(siblings),
         };
         if let Some(siblings) = read(&levels.active).get(key) {
-            add(siblings.clone());
+            add(siblings);
         }
         for memtable in &levels.frozen {
             if let Some(siblings) = read(memtable).get(key) {
-                add(siblings.clone());
+                add(siblings);
             }
         }
         for table in &levels.tables {
@@ -398,7 +402,7 @@ impl Engine {
             let copied: Vec<_> = read(memtable)
                 .sorted_range(start, end_bound)
                 .into_iter()
-                .map(|(key, siblings)| Ok((key.clone(), siblings.clone())))
+                .map(|entry| Ok((entry.key.to_vec(), entry.siblings())))
                 .collect();
             sources.push(Box::new(copied.into_iter()));
         }
@@ -622,6 +626,21 @@ impl Inner {
         }
     }
 
+    /// A table builder writing into a kept buffer, if one is free.
+    fn table_builder(&self, min_seq: u64, max_seq: u64) -> TableBuilder {
+        let buf = lock(&self.table_buffers).pop().unwrap_or_default();
+        TableBuilder::with_buffer(buf, self.opts.block_bytes, self.opts.bloom_bits_per_key, min_seq, max_seq)
+    }
+
+    /// Keeps a finished table's buffer for the next (one for flushes, one
+    /// for compaction: at most two are kept).
+    fn return_table_buffer(&self, buf: Vec<u8>) {
+        let mut buffers = lock(&self.table_buffers);
+        if buffers.len() < 2 {
+            buffers.push(buf);
+        }
+    }
+
     /// Writes `bytes` as a new table file, syncs it, re-reads and verifies
     /// it; retries with a new file if verification fails. The table joins
     /// `run`, or starts a run of its own.
@@ -669,21 +688,24 @@ impl Inner {
             if memtable.is_empty() {
                 None
             } else {
-                let mut builder =
-                    TableBuilder::new(self.opts.block_bytes, self.opts.bloom_bits_per_key, min_seq, max_seq);
-                for (key, siblings) in memtable.sorted() {
-                    builder.add(key, siblings);
+                let mut builder = self.table_builder(min_seq, max_seq);
+                for entry in memtable.sorted() {
+                    builder.add_encoded(entry.key, entry.value, entry.hlc_range, entry.all_tombstones);
                 }
                 Some((builder.finish().0, max_seq))
             }
         };
-        let table = match &built {
-            Some((bytes, _)) => Some(self.write_table(bytes, None)?),
+        let table = match built {
+            Some((bytes, max_seq)) => {
+                let written = self.write_table(&bytes, None);
+                self.return_table_buffer(bytes);
+                Some((written?, max_seq))
+            }
             None => None,
         };
         {
             let mut manifest = lock(&self.manifest);
-            if let (Some(table), Some((_, max_seq))) = (&table, &built) {
+            if let Some((table, max_seq)) = &table {
                 let meta =
                     TableMeta { id: table.id(), run: table.run(), size: table.size(), props: table.props().clone() };
                 manifest.commit(Edit { added: vec![meta], flushed_seq: Some(*max_seq), ..Edit::default() })?;
@@ -691,7 +713,7 @@ impl Inner {
             let mut levels = write(&self.levels);
             let frozen = levels.frozen.iter().filter(|m| !Arc::ptr_eq(m, memtable)).cloned().collect();
             let mut tables = levels.tables.clone();
-            if let Some(table) = table {
+            if let Some((table, _)) = table {
                 tables.insert(0, table);
             }
             *levels = Arc::new(Levels { active: levels.active.clone(), frozen, tables });
@@ -787,15 +809,20 @@ impl Inner {
         let min_seq = inputs.iter().map(|t| t.props().min_seq).min().unwrap_or(0);
         let max_seq = inputs.iter().map(|t| t.props().max_seq).max().unwrap_or(0);
         let horizon_ms = now_ms().saturating_sub(self.opts.tombstone_grace_ms);
-        let new_builder = || TableBuilder::new(self.opts.block_bytes, self.opts.bloom_bits_per_key, min_seq, max_seq);
+        let new_builder = || self.table_builder(min_seq, max_seq);
         let sources = inputs.iter().map(|t| Box::new(t.raw_iter_from(&[])) as EntryIter<'_, Vec<u8>>).collect();
         let mut outputs: Vec<Arc<Table>> = Vec::new();
         let mut builder = new_builder();
-        // Writes a finished builder as the next file of this merge's run (the
-        // first file's id names the run).
-        let emit = |builder: TableBuilder, outputs: &mut Vec<Arc<Table>>| -> Result<()> {
+        // Writes the builder's table as the next file of this merge's run
+        // (the first file's id names the run) and starts a new one in the
+        // buffer it leaves.
+        let emit = |builder: &mut TableBuilder, outputs: &mut Vec<Arc<Table>>| -> Result<()> {
             let run = outputs.first().map(|t| t.run());
-            outputs.push(self.write_table(&builder.finish().0, run)?);
+            let bytes = std::mem::replace(builder, TableBuilder::new(0, 0, 0, 0)).finish().0;
+            let written = self.write_table(&bytes, run);
+            self.return_table_buffer(bytes);
+            *builder = new_builder();
+            outputs.push(written?);
             Ok(())
         };
         let result = (|| {
@@ -818,11 +845,11 @@ impl Inner {
                     builder.add(&key, &siblings);
                 }
                 if builder.estimated_bytes() >= self.opts.table_bytes_target {
-                    emit(std::mem::replace(&mut builder, new_builder()), &mut outputs)?;
+                    emit(&mut builder, &mut outputs)?;
                 }
             }
             if builder.entries() > 0 {
-                emit(std::mem::replace(&mut builder, new_builder()), &mut outputs)?;
+                emit(&mut builder, &mut outputs)?;
             }
             Ok(())
         })();

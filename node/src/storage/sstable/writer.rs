@@ -24,8 +24,22 @@ impl TableBuilder {
     /// A builder for a table whose writes have WAL sequences in
     /// `min_seq..=max_seq`.
     pub fn new(block_bytes: usize, bloom_bits_per_key: usize, min_seq: u64, max_seq: u64) -> TableBuilder {
+        TableBuilder::with_buffer(Vec::new(), block_bytes, bloom_bits_per_key, min_seq, max_seq)
+    }
+
+    /// [`TableBuilder::new`] writing into `buf` (cleared first): a buffer
+    /// kept from an earlier table is not grown, copied and zero-filled by
+    /// the kernel again, which otherwise costs about as much as building.
+    pub fn with_buffer(
+        mut buf: Vec<u8>,
+        block_bytes: usize,
+        bloom_bits_per_key: usize,
+        min_seq: u64,
+        max_seq: u64,
+    ) -> TableBuilder {
+        buf.clear();
         TableBuilder {
-            out: Vec::new(),
+            out: buf,
             block: BlockBuilder::default(),
             block_bytes: block_bytes.max(256),
             bloom_bits_per_key,
@@ -44,8 +58,7 @@ impl TableBuilder {
         let value = postcard::to_extend(siblings, value).expect("postcard encodes versions into a Vec without failing");
         let min = siblings.versions().iter().map(|v| v.hlc.0).min().unwrap_or(u64::MAX);
         let max = siblings.versions().iter().map(|v| v.hlc.0).max().unwrap_or(0);
-        self.props.tombstone_entries += u64::from(siblings.all_tombstones());
-        self.add_encoded(key, &value, (min, max));
+        self.add_encoded(key, &value, (min, max), siblings.all_tombstones());
         self.value_buf = value;
     }
 
@@ -54,10 +67,13 @@ impl TableBuilder {
     /// range will do: wider bounds are safe, they only make compaction and
     /// restart more careful).
     pub fn add_raw(&mut self, key: &[u8], value: &[u8], hlc_range: (u64, u64)) {
-        self.add_encoded(key, value, hlc_range);
+        self.add_encoded(key, value, hlc_range, false);
     }
 
-    fn add_encoded(&mut self, key: &[u8], value: &[u8], (min_hlc, max_hlc): (u64, u64)) {
+    /// Adds an entry whose versions are already encoded (`postcard(Siblings)`),
+    /// with the range of their timestamps and whether all are tombstones.
+    pub fn add_encoded(&mut self, key: &[u8], value: &[u8], (min_hlc, max_hlc): (u64, u64), all_tombstones: bool) {
+        self.props.tombstone_entries += u64::from(all_tombstones);
         assert!(self.props.entries == 0 || key > self.last_key.as_slice(), "table keys must be strictly ascending");
         self.block.add(key, value);
         self.hashes.push(key_hash(key));
