@@ -2,7 +2,6 @@
 //! against the limits, stamp writes, write them through the engine (durable
 //! when it returns), and read.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -215,8 +214,13 @@ impl Service {
                     self.check_key(key)?;
                     self.check_value(value)?;
                 }
-                // A key given twice takes its last value (as Redis MSET does).
-                let entries: BTreeMap<Vec<u8>, Vec<u8>> = entries.into_iter().collect();
+                // A key given twice takes its last value (as Redis MSET
+                // does): reversed, a stable sort puts each key's last value
+                // first among its equals, and `dedup` keeps the first.
+                let mut entries = entries;
+                entries.reverse();
+                entries.sort_by(|a, b| a.0.cmp(&b.0));
+                entries.dedup_by(|later, first| later.0 == first.0);
                 Ok(entries.into_iter().map(|(k, v)| (k, Some(v))).collect())
             }
             other => Err(ServerError::new(ErrorKind::Internal, format!("{other:?} is not a write"))),

@@ -105,8 +105,9 @@ fn bulk_set_then_get_every_key() {
     let error = client.get_many(["ok", ""]).unwrap_err();
     assert_eq!(error.kind(), Some(ErrorKind::EmptyKey));
     // A key given twice takes its last value.
-    client.bulk_set([("dup", "one"), ("dup", "two")]).unwrap();
-    assert_eq!(client.get("dup").unwrap().as_deref(), Some(&b"two"[..]));
+    client.bulk_set([("dup", "one"), ("other", "1"), ("dup", "two"), ("dup", "three"), ("a", "2")]).unwrap();
+    assert_eq!(client.get("dup").unwrap().as_deref(), Some(&b"three"[..]));
+    assert_eq!(client.get_many(["other", "a"]).unwrap(), vec![Some("1".into()), Some("2".into())]);
 }
 
 #[test]

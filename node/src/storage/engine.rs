@@ -31,7 +31,7 @@ use crate::storage::manifest::{Edit, Manifest, TableMeta};
 use crate::storage::memtable::Memtable;
 use crate::storage::sstable::{parse_table_name, table_name, Table, TableBuilder};
 use crate::storage::wal::{self, SegmentInfo, WalWriter};
-use crate::storage::Op;
+use crate::storage::{EncodedOps, Op};
 use crate::{lock, now_ms};
 
 /// Engine settings. Memory use is bounded by `memtable_bytes_max *
@@ -130,8 +130,7 @@ pub type Done = Box<dyn FnOnce(Result<u64>) + Send>;
 
 enum Request {
     Write {
-        ops: Vec<Op>,
-        encoded: Vec<u8>,
+        encoded: EncodedOps,
         done: Done,
     },
     /// Freeze the active memtable; answers with the last sequence in it.
@@ -143,7 +142,7 @@ enum Request {
 impl std::fmt::Debug for Request {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Request::Write { ops, .. } => write!(f, "Write({} ops)", ops.len()),
+            Request::Write { encoded, .. } => write!(f, "Write({} ops)", encoded.ops().len()),
             Request::Rotate { .. } => write!(f, "Rotate"),
         }
     }
@@ -333,11 +332,14 @@ impl Engine {
     /// sequence number once it is on disk (after `fdatasync`), or with the
     /// error; `done` runs on the commit thread and must be quick.
     pub fn write_then(&self, ops: Vec<Op>, done: impl FnOnce(Result<u64>) + Send + 'static) {
-        let encoded = postcard::to_stdvec(&ops).expect("postcard encodes ops into a Vec without failing");
-        if wal::record_len(encoded.len()) > self.inner.opts.record_bytes_max {
-            return done(Err(Error::TooLarge { size: encoded.len(), max: self.inner.opts.record_bytes_max }));
+        let encoded = EncodedOps::new(&ops);
+        // Freed here, on the thread that made them, not on the commit thread.
+        drop(ops);
+        let size = encoded.bytes().len();
+        if wal::record_len(size) > self.inner.opts.record_bytes_max {
+            return done(Err(Error::TooLarge { size, max: self.inner.opts.record_bytes_max }));
         }
-        if let Err(Request::Write { done, .. }) = self.submit(Request::Write { ops, encoded, done: Box::new(done) }) {
+        if let Err(Request::Write { done, .. }) = self.submit(Request::Write { encoded, done: Box::new(done) }) {
             done(Err(Error::Closed));
         }
     }
@@ -893,7 +895,7 @@ fn commit_loop(inner: Arc<Inner>, mut wal: WalWriter, mut next_seq: u64) {
         let mut rotations = Vec::new();
         for request in requests {
             match request {
-                Request::Write { ops, encoded, done } => writes.push((ops, encoded, done)),
+                Request::Write { encoded, done } => writes.push((encoded, done)),
                 Request::Rotate { done } => rotations.push(done),
             }
         }
@@ -914,20 +916,20 @@ fn commit_loop(inner: Arc<Inner>, mut wal: WalWriter, mut next_seq: u64) {
     }
 }
 
-type Write = (Vec<Op>, Vec<u8>, Done);
+type Write = (EncodedOps, Done);
 
 /// One group commit: frame, write, fdatasync, apply, acknowledge.
 fn commit_group(inner: &Inner, wal: &mut WalWriter, buf: &mut Vec<u8>, next_seq: &mut u64, writes: Vec<Write>) {
     if let Some(reason) = lock(&inner.failed).clone() {
-        for (_, _, done) in writes {
+        for (_, done) in writes {
             done(Err(Error::Failed(reason.clone())));
         }
         return;
     }
     let group = *next_seq;
     buf.clear();
-    for (i, (_, encoded, _)) in writes.iter().enumerate() {
-        wal::encode_record(buf, group + i as u64, group, encoded);
+    for (i, (encoded, _)) in writes.iter().enumerate() {
+        wal::encode_record(buf, group + i as u64, group, encoded.bytes());
     }
     let last = group + writes.len() as u64 - 1;
     let synced = wal.append(buf).and_then(|segment| wal.sync().map(|()| segment));
@@ -937,7 +939,7 @@ fn commit_group(inner: &Inner, wal: &mut WalWriter, buf: &mut Vec<u8>, next_seq:
             // After a failed write or fsync the file's state is unknown
             // (fsync errors are not retryable on Linux): stop writing.
             inner.fail(e.to_string());
-            for (_, _, done) in writes {
+            for (_, done) in writes {
                 done(Err(Error::Failed(e.to_string())));
             }
             return;
@@ -958,10 +960,11 @@ fn commit_group(inner: &Inner, wal: &mut WalWriter, buf: &mut Vec<u8>, next_seq:
     {
         let levels = inner.levels();
         let mut active = write(&levels.active);
-        for (i, (ops, _, done)) in writes.into_iter().enumerate() {
+        for (i, (encoded, done)) in writes.into_iter().enumerate() {
             let seq = group + i as u64;
-            for op in ops {
-                active.insert(seq, op, inner.opts.siblings_max);
+            for op in encoded.ops() {
+                let (key, version) = (encoded.key(op), encoded.version(op));
+                active.insert_encoded(seq, key, version, op.hlc, op.tombstone, inner.opts.siblings_max);
             }
             acks.push((done, seq));
         }

@@ -60,15 +60,23 @@ struct Arena {
 
 impl Arena {
     fn push(&mut self, bytes: &[u8]) -> Span {
-        let fits = self.chunks.last().is_some_and(|c| c.capacity() - c.len() >= bytes.len());
+        self.push_parts(&[bytes])
+    }
+
+    /// Stores `parts` one after another, as one span.
+    fn push_parts(&mut self, parts: &[&[u8]]) -> Span {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let fits = self.chunks.last().is_some_and(|c| c.capacity() - c.len() >= len);
         if !fits {
-            self.chunks.push(Vec::with_capacity(CHUNK_BYTES.max(bytes.len())));
+            self.chunks.push(Vec::with_capacity(CHUNK_BYTES.max(len)));
         }
         let chunk = self.chunks.len() - 1;
         let buf = &mut self.chunks[chunk];
         let offset = buf.len();
-        buf.extend_from_slice(bytes);
-        Span { chunk: chunk as u32, offset: offset as u32, len: bytes.len() as u32 }
+        for part in parts {
+            buf.extend_from_slice(part);
+        }
+        Span { chunk: chunk as u32, offset: offset as u32, len: len as u32 }
     }
 
     fn get(&self, span: Span) -> &[u8] {
@@ -109,14 +117,6 @@ impl EntryRef<'_> {
 
 fn decode(value: &[u8]) -> Siblings {
     postcard::from_bytes(value).expect("the memtable decodes what it encoded")
-}
-
-/// Appends `postcard(Siblings::one(version))` to `out` without building the
-/// one-element `Vec`: a sequence of length 1, then the version.
-fn encode_one(version: &Version, out: &mut Vec<u8>) {
-    out.push(1);
-    let buf = postcard::to_extend(version, std::mem::take(out)).expect("postcard encodes into a Vec");
-    *out = buf;
 }
 
 /// An in-memory table of versions.
@@ -164,19 +164,35 @@ impl Memtable {
     /// Applies one operation of WAL record `seq`, keeping at most
     /// `siblings_max` versions of its key.
     pub fn insert(&mut self, seq: u64, op: Op, siblings_max: usize) {
+        let version = postcard::to_stdvec(&op.version).expect("postcard encodes into a Vec");
+        let tombstone = op.version.value.is_none();
+        self.insert_encoded(seq, &op.key, &version, op.version.hlc, tombstone, siblings_max);
+    }
+
+    /// [`Memtable::insert`] of an op already encoded: `version` is
+    /// `postcard(Version)`, with its timestamp and whether it is a tombstone.
+    /// A key new to this memtable costs one copy of its bytes, nothing more.
+    pub fn insert_encoded(
+        &mut self,
+        seq: u64,
+        key: &[u8],
+        version: &[u8],
+        hlc: Hlc,
+        tombstone: bool,
+        siblings_max: usize,
+    ) {
         if self.slots.is_empty() && self.min_seq == 0 {
             self.min_seq = seq;
         }
         self.max_seq = self.max_seq.max(seq);
-        self.max_hlc = self.max_hlc.max(op.version.hlc);
-        let hash = self.hash(&op.key);
+        self.max_hlc = self.max_hlc.max(hlc);
+        let hash = self.hash(key);
         let Memtable { arena, slots, scratch, .. } = self;
-        let existing = slots.find_mut(hash, |slot| arena.get(slot.key) == op.key.as_slice());
-        scratch.clear();
-        match existing {
+        match slots.find_mut(hash, |slot| arena.get(slot.key) == key) {
             Some(slot) => {
                 let mut siblings = decode(arena.get(slot.value));
-                siblings.insert(op.version);
+                siblings.insert(postcard::from_bytes::<Version>(version).expect("the engine encoded this version"));
+                scratch.clear();
                 self.siblings_dropped += siblings.truncate_oldest(siblings_max) as u64;
                 let encoded = postcard::to_extend(&siblings, std::mem::take(scratch)).expect("postcard encodes");
                 *scratch = encoded;
@@ -188,14 +204,14 @@ impl Memtable {
                 self.written += scratch.len();
             }
             None => {
-                encode_one(&op.version, scratch);
-                let key = arena.push(&op.key);
-                let value = arena.push(scratch);
-                let hlc = op.version.hlc.0;
+                // `postcard(Siblings)` of one version: a sequence of length
+                // 1, then the version.
+                let value = arena.push_parts(&[&[1], version]);
+                let key_span = arena.push(key);
                 let slot =
-                    Slot { hash, key, value, min_hlc: hlc, max_hlc: hlc, all_tombstones: op.version.value.is_none() };
+                    Slot { hash, key: key_span, value, min_hlc: hlc.0, max_hlc: hlc.0, all_tombstones: tombstone };
                 slots.insert_unique(hash, slot, |slot| slot.hash);
-                self.written += op.key.len() + scratch.len();
+                self.written += key.len() + 1 + version.len();
             }
         }
     }
@@ -291,11 +307,11 @@ mod tests {
     }
 
     #[test]
-    fn encode_one_is_the_encoding_of_one_sibling() {
+    fn a_new_key_is_stored_as_the_encoding_of_one_sibling() {
         for v in [version(7, Some(b"value")), version(u64::MAX, None)] {
-            let mut out = Vec::new();
-            encode_one(&v, &mut out);
-            assert_eq!(out, postcard::to_stdvec(&Siblings::one(v)).unwrap());
+            let mut memtable = Memtable::new();
+            memtable.insert(1, Op { key: b"k".to_vec(), version: v.clone() }, 4);
+            assert_eq!(memtable.sorted()[0].value, postcard::to_stdvec(&Siblings::one(v)).unwrap());
         }
     }
 

@@ -36,7 +36,9 @@ pub mod wal;
 pub use engine::{Engine, Options, Stats};
 pub use error::{Error, Result};
 
-use quiver_ring::Version;
+use std::ops::Range;
+
+use quiver_ring::{Hlc, Version};
 use serde::{Deserialize, Serialize};
 
 /// One change to one key: a new version to merge into its siblings.
@@ -44,4 +46,96 @@ use serde::{Deserialize, Serialize};
 pub struct Op {
     pub key: Vec<u8>,
     pub version: Version,
+}
+
+/// Ops encoded once, exactly as a WAL record holds them
+/// (`postcard(Vec<Op>)`), with where each op's key and version lie in the
+/// bytes: the memtable copies them from there rather than encoding every
+/// version again, and the ops themselves can be freed where they were made.
+#[derive(Debug)]
+pub struct EncodedOps {
+    bytes: Vec<u8>,
+    ops: Vec<OpRef>,
+}
+
+/// One op of an [`EncodedOps`].
+#[derive(Debug, Clone)]
+pub struct OpRef {
+    key: Range<usize>,
+    version: Range<usize>,
+    pub hlc: Hlc,
+    /// The version is a tombstone.
+    pub tombstone: bool,
+}
+
+impl EncodedOps {
+    /// Encodes `ops`.
+    pub fn new(ops: &[Op]) -> EncodedOps {
+        const ENCODE: &str = "postcard encodes into a Vec without failing";
+        let size = ops.iter().map(|op| op.key.len() + op.version.value.as_ref().map_or(0, Vec::len) + 48).sum();
+        // A sequence is its length, then its items; an `Op` is its fields in order.
+        let mut bytes = postcard::to_extend(&ops.len(), Vec::with_capacity(size)).expect(ENCODE);
+        let mut refs = Vec::with_capacity(ops.len());
+        for op in ops {
+            bytes = postcard::to_extend(&op.key, bytes).expect(ENCODE);
+            let key_end = bytes.len();
+            bytes = postcard::to_extend(&op.version, bytes).expect(ENCODE);
+            refs.push(OpRef {
+                key: key_end - op.key.len()..key_end,
+                version: key_end..bytes.len(),
+                hlc: op.version.hlc,
+                tombstone: op.version.value.is_none(),
+            });
+        }
+        EncodedOps { bytes, ops: refs }
+    }
+
+    /// `postcard(Vec<Op>)`.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// The ops, in order.
+    pub fn ops(&self) -> &[OpRef] {
+        &self.ops
+    }
+
+    /// The key of `op`.
+    pub fn key(&self, op: &OpRef) -> &[u8] {
+        &self.bytes[op.key.clone()]
+    }
+
+    /// `postcard(Version)` of `op`.
+    pub fn version(&self, op: &OpRef) -> &[u8] {
+        &self.bytes[op.version.clone()]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quiver_ring::{BatchId, Dot, NodeId};
+
+    #[test]
+    fn encoded_ops_are_the_postcard_encoding_and_point_at_each_op() {
+        let version = |hlc: u64, value: Option<Vec<u8>>| Version {
+            dot: Dot { node: NodeId(3), counter: hlc },
+            context: None,
+            hlc: Hlc(hlc),
+            origin: BatchId::default(),
+            value,
+        };
+        let ops = vec![
+            Op { key: b"a".to_vec(), version: version(1, Some(vec![9; 300])) },
+            Op { key: vec![7; 200], version: version(u64::MAX, None) },
+            Op { key: Vec::new(), version: version(5, Some(Vec::new())) },
+        ];
+        let encoded = EncodedOps::new(&ops);
+        assert_eq!(encoded.bytes(), postcard::to_stdvec(&ops).unwrap());
+        for (op, at) in ops.iter().zip(encoded.ops()) {
+            assert_eq!(encoded.key(at), op.key);
+            assert_eq!(postcard::from_bytes::<Version>(encoded.version(at)).unwrap(), op.version);
+            assert_eq!((at.hlc, at.tombstone), (op.version.hlc, op.version.value.is_none()));
+        }
+    }
 }
