@@ -6,6 +6,7 @@
 //! - [`version`]: dots, version vectors, versions and the sibling-merge rule
 //!   that every replica and every storage level applies the same way.
 
+pub mod bytes;
 pub mod clock;
 pub mod rand;
 pub mod version;

@@ -82,6 +82,7 @@ pub struct Version {
     pub hlc: Hlc,
     pub origin: BatchId,
     /// `None` is a tombstone.
+    #[serde(with = "serde_bytes")]
     pub value: Option<Vec<u8>>,
 }
 

@@ -36,23 +36,29 @@ pub struct Request {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
     Get {
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
     },
     /// Several keys at once (like Redis MGET); answered with `Values` in the
     /// same order.
     GetMany {
+        #[serde(with = "crate::bytes::list")]
         keys: Vec<Vec<u8>>,
     },
     Set {
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         value: Vec<u8>,
     },
     Delete {
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
     },
     /// All entries are applied together or not at all. A key given twice
     /// takes its last value.
     BulkSet {
+        #[serde(with = "crate::bytes::pairs")]
         entries: Vec<(Vec<u8>, Vec<u8>)>,
     },
     Status,
@@ -73,9 +79,9 @@ pub struct Response {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Reply {
     /// For `Get`: the value, or `None` if the key is absent or deleted.
-    Value(Option<Vec<u8>>),
+    Value(#[serde(with = "serde_bytes")] Option<Vec<u8>>),
     /// For `GetMany`: one entry per requested key, in order.
-    Values(Vec<Option<Vec<u8>>>),
+    Values(#[serde(with = "crate::bytes::optional_list")] Vec<Option<Vec<u8>>>),
     /// For writes: durable on disk (fsynced). For `Shutdown`: shutting down.
     Done,
     Status(NodeStatus),

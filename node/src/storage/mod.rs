@@ -44,6 +44,7 @@ use serde::{Deserialize, Serialize};
 /// One change to one key: a new version to merge into its siblings.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Op {
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
     pub version: Version,
 }
@@ -77,7 +78,7 @@ impl EncodedOps {
         let mut bytes = postcard::to_extend(&ops.len(), Vec::with_capacity(size)).expect(ENCODE);
         let mut refs = Vec::with_capacity(ops.len());
         for op in ops {
-            bytes = postcard::to_extend(&op.key, bytes).expect(ENCODE);
+            bytes = postcard::to_extend(serde_bytes::Bytes::new(&op.key), bytes).expect(ENCODE);
             let key_end = bytes.len();
             bytes = postcard::to_extend(&op.version, bytes).expect(ENCODE);
             refs.push(OpRef {
