@@ -43,11 +43,13 @@ pub mod optional_list {
 pub mod pairs {
     use super::*;
 
+    type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
+
     pub fn serialize<S: Serializer>(items: &[(Vec<u8>, Vec<u8>)], s: S) -> Result<S::Ok, S::Error> {
         s.collect_seq(items.iter().map(|(k, v)| (Bytes::new(k), Bytes::new(v))))
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(Vec<u8>, Vec<u8>)>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Pairs, D::Error> {
         Ok(Vec::<(ByteBuf, ByteBuf)>::deserialize(d)?.into_iter().map(|(k, v)| (k.into_vec(), v.into_vec())).collect())
     }
 }
