@@ -653,11 +653,8 @@ impl Inner {
             let id = lock(&self.manifest).next_file_id();
             let path = self.dir.join(table_name(id));
             let written = (|| {
-                let file = self.fs.create(&path).ctx("create", &path)?;
-                file.write_all_at(bytes, 0).ctx("write", &path)?;
-                file.sync_data().ctx("sync", &path)?;
+                self.fs.write_new(&path, bytes).ctx("write", &path)?;
                 self.fs.sync_dir(&self.dir).ctx("sync directory", &self.dir)?;
-                drop(file);
                 let table = Table::open(self.fs.as_ref(), &path, id)?.with_run(run.unwrap_or(id));
                 table.verify()?;
                 if table.size() != bytes.len() as u64 {
