@@ -59,6 +59,40 @@ pub trait Fs: Send + Sync + fmt::Debug {
         file.write_all_at(bytes, 0)?;
         file.sync_data()
     }
+    /// Reads `path` back and compares it with `expected`: `None` when they
+    /// are the same bytes, else the first offset where they differ (a length
+    /// difference counts). What verifies a file just written.
+    fn first_difference(&self, path: &Path, expected: &[u8]) -> io::Result<Option<u64>> {
+        let file = self.open(path)?;
+        let mut window = vec![0u8; COMPARE_CHUNK_BYTES.min(expected.len())];
+        compare_chunks(expected, file.len()?, &mut window, |w, n, offset| file.read_exact_at(&mut w[..n], offset))
+    }
+}
+
+/// Bytes compared at a time when reading a file back.
+const COMPARE_CHUNK_BYTES: usize = 4 << 20;
+
+/// Compares `expected` with a file of `len` bytes, read a `window` at a time
+/// by `read(window, n, offset)`, which fills `window[..n]`.
+fn compare_chunks(
+    expected: &[u8],
+    len: u64,
+    window: &mut [u8],
+    mut read: impl FnMut(&mut [u8], usize, u64) -> io::Result<()>,
+) -> io::Result<Option<u64>> {
+    let end = expected.len().min(usize::try_from(len).unwrap_or(usize::MAX));
+    let mut at = 0usize;
+    while at < end {
+        let n = window.len().min(end - at);
+        read(window, n, at as u64)?;
+        let (got, want) = (&window[..n], &expected[at..at + n]);
+        if got != want {
+            let i = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(0);
+            return Ok(Some((at + i) as u64));
+        }
+        at += n;
+    }
+    Ok((len != expected.len() as u64).then_some(at as u64))
 }
 
 /// Reads a whole file into memory.
@@ -179,6 +213,42 @@ impl Fs for RealFs {
         let direct = RealFs::write_direct_prefix(path, bytes)?;
         file.write_all_at(&bytes[direct..], direct as u64)?;
         file.sync_data()
+    }
+    /// Reads through `O_DIRECT` where the file system allows it: from the
+    /// disk, not the page cache, and without the kernel copying each page.
+    fn first_difference(&self, path: &Path, expected: &[u8]) -> io::Result<Option<u64>> {
+        use std::os::unix::fs::{FileExt, OpenOptionsExt};
+        let len = std::fs::metadata(path)?.len();
+        let buffered = || {
+            let file = self.open(path)?;
+            let mut window = vec![0u8; COMPARE_CHUNK_BYTES.min(expected.len())];
+            compare_chunks(expected, len, &mut window, |w, n, offset| file.read_exact_at(&mut w[..n], offset))
+        };
+        let open_direct = || std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path).ok();
+        let Some(direct) = (expected.len() >= DIRECT_MIN_BYTES).then(open_direct).flatten() else {
+            return buffered();
+        };
+        // Chunks of whole pages into a page-aligned buffer; the last read
+        // asks for a whole page and gets what is left of the file.
+        let mut raw = vec![0u8; COMPARE_CHUNK_BYTES + DIRECT_ALIGN];
+        let skip = raw.as_ptr().align_offset(DIRECT_ALIGN);
+        let window = &mut raw[skip..skip + COMPARE_CHUNK_BYTES];
+        let compared = compare_chunks(expected, len, window, |window, n, offset| {
+            let want = n.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+            let mut got = 0;
+            while got < n {
+                match direct.read_at(&mut window[got..want], offset + got as u64)? {
+                    0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+                    read => got += read,
+                }
+            }
+            Ok(())
+        });
+        match compared {
+            // A device whose blocks are larger than DIRECT_ALIGN.
+            Err(e) if e.kind() == io::ErrorKind::InvalidInput => buffered(),
+            other => other,
+        }
     }
 }
 
@@ -467,7 +537,37 @@ mod tests {
             std::fs::write(&path, b"old contents, longer than some of the cases").unwrap();
             RealFs.write_new(&path, bytes).unwrap();
             assert_eq!(std::fs::read(&path).unwrap(), bytes, "case {i}");
+            assert_eq!(RealFs.first_difference(&path, bytes).unwrap(), None, "case {i}");
         }
+    }
+
+    /// Reading back finds the first differing byte, in the `O_DIRECT` part
+    /// or the buffered tail, and a file of another length.
+    #[test]
+    fn real_first_difference_finds_changed_bytes_and_lengths() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.sst");
+        let bytes: Vec<u8> = (0..(2 << 20) + 100).map(|i| (i % 251) as u8).collect();
+        for at in [0, 5 << 10, COMPARE_CHUNK_BYTES.min(bytes.len()) - 1, bytes.len() - 1] {
+            let mut changed = bytes.clone();
+            changed[at] ^= 0x40;
+            std::fs::write(&path, &changed).unwrap();
+            assert_eq!(RealFs.first_difference(&path, &bytes).unwrap(), Some(at as u64));
+        }
+        std::fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
+        assert_eq!(RealFs.first_difference(&path, &bytes).unwrap(), Some(bytes.len() as u64 - 1));
+        std::fs::write(&path, [&bytes[..], b"x"].concat()).unwrap();
+        assert_eq!(RealFs.first_difference(&path, &bytes).unwrap(), Some(bytes.len() as u64));
+    }
+
+    #[test]
+    fn sim_first_difference_compares_synced_contents() {
+        let fs = SimFs::new();
+        let path = Path::new("/d/t.sst");
+        fs.write_new(path, b"abcdef").unwrap();
+        assert_eq!(fs.first_difference(path, b"abcdef").unwrap(), None);
+        assert_eq!(fs.first_difference(path, b"abcXef").unwrap(), Some(3));
+        assert_eq!(fs.first_difference(path, b"abc").unwrap(), Some(3));
     }
 
     #[test]

@@ -643,8 +643,8 @@ impl Inner {
         }
     }
 
-    /// Writes `bytes` as a new table file, syncs it, re-reads and verifies
-    /// it; retries with a new file if verification fails. The table joins
+    /// Writes `bytes` as a new table file, syncs it, reads it back and
+    /// compares it with `bytes`; retries with a new file if they differ. The table joins
     /// `run`, or starts a run of its own.
     fn write_table(&self, bytes: &[u8], run: Option<u64>) -> Result<Arc<Table>> {
         let attempts = self.opts.table_write_attempts.max(1);
@@ -655,16 +655,12 @@ impl Inner {
             let written = (|| {
                 self.fs.write_new(&path, bytes).ctx("write", &path)?;
                 self.fs.sync_dir(&self.dir).ctx("sync directory", &self.dir)?;
-                let table = Table::open(self.fs.as_ref(), &path, id)?.with_run(run.unwrap_or(id));
-                table.verify()?;
-                if table.size() != bytes.len() as u64 {
-                    return Err(Error::corrupt(
-                        &path,
-                        0,
-                        format!("{} bytes on disk, {} written", table.size(), bytes.len()),
-                    ));
+                // Read back from the disk and compared with what the builder
+                // made, byte for byte.
+                if let Some(offset) = self.fs.first_difference(&path, bytes).ctx("read back", &path)? {
+                    return Err(Error::corrupt(&path, offset, "the table read back differs from what was written"));
                 }
-                Ok(table)
+                Ok(Table::open(self.fs.as_ref(), &path, id)?.with_run(run.unwrap_or(id)))
             })();
             match written {
                 Ok(table) => return Ok(Arc::new(table)),
