@@ -163,6 +163,12 @@ impl Siblings {
         self.0.iter().all(Version::is_tombstone)
     }
 
+    /// The lowest and highest timestamp of the versions (`(u64::MAX, 0)`
+    /// when there are none, so folding more bounds in stays right).
+    pub fn hlc_bounds(&self) -> (u64, u64) {
+        self.0.iter().fold((u64::MAX, 0), |(min, max), v| (min.min(v.hlc.0), max.max(v.hlc.0)))
+    }
+
     /// The causal context to write back with: every sibling's dot and context.
     pub fn context(&self) -> VersionVector {
         let mut context = VersionVector::default();

@@ -63,10 +63,15 @@ pub trait Fs: Send + Sync + fmt::Debug {
     /// are the same bytes, else the first offset where they differ (a length
     /// difference counts). What verifies a file just written.
     fn first_difference(&self, path: &Path, expected: &[u8]) -> io::Result<Option<u64>> {
-        let file = self.open(path)?;
-        let mut window = vec![0u8; COMPARE_CHUNK_BYTES.min(expected.len())];
-        compare_chunks(expected, file.len()?, &mut window, |w, n, offset| file.read_exact_at(&mut w[..n], offset))
+        compare_file(self.open(path)?.as_ref(), expected)
     }
+}
+
+/// [`Fs::first_difference`] for an open file, read through whatever cache
+/// it has.
+fn compare_file(file: &dyn File, expected: &[u8]) -> io::Result<Option<u64>> {
+    let mut window = vec![0u8; COMPARE_CHUNK_BYTES.min(expected.len())];
+    compare_chunks(expected, file.len()?, &mut window, |w, n, offset| file.read_exact_at(&mut w[..n], offset))
 }
 
 /// Bytes compared at a time when reading a file back.
@@ -172,11 +177,7 @@ impl Fs for RealFs {
     fn first_difference(&self, path: &Path, expected: &[u8]) -> io::Result<Option<u64>> {
         use std::os::unix::fs::{FileExt, OpenOptionsExt};
         let len = std::fs::metadata(path)?.len();
-        let buffered = || {
-            let file = self.open(path)?;
-            let mut window = vec![0u8; COMPARE_CHUNK_BYTES.min(expected.len())];
-            compare_chunks(expected, len, &mut window, |w, n, offset| file.read_exact_at(&mut w[..n], offset))
-        };
+        let buffered = || compare_file(self.open(path)?.as_ref(), expected);
         let open_direct = || std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path).ok();
         let Some(direct) = (expected.len() >= DIRECT_MIN_BYTES).then(open_direct).flatten() else {
             return buffered();

@@ -644,8 +644,8 @@ impl Inner {
     }
 
     /// Writes `bytes` as a new table file, syncs it, reads it back and
-    /// compares it with `bytes`; retries with a new file if they differ. The table joins
-    /// `run`, or starts a run of its own.
+    /// compares it with `bytes`; retries with a new file if they differ. The
+    /// table joins `run`, or starts a run of its own.
     fn write_table(&self, bytes: &[u8], run: Option<u64>) -> Result<Arc<Table>> {
         let attempts = self.opts.table_write_attempts.max(1);
         let mut last_error = None;

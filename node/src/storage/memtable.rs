@@ -92,8 +92,7 @@ struct Slot {
     key: Span,
     /// `postcard(Siblings)`.
     value: Span,
-    min_hlc: u64,
-    max_hlc: u64,
+    hlc_range: (u64, u64),
     all_tombstones: bool,
 }
 
@@ -197,9 +196,7 @@ impl Memtable {
                 let encoded = postcard::to_extend(&siblings, std::mem::take(scratch)).expect("postcard encodes");
                 *scratch = encoded;
                 slot.value = arena.push(scratch);
-                let hlcs = siblings.versions().iter().map(|v| v.hlc.0);
-                slot.min_hlc = hlcs.clone().min().unwrap_or(0);
-                slot.max_hlc = hlcs.max().unwrap_or(0);
+                slot.hlc_range = siblings.hlc_bounds();
                 slot.all_tombstones = siblings.all_tombstones();
                 self.written += scratch.len();
             }
@@ -208,8 +205,7 @@ impl Memtable {
                 // 1, then the version.
                 let value = arena.push_parts(&[&[1], version]);
                 let key_span = arena.push(key);
-                let slot =
-                    Slot { hash, key: key_span, value, min_hlc: hlc.0, max_hlc: hlc.0, all_tombstones: tombstone };
+                let slot = Slot { hash, key: key_span, value, hlc_range: (hlc.0, hlc.0), all_tombstones: tombstone };
                 slots.insert_unique(hash, slot, |slot| slot.hash);
                 self.written += key.len() + 1 + version.len();
             }
@@ -220,7 +216,7 @@ impl Memtable {
         EntryRef {
             key: self.arena.get(slot.key),
             value: self.arena.get(slot.value),
-            hlc_range: (slot.min_hlc, slot.max_hlc),
+            hlc_range: slot.hlc_range,
             all_tombstones: slot.all_tombstones,
         }
     }

@@ -56,9 +56,7 @@ impl TableBuilder {
         let mut value = std::mem::take(&mut self.value_buf);
         value.clear();
         let value = postcard::to_extend(siblings, value).expect("postcard encodes versions into a Vec without failing");
-        let min = siblings.versions().iter().map(|v| v.hlc.0).min().unwrap_or(u64::MAX);
-        let max = siblings.versions().iter().map(|v| v.hlc.0).max().unwrap_or(0);
-        self.add_encoded(key, &value, (min, max), siblings.all_tombstones());
+        self.add_encoded(key, &value, siblings.hlc_bounds(), siblings.all_tombstones());
         self.value_buf = value;
     }
 
