@@ -492,8 +492,9 @@ mod tests {
         }
     }
 
-    /// Reading back finds the first differing byte, in the `O_DIRECT` part
-    /// or the buffered tail, and a file of another length.
+    /// Reading back through `O_DIRECT` finds the first differing byte, in
+    /// the first chunk, at the end of one, at the last byte, and a file of
+    /// another length.
     #[test]
     fn real_first_difference_finds_changed_bytes_and_lengths() {
         let dir = tempfile::tempdir().unwrap();

@@ -271,9 +271,7 @@ impl Engine {
             let full = {
                 let levels = inner.levels();
                 let mut active = write(&levels.active);
-                for op in ops {
-                    active.insert(seq, op, inner.opts.siblings_max);
-                }
+                active.apply(seq, &EncodedOps::new(&ops), inner.opts.siblings_max);
                 active.bytes() >= inner.opts.memtable_bytes_max
             };
             if full {
@@ -955,10 +953,7 @@ fn commit_group(inner: &Inner, wal: &mut WalWriter, buf: &mut Vec<u8>, next_seq:
         let mut active = write(&levels.active);
         for (i, (encoded, done)) in writes.into_iter().enumerate() {
             let seq = group + i as u64;
-            for op in encoded.ops() {
-                let (key, version) = (encoded.key(op), encoded.version(op));
-                active.insert_encoded(seq, key, version, op.hlc, op.tombstone, inner.opts.siblings_max);
-            }
+            active.apply(seq, &encoded, inner.opts.siblings_max);
             acks.push((done, seq));
         }
     }

@@ -30,7 +30,7 @@ use hashbrown::HashTable;
 use quiver_ring::{Hlc, Siblings, Version};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
-use crate::storage::Op;
+use crate::storage::{EncodedOps, Op};
 
 /// Bytes per arena chunk (a larger entry gets a chunk of its own size).
 const CHUNK_BYTES: usize = 1 << 20;
@@ -163,23 +163,22 @@ impl Memtable {
     /// Applies one operation of WAL record `seq`, keeping at most
     /// `siblings_max` versions of its key.
     pub fn insert(&mut self, seq: u64, op: Op, siblings_max: usize) {
-        let version = postcard::to_stdvec(&op.version).expect("postcard encodes into a Vec");
-        let tombstone = op.version.value.is_none();
-        self.insert_encoded(seq, &op.key, &version, op.version.hlc, tombstone, siblings_max);
+        self.apply(seq, &EncodedOps::new(std::slice::from_ref(&op)), siblings_max);
     }
 
-    /// [`Memtable::insert`] of an op already encoded: `version` is
-    /// `postcard(Version)`, with its timestamp and whether it is a tombstone.
-    /// A key new to this memtable costs one copy of its bytes, nothing more.
-    pub fn insert_encoded(
-        &mut self,
-        seq: u64,
-        key: &[u8],
-        version: &[u8],
-        hlc: Hlc,
-        tombstone: bool,
-        siblings_max: usize,
-    ) {
+    /// Applies every operation of WAL record `seq`, as encoded for the WAL
+    /// (live writes and recovery alike), keeping at most `siblings_max`
+    /// versions of each key.
+    pub fn apply(&mut self, seq: u64, encoded: &EncodedOps, siblings_max: usize) {
+        for op in encoded.ops() {
+            self.insert_encoded(seq, encoded.key(op), encoded.version(op), op.hlc, op.tombstone, siblings_max);
+        }
+    }
+
+    /// One op already encoded: `version` is `postcard(Version)`, with its
+    /// timestamp and whether it is a tombstone. A key new to this memtable
+    /// costs one copy of its bytes, nothing more.
+    fn insert_encoded(&mut self, seq: u64, key: &[u8], version: &[u8], hlc: Hlc, tombstone: bool, siblings_max: usize) {
         if self.slots.is_empty() && self.min_seq == 0 {
             self.min_seq = seq;
         }
