@@ -138,8 +138,56 @@ impl File for RealFile {
 
 /// Alignment of `O_DIRECT` transfers (buffer address, length, offset).
 const DIRECT_ALIGN: usize = 4096;
-/// Files smaller than this are read back through the page cache.
+/// The open flag that bypasses the page cache.
+const O_DIRECT: i32 = rustix::fs::OFlags::DIRECT.bits() as i32;
+/// Files smaller than this are written and read back through the page
+/// cache.
 const DIRECT_MIN_BYTES: usize = 1 << 20;
+/// Bytes per `O_DIRECT` write: small enough that a table being written does
+/// not queue tens of megabytes at the device ahead of the WAL's next sync.
+const DIRECT_WRITE_CHUNK_BYTES: usize = 2 << 20;
+
+impl RealFs {
+    /// Writes the page-aligned prefix of `bytes` at offset 0 through
+    /// `O_DIRECT`, a chunk at a time (staged through an aligned buffer when
+    /// `bytes` itself is not page-aligned). Returns how many bytes it wrote:
+    /// 0 when the file is small or the file system refuses `O_DIRECT`
+    /// (tmpfs, some overlays), and the caller writes everything buffered.
+    /// Nothing is synced here.
+    fn write_direct_prefix(path: &Path, bytes: &[u8]) -> io::Result<usize> {
+        use std::os::unix::fs::{FileExt, OpenOptionsExt};
+        let aligned = bytes.len() / DIRECT_ALIGN * DIRECT_ALIGN;
+        if aligned < DIRECT_MIN_BYTES {
+            return Ok(0);
+        }
+        let Ok(direct) = std::fs::OpenOptions::new().write(true).custom_flags(O_DIRECT).open(path) else {
+            return Ok(0);
+        };
+        let mut staging = Vec::new();
+        let mut at = 0;
+        while at < aligned {
+            let chunk = &bytes[at..aligned.min(at + DIRECT_WRITE_CHUNK_BYTES)];
+            let source = if chunk.as_ptr().align_offset(DIRECT_ALIGN) == 0 {
+                chunk
+            } else {
+                if staging.is_empty() {
+                    staging = vec![0u8; DIRECT_WRITE_CHUNK_BYTES + DIRECT_ALIGN];
+                }
+                let skip = staging.as_ptr().align_offset(DIRECT_ALIGN);
+                staging[skip..skip + chunk.len()].copy_from_slice(chunk);
+                &staging[skip..skip + chunk.len()]
+            };
+            match direct.write_all_at(source, at as u64) {
+                Ok(()) => at += chunk.len(),
+                // A device whose blocks are larger than DIRECT_ALIGN: the
+                // caller rewrites everything through the cache.
+                Err(e) if e.kind() == io::ErrorKind::InvalidInput && at == 0 => return Ok(0),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(aligned)
+    }
+}
 
 impl Fs for RealFs {
     fn create(&self, path: &Path) -> io::Result<Box<dyn File>> {
@@ -171,6 +219,23 @@ impl Fs for RealFs {
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         std::fs::File::open(dir)?.sync_all()
     }
+    /// Large files bypass the page cache for their page-aligned prefix
+    /// (`O_DIRECT`, in chunks): copying every flushed and compacted table
+    /// into cache pages cost about a fifth of all CPU in a bulk load. Once
+    /// synced, the kernel is asked to read the file into the cache in the
+    /// background (the reads to come find it warm, and the read-back, being
+    /// `O_DIRECT`, still reads the disk).
+    fn write_new(&self, path: &Path, bytes: &[u8]) -> io::Result<()> {
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
+        let direct = RealFs::write_direct_prefix(path, bytes)?;
+        std::os::unix::fs::FileExt::write_all_at(&file, &bytes[direct..], direct as u64)?;
+        file.sync_data()?;
+        if direct > 0 {
+            // Only a hint: a refusal changes nothing that matters.
+            let _ = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::WillNeed);
+        }
+        Ok(())
+    }
     /// Reads through `O_DIRECT` where the file system allows it: from the
     /// disk itself, not the page cache (which keeps the pages just written,
     /// for the reads to come), and without the kernel copying each page.
@@ -178,7 +243,7 @@ impl Fs for RealFs {
         use std::os::unix::fs::{FileExt, OpenOptionsExt};
         let len = std::fs::metadata(path)?.len();
         let buffered = || compare_file(self.open(path)?.as_ref(), expected);
-        let open_direct = || std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path).ok();
+        let open_direct = || std::fs::OpenOptions::new().read(true).custom_flags(O_DIRECT).open(path).ok();
         let Some(direct) = (expected.len() >= DIRECT_MIN_BYTES).then(open_direct).flatten() else {
             return buffered();
         };
@@ -467,21 +532,29 @@ impl Fs for SimFs {
 mod tests {
     use super::*;
 
-    /// Whatever the size, `write_new` on the real disk leaves exactly the
-    /// bytes given, and reading them back (whole `O_DIRECT` chunks, a short
-    /// last one, or through the cache for small files) finds no difference.
+    /// Whatever the size and the buffer's alignment, `write_new` on the real
+    /// disk leaves exactly the bytes given (`O_DIRECT` chunks, a buffered
+    /// tail, an unaligned buffer staged, small files through the cache), and
+    /// reading them back (whole `O_DIRECT` chunks, a short last one, or
+    /// through the cache) finds no difference.
     #[test]
-    fn real_write_new_round_trips_any_size() {
+    fn real_write_new_round_trips_any_size_and_alignment() {
         let dir = tempfile::tempdir().unwrap();
         let mut rng = quiver_ring::rand::SplitMix64::new(7);
-        let big: Vec<u8> = (0..COMPARE_CHUNK_BYTES + (1 << 20) + 17).map(|_| rng.next_u64() as u8).collect();
-        let cases: [&[u8]; 6] = [
+        let raw: Vec<u8> =
+            (0..COMPARE_CHUNK_BYTES + (1 << 20) + 2 * DIRECT_ALIGN).map(|_| rng.next_u64() as u8).collect();
+        let skip = raw.as_ptr().align_offset(DIRECT_ALIGN);
+        // Page-aligned: written from the buffer itself.
+        let big = &raw[skip..skip + COMPARE_CHUNK_BYTES + (1 << 20) + 17];
+        let cases: [&[u8]; 7] = [
             &[],
             &big[..100],
             &big[..DIRECT_MIN_BYTES],
             &big[..DIRECT_MIN_BYTES + DIRECT_ALIGN - 1],
             &big[..COMPARE_CHUNK_BYTES],
-            &big,
+            big,
+            // Not page-aligned: staged chunk by chunk.
+            &big[1..],
         ];
         for (i, bytes) in cases.into_iter().enumerate() {
             let path = dir.path().join(format!("{i}.sst"));
