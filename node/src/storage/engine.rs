@@ -29,7 +29,7 @@ use crate::storage::disk::{is_data_file, Fs, RealFs, SkipWriteFs};
 use crate::storage::error::{Error, IoContext, Result};
 use crate::storage::manifest::{Edit, Manifest, TableMeta};
 use crate::storage::memtable::Memtable;
-use crate::storage::sstable::{parse_table_name, table_name, Table, TableBuilder};
+use crate::storage::sstable::{parse_table_name, table_name, Table, TableBuilder, TableScan};
 use crate::storage::wal::{self, SegmentInfo, WalWriter};
 use crate::storage::{EncodedOps, Op};
 use crate::{lock, now_ms};
@@ -803,7 +803,6 @@ impl Inner {
         let max_seq = inputs.iter().map(|t| t.props().max_seq).max().unwrap_or(0);
         let horizon_ms = now_ms().saturating_sub(self.opts.tombstone_grace_ms);
         let new_builder = || self.table_builder(min_seq, max_seq);
-        let sources = inputs.iter().map(|t| Box::new(t.raw_iter_from(&[])) as EntryIter<'_, Vec<u8>>).collect();
         let mut outputs: Vec<Arc<Table>> = Vec::new();
         let mut builder = new_builder();
         // Writes the builder's table as the next file of this merge's run
@@ -819,26 +818,43 @@ impl Inner {
             Ok(())
         };
         let result = (|| {
-            for item in MergeIter::new(sources) {
-                let (key, mut values) = item?;
-                let single = values.len() == 1 && inputs[values[0].0].props().tombstone_entries == 0;
-                if single {
-                    let (index, raw) = values.remove(0);
-                    let props = inputs[index].props();
-                    builder.add_raw(&key, &raw, (props.min_hlc, props.max_hlc));
+            let mut scans: Vec<TableScan> = inputs.iter().map(|t| TableScan::new(t.clone())).collect::<Result<_>>()?;
+            // The inputs whose current entry has the smallest key.
+            let mut holders: Vec<usize> = Vec::with_capacity(scans.len());
+            loop {
+                holders.clear();
+                let mut smallest: Option<&[u8]> = None;
+                for (i, scan) in scans.iter().enumerate() {
+                    let Some((key, _)) = scan.head() else { continue };
+                    match smallest.map(|s| key.cmp(s)) {
+                        None | Some(std::cmp::Ordering::Less) => {
+                            smallest = Some(key);
+                            holders.clear();
+                            holders.push(i);
+                        }
+                        Some(std::cmp::Ordering::Equal) => holders.push(i),
+                        Some(std::cmp::Ordering::Greater) => {}
+                    }
+                }
+                let Some(key) = smallest else { break };
+                let stored = |i: usize| scans[i].head().map_or(&[][..], |(_, value)| value);
+                let props = scans[holders[0]].table().props();
+                if holders.len() == 1 && props.tombstone_entries == 0 {
+                    builder.add_raw(key, stored(holders[0]), (props.min_hlc, props.max_hlc));
                 } else {
-                    let mut decoded = Vec::with_capacity(values.len());
-                    for (index, raw) in values {
-                        decoded.push((index, inputs[index].decode_value(&raw)?));
+                    let mut merged = Siblings::default();
+                    for &i in &holders {
+                        merged.merge(scans[i].table().decode_value(stored(i))?);
                     }
-                    let siblings = merge_siblings(decoded);
-                    if droppable(&key, &siblings, horizon_ms, outside) {
-                        continue;
+                    if !droppable(key, &merged, horizon_ms, outside) {
+                        builder.add(key, &merged);
                     }
-                    builder.add(&key, &siblings);
                 }
                 if builder.estimated_bytes() >= self.opts.table_bytes_target {
                     emit(&mut builder, &mut outputs)?;
+                }
+                for &i in &holders {
+                    scans[i].advance()?;
                 }
             }
             if builder.entries() > 0 {

@@ -35,13 +35,14 @@ use crate::storage::{EncodedOps, Op};
 /// Bytes per arena chunk (a larger entry gets a chunk of its own size).
 const CHUNK_BYTES: usize = 1 << 20;
 
-/// The first 16 bytes of `key`, zero-padded, as a big-endian integer: it
-/// orders like the key wherever two prefixes differ.
-fn key_prefix(key: &[u8]) -> u128 {
+/// The first 16 bytes of `key`, zero-padded, as two big-endian integers:
+/// they order like the key wherever two prefixes differ.
+fn key_prefix(key: &[u8]) -> (u64, u64) {
     let mut prefix = [0u8; 16];
     let n = key.len().min(16);
     prefix[..n].copy_from_slice(&key[..n]);
-    u128::from_be_bytes(prefix)
+    let (high, low) = prefix.split_at(8);
+    (u64::from_be_bytes(high.try_into().expect("8 bytes")), u64::from_be_bytes(low.try_into().expect("8 bytes")))
 }
 
 /// Where some bytes are in the arena.
@@ -89,6 +90,10 @@ impl Arena {
 #[derive(Clone, Copy, Debug)]
 struct Slot {
     hash: u64,
+    /// [`key_prefix`] of the key, taken while the key is at hand: sorting
+    /// for a flush then reads only the slots, not every key in the arena
+    /// (in hash order, each a cache miss).
+    prefix: (u64, u64),
     key: Span,
     /// `postcard(Siblings)`.
     value: Span,
@@ -204,7 +209,14 @@ impl Memtable {
                 // 1, then the version.
                 let value = arena.push_parts(&[&[1], version]);
                 let key_span = arena.push(key);
-                let slot = Slot { hash, key: key_span, value, hlc_range: (hlc.0, hlc.0), all_tombstones: tombstone };
+                let slot = Slot {
+                    hash,
+                    prefix: key_prefix(key),
+                    key: key_span,
+                    value,
+                    hlc_range: (hlc.0, hlc.0),
+                    all_tombstones: tombstone,
+                };
                 slots.insert_unique(hash, slot, |slot| slot.hash);
                 self.written += key.len() + 1 + version.len();
             }
@@ -233,18 +245,19 @@ impl Memtable {
             Bound::Excluded(end) => key < end,
             Bound::Unbounded => true,
         };
-        // Sort on each key's first 16 bytes held inline (zero-padded, as one
-        // big-endian integer), falling back to the whole key only on a tie:
-        // the comparisons stay in one contiguous array instead of chasing a
-        // pointer to every key, which dominated flushing. Exact: keys whose
-        // prefixes differ differ at the same byte.
-        let mut entries: Vec<(u128, EntryRef<'_>)> = self
-            .slots
-            .iter()
-            .map(|slot| self.entry(slot))
-            .filter(|entry| entry.key >= start && below_end(entry.key))
-            .map(|entry| (key_prefix(entry.key), entry))
-            .collect();
+        // Sort on each key's first 16 bytes kept in its slot, falling back
+        // to the whole key only on a tie: the comparisons stay in one
+        // contiguous array instead of chasing a pointer to every key, which
+        // dominated flushing. Exact: keys whose prefixes differ differ at the
+        // same byte. A whole-memtable sort reads no key at all.
+        let whole = start.is_empty() && matches!(end, Bound::Unbounded);
+        let mut entries: Vec<((u64, u64), EntryRef<'_>)> = Vec::with_capacity(self.slots.len());
+        entries.extend(
+            self.slots
+                .iter()
+                .map(|slot| (slot.prefix, self.entry(slot)))
+                .filter(|(_, entry)| whole || (entry.key >= start && below_end(entry.key))),
+        );
         entries.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.key.cmp(b.1.key)));
         entries.into_iter().map(|(_, entry)| entry).collect()
     }

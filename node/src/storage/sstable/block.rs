@@ -1,39 +1,51 @@
 //! Data blocks: a run of entries, their count and a checksum.
 
+use std::ops::Range;
+
 use quiver_ring::Siblings;
 
-/// Builds one data block.
+/// Builds one data block at the end of a table's buffer, in place: entries
+/// are written once, where they will stay.
 #[derive(Debug, Default)]
 pub struct BlockBuilder {
-    buf: Vec<u8>,
+    /// Where the open block starts in the buffer.
+    start: usize,
     count: u32,
 }
 
 impl BlockBuilder {
-    pub fn add(&mut self, key: &[u8], value: &[u8]) {
-        self.buf.extend_from_slice(&(key.len() as u32).to_le_bytes());
-        self.buf.extend_from_slice(&(value.len() as u32).to_le_bytes());
-        self.buf.extend_from_slice(key);
-        self.buf.extend_from_slice(value);
+    pub fn add(&mut self, out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
+        if self.count == 0 {
+            self.start = out.len();
+        }
+        out.extend_from_slice(&(key.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+        out.extend_from_slice(key);
+        out.extend_from_slice(value);
         self.count += 1;
     }
 
-    pub fn len(&self) -> usize {
-        self.buf.len()
+    /// Bytes of entries in the open block.
+    pub fn len(&self, out: &[u8]) -> usize {
+        if self.count == 0 {
+            0
+        } else {
+            out.len() - self.start
+        }
     }
 
     pub fn is_empty(&self) -> bool {
         self.count == 0
     }
 
-    /// Appends the finished block to `out` and resets the builder.
-    pub fn finish_into(&mut self, out: &mut Vec<u8>) {
-        self.buf.extend_from_slice(&self.count.to_le_bytes());
-        let crc = crc32fast::hash(&self.buf);
-        out.extend_from_slice(&self.buf);
+    /// Ends the open block: its count and checksum follow its entries.
+    /// Returns where it starts in `out`.
+    pub fn finish(&mut self, out: &mut Vec<u8>) -> usize {
+        out.extend_from_slice(&self.count.to_le_bytes());
+        let crc = crc32fast::hash(&out[self.start..]);
         out.extend_from_slice(&crc.to_le_bytes());
-        self.buf.clear();
         self.count = 0;
+        self.start
     }
 }
 
@@ -57,19 +69,40 @@ fn u32_at(buf: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_le_bytes(buf.get(at..at.checked_add(4)?)?.try_into().ok()?))
 }
 
+/// Checks the checksum of a block's bytes (as stored, with count and crc).
+/// Returns where its entries end and how many there are.
+pub fn check(data: &[u8]) -> Result<(usize, u32), BlockError> {
+    let crc_at = data.len().checked_sub(4).ok_or(BlockError::Malformed("block shorter than its checksum"))?;
+    let expected = u32_at(data, crc_at).ok_or(BlockError::Malformed("block checksum"))?;
+    let got = crc32fast::hash(data.get(..crc_at).unwrap_or_default());
+    if got != expected {
+        return Err(BlockError::Checksum { expected, got });
+    }
+    let count_at = crc_at.checked_sub(4).ok_or(BlockError::Malformed("block shorter than its count"))?;
+    let count = u32_at(data, count_at).ok_or(BlockError::Malformed("block count"))?;
+    Ok((count_at, count))
+}
+
+/// The entry at `at` in a block's entries (`entries` ends where the entries
+/// end): where its key and its value lie, and where the next entry starts.
+pub fn entry_at(entries: &[u8], at: usize) -> Result<(Range<usize>, Range<usize>), BlockError> {
+    let parsed = (|| {
+        let key_len = u32_at(entries, at)? as usize;
+        let value_len = u32_at(entries, at.checked_add(4)?)? as usize;
+        let key_start = at.checked_add(8)?;
+        let value_start = key_start.checked_add(key_len)?;
+        let end = value_start.checked_add(value_len)?;
+        (end <= entries.len()).then_some((key_start..value_start, value_start..end))
+    })();
+    parsed.ok_or(BlockError::Malformed("entry runs past the end of its block"))
+}
+
 impl Block {
     /// Checks the checksum of a block's bytes (as stored, with count and crc).
     pub fn decode(mut data: Vec<u8>) -> Result<Block, BlockError> {
-        let crc_at = data.len().checked_sub(4).ok_or(BlockError::Malformed("block shorter than its checksum"))?;
-        let expected = u32_at(&data, crc_at).ok_or(BlockError::Malformed("block checksum"))?;
-        let got = crc32fast::hash(data.get(..crc_at).unwrap_or_default());
-        if got != expected {
-            return Err(BlockError::Checksum { expected, got });
-        }
-        let count_at = crc_at.checked_sub(4).ok_or(BlockError::Malformed("block shorter than its count"))?;
-        let count = u32_at(&data, count_at).ok_or(BlockError::Malformed("block count"))?;
-        data.truncate(crc_at);
-        Ok(Block { data, entries_end: count_at, count })
+        let (entries_end, count) = check(&data)?;
+        data.truncate(entries_end + 4);
+        Ok(Block { data, entries_end, count })
     }
 
     pub fn count(&self) -> u32 {
@@ -110,22 +143,14 @@ impl<'a> Iterator for BlockEntries<'a> {
             return None;
         }
         let data = &self.block.data[..self.block.entries_end];
-        let parsed = (|| {
-            let key_len = u32_at(data, self.at)? as usize;
-            let value_len = u32_at(data, self.at + 4)? as usize;
-            let key_start = self.at + 8;
-            let value_start = key_start.checked_add(key_len)?;
-            let end = value_start.checked_add(value_len)?;
-            Some((data.get(key_start..value_start)?, data.get(value_start..end)?, end))
-        })();
-        match parsed {
-            Some((key, value, end)) => {
-                self.at = end;
-                Some(Ok((key, value)))
+        match entry_at(data, self.at) {
+            Ok((key, value)) => {
+                self.at = value.end;
+                Some(Ok((&data[key], &data[value])))
             }
-            None => {
+            Err(e) => {
                 self.at = usize::MAX;
-                Some(Err(BlockError::Malformed("entry runs past the end of its block")))
+                Some(Err(e))
             }
         }
     }

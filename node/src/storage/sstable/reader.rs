@@ -6,7 +6,7 @@ use std::sync::Arc;
 use quiver_ring::Siblings;
 use serde::de::DeserializeOwned;
 
-use super::block::{decode_value, Block, BlockError};
+use super::block::{self, decode_value, Block, BlockError};
 use super::bloom::{key_hash, Bloom};
 use super::{IndexEntry, Props, FOOTER_LEN, FORMAT_VERSION, MAGIC};
 use crate::storage::disk::{File, Fs};
@@ -279,5 +279,105 @@ impl Iterator for RawTableIter {
                 }
             }
         }
+    }
+}
+
+/// Bytes of blocks a [`TableScan`] reads at once.
+const SCAN_WINDOW_BYTES: u64 = 1 << 20;
+
+/// A whole table's entries in key order, for compaction: blocks are read
+/// many at a time into one window and checked, and each entry is borrowed
+/// from the window, so nothing is allocated or copied per entry.
+#[derive(Debug)]
+pub struct TableScan {
+    table: Arc<Table>,
+    window: Vec<u8>,
+    /// File offset of `window[0]`.
+    window_offset: u64,
+    /// Blocks (index entries) in the window not started yet.
+    pending: std::ops::Range<usize>,
+    /// File offset of the block being read, and where its entries lie in
+    /// the window.
+    block_offset: u64,
+    entries: std::ops::Range<usize>,
+    /// The current entry's key and value, in the window.
+    head: Option<(std::ops::Range<usize>, std::ops::Range<usize>)>,
+}
+
+impl TableScan {
+    /// A scan positioned on the table's first entry.
+    pub fn new(table: Arc<Table>) -> Result<TableScan> {
+        let mut scan = TableScan {
+            table,
+            window: Vec::new(),
+            window_offset: 0,
+            pending: 0..0,
+            block_offset: 0,
+            entries: 0..0,
+            head: None,
+        };
+        scan.advance()?;
+        Ok(scan)
+    }
+
+    pub fn table(&self) -> &Table {
+        &self.table
+    }
+
+    /// The current entry (key, value as stored); `None` past the last.
+    pub fn head(&self) -> Option<(&[u8], &[u8])> {
+        let (key, value) = self.head.clone()?;
+        Some((&self.window[key], &self.window[value]))
+    }
+
+    /// Moves to the next entry.
+    pub fn advance(&mut self) -> Result<()> {
+        self.head = None;
+        loop {
+            if self.entries.start < self.entries.end {
+                let (key, value) = block::entry_at(&self.window[..self.entries.end], self.entries.start)
+                    .map_err(|e| self.table.block_error(self.block_offset, e))?;
+                self.entries.start = value.end;
+                self.head = Some((key, value));
+                return Ok(());
+            }
+            if let Some(i) = self.pending.next() {
+                let entry = &self.table.index[i];
+                let start = (entry.offset - self.window_offset) as usize;
+                let data = &self.window[start..start + entry.len as usize];
+                let (entries_end, _) = block::check(data).map_err(|e| self.table.block_error(entry.offset, e))?;
+                self.block_offset = entry.offset;
+                self.entries = start..start + entries_end;
+                continue;
+            }
+            if !self.read_window()? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Reads the next blocks, up to a window's worth (at least one), in one
+    /// read. Returns false past the last block.
+    fn read_window(&mut self) -> Result<bool> {
+        let index = &self.table.index;
+        let first = self.pending.end;
+        let Some(first_entry) = index.get(first) else { return Ok(false) };
+        let start = first_entry.offset;
+        let end_of = |entry: &IndexEntry| entry.offset + u64::from(entry.len);
+        let mut last = first + 1;
+        while index
+            .get(last)
+            .is_some_and(|entry| entry.offset >= end_of(&index[last - 1]) && end_of(entry) - start <= SCAN_WINDOW_BYTES)
+        {
+            last += 1;
+        }
+        // Blocks are written back to back; an index that says otherwise
+        // is read one block at a time (and its checksums decide).
+        let end = end_of(&index[last - 1]);
+        self.window.resize((end - start) as usize, 0);
+        self.table.file.read_exact_at(&mut self.window, start).ctx("read", &self.table.path)?;
+        self.window_offset = start;
+        self.pending = first..last;
+        Ok(true)
     }
 }

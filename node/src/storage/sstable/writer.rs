@@ -73,7 +73,7 @@ impl TableBuilder {
     pub fn add_encoded(&mut self, key: &[u8], value: &[u8], (min_hlc, max_hlc): (u64, u64), all_tombstones: bool) {
         self.props.tombstone_entries += u64::from(all_tombstones);
         assert!(self.props.entries == 0 || key > self.last_key.as_slice(), "table keys must be strictly ascending");
-        self.block.add(key, value);
+        self.block.add(&mut self.out, key, value);
         self.hashes.push(key_hash(key));
         self.props.min_hlc = self.props.min_hlc.min(min_hlc);
         self.props.max_hlc = self.props.max_hlc.max(max_hlc);
@@ -83,7 +83,7 @@ impl TableBuilder {
         self.props.entries += 1;
         self.last_key.clear();
         self.last_key.extend_from_slice(key);
-        if self.block.len() >= self.block_bytes {
+        if self.block.len(&self.out) >= self.block_bytes {
             self.finish_block();
         }
     }
@@ -92,8 +92,7 @@ impl TableBuilder {
         if self.block.is_empty() {
             return;
         }
-        let offset = self.out.len() as u64;
-        self.block.finish_into(&mut self.out);
+        let offset = self.block.finish(&mut self.out) as u64;
         let len = (self.out.len() as u64 - offset) as u32;
         self.index.push(IndexEntry { last_key: self.last_key.clone(), offset, len });
     }
@@ -105,7 +104,7 @@ impl TableBuilder {
 
     /// Bytes the file would have if finished now, roughly.
     pub fn estimated_bytes(&self) -> usize {
-        self.out.len() + self.block.len() + self.hashes.len() * 2
+        self.out.len() + self.hashes.len() * 2
     }
 
     /// The whole file and its properties.
