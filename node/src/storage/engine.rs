@@ -1,11 +1,14 @@
-//! The engine: its state, its three threads, and recovery.
+//! The engine: its state, its four threads, and recovery.
 //!
 //! Threads:
-//! - **commit**: takes every waiting write, frames them into one group,
-//!   writes the group to the WAL with one `write` and one `fdatasync`,
-//!   applies it to the active memtable, then acknowledges every write in it.
-//!   It is the only writer of the active memtable and the only place the
-//!   memtable is rotated, so no write can land in a memtable being flushed.
+//! - **commit**: takes every waiting write, frames them into one group and
+//!   writes the group to the WAL with one `write` and one `fdatasync`, then
+//!   hands it to apply and goes on with the next group.
+//! - **apply**: inserts each durable group into the active memtable, then
+//!   acknowledges every write in it (so a write is acknowledged once it is
+//!   both durable and visible), while commit syncs the next group. It is the
+//!   only writer of the active memtable and the only place the memtable is
+//!   rotated, so no write can land in a memtable being flushed.
 //! - **flush**: writes the oldest frozen memtable to a verified SSTable,
 //!   commits the manifest edit, swaps the table in, then deletes the WAL
 //!   segments it covers.
@@ -124,8 +127,8 @@ struct Levels {
 }
 
 /// Called once with a write's outcome: its WAL sequence number once durable,
-/// or why it failed. Runs on the commit thread, so it must be quick (send a
-/// message, wake a task).
+/// or why it failed. Runs on the apply thread (or, for a write that fails,
+/// the commit thread), so it must be quick (send a message, wake a task).
 pub type Done = Box<dyn FnOnce(Result<u64>) + Send>;
 
 enum Request {
@@ -328,10 +331,10 @@ impl Engine {
     /// Writes `ops` as one WAL record: all of them become durable and
     /// visible together, or none does. Calls `done` with the record's
     /// sequence number once it is on disk (after `fdatasync`), or with the
-    /// error; `done` runs on the commit thread and must be quick.
+    /// error; `done` runs on the engine's apply thread and must be quick.
     pub fn write_then(&self, ops: Vec<Op>, done: impl FnOnce(Result<u64>) + Send + 'static) {
         let encoded = EncodedOps::new(&ops);
-        // Freed here, on the thread that made them, not on the commit thread.
+        // Freed here, on the thread that made them, not on the engine's.
         drop(ops);
         let size = encoded.bytes().len();
         if wal::record_len(size) > self.inner.opts.record_bytes_max {
@@ -573,7 +576,7 @@ impl Inner {
         self.background_cv.notify_all();
     }
 
-    /// Freezes the active memtable (commit thread, or open before threads).
+    /// Freezes the active memtable (apply thread, or open before threads).
     /// Returns the last sequence in it.
     fn rotate(&self) -> u64 {
         let mut levels = write(&self.levels);
@@ -589,7 +592,8 @@ impl Inner {
         max_seq
     }
 
-    /// Blocks the commit thread while too many memtables wait for flush.
+    /// Blocks the apply thread (and so, once its queue is full, the commit
+    /// thread) while too many memtables wait for flush.
     fn wait_for_flush_room(&self) {
         let mut background = lock(&self.background);
         while self.levels().frozen.len() >= self.opts.frozen_memtables_max.max(1)
@@ -885,39 +889,53 @@ fn droppable(key: &[u8], siblings: &Siblings, horizon_ms: u64, outside: &[Arc<Ta
 
 fn commit_loop(inner: Arc<Inner>, mut wal: WalWriter, mut next_seq: u64) {
     let mut buf = Vec::new();
-    loop {
-        let requests = {
-            let mut queue = lock(&inner.queue);
-            while queue.requests.is_empty() && !queue.closing {
-                queue.committer_waiting = true;
-                queue = inner.queue_cv.wait(queue).unwrap_or_else(|p| p.into_inner());
-                queue.committer_waiting = false;
+    // The apply stage runs one group behind: while it inserts group N into
+    // the memtable and acknowledges it, this thread writes and syncs group
+    // N+1. The channel holds one group, so at most three are in hand.
+    let (to_apply, applying) = std::sync::mpsc::sync_channel::<Durable>(1);
+    std::thread::scope(|scope| {
+        let applier = std::thread::Builder::new()
+            .name("quiver-apply".into())
+            .spawn_scoped(scope, || apply_loop(&inner, applying));
+        if let Err(e) = applier {
+            inner.fail(format!("cannot start the apply thread: {e}"));
+        }
+        loop {
+            let requests = {
+                let mut queue = lock(&inner.queue);
+                while queue.requests.is_empty() && !queue.closing {
+                    queue.committer_waiting = true;
+                    queue = inner.queue_cv.wait(queue).unwrap_or_else(|p| p.into_inner());
+                    queue.committer_waiting = false;
+                }
+                if queue.requests.is_empty() {
+                    break;
+                }
+                std::mem::take(&mut queue.requests)
+            };
+            let mut writes = Vec::with_capacity(requests.len());
+            let mut rotations = Vec::new();
+            for request in requests {
+                match request {
+                    Request::Write { encoded, done } => writes.push((encoded, done)),
+                    Request::Rotate { done } => rotations.push(done),
+                }
             }
-            if queue.requests.is_empty() {
-                break;
+            let group =
+                if writes.is_empty() { None } else { commit_group(&inner, &mut wal, &mut buf, &mut next_seq, writes) };
+            if group.is_none() && rotations.is_empty() {
+                continue;
             }
-            std::mem::take(&mut queue.requests)
-        };
-        let mut writes = Vec::with_capacity(requests.len());
-        let mut rotations = Vec::new();
-        for request in requests {
-            match request {
-                Request::Write { encoded, done } => writes.push((encoded, done)),
-                Request::Rotate { done } => rotations.push(done),
+            if let Err(std::sync::mpsc::SendError(unsent)) = to_apply.send(Durable { group, rotations }) {
+                // Only if the apply thread is gone (it could not start, or
+                // panicked): nothing synced can become visible, so fail.
+                let reason = "the apply thread stopped".to_owned();
+                inner.fail(reason.clone());
+                unsent.fail(&reason);
             }
         }
-        if !writes.is_empty() {
-            commit_group(&inner, &mut wal, &mut buf, &mut next_seq, writes);
-        }
-        let full = read(&inner.levels().active).bytes() >= inner.opts.memtable_bytes_max;
-        if full || !rotations.is_empty() {
-            inner.wait_for_flush_room();
-            let seq = inner.rotate();
-            for done in rotations {
-                let _ = done.send(Ok(seq));
-            }
-        }
-    }
+        drop(to_apply);
+    });
     if let Err(e) = wal.close() {
         tracing::warn!(error = %e, "closing the WAL");
     }
@@ -925,13 +943,39 @@ fn commit_loop(inner: Arc<Inner>, mut wal: WalWriter, mut next_seq: u64) {
 
 type Write = (EncodedOps, Done);
 
-/// One group commit: frame, write, fdatasync, apply, acknowledge.
-fn commit_group(inner: &Inner, wal: &mut WalWriter, buf: &mut Vec<u8>, next_seq: &mut u64, writes: Vec<Write>) {
+/// A group that is durable in the WAL (its first sequence and its writes),
+/// and the rotations asked for after it, in the order they were submitted.
+struct Durable {
+    group: Option<(u64, Vec<Write>)>,
+    rotations: Vec<oneshot::Sender<Result<u64>>>,
+}
+
+impl Durable {
+    fn fail(self, reason: &str) {
+        for (_, done) in self.group.into_iter().flat_map(|(_, writes)| writes) {
+            done(Err(Error::Failed(reason.to_owned())));
+        }
+        for done in self.rotations {
+            let _ = done.send(Err(Error::Failed(reason.to_owned())));
+        }
+    }
+}
+
+/// Frames a group, writes it with one `write` and syncs it with one
+/// `fdatasync`. Returns its first sequence and its writes once durable; on
+/// failure, fails the engine and answers each write with the error.
+fn commit_group(
+    inner: &Inner,
+    wal: &mut WalWriter,
+    buf: &mut Vec<u8>,
+    next_seq: &mut u64,
+    writes: Vec<Write>,
+) -> Option<(u64, Vec<Write>)> {
     if let Some(reason) = lock(&inner.failed).clone() {
         for (_, done) in writes {
             done(Err(Error::Failed(reason.clone())));
         }
-        return;
+        return None;
     }
     let group = *next_seq;
     buf.clear();
@@ -949,7 +993,7 @@ fn commit_group(inner: &Inner, wal: &mut WalWriter, buf: &mut Vec<u8>, next_seq:
             for (_, done) in writes {
                 done(Err(Error::Failed(e.to_string())));
             }
-            return;
+            return None;
         }
     };
     *next_seq = last + 1;
@@ -963,20 +1007,40 @@ fn commit_group(inner: &Inner, wal: &mut WalWriter, buf: &mut Vec<u8>, next_seq:
     }
     inner.counters.last_seq.store(last, Ordering::Relaxed);
     inner.counters.group_commits.fetch_add(1, Ordering::Relaxed);
-    let mut acks = Vec::with_capacity(writes.len());
-    {
-        let levels = inner.levels();
-        let mut active = write(&levels.active);
-        for (i, (encoded, done)) in writes.into_iter().enumerate() {
-            let seq = group + i as u64;
-            active.apply(seq, &encoded, inner.opts.siblings_max);
-            acks.push((done, seq));
+    Some((group, writes))
+}
+
+/// The apply stage: inserts each durable group into the active memtable,
+/// acknowledges its writes, and rotates the memtable when it is full or
+/// asked to. The only thread that touches the active memtable after open,
+/// so no write can land in a memtable being flushed.
+fn apply_loop(inner: &Inner, applying: std::sync::mpsc::Receiver<Durable>) {
+    for Durable { group, rotations } in applying {
+        if let Some((group, writes)) = group {
+            let mut acks = Vec::with_capacity(writes.len());
+            {
+                let levels = inner.levels();
+                let mut active = write(&levels.active);
+                for (i, (encoded, done)) in writes.into_iter().enumerate() {
+                    let seq = group + i as u64;
+                    active.apply(seq, &encoded, inner.opts.siblings_max);
+                    acks.push((done, seq));
+                }
+            }
+            // Acknowledge only now: the group is durable (fdatasync
+            // returned) and visible to readers.
+            for (done, seq) in acks {
+                done(Ok(seq));
+            }
         }
-    }
-    // Acknowledge only now: the group is durable (fdatasync returned) and
-    // visible to readers.
-    for (done, seq) in acks {
-        done(Ok(seq));
+        let full = read(&inner.levels().active).bytes() >= inner.opts.memtable_bytes_max;
+        if full || !rotations.is_empty() {
+            inner.wait_for_flush_room();
+            let seq = inner.rotate();
+            for done in rotations {
+                let _ = done.send(Ok(seq));
+            }
+        }
     }
 }
 
