@@ -1,13 +1,16 @@
 //! Engine-only durable write throughput (every write fsynced before it is
 //! acknowledged), 100-byte values:
 //! - `set` with 1 and with 64 writers in flight (tokio tasks);
-//! - 1000-key batches, 4 in flight;
+//! - 1000-key batches, 4 and 16 in flight (a bulk load keeps several batches
+//!   in flight so that each group commit carries more of them);
 //!
 //! each on an empty engine and on one already holding 1M keys. Each figure is
 //! the median of `QUIVER_BENCH_RUNS` (default 5) runs of
-//! `QUIVER_BENCH_SECONDS` (default 2) seconds. `QUIVER_BENCH_KEYS` sets the
-//! pre-populated size (default 1,000,000; 0 runs the empty engine only);
-//! `QUIVER_BENCH_WORKLOADS` picks workloads by id (`set1,set64,batch`).
+//! `QUIVER_BENCH_SECONDS` (default 4) seconds, one after the other on the
+//! same engine, so flushing and compaction of the earlier runs weigh on the
+//! later ones. `QUIVER_BENCH_KEYS` sets the pre-populated size (default
+//! 1,000,000; 0 runs the empty engine only); `QUIVER_BENCH_WORKLOADS` picks
+//! workloads by id (`set1,set64,batch,batch16`).
 //!
 //! Run: `cargo bench -p quiver-benches --bench engine`
 
@@ -80,12 +83,13 @@ fn median(mut xs: Vec<f64>) -> f64 {
 async fn main() {
     // `cargo bench` passes `--bench`; there is nothing to filter.
     let runs = env_or("QUIVER_BENCH_RUNS", 5).max(1);
-    let seconds = env_or("QUIVER_BENCH_SECONDS", 2).max(1);
+    let seconds = env_or("QUIVER_BENCH_SECONDS", 4).max(1);
     let prepopulated = env_or("QUIVER_BENCH_KEYS", 1_000_000);
-    let all: [(&str, &str, u64, u64); 3] = [
+    let all: [(&str, &str, u64, u64); 4] = [
         ("set1", "set, 1 in flight", 1, 1),
         ("set64", "set, 64 in flight", 64, 1),
         ("batch", "batch of 1000, 4 in flight", 4, 1000),
+        ("batch16", "batch of 1000, 16 in flight", 16, 1000),
     ];
     let wanted = std::env::var("QUIVER_BENCH_WORKLOADS").unwrap_or_default();
     let cases: Vec<(&str, u64, u64)> = all

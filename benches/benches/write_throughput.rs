@@ -7,16 +7,18 @@
 //! measure, each as the median of `QUIVER_BENCH_RUNS` runs of
 //! `QUIVER_BENCH_SECONDS` seconds:
 //! - `set` at 1 and at 64 requests in flight (throughput, p50, p99);
-//! - `bulk_set` of 1000 keys, 4 in flight (keys/s);
+//! - `bulk_set` of 1000 keys, 4 and 16 in flight (keys/s);
 //! - `get` of stored keys at 64 in flight.
 //!
 //! Both systems are driven the same way: one connection per system, shared by
 //! N tasks, so N requests are in flight on it. Values are
 //! `QUIVER_BENCH_VALUE_BYTES` (100) bytes. `QUIVER_BENCH_SKIP_REDIS=1` runs
-//! Quiver alone; `QUIVER_BENCH_WORKLOADS=set1,set64,bulk,get64` picks
+//! Quiver alone; `QUIVER_BENCH_WORKLOADS=set1,set64,bulk,bulk16,get64` picks
 //! workloads (all by default); `QUIVER_BENCH_NODE_ARGS` passes flags to
-//! `quiverd` (e.g. `--memtable-bytes-max=16777216`); `QUIVER_BENCH_PLOT_ONLY=1` re-draws
-//! the plot from the CSV of the last run without measuring.
+//! `quiverd` (e.g. `--memtable-bytes-max=16777216`);
+//! `QUIVER_BENCH_QUIVERD=path` runs that `quiverd` binary instead of building
+//! one (to compare two builds in one session); `QUIVER_BENCH_PLOT_ONLY=1`
+//! re-draws the plot from the CSV of the last run without measuring.
 //!
 //! Output: a markdown table on stdout, `target/quiver-bench/write_throughput.csv`
 //! and `target/quiver-bench/write_throughput.svg`.
@@ -59,10 +61,12 @@ impl Conn {
         }
     }
 
-    async fn bulk_set(&mut self, entries: &[(String, Vec<u8>)]) {
+    /// Sets `keys` (each to `value`) in one bulk set (MSET for Redis).
+    async fn bulk_set(&mut self, keys: &Keys, value: &[u8]) {
+        let entries: Vec<(&str, &[u8])> = keys.iter().map(|key| (key, value)).collect();
         match self {
-            Conn::Quiver(c) => c.bulk_set(entries.iter().map(|(k, v)| (k, v))).await.expect("quiver bulk_set"),
-            Conn::Redis(c) => c.mset::<_, _, ()>(entries).await.expect("redis mset"),
+            Conn::Quiver(c) => c.bulk_set(entries).await.expect("quiver bulk_set"),
+            Conn::Redis(c) => c.mset::<_, _, ()>(&entries).await.expect("redis mset"),
         }
     }
 
@@ -74,22 +78,64 @@ impl Conn {
     }
 }
 
+/// The keys of one bulk set, `{prefix}{n}` for a range of numbers, written
+/// into one buffer: the harness's own work per key stays small next to the
+/// systems it measures (it shares their two cores).
+#[derive(Default)]
+struct Keys {
+    text: String,
+    ends: Vec<usize>,
+}
+
+impl Keys {
+    fn new(prefix: &str, numbers: std::ops::Range<u64>, width: usize) -> Keys {
+        let mut keys = Keys {
+            text: String::with_capacity((prefix.len() + 20) * (numbers.end - numbers.start) as usize),
+            ends: Vec::new(),
+        };
+        let mut digits = [0u8; 20];
+        for mut n in numbers {
+            keys.text.push_str(prefix);
+            let mut at = digits.len();
+            while n > 0 || at == digits.len() || digits.len() - at < width {
+                at -= 1;
+                digits[at] = b'0' + (n % 10) as u8;
+                n /= 10;
+            }
+            keys.text.push_str(std::str::from_utf8(&digits[at..]).expect("ASCII digits"));
+            keys.ends.push(keys.text.len());
+        }
+        keys
+    }
+
+    fn len(&self) -> u64 {
+        self.ends.len() as u64
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &str> {
+        let starts = std::iter::once(0).chain(self.ends.iter().copied());
+        starts.zip(&self.ends).map(|(start, &end)| &self.text[start..end])
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Workload {
     Set1,
     Set64,
     Bulk,
+    Bulk16,
     Get64,
 }
 
 impl Workload {
-    const ALL: [Workload; 4] = [Workload::Set1, Workload::Set64, Workload::Bulk, Workload::Get64];
+    const ALL: [Workload; 5] = [Workload::Set1, Workload::Set64, Workload::Bulk, Workload::Bulk16, Workload::Get64];
 
     fn short(self) -> &'static str {
         match self {
             Workload::Set1 => "set1",
             Workload::Set64 => "set64",
             Workload::Bulk => "bulk",
+            Workload::Bulk16 => "bulk16",
             Workload::Get64 => "get64",
         }
     }
@@ -108,6 +154,7 @@ impl Workload {
             Workload::Set1 => "set, 1 in flight",
             Workload::Set64 => "set, 64 in flight",
             Workload::Bulk => "bulk_set 1000 keys, 4 in flight",
+            Workload::Bulk16 => "bulk_set 1000 keys, 16 in flight",
             Workload::Get64 => "get, 64 in flight",
         }
     }
@@ -117,6 +164,7 @@ impl Workload {
             Workload::Set1 => 1,
             Workload::Set64 | Workload::Get64 => 64,
             Workload::Bulk => 4,
+            Workload::Bulk16 => 16,
         }
     }
 }
@@ -152,12 +200,10 @@ async fn measure(conn: &Conn, workload: Workload, seconds: u64, run: u64, stored
                             conn.set(&format!("new-{stored}-{run}-{task}-{i}"), &value).await;
                             keys += 1;
                         }
-                        Workload::Bulk => {
-                            let entries: Vec<(String, Vec<u8>)> = (0..1000)
-                                .map(|j| (format!("bulk-{stored}-{run}-{task}-{i}-{j}"), value.to_vec()))
-                                .collect();
-                            conn.bulk_set(&entries).await;
-                            keys += 1000;
+                        Workload::Bulk | Workload::Bulk16 => {
+                            let batch = Keys::new(&format!("bulk-{stored}-{run}-{task}-{i}-"), 0..1000, 0);
+                            conn.bulk_set(&batch, &value).await;
+                            keys += batch.len();
                         }
                         Workload::Get64 => {
                             let found = conn.get(&format!("pre-{:012}", rng.between(0, stored.max(1) - 1))).await;
@@ -210,9 +256,7 @@ async fn load(conn: &Conn, from: u64, to: u64, value: &Arc<Vec<u8>>, label: &str
                         return;
                     }
                     let end = (start + 1000).min(to);
-                    let entries: Vec<(String, Vec<u8>)> =
-                        (start..end).map(|k| (format!("pre-{k:012}"), value.to_vec())).collect();
-                    conn.bulk_set(&entries).await;
+                    conn.bulk_set(&Keys::new("pre-", start..end, 12), &value).await;
                     bar.inc(end - start);
                 }
             })
@@ -370,9 +414,11 @@ fn plot(rows: &[Row], path: &Path) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let series = [
         ("quiver", Workload::Set64, RED),
+        ("quiver", Workload::Bulk16, RGBColor(120, 0, 160)),
         ("quiver", Workload::Bulk, MAGENTA),
         ("quiver", Workload::Set1, RGBColor(200, 120, 0)),
         ("redis", Workload::Set64, BLUE),
+        ("redis", Workload::Bulk16, RGBColor(0, 90, 160)),
         ("redis", Workload::Bulk, CYAN),
         ("redis", Workload::Set1, RGBColor(0, 120, 0)),
     ];
@@ -435,7 +481,7 @@ async fn main() {
     let sizes: Vec<u64> = [0, 100_000, 1_000_000, 10_000_000].into_iter().filter(|&s| s <= max_keys).collect();
     let value = Arc::new(vec![b'v'; value_bytes]);
 
-    let quiverd = build_quiverd();
+    let quiverd = std::env::var("QUIVER_BENCH_QUIVERD").map(PathBuf::from).unwrap_or_else(|_| build_quiverd());
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
     let mut spec = NodeSpec::new(&quiverd, dir.path());
     spec.args =
