@@ -4,11 +4,11 @@
 //! - 1000-key batches, 4 and 16 in flight (a bulk load keeps several batches
 //!   in flight so that each group commit carries more of them);
 //!
-//! each on an empty engine and on one already holding 1M keys. Each figure is
-//! the median of `QUIVER_BENCH_RUNS` (default 5) runs of
-//! `QUIVER_BENCH_SECONDS` (default 4) seconds, one after the other on the
-//! same engine, so flushing and compaction of the earlier runs weigh on the
-//! later ones. `QUIVER_BENCH_KEYS` sets the pre-populated size (default
+//! each on a fresh engine that is empty or already holds 1M keys when its
+//! first run starts. Each figure is the median of `QUIVER_BENCH_RUNS`
+//! (default 5) runs of `QUIVER_BENCH_SECONDS` (default 4) seconds, one after
+//! the other on that engine, so the store grows and the flushing and
+//! compaction of the earlier runs weigh on the later ones. `QUIVER_BENCH_KEYS` sets the pre-populated size (default
 //! 1,000,000; 0 runs the empty engine only); `QUIVER_BENCH_WORKLOADS` picks
 //! workloads by id (`set1,set64,batch,batch16`).
 //!
@@ -36,9 +36,35 @@ struct Bench {
     engine: Arc<Engine>,
     stamper: Arc<Mutex<Stamper>>,
     value: Vec<u8>,
+    /// Removed when the bench is dropped, after the engine (fields drop in
+    /// order).
+    _dir: tempfile::TempDir,
 }
 
 impl Bench {
+    /// An engine in a fresh directory, loaded with keys `0..stored` in
+    /// 1000-key batches and flushed.
+    async fn open(stored: u64) -> Arc<Bench> {
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        let engine = Arc::new(Engine::open(dir.path(), Options::default()).unwrap());
+        let bench = Arc::new(Bench {
+            engine,
+            stamper: Arc::new(Mutex::new(Stamper::new(NodeId(1), Default::default()))),
+            value: vec![b'v'; 100],
+            _dir: dir,
+        });
+        if stored > 0 {
+            let started = Instant::now();
+            for chunk in (0..stored).step_by(1000) {
+                bench.engine.write(bench.ops(chunk..(chunk + 1000).min(stored))).await.unwrap();
+            }
+            let engine = bench.engine.clone();
+            tokio::task::spawn_blocking(move || engine.flush()).await.unwrap().unwrap();
+            eprintln!("  loaded {stored} keys in {:.1}s", started.elapsed().as_secs_f64());
+        }
+        bench
+    }
+
     fn ops(&self, keys: impl Iterator<Item = u64>) -> Vec<Op> {
         let stamp = self.stamper.lock().unwrap().next(now_ms());
         keys.map(|k| Op { key: format!("key-{k:012}").into_bytes(), version: stamp.blind(Some(self.value.clone())) })
@@ -101,24 +127,10 @@ async fn main() {
 
     let mut rows = Vec::new();
     for stored in sizes {
-        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-        let engine = Arc::new(Engine::open(dir.path(), Options::default()).unwrap());
-        let bench = Arc::new(Bench {
-            engine,
-            stamper: Arc::new(Mutex::new(Stamper::new(NodeId(1), Default::default()))),
-            value: vec![b'v'; 100],
-        });
-        if stored > 0 {
-            eprintln!("pre-populating {stored} keys ...");
-            let started = Instant::now();
-            for chunk in (0..stored).step_by(1000) {
-                bench.engine.write(bench.ops(chunk..(chunk + 1000).min(stored))).await.unwrap();
-            }
-            let engine = bench.engine.clone();
-            tokio::task::spawn_blocking(move || engine.flush()).await.unwrap().unwrap();
-            eprintln!("  done in {:.1}s: {:?}", started.elapsed().as_secs_f64(), bench.engine.stats());
-        }
         for (i, &(name, in_flight, keys_per_write)) in cases.iter().enumerate() {
+            // A fresh engine for each workload, holding exactly `stored`
+            // keys when its first run starts (the runs then add to it).
+            let bench = Bench::open(stored).await;
             let mut results = Vec::new();
             for run in 0..runs {
                 // New keys each run (beyond the pre-populated ones).
@@ -129,11 +141,9 @@ async fn main() {
                 "{stored:>9} keys | {name:<28} | runs: {:?}",
                 results.iter().map(|r| *r as u64).collect::<Vec<_>>()
             );
+            eprintln!("  engine after the runs: {:?}", bench.engine.stats());
             rows.push((stored, name, median(results)));
         }
-        let stats = bench.engine.stats();
-        eprintln!("  engine after the runs: {stats:?}");
-        drop(bench);
     }
 
     println!("\n| stored keys | workload | durable keys/s (median of {runs} x {seconds}s) | vs. empty |");

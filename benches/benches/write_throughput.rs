@@ -1,11 +1,11 @@
 //! Durable write throughput as the stored data grows, Quiver side by side
 //! with Redis (`appendonly yes`, `appendfsync always`), in the same run.
 //!
-//! For each system: start a fresh server on loopback, then for each stored
-//! size (0, 100k, 1M keys; 10M with `QUIVER_BENCH_MAX_KEYS=10000000`) load
-//! keys up to that size with 1000-key bulk sets (MSET for Redis), then
-//! measure, each as the median of `QUIVER_BENCH_RUNS` runs of
-//! `QUIVER_BENCH_SECONDS` seconds:
+//! For each system, each stored size (0, 100k, 1M keys; 10M with
+//! `QUIVER_BENCH_MAX_KEYS=10000000`) and each workload: start a fresh server
+//! on loopback, load that many keys with 1000-key bulk sets (MSET for
+//! Redis), then measure the workload as the median of `QUIVER_BENCH_RUNS`
+//! runs of `QUIVER_BENCH_SECONDS` seconds (the runs add keys as they go):
 //! - `set` at 1 and at 64 requests in flight (throughput, p50, p99);
 //! - `bulk_set` of 1000 keys, 4 and 16 in flight (keys/s);
 //! - `get` of stored keys at 64 in flight.
@@ -280,12 +280,17 @@ impl Drop for Redis {
     }
 }
 
-fn start_redis(port: u16) -> Result<Redis, String> {
+/// Installs Redis if it is missing (Debian's package).
+fn setup_redis() -> Result<(), String> {
     let setup = workspace().join("benches/setup-redis.sh");
     let ok = Command::new("bash").arg(&setup).status().map_err(|e| e.to_string())?.success();
     if !ok {
         return Err(format!("{} failed", setup.display()));
     }
+    Ok(())
+}
+
+fn start_redis(port: u16) -> Result<Redis, String> {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).map_err(|e| e.to_string())?;
     let child = Command::new("redis-server")
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"])
@@ -324,23 +329,67 @@ fn build_quiverd() -> PathBuf {
 
 type Row = (&'static str, u64, Workload, Figure);
 
-async fn bench_system(
-    name: &'static str,
-    conn: Conn,
-    sizes: &[u64],
-    runs: u64,
-    seconds: u64,
-    value: &Arc<Vec<u8>>,
-) -> Vec<Row> {
+/// A system under test.
+enum System {
+    Quiver { quiverd: PathBuf, args: Vec<String> },
+    Redis,
+}
+
+/// A running server; stopping it (drop) removes its data.
+enum Server {
+    // Fields drop in order: the node stops before its directory goes.
+    Quiver { _node: NodeProcess, _dir: tempfile::TempDir },
+    Redis { _redis: Redis },
+}
+
+impl System {
+    fn name(&self) -> &'static str {
+        match self {
+            System::Quiver { .. } => "quiver",
+            System::Redis => "redis",
+        }
+    }
+
+    /// Starts a fresh, empty server and connects to it.
+    async fn start(&self) -> Result<(Server, Conn), String> {
+        match self {
+            System::Quiver { quiverd, args } => {
+                let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).map_err(|e| e.to_string())?;
+                let mut spec = NodeSpec::new(quiverd, dir.path());
+                spec.args = args.clone();
+                let node = NodeProcess::start(&spec).map_err(|e| format!("start quiverd: {e}"))?;
+                let client = quiver_client::Client::connect([node.addr.clone()]).await.map_err(|e| e.to_string())?;
+                Ok((Server::Quiver { _node: node, _dir: dir }, Conn::Quiver(Arc::new(client))))
+            }
+            System::Redis => {
+                let port = quiver_chaos::node::free_port().map_err(|e| e.to_string())?;
+                let redis = start_redis(port)?;
+                let conn = connect_redis(port).await?;
+                Ok((Server::Redis { _redis: redis }, Conn::Redis(conn)))
+            }
+        }
+    }
+}
+
+/// Every selected workload at every size, each on a fresh server that holds
+/// exactly `stored` keys when its first run starts (the runs then add to
+/// it, so later runs also carry the flushing and compaction of earlier ones).
+async fn bench_system(system: &System, sizes: &[u64], runs: u64, seconds: u64, value: &Arc<Vec<u8>>) -> Vec<Row> {
+    let name = system.name();
     let mut rows = Vec::new();
-    let mut loaded = 0;
     for &stored in sizes {
-        load(&conn, loaded, stored, value, &format!("{name} to {stored} keys")).await;
-        loaded = loaded.max(stored);
         for workload in Workload::selected() {
             if workload == Workload::Get64 && stored == 0 {
                 continue;
             }
+            let (server, conn) = match system.start().await {
+                Ok(started) => started,
+                Err(e) => {
+                    eprintln!("{name} skipped: {e}");
+                    return rows;
+                }
+            };
+            load(&conn, 0, stored, value, &format!("{name} to {stored} keys")).await;
             let mut figures = Vec::new();
             for run in 0..runs {
                 figures.push(measure(&conn, workload, seconds, run, stored, value).await);
@@ -348,6 +397,8 @@ async fn bench_system(
             let runs_text: Vec<String> = figures.iter().map(|f| format!("{:.0}", f.keys_per_s)).collect();
             eprintln!("{name:>6} | {stored:>9} keys | {:<32} | runs: {}", workload.name(), runs_text.join(" "));
             rows.push((name, stored, workload, median(figures)));
+            drop(conn);
+            drop(server);
         }
     }
     rows
@@ -481,24 +532,18 @@ async fn main() {
     let sizes: Vec<u64> = [0, 100_000, 1_000_000, 10_000_000].into_iter().filter(|&s| s <= max_keys).collect();
     let value = Arc::new(vec![b'v'; value_bytes]);
 
-    let quiverd = std::env::var("QUIVER_BENCH_QUIVERD").map(PathBuf::from).unwrap_or_else(|_| build_quiverd());
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
-    let mut spec = NodeSpec::new(&quiverd, dir.path());
-    spec.args =
-        std::env::var("QUIVER_BENCH_NODE_ARGS").unwrap_or_default().split_whitespace().map(String::from).collect();
-    let node = NodeProcess::start(&spec).expect("start quiverd");
-    let client = quiver_client::Client::connect([node.addr.clone()]).await.expect("connect to quiverd");
-    let mut rows = bench_system("quiver", Conn::Quiver(Arc::new(client)), &sizes, runs, seconds, &value).await;
-    drop(node);
-
+    let quiver = System::Quiver {
+        quiverd: std::env::var("QUIVER_BENCH_QUIVERD").map(PathBuf::from).unwrap_or_else(|_| build_quiverd()),
+        args: std::env::var("QUIVER_BENCH_NODE_ARGS")
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(String::from)
+            .collect(),
+    };
+    let mut rows = bench_system(&quiver, &sizes, runs, seconds, &value).await;
     if std::env::var("QUIVER_BENCH_SKIP_REDIS").as_deref() != Ok("1") {
-        let port = quiver_chaos::node::free_port().expect("free port");
-        match start_redis(port) {
-            Ok(redis) => {
-                let conn = connect_redis(port).await.expect("connect to redis");
-                rows.extend(bench_system("redis", Conn::Redis(conn), &sizes, runs, seconds, &value).await);
-                drop(redis);
-            }
+        match setup_redis() {
+            Ok(()) => rows.extend(bench_system(&System::Redis, &sizes, runs, seconds, &value).await),
             Err(e) => eprintln!("Redis skipped: {e}"),
         }
     }
