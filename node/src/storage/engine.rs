@@ -6,8 +6,10 @@
 //!   hands it to apply and goes on with the next group.
 //! - **apply**: inserts each durable group into the active memtable, then
 //!   acknowledges every write in it (so a write is acknowledged once it is
-//!   both durable and visible), while commit syncs the next group. It is the
-//!   only writer of the active memtable and the only place the memtable is
+//!   both durable and visible), while commit syncs the next group. When no
+//!   other write is waiting and apply is idle, commit applies the group
+//!   itself (a lone writer then pays no thread hand-off). Either way groups
+//!   are applied one at a time, in order, and only there is the memtable
 //!   rotated, so no write can land in a memtable being flushed.
 //! - **flush**: writes the oldest frozen memtable to a verified SSTable,
 //!   commits the manifest edit, swaps the table in, then deletes the WAL
@@ -893,12 +895,17 @@ fn commit_loop(inner: Arc<Inner>, mut wal: WalWriter, mut next_seq: u64) {
     let mut buf = Vec::new();
     // The apply stage runs one group behind: while it inserts group N into
     // the memtable and acknowledges it, this thread writes and syncs group
-    // N+1. The channel holds one group, so at most three are in hand.
+    // N+1. The channel holds one group, so at most three are in hand. When
+    // nothing else is waiting to be written there is nothing to overlap, and
+    // if the apply thread is idle this thread applies the group itself,
+    // sparing a lone writer a thread hand-off.
     let (to_apply, applying) = std::sync::mpsc::sync_channel::<Durable>(1);
+    // Groups handed to the apply thread and not yet applied.
+    let handed = AtomicU64::new(0);
     std::thread::scope(|scope| {
         let applier = std::thread::Builder::new()
             .name("quiver-apply".into())
-            .spawn_scoped(scope, || apply_loop(&inner, applying));
+            .spawn_scoped(scope, || apply_loop(&inner, applying, &handed));
         if let Err(e) = applier {
             inner.fail(format!("cannot start the apply thread: {e}"));
         }
@@ -928,7 +935,14 @@ fn commit_loop(inner: Arc<Inner>, mut wal: WalWriter, mut next_seq: u64) {
             if group.is_none() && rotations.is_empty() {
                 continue;
             }
-            if let Err(std::sync::mpsc::SendError(unsent)) = to_apply.send(Durable { group, rotations }) {
+            let durable = Durable { group, rotations };
+            // Acquire: every group handed over before is in the memtable.
+            if handed.load(Ordering::Acquire) == 0 && lock(&inner.queue).requests.is_empty() {
+                apply(&inner, durable);
+                continue;
+            }
+            handed.fetch_add(1, Ordering::Relaxed);
+            if let Err(std::sync::mpsc::SendError(unsent)) = to_apply.send(durable) {
                 // Only if the apply thread is gone (it could not start, or
                 // panicked): nothing synced can become visible, so fail.
                 let reason = "the apply thread stopped".to_owned();
@@ -1012,36 +1026,44 @@ fn commit_group(
     Some((group, writes))
 }
 
-/// The apply stage: inserts each durable group into the active memtable,
-/// acknowledges its writes, and rotates the memtable when it is full or
-/// asked to. The only thread that touches the active memtable after open,
-/// so no write can land in a memtable being flushed.
-fn apply_loop(inner: &Inner, applying: std::sync::mpsc::Receiver<Durable>) {
-    for Durable { group, rotations } in applying {
-        if let Some((group, writes)) = group {
-            let mut acks = Vec::with_capacity(writes.len());
-            {
-                let levels = inner.levels();
-                let mut active = write(&levels.active);
-                for (i, (encoded, done)) in writes.into_iter().enumerate() {
-                    let seq = group + i as u64;
-                    active.apply(seq, &encoded, inner.opts.siblings_max);
-                    acks.push((done, seq));
-                }
-            }
-            // Acknowledge only now: the group is durable (fdatasync
-            // returned) and visible to readers.
-            for (done, seq) in acks {
-                done(Ok(seq));
+/// The apply thread: [`apply`]s each group handed to it, in order.
+fn apply_loop(inner: &Inner, applying: std::sync::mpsc::Receiver<Durable>, handed: &AtomicU64) {
+    for durable in applying {
+        apply(inner, durable);
+        // Release: the commit thread may apply the next group itself once
+        // it sees this one done.
+        handed.fetch_sub(1, Ordering::Release);
+    }
+}
+
+/// Inserts a durable group into the active memtable, acknowledges its
+/// writes, and rotates the memtable when it is full or asked to. Runs on the
+/// apply thread, or on the commit thread when the apply thread is idle; one
+/// group at a time either way, in order.
+fn apply(inner: &Inner, Durable { group, rotations }: Durable) {
+    if let Some((group, writes)) = group {
+        let mut acks = Vec::with_capacity(writes.len());
+        {
+            let levels = inner.levels();
+            let mut active = write(&levels.active);
+            for (i, (encoded, done)) in writes.into_iter().enumerate() {
+                let seq = group + i as u64;
+                active.apply(seq, &encoded, inner.opts.siblings_max);
+                acks.push((done, seq));
             }
         }
-        let full = read(&inner.levels().active).bytes() >= inner.opts.memtable_bytes_max;
-        if full || !rotations.is_empty() {
-            inner.wait_for_flush_room();
-            let seq = inner.rotate();
-            for done in rotations {
-                let _ = done.send(Ok(seq));
-            }
+        // Acknowledge only now: the group is durable (fdatasync returned)
+        // and visible to readers.
+        for (done, seq) in acks {
+            done(Ok(seq));
+        }
+    }
+    let full = read(&inner.levels().active).bytes() >= inner.opts.memtable_bytes_max;
+    if full || !rotations.is_empty() {
+        inner.wait_for_flush_room();
+        let seq = inner.rotate();
+        for done in rotations {
+            let _ = done.send(Ok(seq));
         }
     }
 }
