@@ -12,7 +12,7 @@ use std::sync::Arc;
 use common::{tiny_options, Writer};
 use proptest::prelude::*;
 use quiver_node::storage::disk::SimFs;
-use quiver_node::storage::Engine;
+use quiver_node::storage::{Engine, Options};
 
 #[derive(Clone, Debug)]
 enum Action {
@@ -160,35 +160,43 @@ fn compaction_output_is_one_run_and_is_not_merged_again() {
 }
 
 /// A write is visible to reads as soon as it is acknowledged, whichever
-/// thread applied it: with many writers at once their groups go through the
-/// apply thread while the commit thread syncs the next one; a lone writer's
-/// groups are applied by the commit thread itself. Across memtable
-/// rotations and flushes (tiny memtables).
+/// thread applied it: many writers of 300-key batches at once (their large
+/// groups go through the apply thread while the commit thread syncs the
+/// next one), many single writes (small groups), and a lone writer (the
+/// commit thread applies those itself). Across memtable rotations and
+/// flushes.
 #[test]
 fn an_acknowledged_write_is_visible_at_once() {
-    let engine = Arc::new(Engine::open_with(Arc::new(SimFs::new()), Path::new("/db"), tiny_options()).unwrap());
-    let check = |engine: &Engine, writer: &mut Writer, key: Vec<u8>| {
-        engine.write_blocking(vec![writer.op(&key, Some(b"value"))]).unwrap();
-        let found = engine.get(&key).unwrap();
-        assert!(found.is_some(), "{} was acknowledged but is not visible", String::from_utf8_lossy(&key));
+    let options = Options { memtable_bytes_max: 256 << 10, ..tiny_options() };
+    let engine = Arc::new(Engine::open_with(Arc::new(SimFs::new()), Path::new("/db"), options).unwrap());
+    let check = |engine: &Engine, writer: &mut Writer, keys: Vec<Vec<u8>>| {
+        let entries: Vec<(Vec<u8>, Option<Vec<u8>>)> = keys.iter().map(|k| (k.clone(), Some(b"v".to_vec()))).collect();
+        engine.write_blocking(writer.batch(&entries)).unwrap();
+        for key in [keys.first(), keys.last()].into_iter().flatten() {
+            let found = engine.get(key).unwrap();
+            assert!(found.is_some(), "{} was acknowledged but is not visible", String::from_utf8_lossy(key));
+        }
     };
-    let writers: Vec<_> = (0..8u32)
-        .map(|t| {
-            let engine = engine.clone();
-            std::thread::spawn(move || {
-                let mut writer = Writer::new(Default::default());
-                for i in 0..150u32 {
-                    check(&engine, &mut writer, format!("many-{t}-{i}").into_bytes());
-                }
+    for batch in [300u32, 1] {
+        let writers: Vec<_> = (0..8u32)
+            .map(|t| {
+                let engine = engine.clone();
+                std::thread::spawn(move || {
+                    let mut writer = Writer::new(Default::default());
+                    for i in 0..40u32 {
+                        let keys = (0..batch).map(|j| format!("many-{batch}-{t}-{i}-{j}").into_bytes()).collect();
+                        check(&engine, &mut writer, keys);
+                    }
+                })
             })
-        })
-        .collect();
-    for writer in writers {
-        writer.join().unwrap();
+            .collect();
+        for writer in writers {
+            writer.join().unwrap();
+        }
     }
     let mut writer = Writer::new(engine.max_hlc());
-    for i in 0..150u32 {
-        check(&engine, &mut writer, format!("lone-{i}").into_bytes());
+    for i in 0..100u32 {
+        check(&engine, &mut writer, vec![format!("lone-{i}").into_bytes()]);
     }
     assert!(engine.stats().flushes > 0, "the writes crossed memtable rotations");
 }

@@ -6,9 +6,9 @@
 //!   hands it to apply and goes on with the next group.
 //! - **apply**: inserts each durable group into the active memtable, then
 //!   acknowledges every write in it (so a write is acknowledged once it is
-//!   both durable and visible), while commit syncs the next group. When no
-//!   other write is waiting and apply is idle, commit applies the group
-//!   itself (a lone writer then pays no thread hand-off). Either way groups
+//!   both durable and visible), while commit syncs the next group. Small
+//!   groups, or any group when no other write waits, commit applies itself
+//!   if apply is idle (they would gain less than a thread hand-off costs). Either way groups
 //!   are applied one at a time, in order, and only there is the memtable
 //!   rotated, so no write can land in a memtable being flushed.
 //! - **flush**: writes the oldest frozen memtable to a verified SSTable,
@@ -891,14 +891,20 @@ fn droppable(key: &[u8], siblings: &Siblings, horizon_ms: u64, outside: &[Arc<Ta
         && outside.iter().all(|t| t.props().min_hlc > newest.hlc.0 || !t.may_contain(key))
 }
 
+/// Groups with fewer keys are applied by the commit thread (when the apply
+/// thread is idle): inserting them is quick next to a thread hand-off.
+const HAND_OFF_KEYS_MIN: usize = 1024;
+
 fn commit_loop(inner: Arc<Inner>, mut wal: WalWriter, mut next_seq: u64) {
     let mut buf = Vec::new();
     // The apply stage runs one group behind: while it inserts group N into
     // the memtable and acknowledges it, this thread writes and syncs group
-    // N+1. The channel holds one group, so at most three are in hand. When
-    // nothing else is waiting to be written there is nothing to overlap, and
-    // if the apply thread is idle this thread applies the group itself,
-    // sparing a lone writer a thread hand-off.
+    // N+1. The channel holds one group, so at most three are in hand. A
+    // group is handed over only when that pays: when it is large (inserting
+    // it takes about as long as a sync) and more writes wait. Otherwise, if
+    // the apply thread is idle, this thread applies the group itself,
+    // sparing small groups and a lone writer a thread hand-off (64 single
+    // writes through the network lost ~5 % to it).
     let (to_apply, applying) = std::sync::mpsc::sync_channel::<Durable>(1);
     // Groups handed to the apply thread and not yet applied.
     let handed = AtomicU64::new(0);
@@ -935,9 +941,11 @@ fn commit_loop(inner: Arc<Inner>, mut wal: WalWriter, mut next_seq: u64) {
             if group.is_none() && rotations.is_empty() {
                 continue;
             }
+            let keys: usize = group.as_ref().map_or(0, |(_, writes)| writes.iter().map(|(e, _)| e.ops().len()).sum());
             let durable = Durable { group, rotations };
+            let worth_handing = keys >= HAND_OFF_KEYS_MIN && !lock(&inner.queue).requests.is_empty();
             // Acquire: every group handed over before is in the memtable.
-            if handed.load(Ordering::Acquire) == 0 && lock(&inner.queue).requests.is_empty() {
+            if handed.load(Ordering::Acquire) == 0 && !worth_handing {
                 apply(&inner, durable);
                 continue;
             }
