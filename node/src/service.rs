@@ -121,7 +121,7 @@ impl Service {
 
     /// Handles one request and calls `reply` with the answer: at once for
     /// reads and refusals, and for writes once they are durable (then from
-    /// the engine's apply thread, so `reply` must be quick).
+    /// one of the engine's threads, so `reply` must be quick).
     pub fn start(&self, hlc_seen: u64, op: Op, reply: impl FnOnce(Result<Reply, ServerError>) + Send + 'static) {
         match op {
             Op::Set { .. } | Op::Delete { .. } | Op::BulkSet { .. } => match self.entries(op) {

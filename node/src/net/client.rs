@@ -3,7 +3,7 @@
 //! Each connection has a reader loop and a writer task. The reader reads one
 //! frame at a time and hands it to the service, which answers reads at once
 //! and passes writes to the engine without waiting for them: the engine's
-//! apply thread queues each write's answer when it is durable and visible. So many
+//! threads queue each write's answer when it is durable and visible. So many
 //! requests are in flight per connection (and group-commit together) and
 //! answers go out in any order. The writer drains every answer queued so far
 //! into one `write`.
@@ -101,7 +101,7 @@ async fn connection(stream: TcpStream, service: Arc<Service>, mut stop: watch::R
         };
         let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
         // Reads are answered right here; a write's answer is queued by the
-        // engine's apply thread once it is durable, with no task in between.
+        // engine once it is durable and visible, with no task in between.
         let (answering, responses, id) = (service.clone(), responses.clone(), request.id);
         service.start(request.hlc_seen, request.op, move |result| {
             let _ = responses.send(Response { id, hlc: answering.hlc(), result });

@@ -237,8 +237,9 @@ impl Fs for RealFs {
         Ok(())
     }
     /// Reads through `O_DIRECT` where the file system allows it: from the
-    /// disk itself, not the page cache (which keeps the pages just written,
-    /// for the reads to come), and without the kernel copying each page.
+    /// disk itself, not the page cache (which the read-ahead asked for by
+    /// `write_new` fills for the reads to come), and without the kernel
+    /// copying each page.
     fn first_difference(&self, path: &Path, expected: &[u8]) -> io::Result<Option<u64>> {
         use std::os::unix::fs::{FileExt, OpenOptionsExt};
         let len = std::fs::metadata(path)?.len();

@@ -4,13 +4,14 @@
 //! - **commit**: takes every waiting write, frames them into one group and
 //!   writes the group to the WAL with one `write` and one `fdatasync`, then
 //!   hands it to apply and goes on with the next group.
-//! - **apply**: inserts each durable group into the active memtable, then
-//!   acknowledges every write in it (so a write is acknowledged once it is
-//!   both durable and visible), while commit syncs the next group. Small
-//!   groups, or any group when no other write waits, commit applies itself
-//!   if apply is idle (they would gain less than a thread hand-off costs). Either way groups
-//!   are applied one at a time, in order, and only there is the memtable
-//!   rotated, so no write can land in a memtable being flushed.
+//! - **apply**: inserts each large durable group into the active memtable,
+//!   then acknowledges every write in it (so a write is acknowledged once
+//!   it is both durable and visible), while commit syncs the next group.
+//!   Small groups, or a group with no other write behind it, commit applies
+//!   itself when apply is idle: they gain less than a thread hand-off costs.
+//!   Either way groups are applied one at a time, in order, and only there
+//!   is the memtable rotated, so no write can land in a memtable being
+//!   flushed.
 //! - **flush**: writes the oldest frozen memtable to a verified SSTable,
 //!   commits the manifest edit, swaps the table in, then deletes the WAL
 //!   segments it covers.
@@ -131,8 +132,8 @@ struct Levels {
 }
 
 /// Called once with a write's outcome: its WAL sequence number once durable,
-/// or why it failed. Runs on the apply thread (or, for a write that fails,
-/// the commit thread), so it must be quick (send a message, wake a task).
+/// or why it failed. Runs on the engine's commit or apply thread, so it must
+/// be quick (send a message, wake a task).
 pub type Done = Box<dyn FnOnce(Result<u64>) + Send>;
 
 enum Request {
@@ -335,7 +336,7 @@ impl Engine {
     /// Writes `ops` as one WAL record: all of them become durable and
     /// visible together, or none does. Calls `done` with the record's
     /// sequence number once it is on disk (after `fdatasync`), or with the
-    /// error; `done` runs on the engine's apply thread and must be quick.
+    /// error; `done` runs on one of the engine's threads and must be quick.
     pub fn write_then(&self, ops: Vec<Op>, done: impl FnOnce(Result<u64>) + Send + 'static) {
         let encoded = EncodedOps::new(&ops);
         // Freed here, on the thread that made them, not on the engine's.
@@ -580,7 +581,8 @@ impl Inner {
         self.background_cv.notify_all();
     }
 
-    /// Freezes the active memtable (apply thread, or open before threads).
+    /// Freezes the active memtable (where groups are applied, or open
+    /// before the threads start).
     /// Returns the last sequence in it.
     fn rotate(&self) -> u64 {
         let mut levels = write(&self.levels);
@@ -596,8 +598,8 @@ impl Inner {
         max_seq
     }
 
-    /// Blocks the apply thread (and so, once its queue is full, the commit
-    /// thread) while too many memtables wait for flush.
+    /// Blocks the thread applying groups (and so, soon, the commit thread)
+    /// while too many memtables wait for flush.
     fn wait_for_flush_room(&self) {
         let mut background = lock(&self.background);
         while self.levels().frozen.len() >= self.opts.frozen_memtables_max.max(1)
@@ -903,8 +905,8 @@ fn commit_loop(inner: Arc<Inner>, mut wal: WalWriter, mut next_seq: u64) {
     // group is handed over only when that pays: when it is large (inserting
     // it takes about as long as a sync) and more writes wait. Otherwise, if
     // the apply thread is idle, this thread applies the group itself,
-    // sparing small groups and a lone writer a thread hand-off (64 single
-    // writes through the network lost ~5 % to it).
+    // sparing small groups and a lone writer a thread hand-off (handing
+    // every group over cost a lone writer a fifth of its writes).
     let (to_apply, applying) = std::sync::mpsc::sync_channel::<Durable>(1);
     // Groups handed to the apply thread and not yet applied.
     let handed = AtomicU64::new(0);

@@ -9,9 +9,9 @@
 //! frozen (read-only) and flushed to an SSTable in the background.
 //!
 //! Why this shape:
-//! - A hash table and not a sorted map: inserts run on the apply thread, the
-//!   serial part of every write; a hash insert costs a fraction of a B-tree
-//!   insert with its key comparisons. Order is needed only when the memtable
+//! - A hash table and not a sorted map: inserts are the serial part of
+//!   every write after its `fdatasync`; a hash insert costs a fraction of a
+//!   B-tree insert with its key comparisons. Order is needed only when the memtable
 //!   is flushed (once, on the flush thread) and by range scans, which sort
 //!   the keys they return. The hash is seeded per memtable so clients cannot
 //!   choose colliding keys.

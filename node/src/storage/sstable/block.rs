@@ -55,7 +55,6 @@ pub struct Block {
     data: Vec<u8>,
     /// Offset just past the last entry.
     entries_end: usize,
-    count: u32,
 }
 
 /// Why a block could not be read.
@@ -70,17 +69,15 @@ fn u32_at(buf: &[u8], at: usize) -> Option<u32> {
 }
 
 /// Checks the checksum of a block's bytes (as stored, with count and crc).
-/// Returns where its entries end and how many there are.
-pub fn check(data: &[u8]) -> Result<(usize, u32), BlockError> {
+/// Returns where its entries end (the count follows them).
+pub fn check(data: &[u8]) -> Result<usize, BlockError> {
     let crc_at = data.len().checked_sub(4).ok_or(BlockError::Malformed("block shorter than its checksum"))?;
     let expected = u32_at(data, crc_at).ok_or(BlockError::Malformed("block checksum"))?;
     let got = crc32fast::hash(data.get(..crc_at).unwrap_or_default());
     if got != expected {
         return Err(BlockError::Checksum { expected, got });
     }
-    let count_at = crc_at.checked_sub(4).ok_or(BlockError::Malformed("block shorter than its count"))?;
-    let count = u32_at(data, count_at).ok_or(BlockError::Malformed("block count"))?;
-    Ok((count_at, count))
+    crc_at.checked_sub(4).ok_or(BlockError::Malformed("block shorter than its count"))
 }
 
 /// The entry at `at` in a block's entries (`entries` ends where the entries
@@ -100,13 +97,9 @@ pub fn entry_at(entries: &[u8], at: usize) -> Result<(Range<usize>, Range<usize>
 impl Block {
     /// Checks the checksum of a block's bytes (as stored, with count and crc).
     pub fn decode(mut data: Vec<u8>) -> Result<Block, BlockError> {
-        let (entries_end, count) = check(&data)?;
+        let entries_end = check(&data)?;
         data.truncate(entries_end + 4);
-        Ok(Block { data, entries_end, count })
-    }
-
-    pub fn count(&self) -> u32 {
-        self.count
+        Ok(Block { data, entries_end })
     }
 
     /// The entries, in order: `(key, value bytes)`.

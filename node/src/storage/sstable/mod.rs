@@ -25,7 +25,7 @@ mod reader;
 mod writer;
 
 pub use bloom::Bloom;
-pub use reader::{RawTableIter, Table, TableIter, TableScan};
+pub use reader::{Table, TableIter, TableScan};
 pub use writer::TableBuilder;
 
 use serde::{Deserialize, Serialize};

@@ -194,21 +194,18 @@ impl Table {
         Ok(())
     }
 
-    /// Decodes a value read by [`Table::raw_iter_from`].
+    /// Decodes a value as stored (as a [`TableScan`] yields it).
     pub fn decode_value(&self, value: &[u8]) -> Result<Siblings> {
         self.decode(0, value)
     }
 
-    /// Iterates the entries with keys `>= start`, in order.
+    /// Iterates the entries with keys `>= start`, in order, decoded. Reads a
+    /// block at a time: a range scan may want only a few entries.
     pub fn iter_from(self: &Arc<Self>, start: &[u8]) -> TableIter {
-        TableIter { raw: self.raw_iter_from(start) }
-    }
-
-    /// Iterates the entries with keys `>= start` with their values as
-    /// stored (checksums checked, not decoded).
-    pub fn raw_iter_from(self: &Arc<Self>, start: &[u8]) -> RawTableIter {
-        let block = self.index.partition_point(|entry| entry.last_key.as_slice() < start);
-        RawTableIter { table: self.clone(), next_block: block, entries: Vec::new().into_iter(), start: start.to_vec() }
+        match TableScan::from_key(self.clone(), start, 0) {
+            Ok(scan) => TableIter { scan: Some(scan), error: None },
+            Err(error) => TableIter { scan: None, error: Some(error) },
+        }
     }
 }
 
@@ -227,70 +224,44 @@ fn read_meta<T: DeserializeOwned>(file: &dyn File, path: &Path, (offset, len): (
     postcard::from_bytes(body).map_err(|e| Error::corrupt(path, offset, format!("meta block does not decode: {e}")))
 }
 
-/// Iterator over a table's entries, decoded.
+/// Iterator over a table's entries, decoded. Ends after its first error.
 #[derive(Debug)]
 pub struct TableIter {
-    raw: RawTableIter,
+    scan: Option<TableScan>,
+    error: Option<Error>,
 }
 
 impl Iterator for TableIter {
     type Item = Result<(Vec<u8>, Siblings)>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        let item = self.raw.next()?;
-        Some(item.and_then(|(key, value)| Ok((key, self.raw.table.decode_value(&value)?))))
-    }
-}
-
-/// Iterator over a table's entries as stored, reading one block at a time.
-#[derive(Debug)]
-pub struct RawTableIter {
-    table: Arc<Table>,
-    next_block: usize,
-    entries: std::vec::IntoIter<(Vec<u8>, Vec<u8>)>,
-    start: Vec<u8>,
-}
-
-impl Iterator for RawTableIter {
-    type Item = Result<(Vec<u8>, Vec<u8>)>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        loop {
-            if let Some(entry) = self.entries.next() {
-                return Some(Ok(entry));
-            }
-            let entry = self.table.index.get(self.next_block)?.clone();
-            self.next_block += 1;
-            let decoded = self.table.read_block(&entry).and_then(|block| {
-                let mut out = Vec::with_capacity(block.count() as usize);
-                for item in block.entries() {
-                    let (key, value) = item.map_err(|e| self.table.block_error(entry.offset, e))?;
-                    if key >= self.start.as_slice() {
-                        out.push((key.to_vec(), value.to_vec()));
-                    }
-                }
-                Ok(out)
-            });
-            match decoded {
-                Ok(entries) => self.entries = entries.into_iter(),
-                Err(e) => {
-                    self.next_block = usize::MAX;
-                    return Some(Err(e));
-                }
-            }
+        if let Some(error) = self.error.take() {
+            self.scan = None;
+            return Some(Err(error));
         }
+        let scan = self.scan.as_mut()?;
+        let (key, value) = scan.head()?;
+        let item = scan.table().decode_value(value).map(|siblings| (key.to_vec(), siblings));
+        match &item {
+            Ok(_) => self.error = scan.advance().err(),
+            Err(_) => self.scan = None,
+        }
+        Some(item)
     }
 }
 
-/// Bytes of blocks a [`TableScan`] reads at once.
+/// Bytes of blocks a whole-table [`TableScan`] reads at once.
 const SCAN_WINDOW_BYTES: u64 = 1 << 20;
 
-/// A whole table's entries in key order, for compaction: blocks are read
-/// many at a time into one window and checked, and each entry is borrowed
-/// from the window, so nothing is allocated or copied per entry.
+/// A table's entries in key order: blocks are read up to `window_bytes` at
+/// a time (at least one block) into one window and checked, and each entry
+/// is borrowed from the window, so nothing is allocated or copied per entry.
+/// Compaction scans whole tables a megabyte at a time; range scans
+/// ([`Table::iter_from`]) a block at a time.
 #[derive(Debug)]
 pub struct TableScan {
     table: Arc<Table>,
+    window_bytes: u64,
     window: Vec<u8>,
     /// File offset of `window[0]`.
     window_offset: u64,
@@ -305,18 +276,29 @@ pub struct TableScan {
 }
 
 impl TableScan {
-    /// A scan positioned on the table's first entry.
+    /// A scan of the whole table, positioned on its first entry.
     pub fn new(table: Arc<Table>) -> Result<TableScan> {
+        TableScan::from_key(table, &[], SCAN_WINDOW_BYTES)
+    }
+
+    /// A scan positioned on the first entry with a key `>= start`.
+    pub fn from_key(table: Arc<Table>, start: &[u8], window_bytes: u64) -> Result<TableScan> {
+        // Only this block can hold keys below `start`.
+        let first = table.index.partition_point(|entry| entry.last_key.as_slice() < start);
         let mut scan = TableScan {
             table,
+            window_bytes,
             window: Vec::new(),
             window_offset: 0,
-            pending: 0..0,
+            pending: first..first,
             block_offset: 0,
             entries: 0..0,
             head: None,
         };
         scan.advance()?;
+        while scan.head().is_some_and(|(key, _)| key < start) {
+            scan.advance()?;
+        }
         Ok(scan)
     }
 
@@ -345,7 +327,7 @@ impl TableScan {
                 let entry = &self.table.index[i];
                 let start = (entry.offset - self.window_offset) as usize;
                 let data = &self.window[start..start + entry.len as usize];
-                let (entries_end, _) = block::check(data).map_err(|e| self.table.block_error(entry.offset, e))?;
+                let entries_end = block::check(data).map_err(|e| self.table.block_error(entry.offset, e))?;
                 self.block_offset = entry.offset;
                 self.entries = start..start + entries_end;
                 continue;
@@ -367,7 +349,7 @@ impl TableScan {
         let mut last = first + 1;
         while index
             .get(last)
-            .is_some_and(|entry| entry.offset >= end_of(&index[last - 1]) && end_of(entry) - start <= SCAN_WINDOW_BYTES)
+            .is_some_and(|entry| entry.offset >= end_of(&index[last - 1]) && end_of(entry) - start <= self.window_bytes)
         {
             last += 1;
         }
