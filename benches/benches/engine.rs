@@ -8,9 +8,10 @@
 //! first run starts. Each figure is the median of `QUIVER_BENCH_RUNS`
 //! (default 5) runs of `QUIVER_BENCH_SECONDS` (default 4) seconds, one after
 //! the other on that engine, so the store grows and the flushing and
-//! compaction of the earlier runs weigh on the later ones. `QUIVER_BENCH_KEYS` sets the pre-populated size (default
-//! 1,000,000; 0 runs the empty engine only); `QUIVER_BENCH_WORKLOADS` picks
-//! workloads by id (`set1,set64,batch,batch16`).
+//! compaction of the earlier runs weigh on the later ones.
+//! `QUIVER_BENCH_KEYS` sets the pre-populated size (default 1,000,000; 0
+//! runs the empty engine only); `QUIVER_BENCH_WORKLOADS` picks workloads by
+//! id (`set1,set64,batch,batch16`).
 //!
 //! Run: `cargo bench -p quiver-benches --bench engine`
 
