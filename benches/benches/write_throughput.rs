@@ -88,6 +88,9 @@ struct Keys {
 }
 
 impl Keys {
+    /// `{prefix}{n}` for each `n`, its decimal digits zero-padded to at
+    /// least `width` (what `format!("{prefix}{n:0width$}")` gives, without
+    /// an allocation per key).
     fn new(prefix: &str, numbers: std::ops::Range<u64>, width: usize) -> Keys {
         let mut keys = Keys {
             text: String::with_capacity((prefix.len() + 20) * (numbers.end - numbers.start) as usize),
