@@ -279,14 +279,47 @@ fn damaged_table_block_reads_as_an_error_and_a_missing_table_refuses_to_open() {
     assert!(error.to_string().contains(&table), "{error}");
 }
 
-/// A disk that damages one byte in the middle of the first `n` table
-/// writes, as a misdirected or corrupted write would: the table still opens
-/// (footer and metadata are intact), so only reading it back and comparing
-/// catches it.
+/// A disk with faults in table writes:
+/// - it damages one byte in the middle of the first `flips` table writes, as
+///   a misdirected or corrupted write would: the table still opens (footer
+///   and metadata are intact), so only reading it back and comparing
+///   catches it;
+/// - it holds each new table file at its creation until the test lets it
+///   through (`TableGate::allow`), as a slow disk would.
 #[derive(Debug)]
-struct FlipFirstTableWrites {
+struct FaultyTables {
     inner: SimFs,
-    left: Arc<std::sync::atomic::AtomicUsize>,
+    flips: Arc<std::sync::atomic::AtomicUsize>,
+    gate: Arc<TableGate>,
+}
+
+/// How many more table files may be created (`u64::MAX`: any number).
+#[derive(Debug)]
+struct TableGate {
+    allowed: std::sync::Mutex<u64>,
+    changed: std::sync::Condvar,
+}
+
+impl TableGate {
+    fn new(allowed: u64) -> Arc<TableGate> {
+        Arc::new(TableGate { allowed: std::sync::Mutex::new(allowed), changed: std::sync::Condvar::new() })
+    }
+
+    fn allow(&self, more: u64) {
+        let mut allowed = self.allowed.lock().unwrap();
+        *allowed = allowed.saturating_add(more);
+        self.changed.notify_all();
+    }
+
+    fn pass(&self) {
+        let mut allowed = self.allowed.lock().unwrap();
+        while *allowed == 0 {
+            allowed = self.changed.wait(allowed).unwrap();
+        }
+        if *allowed != u64::MAX {
+            *allowed -= 1;
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -320,13 +353,14 @@ impl File for FlipFile {
     }
 }
 
-impl Fs for FlipFirstTableWrites {
+impl Fs for FaultyTables {
     fn create(&self, path: &Path) -> std::io::Result<Box<dyn File>> {
-        let file = self.inner.create(path)?;
         if path.extension().is_some_and(|e| e == "sst") {
-            return Ok(Box::new(FlipFile { inner: file, left: self.left.clone() }));
+            self.gate.pass();
+            let file = self.inner.create(path)?;
+            return Ok(Box::new(FlipFile { inner: file, left: self.flips.clone() }));
         }
-        Ok(file)
+        self.inner.create(path)
     }
     fn open(&self, path: &Path) -> std::io::Result<Box<dyn File>> {
         self.inner.open(path)
@@ -351,7 +385,7 @@ impl Fs for FlipFirstTableWrites {
 #[test]
 fn a_table_damaged_on_write_is_caught_by_the_read_back_and_written_again() {
     let left = Arc::new(std::sync::atomic::AtomicUsize::new(3));
-    let fs = FlipFirstTableWrites { inner: SimFs::new(), left: left.clone() };
+    let fs = FaultyTables { inner: SimFs::new(), flips: left.clone(), gate: TableGate::new(u64::MAX) };
     let engine = Engine::open_with(Arc::new(fs), Path::new(DIR), tiny_options()).unwrap();
     let mut writer = Writer::new(Hlc::default());
     for i in 0..300u32 {
@@ -364,4 +398,52 @@ fn a_table_damaged_on_write_is_caught_by_the_read_back_and_written_again() {
         let siblings = engine.get(format!("k{i:03}").as_bytes()).unwrap().expect("written");
         assert_eq!(siblings.value(), Some(&[7u8; 64][..]));
     }
+}
+
+/// Flushes are built ahead of the disk: while the first table write is held,
+/// the next frozen memtable is built (and waits), and more freeze behind it.
+/// Let through one table at a time, they must be built and committed oldest
+/// first: a crash after each one loses nothing, because the flushed sequence
+/// (past which WAL segments are deleted) never jumps over a memtable not yet
+/// in a table.
+#[test]
+fn flushes_held_at_the_disk_are_committed_oldest_first_and_a_crash_between_loses_nothing() {
+    let sim = SimFs::new();
+    let gate = TableGate::new(0);
+    let fs = FaultyTables { inner: sim.clone(), flips: Arc::default(), gate: gate.clone() };
+    let opts = Options { frozen_memtables_max: 6, background_compaction: false, ..tiny_options() };
+    let engine = Engine::open_with(Arc::new(fs), Path::new(DIR), opts.clone()).unwrap();
+    let mut writer = Writer::new(Hlc::default());
+    let mut written = 0u32;
+    // Five frozen memtables: one held at the disk, one built and waiting,
+    // three not built yet (a sixth would make writes wait).
+    while engine.stats().frozen_memtables < 5 {
+        assert!(written < 10_000, "memtables never froze: {:?}", engine.stats());
+        engine.write_blocking(vec![writer.op(format!("k{written:05}").as_bytes(), Some(&[5; 100]))]).unwrap();
+        written += 1;
+    }
+    let check_crash_image = |flushed: u64| {
+        let engine = Engine::open_with(Arc::new(sim.crash()), Path::new(DIR), opts.clone()).unwrap();
+        for i in 0..written {
+            let got = engine.get(format!("k{i:05}").as_bytes()).unwrap();
+            assert!(got.is_some(), "k{i:05} lost by a crash after the flush to seq {flushed}");
+        }
+    };
+    let mut flushed = engine.stats().flushed_seq;
+    check_crash_image(flushed);
+    for step in 1..=5 {
+        gate.allow(1);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while engine.stats().flushes < step {
+            assert!(std::time::Instant::now() < deadline, "flush {step} never landed: {:?}", engine.stats());
+            std::thread::yield_now();
+        }
+        let stats = engine.stats();
+        assert_eq!(stats.frozen_memtables, 5 - step as usize, "{stats:?}");
+        assert!(stats.flushed_seq > flushed, "flush {step} did not advance: {stats:?}");
+        flushed = stats.flushed_seq;
+        check_crash_image(flushed);
+    }
+    gate.allow(u64::MAX);
+    engine.close().unwrap();
 }

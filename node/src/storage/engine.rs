@@ -1,4 +1,4 @@
-//! The engine: its state, its four threads, and recovery.
+//! The engine: its state, its five threads, and recovery.
 //!
 //! Threads:
 //! - **commit**: takes every waiting write, frames them into one group and
@@ -12,9 +12,12 @@
 //!   Either way groups are applied one at a time, in order, and only there
 //!   is the memtable rotated, so no write can land in a memtable being
 //!   flushed.
-//! - **flush**: writes the oldest frozen memtable to a verified SSTable,
-//!   commits the manifest edit, swaps the table in, then deletes the WAL
-//!   segments it covers.
+//! - **flush**: builds the SSTable of each frozen memtable in memory, oldest
+//!   first, and hands it to flush-io, then builds the next.
+//! - **flush-io**: writes each built table to a verified file, commits the
+//!   manifest edit, swaps the table in for its memtable, then deletes the
+//!   WAL segments it covers; strictly in the order the memtables were
+//!   frozen, so the flushed sequence only grows.
 //! - **compact**: merges tables chosen by [`compaction::plan`].
 //!
 //! Readers take a snapshot of [`Levels`] (an `Arc`) and merge what they find
@@ -41,8 +44,9 @@ use crate::storage::{EncodedOps, Op};
 use crate::{lock, now_ms};
 
 /// Engine settings. Memory use is bounded by `memtable_bytes_max *
-/// (frozen_memtables_max + 1)` plus two table buffers (one being built by a
-/// flush, one by compaction; both kept for reuse), whatever the data size
+/// (frozen_memtables_max + 1)` plus three table buffers (a flush being
+/// built, one being written, a compaction output; all kept for reuse) of at
+/// most `table_bytes_target` bytes each, whatever the data size
 /// (bloom filters and block indexes, about 2 bytes per key, aside).
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -646,11 +650,11 @@ impl Inner {
         TableBuilder::with_buffer(buf, self.opts.block_bytes, self.opts.bloom_bits_per_key, min_seq, max_seq)
     }
 
-    /// Keeps a finished table's buffer for the next (one for flushes, one
-    /// for compaction: at most two are kept).
+    /// Keeps a finished table's buffer for the next (two for flushes, one
+    /// for compaction: at most three are kept).
     fn return_table_buffer(&self, buf: Vec<u8>) {
         let mut buffers = lock(&self.table_buffers);
-        if buffers.len() < 2 {
+        if buffers.len() < 3 {
             buffers.push(buf);
         }
     }
@@ -687,27 +691,35 @@ impl Inner {
         Err(last_error.unwrap_or(Error::Closed))
     }
 
-    /// Flushes one frozen memtable: table, manifest edit, swap, WAL cleanup.
+    /// Flushes one frozen memtable: builds its table, then writes it in.
     fn flush(&self, memtable: &Arc<RwLock<Memtable>>) -> Result<()> {
-        let built = {
-            let memtable = read(memtable);
-            let (min_seq, max_seq) = memtable.seq_range();
-            if memtable.is_empty() {
-                None
-            } else {
-                let mut builder = self.table_builder(min_seq, max_seq);
-                for entry in memtable.sorted() {
-                    builder.add_encoded(entry.key, entry.value, entry.hlc_range, entry.all_tombstones);
-                }
-                Some((builder.finish().0, max_seq))
-            }
-        };
+        let built = self.build_flush(memtable);
+        let written = self.write_flush(memtable, built.as_ref());
+        if let Some(built) = built {
+            self.return_table_buffer(built.bytes);
+        }
+        written
+    }
+
+    /// The table of a frozen memtable, in memory (`None` if it is empty).
+    fn build_flush(&self, memtable: &RwLock<Memtable>) -> Option<BuiltFlush> {
+        let memtable = read(memtable);
+        if memtable.is_empty() {
+            return None;
+        }
+        let (min_seq, max_seq) = memtable.seq_range();
+        let mut builder = self.table_builder(min_seq, max_seq);
+        for entry in memtable.sorted() {
+            builder.add_encoded(entry.key, entry.value, entry.hlc_range, entry.all_tombstones);
+        }
+        Some(BuiltFlush { bytes: builder.finish().0, max_seq })
+    }
+
+    /// Writes a built flush of the **oldest** frozen `memtable`: verified
+    /// table, manifest edit, swap, WAL cleanup.
+    fn write_flush(&self, memtable: &Arc<RwLock<Memtable>>, built: Option<&BuiltFlush>) -> Result<()> {
         let table = match built {
-            Some((bytes, max_seq)) => {
-                let written = self.write_table(&bytes, None);
-                self.return_table_buffer(bytes);
-                Some((written?, max_seq))
-            }
+            Some(built) => Some((self.write_table(&built.bytes, None)?, built.max_seq)),
             None => None,
         };
         {
@@ -1082,35 +1094,87 @@ fn apply(inner: &Inner, Durable { group, rotations }: Durable) {
     }
 }
 
+/// A frozen memtable's table, built in memory and not yet written.
+struct BuiltFlush {
+    bytes: Vec<u8>,
+    /// The memtable's last sequence: flushed once the table is in.
+    max_seq: u64,
+}
+
+/// The flush thread: builds the table of each frozen memtable, oldest first,
+/// and hands it to the flush writer (which `spawn`s here), so the next table
+/// is built while the last one is written, synced and read back. Handed over
+/// at a rendezvous: at most one built table waits beside the one being
+/// written.
 fn flush_loop(inner: Arc<Inner>) {
-    loop {
-        let next = {
-            let mut background = lock(&inner.background);
-            loop {
-                if let Some(memtable) = inner.levels().frozen.last().cloned() {
-                    break Some(memtable);
-                }
-                if background.closing {
-                    break None;
-                }
-                background = inner.background_cv.wait(background).unwrap_or_else(|p| p.into_inner());
-            }
-        };
-        let Some(memtable) = next else { return };
-        match inner.flush(&memtable) {
-            Ok(()) => lock(&inner.background).flush_error = None,
-            Err(error) => {
-                // The data stays in the WAL; writes stall once the frozen
-                // memtables fill up, and the flush is tried again.
-                tracing::error!(%error, "flush failed; retrying");
+    let (hand, writing) = std::sync::mpsc::sync_channel::<HandedFlush>(0);
+    std::thread::scope(|scope| {
+        let writer = std::thread::Builder::new()
+            .name("quiver-flush-io".into())
+            .spawn_scoped(scope, || flush_write_loop(&inner, writing));
+        if let Err(e) = writer {
+            inner.fail(format!("cannot start the flush writer thread: {e}"));
+            return;
+        }
+        // The last sequence of the last memtable handed over: the writer
+        // owns it (and every older one) from then on.
+        let mut handed_seq = 0;
+        loop {
+            let next = {
                 let mut background = lock(&inner.background);
-                background.flush_error = Some(error.to_string());
-                inner.background_cv.notify_all();
-                if background.closing {
-                    return;
+                loop {
+                    let levels = inner.levels();
+                    let oldest_unbuilt = levels.frozen.iter().rev().find(|m| read(m).seq_range().1 > handed_seq);
+                    if let Some(memtable) = oldest_unbuilt {
+                        break Some(memtable.clone());
+                    }
+                    if background.closing {
+                        break None;
+                    }
+                    background = inner.background_cv.wait(background).unwrap_or_else(|p| p.into_inner());
                 }
-                let _ = inner.background_cv.wait_timeout(background, Duration::from_millis(200));
+            };
+            let Some(memtable) = next else { break };
+            let built = inner.build_flush(&memtable);
+            handed_seq = read(&memtable).seq_range().1;
+            if hand.send((memtable, built)).is_err() {
+                // The writer stopped: the engine is closing.
+                break;
             }
+        }
+        drop(hand);
+    });
+}
+
+/// A frozen memtable and its built table, on the way to the flush writer.
+type HandedFlush = (Arc<RwLock<Memtable>>, Option<BuiltFlush>);
+
+/// Writes each built flush in, in the order built (oldest first); a failed
+/// one is tried again until it succeeds or the engine closes.
+fn flush_write_loop(inner: &Inner, writing: std::sync::mpsc::Receiver<HandedFlush>) {
+    for (memtable, built) in writing {
+        loop {
+            match inner.write_flush(&memtable, built.as_ref()) {
+                Ok(()) => {
+                    lock(&inner.background).flush_error = None;
+                    break;
+                }
+                Err(error) => {
+                    // The data stays in the WAL; writes stall once the frozen
+                    // memtables fill up, and the flush is tried again.
+                    tracing::error!(%error, "flush failed; retrying");
+                    let mut background = lock(&inner.background);
+                    background.flush_error = Some(error.to_string());
+                    inner.background_cv.notify_all();
+                    if background.closing {
+                        return;
+                    }
+                    let _ = inner.background_cv.wait_timeout(background, Duration::from_millis(200));
+                }
+            }
+        }
+        if let Some(built) = built {
+            inner.return_table_buffer(built.bytes);
         }
     }
 }
