@@ -53,6 +53,59 @@ struct Span {
     len: u32,
 }
 
+/// What keys are sorted on at one depth (an offset into them, a multiple of
+/// 16): the 16 bytes there as integers, zero-padded, and the key's length
+/// capped one past them; `index` names the key.
+#[derive(Clone, Copy, Debug)]
+struct SortKey {
+    prefix: (u64, u64),
+    len: u32,
+    index: u32,
+}
+
+impl SortKey {
+    fn rank(&self) -> ((u64, u64), u32) {
+        (self.prefix, self.len)
+    }
+}
+
+/// Sorts `order`, whose entries hold the sort keys at depth 0, into the
+/// order of the whole keys (`key` gives them).
+///
+/// Exact: two keys equal in their first `depth` bytes compare as their
+/// next 16 bytes (zero-padded) do, and if those tie too, the shorter key
+/// is a prefix of the longer (whose bytes past the end of the shorter one
+/// are zeros there) and so comes first; a tie on both with lengths past
+/// those 16 bytes is settled one depth further. Iterative, so long keys
+/// sharing long prefixes cannot overflow the stack.
+fn sort_by_whole_keys<'k>(order: &mut [SortKey], key: impl Fn(u32) -> &'k [u8]) {
+    order.sort_unstable_by_key(SortKey::rank);
+    // Runs that tie so far, as (start, end, depth of their next 16 bytes).
+    let mut tied: Vec<(usize, usize, usize)> = Vec::new();
+    let push_ties = |order: &[SortKey], base: usize, depth: usize, tied: &mut Vec<(usize, usize, usize)>| {
+        let mut at = base;
+        for run in order.chunk_by(|a, b| a.rank() == b.rank()) {
+            // Equal ranks with a length within the 16 bytes would be equal
+            // keys, which a memtable does not hold.
+            if run.len() > 1 && run[0].len as usize > depth + 16 {
+                tied.push((at, at + run.len(), depth + 16));
+            }
+            at += run.len();
+        }
+    };
+    push_ties(order, 0, 0, &mut tied);
+    while let Some((start, end, depth)) = tied.pop() {
+        let run = &mut order[start..end];
+        for entry in run.iter_mut() {
+            let key = key(entry.index);
+            entry.prefix = key_prefix(&key[depth.min(key.len())..]);
+            entry.len = key.len().min(depth + 17) as u32;
+        }
+        run.sort_unstable_by_key(SortKey::rank);
+        push_ties(run, start, depth, &mut tied);
+    }
+}
+
 /// Append-only byte storage in chunks that never move.
 #[derive(Debug, Default)]
 struct Arena {
@@ -245,28 +298,25 @@ impl Memtable {
             Bound::Excluded(end) => key < end,
             Bound::Unbounded => true,
         };
-        // Sort on each key's first 16 bytes kept in its slot, then sort each
-        // run of equal prefixes by the whole key: the first sort compares
-        // integers in one compact array instead of chasing a pointer to every
-        // key (which dominated flushing), and the second reads only the keys
-        // that share a prefix, each run small enough to stay in cache.
-        // Exact: keys whose prefixes differ differ at the same byte.
+        // Sort on each key's first 16 bytes kept in its slot (and its
+        // length), then each run of keys that tie on them by the next 16
+        // bytes, and so on: the first sort compares integers in one compact
+        // array instead of chasing a pointer to every key (which dominated
+        // flushing), and keys sharing a long prefix are each read once per
+        // 16 bytes instead of at every comparison of a sort.
         let whole = start.is_empty() && matches!(end, Bound::Unbounded);
         let slots: Vec<&Slot> = self
             .slots
             .iter()
             .filter(|slot| whole || (self.arena.get(slot.key) >= start && below_end(self.arena.get(slot.key))))
             .collect();
-        let mut order: Vec<((u64, u64), u32)> =
-            slots.iter().enumerate().map(|(i, slot)| (slot.prefix, i as u32)).collect();
-        order.sort_unstable_by_key(|&(prefix, _)| prefix);
-        let key = |i: u32| self.arena.get(slots[i as usize].key);
-        for run in order.chunk_by_mut(|a, b| a.0 == b.0) {
-            if run.len() > 1 {
-                run.sort_unstable_by(|a, b| key(a.1).cmp(key(b.1)));
-            }
-        }
-        order.into_iter().map(|(_, i)| self.entry(slots[i as usize])).collect()
+        let mut order: Vec<SortKey> = slots
+            .iter()
+            .enumerate()
+            .map(|(i, slot)| SortKey { prefix: slot.prefix, len: slot.key.len.min(17), index: i as u32 })
+            .collect();
+        sort_by_whole_keys(&mut order, |i| self.arena.get(slots[i as usize].key));
+        order.into_iter().map(|k| self.entry(slots[k.index as usize])).collect()
     }
 
     /// All entries, sorted by key.
@@ -332,13 +382,13 @@ mod tests {
 
     proptest! {
         /// The prefix sort gives exactly the byte order of the keys,
-        /// including keys that share their first 16 bytes or more, or end
-        /// in zero bytes; so does a range.
+        /// including keys that share their first 16, 32 or 48 bytes or
+        /// more, or end in zero bytes; so does a range.
         #[test]
         fn sorted_is_byte_order(
             keys in proptest::collection::btree_set(
                 (
-                    prop_oneof![Just(0usize), Just(15), Just(16), Just(17)],
+                    prop_oneof![Just(0usize), Just(15), Just(16), Just(17), Just(31), Just(32), Just(33), Just(47)],
                     proptest::collection::vec(prop_oneof![Just(0u8), Just(b'a'), any::<u8>()], 0..8),
                 )
                     .prop_map(|(shared, tail)| [vec![b'a'; shared], tail].concat()),
