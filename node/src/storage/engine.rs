@@ -205,6 +205,8 @@ struct Inner {
     compaction_lock: Mutex<()>,
     /// Table buffers kept between flushes and between compaction outputs.
     table_buffers: Mutex<Vec<Vec<u8>>>,
+    /// A flushed memtable, emptied, that the next rotation makes active.
+    spare_memtable: Mutex<Option<Memtable>>,
     failed: Mutex<Option<String>>,
     counters: Counters,
 }
@@ -278,6 +280,7 @@ impl Engine {
             background_cv: Condvar::new(),
             compaction_lock: Mutex::new(()),
             table_buffers: Mutex::default(),
+            spare_memtable: Mutex::default(),
             failed: Mutex::new(None),
             counters: Counters::default(),
             opts,
@@ -600,7 +603,8 @@ impl Inner {
         }
         let mut frozen = vec![levels.active.clone()];
         frozen.extend(levels.frozen.iter().cloned());
-        *levels = Arc::new(Levels { active: Arc::default(), frozen, tables: levels.tables.clone() });
+        let active = Arc::new(RwLock::new(lock(&self.spare_memtable).take().unwrap_or_default()));
+        *levels = Arc::new(Levels { active, frozen, tables: levels.tables.clone() });
         drop(levels);
         self.wake_background(false);
         max_seq
@@ -648,6 +652,18 @@ impl Inner {
     fn table_builder(&self, min_seq: u64, max_seq: u64) -> TableBuilder {
         let buf = lock(&self.table_buffers).pop().unwrap_or_default();
         TableBuilder::with_buffer(buf, self.opts.block_bytes, self.opts.bloom_bits_per_key, min_seq, max_seq)
+    }
+
+    /// Keeps a flushed memtable's memory for the next active one, if no
+    /// reader holds it any more (one that does frees it when done).
+    fn recycle(&self, memtable: Arc<RwLock<Memtable>>) {
+        if let Ok(memtable) = Arc::try_unwrap(memtable) {
+            let mut memtable = memtable.into_inner().unwrap_or_else(|p| p.into_inner());
+            // A hash table grown past half the budget would leave the next
+            // memtable too little room for entries.
+            memtable.clear(self.opts.memtable_bytes_max / 2);
+            *lock(&self.spare_memtable) = Some(memtable);
+        }
     }
 
     /// Keeps a finished table's buffer for the next (two for flushes, one
@@ -1176,6 +1192,7 @@ fn flush_write_loop(inner: &Inner, writing: std::sync::mpsc::Receiver<HandedFlus
         if let Some(built) = built {
             inner.return_table_buffer(built.bytes);
         }
+        inner.recycle(memtable);
     }
 }
 
