@@ -73,7 +73,11 @@ impl EncodedOps {
     /// Encodes `ops`.
     pub fn new(ops: &[Op]) -> EncodedOps {
         const ENCODE: &str = "postcard encodes into a Vec without failing";
-        let size = ops.iter().map(|op| op.key.len() + op.version.value.as_ref().map_or(0, Vec::len) + 48).sum();
+        // Room for each op's key, value and the rest of its version (varint
+        // lengths, dot, timestamp, batch id: at most 72 bytes without
+        // a causal context), so that the buffer rarely has to grow (each
+        // growth copies everything encoded so far).
+        let size = ops.iter().map(|op| op.key.len() + op.version.value.as_ref().map_or(0, Vec::len) + 80).sum();
         // A sequence is its length, then its items; an `Op` is its fields in order.
         let mut bytes = postcard::to_extend(&ops.len(), Vec::with_capacity(size)).expect(ENCODE);
         let mut refs = Vec::with_capacity(ops.len());
