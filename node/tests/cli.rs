@@ -9,12 +9,19 @@ use std::process::{Command, Output, Stdio};
 use common::start_node;
 
 /// The `quiver` binary: built next to `quiverd` by `cargo test --workspace`;
-/// built here when this crate's tests run alone.
+/// built here, with the same profile, when this crate's tests run alone.
 fn quiver_bin() -> PathBuf {
     let path = PathBuf::from(env!("CARGO_BIN_EXE_quiverd")).with_file_name("quiver");
     if !path.exists() {
+        // `target/<dir>/quiverd`: the dev profile builds into `debug`, any
+        // other into a directory of its own name.
+        let dir = path.parent().and_then(|d| d.file_name()).and_then(|d| d.to_str()).unwrap_or("debug");
+        let profile = if dir == "debug" { "dev" } else { dir };
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo).args(["build", "-p", "quiver-client", "--bin", "quiver"]).status().unwrap();
+        let status = Command::new(cargo)
+            .args(["build", "--profile", profile, "-p", "quiver-client", "--bin", "quiver"])
+            .status()
+            .unwrap();
         assert!(status.success(), "building quiver failed");
     }
     path
