@@ -322,6 +322,16 @@ impl TableGate {
     }
 }
 
+/// Opens the gate for good when dropped: a failed assertion must fail the
+/// test, not leave the engine's drop waiting on a held flush.
+struct OpenOnDrop(Arc<TableGate>);
+
+impl Drop for OpenOnDrop {
+    fn drop(&mut self) {
+        self.0.allow(u64::MAX);
+    }
+}
+
 #[derive(Debug)]
 struct FlipFile {
     inner: Box<dyn File>,
@@ -413,6 +423,7 @@ fn flushes_held_at_the_disk_are_committed_oldest_first_and_a_crash_between_loses
     let fs = FaultyTables { inner: sim.clone(), flips: Arc::default(), gate: gate.clone() };
     let opts = Options { frozen_memtables_max: 6, background_compaction: false, ..tiny_options() };
     let engine = Engine::open_with(Arc::new(fs), Path::new(DIR), opts.clone()).unwrap();
+    let _open_on_panic = OpenOnDrop(gate.clone());
     let mut writer = Writer::new(Hlc::default());
     let mut written = 0u32;
     // Five frozen memtables: one held at the disk, one built and waiting,

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use quiver_ring::rand::{threshold, AtomicSplitMix64};
@@ -34,6 +34,15 @@ pub trait File: Send + Sync + fmt::Debug {
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// `fdatasync`: returns once the data written so far is durable.
     fn sync_data(&self) -> io::Result<()>;
+    /// Writes all of `buf` at `offset` and returns once it is durable, as
+    /// `write_all_at` then `sync_data` would (what the WAL appends with). A
+    /// file opened by [`Fs::open_log`] on the real disk does it in one
+    /// `O_DIRECT` write with `RWF_DSYNC` when `buf` (address and length) and
+    /// `offset` are multiples of [`DIRECT_ALIGN`].
+    fn write_durable_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.write_all_at(buf, offset)?;
+        self.sync_data()
+    }
 }
 
 /// A file system: opens files and changes directories.
@@ -42,6 +51,11 @@ pub trait Fs: Send + Sync + fmt::Debug {
     fn create(&self, path: &Path) -> io::Result<Box<dyn File>>;
     /// Opens an existing file for reading and writing.
     fn open(&self, path: &Path) -> io::Result<Box<dyn File>>;
+    /// Opens an existing, pre-allocated file that will be written with
+    /// [`File::write_durable_at`] (a WAL segment).
+    fn open_log(&self, path: &Path) -> io::Result<Box<dyn File>> {
+        self.open(path)
+    }
     /// Removes a file.
     fn remove(&self, path: &Path) -> io::Result<()>;
     /// Renames a file, replacing `to` if it exists.
@@ -116,30 +130,110 @@ pub fn read_all(file: &dyn File) -> io::Result<Vec<u8>> {
 pub struct RealFs;
 
 #[derive(Debug)]
-struct RealFile(std::fs::File);
+struct RealFile {
+    file: std::fs::File,
+    /// For a log: the same file opened `O_DIRECT`, where the file
+    /// system allows it, until a write through it is refused.
+    direct: Option<std::fs::File>,
+    direct_refused: AtomicBool,
+}
 
-impl File for RealFile {
-    fn len(&self) -> io::Result<u64> {
-        Ok(self.0.metadata()?.len())
-    }
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        std::os::unix::fs::FileExt::read_exact_at(&self.0, buf, offset)
-    }
-    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        std::os::unix::fs::FileExt::write_all_at(&self.0, buf, offset)
-    }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        self.0.set_len(len)
-    }
-    fn sync_data(&self) -> io::Result<()> {
-        self.0.sync_data()
+impl RealFile {
+    fn new(file: std::fs::File) -> RealFile {
+        RealFile { file, direct: None, direct_refused: AtomicBool::new(false) }
     }
 }
 
+impl File for RealFile {
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        std::os::unix::fs::FileExt::read_exact_at(&self.file, buf, offset)
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        std::os::unix::fs::FileExt::write_all_at(&self.file, buf, offset)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+    /// One `O_DIRECT` write with `RWF_DSYNC` when it can: the kernel sends the
+    /// data to the device straight from `buf` and flushes the device's cache
+    /// before the write returns, with no page-cache copy and no writeback of
+    /// dirty pages (a small group commit costs about a fifth less time and
+    /// CPU than `write` plus `fdatasync` on the 2-core VM).
+    fn write_durable_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let aligned = buf.as_ptr().align_offset(DIRECT_ALIGN) == 0
+            && buf.len().is_multiple_of(DIRECT_ALIGN)
+            && offset.is_multiple_of(DIRECT_ALIGN as u64);
+        if let Some(direct) = self.direct.as_ref().filter(|_| aligned && !self.direct_refused.load(Ordering::Relaxed)) {
+            match write_all_dsync(direct, buf, offset) {
+                Ok(()) => return Ok(()),
+                // A device whose blocks are larger than DIRECT_ALIGN, or a
+                // kernel without `RWF_DSYNC`: write through the cache from
+                // now on (rewriting any part that went through is harmless:
+                // the same bytes).
+                Err(rustix::io::Errno::INVAL | rustix::io::Errno::OPNOTSUPP) => {
+                    self.direct_refused.store(true, Ordering::Relaxed);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.write_all_at(buf, offset)?;
+        self.sync_data()
+    }
+}
+
+/// Writes all of `buf` at `offset`, each `pwritev2` with `RWF_DSYNC`: durable
+/// when it returns, as if `fdatasync` followed. (Not `O_DSYNC` at open:
+/// rustix maps that flag to `O_SYNC`, whose writes also commit each
+/// timestamp change to the journal.)
+fn write_all_dsync(file: &std::fs::File, mut buf: &[u8], mut offset: u64) -> Result<(), rustix::io::Errno> {
+    use rustix::io::{pwritev2, Errno, ReadWriteFlags};
+    while !buf.is_empty() {
+        match pwritev2(file, &[io::IoSlice::new(buf)], offset, ReadWriteFlags::DSYNC) {
+            Ok(0) => return Err(Errno::IO),
+            Ok(n) => {
+                buf = &buf[n..];
+                offset += n as u64;
+            }
+            Err(Errno::INTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Alignment of `O_DIRECT` transfers (buffer address, length, offset).
-const DIRECT_ALIGN: usize = 4096;
+pub const DIRECT_ALIGN: usize = 4096;
 /// The open flag that bypasses the page cache.
 const O_DIRECT: i32 = rustix::fs::OFlags::DIRECT.bits() as i32;
+
+/// A reusable buffer whose bytes start at a [`DIRECT_ALIGN`] boundary in
+/// memory, as `O_DIRECT` transfers need.
+#[derive(Debug, Default)]
+pub struct AlignedBuf {
+    raw: Vec<u8>,
+    skip: usize,
+}
+
+impl AlignedBuf {
+    /// `len` bytes starting at a [`DIRECT_ALIGN`] boundary. The first `keep`
+    /// bytes are those the previous call returned (`keep` is at most the
+    /// length it had); the rest are unspecified.
+    pub fn get(&mut self, len: usize, keep: usize) -> &mut [u8] {
+        if self.skip + len > self.raw.len() {
+            let mut raw = vec![0u8; len + len / 2 + DIRECT_ALIGN];
+            let skip = raw.as_ptr().align_offset(DIRECT_ALIGN);
+            raw[skip..skip + keep].copy_from_slice(&self.raw[self.skip..self.skip + keep]);
+            (self.raw, self.skip) = (raw, skip);
+        }
+        &mut self.raw[self.skip..self.skip + len]
+    }
+}
 /// Files smaller than this are written and read back through the page
 /// cache.
 const DIRECT_MIN_BYTES: usize = 1 << 20;
@@ -163,19 +257,16 @@ impl RealFs {
         let Ok(direct) = std::fs::OpenOptions::new().write(true).custom_flags(O_DIRECT).open(path) else {
             return Ok(0);
         };
-        let mut staging = Vec::new();
+        let mut staging = AlignedBuf::default();
         let mut at = 0;
         while at < aligned {
             let chunk = &bytes[at..aligned.min(at + DIRECT_WRITE_CHUNK_BYTES)];
             let source = if chunk.as_ptr().align_offset(DIRECT_ALIGN) == 0 {
                 chunk
             } else {
-                if staging.is_empty() {
-                    staging = vec![0u8; DIRECT_WRITE_CHUNK_BYTES + DIRECT_ALIGN];
-                }
-                let skip = staging.as_ptr().align_offset(DIRECT_ALIGN);
-                staging[skip..skip + chunk.len()].copy_from_slice(chunk);
-                &staging[skip..skip + chunk.len()]
+                let staged = staging.get(DIRECT_WRITE_CHUNK_BYTES, 0);
+                staged[..chunk.len()].copy_from_slice(chunk);
+                &staged[..chunk.len()]
             };
             match direct.write_all_at(source, at as u64) {
                 Ok(()) => at += chunk.len(),
@@ -192,11 +283,25 @@ impl RealFs {
 impl Fs for RealFs {
     fn create(&self, path: &Path) -> io::Result<Box<dyn File>> {
         let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
-        Ok(Box::new(RealFile(file)))
+        Ok(Box::new(RealFile::new(file)))
     }
     fn open(&self, path: &Path) -> io::Result<Box<dyn File>> {
         let file = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
-        Ok(Box::new(RealFile(file)))
+        Ok(Box::new(RealFile::new(file)))
+    }
+    /// Also opens the file `O_DIRECT` for
+    /// [`File::write_durable_at`], and drops its cached pages (the zeros of
+    /// its pre-allocation): each direct write would otherwise first have the
+    /// kernel evict the pages it covers.
+    fn open_log(&self, path: &Path) -> io::Result<Box<dyn File>> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut log = RealFile::new(std::fs::OpenOptions::new().read(true).write(true).open(path)?);
+        log.direct = std::fs::OpenOptions::new().write(true).custom_flags(O_DIRECT).open(path).ok();
+        if log.direct.is_some() {
+            // Only a hint: pages left cached are evicted by the writes.
+            let _ = rustix::fs::fadvise(&log.file, 0, None, rustix::fs::Advice::DontNeed);
+        }
+        Ok(Box::new(log))
     }
     fn remove(&self, path: &Path) -> io::Result<()> {
         std::fs::remove_file(path)
@@ -250,9 +355,8 @@ impl Fs for RealFs {
         };
         // Chunks of whole pages into a page-aligned buffer; the last read
         // asks for a whole page and gets what is left of the file.
-        let mut raw = vec![0u8; COMPARE_CHUNK_BYTES + DIRECT_ALIGN];
-        let skip = raw.as_ptr().align_offset(DIRECT_ALIGN);
-        let window = &mut raw[skip..skip + COMPARE_CHUNK_BYTES];
+        let mut buf = AlignedBuf::default();
+        let window = buf.get(COMPARE_CHUNK_BYTES, 0);
         let compared = compare_chunks(expected, len, window, |window, n, offset| {
             let want = n.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
             let mut got = 0;
@@ -365,6 +469,9 @@ impl Fs for SkipWriteFs {
     }
     fn open(&self, path: &Path) -> io::Result<Box<dyn File>> {
         Ok(self.wrap(path, self.inner.open(path)?))
+    }
+    fn open_log(&self, path: &Path) -> io::Result<Box<dyn File>> {
+        Ok(self.wrap(path, self.inner.open_log(path)?))
     }
     fn remove(&self, path: &Path) -> io::Result<()> {
         self.inner.remove(path)
@@ -564,6 +671,33 @@ mod tests {
             assert_eq!(std::fs::read(&path).unwrap(), bytes, "case {i}");
             assert_eq!(RealFs.first_difference(&path, bytes).unwrap(), None, "case {i}");
         }
+    }
+
+    /// A log file on the real disk takes whole blocks from an aligned
+    /// buffer through `O_DIRECT` with `RWF_DSYNC`, and anything else (an unaligned
+    /// buffer, length or offset) through the cache; either way the file
+    /// then holds exactly those bytes.
+    #[test]
+    fn real_log_writes_land_aligned_or_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("1.wal");
+        std::fs::write(&path, vec![0u8; 8 * DIRECT_ALIGN]).unwrap();
+        let log = RealFs.open_log(&path).unwrap();
+        let mut expected = vec![0u8; 8 * DIRECT_ALIGN];
+        let mut buf = AlignedBuf::default();
+        let write = |bytes: &[u8], offset: usize, expected: &mut Vec<u8>| {
+            log.write_durable_at(bytes, offset as u64).unwrap();
+            expected[offset..offset + bytes.len()].copy_from_slice(bytes);
+            assert_eq!(std::fs::read(&path).unwrap(), *expected, "after {} bytes at {offset}", bytes.len());
+        };
+        let blocks = buf.get(2 * DIRECT_ALIGN, 0);
+        blocks.iter_mut().enumerate().for_each(|(i, b)| *b = (i % 253) as u8);
+        write(blocks, DIRECT_ALIGN, &mut expected);
+        write(&blocks[1..DIRECT_ALIGN + 1], 0, &mut expected);
+        write(&blocks[..100], 3 * DIRECT_ALIGN, &mut expected);
+        write(&blocks[..DIRECT_ALIGN], 5 * DIRECT_ALIGN + 10, &mut expected);
+        blocks.fill(7);
+        write(blocks, 6 * DIRECT_ALIGN, &mut expected);
     }
 
     /// Reading back through `O_DIRECT` finds the first differing byte, in

@@ -2,8 +2,9 @@
 //!
 //! Threads:
 //! - **commit**: takes every waiting write, frames them into one group and
-//!   writes the group to the WAL with one `write` and one `fdatasync`, then
-//!   hands it to apply and goes on with the next group.
+//!   writes the group to the WAL with one durable write (`O_DIRECT` with
+//!   `RWF_DSYNC` on the real disk: the same as `write` plus `fdatasync`),
+//!   then hands it to apply and goes on with the next group.
 //! - **apply**: inserts each large durable group into the active memtable,
 //!   then acknowledges every write in it (so a write is acknowledged once
 //!   it is both durable and visible), while commit syncs the next group.
@@ -1019,8 +1020,8 @@ impl Durable {
     }
 }
 
-/// Frames a group, writes it with one `write` and syncs it with one
-/// `fdatasync`. Returns its first sequence and its writes once durable; on
+/// Frames a group and writes it to the WAL with one durable write (see
+/// [`WalWriter::append_durable`]). Returns its first sequence and its writes once durable; on
 /// failure, fails the engine and answers each write with the error.
 fn commit_group(
     inner: &Inner,
@@ -1041,7 +1042,7 @@ fn commit_group(
         wal::encode_record(buf, group + i as u64, group, encoded.bytes());
     }
     let last = group + writes.len() as u64 - 1;
-    let synced = wal.append(buf).and_then(|segment| wal.sync().map(|()| segment));
+    let synced = wal.append_durable(buf);
     let segment = match synced {
         Ok(segment) => segment,
         Err(e) => {
