@@ -1,8 +1,8 @@
 //! The write-ahead log.
 //!
 //! The log is a sequence of segment files named `<number:016>.wal`. Each is
-//! pre-allocated (zero-filled and synced) before it is used, so the
-//! `fdatasync` after each group commit has no file-size change to record.
+//! pre-allocated (zero-filled and synced) before it is used, so the durable
+//! write of each group commit has no file-size change to record.
 //!
 //! ```text
 //! segment := magic "QVWAL\0\0\x01" (8 bytes) | frame* | zeros
@@ -12,15 +12,15 @@
 //!
 //! - `seq` numbers records from 1, without gaps, across segments.
 //! - `group` is the `seq` of the first record of the group commit (one
-//!   `write` plus one `fdatasync`) the record was written in. A group never
-//!   spans two segments.
+//!   durable write, see [`WalWriter`]) the record was written in. A group
+//!   never spans two segments.
 //! - One record holds a whole write or a whole batch, so it applies entirely
 //!   or not at all.
 //!
 //! Recovery reads every segment in order. When a record is bad (cut short,
 //! or its checksum fails), the records that still follow decide what it is:
 //! - none, or only records of the same, unfinished group (their group
-//!   started at or before the bad record, so that group's `fdatasync` never
+//!   started at or before the bad record, so that group's durable write never
 //!   returned and none of it was acknowledged): a **torn tail**. The segment
 //!   is truncated at the bad record.
 //! - a record of a later group: that later group was synced, so the bad
