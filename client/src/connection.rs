@@ -133,3 +133,36 @@ async fn read_responses(reader: OwnedReadHalf, pending: Pending, broken: Arc<Ato
     // Dropping the senders tells every waiting caller the connection is gone.
     lock(&pending).clear();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    /// A node that takes requests and never answers: each call fails with a
+    /// timeout (once its time is up, not before), and the connection stays
+    /// usable for the next call.
+    #[tokio::test]
+    async fn a_call_without_an_answer_times_out() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            while socket.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+        });
+        let timeout = Duration::from_millis(200);
+        let connection = Connection::open(&addr, Arc::default(), timeout).await.unwrap();
+        for _ in 0..2 {
+            let started = std::time::Instant::now();
+            let call = connection.call(Op::Get { key: b"k".to_vec() }, timeout);
+            // A bound on the test, not a timing assertion: a call that never
+            // times out must fail the test rather than hang it.
+            let result = tokio::time::timeout(Duration::from_secs(60), call).await.expect("the call never timed out");
+            assert!(matches!(result, Err(Error::Timeout { .. })), "{result:?}");
+            assert!(started.elapsed() >= timeout, "timed out before its time");
+            assert!(!connection.is_broken());
+        }
+        assert!(lock(&connection.pending).is_empty(), "expired calls must not stay pending");
+    }
+}
