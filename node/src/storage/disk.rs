@@ -212,6 +212,13 @@ pub const DIRECT_ALIGN: usize = 4096;
 /// The open flag that bypasses the page cache.
 const O_DIRECT: i32 = rustix::fs::OFlags::DIRECT.bits() as i32;
 
+/// `path` opened `O_DIRECT` for writing, or for reading; `None` where the
+/// file system refuses `O_DIRECT` (tmpfs, some overlays).
+fn open_direct(path: &Path, write: bool) -> Option<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new().read(!write).write(write).custom_flags(O_DIRECT).open(path).ok()
+}
+
 /// A reusable buffer whose bytes start at a [`DIRECT_ALIGN`] boundary in
 /// memory, as `O_DIRECT` transfers need.
 #[derive(Debug, Default)]
@@ -249,12 +256,12 @@ impl RealFs {
     /// (tmpfs, some overlays), and the caller writes everything buffered.
     /// Nothing is synced here.
     fn write_direct_prefix(path: &Path, bytes: &[u8]) -> io::Result<usize> {
-        use std::os::unix::fs::{FileExt, OpenOptionsExt};
+        use std::os::unix::fs::FileExt;
         let aligned = bytes.len() / DIRECT_ALIGN * DIRECT_ALIGN;
         if aligned < DIRECT_MIN_BYTES {
             return Ok(0);
         }
-        let Ok(direct) = std::fs::OpenOptions::new().write(true).custom_flags(O_DIRECT).open(path) else {
+        let Some(direct) = open_direct(path, true) else {
             return Ok(0);
         };
         let mut staging = AlignedBuf::default();
@@ -294,9 +301,8 @@ impl Fs for RealFs {
     /// its pre-allocation): each direct write would otherwise first have the
     /// kernel evict the pages it covers.
     fn open_log(&self, path: &Path) -> io::Result<Box<dyn File>> {
-        use std::os::unix::fs::OpenOptionsExt;
         let mut log = RealFile::new(std::fs::OpenOptions::new().read(true).write(true).open(path)?);
-        log.direct = std::fs::OpenOptions::new().write(true).custom_flags(O_DIRECT).open(path).ok();
+        log.direct = open_direct(path, true);
         if log.direct.is_some() {
             // Only a hint: pages left cached are evicted by the writes.
             let _ = rustix::fs::fadvise(&log.file, 0, None, rustix::fs::Advice::DontNeed);
@@ -346,11 +352,10 @@ impl Fs for RealFs {
     /// `write_new` fills for the reads to come), and without the kernel
     /// copying each page.
     fn first_difference(&self, path: &Path, expected: &[u8]) -> io::Result<Option<u64>> {
-        use std::os::unix::fs::{FileExt, OpenOptionsExt};
+        use std::os::unix::fs::FileExt;
         let len = std::fs::metadata(path)?.len();
         let buffered = || compare_file(self.open(path)?.as_ref(), expected);
-        let open_direct = || std::fs::OpenOptions::new().read(true).custom_flags(O_DIRECT).open(path).ok();
-        let Some(direct) = (expected.len() >= DIRECT_MIN_BYTES).then(open_direct).flatten() else {
+        let Some(direct) = (expected.len() >= DIRECT_MIN_BYTES).then(|| open_direct(path, false)).flatten() else {
             return buffered();
         };
         // Chunks of whole pages into a page-aligned buffer; the last read
