@@ -11,7 +11,11 @@
 //! - `get` of stored keys at 64 in flight.
 //!
 //! Both systems are driven the same way: one connection per system, shared by
-//! N tasks, so N requests are in flight on it. Values are
+//! N tasks, so N requests are in flight on it. The tasks run on a tokio
+//! runtime of `QUIVER_BENCH_CLIENT_THREADS` threads, 1 by default (as
+//! `redis-benchmark` runs by default): the client shares the machine's two
+//! cores with the server it measures, and a multi-threaded runtime spends
+//! them waking its idle workers (README, Performance, has both). Values are
 //! `QUIVER_BENCH_VALUE_BYTES` (100) bytes. `QUIVER_BENCH_SKIP_REDIS=1` runs
 //! Quiver alone; `QUIVER_BENCH_WORKLOADS=set1,set64,bulk,bulk16,get64` picks
 //! workloads (all by default); `QUIVER_BENCH_NODE_ARGS` passes flags to
@@ -40,6 +44,11 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// Threads of the runtime the benchmark's client tasks run on.
+fn client_threads() -> usize {
+    env_or("QUIVER_BENCH_CLIENT_THREADS", 1).max(1) as usize
 }
 
 fn workspace() -> PathBuf {
@@ -414,7 +423,11 @@ fn report(rows: &[Row], sizes: &[u64], runs: u64, seconds: u64, value_bytes: usi
         rows.iter().find(|r| r.0 == system && r.1 == stored && r.2 == w).map(|r| r.3)
     };
 
-    println!("\nDurable writes, {value_bytes}-byte values, one connection per system; median of {runs} runs of {seconds}s.\n");
+    let threads = client_threads();
+    println!(
+        "\nDurable writes, {value_bytes}-byte values, one connection per system, client runtime of {threads} \
+         thread(s); median of {runs} runs of {seconds}s.\n"
+    );
     println!("| stored keys | workload | Quiver keys/s | p50 / p99 ms | Redis keys/s | p50 / p99 ms | Quiver / Redis | Quiver vs. empty |");
     println!("|---:|---|---:|---:|---:|---:|---:|---:|");
     let mut csv = String::from("system,stored_keys,workload,keys_per_s,p50_ms,p99_ms\n");
@@ -520,8 +533,17 @@ fn read_csv(path: &Path) -> Result<Vec<Row>, String> {
     Ok(rows)
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
+fn main() {
+    let threads = client_threads();
+    let runtime = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()
+    };
+    runtime.expect("the client runtime").block_on(bench());
+}
+
+async fn bench() {
     if std::env::var("QUIVER_BENCH_PLOT_ONLY").as_deref() == Ok("1") {
         let out = workspace().join("target/quiver-bench");
         let rows = read_csv(&out.join("write_throughput.csv")).expect("read the CSV");
