@@ -20,10 +20,16 @@ REGION = 16 << 20
 
 
 def measure(path, threads, seconds):
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o644)
+    # Zero-filled and synced first, as the WAL pre-allocates its segments:
+    # the measured writes then change no file system metadata.
+    with open(path, "wb") as f:
+        zeros = bytes(1 << 20)
+        for _ in range(threads * REGION // len(zeros)):
+            f.write(zeros)
+        f.flush()
+        os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDWR | os.O_DIRECT)
     try:
-        os.ftruncate(fd, threads * REGION)
-        os.fsync(fd)
         counts = [0] * threads
 
         def writer(i):
