@@ -17,6 +17,7 @@
 //! [storage]
 //! memtable_bytes_max = 67108864
 //! wal_segment_bytes = 67108864
+//! block_cache_bytes = 0
 //! repair = false
 //! ```
 
@@ -61,6 +62,8 @@ pub struct Limits {
 pub struct Storage {
     pub memtable_bytes_max: usize,
     pub wal_segment_bytes: u64,
+    /// Memory for the cache of table blocks that reads found (0: none).
+    pub block_cache_bytes: usize,
     /// Open a damaged WAL or manifest by keeping its valid prefix.
     pub repair: bool,
 }
@@ -98,6 +101,7 @@ impl Default for Storage {
         Storage {
             memtable_bytes_max: engine.memtable_bytes_max,
             wal_segment_bytes: engine.wal_segment_bytes,
+            block_cache_bytes: engine.block_cache_bytes,
             repair: false,
         }
     }
@@ -153,6 +157,7 @@ impl Config {
         crate::storage::Options {
             memtable_bytes_max: self.storage.memtable_bytes_max,
             wal_segment_bytes: self.storage.wal_segment_bytes,
+            block_cache_bytes: self.storage.block_cache_bytes,
             record_bytes_max: self.limits.frame_bytes_max.max(self.limits.bulk_bytes_max * 2),
             repair: self.storage.repair,
             debug_skip_write_probability: self.debug_skip_write_probability,

@@ -159,6 +159,40 @@ fn compaction_output_is_one_run_and_is_not_merged_again() {
     }
 }
 
+/// Point reads keep the blocks they read, within the cache's budget, and
+/// find the same values with it, without it, and after compaction replaced
+/// the tables the cached blocks came from (their ids are never reused).
+#[test]
+fn reads_through_the_block_cache_stay_within_its_budget() {
+    let budget = 16 << 10;
+    for block_cache_bytes in [0, budget] {
+        let opts = Options { background_compaction: false, block_cache_bytes, ..tiny_options() };
+        let engine = Engine::open_with(Arc::new(SimFs::new()), Path::new("/db"), opts).unwrap();
+        let mut writer = Writer::new(engine.max_hlc());
+        let mut model = BTreeMap::new();
+        for round in 0..3u16 {
+            // Each round overwrites half the keys of the last one.
+            for i in round * 200..round * 200 + 400 {
+                let (k, v) = (format!("key-{i:05}").into_bytes(), value(round));
+                engine.write_blocking(vec![writer.op(&k, Some(&v))]).unwrap();
+                model.insert(k, v);
+            }
+            engine.flush().unwrap();
+            // Twice: the second pass reads from the cache what it can.
+            for _ in 0..2 {
+                for (k, v) in &model {
+                    let got = engine.get(k).unwrap();
+                    assert_eq!(got.as_ref().and_then(|s| s.value()), Some(&v[..]), "{}", String::from_utf8_lossy(k));
+                }
+            }
+            let cached = engine.stats().cached_block_bytes;
+            assert!(cached <= block_cache_bytes, "{cached} bytes cached, budget {block_cache_bytes}");
+            assert_eq!(cached > 0, block_cache_bytes > 0, "{cached} bytes cached");
+            engine.compact().unwrap();
+        }
+    }
+}
+
 /// A write is visible to reads as soon as it is acknowledged, whichever
 /// thread applied it: many writers of 300-key batches at once (their large
 /// groups go through the apply thread while the commit thread syncs the

@@ -58,6 +58,10 @@ struct Args {
     /// Size of each pre-allocated WAL segment, in bytes [default: 64 MiB].
     #[arg(long)]
     wal_segment_bytes: Option<u64>,
+    /// Memory for a cache of the table blocks reads found, in bytes; worth
+    /// it when the data read often fits in it [default: 0, off].
+    #[arg(long)]
+    block_cache_bytes: Option<usize>,
     /// Open a damaged WAL or manifest by keeping its valid prefix.
     #[arg(long)]
     repair: bool,
@@ -110,6 +114,9 @@ impl Args {
         }
         if let Some(v) = self.wal_segment_bytes {
             config.storage.wal_segment_bytes = v
+        }
+        if let Some(v) = self.block_cache_bytes {
+            config.storage.block_cache_bytes = v
         }
         if let Some(p) = self.debug_drop_acked_writes {
             if std::env::var("QUIVER_UNSAFE_TEST_MODES").as_deref() != Ok("1") {

@@ -39,7 +39,7 @@ use crate::storage::disk::{is_data_file, Fs, RealFs, SkipWriteFs};
 use crate::storage::error::{Error, IoContext, Result};
 use crate::storage::manifest::{Edit, Manifest, TableMeta};
 use crate::storage::memtable::Memtable;
-use crate::storage::sstable::{parse_table_name, table_name, Table, TableBuilder, TableScan};
+use crate::storage::sstable::{parse_table_name, table_name, BlockCache, Table, TableBuilder, TableScan};
 use crate::storage::wal::{self, SegmentInfo, WalWriter};
 use crate::storage::{EncodedOps, Op};
 use crate::{lock, now_ms};
@@ -47,8 +47,9 @@ use crate::{lock, now_ms};
 /// Engine settings. Memory use is bounded by `memtable_bytes_max *
 /// (frozen_memtables_max + 1)` plus three table buffers (a flush being
 /// built, one being written, a compaction output; all kept for reuse) of at
-/// most `table_bytes_target` bytes each, whatever the data size
-/// (bloom filters and block indexes, about 2 bytes per key, aside).
+/// most `table_bytes_target` bytes each, plus `block_cache_bytes`, whatever
+/// the data size (bloom filters and block indexes, about 2 bytes per key,
+/// aside).
 #[derive(Clone, Debug)]
 pub struct Options {
     /// The active memtable is frozen and flushed past this many bytes.
@@ -63,6 +64,14 @@ pub struct Options {
     pub record_bytes_max: usize,
     /// Target size of an SSTable data block.
     pub block_bytes: usize,
+    /// Budget of the cache of data blocks that point reads found (0, the
+    /// default: no cache; every read then reads its block from the page
+    /// cache with `pread`). It pays only when the blocks read fit: `get` at
+    /// 64 in flight over 1M uniformly read keys (~160 MB of tables) went from
+    /// 142-150k to 163-185k/s with 512 MiB, but fell to 131-138k/s with 64
+    /// MiB (about 40 % of reads hit, and a miss now also costs the insert
+    /// and an eviction).
+    pub block_cache_bytes: usize,
     pub bloom_bits_per_key: usize,
     /// Compaction splits its output into files of about this size.
     pub table_bytes_target: usize,
@@ -97,6 +106,7 @@ impl Default for Options {
             wal_segment_bytes: 64 << 20,
             record_bytes_max: 72 << 20,
             block_bytes: 4096,
+            block_cache_bytes: 0,
             bloom_bits_per_key: 10,
             table_bytes_target: 64 << 20,
             compaction_min_tables: 8,
@@ -130,6 +140,8 @@ pub struct Stats {
     pub compactions: u64,
     /// Table writes that failed verification and were redone.
     pub table_rewrites: u64,
+    /// Bytes of blocks in the block cache.
+    pub cached_block_bytes: usize,
 }
 
 /// The readable state: memtables and tables, newest first.
@@ -210,6 +222,8 @@ struct Inner {
     spare_memtable: Mutex<Option<Memtable>>,
     failed: Mutex<Option<String>>,
     counters: Counters,
+    /// Shared by every table's point reads (`None` when its budget is 0).
+    block_cache: Option<Arc<BlockCache>>,
 }
 
 /// The storage engine. Cheap to share behind an `Arc`; every method takes
@@ -253,10 +267,11 @@ impl Engine {
         let manifest = Manifest::open(fs.clone(), dir, opts.repair, opts.manifest_edits_max)?;
         let state = manifest.state().clone();
 
+        let block_cache = (opts.block_cache_bytes > 0).then(|| Arc::new(BlockCache::new(opts.block_cache_bytes)));
         let mut tables = Vec::with_capacity(state.tables.len());
         for meta in state.tables.values() {
             let path = dir.join(table_name(meta.id));
-            let table = Table::open(fs.as_ref(), &path, meta.id)?.with_run(meta.run);
+            let table = open_table(fs.as_ref(), &path, meta.id, meta.run, block_cache.as_ref())?;
             if table.size() != meta.size {
                 return Err(Error::corrupt(
                     &path,
@@ -284,6 +299,7 @@ impl Engine {
             spare_memtable: Mutex::default(),
             failed: Mutex::new(None),
             counters: Counters::default(),
+            block_cache,
             opts,
         });
 
@@ -488,6 +504,7 @@ impl Engine {
             flushes: counters.flushes.load(Ordering::Relaxed),
             compactions: counters.compactions.load(Ordering::Relaxed),
             table_rewrites: counters.table_rewrites.load(Ordering::Relaxed),
+            cached_block_bytes: self.inner.block_cache.as_ref().map_or(0, |cache| cache.bytes()),
         }
     }
 
@@ -547,6 +564,16 @@ impl Drop for Engine {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Opens table `id` of sorted run `run`, its point reads going through
+/// `cache` if there is one.
+fn open_table(fs: &dyn Fs, path: &Path, id: u64, run: u64, cache: Option<&Arc<BlockCache>>) -> Result<Table> {
+    let table = Table::open(fs, path, id)?.with_run(run);
+    Ok(match cache {
+        Some(cache) => table.with_cache(cache.clone()),
+        None => table,
+    })
 }
 
 fn sort_newest_first(tables: &mut [Arc<Table>]) {
@@ -693,7 +720,7 @@ impl Inner {
                 if let Some(offset) = self.fs.first_difference(&path, bytes).ctx("read back", &path)? {
                     return Err(Error::corrupt(&path, offset, "the table read back differs from what was written"));
                 }
-                Ok(Table::open(self.fs.as_ref(), &path, id)?.with_run(run.unwrap_or(id)))
+                open_table(self.fs.as_ref(), &path, id, run.unwrap_or(id), self.block_cache.as_ref())
             })();
             match written {
                 Ok(table) => return Ok(Arc::new(table)),

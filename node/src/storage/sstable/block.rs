@@ -102,6 +102,11 @@ impl Block {
         Ok(Block { data, entries_end })
     }
 
+    /// Bytes of memory the block holds (what the block cache counts).
+    pub fn size(&self) -> usize {
+        self.data.capacity() + std::mem::size_of::<Block>()
+    }
+
     /// The entries, in order: `(key, value bytes)`.
     pub fn entries(&self) -> BlockEntries<'_> {
         BlockEntries { block: self, at: 0 }

@@ -21,10 +21,12 @@
 
 mod block;
 mod bloom;
+mod cache;
 mod reader;
 mod writer;
 
 pub use bloom::Bloom;
+pub use cache::BlockCache;
 pub use reader::{Table, TableIter, TableScan};
 pub use writer::TableBuilder;
 

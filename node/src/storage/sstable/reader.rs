@@ -8,6 +8,7 @@ use serde::de::DeserializeOwned;
 
 use super::block::{self, decode_value, Block, BlockError};
 use super::bloom::{key_hash, Bloom};
+use super::cache::BlockCache;
 use super::{IndexEntry, Props, FOOTER_LEN, FORMAT_VERSION, MAGIC};
 use crate::storage::disk::{File, Fs};
 use crate::storage::error::{Error, IoContext, Result};
@@ -23,6 +24,8 @@ pub struct Table {
     index: Vec<IndexEntry>,
     bloom: Bloom,
     props: Props,
+    /// Where point reads keep the blocks they read (none: read each time).
+    cache: Option<Arc<BlockCache>>,
 }
 
 struct Cursor<'a>(&'a [u8]);
@@ -86,7 +89,7 @@ impl Table {
         if index.iter().any(|entry| entry.offset.saturating_add(u64::from(entry.len)) > index_at.0) {
             return Err(corrupt(index_at.0, "index points past the data blocks"));
         }
-        Ok(Table { id, run: id, path: path.to_path_buf(), file, size, index, bloom, props })
+        Ok(Table { id, run: id, path: path.to_path_buf(), file, size, index, bloom, props, cache: None })
     }
 
     /// The table's id (its file number).
@@ -98,6 +101,13 @@ impl Table {
     /// a table is a run of its own until told otherwise.
     pub fn with_run(mut self, run: u64) -> Table {
         self.run = run;
+        self
+    }
+
+    /// Has point reads keep the blocks they read in `cache` (shared by the
+    /// engine's tables) and look there first.
+    pub fn with_cache(mut self, cache: Arc<BlockCache>) -> Table {
+        self.cache = Some(cache);
         self
     }
 
@@ -132,6 +142,17 @@ impl Table {
         Block::decode(data).map_err(|e| self.block_error(entry.offset, e))
     }
 
+    /// A block through the cache, if the table has one.
+    fn cached_block(&self, entry: &IndexEntry) -> Result<Arc<Block>> {
+        let Some(cache) = &self.cache else { return self.read_block(entry).map(Arc::new) };
+        if let Some(block) = cache.get(self.id, entry.offset) {
+            return Ok(block);
+        }
+        let block = Arc::new(self.read_block(entry)?);
+        cache.insert(self.id, entry.offset, block.clone());
+        Ok(block)
+    }
+
     fn block_error(&self, offset: u64, error: BlockError) -> Error {
         match error {
             BlockError::Checksum { expected, got } => {
@@ -154,7 +175,7 @@ impl Table {
         }
         let at = self.index.partition_point(|entry| entry.last_key.as_slice() < key);
         let Some(entry) = self.index.get(at) else { return Ok(None) };
-        let block = self.read_block(entry)?;
+        let block = self.cached_block(entry)?;
         match block.find(key).map_err(|e| self.block_error(entry.offset, e))? {
             Some(value) => self.decode(entry.offset, value).map(Some),
             None => Ok(None),
