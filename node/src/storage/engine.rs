@@ -68,9 +68,9 @@ pub struct Options {
     /// default: no cache; every read then reads its block from the page
     /// cache with `pread`). It pays only when the blocks read fit: `get` at
     /// 64 in flight over 1M uniformly read keys (~160 MB of tables) went from
-    /// 142-150k to 163-185k/s with 512 MiB, but fell to 131-138k/s with 64
-    /// MiB (about 40 % of reads hit, and a miss now also costs the insert
-    /// and an eviction).
+    /// 142-150k to 163-185k/s with 512 MiB, but lost 8-10 % with 64 MiB
+    /// (about 40 % of reads hit, and a miss also costs the insert and an
+    /// eviction).
     pub block_cache_bytes: usize,
     pub bloom_bits_per_key: usize,
     /// Compaction splits its output into files of about this size.
