@@ -40,9 +40,15 @@ pub trait File: Send + Sync + fmt::Debug {
     /// `O_DIRECT` write with `RWF_DSYNC` when `buf` (address and length) and
     /// `offset` are multiples of [`DIRECT_ALIGN`].
     fn write_durable_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.write_all_at(buf, offset)?;
-        self.sync_data()
+        write_then_sync(self, buf, offset)
     }
+}
+
+/// `write_all_at` then `sync_data`: the plain durable write, and the real
+/// disk's fallback where `O_DIRECT` with `RWF_DSYNC` is refused.
+fn write_then_sync<F: File + ?Sized>(file: &F, buf: &[u8], offset: u64) -> io::Result<()> {
+    file.write_all_at(buf, offset)?;
+    file.sync_data()
 }
 
 /// A file system: opens files and changes directories.
@@ -182,8 +188,7 @@ impl File for RealFile {
                 Err(e) => return Err(e.into()),
             }
         }
-        self.write_all_at(buf, offset)?;
-        self.sync_data()
+        write_then_sync(self, buf, offset)
     }
 }
 

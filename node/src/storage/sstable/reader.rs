@@ -142,9 +142,8 @@ impl Table {
         Block::decode(data).map_err(|e| self.block_error(entry.offset, e))
     }
 
-    /// A block through the cache, if the table has one.
-    fn cached_block(&self, entry: &IndexEntry) -> Result<Arc<Block>> {
-        let Some(cache) = &self.cache else { return self.read_block(entry).map(Arc::new) };
+    /// A block through `cache`: from it, or read and kept in it.
+    fn cached_block(&self, cache: &BlockCache, entry: &IndexEntry) -> Result<Arc<Block>> {
         if let Some(block) = cache.get(self.id, entry.offset) {
             return Ok(block);
         }
@@ -175,7 +174,16 @@ impl Table {
         }
         let at = self.index.partition_point(|entry| entry.last_key.as_slice() < key);
         let Some(entry) = self.index.get(at) else { return Ok(None) };
-        let block = self.cached_block(entry)?;
+        // Without a cache the block is read into a plain buffer: no `Arc`
+        // allocated per read on the default path.
+        match &self.cache {
+            Some(cache) => self.find_in(&*self.cached_block(cache, entry)?, entry, key),
+            None => self.find_in(&self.read_block(entry)?, entry, key),
+        }
+    }
+
+    /// The versions of `key` in `block`, the one `entry` names.
+    fn find_in(&self, block: &Block, entry: &IndexEntry, key: &[u8]) -> Result<Option<Siblings>> {
         match block.find(key).map_err(|e| self.block_error(entry.offset, e))? {
             Some(value) => self.decode(entry.offset, value).map(Some),
             None => Ok(None),
