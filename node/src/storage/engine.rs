@@ -631,7 +631,13 @@ impl Inner {
         }
         let mut frozen = vec![levels.active.clone()];
         frozen.extend(levels.frozen.iter().cloned());
-        let active = Arc::new(RwLock::new(lock(&self.spare_memtable).take().unwrap_or_default()));
+        // A flushed memtable's memory if there is one; else (the first
+        // rotations, or a flush behind) a hash table sized for as many keys
+        // as the memtable just frozen, within half the budget.
+        let spare = lock(&self.spare_memtable)
+            .take()
+            .unwrap_or_else(|| Memtable::with_capacity(read(&levels.active).len(), self.opts.memtable_bytes_max / 2));
+        let active = Arc::new(RwLock::new(spare));
         *levels = Arc::new(Levels { active, frozen, tables: levels.tables.clone() });
         drop(levels);
         self.wake_background(false);

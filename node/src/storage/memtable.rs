@@ -45,6 +45,9 @@ fn key_prefix(key: &[u8]) -> (u64, u64) {
     (u64::from_be_bytes(high.try_into().expect("8 bytes")), u64::from_be_bytes(low.try_into().expect("8 bytes")))
 }
 
+/// Memory a key takes in the hash table: its slot and its control byte.
+const SLOT_BYTES: usize = std::mem::size_of::<Slot>() + 1;
+
 /// Where some bytes are in the arena.
 #[derive(Clone, Copy, Debug)]
 struct Span {
@@ -232,6 +235,15 @@ impl Memtable {
         Memtable::default()
     }
 
+    /// An empty memtable whose hash table already holds `keys` keys (fewer
+    /// if those alone would take more than `slot_bytes_max`), so that
+    /// filling it does not stop each time the table doubles to copy it into
+    /// new pages the kernel must zero.
+    pub fn with_capacity(keys: usize, slot_bytes_max: usize) -> Memtable {
+        let keys = keys.min(slot_bytes_max / SLOT_BYTES);
+        Memtable { slots: HashTable::with_capacity(keys), ..Memtable::default() }
+    }
+
     /// Empties the memtable but keeps its memory (the arena's chunks, and
     /// the hash table's capacity unless that alone takes more than
     /// `slot_bytes_max`) for the entries to come, with a new hash seed. A
@@ -370,7 +382,7 @@ impl Memtable {
 
     /// Memory held by the hash table.
     fn slot_bytes(&self) -> usize {
-        self.slots.capacity() * (std::mem::size_of::<Slot>() + 1)
+        self.slots.capacity() * SLOT_BYTES
     }
 
     /// Number of keys.
@@ -421,6 +433,23 @@ mod tests {
             memtable.insert(1, Op { key: b"k".to_vec(), version: v.clone() }, 4);
             assert_eq!(memtable.sorted()[0].value, postcard::to_stdvec(&Siblings::one(v)).unwrap());
         }
+    }
+
+    #[test]
+    fn a_presized_memtable_takes_its_keys_without_growing_and_stays_within_its_cap() {
+        let mut memtable = Memtable::with_capacity(5000, usize::MAX);
+        let slot_bytes = memtable.slot_bytes();
+        assert!(slot_bytes >= 5000 * SLOT_BYTES, "{slot_bytes}");
+        for i in 0..5000u32 {
+            memtable.insert(1, op(i.to_be_bytes().to_vec()), 4);
+        }
+        assert_eq!(memtable.slot_bytes(), slot_bytes, "the hash table grew");
+        assert_eq!(memtable.bytes(), memtable.written + slot_bytes);
+
+        // Capped: the table rounds up to a power of two buckets, so it may
+        // hold up to twice the keys the cap allows, never more.
+        let capped = Memtable::with_capacity(1_000_000, 1000 * SLOT_BYTES);
+        assert!(capped.slot_bytes() >= 1000 * SLOT_BYTES && capped.slot_bytes() < 2000 * SLOT_BYTES);
     }
 
     proptest! {
