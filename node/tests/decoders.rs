@@ -66,7 +66,7 @@ fn wal_bytes() -> Vec<u8> {
     let mut out = wal::MAGIC.to_vec();
     for seq in 1..=6u64 {
         let ops = vec![writer.op(format!("k{seq}").as_bytes(), Some(b"v"))];
-        wal::encode_record(&mut out, seq, seq, &postcard::to_stdvec(&ops).unwrap());
+        wal::encode_record(&mut out, 1, seq, seq, &postcard::to_stdvec(&ops).unwrap());
     }
     out
 }
@@ -134,8 +134,8 @@ proptest! {
         let mut segment = wal_bytes();
         let mut manifest = b"QVMAN\0\0\x01".to_vec();
         for payload in &payloads {
-            frame::encode(&mut segment, &[payload]);
-            frame::encode(&mut manifest, &[payload]);
+            frame::encode(&mut segment, &wal::salt(1), &[payload]);
+            frame::encode(&mut manifest, &[], &[payload]);
         }
         open_with_segment(segment);
         let fs = SimFs::new();

@@ -57,14 +57,23 @@ fn wal_with_records(fs: &SimFs) -> PathBuf {
         .into_iter()
         .filter(|name| name.ends_with(".wal"))
         .map(|name| dir.join(name))
-        .find(|path| frame::record_at(&fs.get(path).unwrap(), wal::MAGIC.len()).unwrap().is_some())
+        .find(|path| {
+            frame::record_at(&fs.get(path).unwrap(), &wal::salt(segment_number(path)), wal::MAGIC.len())
+                .unwrap()
+                .is_some()
+        })
         .expect("a segment with records")
 }
 
-/// Offsets where each record ends in the segment.
-fn record_ends(segment: &[u8]) -> Vec<usize> {
+/// The number of the segment at `path`.
+fn segment_number(path: &Path) -> u64 {
+    wal::parse_segment_name(path.file_name().unwrap().to_str().unwrap()).unwrap()
+}
+
+/// Offsets where each record ends in segment `number`.
+fn record_ends(number: u64, segment: &[u8]) -> Vec<usize> {
     let mut ends = Vec::new();
-    frame::scan(segment, wal::MAGIC.len(), |offset, payload| {
+    frame::scan(segment, &wal::salt(number), wal::MAGIC.len(), |offset, payload| {
         ends.push(offset + frame::HEADER_LEN + payload.len());
         true
     });
@@ -97,7 +106,7 @@ fn present_prefix(engine: &Engine, records: &[Record]) -> usize {
 fn wal_cut_at_every_byte_of_the_last_records_recovers_a_prefix() {
     let (image, segment, records) = build_image();
     let bytes = image.get(&segment).unwrap();
-    let ends = record_ends(&bytes);
+    let ends = record_ends(segment_number(&segment), &bytes);
     assert_eq!(ends.len(), records.len());
     // Every byte of the last eight records, and a little of the zero tail.
     let from = ends[ends.len() - 9];
@@ -118,7 +127,7 @@ fn reopening_after_a_cut_and_more_writes_still_works() {
     // a bad record followed by the records written after the restart.
     let (image, segment, records) = build_image();
     let bytes = image.get(&segment).unwrap();
-    let ends = record_ends(&bytes);
+    let ends = record_ends(segment_number(&segment), &bytes);
     let fs = image.crash();
     fs.put(&segment, bytes[..ends[30] + 5].to_vec());
     let engine = Engine::open_with(Arc::new(fs.clone()), Path::new(DIR), wal_only()).unwrap();
@@ -135,7 +144,7 @@ fn reopening_after_a_cut_and_more_writes_still_works() {
 fn flipped_byte_in_the_middle_is_corruption_naming_file_and_offset() {
     let (image, segment, records) = build_image();
     let bytes = image.get(&segment).unwrap();
-    let ends = record_ends(&bytes);
+    let ends = record_ends(segment_number(&segment), &bytes);
     for target in [ends[9] + 3, ends[9] + frame::HEADER_LEN + 2, ends[20] - 1] {
         let mut damaged = bytes.clone();
         damaged[target] ^= 0x10;
@@ -168,7 +177,7 @@ fn segment_with(groups: &[(u64, u64)], bad_seq: u64) -> Vec<u8> {
     for &(seq, group) in groups {
         let ops = vec![writer.op(format!("k{seq}").as_bytes(), Some(b"v"))];
         let start = out.len();
-        wal::encode_record(&mut out, seq, group, &postcard::to_stdvec(&ops).unwrap());
+        wal::encode_record(&mut out, 1, seq, group, &postcard::to_stdvec(&ops).unwrap());
         if seq == bad_seq {
             out[start + frame::HEADER_LEN + 1] ^= 0xff;
         }
@@ -222,6 +231,8 @@ fn skip_write_run(probability: f64, seed: u64) {
     }
     let stats = engine.stats();
     assert!(stats.flushes >= 20 && stats.compactions >= 6, "{stats:?}");
+    // Most segments were recycled ones, whose old records must not replay.
+    assert!(stats.wal_segments_recycled >= 5, "{stats:?}");
     assert!(faulty.skipped() > 0 && stats.table_rewrites > 0, "the fault never fired: {stats:?}");
 
     // Crash without the fault, then reopen and check everything.

@@ -142,6 +142,8 @@ pub struct Stats {
     pub table_rewrites: u64,
     /// Bytes of blocks in the block cache.
     pub cached_block_bytes: usize,
+    /// WAL segments made from retired ones rather than zero-filled.
+    pub wal_segments_recycled: u64,
 }
 
 /// The readable state: memtables and tables, newest first.
@@ -200,6 +202,7 @@ struct Counters {
     flushes: AtomicU64,
     compactions: AtomicU64,
     table_rewrites: AtomicU64,
+    wal_recycled: Arc<AtomicU64>,
 }
 
 #[derive(Debug)]
@@ -321,15 +324,16 @@ impl Engine {
         })?;
         let last_seq = recovered.last_seq.max(state.flushed_seq);
         inner.counters.last_seq.store(last_seq, Ordering::Relaxed);
-        let number = recovered.segments.last().map_or(1, |s| s.number + 1);
-        let wal = WalWriter::create(fs, dir, number, inner.opts.wal_segment_bytes)?;
+        let number = recovered.next_number;
+        let wal =
+            WalWriter::create(fs, dir, number, inner.opts.wal_segment_bytes, inner.counters.wal_recycled.clone())?;
         {
             let mut segments = lock(&inner.segments);
             segments.0 = recovered.segments;
             segments.0.push(SegmentInfo { number, last_seq: None });
             segments.1 = number;
         }
-        inner.delete_flushed_segments()?;
+        inner.retire_flushed_segments()?;
 
         let spawn = |name: &str, body: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new().name(name.to_owned()).spawn(body).ctx("spawn thread", Path::new(name))
@@ -505,6 +509,7 @@ impl Engine {
             compactions: counters.compactions.load(Ordering::Relaxed),
             table_rewrites: counters.table_rewrites.load(Ordering::Relaxed),
             cached_block_bytes: self.inner.block_cache.as_ref().map_or(0, |cache| cache.bytes()),
+            wal_segments_recycled: counters.wal_recycled.load(Ordering::Relaxed),
         }
     }
 
@@ -540,7 +545,7 @@ impl Engine {
         let flushed = if self.failure().is_none() { self.flush() } else { Ok(()) };
         self.stop();
         flushed?;
-        self.inner.delete_flushed_segments()?;
+        self.inner.retire_flushed_segments()?;
         match self.failure() {
             Some(reason) => Err(Error::Failed(reason)),
             None => Ok(()),
@@ -789,28 +794,20 @@ impl Inner {
         }
         self.counters.flushes.fetch_add(1, Ordering::Relaxed);
         self.wake_background(true);
-        self.delete_flushed_segments()
+        self.retire_flushed_segments()
     }
 
-    /// Deletes WAL segments whose every record is in tables. Never the one
-    /// being written.
-    fn delete_flushed_segments(&self) -> Result<()> {
+    /// Retires WAL segments whose every record is in tables (see
+    /// [`wal::retire`]). Never the one being written.
+    fn retire_flushed_segments(&self) -> Result<()> {
         let flushed = lock(&self.manifest).state().flushed_seq;
         let mut segments = lock(&self.segments);
         let current = segments.1;
         let (dead, live): (Vec<SegmentInfo>, Vec<SegmentInfo>) =
             segments.0.iter().partition(|s| s.number != current && s.last_seq.is_none_or(|last| last <= flushed));
-        for segment in &dead {
-            let path = self.dir.join(wal::segment_name(segment.number));
-            match self.fs.remove(&path) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).ctx("remove", &path),
-                _ => {}
-            }
-        }
+        let dead: Vec<u64> = dead.iter().map(|s| s.number).collect();
+        wal::retire(self.fs.as_ref(), &self.dir, &dead)?;
         segments.0 = live;
-        if !dead.is_empty() {
-            self.fs.sync_dir(&self.dir).ctx("sync directory", &self.dir)?;
-        }
         Ok(())
     }
 
@@ -964,7 +961,6 @@ fn droppable(key: &[u8], siblings: &Siblings, horizon_ms: u64, outside: &[Arc<Ta
 const HAND_OFF_KEYS_MIN: usize = 1024;
 
 fn commit_loop(inner: Arc<Inner>, mut wal: WalWriter, mut next_seq: u64) {
-    let mut buf = Vec::new();
     // The apply stage runs one group behind: while it inserts group N into
     // the memtable and acknowledges it, this thread writes and syncs group
     // N+1. The channel holds one group, so at most three are in hand. A
@@ -1004,8 +1000,7 @@ fn commit_loop(inner: Arc<Inner>, mut wal: WalWriter, mut next_seq: u64) {
                     Request::Rotate { done } => rotations.push(done),
                 }
             }
-            let group =
-                if writes.is_empty() { None } else { commit_group(&inner, &mut wal, &mut buf, &mut next_seq, writes) };
+            let group = if writes.is_empty() { None } else { commit_group(&inner, &mut wal, &mut next_seq, writes) };
             if group.is_none() && rotations.is_empty() {
                 continue;
             }
@@ -1053,13 +1048,13 @@ impl Durable {
     }
 }
 
-/// Frames a group and writes it to the WAL with one durable write (see
-/// [`WalWriter::append_durable`]). Returns its first sequence and its writes once durable; on
-/// failure, fails the engine and answers each write with the error.
+/// Writes a group to the WAL with one durable write (see
+/// [`WalWriter::append_group`]). Returns its first sequence and its writes
+/// once durable; on failure, fails the engine and answers each write with
+/// the error.
 fn commit_group(
     inner: &Inner,
     wal: &mut WalWriter,
-    buf: &mut Vec<u8>,
     next_seq: &mut u64,
     writes: Vec<Write>,
 ) -> Option<(u64, Vec<Write>)> {
@@ -1070,12 +1065,8 @@ fn commit_group(
         return None;
     }
     let group = *next_seq;
-    buf.clear();
-    for (i, (encoded, _)) in writes.iter().enumerate() {
-        wal::encode_record(buf, group + i as u64, group, encoded.bytes());
-    }
     let last = group + writes.len() as u64 - 1;
-    let synced = wal.append_durable(buf);
+    let synced = wal.append_group(group, writes.iter().map(|(encoded, _)| encoded.bytes()));
     let segment = match synced {
         Ok(segment) => segment,
         Err(e) => {

@@ -4,8 +4,12 @@
 //! +-------------+-------------+---------------------+
 //! | len: u32 LE | crc: u32 LE | payload (len bytes) |
 //! +-------------+-------------+---------------------+
-//! crc = crc32(payload)
+//! crc = crc32(salt ++ payload)
 //! ```
+//!
+//! The salt is never stored: the reader must know it. The manifest uses
+//! none; a WAL segment uses its own number, so that records a recycled
+//! segment file still holds from its earlier life never pass as its own.
 //!
 //! A `len` of zero never starts a record: files may be pre-allocated with
 //! zeros, and a zero length marks the end of what was written. A record whose
@@ -17,11 +21,12 @@
 pub const HEADER_LEN: usize = 8;
 
 /// Appends one framed record holding `payload` to `out`.
-pub fn encode(out: &mut Vec<u8>, payload_parts: &[&[u8]]) {
+pub fn encode(out: &mut Vec<u8>, salt: &[u8], payload_parts: &[&[u8]]) {
     let len: usize = payload_parts.iter().map(|part| part.len()).sum();
     let len = u32::try_from(len).expect("frame payloads are bounded far below 4 GiB by the write size limit");
     assert!(len > 0, "a frame payload is never empty");
     let mut crc = crc32fast::Hasher::new();
+    crc.update(salt);
     for part in payload_parts {
         crc.update(part);
     }
@@ -42,7 +47,7 @@ pub enum Stop {
 }
 
 /// The record starting at `offset`, if a valid one does: `(payload, next)`.
-pub fn record_at(buf: &[u8], offset: usize) -> Result<Option<(&[u8], usize)>, String> {
+pub fn record_at<'a>(buf: &'a [u8], salt: &[u8], offset: usize) -> Result<Option<(&'a [u8], usize)>, String> {
     let Some(header) = offset.checked_add(HEADER_LEN).and_then(|end| buf.get(offset..end)) else {
         return if buf.len() <= offset || buf.get(offset..).is_some_and(|rest| rest.iter().all(|&b| b == 0)) {
             Ok(None)
@@ -59,7 +64,10 @@ pub fn record_at(buf: &[u8], offset: usize) -> Result<Option<(&[u8], usize)>, St
     let payload = start.checked_add(len).and_then(|end| buf.get(start..end)).ok_or_else(|| {
         format!("record of {len} bytes runs past the end ({} bytes left)", buf.len().saturating_sub(start))
     })?;
-    let got = crc32fast::hash(payload);
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(salt);
+    crc.update(payload);
+    let got = crc.finalize();
     if got != expected {
         return Err(format!("checksum mismatch: stored {expected:#010x}, computed {got:#010x}"));
     }
@@ -68,10 +76,10 @@ pub fn record_at(buf: &[u8], offset: usize) -> Result<Option<(&[u8], usize)>, St
 
 /// Reads the valid records from `start`, calling `each(offset, payload)`,
 /// and says why it stopped.
-pub fn scan<'a>(buf: &'a [u8], start: usize, mut each: impl FnMut(usize, &'a [u8]) -> bool) -> Stop {
+pub fn scan<'a>(buf: &'a [u8], salt: &[u8], start: usize, mut each: impl FnMut(usize, &'a [u8]) -> bool) -> Stop {
     let mut offset = start;
     loop {
-        match record_at(buf, offset) {
+        match record_at(buf, salt, offset) {
             Ok(None) => return Stop::End,
             Ok(Some((payload, next))) => {
                 if !each(offset, payload) {
@@ -87,9 +95,9 @@ pub fn scan<'a>(buf: &'a [u8], start: usize, mut each: impl FnMut(usize, &'a [u8
 /// Looks for any valid record starting after `from`. Used after a bad record
 /// to tell a torn tail (nothing valid follows) from corruption. Only runs on
 /// the recovery path.
-pub fn valid_records_after(buf: &[u8], from: usize) -> impl Iterator<Item = (usize, &[u8])> {
+pub fn valid_records_after<'a>(buf: &'a [u8], salt: &'a [u8], from: usize) -> impl Iterator<Item = (usize, &'a [u8])> {
     (from + 1..buf.len().saturating_sub(HEADER_LEN))
-        .filter_map(move |offset| record_at(buf, offset).ok().flatten().map(|(payload, _)| (offset, payload)))
+        .filter_map(move |offset| record_at(buf, salt, offset).ok().flatten().map(|(payload, _)| (offset, payload)))
 }
 
 #[cfg(test)]
@@ -99,12 +107,12 @@ mod tests {
     #[test]
     fn roundtrip_and_zero_tail() {
         let mut buf = Vec::new();
-        encode(&mut buf, &[b"one"]);
-        encode(&mut buf, &[b"tw", b"o"]);
+        encode(&mut buf, &[], &[b"one"]);
+        encode(&mut buf, &[], &[b"tw", b"o"]);
         buf.extend_from_slice(&[0; 32]);
         let mut seen = Vec::new();
         assert_eq!(
-            scan(&buf, 0, |_, p| {
+            scan(&buf, &[], 0, |_, p| {
                 seen.push(p.to_vec());
                 true
             }),
@@ -117,11 +125,11 @@ mod tests {
     fn every_cut_stops_cleanly_at_a_record_boundary_or_reports_it() {
         let mut buf = Vec::new();
         for i in 0..5u8 {
-            encode(&mut buf, &[&[i; 7]]);
+            encode(&mut buf, &[], &[&[i; 7]]);
         }
         for cut in 0..buf.len() {
             let mut count = 0;
-            let stop = scan(&buf[..cut], 0, |_, _| {
+            let stop = scan(&buf[..cut], &[], 0, |_, _| {
                 count += 1;
                 true
             });
@@ -137,11 +145,22 @@ mod tests {
     fn flipped_byte_is_bad_and_later_records_are_found() {
         let mut buf = Vec::new();
         for i in 0..4u8 {
-            encode(&mut buf, &[&[i; 10]]);
+            encode(&mut buf, &[], &[&[i; 10]]);
         }
         buf[HEADER_LEN + 3] ^= 0x40;
-        let stop = scan(&buf, 0, |_, _| true);
+        let stop = scan(&buf, &[], 0, |_, _| true);
         assert!(matches!(stop, Stop::Bad { offset: 0, .. }), "{stop:?}");
-        assert_eq!(valid_records_after(&buf, 0).count(), 3);
+        assert_eq!(valid_records_after(&buf, &[], 0).count(), 3);
+    }
+
+    #[test]
+    fn a_record_is_valid_only_under_the_salt_it_was_written_with() {
+        let mut buf = Vec::new();
+        encode(&mut buf, &7u64.to_le_bytes(), &[b"payload"]);
+        assert_eq!(record_at(&buf, &7u64.to_le_bytes(), 0).unwrap().unwrap().0, b"payload");
+        for other in [&8u64.to_le_bytes()[..], &[]] {
+            assert!(record_at(&buf, other, 0).is_err());
+            assert_eq!(valid_records_after(&buf, other, 0).count(), 0);
+        }
     }
 }

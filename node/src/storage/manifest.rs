@@ -138,7 +138,7 @@ impl Manifest {
         let mut state = State { next_file_id: 1, ..State::default() };
         let mut edits = 0;
         let mut decode_error = None;
-        let stop = frame::scan(&buf, MAGIC.len(), |offset, payload| match postcard::from_bytes::<Edit>(payload) {
+        let stop = frame::scan(&buf, &[], MAGIC.len(), |offset, payload| match postcard::from_bytes::<Edit>(payload) {
             Ok(edit) => {
                 state.apply(&edit);
                 edits += 1;
@@ -155,7 +155,7 @@ impl Manifest {
         }
         let mut offset = buf.len() as u64;
         if let Stop::Bad { offset: bad, reason } = stop {
-            if frame::valid_records_after(&buf, bad).next().is_some() && !repair {
+            if frame::valid_records_after(&buf, &[], bad).next().is_some() && !repair {
                 return Err(Error::corrupt(&path, bad as u64, format!("{reason}; valid edits follow it")));
             }
             tracing::info!(path = %path.display(), offset = bad, %reason, "truncating torn manifest tail");
@@ -188,7 +188,7 @@ impl Manifest {
         let path = self.dir.join(FILE_NAME);
         let payload = postcard::to_stdvec(&edit).expect("postcard encodes an edit into a Vec without failing");
         let mut buf = Vec::with_capacity(payload.len() + frame::HEADER_LEN);
-        frame::encode(&mut buf, &[&payload]);
+        frame::encode(&mut buf, &[], &[&payload]);
         self.file.write_all_at(&buf, self.offset).ctx("write", &path)?;
         self.file.sync_data().ctx("sync", &path)?;
         self.offset += buf.len() as u64;
@@ -205,7 +205,7 @@ impl Manifest {
         let payload =
             postcard::to_stdvec(&self.state.snapshot()).expect("postcard encodes an edit into a Vec without failing");
         let mut buf = MAGIC.to_vec();
-        frame::encode(&mut buf, &[&payload]);
+        frame::encode(&mut buf, &[], &[&payload]);
         file.write_all_at(&buf, 0).ctx("write", &tmp)?;
         file.sync_data().ctx("sync", &tmp)?;
         self.fs.rename(&tmp, &path).ctx("rename", &tmp)?;

@@ -1,21 +1,37 @@
 //! The write-ahead log.
 //!
 //! The log is a sequence of segment files named `<number:016>.wal`. Each is
-//! pre-allocated (zero-filled and synced) before it is used, so the durable
-//! write of each group commit has no file-size change to record.
+//! ready before it is used, so the durable write of each group commit has no
+//! file-size change to record: a segment is either created zero-filled and
+//! synced, or **recycled**: a segment whose records are all in tables is not
+//! deleted but renamed `<number:016>.walfree` (two are kept, the rest
+//! deleted), and the next segment is made from it by rewriting its first
+//! block and renaming it. Rewriting a file that already has its blocks
+//! costs the device only the new bytes; zero-filling a fresh one writes
+//! every byte twice (bulk loads ingest ~20 % more with recycling).
 //!
 //! ```text
-//! segment := magic "QVWAL\0\0\x01" (8 bytes) | frame* | zeros
-//! frame   := len u32 LE | crc32 u32 LE | payload          (see `frame`)
+//! segment := magic "QVWAL\0\0\x02" (8 bytes) | frame* | zeros | stale bytes
+//! frame   := len u32 LE | crc32(salt ++ payload) u32 LE | payload   (see `frame`)
+//! salt    := the segment's number, u64 LE (not stored)
 //! payload := seq u64 LE | group u64 LE | postcard(Vec<Op>)
 //! ```
 //!
+//! - The salt makes the records a recycled file still holds from its earlier
+//!   lives (under smaller numbers: numbers only grow, see
+//!   [`Recovered::next_number`]) fail their checksum in its new one.
+//! - Each group is written padded with zeros to the end of its block, and
+//!   with one more block of zeros when fewer than a frame header's bytes of
+//!   padding are left, so a reader always finds zeros (the end) right after
+//!   the last record, never stale bytes.
 //! - `seq` numbers records from 1, without gaps, across segments.
 //! - `group` is the `seq` of the first record of the group commit (one
 //!   durable write, see [`WalWriter`]) the record was written in. A group
 //!   never spans two segments.
 //! - One record holds a whole write or a whole batch, so it applies entirely
 //!   or not at all.
+//! - Segments of format 1 (magic ending in `\x01`: unsalted checksums, never
+//!   recycled) are still read.
 //!
 //! Recovery reads every segment in order. When a record is bad (cut short,
 //! or its checksum fails), the records that still follow decide what it is:
@@ -29,6 +45,7 @@
 //!   repair option asks it to keep the valid prefix and drop the rest.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -37,10 +54,14 @@ use crate::storage::error::{Error, IoContext, Result};
 use crate::storage::frame::{self, Stop};
 use crate::storage::Op;
 
-/// First bytes of every segment: name and format version.
-pub const MAGIC: &[u8; 8] = b"QVWAL\0\0\x01";
+/// First bytes of every segment written now: name and format version.
+pub const MAGIC: &[u8; 8] = b"QVWAL\0\0\x02";
+/// First bytes of a segment of format 1 (checksums without salt).
+pub const MAGIC_V1: &[u8; 8] = b"QVWAL\0\0\x01";
 const PAYLOAD_PREFIX: usize = 16;
 const ZERO_CHUNK: usize = 1 << 20;
+/// Retired segment files kept for recycling; more are deleted.
+const FREE_SEGMENTS_KEPT: usize = 2;
 
 /// The file name of segment `number`.
 pub fn segment_name(number: u64) -> String {
@@ -52,9 +73,23 @@ pub fn parse_segment_name(name: &str) -> Option<u64> {
     name.strip_suffix(".wal")?.parse().ok()
 }
 
-/// Appends one framed record to `out`.
-pub fn encode_record(out: &mut Vec<u8>, seq: u64, group: u64, ops: &[u8]) {
-    frame::encode(out, &[&seq.to_le_bytes(), &group.to_le_bytes(), ops]);
+/// The file name of retired segment `number`, kept for recycling.
+pub fn free_segment_name(number: u64) -> String {
+    format!("{number:016}.walfree")
+}
+
+fn parse_free_segment_name(name: &str) -> Option<u64> {
+    name.strip_suffix(".walfree")?.parse().ok()
+}
+
+/// The checksum salt of segment `number`'s records.
+pub fn salt(number: u64) -> [u8; 8] {
+    number.to_le_bytes()
+}
+
+/// Appends one framed record of segment `segment` to `out`.
+pub fn encode_record(out: &mut Vec<u8>, segment: u64, seq: u64, group: u64, ops: &[u8]) {
+    frame::encode(out, &salt(segment), &[&seq.to_le_bytes(), &group.to_le_bytes(), ops]);
 }
 
 /// Bytes a record with `ops_len` bytes of encoded ops takes in the log.
@@ -66,6 +101,16 @@ fn decode_prefix(payload: &[u8]) -> Option<(u64, u64, &[u8])> {
     let seq = u64::from_le_bytes(payload.get(0..8)?.try_into().ok()?);
     let group = u64::from_le_bytes(payload.get(8..16)?.try_into().ok()?);
     Some((seq, group, payload.get(PAYLOAD_PREFIX..)?))
+}
+
+/// The salt segment `number`'s records were written with, from its magic
+/// (`None` if the magic is neither format's).
+fn salt_of(buf: &[u8], number: u64) -> Option<Vec<u8>> {
+    match buf.get(..MAGIC.len())? {
+        magic if magic == MAGIC => Some(salt(number).to_vec()),
+        magic if magic == MAGIC_V1 => Some(Vec::new()),
+        _ => None,
+    }
 }
 
 /// A segment that exists on disk and the last record it holds.
@@ -83,6 +128,9 @@ pub struct Recovered {
     pub segments: Vec<SegmentInfo>,
     /// The highest record sequence number in the log (0 if none).
     pub last_seq: u64,
+    /// The number for the next segment: above every segment's and every
+    /// retired segment's, so no file holds records salted with it.
+    pub next_number: u64,
 }
 
 /// Replays the log in `dir`: calls `apply(seq, ops)` for every valid record
@@ -95,8 +143,11 @@ pub fn recover(
     repair: bool,
     mut apply: impl FnMut(u64, Vec<Op>) -> Result<()>,
 ) -> Result<Recovered> {
-    let mut numbers: Vec<u64> = fs.list(dir).ctx("list", dir)?.iter().filter_map(|n| parse_segment_name(n)).collect();
+    let names = fs.list(dir).ctx("list", dir)?;
+    let mut numbers: Vec<u64> = names.iter().filter_map(|n| parse_segment_name(n)).collect();
     numbers.sort_unstable();
+    let free_max = names.iter().filter_map(|n| parse_free_segment_name(n)).max();
+    let next_number = numbers.last().copied().max(free_max).map_or(1, |n| n + 1);
 
     let mut segments = Vec::new();
     let mut last_seq = 0;
@@ -105,7 +156,7 @@ pub fn recover(
     for &number in &numbers {
         let path = dir.join(segment_name(number));
         if let Some((cut_path, cut_offset)) = &cut_at {
-            if segment_has_records(fs, &path)? {
+            if segment_has_records(fs, &path, number)? {
                 if !repair {
                     return Err(Error::corrupt(
                         cut_path,
@@ -121,14 +172,14 @@ pub fn recover(
         let file = fs.open(&path).ctx("open", &path)?;
         let buf = read_all(file.as_ref()).ctx("read", &path)?;
         let mut segment_last = None;
+        let mut salt = Vec::new();
         let stop = if buf.iter().all(|&b| b == 0) {
             // Pre-allocation was cut short before the magic was written.
             Stop::End
-        } else if buf.get(..MAGIC.len()) != Some(&MAGIC[..]) {
-            return Err(Error::corrupt(&path, 0, "not a Quiver WAL segment (bad magic)"));
-        } else {
+        } else if let Some(found) = salt_of(&buf, number) {
+            salt = found;
             let mut failure = None;
-            let stop = frame::scan(&buf, MAGIC.len(), |offset, payload| {
+            let stop = frame::scan(&buf, &salt, MAGIC.len(), |offset, payload| {
                 let decoded = decode_prefix(payload).and_then(|(seq, group, ops)| {
                     let ops: Vec<Op> = postcard::from_bytes(ops).ok()?;
                     Some((seq, group, ops))
@@ -160,9 +211,11 @@ pub fn recover(
                 return Err(e);
             }
             stop
+        } else {
+            return Err(Error::corrupt(&path, 0, "not a Quiver WAL segment (bad magic)"));
         };
         if let Stop::Bad { offset, reason } = stop {
-            let later_group = frame::valid_records_after(&buf, offset)
+            let later_group = frame::valid_records_after(&buf, &salt, offset)
                 .filter_map(|(_, payload)| decode_prefix(payload))
                 .find(|&(seq, group, _)| seq > last_seq && group > last_seq + 1);
             if let Some((seq, _, _)) = later_group {
@@ -183,21 +236,53 @@ pub fn recover(
         }
         segments.push(SegmentInfo { number, last_seq: segment_last });
     }
-    Ok(Recovered { segments, last_seq })
+    Ok(Recovered { segments, last_seq, next_number })
 }
 
-fn segment_has_records(fs: &dyn Fs, path: &Path) -> Result<bool> {
+fn segment_has_records(fs: &dyn Fs, path: &Path, number: u64) -> Result<bool> {
     let file = fs.open(path).ctx("open", path)?;
     let buf = read_all(file.as_ref()).ctx("read", path)?;
-    let start = if buf.get(..MAGIC.len()) == Some(&MAGIC[..]) { MAGIC.len() } else { 0 };
-    Ok(frame::record_at(&buf, start).ok().flatten().is_some()
-        || frame::valid_records_after(&buf, start).next().is_some())
+    // An unknown magic: look for records of either format.
+    let salts = match salt_of(&buf, number) {
+        Some(salt) => vec![salt],
+        None => vec![salt(number).to_vec(), Vec::new()],
+    };
+    let start = if salt_of(&buf, number).is_some() { MAGIC.len() } else { 0 };
+    Ok(salts.iter().any(|salt| {
+        frame::record_at(&buf, salt, start).ok().flatten().is_some()
+            || frame::valid_records_after(&buf, salt, start).next().is_some()
+    }))
+}
+
+/// Retires segments whose records are all in tables: keeps up to
+/// [`FREE_SEGMENTS_KEPT`] of them (with those already retired) for recycling,
+/// renamed `<number>.walfree`, and deletes the rest. Syncs the directory.
+pub fn retire(fs: &dyn Fs, dir: &Path, numbers: &[u64]) -> Result<()> {
+    if numbers.is_empty() {
+        return Ok(());
+    }
+    let mut free = fs.list(dir).ctx("list", dir)?.iter().filter_map(|n| parse_free_segment_name(n)).count();
+    for &number in numbers {
+        let path = dir.join(segment_name(number));
+        let done = if free < FREE_SEGMENTS_KEPT {
+            let renamed = fs.rename(&path, &dir.join(free_segment_name(number)));
+            free += usize::from(renamed.is_ok());
+            renamed
+        } else {
+            fs.remove(&path)
+        };
+        match done {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).ctx("retire", &path),
+            _ => {}
+        }
+    }
+    fs.sync_dir(dir).ctx("sync directory", dir)
 }
 
 // ---------------------------------------------------------------------------
 // Writing.
 
-/// A pre-allocated segment, open for appending.
+/// A segment ready for appending.
 #[derive(Debug)]
 struct Segment {
     number: u64,
@@ -205,10 +290,49 @@ struct Segment {
     file: Box<dyn File>,
     offset: u64,
     capacity: u64,
+    /// Made from a retired segment rather than zero-filled.
+    recycled: bool,
+}
+
+/// Makes segment `number` of at least `capacity` bytes (a multiple of
+/// [`DIRECT_ALIGN`]): recycled from a retired one if one is large enough,
+/// else created zero-filled.
+fn prepare(fs: &dyn Fs, dir: &Path, number: u64, capacity: u64) -> Result<Segment> {
+    match recycle(fs, dir, number, capacity)? {
+        Some(segment) => Ok(segment),
+        None => preallocate(fs, dir, number, capacity),
+    }
+}
+
+/// Takes a retired segment file, if there is one: rewrites its first block
+/// (the magic, then zeros) durably, then renames it segment `number`, so
+/// that under its new name it never holds the old magic. The records it
+/// still holds from its earlier life are salted with smaller numbers. A
+/// file too small (a truncated segment) is deleted instead.
+fn recycle(fs: &dyn Fs, dir: &Path, number: u64, capacity: u64) -> Result<Option<Segment>> {
+    let Some(free) = fs.list(dir).ctx("list", dir)?.iter().filter_map(|n| parse_free_segment_name(n)).min() else {
+        return Ok(None);
+    };
+    let from = dir.join(free_segment_name(free));
+    let file = fs.open_log(&from).ctx("open", &from)?;
+    let len = file.len().ctx("size", &from)?;
+    if len < capacity || !len.is_multiple_of(DIRECT_ALIGN as u64) {
+        drop(file);
+        fs.remove(&from).ctx("remove", &from)?;
+        return Ok(None);
+    }
+    let mut header = AlignedBuf::default();
+    let block = header.get(DIRECT_ALIGN, 0);
+    block.fill(0);
+    block[..MAGIC.len()].copy_from_slice(MAGIC);
+    file.write_durable_at(block, 0).ctx("write", &from)?;
+    let path = dir.join(segment_name(number));
+    fs.rename(&from, &path).ctx("rename", &from)?;
+    fs.sync_dir(dir).ctx("sync directory", dir)?;
+    Ok(Some(Segment { number, path, file, offset: MAGIC.len() as u64, capacity: len, recycled: true }))
 }
 
 /// Creates, zero-fills and syncs a segment and its directory entry.
-/// `capacity` is a multiple of [`DIRECT_ALIGN`].
 fn preallocate(fs: &dyn Fs, dir: &Path, number: u64, capacity: u64) -> Result<Segment> {
     let path = dir.join(segment_name(number));
     let file = fs.create(&path).ctx("create", &path)?;
@@ -224,7 +348,7 @@ fn preallocate(fs: &dyn Fs, dir: &Path, number: u64, capacity: u64) -> Result<Se
     fs.sync_dir(dir).ctx("sync directory", dir)?;
     drop(file);
     let file = fs.open_log(&path).ctx("open", &path)?;
-    Ok(Segment { number, path, file, offset: MAGIC.len() as u64, capacity })
+    Ok(Segment { number, path, file, offset: MAGIC.len() as u64, capacity, recycled: false })
 }
 
 /// `len` rounded up to a whole number of blocks.
@@ -237,10 +361,11 @@ fn whole_blocks(len: u64) -> u64 {
 /// Each group is written as whole blocks ([`DIRECT_ALIGN`] bytes, at block
 /// offsets), durable when the write returns: from the start of the block the
 /// log's data ends in (its bytes written again, unchanged) through the
-/// group, padded with zeros to the end of its last block (the segment holds
-/// zeros there already). Whole blocks let the real disk take the write with
-/// `O_DIRECT` and `RWF_DSYNC`. A write torn by a power cut leaves each sector old
-/// or new; the old bytes before the group are the same in both, so only the
+/// group, padded with zeros to the end of its last block (and one block
+/// more when that leaves less than a frame header: see the module's
+/// format). Whole blocks let the real disk take the write with `O_DIRECT`
+/// and `RWF_DSYNC`. A write torn by a power cut leaves each sector old or
+/// new; the old bytes before the group are the same in both, so only the
 /// group, unacknowledged, can be torn.
 #[derive(Debug)]
 pub struct WalWriter {
@@ -248,18 +373,29 @@ pub struct WalWriter {
     dir: PathBuf,
     segment_bytes: u64,
     current: Segment,
-    /// The next segment, being pre-allocated in the background.
+    /// The next segment, being made ready in the background.
     spare: Option<JoinHandle<Result<Segment>>>,
     /// Starts with the bytes of the current segment's last, partly written
     /// block; what each group is written from.
     blocks: AlignedBuf,
+    /// The group being framed.
+    group: Vec<u8>,
+    /// Counts the segments written that were recycled.
+    recycled: Arc<AtomicU64>,
 }
 
 impl WalWriter {
-    /// Starts a new segment `number` (never appends to an old one).
-    pub fn create(fs: Arc<dyn Fs>, dir: &Path, number: u64, segment_bytes: u64) -> Result<WalWriter> {
+    /// Starts a new segment `number` (never appends to an old one); counts
+    /// the recycled segments it writes in `recycled`.
+    pub fn create(
+        fs: Arc<dyn Fs>,
+        dir: &Path,
+        number: u64,
+        segment_bytes: u64,
+        recycled: Arc<AtomicU64>,
+    ) -> Result<WalWriter> {
         let segment_bytes = whole_blocks(segment_bytes.max(1));
-        let current = preallocate(fs.as_ref(), dir, number, segment_bytes)?;
+        let current = prepare(fs.as_ref(), dir, number, segment_bytes)?;
         let mut writer = WalWriter {
             fs,
             dir: dir.to_path_buf(),
@@ -267,6 +403,8 @@ impl WalWriter {
             current,
             spare: None,
             blocks: AlignedBuf::default(),
+            group: Vec::new(),
+            recycled,
         };
         writer.started_segment();
         writer.prepare_spare();
@@ -278,7 +416,7 @@ impl WalWriter {
             (self.fs.clone(), self.dir.clone(), self.current.number + 1, self.segment_bytes);
         let spawned = std::thread::Builder::new()
             .name("quiver-wal-prealloc".into())
-            .spawn(move || preallocate(fs.as_ref(), &dir, number, capacity));
+            .spawn(move || prepare(fs.as_ref(), &dir, number, capacity));
         self.spare = spawned.ok();
     }
 
@@ -289,20 +427,45 @@ impl WalWriter {
 
     /// A new segment's only bytes so far are its magic.
     fn started_segment(&mut self) {
+        if self.current.recycled {
+            self.recycled.fetch_add(1, Ordering::Relaxed);
+        }
         self.blocks.get(MAGIC.len(), 0).copy_from_slice(MAGIC);
     }
 
-    /// Writes one group commit (already framed) and returns once it is
-    /// durable, with the number of the segment it was written to, which
-    /// differs from the previous call's when the log rolled over.
-    pub fn append_durable(&mut self, group: &[u8]) -> Result<u64> {
-        if self.current.offset + group.len() as u64 > self.current.capacity {
-            self.roll(group.len() as u64)?;
+    /// Writes one group commit: a record for each of `records` (encoded
+    /// ops), numbered from `first_seq`, and returns once it is durable, with
+    /// the number of the segment it was written to, which differs from the
+    /// previous call's when the log rolled over.
+    pub fn append_group<'a>(&mut self, first_seq: u64, records: impl Iterator<Item = &'a [u8]> + Clone) -> Result<u64> {
+        let len: u64 = records.clone().map(|ops| record_len(ops.len()) as u64).sum();
+        if self.current.offset + len > self.current.capacity {
+            self.roll(len)?;
         }
+        let mut group = std::mem::take(&mut self.group);
+        group.clear();
+        for (i, ops) in records.enumerate() {
+            encode_record(&mut group, self.current.number, first_seq + i as u64, first_seq, ops);
+        }
+        debug_assert_eq!(group.len() as u64, len);
+        let written = self.append_durable(&group);
+        self.group = group;
+        written
+    }
+
+    /// Writes one framed group and returns once it is durable.
+    fn append_durable(&mut self, group: &[u8]) -> Result<u64> {
         let block_start = self.current.offset / DIRECT_ALIGN as u64 * DIRECT_ALIGN as u64;
         let kept = (self.current.offset - block_start) as usize;
         let end = kept + group.len();
-        let blocks = self.blocks.get(whole_blocks(end as u64) as usize, kept);
+        let mut len = whole_blocks(end as u64);
+        // Fewer zeros than a frame header after the group: the next record's
+        // header would run into the next block, which in a recycled segment
+        // holds stale bytes. Zero that block too (if the segment has it).
+        if len - (end as u64) < frame::HEADER_LEN as u64 && block_start + len < self.current.capacity {
+            len += DIRECT_ALIGN as u64;
+        }
+        let blocks = self.blocks.get(len as usize, kept);
         blocks[kept..end].copy_from_slice(group);
         blocks[end..].fill(0);
         self.current.file.write_durable_at(blocks, block_start).ctx("write", &self.current.path)?;
@@ -333,11 +496,10 @@ impl WalWriter {
         Ok(())
     }
 
-    /// Waits for the background pre-allocation and removes its unused file.
+    /// Waits for the background preparation and retires its unused file.
     pub fn close(mut self) -> Result<()> {
         if let Some(Ok(Ok(spare))) = self.spare.take().map(JoinHandle::join) {
-            self.fs.remove(&spare.path).ctx("remove", &spare.path)?;
-            self.fs.sync_dir(&self.dir).ctx("sync directory", &self.dir)?;
+            retire(self.fs.as_ref(), &self.dir, &[spare.number])?;
         }
         Ok(())
     }
@@ -354,8 +516,147 @@ impl Drop for WalWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::disk::RealFs;
+    use crate::storage::disk::{RealFs, SimFs};
     use quiver_ring::{NodeId, Stamper};
+
+    /// One op (a key of `key_len` bytes set to `value_len` bytes), encoded.
+    fn one_op(key_len: usize, value_len: usize) -> Vec<u8> {
+        let stamp = Stamper::new(NodeId(1), Default::default()).next(1_000_000);
+        let op = Op { key: vec![b'k'; key_len], version: stamp.blind(Some(vec![7; value_len])) };
+        postcard::to_allocvec(&vec![op]).unwrap()
+    }
+
+    /// Fills segment 1 with records (seqs from 1) and retires it, with the
+    /// writer's unused spare (segment 2, zero-filled): `1.walfree` is then a
+    /// file full of valid-looking records of an earlier life. Returns the
+    /// next free sequence number.
+    fn stale_free_segment(fs: &Arc<dyn Fs>, dir: &Path) -> u64 {
+        let mut old = WalWriter::create(fs.clone(), dir, 1, 4 * DIRECT_ALIGN as u64, Arc::default()).unwrap();
+        let ops = one_op(8, 100);
+        let mut seq = 1;
+        while old.current.offset + record_len(ops.len()) as u64 <= old.current.capacity {
+            old.append_group(seq, std::iter::once(ops.as_slice())).unwrap();
+            seq += 1;
+        }
+        old.close().unwrap();
+        retire(fs.as_ref(), dir, &[1]).unwrap();
+        let mut names = fs.list(dir).unwrap();
+        names.sort();
+        assert_eq!(names, [free_segment_name(1), free_segment_name(2)]);
+        // With no segment left, numbering still goes on above the retired
+        // ones: their old records are salted with their old numbers.
+        assert_eq!(recover(fs.as_ref(), dir, 0, false, |_, _| Ok(())).unwrap().next_number, 3);
+        seq
+    }
+
+    /// Sequence numbers recovery replays from `fs`.
+    fn replayed(fs: &dyn Fs, dir: &Path) -> Result<Vec<u64>> {
+        let mut seqs = Vec::new();
+        recover(fs, dir, 0, false, |seq, _| {
+            seqs.push(seq);
+            Ok(())
+        })?;
+        Ok(seqs)
+    }
+
+    /// A recycled segment still holds its earlier life's records, with
+    /// valid checksums under that life's salt. Cut at every byte of its new
+    /// records, or torn there with the old bytes after the cut (what a power
+    /// cut leaves of a write to a recycled file), recovery replays exactly
+    /// the new records before the cut, never an old one.
+    #[test]
+    fn a_recycled_segment_cut_or_torn_anywhere_replays_only_its_own_records() {
+        let sim = SimFs::new();
+        let fs: Arc<dyn Fs> = Arc::new(sim.clone());
+        let dir = Path::new("/wal");
+        let seq = stale_free_segment(&fs, dir) + 100;
+        let stale = sim.get(&dir.join(free_segment_name(1))).unwrap();
+
+        let recycled = Arc::new(AtomicU64::new(0));
+        let mut wal = WalWriter::create(fs.clone(), dir, 3, 4 * DIRECT_ALIGN as u64, recycled.clone()).unwrap();
+        assert_eq!(recycled.load(Ordering::Relaxed), 1);
+        let path = dir.join(segment_name(3));
+        let before = sim.get(&path).unwrap();
+        assert_eq!(before.len(), stale.len(), "segment 3 should be the recycled segment 1");
+        assert_eq!(before[DIRECT_ALIGN..], stale[DIRECT_ALIGN..], "its old records are still there");
+        assert_eq!(before[..MAGIC.len()], MAGIC[..]);
+        assert!(before[MAGIC.len()..DIRECT_ALIGN].iter().all(|&b| b == 0), "its first block was rewritten");
+
+        let mut expected = Vec::new();
+        let mut ends = Vec::new();
+        for (records, value_len) in [(1, 10), (3, 200), (1, 1500), (2, 37), (1, 3000), (4, 5), (1, 700), (2, 90)] {
+            let encoded: Vec<Vec<u8>> = (0..records).map(|i| one_op(8 + i, value_len)).collect();
+            let mut offset = wal.current.offset as usize;
+            for ops in &encoded {
+                offset += record_len(ops.len());
+                ends.push(offset);
+                expected.push(seq + expected.len() as u64);
+            }
+            wal.append_group(seq + expected.len() as u64 - records as u64, encoded.iter().map(Vec::as_slice)).unwrap();
+        }
+        assert_eq!(wal.segment_number(), 3, "the groups should fit in the segment");
+        drop(wal);
+        let after = sim.get(&path).unwrap();
+
+        for cut in MAGIC.len()..=ends.last().unwrap() + 16 {
+            let torn = [&after[..cut], &before[cut..]].concat();
+            for (model, bytes) in [("cut", after[..cut].to_vec()), ("torn", torn)] {
+                // Whole: the records whose bytes are all there (old bytes
+                // after a torn cut may happen to equal the new ones).
+                let whole = ends.iter().filter(|&&end| bytes.get(..end) == Some(&after[..end])).count();
+                let image = sim.crash();
+                image.put(&path, bytes);
+                let seqs = replayed(&image, dir).unwrap_or_else(|e| panic!("{model} at {cut}: {e}"));
+                assert_eq!(seqs, expected[..whole], "{model} at {cut}");
+            }
+        }
+    }
+
+    /// Segments of format 1 (checksums without salt) are still read.
+    #[test]
+    fn a_format_1_segment_is_still_read() {
+        let sim = SimFs::new();
+        let dir = Path::new("/wal");
+        let mut bytes = MAGIC_V1.to_vec();
+        for seq in 1..=3u64 {
+            frame::encode(&mut bytes, &[], &[&seq.to_le_bytes(), &seq.to_le_bytes(), &one_op(4, 10)]);
+        }
+        bytes.resize(2 * DIRECT_ALIGN, 0);
+        sim.put(&dir.join(segment_name(5)), bytes);
+        assert_eq!(replayed(&sim, dir).unwrap(), [1, 2, 3]);
+        let found = recover(&sim, dir, 0, false, |_, _| Ok(())).unwrap();
+        assert_eq!(found.next_number, 6);
+    }
+
+    /// After a group that leaves fewer zeros in its last block than a frame
+    /// header takes, the writer zeros the next block too: otherwise, in a
+    /// recycled segment, the reader would take the old bytes there for a bad
+    /// record, and with a later segment holding records, for corruption.
+    #[test]
+    fn a_group_ending_at_a_block_end_in_a_recycled_segment_is_read_as_its_end() {
+        for gap in [0, 1, 7, 8, 9, 100] {
+            let sim = SimFs::new();
+            let fs: Arc<dyn Fs> = Arc::new(sim.clone());
+            let dir = Path::new("/wal");
+            let seq = stale_free_segment(&fs, dir);
+            let mut wal = WalWriter::create(fs.clone(), dir, 3, 4 * DIRECT_ALIGN as u64, Arc::default()).unwrap();
+            wal.append_group(seq, std::iter::once(one_op(8, 50).as_slice())).unwrap();
+            // One record that leaves `gap` bytes in its block.
+            let offset = wal.current.offset as usize;
+            let ops = (0..2 * DIRECT_ALIGN)
+                .map(|value_len| one_op(8, value_len))
+                .find(|ops| (offset + record_len(ops.len())) % DIRECT_ALIGN == (DIRECT_ALIGN - gap) % DIRECT_ALIGN)
+                .unwrap();
+            wal.append_group(seq + 1, std::iter::once(ops.as_slice())).unwrap();
+            // A group too large for what is left: the log rolls over.
+            let large = one_op(8, 4 * DIRECT_ALIGN - 200);
+            wal.append_group(seq + 2, std::iter::once(large.as_slice())).unwrap();
+            assert_eq!(wal.segment_number(), 4);
+            drop(wal);
+            let seqs = replayed(&sim.crash(), dir).unwrap_or_else(|e| panic!("gap {gap}: {e}"));
+            assert_eq!(seqs, [seq, seq + 1, seq + 2], "gap {gap}");
+        }
+    }
 
     /// Groups of every size, written as whole blocks through `O_DIRECT` on
     /// the real disk (each rewriting the partly filled block before it),
@@ -365,7 +666,7 @@ mod tests {
     fn real_disk_groups_of_any_size_recover_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let fs: Arc<dyn Fs> = Arc::new(RealFs);
-        let mut wal = WalWriter::create(fs.clone(), dir.path(), 1, 2 * DIRECT_ALIGN as u64).unwrap();
+        let mut wal = WalWriter::create(fs.clone(), dir.path(), 1, 2 * DIRECT_ALIGN as u64, Arc::default()).unwrap();
         let stamp = Stamper::new(NodeId(1), Default::default()).next(1_000_000);
         let op = |key_len: usize, value_len: usize| Op {
             key: vec![b'k'; key_len],
@@ -373,14 +674,12 @@ mod tests {
         };
         let mut expected: Vec<(u64, Vec<Op>)> = Vec::new();
         let mut append = |wal: &mut WalWriter, records: Vec<Vec<Op>>| {
-            let mut group = Vec::new();
             let first = expected.len() as u64 + 1;
+            let encoded: Vec<Vec<u8>> = records.iter().map(|ops| postcard::to_allocvec(ops).unwrap()).collect();
             for ops in records {
-                let seq = expected.len() as u64 + 1;
-                encode_record(&mut group, seq, first, &postcard::to_allocvec(&ops).unwrap());
-                expected.push((seq, ops));
+                expected.push((expected.len() as u64 + 1, ops));
             }
-            wal.append_durable(&group).unwrap();
+            wal.append_group(first, encoded.iter().map(Vec::as_slice)).unwrap();
         };
         // Small groups sharing blocks, groups spanning blocks, one larger
         // than a segment, and several roll-overs.
