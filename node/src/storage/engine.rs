@@ -16,7 +16,7 @@
 //! - **flush**: builds the SSTable of each frozen memtable in memory, oldest
 //!   first, and hands it to flush-io, then builds the next.
 //! - **flush-io**: writes each built table to a verified file, commits the
-//!   manifest edit, swaps the table in for its memtable, then deletes the
+//!   manifest edit, swaps the table in for its memtable, then retires the
 //!   WAL segments it covers; strictly in the order the memtables were
 //!   frozen, so the flushed sequence only grows.
 //! - **compact**: merges tables chosen by [`compaction::plan`].
@@ -58,7 +58,9 @@ pub struct Options {
     /// Four absorb a slow flush (one running beside a compaction) without
     /// holding writes back; two stalled bulk loads ~7 % of the time.
     pub frozen_memtables_max: usize,
-    /// Size of each pre-allocated WAL segment.
+    /// Size of each pre-allocated WAL segment. Two retired segments are kept
+    /// for reuse (see `wal`), so the WAL takes up to three more of these on
+    /// disk than the segments it still needs.
     pub wal_segment_bytes: u64,
     /// Largest encoded write (one WAL record).
     pub record_bytes_max: usize,
@@ -531,7 +533,7 @@ impl Engine {
     }
 
     /// Graceful close: finishes queued writes, flushes every memtable to
-    /// verified tables, deletes the WAL they cover, and stops the threads.
+    /// verified tables, retires the WAL they cover, and stops the threads.
     pub fn close(self) -> Result<()> {
         self.shutdown()
     }
