@@ -19,6 +19,7 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
     let mut batches = Vec::new();
     let mut hot: BTreeMap<String, u64> = BTreeMap::new();
     let runs = 12;
+    let mut recycled = 0;
     for run in 0..runs {
         let mut child = Command::new(env!("CARGO_BIN_EXE_quiver-engine-writer"))
             .args([dir.path().to_str().unwrap(), &run.to_string(), "4"])
@@ -57,7 +58,12 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
         assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(9), "run {run}: {status}");
         drop(stdout);
 
-        let engine = Engine::open(dir.path(), Options::default()).unwrap();
+        // As the writer opens it: small memtables and WAL segments.
+        let opts = Options { memtable_bytes_max: 64 << 10, wal_segment_bytes: 64 << 10, ..Options::default() };
+        let engine = Engine::open(dir.path(), opts).unwrap();
+        // Reopening takes a retired segment, if the runs left one, for its
+        // first.
+        recycled += engine.stats().wal_segments_recycled;
         let value = |key: &str| engine.get(key.as_bytes()).unwrap().and_then(|s| s.value().map(<[u8]>::to_vec));
         for key in &sets {
             let i = key.rsplit('-').next().unwrap();
@@ -92,4 +98,5 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
         drop(engine);
     }
     assert!(sets.len() > 1000, "only {} writes were acknowledged in {runs} runs", sets.len());
+    assert!(recycled >= runs / 2, "only {recycled} reopenings found a retired WAL segment to recycle");
 }

@@ -29,13 +29,7 @@ fn main() {
         std::process::exit(2);
     };
     let threads: usize = threads.parse().expect("THREADS is a number");
-    let opts = Options {
-        memtable_bytes_max: 256 << 10,
-        wal_segment_bytes: 1 << 20,
-        table_bytes_target: 1 << 20,
-        block_bytes: 1024,
-        ..Options::default()
-    };
+    let opts = writer_options();
     let engine = Arc::new(Engine::open(dir, opts).unwrap_or_else(|e| {
         eprintln!("open failed: {e}");
         std::process::exit(1);
@@ -84,5 +78,17 @@ fn main() {
         .collect();
     for handle in handles {
         let _ = handle.join();
+    }
+}
+
+/// Small memtables and WAL segments, so that the few thousand writes of a
+/// run flush, roll the log over and recycle retired segments.
+fn writer_options() -> Options {
+    Options {
+        memtable_bytes_max: 64 << 10,
+        wal_segment_bytes: 64 << 10,
+        table_bytes_target: 1 << 20,
+        block_bytes: 1024,
+        ..Options::default()
     }
 }
