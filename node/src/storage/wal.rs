@@ -295,11 +295,16 @@ struct Segment {
 
 /// Makes segment `number` of at least `capacity` bytes (a multiple of
 /// [`DIRECT_ALIGN`]): recycled from a retired one if one is large enough,
-/// else created zero-filled.
+/// else created zero-filled (also when recycling fails: a retired file is
+/// never needed).
 fn prepare(fs: &dyn Fs, dir: &Path, number: u64, capacity: u64) -> Result<Segment> {
-    match recycle(fs, dir, number, capacity)? {
-        Some(segment) => Ok(segment),
-        None => preallocate(fs, dir, number, capacity),
+    match recycle(fs, dir, number, capacity) {
+        Ok(Some(segment)) => Ok(segment),
+        Ok(None) => preallocate(fs, dir, number, capacity),
+        Err(error) => {
+            tracing::warn!(%error, "recycling a retired WAL segment failed; creating a new one");
+            preallocate(fs, dir, number, capacity)
+        }
     }
 }
 
@@ -614,6 +619,21 @@ mod tests {
                 assert_eq!(seqs, expected[..whole], "{model} at {cut}");
             }
         }
+    }
+
+    /// A retired segment that cannot be recycled (here a directory in its
+    /// place) does not stop the log: the segment is created zero-filled.
+    #[test]
+    fn a_retired_segment_that_cannot_be_reused_falls_back_to_a_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join(free_segment_name(1))).unwrap();
+        let fs: Arc<dyn Fs> = Arc::new(RealFs);
+        let recycled = Arc::new(AtomicU64::new(0));
+        let mut wal = WalWriter::create(fs.clone(), dir.path(), 2, 2 * DIRECT_ALIGN as u64, recycled.clone()).unwrap();
+        wal.append_group(1, std::iter::once(one_op(4, 10).as_slice())).unwrap();
+        drop(wal);
+        assert_eq!(recycled.load(Ordering::Relaxed), 0);
+        assert_eq!(replayed(fs.as_ref(), dir.path()).unwrap(), [1]);
     }
 
     /// Segments of format 1 (checksums without salt) are still read.
