@@ -20,18 +20,23 @@
 /// Bytes before the payload.
 pub const HEADER_LEN: usize = 8;
 
+/// `crc32(salt ++ parts)`.
+fn checksum(salt: &[u8], parts: &[&[u8]]) -> u32 {
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(salt);
+    for part in parts {
+        crc.update(part);
+    }
+    crc.finalize()
+}
+
 /// Appends one framed record holding `payload` to `out`.
 pub fn encode(out: &mut Vec<u8>, salt: &[u8], payload_parts: &[&[u8]]) {
     let len: usize = payload_parts.iter().map(|part| part.len()).sum();
     let len = u32::try_from(len).expect("frame payloads are bounded far below 4 GiB by the write size limit");
     assert!(len > 0, "a frame payload is never empty");
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(salt);
-    for part in payload_parts {
-        crc.update(part);
-    }
     out.extend_from_slice(&len.to_le_bytes());
-    out.extend_from_slice(&crc.finalize().to_le_bytes());
+    out.extend_from_slice(&checksum(salt, payload_parts).to_le_bytes());
     for part in payload_parts {
         out.extend_from_slice(part);
     }
@@ -64,10 +69,7 @@ pub fn record_at<'a>(buf: &'a [u8], salt: &[u8], offset: usize) -> Result<Option
     let payload = start.checked_add(len).and_then(|end| buf.get(start..end)).ok_or_else(|| {
         format!("record of {len} bytes runs past the end ({} bytes left)", buf.len().saturating_sub(start))
     })?;
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(salt);
-    crc.update(payload);
-    let got = crc.finalize();
+    let got = checksum(salt, &[payload]);
     if got != expected {
         return Err(format!("checksum mismatch: stored {expected:#010x}, computed {got:#010x}"));
     }
