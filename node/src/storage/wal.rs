@@ -83,6 +83,11 @@ fn parse_free_segment_name(name: &str) -> Option<u64> {
     name.strip_suffix(".walfree")?.parse().ok()
 }
 
+/// The numbers of the retired segments in `dir`.
+fn free_segments(fs: &dyn Fs, dir: &Path) -> Result<Vec<u64>> {
+    Ok(fs.list(dir).ctx("list", dir)?.iter().filter_map(|n| parse_free_segment_name(n)).collect())
+}
+
 /// The checksum salt of segment `number`'s records.
 pub fn salt(number: u64) -> [u8; 8] {
     number.to_le_bytes()
@@ -261,7 +266,7 @@ pub fn retire(fs: &dyn Fs, dir: &Path, numbers: &[u64]) -> Result<()> {
     if numbers.is_empty() {
         return Ok(());
     }
-    let mut free = fs.list(dir).ctx("list", dir)?.iter().filter_map(|n| parse_free_segment_name(n)).count();
+    let mut free = free_segments(fs, dir)?.len();
     for &number in numbers {
         let path = dir.join(segment_name(number));
         let done = if free < FREE_SEGMENTS_KEPT {
@@ -315,7 +320,7 @@ fn prepare(fs: &dyn Fs, dir: &Path, number: u64, capacity: u64) -> Result<Segmen
 /// still holds from its earlier life are salted with smaller numbers. A
 /// file too small (a truncated segment) is deleted instead.
 fn recycle(fs: &dyn Fs, dir: &Path, number: u64, capacity: u64) -> Result<Option<Segment>> {
-    let Some(free) = fs.list(dir).ctx("list", dir)?.iter().filter_map(|n| parse_free_segment_name(n)).min() else {
+    let Some(free) = free_segments(fs, dir)?.into_iter().min() else {
         return Ok(None);
     };
     let from = dir.join(free_segment_name(free));
