@@ -94,12 +94,29 @@ pub fn scan<'a>(buf: &'a [u8], salt: &[u8], start: usize, mut each: impl FnMut(u
     }
 }
 
-/// Looks for any valid record starting after `from`. Used after a bad record
-/// to tell a torn tail (nothing valid follows) from corruption. Only runs on
-/// the recovery path.
-pub fn valid_records_after<'a>(buf: &'a [u8], salt: &'a [u8], from: usize) -> impl Iterator<Item = (usize, &'a [u8])> {
-    (from + 1..buf.len().saturating_sub(HEADER_LEN))
-        .filter_map(move |offset| record_at(buf, salt, offset).ok().flatten().map(|(payload, _)| (offset, payload)))
+/// Looks for valid records starting after `from` whose payload `wanted`
+/// accepts. Used after a bad record to tell a torn tail (nothing valid
+/// follows) from corruption. Only runs on the recovery path.
+///
+/// Every offset is tried, and `wanted` sees a candidate's payload before its
+/// checksum is computed: in stale bytes (a recycled WAL segment's earlier
+/// life) a length read at a random offset often spans megabytes, and a
+/// caller that knows what a later record must hold rejects nearly every
+/// candidate for the price of a comparison.
+pub fn valid_records_after<'a>(
+    buf: &'a [u8],
+    salt: &'a [u8],
+    from: usize,
+    wanted: impl Fn(&[u8]) -> bool + 'a,
+) -> impl Iterator<Item = (usize, &'a [u8])> {
+    (from + 1..buf.len().saturating_sub(HEADER_LEN)).filter_map(move |offset| {
+        let header = buf.get(offset..offset + HEADER_LEN)?;
+        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let expected = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        let start = offset + HEADER_LEN;
+        let payload = buf.get(start..start.checked_add(len)?)?;
+        (len > 0 && wanted(payload) && checksum(salt, &[payload]) == expected).then_some((offset, payload))
+    })
 }
 
 #[cfg(test)]
@@ -152,7 +169,25 @@ mod tests {
         buf[HEADER_LEN + 3] ^= 0x40;
         let stop = scan(&buf, &[], 0, |_, _| true);
         assert!(matches!(stop, Stop::Bad { offset: 0, .. }), "{stop:?}");
-        assert_eq!(valid_records_after(&buf, &[], 0).count(), 3);
+        assert_eq!(valid_records_after(&buf, &[], 0, |_| true).count(), 3);
+        assert_eq!(valid_records_after(&buf, &[], 0, |payload| payload[0] == 3).count(), 1);
+    }
+
+    /// `wanted` is asked before the checksum is computed (it spares the
+    /// checksum of what it refuses), so it sees records that fail theirs.
+    #[test]
+    fn valid_records_after_asks_before_it_checksums() {
+        let mut buf = Vec::new();
+        for i in 0..4u8 {
+            encode(&mut buf, b"salt", &[&[i; 10]]);
+        }
+        let asked = std::cell::Cell::new(0);
+        let found = valid_records_after(&buf, b"other", 0, |_| {
+            asked.set(asked.get() + 1);
+            true
+        });
+        assert_eq!(found.count(), 0);
+        assert!(asked.get() >= 3, "{}", asked.get());
     }
 
     #[test]
@@ -162,7 +197,7 @@ mod tests {
         assert_eq!(record_at(&buf, &7u64.to_le_bytes(), 0).unwrap().unwrap().0, b"payload");
         for other in [&8u64.to_le_bytes()[..], &[]] {
             assert!(record_at(&buf, other, 0).is_err());
-            assert_eq!(valid_records_after(&buf, other, 0).count(), 0);
+            assert_eq!(valid_records_after(&buf, other, 0, |_| true).count(), 0);
         }
     }
 }

@@ -155,7 +155,7 @@ impl Manifest {
         }
         let mut offset = buf.len() as u64;
         if let Stop::Bad { offset: bad, reason } = stop {
-            if frame::valid_records_after(&buf, &[], bad).next().is_some() && !repair {
+            if frame::valid_records_after(&buf, &[], bad, |_| true).next().is_some() && !repair {
                 return Err(Error::corrupt(&path, bad as u64, format!("{reason}; valid edits follow it")));
             }
             tracing::info!(path = %path.display(), offset = bad, %reason, "truncating torn manifest tail");

@@ -159,10 +159,13 @@ pub fn recover(
     let mut last_seq = 0;
     // Set once a torn tail was cut: every later segment must then be empty.
     let mut cut_at: Option<(PathBuf, u64)> = None;
+    // Bytes of log from the cut on: no record past the cut is further ahead
+    // of `last_seq` than that (each takes more than a byte).
+    let mut room_after_cut = 0;
     for &number in &numbers {
         let path = dir.join(segment_name(number));
         if let Some((cut_path, cut_offset)) = &cut_at {
-            if segment_has_records(fs, &path, number)? {
+            if segment_has_records(fs, &path, number, last_seq, &mut room_after_cut)? {
                 if !repair {
                     return Err(Error::corrupt(
                         cut_path,
@@ -221,9 +224,13 @@ pub fn recover(
             return Err(Error::corrupt(&path, 0, "not a Quiver WAL segment (bad magic)"));
         };
         if let Stop::Bad { offset, reason } = stop {
-            let later_group = frame::valid_records_after(&buf, &salt, offset)
-                .filter_map(|(_, payload)| decode_prefix(payload))
-                .find(|&(seq, group, _)| seq > last_seq && group > last_seq + 1);
+            // A record of a later group than the bad one (which started at
+            // `last_seq + 1`), within this segment.
+            let room = buf.len() as u64;
+            let later_group = frame::valid_records_after(&buf, &salt, offset, |payload| {
+                could_be_later(payload, last_seq, last_seq + 1, room)
+            })
+            .find_map(|(_, payload)| decode_prefix(payload));
             if let Some((seq, _, _)) = later_group {
                 if !repair {
                     return Err(Error::corrupt(
@@ -239,15 +246,42 @@ pub fn recover(
             file.set_len(offset as u64).ctx("truncate", &path)?;
             file.sync_data().ctx("sync", &path)?;
             cut_at = Some((path.clone(), offset as u64));
+            room_after_cut = (buf.len() - offset) as u64;
         }
         segments.push(SegmentInfo { number, last_seq: segment_last });
     }
     Ok(Recovered { segments, last_seq, next_number })
 }
 
-fn segment_has_records(fs: &dyn Fs, path: &Path, number: u64) -> Result<bool> {
+/// Whether `payload`, not yet checksummed, could be a record written after
+/// the one with `last_seq`, in a group that started after `group_after`, with
+/// no more than `room` bytes of log between them (a record takes more than a
+/// byte): its numbers are in range and its operations decode, exactly.
+///
+/// Recovery looks for such records at every offset after a bad one, and
+/// this is checked before the checksum, which costs the record's claimed
+/// length. In a recycled segment's stale bytes, lengths and sequence numbers
+/// read at offsets shifted from the old records' own often pass every
+/// numeric check, and claim megabytes: checksummed, a 64 MiB segment took
+/// minutes to read past a torn write.
+fn could_be_later(payload: &[u8], last_seq: u64, group_after: u64, room: u64) -> bool {
+    decode_prefix(payload).is_some_and(|(seq, group, ops)| {
+        group > group_after
+            && seq > last_seq
+            && seq - last_seq <= room
+            && postcard::take_from_bytes::<Vec<Op>>(ops).is_ok_and(|(_, rest)| rest.is_empty())
+    })
+}
+
+/// Whether segment `number`, after a torn tail was cut in an earlier one,
+/// holds a record written after the last one kept (`last_seq`). `room` is the
+/// bytes of log from the cut up to this segment, and grows by its length.
+fn segment_has_records(fs: &dyn Fs, path: &Path, number: u64, last_seq: u64, room: &mut u64) -> Result<bool> {
     let file = fs.open(path).ctx("open", path)?;
     let buf = read_all(file.as_ref()).ctx("read", path)?;
+    *room += buf.len() as u64;
+    let room = *room;
+    let later = |payload: &[u8]| could_be_later(payload, last_seq, 0, room);
     let (start, salts) = match salt_of(&buf, number) {
         Some(found) => (MAGIC.len(), vec![found]),
         // An unknown magic: look for records of either format.
@@ -255,7 +289,7 @@ fn segment_has_records(fs: &dyn Fs, path: &Path, number: u64) -> Result<bool> {
     };
     Ok(salts.iter().any(|salt| {
         frame::record_at(&buf, salt, start).ok().flatten().is_some()
-            || frame::valid_records_after(&buf, salt, start).next().is_some()
+            || frame::valid_records_after(&buf, salt, start, later).next().is_some()
     }))
 }
 
@@ -623,6 +657,122 @@ mod tests {
                 }
                 let seqs = replayed(&image, dir).unwrap_or_else(|e| panic!("{model} at {cut}: {e}"));
                 assert_eq!(seqs, expected[..whole], "{model} at {cut}");
+            }
+        }
+    }
+
+    /// Past a torn write in a recycled segment, recovery looks for later
+    /// records at every offset of the segment's stale bytes. Read at offsets
+    /// shifted from the old records' own, lengths and sequence numbers pass
+    /// every numeric check and claim up to megabytes each to checksum (a
+    /// 64 MiB segment took minutes). Their operations must also decode,
+    /// exactly, and none do: not one offset is checksummed.
+    #[test]
+    fn stale_bytes_past_a_torn_write_offer_nothing_to_checksum() {
+        let sim = SimFs::new();
+        let fs: Arc<dyn Fs> = Arc::new(sim.clone());
+        let dir = Path::new("/wal");
+        let size = 1 << 20;
+        let mut old = WalWriter::create(fs.clone(), dir, 1, size, Arc::default()).unwrap();
+        let mut seq = 1;
+        let mut random = 0x9e37_79b9_7f4a_7c15_u64;
+        loop {
+            let group: Vec<Vec<u8>> = (seq..seq + 32)
+                .map(|n| {
+                    let value = (0..100)
+                        .map(|_| {
+                            random ^= random << 13;
+                            random ^= random >> 7;
+                            random ^= random << 17;
+                            random as u8
+                        })
+                        .collect();
+                    let stamp = Stamper::new(NodeId(1), Default::default()).next(1_000_000 + n);
+                    let op = Op { key: format!("key{n:012}").into_bytes(), version: stamp.blind(Some(value)) };
+                    postcard::to_allocvec(&vec![op]).unwrap()
+                })
+                .collect();
+            let bytes: usize = group.iter().map(|ops| record_len(ops.len())).sum();
+            if old.current.offset + bytes as u64 + DIRECT_ALIGN as u64 > old.current.capacity {
+                break;
+            }
+            old.append_group(seq, group.iter().map(Vec::as_slice)).unwrap();
+            seq += 32;
+        }
+        old.close().unwrap();
+        retire(fs.as_ref(), dir, &[1]).unwrap();
+        let mut wal = WalWriter::create(fs.clone(), dir, 3, size, Arc::default()).unwrap();
+        let ops = one_op(8, 100);
+        for i in 0..3 {
+            wal.append_group(seq + i, std::iter::once(ops.as_slice())).unwrap();
+        }
+        drop(wal);
+        let path = dir.join(segment_name(3));
+        let mut bytes = sim.get(&path).unwrap();
+        let bad = MAGIC.len() + 2 * record_len(ops.len());
+        bytes[bad + frame::HEADER_LEN + 3] ^= 0xff;
+
+        let last_seq = seq + 1;
+        let room = bytes.len() as u64;
+        let numbers_pass = (bad + 1..bytes.len() - frame::HEADER_LEN)
+            .filter(|&offset| {
+                let len = u32::from_le_bytes(bytes[offset..offset + 4].try_into().unwrap()) as usize;
+                let payload = bytes.get(offset + frame::HEADER_LEN..offset + frame::HEADER_LEN + len);
+                payload
+                    .and_then(decode_prefix)
+                    .is_some_and(|(seq, group, _)| group > last_seq + 1 && seq > last_seq && seq - last_seq <= room)
+            })
+            .count();
+        assert!(numbers_pass > 1000, "the stale bytes should hold the trap: {numbers_pass}");
+        let checksummed = std::cell::Cell::new(0);
+        let found = frame::valid_records_after(&bytes, &salt(3), bad, |payload| {
+            let wanted = could_be_later(payload, last_seq, last_seq + 1, room);
+            checksummed.set(checksummed.get() + usize::from(wanted));
+            wanted
+        })
+        .count();
+        assert_eq!((found, checksummed.get()), (0, 0));
+
+        let image = sim.crash();
+        image.put(&path, bytes);
+        assert_eq!(replayed(&image, dir).unwrap(), [seq, seq + 1], "a torn tail, cut");
+    }
+
+    /// A bad record at the end of one segment, with a record of a later
+    /// group in the next segment, is corruption (that group was synced after
+    /// the bad one was), wherever in the next segment the record lies; with
+    /// only zeros or stale records there, a torn tail.
+    #[test]
+    fn a_bad_record_followed_by_a_record_in_the_next_segment_is_corruption() {
+        let ops = one_op(8, 20);
+        let segment = |number: u64, records: &[(u64, usize)], damaged: Option<u64>| {
+            let mut bytes = MAGIC.to_vec();
+            for &(seq, at) in records {
+                bytes.resize(bytes.len().max(at), 0);
+                let start = bytes.len();
+                encode_record(&mut bytes, number, seq, seq, &ops);
+                if damaged == Some(seq) {
+                    bytes[start + frame::HEADER_LEN + 1] ^= 0xff;
+                }
+            }
+            bytes.resize(4 * DIRECT_ALIGN, 0);
+            bytes
+        };
+        let dir = Path::new("/wal");
+        let first = segment(1, &[(1, 0), (2, 0), (3, 0)], Some(3));
+        for (next, corrupt) in [
+            (segment(2, &[(4, 0)], None), true),
+            (segment(2, &[(4, 2 * DIRECT_ALIGN + 5)], None), true),
+            (segment(2, &[], None), false),
+            // Records of an earlier life: salted with another number.
+            (segment(7, &[(9, 0), (10, 0)], None), false),
+        ] {
+            let sim = SimFs::new();
+            sim.put(&dir.join(segment_name(1)), first.clone());
+            sim.put(&dir.join(segment_name(2)), next);
+            match replayed(&sim, dir) {
+                Ok(seqs) => assert!(!corrupt && seqs == [1, 2], "{seqs:?}"),
+                Err(error) => assert!(corrupt && error.to_string().contains("later segment"), "{error}"),
             }
         }
     }
