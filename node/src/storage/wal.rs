@@ -792,6 +792,34 @@ mod tests {
         assert_eq!(replayed(fs.as_ref(), dir.path()).unwrap(), [1]);
     }
 
+    /// Retired segments from a node that ran with another segment size: a
+    /// smaller one is deleted and a new segment made zero-filled; a larger
+    /// one is reused whole.
+    #[test]
+    fn a_retired_segment_of_another_size_is_reused_only_if_large_enough() {
+        for (retired_blocks, reused) in [(2, false), (8, true)] {
+            let sim = SimFs::new();
+            let fs: Arc<dyn Fs> = Arc::new(sim.clone());
+            let dir = Path::new("/wal");
+            let mut old =
+                WalWriter::create(fs.clone(), dir, 1, retired_blocks * DIRECT_ALIGN as u64, Arc::default()).unwrap();
+            old.append_group(1, std::iter::once(one_op(4, 10).as_slice())).unwrap();
+            old.close().unwrap();
+            retire(fs.as_ref(), dir, &[1]).unwrap();
+
+            let recycled = Arc::new(AtomicU64::new(0));
+            let mut wal = WalWriter::create(fs.clone(), dir, 3, 4 * DIRECT_ALIGN as u64, recycled.clone()).unwrap();
+            wal.append_group(2, std::iter::once(one_op(4, 10).as_slice())).unwrap();
+            let capacity = wal.current.capacity;
+            drop(wal);
+            assert_eq!(recycled.load(Ordering::Relaxed), u64::from(reused), "{retired_blocks} blocks");
+            let expected_blocks = if reused { retired_blocks } else { 4 };
+            assert_eq!(capacity, expected_blocks * DIRECT_ALIGN as u64);
+            assert!(sim.get(&dir.join(free_segment_name(1))).is_none(), "{retired_blocks} blocks");
+            assert_eq!(replayed(&sim, dir).unwrap(), [2]);
+        }
+    }
+
     /// Segments of format 1 (checksums without salt) are still read.
     #[test]
     fn a_format_1_segment_is_still_read() {
