@@ -51,6 +51,12 @@ pub enum Stop {
     Bad { offset: usize, reason: String },
 }
 
+/// A frame header's `(len, crc)`; `header` is [`HEADER_LEN`] bytes.
+fn parse_header(header: &[u8]) -> (usize, u32) {
+    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    (len, u32::from_le_bytes([header[4], header[5], header[6], header[7]]))
+}
+
 /// The record starting at `offset`, if a valid one does: `(payload, next)`.
 pub fn record_at<'a>(buf: &'a [u8], salt: &[u8], offset: usize) -> Result<Option<(&'a [u8], usize)>, String> {
     let Some(header) = offset.checked_add(HEADER_LEN).and_then(|end| buf.get(offset..end)) else {
@@ -60,8 +66,7 @@ pub fn record_at<'a>(buf: &'a [u8], salt: &[u8], offset: usize) -> Result<Option
             Err("truncated record header".to_owned())
         };
     };
-    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-    let expected = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    let (len, expected) = parse_header(header);
     if len == 0 {
         return if expected == 0 { Ok(None) } else { Err("zero-length record with a checksum".to_owned()) };
     }
@@ -110,9 +115,7 @@ pub fn valid_records_after<'a>(
     wanted: impl Fn(&[u8]) -> bool + 'a,
 ) -> impl Iterator<Item = (usize, &'a [u8])> {
     (from + 1..buf.len().saturating_sub(HEADER_LEN)).filter_map(move |offset| {
-        let header = buf.get(offset..offset + HEADER_LEN)?;
-        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-        let expected = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        let (len, expected) = parse_header(buf.get(offset..offset + HEADER_LEN)?);
         let start = offset + HEADER_LEN;
         let payload = buf.get(start..start.checked_add(len)?)?;
         (len > 0 && wanted(payload) && checksum(salt, &[payload]) == expected).then_some((offset, payload))
