@@ -1,0 +1,242 @@
+//! Flushing (threads `quiver-flush` and `quiver-flush-io`): frozen
+//! memtables become verified tables, and the WAL they cover is retired.
+//!
+//! - Owns: the order in which frozen memtables leave (oldest first, so the
+//!   manifest's flushed sequence only grows), the kept table buffers, and
+//!   the spare memtable the next rotation reuses.
+//! - Receives: frozen memtables from [`apply`](super::apply) (in
+//!   `Levels::frozen`, woken through `Inner::background_cv`).
+//! - Does: `quiver-flush` builds each table in memory and hands it over at a
+//!   rendezvous; `quiver-flush-io` writes it to a new file, syncs it, reads
+//!   it back and compares ([`Inner::write_table`]), commits the manifest
+//!   edit that names it durably, and only then swaps the table in for the
+//!   memtable (which is then released) and **deletes or recycles the WAL
+//!   segments** every record of which is now in tables
+//!   ([`Inner::retire_flushed_segments`]).
+//! - Hands on: new tables to readers (a new `Levels`) and to
+//!   [`compact`](super::compact) (a wake-up).
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use super::recovery::open_table;
+use super::{read, write, Inner, Levels};
+use crate::lock;
+use crate::storage::error::{Error, IoContext, Result};
+use crate::storage::manifest::{Edit, TableMeta};
+use crate::storage::memtable::Memtable;
+use crate::storage::sstable::{table_name, Table, TableBuilder};
+use crate::storage::wal::{self, SegmentInfo};
+
+/// A frozen memtable's table, built in memory and not yet written.
+pub(super) struct BuiltFlush {
+    bytes: Vec<u8>,
+    /// The memtable's last sequence: flushed once the table is in.
+    max_seq: u64,
+}
+
+/// The flush thread: builds the table of each frozen memtable, oldest first,
+/// and hands it to the flush writer (which `spawn`s here), so the next table
+/// is built while the last one is written, synced and read back. Handed over
+/// at a rendezvous: at most one built table waits beside the one being
+/// written.
+pub(super) fn flush_loop(inner: Arc<Inner>) {
+    let (hand, writing) = std::sync::mpsc::sync_channel::<HandedFlush>(0);
+    std::thread::scope(|scope| {
+        let writer = std::thread::Builder::new()
+            .name("quiver-flush-io".into())
+            .spawn_scoped(scope, || flush_write_loop(&inner, writing));
+        if let Err(e) = writer {
+            inner.fail(format!("cannot start the flush writer thread: {e}"));
+            return;
+        }
+        // The last sequence of the last memtable handed over: the writer
+        // owns it (and every older one) from then on.
+        let mut handed_seq = 0;
+        loop {
+            let next = {
+                let mut background = lock(&inner.background);
+                loop {
+                    let levels = inner.levels();
+                    let oldest_unbuilt = levels.frozen.iter().rev().find(|m| read(m).seq_range().1 > handed_seq);
+                    if let Some(memtable) = oldest_unbuilt {
+                        break Some(memtable.clone());
+                    }
+                    if background.closing {
+                        break None;
+                    }
+                    background = inner.background_cv.wait(background).unwrap_or_else(|p| p.into_inner());
+                }
+            };
+            let Some(memtable) = next else { break };
+            let built = inner.build_flush(&memtable);
+            handed_seq = read(&memtable).seq_range().1;
+            if hand.send((memtable, built)).is_err() {
+                // The writer stopped: the engine is closing.
+                break;
+            }
+        }
+        drop(hand);
+    });
+}
+
+/// A frozen memtable and its built table, on the way to the flush writer.
+type HandedFlush = (Arc<RwLock<Memtable>>, Option<BuiltFlush>);
+
+/// Writes each built flush in, in the order built (oldest first); a failed
+/// one is tried again until it succeeds or the engine closes.
+fn flush_write_loop(inner: &Inner, writing: std::sync::mpsc::Receiver<HandedFlush>) {
+    for (memtable, built) in writing {
+        loop {
+            match inner.write_flush(&memtable, built.as_ref()) {
+                Ok(()) => {
+                    lock(&inner.background).flush_error = None;
+                    break;
+                }
+                Err(error) => {
+                    // The data stays in the WAL; writes stall once the frozen
+                    // memtables fill up, and the flush is tried again.
+                    tracing::error!(%error, "flush failed; retrying");
+                    let mut background = lock(&inner.background);
+                    background.flush_error = Some(error.to_string());
+                    inner.background_cv.notify_all();
+                    if background.closing {
+                        return;
+                    }
+                    let _ = inner.background_cv.wait_timeout(background, Duration::from_millis(200));
+                }
+            }
+        }
+        if let Some(built) = built {
+            inner.return_table_buffer(built.bytes);
+        }
+        inner.recycle(memtable);
+    }
+}
+
+impl Inner {
+    /// A table builder writing into a kept buffer, if one is free.
+    pub(super) fn table_builder(&self, min_seq: u64, max_seq: u64) -> TableBuilder {
+        let buf = lock(&self.table_buffers).pop().unwrap_or_default();
+        TableBuilder::with_buffer(buf, self.opts.block_bytes, self.opts.bloom_bits_per_key, min_seq, max_seq)
+    }
+
+    /// Keeps a flushed memtable's memory for the next active one, if no
+    /// reader holds it any more (one that does frees it when done).
+    pub(super) fn recycle(&self, memtable: Arc<RwLock<Memtable>>) {
+        if let Ok(memtable) = Arc::try_unwrap(memtable) {
+            let mut memtable = memtable.into_inner().unwrap_or_else(|p| p.into_inner());
+            // A hash table grown past half the budget would leave the next
+            // memtable too little room for entries.
+            memtable.clear(self.opts.memtable_bytes_max / 2);
+            *lock(&self.spare_memtable) = Some(memtable);
+        }
+    }
+
+    /// Keeps a finished table's buffer for the next (two for flushes, one
+    /// for compaction: at most three are kept).
+    pub(super) fn return_table_buffer(&self, buf: Vec<u8>) {
+        let mut buffers = lock(&self.table_buffers);
+        if buffers.len() < 3 {
+            buffers.push(buf);
+        }
+    }
+
+    /// Writes `bytes` as a new table file, syncs it, reads it back and
+    /// compares it with `bytes`; retries with a new file if they differ. The
+    /// table joins `run`, or starts a run of its own.
+    pub(super) fn write_table(&self, bytes: &[u8], run: Option<u64>) -> Result<Arc<Table>> {
+        let attempts = self.opts.table_write_attempts.max(1);
+        let mut last_error = None;
+        for attempt in 1..=attempts {
+            let id = lock(&self.manifest).next_file_id();
+            let path = self.dir.join(table_name(id));
+            let written = (|| {
+                self.fs.write_new(&path, bytes).ctx("write", &path)?;
+                self.fs.sync_dir(&self.dir).ctx("sync directory", &self.dir)?;
+                // Read back from the disk and compared with what the builder
+                // made, byte for byte.
+                if let Some(offset) = self.fs.first_difference(&path, bytes).ctx("read back", &path)? {
+                    return Err(Error::corrupt(&path, offset, "the table read back differs from what was written"));
+                }
+                open_table(self.fs.as_ref(), &path, id, run.unwrap_or(id), self.block_cache.as_ref())
+            })();
+            match written {
+                Ok(table) => return Ok(Arc::new(table)),
+                Err(error) => {
+                    tracing::warn!(path = %path.display(), attempt, %error, "new table failed verification; writing it again");
+                    self.counters.table_rewrites.fetch_add(1, Ordering::Relaxed);
+                    let _ = self.fs.remove(&path);
+                    last_error = Some(error);
+                }
+            }
+        }
+        Err(last_error.unwrap_or(Error::Closed))
+    }
+
+    /// Flushes one frozen memtable: builds its table, then writes it in.
+    pub(super) fn flush(&self, memtable: &Arc<RwLock<Memtable>>) -> Result<()> {
+        let built = self.build_flush(memtable);
+        let written = self.write_flush(memtable, built.as_ref());
+        if let Some(built) = built {
+            self.return_table_buffer(built.bytes);
+        }
+        written
+    }
+
+    /// The table of a frozen memtable, in memory (`None` if it is empty).
+    pub(super) fn build_flush(&self, memtable: &RwLock<Memtable>) -> Option<BuiltFlush> {
+        let memtable = read(memtable);
+        if memtable.is_empty() {
+            return None;
+        }
+        let (min_seq, max_seq) = memtable.seq_range();
+        let mut builder = self.table_builder(min_seq, max_seq);
+        for entry in memtable.sorted() {
+            builder.add_encoded(entry.key, entry.value, entry.hlc_range, entry.all_tombstones);
+        }
+        Some(BuiltFlush { bytes: builder.finish().0, max_seq })
+    }
+
+    /// Writes a built flush of the **oldest** frozen `memtable`: verified
+    /// table, manifest edit, swap, WAL cleanup.
+    pub(super) fn write_flush(&self, memtable: &Arc<RwLock<Memtable>>, built: Option<&BuiltFlush>) -> Result<()> {
+        let table = match built {
+            Some(built) => Some((self.write_table(&built.bytes, None)?, built.max_seq)),
+            None => None,
+        };
+        {
+            let mut manifest = lock(&self.manifest);
+            if let Some((table, max_seq)) = &table {
+                let meta =
+                    TableMeta { id: table.id(), run: table.run(), size: table.size(), props: table.props().clone() };
+                manifest.commit(Edit { added: vec![meta], flushed_seq: Some(*max_seq), ..Edit::default() })?;
+            }
+            let mut levels = write(&self.levels);
+            let frozen = levels.frozen.iter().filter(|m| !Arc::ptr_eq(m, memtable)).cloned().collect();
+            let mut tables = levels.tables.clone();
+            if let Some((table, _)) = table {
+                tables.insert(0, table);
+            }
+            *levels = Arc::new(Levels { active: levels.active.clone(), frozen, tables });
+        }
+        self.counters.flushes.fetch_add(1, Ordering::Relaxed);
+        self.wake_background(true);
+        self.retire_flushed_segments()
+    }
+
+    /// Retires WAL segments whose every record is in tables (see
+    /// [`wal::retire`]). Never the one being written.
+    pub(super) fn retire_flushed_segments(&self) -> Result<()> {
+        let flushed = lock(&self.manifest).state().flushed_seq;
+        let mut segments = lock(&self.segments);
+        let current = segments.1;
+        let (dead, live): (Vec<SegmentInfo>, Vec<SegmentInfo>) =
+            segments.0.iter().partition(|s| s.number != current && s.last_seq.is_none_or(|last| last <= flushed));
+        let dead: Vec<u64> = dead.iter().map(|s| s.number).collect();
+        wal::retire(self.fs.as_ref(), &self.dir, &dead)?;
+        segments.0 = live;
+        Ok(())
+    }
+}

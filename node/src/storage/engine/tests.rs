@@ -1,0 +1,258 @@
+//! Tests at the seams between the engine's threads: each one holds a thread
+//! inside the durable step it must wait for, and checks that the next thread
+//! has not acted yet.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use quiver_ring::{Hlc, NodeId, Stamper};
+
+use super::*;
+use crate::storage::disk::{File, SimFs};
+use crate::storage::manifest;
+use crate::storage::wal::segment_name;
+
+/// Which durable step a [`Gate`] holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    /// The WAL's durable group write.
+    WalWrite,
+    /// The manifest's sync after an edit.
+    ManifestSync,
+}
+
+/// Holds the next call of one durable step until the test opens it.
+#[derive(Debug, Default)]
+struct Gate {
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    armed: Option<Step>,
+    /// A call is held inside the gate.
+    holding: bool,
+    /// The held call may finish (and the gate is disarmed).
+    open: bool,
+}
+
+/// Bound on the waits below, so that a broken engine fails the test instead
+/// of hanging it. Not a timing assertion: each wait returns as soon as its
+/// condition holds.
+const WAIT_MAX: Duration = Duration::from_secs(60);
+
+impl Gate {
+    fn arm(&self, step: Step) {
+        *lock(&self.state) = GateState { armed: Some(step), holding: false, open: false };
+    }
+
+    /// Called by the file system at `step`: blocks while the gate is armed
+    /// for it and not yet opened.
+    fn pass(&self, step: Step) {
+        let mut state = lock(&self.state);
+        if state.armed != Some(step) || state.open {
+            return;
+        }
+        state.holding = true;
+        self.changed.notify_all();
+        while !state.open {
+            state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Waits until a call is held.
+    fn wait_holding(&self) {
+        let state = lock(&self.state);
+        let (state, timeout) = self.changed.wait_timeout_while(state, WAIT_MAX, |s| !s.holding).unwrap();
+        assert!(!timeout.timed_out() && state.holding, "the engine never reached the gated step");
+    }
+
+    fn open(&self) {
+        let mut state = lock(&self.state);
+        state.open = true;
+        state.armed = None;
+        self.changed.notify_all();
+    }
+}
+
+/// Opens the gate when dropped, so a failed assertion does not leave an
+/// engine thread blocked forever.
+struct OpenOnDrop(Arc<Gate>);
+
+impl Drop for OpenOnDrop {
+    fn drop(&mut self) {
+        self.0.open();
+    }
+}
+
+/// A [`SimFs`] whose WAL writes and manifest syncs pass a [`Gate`].
+#[derive(Debug)]
+struct GatedFs {
+    sim: SimFs,
+    gate: Arc<Gate>,
+}
+
+#[derive(Debug)]
+struct GatedFile {
+    file: Box<dyn File>,
+    gate: Arc<Gate>,
+    path: PathBuf,
+}
+
+impl GatedFile {
+    /// The manifest, or the new one it is written as before its rename.
+    fn is_manifest(&self) -> bool {
+        self.path.file_name().and_then(|name| name.to_str()).is_some_and(|name| name.starts_with(manifest::FILE_NAME))
+    }
+}
+
+impl File for GatedFile {
+    fn len(&self) -> io::Result<u64> {
+        self.file.len()
+    }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        self.file.sync_data()?;
+        if self.is_manifest() {
+            self.gate.pass(Step::ManifestSync);
+        }
+        Ok(())
+    }
+    fn write_durable_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        // The write is on disk before the gate, as a slow disk would have it:
+        // what is held is the return to the caller.
+        self.file.write_durable_at(buf, offset)?;
+        if self.path.extension().is_some_and(|ext| ext == "wal") {
+            self.gate.pass(Step::WalWrite);
+        }
+        Ok(())
+    }
+}
+
+impl GatedFs {
+    fn wrap(&self, path: &Path, file: io::Result<Box<dyn File>>) -> io::Result<Box<dyn File>> {
+        Ok(Box::new(GatedFile { file: file?, gate: self.gate.clone(), path: path.to_path_buf() }))
+    }
+}
+
+impl Fs for GatedFs {
+    fn create(&self, path: &Path) -> io::Result<Box<dyn File>> {
+        self.wrap(path, self.sim.create(path))
+    }
+    fn open(&self, path: &Path) -> io::Result<Box<dyn File>> {
+        self.wrap(path, self.sim.open(path))
+    }
+    fn open_log(&self, path: &Path) -> io::Result<Box<dyn File>> {
+        self.wrap(path, self.sim.open_log(path))
+    }
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        self.sim.remove(path)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.sim.rename(from, to)
+    }
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        self.sim.list(dir)
+    }
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        self.sim.create_dir_all(dir)
+    }
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        self.sim.sync_dir(dir)
+    }
+}
+
+fn gated_engine(opts: Options) -> (Engine, Arc<Gate>, SimFs, PathBuf) {
+    let sim = SimFs::new();
+    let gate = Arc::new(Gate::default());
+    let dir = PathBuf::from("/db");
+    let fs = Arc::new(GatedFs { sim: sim.clone(), gate: gate.clone() });
+    let engine = Engine::open_with(fs, &dir, opts).unwrap();
+    (engine, gate, sim, dir)
+}
+
+fn op(stamper: &mut Stamper, key: &[u8], value: &[u8]) -> Op {
+    Op { key: key.to_vec(), version: stamper.next(now_ms()).blind(Some(value.to_vec())) }
+}
+
+fn value_of(engine: &Engine, key: &[u8]) -> Option<Vec<u8>> {
+    engine.get(key).unwrap().and_then(|s| s.value().map(<[u8]>::to_vec))
+}
+
+/// The commit thread must not pass a group on (and so nothing may
+/// acknowledge it) before its durable write has returned.
+#[test]
+fn a_group_is_acknowledged_only_after_its_durable_write_returned() {
+    let (engine, gate, _sim, _dir) = gated_engine(Options::default());
+    let _open = OpenOnDrop(gate.clone());
+    let mut stamper = Stamper::new(NodeId(1), Hlc(0));
+    gate.arm(Step::WalWrite);
+    let (acked, answers) = std::sync::mpsc::channel();
+    engine.write_then(vec![op(&mut stamper, b"k", b"v")], move |result| {
+        let _ = acked.send(result);
+    });
+    gate.wait_holding();
+    // The write's bytes are on the disk, but its durable write has not
+    // returned: it must be neither acknowledged nor visible.
+    assert!(answers.try_recv().is_err(), "acknowledged before the durable write returned");
+    assert_eq!(value_of(&engine, b"k"), None, "visible before the durable write returned");
+    gate.open();
+    let seq = answers.recv_timeout(WAIT_MAX).expect("never acknowledged").unwrap();
+    assert_eq!(seq, 1);
+    // Acknowledged means visible.
+    assert_eq!(value_of(&engine, b"k").as_deref(), Some(&b"v"[..]));
+}
+
+/// A frozen memtable stays readable, and the WAL segments it came from stay
+/// on disk, until the manifest edit that names its table is durable.
+#[test]
+fn a_frozen_memtable_and_its_wal_stay_until_its_tables_manifest_edit_is_durable() {
+    let opts = Options { wal_segment_bytes: 16 << 10, background_compaction: false, ..Options::default() };
+    let (engine, gate, sim, dir) = gated_engine(opts);
+    let engine = Arc::new(engine);
+    let _open = OpenOnDrop(gate.clone());
+    let mut stamper = Stamper::new(NodeId(1), Hlc(0));
+    // Enough writes to fill the first segment, so that one is retired by
+    // the flush.
+    for i in 0..40u32 {
+        engine.write_blocking(vec![op(&mut stamper, format!("key{i:03}").as_bytes(), &[7; 1000])]).unwrap();
+    }
+    let first_segment = dir.join(segment_name(1));
+    assert!(sim.get(&first_segment).is_some(), "the first segment should exist before the flush");
+
+    gate.arm(Step::ManifestSync);
+    let flushing = {
+        let engine = engine.clone();
+        std::thread::spawn(move || engine.flush())
+    };
+    gate.wait_holding();
+    // The table is written and its edit is in the manifest file, but the
+    // edit's sync has not returned.
+    let levels = engine.inner.levels();
+    assert_eq!(levels.frozen.len(), 1, "the frozen memtable was released before its manifest edit was durable");
+    assert!(levels.tables.is_empty(), "the table was swapped in before its manifest edit was durable");
+    assert!(sim.get(&first_segment).is_some(), "a WAL segment was retired before the manifest edit was durable");
+    assert_eq!(value_of(&engine, b"key007").as_deref(), Some(&[7; 1000][..]));
+
+    gate.open();
+    flushing.join().unwrap().unwrap();
+    let levels = engine.inner.levels();
+    assert!(levels.frozen.is_empty());
+    assert_eq!(levels.tables.len(), 1);
+    // Retiring follows the swap on the flush-io thread; a shutdown waits
+    // for it.
+    engine.shutdown().unwrap();
+    assert!(sim.get(&first_segment).is_none(), "the segment the table covers should be retired");
+    assert_eq!(value_of(&engine, b"key007").as_deref(), Some(&[7; 1000][..]));
+}
