@@ -132,6 +132,11 @@ impl NodeProcess {
         Ok(None)
     }
 
+    /// The exit status if the process has exited, without waiting.
+    pub fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
+        self.child.try_wait()
+    }
+
     /// Waits for the process to exit by itself.
     pub fn wait(&mut self) -> io::Result<ExitStatus> {
         self.child.wait()

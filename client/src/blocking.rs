@@ -71,8 +71,13 @@ impl Client {
         self.runtime.block_on(self.inner.status())
     }
 
+    /// See [`crate::Client::limits`].
+    pub fn limits(&self) -> Result<crate::Limits> {
+        self.runtime.block_on(self.inner.limits())
+    }
+
     /// See [`crate::Client::shutdown_node`].
-    pub fn shutdown_node(&self) -> Result<()> {
-        self.runtime.block_on(self.inner.shutdown_node())
+    pub fn shutdown_node(&self, token: &str) -> Result<()> {
+        self.runtime.block_on(self.inner.shutdown_node(token))
     }
 }

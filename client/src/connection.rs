@@ -1,13 +1,18 @@
 //! One TCP connection to a node, shared by every call: requests are written
 //! by one task (batched into few writes) and answers are matched to their
 //! callers by id, in whatever order they come.
+//!
+//! A connection opens with the handshake (`Hello`): the node's protocol, id
+//! and limits. Every request is then checked against those limits before it
+//! is sent, so one the node would refuse fails here with the same error,
+//! however large it is, and the connection stays up.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use quiver_ring::wire::{self, Op, Request, Response};
+use quiver_ring::wire::{self, NodeInfo, Op, Reply, Request, Response};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -28,21 +33,51 @@ pub(crate) struct Connection {
     broken: Arc<AtomicBool>,
     /// Largest timestamp seen in any answer on any connection.
     hlc: Arc<AtomicU64>,
+    /// What the node said in the handshake.
+    info: NodeInfo,
 }
 
 impl Connection {
-    pub(crate) async fn open(addr: &str, hlc: Arc<AtomicU64>, timeout: Duration) -> std::io::Result<Connection> {
+    /// Connects and makes the handshake.
+    pub(crate) async fn open(addr: &str, hlc: Arc<AtomicU64>, timeout: Duration) -> Result<Connection> {
+        let mut connection = Connection::connect(addr, hlc, timeout).await?;
+        match connection.call(Op::Hello { protocol: wire::PROTOCOL_VERSION }, timeout).await? {
+            Reply::Hello(info) => connection.info = info,
+            other => return Err(Error::Protocol(format!("expected the node's hello, got {other:?}"))),
+        }
+        Ok(connection)
+    }
+
+    /// Connects, without the handshake.
+    async fn connect(addr: &str, hlc: Arc<AtomicU64>, timeout: Duration) -> Result<Connection> {
+        let io_error = |e: std::io::Error| Error::ConnectionLost { addr: addr.to_owned(), reason: e.to_string() };
         let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
             .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
-        stream.set_nodelay(true)?;
+            .map_err(|_| Error::Timeout { addr: addr.to_owned(), timeout })?
+            .map_err(io_error)?;
+        stream.set_nodelay(true).map_err(io_error)?;
         let (reader, writer) = stream.into_split();
         let (requests, queue) = mpsc::unbounded_channel();
         let pending: Pending = Arc::default();
         let broken = Arc::new(AtomicBool::new(false));
         tokio::spawn(write_requests(writer, queue, broken.clone()));
         tokio::spawn(read_responses(reader, pending.clone(), broken.clone(), hlc.clone()));
-        Ok(Connection { addr: addr.to_owned(), requests, pending, next_id: AtomicU64::new(1), broken, hlc })
+        Ok(Connection {
+            addr: addr.to_owned(),
+            requests,
+            pending,
+            next_id: AtomicU64::new(1),
+            broken,
+            hlc,
+            // Until the node answers: the defaults, which the handshake
+            // itself is far within.
+            info: NodeInfo { protocol: wire::PROTOCOL_VERSION, node_id: 0, limits: wire::Limits::default() },
+        })
+    }
+
+    /// What the node said when the connection opened.
+    pub(crate) fn info(&self) -> &NodeInfo {
+        &self.info
     }
 
     pub(crate) fn is_broken(&self) -> bool {
@@ -53,13 +88,25 @@ impl Connection {
         &self.addr
     }
 
-    /// Sends one request and waits for its answer.
+    /// Sends one request and waits for its answer. A request over the
+    /// node's limits is refused here, with the error the node would give.
     pub(crate) async fn call(&self, op: Op, timeout: Duration) -> Result<wire::Reply> {
+        let limits = &self.info.limits;
+        let refused = |e: wire::ServerError| Error::Server { kind: e.kind, message: e.message };
+        limits.check(&op).map_err(refused)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut frame = Vec::new();
+        let request = Request { id, hlc_seen: self.hlc.load(Ordering::Relaxed), op };
+        if let Err(too_large) = wire::encode_frame(&mut frame, &request, limits.frame_bytes_max as usize) {
+            return Err(refused(
+                limits
+                    .check_frame(too_large.bytes)
+                    .err()
+                    .unwrap_or_else(|| wire::ServerError::new(wire::ErrorKind::FrameTooLarge, too_large.to_string())),
+            ));
+        }
         let (done, answer) = oneshot::channel();
         lock(&self.pending).insert(id, done);
-        let mut frame = Vec::new();
-        wire::encode_frame(&mut frame, &Request { id, hlc_seen: self.hlc.load(Ordering::Relaxed), op });
         let lost = |reason: &str| Error::ConnectionLost { addr: self.addr.clone(), reason: reason.to_owned() };
         if self.is_broken() || self.requests.send(frame).is_err() {
             lock(&self.pending).remove(&id);
@@ -112,11 +159,11 @@ async fn read_responses(reader: OwnedReadHalf, pending: Pending, broken: Arc<Ato
             break;
         }
         let len = wire::frame_len(header);
-        if len > wire::FRAME_BYTES_MAX {
-            break;
-        }
-        let mut body = vec![0u8; len];
-        if reader.read_exact(&mut body).await.is_err() {
+        // Grown as the bytes arrive: the node's frame limit may be above
+        // the default, and a broken stream must not reserve memory.
+        let mut body = Vec::with_capacity(len.min(64 << 10));
+        let mut limited = (&mut reader).take(len as u64);
+        if limited.read_to_end(&mut body).await.is_err() || body.len() != len {
             break;
         }
         let Ok(response) = postcard::from_bytes::<Response>(&body) else { break };
@@ -147,12 +194,17 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         tokio::spawn(async move {
-            let (mut socket, _) = listener.accept().await.unwrap();
-            let mut buf = vec![0u8; 4096];
-            while socket.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+            while let Ok((mut socket, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    while socket.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+                });
+            }
         });
         let timeout = Duration::from_millis(200);
-        let connection = Connection::open(&addr, Arc::default(), timeout).await.unwrap();
+        let connection = Connection::open(&addr, Arc::default(), timeout).await;
+        assert!(matches!(connection, Err(Error::Timeout { .. })), "the handshake itself has no answer: {connection:?}");
+        let connection = Connection::connect(&addr, Arc::default(), timeout).await.unwrap();
         for _ in 0..2 {
             let started = std::time::Instant::now();
             let call = connection.call(Op::Get { key: b"k".to_vec() }, timeout);

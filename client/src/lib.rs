@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 pub use error::{Error, Result};
-pub use quiver_ring::wire::{ErrorKind, NodeStatus};
+pub use quiver_ring::wire::{ErrorKind, Limits, NodeStatus};
 use quiver_ring::wire::{Op, Reply};
 use tokio::sync::Mutex;
 
@@ -106,6 +106,8 @@ impl Client {
                     *lock(&self.current) = Some(connection.clone());
                     return Ok(connection);
                 }
+                // A node that refuses this client will refuse it again.
+                Err(e @ (Error::Server { .. } | Error::Protocol(_))) => return Err(e),
                 Err(e) => last = format!("{addr}: {e}"),
             }
         }
@@ -175,8 +177,16 @@ impl Client {
         }
     }
 
-    /// Admin: asks the connected node to shut down gracefully.
-    pub async fn shutdown_node(&self) -> Result<()> {
-        self.call_done(Op::Shutdown).await
+    /// Admin: asks the connected node to shut down gracefully. `token` is
+    /// the node's admin token (the `ADMIN_TOKEN` file in its data
+    /// directory); without it the node answers [`ErrorKind::Forbidden`].
+    pub async fn shutdown_node(&self, token: &str) -> Result<()> {
+        self.call_done(Op::Shutdown { token: token.to_owned() }).await
+    }
+
+    /// The limits of the node this client is connected to, as it said when
+    /// the connection opened. Requests over them fail before they are sent.
+    pub async fn limits(&self) -> Result<Limits> {
+        Ok(self.connection().await?.info().limits.clone())
     }
 }

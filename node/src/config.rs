@@ -18,6 +18,7 @@
 //! memtable_bytes_max = 67108864
 //! wal_segment_bytes = 67108864
 //! block_cache_bytes = 0
+//! read_threads = 0          # 0: one per core, at least 2
 //! repair = false
 //! ```
 
@@ -64,6 +65,8 @@ pub struct Storage {
     pub wal_segment_bytes: u64,
     /// Memory for the cache of table blocks that reads found (0: none).
     pub block_cache_bytes: usize,
+    /// Threads that serve reads (0: one per core, at least 2).
+    pub read_threads: usize,
     /// Open a damaged WAL or manifest by keeping its valid prefix.
     pub repair: bool,
 }
@@ -84,13 +87,27 @@ impl Default for Config {
 
 impl Default for Limits {
     fn default() -> Limits {
+        let wire = quiver_ring::wire::Limits::default();
         Limits {
-            key_bytes_max: 4 << 10,
-            value_bytes_max: 4 << 20,
-            bulk_entries_max: 100_000,
-            bulk_bytes_max: 64 << 20,
-            frame_bytes_max: quiver_ring::wire::FRAME_BYTES_MAX,
+            key_bytes_max: wire.key_bytes_max as usize,
+            value_bytes_max: wire.value_bytes_max as usize,
+            bulk_entries_max: wire.bulk_entries_max as usize,
+            bulk_bytes_max: wire.bulk_bytes_max as usize,
+            frame_bytes_max: wire.frame_bytes_max as usize,
             requests_in_flight_max: 4096,
+        }
+    }
+}
+
+impl Limits {
+    /// The limits a client learns when it connects.
+    pub fn wire(&self) -> quiver_ring::wire::Limits {
+        quiver_ring::wire::Limits {
+            key_bytes_max: self.key_bytes_max as u64,
+            value_bytes_max: self.value_bytes_max as u64,
+            bulk_entries_max: self.bulk_entries_max as u64,
+            bulk_bytes_max: self.bulk_bytes_max as u64,
+            frame_bytes_max: self.frame_bytes_max as u64,
         }
     }
 }
@@ -102,6 +119,7 @@ impl Default for Storage {
             memtable_bytes_max: engine.memtable_bytes_max,
             wal_segment_bytes: engine.wal_segment_bytes,
             block_cache_bytes: engine.block_cache_bytes,
+            read_threads: 0,
             repair: false,
         }
     }
@@ -150,6 +168,14 @@ impl Config {
             return invalid("frame_bytes_max must leave room for the largest key and value".into());
         }
         Ok(())
+    }
+
+    /// Reader threads: as configured, or one per core (at least 2).
+    pub fn read_threads(&self) -> usize {
+        match self.storage.read_threads {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()).max(2),
+            n => n,
+        }
     }
 
     /// The engine options these settings imply.

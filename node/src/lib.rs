@@ -2,21 +2,28 @@
 //!
 //! - [`storage`]: the per-node engine (WAL, memtables, SSTables, manifest,
 //!   compaction).
-//! - [`service`]: what the node does with each client request.
+//! - [`service`]: what the node does with each client request: the front
+//!   that checks it, and the [`Store`](service::Store) that does it.
 //! - [`net`]: the client listener.
 //! - [`config`]: `quiverd`'s settings.
+//! - [`clock`]: where the request path gets the time.
+//! - [`identity`]: the node's id and admin token files.
 
+pub mod clock;
 pub mod config;
+pub mod identity;
 pub mod net;
 pub mod service;
 pub mod storage;
 
 use std::sync::{Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
 
-/// Wall-clock milliseconds since the Unix epoch (0 if the clock is before it).
+use clock::Clock;
+
+/// The system's wall-clock milliseconds, for the engine's own needs
+/// (tombstone horizons, fault seeds); the request path takes a [`Clock`].
 pub(crate) fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    clock::SystemClock.now_ms()
 }
 
 /// Locks a mutex, going on after a panic elsewhere poisoned it: every value

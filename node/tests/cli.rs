@@ -127,3 +127,66 @@ fn status_errors_and_addr_flag() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("could not connect"), "{}", stderr(&out));
 }
+
+#[test]
+fn a_file_over_the_bulk_limits_is_refused_clearly_and_load_stores_it_in_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path(), &["--bulk-entries-max", "100"]);
+    let file = dir.path().join("big.tsv");
+    let lines: String = (1..=1000).map(|i| format!("k{i:04}\tv{i}\n")).collect();
+    std::fs::write(&file, &lines).unwrap();
+    let path = file.to_str().unwrap();
+
+    // Refused by the client, with the node's limit and the way out.
+    let out = quiver(&node.addr, &["bulk-set", "--file", path], None);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(err.contains("BulkTooLarge") && err.contains("limit of 100"), "{err}");
+    assert!(err.contains("quiver load"), "{err}");
+    assert_eq!(quiver(&node.addr, &["get", "k0001"], None).status.code(), Some(1));
+
+    // Loaded in batches of 30 (the node would take 100).
+    let out = quiver(&node.addr, &["load", path, "--batch", "30"], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "OK (1000 entries in 34 batches, through line 1000)\n");
+    assert_eq!(stdout(&quiver(&node.addr, &["get", "k0777"], None)), "v777\n");
+    // A batch larger than the node allows is cut to its limit.
+    let out = quiver(&node.addr, &["load", "-"], Some(&lines));
+    assert_eq!(stdout(&out), "OK (1000 entries in 10 batches, through line 1000)\n");
+
+    // A bad line stops the load: what is stored and what is not is said.
+    let mut damaged: Vec<String> = (1..=100).map(|i| format!("d{i:03}\tw{i}")).collect();
+    damaged[49] = "no tab on line fifty".into();
+    let out = quiver(&node.addr, &["load", "-", "--batch", "20"], Some(&damaged.join("\n")));
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(err.contains("line 50: expected KEY<TAB>VALUE"), "{err}");
+    assert!(err.contains("lines 1-40 are stored (40 entries in 2 batches)"), "{err}");
+    assert!(err.contains("no line after 40 was stored"), "{err}");
+    assert_eq!(stdout(&quiver(&node.addr, &["get", "d040"], None)), "w40\n");
+    assert_eq!(quiver(&node.addr, &["get", "d041"], None).status.code(), Some(1));
+
+    // A batch the node refuses: its lines are named.
+    let mut refused: Vec<String> = (1..=30).map(|i| format!("e{i:02}\tx")).collect();
+    refused[24] = "\tan empty key".into();
+    let out = quiver(&node.addr, &["load", "-", "--batch", "10"], Some(&refused.join("\n")));
+    let err = stderr(&out);
+    assert!(err.contains("lines 21-30 (batch 3) failed: EmptyKey"), "{err}");
+    assert!(err.contains("lines 1-20 are stored"), "{err}");
+    assert_eq!(stdout(&quiver(&node.addr, &["get", "e20"], None)), "x\n");
+    assert_eq!(quiver(&node.addr, &["get", "e21"], None).status.code(), Some(1));
+}
+
+#[test]
+fn shutdown_reads_the_admin_token_from_the_data_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = start_node(dir.path(), &[]);
+    let out = quiver(&node.addr, &["shutdown"], None);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--data-dir"), "{}", stderr(&out));
+    let out = quiver(&node.addr, &["shutdown", "--token", "wrong"], None);
+    assert!(stderr(&out).contains("Forbidden"), "{}", stderr(&out));
+    let out = quiver(&node.addr, &["shutdown", "--data-dir", dir.path().to_str().unwrap()], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(node.wait().unwrap().success());
+}

@@ -66,7 +66,10 @@ fn set_graceful_exit_restart_get() {
     assert_eq!(client.get("k").unwrap().as_deref(), Some(&b"survives SIGTERM"[..]));
     assert_eq!(client.get("b99").unwrap().as_deref(), Some(&b"v99"[..]));
     client.set("k", "survives admin shutdown").unwrap();
-    client.shutdown_node().unwrap();
+    let error = client.shutdown_node("not the token").unwrap_err();
+    assert_eq!(error.kind(), Some(ErrorKind::Forbidden), "{error}");
+    let token = quiver_node::identity::read_admin_token(dir.path()).unwrap();
+    client.shutdown_node(&token).unwrap();
     assert!(node.wait().unwrap().success());
 
     let node = start_node(dir.path(), &[]);

@@ -4,6 +4,11 @@
 //! frame := len u32 BE | postcard(Request or Response)     len = body bytes
 //! ```
 //!
+//! A connection opens with [`Op::Hello`]: the node answers with its
+//! protocol version, its id and its limits, so that a client can refuse
+//! locally what the node would refuse, with the same error. A client of
+//! another protocol version gets [`ErrorKind::UnsupportedProtocol`].
+//!
 //! A connection carries many requests at once. Every response repeats its
 //! request's `id`, and responses may come back in any order. A frame larger
 //! than the node's limit, or one that does not decode, gets an error response
@@ -21,6 +26,10 @@ pub const LEN_BYTES: usize = 4;
 
 /// Default largest frame a node accepts: a full 64 MiB bulk set plus room.
 pub const FRAME_BYTES_MAX: usize = 72 << 20;
+
+/// The protocol this build speaks. 2: connections open with `Hello`, admin
+/// requests carry a token.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// A client's request.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,8 +71,17 @@ pub enum Op {
         entries: Vec<(Vec<u8>, Vec<u8>)>,
     },
     Status,
-    /// Admin: stop the node gracefully.
-    Shutdown,
+    /// Admin: stop the node gracefully. `token` is the node's admin token
+    /// (the file `ADMIN_TOKEN` in its data directory); anything else is
+    /// [`ErrorKind::Forbidden`].
+    Shutdown {
+        token: String,
+    },
+    /// The first request of a connection: the client's protocol version.
+    /// Answered with [`Reply::Hello`].
+    Hello {
+        protocol: u32,
+    },
 }
 
 /// The node's answer to one request.
@@ -85,6 +103,123 @@ pub enum Reply {
     /// For writes: durable on disk (fsynced). For `Shutdown`: shutting down.
     Done,
     Status(NodeStatus),
+    /// For `Hello`.
+    Hello(NodeInfo),
+}
+
+/// What a node tells a client when a connection opens.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub protocol: u32,
+    pub node_id: u64,
+    pub limits: Limits,
+}
+
+/// The per-request limits a node enforces. Clients learn them in
+/// [`NodeInfo`] and check requests against them before sending, with the
+/// same errors the node would give.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    pub key_bytes_max: u64,
+    pub value_bytes_max: u64,
+    /// Entries of one bulk set, and keys of one `GetMany`.
+    pub bulk_entries_max: u64,
+    /// Bytes (keys + values) of one bulk set.
+    pub bulk_bytes_max: u64,
+    /// Largest frame, request or response.
+    pub frame_bytes_max: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            key_bytes_max: 4 << 10,
+            value_bytes_max: 4 << 20,
+            bulk_entries_max: 100_000,
+            bulk_bytes_max: 64 << 20,
+            frame_bytes_max: FRAME_BYTES_MAX as u64,
+        }
+    }
+}
+
+impl Limits {
+    /// A key must be 1..=`key_bytes_max` bytes.
+    pub fn check_key(&self, key: &[u8]) -> Result<(), ServerError> {
+        if key.is_empty() {
+            return Err(ServerError::new(ErrorKind::EmptyKey, "keys must be at least one byte"));
+        }
+        if key.len() as u64 > self.key_bytes_max {
+            return Err(ServerError::new(
+                ErrorKind::KeyTooLarge,
+                format!("key of {} bytes exceeds the limit of {} bytes", key.len(), self.key_bytes_max),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A value must be at most `value_bytes_max` bytes.
+    pub fn check_value(&self, value: &[u8]) -> Result<(), ServerError> {
+        if value.len() as u64 > self.value_bytes_max {
+            return Err(ServerError::new(
+                ErrorKind::ValueTooLarge,
+                format!("value of {} bytes exceeds the limit of {} bytes", value.len(), self.value_bytes_max),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A request's count of keys or entries.
+    fn check_count(&self, count: usize, what: &str) -> Result<(), ServerError> {
+        if count as u64 > self.bulk_entries_max {
+            return Err(ServerError::new(
+                ErrorKind::BulkTooLarge,
+                format!("{what} of {count} entries exceeds the limit of {}", self.bulk_entries_max),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks `op` against every limit but the frame's: what the node
+    /// checks before it acts on a request.
+    pub fn check(&self, op: &Op) -> Result<(), ServerError> {
+        match op {
+            Op::Get { key } | Op::Delete { key } => self.check_key(key),
+            Op::Set { key, value } => {
+                self.check_key(key)?;
+                self.check_value(value)
+            }
+            Op::GetMany { keys } => {
+                self.check_count(keys.len(), "get_many")?;
+                keys.iter().try_for_each(|key| self.check_key(key))
+            }
+            Op::BulkSet { entries } => {
+                self.check_count(entries.len(), "bulk set")?;
+                let bytes: u64 = entries.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum();
+                if bytes > self.bulk_bytes_max {
+                    return Err(ServerError::new(
+                        ErrorKind::BulkTooLarge,
+                        format!("bulk set of {bytes} bytes exceeds the limit of {} bytes", self.bulk_bytes_max),
+                    ));
+                }
+                entries.iter().try_for_each(|(key, value)| {
+                    self.check_key(key)?;
+                    self.check_value(value)
+                })
+            }
+            Op::Status | Op::Shutdown { .. } | Op::Hello { .. } => Ok(()),
+        }
+    }
+
+    /// Checks a frame body's length.
+    pub fn check_frame(&self, body_bytes: usize) -> Result<(), ServerError> {
+        if body_bytes as u64 > self.frame_bytes_max {
+            return Err(ServerError::new(
+                ErrorKind::FrameTooLarge,
+                format!("frame of {body_bytes} bytes exceeds the limit of {} bytes", self.frame_bytes_max),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// What `status` reports.
@@ -129,6 +264,14 @@ pub enum ErrorKind {
     ShuttingDown,
     /// Anything else.
     Internal,
+    /// The answer would be larger than the frame limit (a `GetMany` of many
+    /// large values); ask for fewer keys at a time. The connection stays
+    /// open.
+    ResponseTooLarge,
+    /// An admin request without the node's admin token.
+    Forbidden,
+    /// The client speaks another protocol version.
+    UnsupportedProtocol,
 }
 
 impl ErrorKind {
@@ -151,15 +294,50 @@ impl ServerError {
     }
 }
 
-/// Appends one frame holding `message` to `out`.
-pub fn encode_frame<T: Serialize>(out: &mut Vec<u8>, message: &T) {
+/// Why [`encode_frame`] wrote nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("a frame of {bytes} bytes exceeds the limit of {max} bytes")]
+pub struct FrameTooLarge {
+    pub bytes: usize,
+    pub max: usize,
+}
+
+/// Appends one frame holding `message` to `out`, if its body is at most
+/// `max` bytes (and fits the 4-byte length, whatever `max` says); else
+/// leaves `out` as it was.
+pub fn encode_frame<T: Serialize>(out: &mut Vec<u8>, message: &T, max: usize) -> Result<(), FrameTooLarge> {
     let start = out.len();
     out.extend_from_slice(&[0; LEN_BYTES]);
-    // Encoding into a Vec cannot fail for these types.
-    let mut body = postcard::to_extend(message, std::mem::take(out)).expect("postcard encodes into a Vec");
-    let len = (body.len() - start - LEN_BYTES) as u32;
-    body[start..start + LEN_BYTES].copy_from_slice(&len.to_be_bytes());
+    let Ok(mut body) = postcard::to_extend(message, std::mem::take(out)) else {
+        // postcard fails only on types it cannot encode, none of which are
+        // sent; nothing is written.
+        return Err(FrameTooLarge { bytes: usize::MAX, max });
+    };
+    let bytes = body.len() - start - LEN_BYTES;
+    match frame_header(bytes, max) {
+        Ok(header) => {
+            if let Some(at) = body.get_mut(start..start + LEN_BYTES) {
+                at.copy_from_slice(&header);
+            }
+        }
+        Err(error) => {
+            body.truncate(start);
+            *out = body;
+            return Err(error);
+        }
+    }
     *out = body;
+    Ok(())
+}
+
+/// The header of a frame whose body is `bytes` long, if that is at most
+/// `max` and fits the 4-byte length.
+fn frame_header(bytes: usize, max: usize) -> Result<[u8; LEN_BYTES], FrameTooLarge> {
+    let max = max.min(u32::MAX as usize);
+    match u32::try_from(bytes) {
+        Ok(len) if bytes <= max => Ok(len.to_be_bytes()),
+        _ => Err(FrameTooLarge { bytes, max }),
+    }
 }
 
 /// The body length a frame header announces.
@@ -181,7 +359,7 @@ mod tests {
     fn frame_roundtrip() {
         let request = Request { id: 7, hlc_seen: 9, op: Op::Set { key: b"k".to_vec(), value: b"v".to_vec() } };
         let mut buf = Vec::new();
-        encode_frame(&mut buf, &request);
+        encode_frame(&mut buf, &request, FRAME_BYTES_MAX).unwrap();
         let len = frame_len(buf[..4].try_into().unwrap());
         assert_eq!(len, buf.len() - 4);
         assert_eq!(postcard::from_bytes::<Request>(&buf[4..]).unwrap(), request);
@@ -191,9 +369,57 @@ mod tests {
     #[test]
     fn truncated_body_still_yields_its_id() {
         let mut buf = Vec::new();
-        encode_frame(&mut buf, &Request { id: 300, hlc_seen: 0, op: Op::Get { key: vec![1; 50] } });
+        encode_frame(&mut buf, &Request { id: 300, hlc_seen: 0, op: Op::Get { key: vec![1; 50] } }, FRAME_BYTES_MAX)
+            .unwrap();
         let body = &buf[4..buf.len() - 10];
         assert!(postcard::from_bytes::<Request>(body).is_err());
         assert_eq!(peek_id(body), Some(300));
+    }
+
+    #[test]
+    fn a_frame_over_the_limit_is_refused_and_leaves_the_buffer_as_it_was() {
+        let mut buf = vec![1, 2, 3];
+        let big = Request { id: 1, hlc_seen: 0, op: Op::Set { key: b"k".to_vec(), value: vec![0; 1000] } };
+        let error = encode_frame(&mut buf, &big, 999).unwrap_err();
+        assert_eq!(error.max, 999);
+        assert!(error.bytes > 1000, "{error:?}");
+        assert_eq!(buf, [1, 2, 3]);
+        encode_frame(&mut buf, &big, 2000).unwrap();
+        assert_eq!(frame_len(buf[3..7].try_into().unwrap()), buf.len() - 7);
+    }
+
+    /// A body longer than a `u32` can say is refused whatever the limit,
+    /// rather than written with a truncated length.
+    #[test]
+    fn a_length_over_u32_is_refused_even_without_a_limit() {
+        let over = u32::MAX as usize + 1;
+        assert_eq!(frame_header(over, usize::MAX), Err(FrameTooLarge { bytes: over, max: u32::MAX as usize }));
+        assert_eq!(frame_header(over - 1, usize::MAX), Ok(u32::MAX.to_be_bytes()));
+        assert_eq!(frame_header(10, 9), Err(FrameTooLarge { bytes: 10, max: 9 }));
+    }
+
+    #[test]
+    fn limits_refuse_what_the_node_would() {
+        let limits = Limits {
+            key_bytes_max: 4,
+            value_bytes_max: 8,
+            bulk_entries_max: 2,
+            bulk_bytes_max: 20,
+            ..Limits::default()
+        };
+        let kind = |op: Op| limits.check(&op).err().map(|e| e.kind);
+        assert_eq!(kind(Op::Get { key: vec![] }), Some(ErrorKind::EmptyKey));
+        assert_eq!(kind(Op::Delete { key: vec![1; 5] }), Some(ErrorKind::KeyTooLarge));
+        assert_eq!(kind(Op::Set { key: vec![1], value: vec![0; 9] }), Some(ErrorKind::ValueTooLarge));
+        assert_eq!(kind(Op::Set { key: vec![1], value: vec![0; 8] }), None);
+        assert_eq!(kind(Op::GetMany { keys: vec![vec![1]; 3] }), Some(ErrorKind::BulkTooLarge));
+        let entries = |n: usize, v: usize| Op::BulkSet { entries: vec![(vec![1], vec![0; v]); n] };
+        assert_eq!(kind(entries(3, 1)), Some(ErrorKind::BulkTooLarge));
+        assert_eq!(kind(entries(2, 8)), None);
+        assert_eq!(
+            kind(Op::BulkSet { entries: vec![(vec![1], vec![0; 8]), (vec![1; 4], vec![0; 8])] }),
+            Some(ErrorKind::BulkTooLarge)
+        );
+        assert_eq!(limits.check_frame(limits.frame_bytes_max as usize + 1).unwrap_err().kind, ErrorKind::FrameTooLarge);
     }
 }

@@ -1,6 +1,10 @@
 //! `quiver`: the command-line client.
 
+#[path = "quiver/load.rs"]
+mod load;
+
 use std::io::{BufRead, Write};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -29,7 +33,9 @@ enum Command {
     Get { key: String },
     /// Deletes KEY.
     Delete { key: String },
-    /// Stores several entries at once, all or nothing.
+    /// Stores several entries at once, all or nothing (at most the node's
+    /// bulk limits: 100,000 entries and 64 MiB by default; for more, use
+    /// `quiver load`).
     BulkSet {
         /// Entries as KEY=VALUE.
         entries: Vec<String>,
@@ -37,10 +43,27 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         file: Option<String>,
     },
+    /// Loads a file of any size (`-` for stdin), one KEY<TAB>VALUE a line,
+    /// in batches that are each stored all or nothing.
+    Load {
+        file: String,
+        /// Entries per batch (fewer when the node's byte limit needs it).
+        #[arg(long, default_value_t = 10_000)]
+        batch: usize,
+    },
     /// Prints the node's id, address, keys, bytes on disk and uptime.
     Status,
-    /// Asks the node to shut down gracefully.
-    Shutdown,
+    /// Asks the node to shut down gracefully. Needs the node's admin token:
+    /// from `--data-dir` (the node's data directory), `--token`, or
+    /// `QUIVER_ADMIN_TOKEN`.
+    Shutdown {
+        /// The node's data directory, to read its ADMIN_TOKEN file from.
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+        /// The admin token itself.
+        #[arg(long, env = "QUIVER_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -54,6 +77,21 @@ fn main() -> ExitCode {
     }
 }
 
+/// Splits `line` (number `n`, counting from 1) of `file` at its first tab.
+pub(crate) fn split_entry(file: &str, n: u64, line: &str) -> Result<(String, String), String> {
+    let (key, value) = line.split_once('\t').ok_or_else(|| format!("{file}, line {n}: expected KEY<TAB>VALUE"))?;
+    Ok((key.to_owned(), value.to_owned()))
+}
+
+/// `FILE`, or stdin for `-`, as lines.
+pub(crate) fn open_input(file: &str) -> Result<Box<dyn BufRead>, String> {
+    Ok(if file == "-" {
+        Box::new(std::io::stdin().lock())
+    } else {
+        Box::new(std::io::BufReader::new(std::fs::File::open(file).map_err(|e| format!("{file}: {e}"))?))
+    })
+}
+
 fn parse_entries(args: &[String], file: Option<&str>) -> Result<Vec<(String, String)>, String> {
     let mut entries = Vec::new();
     for arg in args {
@@ -61,19 +99,11 @@ fn parse_entries(args: &[String], file: Option<&str>) -> Result<Vec<(String, Str
         entries.push((key.to_owned(), value.to_owned()));
     }
     if let Some(file) = file {
-        let reader: Box<dyn BufRead> = if file == "-" {
-            Box::new(std::io::stdin().lock())
-        } else {
-            Box::new(std::io::BufReader::new(std::fs::File::open(file).map_err(|e| format!("{file}: {e}"))?))
-        };
-        for (n, line) in reader.lines().enumerate() {
+        for (n, line) in open_input(file)?.lines().enumerate() {
             let line = line.map_err(|e| format!("{file}: {e}"))?;
-            if line.is_empty() {
-                continue;
+            if !line.is_empty() {
+                entries.push(split_entry(file, n as u64 + 1, &line)?);
             }
-            let (key, value) =
-                line.split_once('\t').ok_or_else(|| format!("{file}, line {}: expected KEY<TAB>VALUE", n + 1))?;
-            entries.push((key.to_owned(), value.to_owned()));
         }
     }
     if entries.is_empty() {
@@ -82,11 +112,28 @@ fn parse_entries(args: &[String], file: Option<&str>) -> Result<Vec<(String, Str
     Ok(entries)
 }
 
+/// The admin token from `--token` (or its variable), else from the node's
+/// data directory.
+fn admin_token(data_dir: Option<PathBuf>, token: Option<String>) -> Result<String, String> {
+    if let Some(token) = token {
+        return Ok(token);
+    }
+    let dir = data_dir.ok_or("shutdown needs the node's admin token: --data-dir DIR, --token or QUIVER_ADMIN_TOKEN")?;
+    let path = dir.join("ADMIN_TOKEN");
+    let token =
+        std::fs::read_to_string(&path).map_err(|e| format!("reading the admin token {}: {e}", path.display()))?;
+    Ok(token.trim().to_owned())
+}
+
 fn run(args: Args) -> Result<ExitCode, String> {
     // Read input before connecting, so bad input fails fast.
     let entries = match &args.command {
         Command::BulkSet { entries, file } => Some(parse_entries(entries, file.as_deref())?),
         _ => None,
+    };
+    let token = match &args.command {
+        Command::Shutdown { data_dir, token } => admin_token(data_dir.clone(), token.clone())?,
+        _ => String::new(),
     };
     let seeds: Vec<String> = args.addr.split(',').map(str::trim).map(str::to_owned).collect();
     let client = Client::connect(seeds).map_err(|e| e.to_string())?.with_timeout(Duration::from_secs(args.timeout));
@@ -113,8 +160,17 @@ fn run(args: Args) -> Result<ExitCode, String> {
         Command::BulkSet { .. } => {
             let entries = entries.unwrap_or_default();
             let count = entries.len();
-            client.bulk_set(entries).map_err(failed)?;
+            client.bulk_set(entries).map_err(|e| match e.kind() {
+                Some(quiver_client::ErrorKind::BulkTooLarge | quiver_client::ErrorKind::FrameTooLarge) => {
+                    format!("{e}\n(`quiver load FILE` stores a file of any size in batches)")
+                }
+                _ => e.to_string(),
+            })?;
             writeln!(out, "OK ({count} entries)").map_err(|e| e.to_string())?;
+        }
+        Command::Load { file, batch } => {
+            let summary = load::load(&client, &file, batch)?;
+            writeln!(out, "{summary}").map_err(|e| e.to_string())?;
         }
         Command::Status => {
             let s = client.status().map_err(failed)?;
@@ -126,8 +182,8 @@ fn run(args: Args) -> Result<ExitCode, String> {
             )
             .map_err(|e| e.to_string())?;
         }
-        Command::Shutdown => {
-            client.shutdown_node().map_err(failed)?;
+        Command::Shutdown { .. } => {
+            client.shutdown_node(&token).map_err(failed)?;
             writeln!(out, "OK").map_err(|e| e.to_string())?;
         }
     }

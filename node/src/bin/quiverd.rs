@@ -5,9 +5,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
+use quiver_node::clock::{Clock, SystemClock};
 use quiver_node::config::Config;
+use quiver_node::identity::{load_or_create_admin_token, load_or_create_node_id};
 use quiver_node::net::client::serve;
-use quiver_node::service::{load_or_create_node_id, Service};
+use quiver_node::service::{LocalStore, Service};
 use quiver_node::storage::Engine;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
@@ -62,6 +64,9 @@ struct Args {
     /// it when the data read often fits in it [default: 0, off].
     #[arg(long)]
     block_cache_bytes: Option<usize>,
+    /// Threads that serve reads [default: one per core, at least 2].
+    #[arg(long)]
+    read_threads: Option<usize>,
     /// Open a damaged WAL or manifest by keeping its valid prefix.
     #[arg(long)]
     repair: bool,
@@ -118,6 +123,9 @@ impl Args {
         if let Some(v) = self.block_cache_bytes {
             config.storage.block_cache_bytes = v
         }
+        if let Some(v) = self.read_threads {
+            config.storage.read_threads = v
+        }
         if let Some(p) = self.debug_drop_acked_writes {
             if std::env::var("QUIVER_UNSAFE_TEST_MODES").as_deref() != Ok("1") {
                 return Err(
@@ -160,6 +168,7 @@ async fn run(config: Config) -> Result<(), String> {
     let dir = config.data_dir.clone();
     std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let node_id = load_or_create_node_id(&dir).map_err(|e| format!("node id in {}: {e}", dir.display()))?;
+    let admin_token = load_or_create_admin_token(&dir).map_err(|e| format!("admin token in {}: {e}", dir.display()))?;
     let options = config.engine_options();
     let engine = tokio::task::spawn_blocking(move || Engine::open(&dir, options))
         .await
@@ -171,16 +180,25 @@ async fn run(config: Config) -> Result<(), String> {
         .await
         .map_err(|e| format!("listening on {}: {e}", config.client_addr))?;
     let client_addr = listener.local_addr().map_err(|e| e.to_string())?.to_string();
-    let mut service =
-        Service::new(engine.clone(), node_id, config.limits.clone(), client_addr.clone(), config.peer_addr.clone());
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let mut store = LocalStore::new(engine.clone(), node_id, clock.clone(), config.read_threads())
+        .map_err(|e| format!("starting the reader threads: {e}"))?;
     if config.debug_drop_acked_writes > 0.0 {
         tracing::warn!(
             probability = config.debug_drop_acked_writes,
             "TEST MODE: acknowledging writes without writing them"
         );
-        service = service.with_dropped_writes(config.debug_drop_acked_writes);
+        store = store.with_dropped_writes(config.debug_drop_acked_writes);
     }
-    let service = Arc::new(service);
+    let service = Arc::new(Service::new(
+        Arc::new(store),
+        clock,
+        node_id,
+        config.limits.clone(),
+        admin_token,
+        client_addr.clone(),
+        config.peer_addr.clone(),
+    ));
 
     let stop = service.shutdown_requested();
     let signals = service.clone();
@@ -232,6 +250,7 @@ mod tests {
             "--frame-bytes-max=5000",
             "--memtable-bytes-max=60",
             "--wal-segment-bytes=70",
+            "--read-threads=3",
             "--repair",
             "--debug-skip-write-probability=0.5",
         ])
@@ -245,6 +264,7 @@ mod tests {
             (10, 20, 30, 40, 5000)
         );
         assert_eq!((config.storage.memtable_bytes_max, config.storage.wal_segment_bytes), (60, 70));
+        assert_eq!(config.read_threads(), 3);
         assert!(config.storage.repair);
         assert_eq!(config.debug_skip_write_probability, 0.5);
     }

@@ -1,17 +1,20 @@
 //! The client listener.
 //!
 //! Each connection has a reader loop and a writer task. The reader reads one
-//! frame at a time and hands it to the service, which answers reads at once
-//! and passes writes to the engine without waiting for them: the engine's
-//! threads queue each write's answer when it is durable and visible. So many
-//! requests are in flight per connection (and group-commit together) and
-//! answers go out in any order. The writer drains every answer queued so far
-//! into one `write`.
+//! frame at a time and hands it to the service, which never waits: reads go
+//! to the reader threads and writes to the engine, whose threads queue each
+//! answer when it is ready (a write's once it is durable and visible). So
+//! many requests are in flight per connection (and group-commit together)
+//! and answers go out in any order. The writer drains every answer queued so
+//! far into one `write`.
 //!
 //! Bad input is answered, never fatal to the node: a frame longer than the
-//! limit is refused before any of it is buffered, a body that does not decode
-//! gets a `Malformed` error with its id when the id can be read; in both
-//! cases the connection is then closed.
+//! limit is refused before any of it is buffered, a body is buffered only as
+//! its bytes arrive (a header alone reserves nothing), and a body that does
+//! not decode gets a `Malformed` error with its id when the id can be read;
+//! in those cases the connection is then closed. An answer larger than the
+//! frame limit is replaced by a `ResponseTooLarge` error with its id, and
+//! the connection goes on.
 
 use std::sync::Arc;
 
@@ -65,7 +68,7 @@ async fn connection(stream: TcpStream, service: Arc<Service>, mut stop: watch::R
     // many frames instead of two syscalls per frame.
     let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, reader);
     let (responses, queue) = mpsc::unbounded_channel::<Response>();
-    let writer = tokio::spawn(write_responses(writer, queue));
+    let writer = tokio::spawn(write_responses(writer, queue, service.limits().frame_bytes_max));
     let in_flight = Arc::new(Semaphore::new(service.limits().requests_in_flight_max));
     let frame_max = service.limits().frame_bytes_max;
     loop {
@@ -83,11 +86,16 @@ async fn connection(stream: TcpStream, service: Arc<Service>, mut stop: watch::R
             let _ = responses.send(Response { id: 0, hlc: service.hlc(), result: Err(error) });
             break;
         }
-        let mut body = vec![0u8; len];
-        // Also raced against shutdown: a client that sends half a frame and
-        // stalls must not keep the node from stopping.
+        // Grown as the bytes arrive, so a header that announces a large
+        // body and then stalls costs no memory. Also raced against
+        // shutdown: a client that sends half a frame and stalls must not
+        // keep the node from stopping.
+        let mut body = Vec::with_capacity(len.min(READ_BUFFER_BYTES));
+        let mut limited = (&mut reader).take(len as u64);
         tokio::select! {
-            read = reader.read_exact(&mut body) => if read.is_err() { break },
+            read = limited.read_to_end(&mut body) => {
+                if read.is_err() || body.len() != len { break }
+            }
             _ = stop.wait_for(|&stop| stop) => break,
         }
         let request: Request = match postcard::from_bytes(&body) {
@@ -100,8 +108,8 @@ async fn connection(stream: TcpStream, service: Arc<Service>, mut stop: watch::R
             }
         };
         let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
-        // Reads are answered right here; a write's answer is queued by the
-        // engine once it is durable and visible, with no task in between.
+        // The answer is queued by whichever thread finishes the request
+        // (a reader thread, the engine's), with no task in between.
         let (answering, responses, id) = (service.clone(), responses.clone(), request.id);
         service.start(request.hlc_seen, request.op, move |result| {
             let _ = responses.send(Response { id, hlc: answering.hlc(), result });
@@ -113,13 +121,13 @@ async fn connection(stream: TcpStream, service: Arc<Service>, mut stop: watch::R
     let _ = writer.await;
 }
 
-async fn write_responses(mut writer: OwnedWriteHalf, mut queue: mpsc::UnboundedReceiver<Response>) {
+async fn write_responses(mut writer: OwnedWriteHalf, mut queue: mpsc::UnboundedReceiver<Response>, frame_max: usize) {
     let mut buf = Vec::new();
     while let Some(response) = queue.recv().await {
         buf.clear();
-        wire::encode_frame(&mut buf, &response);
+        encode_response(&mut buf, &response, frame_max);
         while let Ok(more) = queue.try_recv() {
-            wire::encode_frame(&mut buf, &more);
+            encode_response(&mut buf, &more, frame_max);
         }
         if writer.write_all(&buf).await.is_err() {
             // The client went away; drain so the handlers are not blocked.
@@ -128,4 +136,48 @@ async fn write_responses(mut writer: OwnedWriteHalf, mut queue: mpsc::UnboundedR
         }
     }
     let _ = writer.shutdown().await;
+}
+
+/// Appends `response`'s frame to `buf`; one over `frame_max` is answered
+/// with a `ResponseTooLarge` error for the same request instead.
+fn encode_response(buf: &mut Vec<u8>, response: &Response, frame_max: usize) {
+    if let Err(too_large) = wire::encode_frame(buf, response, frame_max) {
+        let error = ServerError::new(
+            ErrorKind::ResponseTooLarge,
+            format!("the answer ({} bytes) exceeds the frame limit of {} bytes", too_large.bytes, too_large.max),
+        );
+        let refusal = Response { id: response.id, hlc: response.hlc, result: Err(error) };
+        // An error message always fits: the limit leaves room for a key
+        // and a value.
+        let _ = wire::encode_frame(buf, &refusal, frame_max);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quiver_ring::wire::Reply;
+
+    #[test]
+    fn an_answer_over_the_frame_limit_becomes_a_response_too_large_error_for_its_request() {
+        let mut buf = Vec::new();
+        let small = Response { id: 1, hlc: 5, result: Ok(Reply::Value(Some(vec![1; 10]))) };
+        let large = Response { id: 2, hlc: 5, result: Ok(Reply::Values(vec![Some(vec![2; 600]), Some(vec![3; 600])])) };
+        encode_response(&mut buf, &small, 1000);
+        encode_response(&mut buf, &large, 1000);
+        encode_response(&mut buf, &small, 1000);
+        let mut answers = Vec::new();
+        let mut rest = &buf[..];
+        while !rest.is_empty() {
+            let len = wire::frame_len(rest[..wire::LEN_BYTES].try_into().unwrap());
+            answers.push(postcard::from_bytes::<Response>(&rest[wire::LEN_BYTES..wire::LEN_BYTES + len]).unwrap());
+            rest = &rest[wire::LEN_BYTES + len..];
+        }
+        assert_eq!(answers.len(), 3);
+        assert_eq!((&answers[0], &answers[2]), (&small, &small));
+        assert_eq!(answers[1].id, 2);
+        let error = answers[1].result.clone().unwrap_err();
+        assert_eq!(error.kind, ErrorKind::ResponseTooLarge);
+        assert!(error.message.contains("limit of 1000 bytes"), "{}", error.message);
+    }
 }

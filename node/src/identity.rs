@@ -1,0 +1,122 @@
+//! The files that name a node and guard its admin requests, both made at
+//! first start in its data directory:
+//! - `NODE_ID`: the node's id in decimal. A new data directory gets a new
+//!   id.
+//! - `ADMIN_TOKEN`: 32 hex digits from the system's random source, readable
+//!   by its owner only. Admin requests (`shutdown`) must carry it; `quiver
+//!   shutdown --data-dir DIR` reads it from there.
+
+use std::io::{Read, Write};
+use std::path::Path;
+
+use quiver_ring::NodeId;
+
+const NODE_ID_FILE: &str = "NODE_ID";
+/// The admin token's file name in a data directory.
+pub const ADMIN_TOKEN_FILE: &str = "ADMIN_TOKEN";
+
+/// Reads the node's id from `DIR/NODE_ID`, or makes one and stores it
+/// (synced) on first start.
+pub fn load_or_create_node_id(dir: &Path) -> std::io::Result<NodeId> {
+    let path = dir.join(NODE_ID_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text
+            .trim()
+            .parse()
+            .map(NodeId)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let [a, b, c, d, e, f, g, h, ..] = random_bytes()?;
+            let id = u64::from_le_bytes([a, b, c, d, e, f, g, h]).max(1);
+            write_new_file(dir, NODE_ID_FILE, format!("{id}\n").as_bytes())?;
+            Ok(NodeId(id))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Reads the admin token from `DIR/ADMIN_TOKEN`, or makes one (owner-only,
+/// synced) on first start.
+pub fn load_or_create_admin_token(dir: &Path) -> std::io::Result<String> {
+    match read_admin_token(dir) {
+        Ok(token) => Ok(token),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let token: String = random_bytes()?.iter().map(|b| format!("{b:02x}")).collect();
+            write_new_file(dir, ADMIN_TOKEN_FILE, format!("{token}\n").as_bytes())?;
+            Ok(token)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Reads the admin token of the node whose data directory is `dir`.
+pub fn read_admin_token(dir: &Path) -> std::io::Result<String> {
+    let path = dir.join(ADMIN_TOKEN_FILE);
+    let token = std::fs::read_to_string(&path)?.trim().to_owned();
+    if token.is_empty() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{} is empty", path.display())));
+    }
+    Ok(token)
+}
+
+/// Compares tokens in time that does not depend on where they differ.
+pub fn same_token(given: &str, expected: &str) -> bool {
+    let (given, expected) = (given.as_bytes(), expected.as_bytes());
+    given.len() == expected.len() && given.iter().zip(expected).fold(0u8, |diff, (a, b)| diff | (a ^ b)) == 0
+}
+
+/// 16 bytes from the system's random source.
+fn random_bytes() -> std::io::Result<[u8; 16]> {
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// Writes `name` in `dir` whole or not at all: a temporary file (owner-only),
+/// synced, renamed, and the directory synced.
+fn write_new_file(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, dir.join(name))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_admin_token_is_made_once_and_readable_by_its_owner_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = load_or_create_admin_token(dir.path()).unwrap();
+        assert_eq!(token.len(), 32);
+        assert!(token.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(load_or_create_admin_token(dir.path()).unwrap(), token);
+        assert_eq!(read_admin_token(dir.path()).unwrap(), token);
+        let mode = std::fs::metadata(dir.path().join(ADMIN_TOKEN_FILE)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let other = tempfile::tempdir().unwrap();
+        assert_ne!(load_or_create_admin_token(other.path()).unwrap(), token);
+    }
+
+    #[test]
+    fn the_node_id_is_made_once_per_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = load_or_create_node_id(dir.path()).unwrap();
+        assert_eq!(load_or_create_node_id(dir.path()).unwrap(), id);
+        let other = tempfile::tempdir().unwrap();
+        assert_ne!(load_or_create_node_id(other.path()).unwrap(), id);
+    }
+
+    #[test]
+    fn tokens_match_only_when_equal() {
+        assert!(same_token("abc", "abc"));
+        assert!(!same_token("abd", "abc"));
+        assert!(!same_token("ab", "abc"));
+        assert!(!same_token("", "abc"));
+    }
+}

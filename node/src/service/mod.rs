@@ -1,0 +1,226 @@
+//! The request front: what a node does with each client request before any
+//! data is touched. It checks the request against the limits, answers the
+//! handshake, status and admin requests, and hands every read and write to
+//! a [`Store`]: the node's own engine today ([`LocalStore`]), a cluster
+//! coordinator next. It never knows which, and it reads no clock of its own
+//! (time comes from the [`Clock`] it is given).
+
+mod local;
+mod reads;
+
+use std::sync::Arc;
+
+use quiver_ring::wire::{self, ErrorKind, NodeInfo, NodeStatus, Op, Reply, ServerError};
+use quiver_ring::{Hlc, NodeId};
+use tokio::sync::watch;
+
+pub use local::LocalStore;
+pub use reads::ReadHook;
+
+use crate::clock::Clock;
+use crate::config::Limits;
+
+/// Keys and values of one write; `None` deletes.
+pub type Entries = Vec<(Vec<u8>, Option<Vec<u8>>)>;
+
+/// Called once with a request's outcome. It may run on any thread (an
+/// engine or reader thread), so it must be quick: send a message, wake a
+/// task.
+pub type Done<T> = Box<dyn FnOnce(Result<T, ServerError>) + Send>;
+
+/// What a [`Store`] reports for `status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StoreStatus {
+    /// Approximate: entries before merging.
+    pub keys: u64,
+    pub bytes_on_disk: u64,
+}
+
+/// Where the front hands requests that passed its checks. Every call
+/// returns at once; the answer comes through `done`, never on the caller's
+/// thread for anything that touches the disk, so an async worker is never
+/// held by a read or a write.
+pub trait Store: Send + Sync + std::fmt::Debug {
+    /// Writes every entry as one unit, all stamped alike (all or nothing);
+    /// `done` once it is durable.
+    fn write(&self, entries: Entries, hlc_seen: Hlc, done: Done<()>);
+
+    /// The current values of `keys`, in order (`None`: absent or deleted).
+    /// Answers [`ErrorKind::ResponseTooLarge`] once the values pass
+    /// `response_bytes_max`, without reading further.
+    fn read(&self, keys: Vec<Vec<u8>>, hlc_seen: Hlc, response_bytes_max: usize, done: Done<Vec<Option<Vec<u8>>>>);
+
+    /// Sizes for `status`.
+    fn status(&self) -> Result<StoreStatus, ServerError>;
+
+    /// The highest timestamp stamped or seen, sent back with every answer.
+    fn hlc(&self) -> Hlc;
+}
+
+/// The request front shared by every connection.
+#[derive(Debug)]
+pub struct Service {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    limits: Limits,
+    /// `limits` as clients learn them, which every request is checked with.
+    wire_limits: wire::Limits,
+    node_id: NodeId,
+    client_addr: String,
+    peer_addr: String,
+    started_ms: u64,
+    /// Admin requests must carry this.
+    admin_token: String,
+    shutdown: watch::Sender<bool>,
+}
+
+/// Bytes of a `Values` answer besides the values: the frame header, the
+/// response's id, timestamp and variant tags, and per value its length and
+/// option tag (at most 10 + 1 bytes as varints).
+fn response_overhead(values: usize) -> usize {
+    wire::LEN_BYTES + 32 + values * 11
+}
+
+impl Service {
+    /// A front over `store`.
+    pub fn new(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        node_id: NodeId,
+        limits: Limits,
+        admin_token: String,
+        client_addr: String,
+        peer_addr: String,
+    ) -> Service {
+        let (shutdown, _) = watch::channel(false);
+        Service {
+            started_ms: clock.now_ms(),
+            store,
+            clock,
+            wire_limits: limits.wire(),
+            limits,
+            node_id,
+            client_addr,
+            peer_addr,
+            admin_token,
+            shutdown,
+        }
+    }
+
+    /// Becomes `true` when an admin asked the node to stop.
+    pub fn shutdown_requested(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    /// Asks the node to stop (signal handlers and the admin request).
+    pub fn request_shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    /// The highest timestamp stamped or seen, sent back with every response.
+    pub fn hlc(&self) -> u64 {
+        self.store.hlc().0
+    }
+
+    /// The per-request limits.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Handles one request and calls `reply` once with the answer: at once
+    /// for what the front answers itself, else when the store has done it
+    /// (then from one of its threads, so `reply` must be quick).
+    pub fn start(&self, hlc_seen: u64, op: Op, reply: impl FnOnce(Result<Reply, ServerError>) + Send + 'static) {
+        if let Err(error) = self.wire_limits.check(&op) {
+            return reply(Err(error));
+        }
+        let hlc_seen = Hlc(hlc_seen);
+        let response_max = (self.wire_limits.frame_bytes_max as usize).saturating_sub(response_overhead(0));
+        match op {
+            Op::Get { key } => self.store.read(
+                vec![key],
+                hlc_seen,
+                response_max,
+                Box::new(move |result| reply(result.map(|values| Reply::Value(values.into_iter().next().flatten())))),
+            ),
+            Op::GetMany { keys } => {
+                let max = response_max.saturating_sub(response_overhead(keys.len()));
+                self.store.read(keys, hlc_seen, max, Box::new(move |result| reply(result.map(Reply::Values))))
+            }
+            Op::Set { key, value } => self.write(vec![(key, Some(value))], hlc_seen, reply),
+            Op::Delete { key } => self.write(vec![(key, None)], hlc_seen, reply),
+            Op::BulkSet { entries } => self.write(last_value_of_each_key(entries), hlc_seen, reply),
+            Op::Status => reply(self.status()),
+            Op::Shutdown { token } => reply(self.shutdown(&token)),
+            Op::Hello { protocol } => reply(self.hello(protocol)),
+        }
+    }
+
+    fn write(&self, entries: Entries, hlc_seen: Hlc, reply: impl FnOnce(Result<Reply, ServerError>) + Send + 'static) {
+        self.store.write(entries, hlc_seen, Box::new(move |result| reply(result.map(|()| Reply::Done))));
+    }
+
+    fn hello(&self, protocol: u32) -> Result<Reply, ServerError> {
+        if protocol != wire::PROTOCOL_VERSION {
+            return Err(ServerError::new(
+                ErrorKind::UnsupportedProtocol,
+                format!("this node speaks protocol {}, the client {protocol}", wire::PROTOCOL_VERSION),
+            ));
+        }
+        Ok(Reply::Hello(NodeInfo {
+            protocol: wire::PROTOCOL_VERSION,
+            node_id: self.node_id.0,
+            limits: self.wire_limits.clone(),
+        }))
+    }
+
+    fn status(&self) -> Result<Reply, ServerError> {
+        let store = self.store.status()?;
+        Ok(Reply::Status(NodeStatus {
+            node_id: self.node_id.0,
+            client_addr: self.client_addr.clone(),
+            peer_addr: self.peer_addr.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            keys: store.keys,
+            bytes_on_disk: store.bytes_on_disk,
+            uptime_ms: self.clock.now_ms().saturating_sub(self.started_ms),
+        }))
+    }
+
+    fn shutdown(&self, token: &str) -> Result<Reply, ServerError> {
+        if !crate::identity::same_token(token, &self.admin_token) {
+            return Err(ServerError::new(
+                ErrorKind::Forbidden,
+                "shutdown needs the node's admin token (the ADMIN_TOKEN file in its data directory)",
+            ));
+        }
+        tracing::info!("shutdown requested by an admin client");
+        self.request_shutdown();
+        Ok(Reply::Done)
+    }
+}
+
+/// A key given twice in one bulk set takes its last value (as Redis MSET
+/// does): reversed, a stable sort puts each key's last value first among
+/// its equals, and `dedup` keeps the first.
+fn last_value_of_each_key(mut entries: Vec<(Vec<u8>, Vec<u8>)>) -> Entries {
+    entries.reverse();
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    entries.dedup_by(|later, first| later.0 == first.0);
+    entries.into_iter().map(|(k, v)| (k, Some(v))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_given_twice_takes_its_last_value() {
+        let entries =
+            vec![(b"b".to_vec(), b"1".to_vec()), (b"a".to_vec(), b"2".to_vec()), (b"b".to_vec(), b"3".to_vec())];
+        assert_eq!(
+            last_value_of_each_key(entries),
+            vec![(b"a".to_vec(), Some(b"2".to_vec())), (b"b".to_vec(), Some(b"3".to_vec()))]
+        );
+    }
+}

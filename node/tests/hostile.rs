@@ -1,0 +1,208 @@
+//! A real `quiverd` against what a hostile or broken client sends: requests
+//! over the limits that skip the client library's checks, answers too large
+//! for a frame, admin requests without the token, and tens of thousands of
+//! random and half-valid frames. The node answers each with an error, loses
+//! nothing and keeps running.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::start_node;
+use quiver_client::blocking::Client;
+use quiver_client::ErrorKind;
+use quiver_ring::rand::SplitMix64;
+use quiver_ring::wire::{self, Op, Reply, Request, Response};
+
+/// A raw connection that sends frames as given and reads answers.
+struct Raw(TcpStream);
+
+impl Raw {
+    fn connect(addr: &str) -> Raw {
+        let stream = TcpStream::connect(addr).unwrap();
+        // A bound on the test, not a timing assertion.
+        stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        Raw(stream)
+    }
+
+    fn send(&mut self, id: u64, op: Op) {
+        let mut frame = Vec::new();
+        wire::encode_frame(&mut frame, &Request { id, hlc_seen: 0, op }, usize::MAX).unwrap();
+        self.0.write_all(&frame).unwrap();
+    }
+
+    fn answer(&mut self) -> Response {
+        let mut header = [0u8; wire::LEN_BYTES];
+        self.0.read_exact(&mut header).unwrap();
+        let mut body = vec![0u8; wire::frame_len(header)];
+        self.0.read_exact(&mut body).unwrap();
+        postcard::from_bytes(&body).unwrap()
+    }
+
+    fn call(&mut self, op: Op) -> Response {
+        self.send(1, op);
+        self.answer()
+    }
+}
+
+fn kind(response: &Response) -> Option<ErrorKind> {
+    response.result.as_ref().err().map(|e| e.kind)
+}
+
+/// The client library refuses these before sending; the node must refuse
+/// them too, on a connection that stays open.
+#[test]
+fn the_node_itself_refuses_requests_over_its_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path(), &["--bulk-entries-max", "10", "--key-bytes-max", "8", "--value-bytes-max", "16"]);
+    let mut raw = Raw::connect(&node.addr);
+    let cases = [
+        (Op::Get { key: vec![] }, ErrorKind::EmptyKey),
+        (Op::Set { key: vec![1; 9], value: vec![] }, ErrorKind::KeyTooLarge),
+        (Op::Set { key: vec![1], value: vec![0; 17] }, ErrorKind::ValueTooLarge),
+        (Op::GetMany { keys: vec![vec![1]; 11] }, ErrorKind::BulkTooLarge),
+        (Op::BulkSet { entries: vec![(vec![1], vec![2]); 11] }, ErrorKind::BulkTooLarge),
+        (Op::BulkSet { entries: vec![(vec![1], vec![2]), (vec![], vec![2])] }, ErrorKind::EmptyKey),
+        (Op::Hello { protocol: wire::PROTOCOL_VERSION + 1 }, ErrorKind::UnsupportedProtocol),
+    ];
+    for (op, expected) in cases {
+        let answer = raw.call(op.clone());
+        assert_eq!(kind(&answer), Some(expected), "{op:?}: {answer:?}");
+    }
+    assert_eq!(raw.call(Op::Set { key: vec![1], value: vec![0; 16] }).result, Ok(Reply::Done));
+    assert_eq!(raw.call(Op::Get { key: vec![1] }).result, Ok(Reply::Value(Some(vec![0; 16]))));
+    // The client learns the limits in its handshake and refuses the same.
+    let client = Client::connect([node.addr.clone()]).unwrap();
+    assert_eq!(client.limits().unwrap().bulk_entries_max, 10);
+    assert_eq!(client.set("k", [0u8; 17]).unwrap_err().kind(), Some(ErrorKind::ValueTooLarge));
+}
+
+/// A `get_many` whose answer would not fit in a frame is answered with
+/// `ResponseTooLarge` naming the limit; the request behind it on the same
+/// connection is answered, and the connection stays open.
+#[test]
+fn an_answer_over_the_frame_limit_is_refused_and_the_connection_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path(), &["--value-bytes-max", "1000", "--frame-bytes-max", "10000"]);
+    let client = Client::connect([node.addr.clone()]).unwrap();
+    for part in 0..4 {
+        client.bulk_set((part * 5..part * 5 + 5).map(|i| (format!("k{i:02}"), vec![b'v'; 1000]))).unwrap();
+    }
+    let mut raw = Raw::connect(&node.addr);
+    raw.send(1, Op::GetMany { keys: (0..20).map(|i| format!("k{i:02}").into_bytes()).collect() });
+    raw.send(2, Op::Get { key: b"k03".to_vec() });
+    let mut answers = [raw.answer(), raw.answer()];
+    answers.sort_by_key(|a| a.id);
+    let error = answers[0].result.clone().unwrap_err();
+    assert_eq!(error.kind, ErrorKind::ResponseTooLarge, "{error:?}");
+    assert!(error.message.contains("bytes one response can carry"), "{}", error.message);
+    assert_eq!(answers[1].result, Ok(Reply::Value(Some(vec![b'v'; 1000]))));
+    // Still open: fewer keys at a time fit.
+    raw.send(3, Op::GetMany { keys: (0..5).map(|i| format!("k{i:02}").into_bytes()).collect() });
+    let answer = raw.answer();
+    assert_eq!(answer.id, 3);
+    assert_eq!(answer.result, Ok(Reply::Values(vec![Some(vec![b'v'; 1000]); 5])));
+    assert_eq!(client.get_many(["k00", "k19"]).unwrap().len(), 2);
+}
+
+#[test]
+fn shutdown_needs_the_admin_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = start_node(dir.path(), &[]);
+    // Once a 3-byte frame `00 00 06` stopped a node: it is now a shutdown
+    // without its token, which does not decode.
+    let mut raw = Raw::connect(&node.addr);
+    raw.0.write_all(&[0, 0, 0, 3, 0, 0, 6]).unwrap();
+    assert_eq!(kind(&raw.answer()), Some(ErrorKind::Malformed));
+    for token in ["", "0123456789abcdef0123456789abcdef", "not a token at all"] {
+        let answer = Raw::connect(&node.addr).call(Op::Shutdown { token: token.into() });
+        assert_eq!(kind(&answer), Some(ErrorKind::Forbidden), "{token:?}: {answer:?}");
+    }
+    let client = Client::connect([node.addr.clone()]).unwrap();
+    client.set("still", "up").unwrap();
+    assert_eq!(client.shutdown_node("wrong").unwrap_err().kind(), Some(ErrorKind::Forbidden));
+    let token = std::fs::read_to_string(dir.path().join("ADMIN_TOKEN")).unwrap();
+    client.shutdown_node(token.trim()).unwrap();
+    assert!(node.wait().unwrap().success());
+}
+
+/// Frames of one of five kinds: random bytes; a length and a random body;
+/// a length alone, often far too large; a valid id and timestamp before
+/// random op bytes; a valid request that is not allowed (shutdown with a
+/// random token) or harmless (a read of a random key).
+fn hostile_frame(rng: &mut SplitMix64, out: &mut Vec<u8>) {
+    let random_bytes = |rng: &mut SplitMix64, n: u64| (0..n).map(|_| rng.next_u64() as u8).collect::<Vec<u8>>();
+    match rng.between(0, 5) {
+        0 => {
+            let n = rng.between(1, 64);
+            out.extend(random_bytes(rng, n));
+        }
+        1 => {
+            let n = rng.between(0, 300);
+            out.extend_from_slice(&(n as u32).to_be_bytes());
+            out.extend(random_bytes(rng, n));
+        }
+        2 => out.extend_from_slice(&(rng.next_u64() as u32).to_be_bytes()),
+        3 => {
+            let mut body = Vec::new();
+            wire::encode_frame(&mut body, &(rng.next_u64(), rng.next_u64()), usize::MAX).unwrap();
+            let mut body = body.split_off(wire::LEN_BYTES);
+            let n = rng.between(1, 40);
+            body.extend(random_bytes(rng, n));
+            out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+            out.extend(body);
+        }
+        _ => {
+            let op = if rng.chance(0.5) {
+                Op::Shutdown { token: format!("{:032x}", rng.next_u64()) }
+            } else {
+                Op::Get { key: random_bytes(rng, 8) }
+            };
+            let request = Request { id: rng.next_u64(), hlc_seen: rng.next_u64() >> 20, op };
+            wire::encode_frame(out, &request, usize::MAX).unwrap();
+        }
+    }
+}
+
+#[test]
+fn stray_and_hostile_frames_stop_nothing_and_lose_nothing() {
+    let seed = std::env::var("QUIVER_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_f00d);
+    println!("seed {seed} (QUIVER_FUZZ_SEED replays it)");
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = start_node(dir.path(), &[]);
+    let client = Client::connect([node.addr.clone()]).unwrap();
+    let entries: Vec<(String, String)> = (0..1000).map(|i| (format!("before-{i:04}"), format!("value-{i}"))).collect();
+    client.bulk_set(entries.clone()).unwrap();
+
+    let mut rng = SplitMix64::new(seed);
+    let (connections, frames_each) = (2_000, 15);
+    for _ in 0..connections {
+        let mut frames = Vec::new();
+        for _ in 0..frames_each {
+            hostile_frame(&mut rng, &mut frames);
+        }
+        let Ok(mut stream) = TcpStream::connect(&node.addr) else {
+            panic!("seed {seed}: the node stopped accepting connections");
+        };
+        // The node may close the connection at the first bad frame, before
+        // the rest is written: that is fine.
+        let _ = stream.write_all(&frames);
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        // Read what it answers until it closes, so each connection is
+        // served before the next (a bound, not a timing assertion).
+        stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let _ = stream.read_to_end(&mut Vec::new());
+    }
+
+    assert!(node.try_wait().unwrap().is_none(), "seed {seed}: quiverd exited");
+    let client = Client::connect([node.addr.clone()]).unwrap();
+    client.set("after", "the storm").unwrap();
+    let keys: Vec<&String> = entries.iter().map(|(k, _)| k).collect();
+    let values = client.get_many(keys).unwrap();
+    for ((key, value), got) in entries.iter().zip(values) {
+        assert_eq!(got.as_deref(), Some(value.as_bytes()), "seed {seed}: {key}");
+    }
+    assert_eq!(client.get("after").unwrap().as_deref(), Some(&b"the storm"[..]));
+}
