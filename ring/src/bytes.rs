@@ -10,6 +10,10 @@
 //! Use with `#[serde(with = "crate::bytes::...")]`; a plain `Vec<u8>` or
 //! `Option<Vec<u8>>` field uses `serde_bytes` itself.
 
+// This module decodes bytes from disk or the network: what it reads must never
+// make it panic. Where an index is safe by construction, a comment says why.
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
 use serde::{Deserialize, Deserializer, Serializer};
 use serde_bytes::{ByteBuf, Bytes};
 

@@ -19,6 +19,10 @@
 //! client's later write is always stamped above its earlier one, whichever
 //! node coordinates it.
 
+// This module decodes bytes from disk or the network: what it reads must never
+// make it panic. Where an index is safe by construction, a comment says why.
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
 use serde::{Deserialize, Serialize};
 
 /// Bytes of the length prefix.

@@ -16,6 +16,10 @@
 //! frame limit is replaced by a `ResponseTooLarge` error with its id, and
 //! the connection goes on.
 
+// This module decodes bytes from disk or the network: what it reads must never
+// make it panic. Where an index is safe by construction, a comment says why.
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
 use std::sync::Arc;
 
 use quiver_ring::wire::{self, ErrorKind, Request, Response, ServerError};

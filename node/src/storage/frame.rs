@@ -17,6 +17,12 @@
 //! valid prefix; the caller decides whether what follows makes that a torn
 //! tail or corruption.
 
+// This module decodes bytes from disk or the network: what it reads must never
+// make it panic. Where an index is safe by construction, a comment says why.
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use crate::storage::u32_le_at;
+
 /// Bytes before the payload.
 pub const HEADER_LEN: usize = 8;
 
@@ -33,6 +39,8 @@ fn checksum(salt: &[u8], parts: &[&[u8]]) -> u32 {
 /// Appends one framed record holding `payload` to `out`.
 pub fn encode(out: &mut Vec<u8>, salt: &[u8], payload_parts: &[&[u8]]) {
     let len: usize = payload_parts.iter().map(|part| part.len()).sum();
+    // Writing, not reading: callers bound what they frame.
+    #[allow(clippy::expect_used)]
     let len = u32::try_from(len).expect("frame payloads are bounded far below 4 GiB by the write size limit");
     assert!(len > 0, "a frame payload is never empty");
     out.extend_from_slice(&len.to_le_bytes());
@@ -51,10 +59,9 @@ pub enum Stop {
     Bad { offset: usize, reason: String },
 }
 
-/// A frame header's `(len, crc)`; `header` is [`HEADER_LEN`] bytes.
-fn parse_header(header: &[u8]) -> (usize, u32) {
-    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-    (len, u32::from_le_bytes([header[4], header[5], header[6], header[7]]))
+/// A frame header's `(len, crc)`, if `header` holds [`HEADER_LEN`] bytes.
+fn parse_header(header: &[u8]) -> Option<(usize, u32)> {
+    Some((u32_le_at(header, 0)? as usize, u32_le_at(header, 4)?))
 }
 
 /// The record starting at `offset`, if a valid one does: `(payload, next)`.
@@ -66,7 +73,9 @@ pub fn record_at<'a>(buf: &'a [u8], salt: &[u8], offset: usize) -> Result<Option
             Err("truncated record header".to_owned())
         };
     };
-    let (len, expected) = parse_header(header);
+    let Some((len, expected)) = parse_header(header) else {
+        return Err("truncated record header".to_owned());
+    };
     if len == 0 {
         return if expected == 0 { Ok(None) } else { Err("zero-length record with a checksum".to_owned()) };
     }
@@ -115,7 +124,7 @@ pub fn valid_records_after<'a>(
     wanted: impl Fn(&[u8]) -> bool + 'a,
 ) -> impl Iterator<Item = (usize, &'a [u8])> {
     (from + 1..buf.len().saturating_sub(HEADER_LEN)).filter_map(move |offset| {
-        let (len, expected) = parse_header(buf.get(offset..offset + HEADER_LEN)?);
+        let (len, expected) = parse_header(buf.get(offset..offset + HEADER_LEN)?)?;
         let start = offset + HEADER_LEN;
         let payload = buf.get(start..start.checked_add(len)?)?;
         (len > 0 && wanted(payload) && checksum(salt, &[payload]) == expected).then_some((offset, payload))

@@ -16,6 +16,10 @@
 //! only acted upon once its sync returned. A bad edit followed by valid ones
 //! is corruption.
 
+// This module decodes bytes from disk or the network: what it reads must never
+// make it panic. Where an index is safe by construction, a comment says why.
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -186,6 +190,8 @@ impl Manifest {
             return self.roll_over();
         }
         let path = self.dir.join(FILE_NAME);
+        // Writing, not reading.
+        #[allow(clippy::expect_used)]
         let payload = postcard::to_stdvec(&edit).expect("postcard encodes an edit into a Vec without failing");
         let mut buf = Vec::with_capacity(payload.len() + frame::HEADER_LEN);
         frame::encode(&mut buf, &[], &[&payload]);
@@ -202,6 +208,8 @@ impl Manifest {
         let tmp = self.dir.join(TMP_NAME);
         let path = self.dir.join(FILE_NAME);
         let file = self.fs.create(&tmp).ctx("create", &tmp)?;
+        // Writing, not reading.
+        #[allow(clippy::expect_used)]
         let payload =
             postcard::to_stdvec(&self.state.snapshot()).expect("postcard encodes an edit into a Vec without failing");
         let mut buf = MAGIC.to_vec();

@@ -41,6 +41,12 @@ use std::ops::Range;
 use quiver_ring::{Hlc, Version};
 use serde::{Deserialize, Serialize};
 
+/// The little-endian `u32` at `at` in `buf`, if `buf` holds four bytes
+/// there: how every decoder here reads lengths and checksums.
+pub(crate) fn u32_le_at(buf: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(buf.get(at..at.checked_add(4)?)?.try_into().ok()?))
+}
+
 /// One change to one key: a new version to merge into its siblings.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Op {

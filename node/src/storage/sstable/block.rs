@@ -1,7 +1,12 @@
 //! Data blocks: a run of entries, their count and a checksum.
 
+// This module decodes bytes from disk or the network: what it reads must never
+// make it panic. Where an index is safe by construction, a comment says why.
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
 use std::ops::Range;
 
+use crate::storage::u32_le_at;
 use quiver_ring::Siblings;
 
 /// Builds one data block at the end of a table's buffer, in place: entries
@@ -42,6 +47,8 @@ impl BlockBuilder {
     /// Returns where it starts in `out`.
     pub fn finish(&mut self, out: &mut Vec<u8>) -> usize {
         out.extend_from_slice(&self.count.to_le_bytes());
+        // Writing: `start` is where this builder began the block in `out`.
+        #[allow(clippy::indexing_slicing)]
         let crc = crc32fast::hash(&out[self.start..]);
         out.extend_from_slice(&crc.to_le_bytes());
         self.count = 0;
@@ -64,15 +71,11 @@ pub enum BlockError {
     Malformed(&'static str),
 }
 
-fn u32_at(buf: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(buf.get(at..at.checked_add(4)?)?.try_into().ok()?))
-}
-
 /// Checks the checksum of a block's bytes (as stored, with count and crc).
 /// Returns where its entries end (the count follows them).
 pub fn check(data: &[u8]) -> Result<usize, BlockError> {
     let crc_at = data.len().checked_sub(4).ok_or(BlockError::Malformed("block shorter than its checksum"))?;
-    let expected = u32_at(data, crc_at).ok_or(BlockError::Malformed("block checksum"))?;
+    let expected = u32_le_at(data, crc_at).ok_or(BlockError::Malformed("block checksum"))?;
     let got = crc32fast::hash(data.get(..crc_at).unwrap_or_default());
     if got != expected {
         return Err(BlockError::Checksum { expected, got });
@@ -84,8 +87,8 @@ pub fn check(data: &[u8]) -> Result<usize, BlockError> {
 /// end): where its key and its value lie, and where the next entry starts.
 pub fn entry_at(entries: &[u8], at: usize) -> Result<(Range<usize>, Range<usize>), BlockError> {
     let parsed = (|| {
-        let key_len = u32_at(entries, at)? as usize;
-        let value_len = u32_at(entries, at.checked_add(4)?)? as usize;
+        let key_len = u32_le_at(entries, at)? as usize;
+        let value_len = u32_le_at(entries, at.checked_add(4)?)? as usize;
         let key_start = at.checked_add(8)?;
         let value_start = key_start.checked_add(key_len)?;
         let end = value_start.checked_add(value_len)?;
@@ -140,11 +143,12 @@ impl<'a> Iterator for BlockEntries<'a> {
         if self.at >= self.block.entries_end {
             return None;
         }
-        let data = &self.block.data[..self.block.entries_end];
+        let data = self.block.data.get(..self.block.entries_end).unwrap_or_default();
         match entry_at(data, self.at) {
+            // `entry_at` returns ranges within `data` only.
             Ok((key, value)) => {
                 self.at = value.end;
-                Some(Ok((&data[key], &data[value])))
+                Some(Ok((data.get(key).unwrap_or_default(), data.get(value).unwrap_or_default())))
             }
             Err(e) => {
                 self.at = usize::MAX;

@@ -1,5 +1,9 @@
 //! Opens, verifies and reads a table file.
 
+// This module decodes bytes from disk or the network: what it reads must never
+// make it panic. Where an index is safe by construction, a comment says why.
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -12,6 +16,7 @@ use super::cache::BlockCache;
 use super::{IndexEntry, Props, FOOTER_LEN, FORMAT_VERSION, MAGIC};
 use crate::storage::disk::{File, Fs};
 use crate::storage::error::{Error, IoContext, Result};
+use crate::storage::u32_le_at;
 
 /// An open, immutable table.
 #[derive(Debug)]
@@ -244,8 +249,9 @@ fn read_meta<T: DeserializeOwned>(file: &dyn File, path: &Path, (offset, len): (
     }
     let mut data = vec![0u8; len as usize];
     file.read_exact_at(&mut data, offset).ctx("read", path)?;
+    // `len >= 4`, checked above.
     let (body, crc) = data.split_at(data.len() - 4);
-    let expected = u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]);
+    let expected = u32_le_at(crc, 0).unwrap_or_default();
     let got = crc32fast::hash(body);
     if got != expected {
         return Err(Error::ChecksumMismatch { path: path.to_path_buf(), offset, expected, got });
@@ -338,7 +344,7 @@ impl TableScan {
     /// The current entry (key, value as stored); `None` past the last.
     pub fn head(&self) -> Option<(&[u8], &[u8])> {
         let (key, value) = self.head.clone()?;
-        Some((&self.window[key], &self.window[value]))
+        Some((self.window.get(key)?, self.window.get(value)?))
     }
 
     /// Moves to the next entry.
@@ -346,16 +352,20 @@ impl TableScan {
         self.head = None;
         loop {
             if self.entries.start < self.entries.end {
-                let (key, value) = block::entry_at(&self.window[..self.entries.end], self.entries.start)
+                let entries = self.window.get(..self.entries.end).unwrap_or_default();
+                let (key, value) = block::entry_at(entries, self.entries.start)
                     .map_err(|e| self.table.block_error(self.block_offset, e))?;
                 self.entries.start = value.end;
                 self.head = Some((key, value));
                 return Ok(());
             }
             if let Some(i) = self.pending.next() {
-                let entry = &self.table.index[i];
+                let Some(entry) = self.table.index.get(i) else { continue };
                 let start = (entry.offset - self.window_offset) as usize;
-                let data = &self.window[start..start + entry.len as usize];
+                let data = start
+                    .checked_add(entry.len as usize)
+                    .and_then(|end| self.window.get(start..end))
+                    .ok_or_else(|| Error::corrupt(&self.table.path, entry.offset, "block outside the read window"))?;
                 let entries_end = block::check(data).map_err(|e| self.table.block_error(entry.offset, e))?;
                 self.block_offset = entry.offset;
                 self.entries = start..start + entries_end;
@@ -376,15 +386,14 @@ impl TableScan {
         let start = first_entry.offset;
         let end_of = |entry: &IndexEntry| entry.offset + u64::from(entry.len);
         let mut last = first + 1;
-        while index
-            .get(last)
-            .is_some_and(|entry| entry.offset >= end_of(&index[last - 1]) && end_of(entry) - start <= self.window_bytes)
-        {
-            last += 1;
-        }
+        // The end of the window so far: that of block `last - 1`.
+        let mut end = end_of(first_entry);
         // Blocks are written back to back; an index that says otherwise
         // is read one block at a time (and its checksums decide).
-        let end = end_of(&index[last - 1]);
+        while let Some(entry) = index.get(last).filter(|e| e.offset >= end && end_of(e) - start <= self.window_bytes) {
+            end = end_of(entry);
+            last += 1;
+        }
         self.window.resize((end - start) as usize, 0);
         self.table.file.read_exact_at(&mut self.window, start).ctx("read", &self.table.path)?;
         self.window_offset = start;
