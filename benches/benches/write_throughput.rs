@@ -27,6 +27,8 @@
 //! Output: a markdown table on stdout, `target/quiver-bench/write_throughput.csv`
 //! and `target/quiver-bench/write_throughput.svg`.
 //!
+//! `QUIVER_BENCH_MIN_KEYS` skips the smaller sizes (`=1000000`: only 1M).
+//!
 //! Run: `cargo bench -p quiver-benches --bench write_throughput`
 
 use std::path::{Path, PathBuf};
@@ -553,8 +555,10 @@ async fn bench() {
     let runs = env_or("QUIVER_BENCH_RUNS", 3).max(1);
     let seconds = env_or("QUIVER_BENCH_SECONDS", 3).max(1);
     let max_keys = env_or("QUIVER_BENCH_MAX_KEYS", 1_000_000);
+    let min_keys = env_or("QUIVER_BENCH_MIN_KEYS", 0);
     let value_bytes = env_or("QUIVER_BENCH_VALUE_BYTES", 100) as usize;
-    let sizes: Vec<u64> = [0, 100_000, 1_000_000, 10_000_000].into_iter().filter(|&s| s <= max_keys).collect();
+    let sizes: Vec<u64> =
+        [0, 100_000, 1_000_000, 10_000_000].into_iter().filter(|&s| (min_keys..=max_keys).contains(&s)).collect();
     let value = Arc::new(vec![b'v'; value_bytes]);
 
     let quiver = System::Quiver {

@@ -117,16 +117,33 @@ impl Block {
 
     /// The value bytes stored for `key`, if any.
     pub fn find(&self, key: &[u8]) -> Result<Option<&[u8]>, BlockError> {
-        for entry in self.entries() {
-            let (k, v) = entry?;
-            match k.cmp(key) {
-                std::cmp::Ordering::Less => continue,
-                std::cmp::Ordering::Equal => return Ok(Some(v)),
-                std::cmp::Ordering::Greater => return Ok(None),
-            }
-        }
-        Ok(None)
+        find_in_entries(self.data.get(..self.entries_end).unwrap_or_default(), key)
     }
+}
+
+/// The value bytes stored for `key` in a block's bytes as read (entries,
+/// count and checksum), after checking the checksum: a point read without
+/// making a [`Block`] of them, so the bytes can be read into a buffer that
+/// is used again.
+pub fn check_and_find<'a>(data: &'a [u8], key: &[u8]) -> Result<Option<&'a [u8]>, BlockError> {
+    let entries_end = check(data)?;
+    find_in_entries(data.get(..entries_end).unwrap_or_default(), key)
+}
+
+/// The value of `key` among a block's `entries`, which are in key order.
+fn find_in_entries<'a>(entries: &'a [u8], key: &[u8]) -> Result<Option<&'a [u8]>, BlockError> {
+    let mut at = 0;
+    while at < entries.len() {
+        let (k, v) = entry_at(entries, at)?;
+        at = v.end;
+        // `entry_at` returns ranges within `entries` only.
+        match entries.get(k).unwrap_or_default().cmp(key) {
+            std::cmp::Ordering::Less => continue,
+            std::cmp::Ordering::Equal => return Ok(entries.get(v)),
+            std::cmp::Ordering::Greater => return Ok(None),
+        }
+    }
+    Ok(None)
 }
 
 /// Iterator over a block's entries.
