@@ -26,6 +26,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+/// More reader threads than this only add context switches.
+const READ_THREADS_MAX: usize = 256;
+
 /// Everything `quiverd` can be told.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -164,6 +167,9 @@ impl Config {
         if l.frame_bytes_max > u32::MAX as usize {
             return invalid(format!("frame_bytes_max {} does not fit the 4-byte frame length", l.frame_bytes_max));
         }
+        if self.storage.read_threads > READ_THREADS_MAX {
+            return invalid(format!("read_threads {} is above {READ_THREADS_MAX}", self.storage.read_threads));
+        }
         if l.frame_bytes_max < l.value_bytes_max + l.key_bytes_max + 64 {
             return invalid("frame_bytes_max must leave room for the largest key and value".into());
         }
@@ -209,6 +215,16 @@ mod tests {
     #[test]
     fn unknown_settings_are_rejected() {
         assert!(toml::from_str::<Config>("client_adr = \"x\"").is_err());
+    }
+
+    #[test]
+    fn too_many_reader_threads_are_invalid() {
+        let mut config = Config::default();
+        config.storage.read_threads = 257;
+        assert!(config.validate().unwrap_err().to_string().contains("read_threads"));
+        config.storage.read_threads = 256;
+        assert!(config.validate().is_ok());
+        assert!(Config::default().read_threads() >= 2);
     }
 
     #[test]

@@ -51,39 +51,49 @@ impl ReadJob {
     fn run(mut self, engine: &Engine, hook: Option<&ReadHook>) -> Option<ReadJob> {
         let start = self.values.len();
         let end = self.keys.len().min(start + CHUNK_KEYS);
-        let chunk = self.keys.get(start..end).unwrap_or_default();
         if let Some(hook) = hook {
-            hook(chunk);
+            hook(self.keys.get(start..end).unwrap_or_default());
         }
-        for key in chunk {
-            let value = match engine.get(key) {
-                Ok(siblings) => siblings.and_then(|s| s.value().map(<[u8]>::to_vec)),
-                Err(error) => {
-                    (self.done)(Err(storage_error(error)));
-                    return None;
-                }
+        for at in start..end {
+            let Some(key) = self.keys.get(at) else { break };
+            let pushed = match engine.get(key) {
+                Ok(siblings) => self.push(siblings.and_then(|s| s.value().map(<[u8]>::to_vec))),
+                Err(error) => Err(storage_error(error)),
             };
-            self.bytes += value.as_ref().map_or(0, Vec::len);
-            if self.bytes > self.bytes_max {
-                let error = ServerError::new(
-                    ErrorKind::ResponseTooLarge,
-                    format!(
-                        "the values of these {} keys exceed the {} bytes one response can carry (the frame limit \
-                         less its framing); ask for fewer keys at a time",
-                        self.keys.len(),
-                        self.bytes_max
-                    ),
-                );
+            if let Err(error) = pushed {
                 (self.done)(Err(error));
                 return None;
             }
-            self.values.push(value);
         }
         if self.values.len() < self.keys.len() {
             return Some(self);
         }
-        (self.done)(Ok(self.values));
+        self.answer();
         None
+    }
+
+    /// Adds the next key's value, unless the answer would then be larger
+    /// than one response can carry.
+    pub fn push(&mut self, value: Option<Vec<u8>>) -> Result<(), ServerError> {
+        self.bytes += value.as_ref().map_or(0, Vec::len);
+        if self.bytes > self.bytes_max {
+            return Err(ServerError::new(
+                ErrorKind::ResponseTooLarge,
+                format!(
+                    "the values of these {} keys exceed the {} bytes one response can carry (the frame limit less \
+                     its framing); ask for fewer keys at a time",
+                    self.keys.len(),
+                    self.bytes_max
+                ),
+            ));
+        }
+        self.values.push(value);
+        Ok(())
+    }
+
+    /// Answers with the values (all read).
+    pub fn answer(self) {
+        (self.done)(Ok(self.values))
     }
 }
 

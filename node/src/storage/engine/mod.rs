@@ -162,6 +162,28 @@ struct Levels {
     tables: Vec<Arc<Table>>,
 }
 
+impl Levels {
+    /// The versions of `key` in the memtables, merged.
+    fn in_memtables(&self, key: &[u8]) -> Option<Siblings> {
+        let mut found = read(&self.active).get(key);
+        for memtable in &self.frozen {
+            if let Some(siblings) = read(memtable).get(key) {
+                merge_into(&mut found, siblings);
+            }
+        }
+        found
+    }
+}
+
+/// Adds `siblings` to what was `found` so far (the merge does not depend on
+/// order).
+fn merge_into(found: &mut Option<Siblings>, siblings: Siblings) {
+    match found {
+        Some(all) => all.merge(siblings),
+        None => *found = Some(siblings),
+    }
+}
+
 /// Called once with a write's outcome: its WAL sequence number once durable,
 /// or why it failed. Runs on the engine's commit or apply thread, so it must
 /// be quick (send a message, wake a task).
@@ -299,25 +321,24 @@ impl Engine {
     /// key was never written (a deleted key returns its tombstone).
     pub fn get(&self, key: &[u8]) -> Result<Option<Siblings>> {
         let levels = self.inner.levels();
-        let mut found: Option<Siblings> = None;
-        let mut add = |siblings: Siblings| match &mut found {
-            Some(all) => all.merge(siblings),
-            None => found = Some(siblings),
-        };
-        if let Some(siblings) = read(&levels.active).get(key) {
-            add(siblings);
-        }
-        for memtable in &levels.frozen {
-            if let Some(siblings) = read(memtable).get(key) {
-                add(siblings);
-            }
-        }
+        let mut found = levels.in_memtables(key);
         for table in &levels.tables {
             if let Some(siblings) = table.get(key)? {
-                add(siblings);
+                merge_into(&mut found, siblings);
             }
         }
         Ok(found)
+    }
+
+    /// [`Engine::get`] when it needs no file read: when no table may hold
+    /// `key` (by its key range and bloom filter), the memtables' answer is
+    /// the whole answer. `None` when a table may hold it.
+    pub fn get_in_memory(&self, key: &[u8]) -> Option<Option<Siblings>> {
+        let levels = self.inner.levels();
+        if levels.tables.iter().any(|table| table.may_hold(key)) {
+            return None;
+        }
+        Some(levels.in_memtables(key))
     }
 
     /// Every key `>= start` (and `< end`, if given) with its merged versions,

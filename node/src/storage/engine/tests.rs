@@ -256,3 +256,25 @@ fn a_frozen_memtable_and_its_wal_stay_until_its_tables_manifest_edit_is_durable(
     assert!(sim.get(&first_segment).is_none(), "the segment the table covers should be retired");
     assert_eq!(value_of(&engine, b"key007").as_deref(), Some(&[7; 1000][..]));
 }
+
+/// A read that no table may answer is answered from the memtables alone;
+/// one that a table may answer is not (it needs a file read).
+#[test]
+fn a_read_is_in_memory_only_when_no_table_may_hold_its_key() {
+    let (engine, _gate, _sim, _dir) = gated_engine(Options { background_compaction: false, ..Options::default() });
+    let mut stamper = Stamper::new(NodeId(1), Hlc(0));
+    engine.write_blocking(vec![op(&mut stamper, b"b-flushed", b"1")]).unwrap();
+    engine.flush().unwrap();
+    engine.write_blocking(vec![op(&mut stamper, b"c-in-memory", b"2")]).unwrap();
+    assert!(engine.get_in_memory(b"b-flushed").is_none(), "a table holds it: the read needs that table");
+    let value =
+        |found: Option<Option<quiver_ring::Siblings>>| found.map(|s| s.and_then(|s| s.value().map(<[u8]>::to_vec)));
+    assert_eq!(value(engine.get_in_memory(b"c-in-memory")), Some(Some(b"2".to_vec())));
+    // Outside every table's key range: absent, known from memory.
+    assert_eq!(value(engine.get_in_memory(b"a-never")), Some(None));
+    // A newer version in memory of a key a table also holds still needs
+    // the table (its versions are merged).
+    engine.write_blocking(vec![op(&mut stamper, b"b-flushed", b"3")]).unwrap();
+    assert!(engine.get_in_memory(b"b-flushed").is_none());
+    assert_eq!(value_of(&engine, b"b-flushed").as_deref(), Some(&b"3"[..]));
+}

@@ -173,6 +173,13 @@ impl Table {
     }
 
     /// Whether the bloom filter allows `key` to be here.
+    /// Whether `key` may be in this table, from memory alone: its key range
+    /// (of the tables of one run, only one can match), then its bloom
+    /// filter.
+    pub fn may_hold(&self, key: &[u8]) -> bool {
+        key >= self.props.smallest_key.as_slice() && key <= self.props.largest_key.as_slice() && self.may_contain(key)
+    }
+
     pub fn may_contain(&self, key: &[u8]) -> bool {
         self.bloom.may_contain(key_hash(key))
     }
@@ -208,9 +215,7 @@ impl Table {
 
     /// The versions of `key` in this table.
     pub fn get(&self, key: &[u8]) -> Result<Option<Siblings>> {
-        // The key range first: of the tables of one run, only one can match.
-        if key < self.props.smallest_key.as_slice() || key > self.props.largest_key.as_slice() || !self.may_contain(key)
-        {
+        if !self.may_hold(key) {
             return Ok(None);
         }
         let Some(entry) = self.index.get(self.first_block_ending_at_or_after(key)) else { return Ok(None) };
