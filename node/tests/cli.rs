@@ -166,6 +166,10 @@ fn a_file_over_the_bulk_limits_is_refused_clearly_and_load_stores_it_in_batches(
     assert_eq!(stdout(&quiver(&node.addr, &["get", "d040"], None)), "w40\n");
     assert_eq!(quiver(&node.addr, &["get", "d041"], None).status.code(), Some(1));
 
+    let out = quiver(&node.addr, &["load", "-"], Some("first line has no tab\nk\tv\n"));
+    let err = stderr(&out);
+    assert!(err.contains("line 1: expected KEY<TAB>VALUE") && err.contains("nothing was stored"), "{err}");
+
     // A batch the node refuses: its lines are named.
     let mut refused: Vec<String> = (1..=30).map(|i| format!("e{i:02}\tx")).collect();
     refused[24] = "\tan empty key".into();

@@ -97,11 +97,13 @@ impl Stored {
 
     /// The message for a load that stopped: what is stored, what is not.
     fn failure(&self, why: &str) -> String {
-        let stored = match self.last_line {
-            0 => "nothing was stored".to_owned(),
-            last => format!("lines 1-{last} are stored ({} entries in {} batches)", self.entries, self.batches),
-        };
-        format!("{why}\n{stored}; no line after {} was stored", self.last_line)
+        match self.last_line {
+            0 => format!("{why}\nnothing was stored"),
+            last => format!(
+                "{why}\nlines 1-{last} are stored ({} entries in {} batches); no line after {last} was stored",
+                self.entries, self.batches
+            ),
+        }
     }
 }
 
