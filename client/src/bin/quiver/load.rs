@@ -62,7 +62,7 @@ pub fn load(client: &Client, file: &str, batch: usize) -> Result<String, String>
         stored.send(client, current, &progress)?;
     }
     progress.finish_and_clear();
-    Ok(format!("OK ({} entries in {} batches, through line {})", stored.entries, stored.batches, stored.last_line))
+    Ok(format!("OK ({} entries in {}, through line {})", stored.entries, batches(stored.batches), stored.last_line))
 }
 
 /// What is stored so far.
@@ -100,10 +100,20 @@ impl Stored {
         match self.last_line {
             0 => format!("{why}\nnothing was stored"),
             last => format!(
-                "{why}\nlines 1-{last} are stored ({} entries in {} batches); no line after {last} was stored",
-                self.entries, self.batches
+                "{why}\nlines 1-{last} are stored ({} entries in {}); no line after {last} was stored",
+                self.entries,
+                batches(self.batches)
             ),
         }
+    }
+}
+
+/// "1 batch", "2 batches".
+fn batches(n: u64) -> String {
+    if n == 1 {
+        "1 batch".to_owned()
+    } else {
+        format!("{n} batches")
     }
 }
 
