@@ -18,6 +18,7 @@
 //! memtable_bytes_max = 67108864
 //! wal_segment_bytes = 67108864
 //! block_cache_bytes = 0
+//! value_cache_bytes = 268435456
 //! read_threads = 0          # 0: one per core, at least 2
 //! repair = false
 //! ```
@@ -68,6 +69,8 @@ pub struct Storage {
     pub wal_segment_bytes: u64,
     /// Memory for the cache of table blocks that reads found (0: none).
     pub block_cache_bytes: usize,
+    /// Memory for the cache of what reads found in the tables (0: none).
+    pub value_cache_bytes: usize,
     /// Threads that serve reads (0: one per core, at least 2).
     pub read_threads: usize,
     /// Open a damaged WAL or manifest by keeping its valid prefix.
@@ -122,6 +125,7 @@ impl Default for Storage {
             memtable_bytes_max: engine.memtable_bytes_max,
             wal_segment_bytes: engine.wal_segment_bytes,
             block_cache_bytes: engine.block_cache_bytes,
+            value_cache_bytes: engine.value_cache_bytes,
             read_threads: 0,
             repair: false,
         }
@@ -190,6 +194,7 @@ impl Config {
             memtable_bytes_max: self.storage.memtable_bytes_max,
             wal_segment_bytes: self.storage.wal_segment_bytes,
             block_cache_bytes: self.storage.block_cache_bytes,
+            value_cache_bytes: self.storage.value_cache_bytes,
             record_bytes_max: self.limits.frame_bytes_max.max(self.limits.bulk_bytes_max * 2),
             repair: self.storage.repair,
             debug_skip_write_probability: self.debug_skip_write_probability,

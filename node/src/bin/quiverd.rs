@@ -64,6 +64,10 @@ struct Args {
     /// it when the data read often fits in it [default: 0, off].
     #[arg(long)]
     block_cache_bytes: Option<usize>,
+    /// Memory for a cache of what reads found in the tables, in bytes; a
+    /// read it answers reads no file [default: 256 MiB; 0: off].
+    #[arg(long)]
+    value_cache_bytes: Option<usize>,
     /// Threads that serve reads [default: one per core, at least 2].
     #[arg(long)]
     read_threads: Option<usize>,
@@ -122,6 +126,9 @@ impl Args {
         }
         if let Some(v) = self.block_cache_bytes {
             config.storage.block_cache_bytes = v
+        }
+        if let Some(v) = self.value_cache_bytes {
+            config.storage.value_cache_bytes = v
         }
         if let Some(v) = self.read_threads {
             config.storage.read_threads = v
@@ -251,6 +258,7 @@ mod tests {
             "--memtable-bytes-max=60",
             "--wal-segment-bytes=70",
             "--read-threads=3",
+            "--value-cache-bytes=80",
             "--repair",
             "--debug-skip-write-probability=0.5",
         ])
@@ -265,6 +273,7 @@ mod tests {
         );
         assert_eq!((config.storage.memtable_bytes_max, config.storage.wal_segment_bytes), (60, 70));
         assert_eq!(config.read_threads(), 3);
+        assert_eq!(config.storage.value_cache_bytes, 80);
         assert!(config.storage.repair);
         assert_eq!(config.debug_skip_write_probability, 0.5);
     }

@@ -23,6 +23,7 @@
 //! - [`compaction`]: the merge policy and the merging iterator;
 //! - [`Engine`]: the threads and the state that tie them together.
 
+pub mod cache;
 pub mod compaction;
 pub mod disk;
 mod engine;

@@ -16,11 +16,13 @@ pub fn now_ms() -> u64 {
 
 /// Options that make every mechanism run often on little data: tiny
 /// memtables, segments and blocks, eager compaction, no tombstone grace, a
-/// block cache that holds a few dozen blocks (so reads both hit and evict).
+/// block cache that holds a few dozen blocks and a value cache of about a
+/// hundred keys (so reads both hit and evict).
 pub fn tiny_options() -> Options {
     Options {
         memtable_bytes_max: 4 << 10,
         block_cache_bytes: 16 << 10,
+        value_cache_bytes: 16 << 10,
         frozen_memtables_max: 2,
         wal_segment_bytes: 16 << 10,
         block_bytes: 256,

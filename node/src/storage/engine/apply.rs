@@ -83,7 +83,12 @@ impl Inner {
             .take()
             .unwrap_or_else(|| Memtable::with_capacity(read(&levels.active).len(), self.opts.memtable_bytes_max / 2));
         let active = Arc::new(RwLock::new(spare));
-        *levels = Arc::new(Levels { active, frozen, tables: levels.tables.clone() });
+        *levels = Arc::new(Levels {
+            active,
+            frozen,
+            tables: levels.tables.clone(),
+            tables_generation: levels.tables_generation,
+        });
         drop(levels);
         self.wake_background(false);
         max_seq

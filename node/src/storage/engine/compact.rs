@@ -91,7 +91,12 @@ impl Inner {
                     levels.tables.iter().filter(|t| !ids.contains(&t.id())).cloned().collect();
                 tables.extend(outputs.iter().cloned());
                 sort_newest_first(&mut tables);
-                *levels = Arc::new(Levels { active: levels.active.clone(), frozen: levels.frozen.clone(), tables });
+                *levels = Arc::new(Levels {
+                    active: levels.active.clone(),
+                    frozen: levels.frozen.clone(),
+                    tables,
+                    tables_generation: levels.tables_generation + 1,
+                });
             }
             committed
         };

@@ -219,7 +219,12 @@ impl Inner {
             if let Some((table, _)) = table {
                 tables.insert(0, table);
             }
-            *levels = Arc::new(Levels { active: levels.active.clone(), frozen, tables });
+            *levels = Arc::new(Levels {
+                active: levels.active.clone(),
+                frozen,
+                tables,
+                tables_generation: levels.tables_generation + 1,
+            });
         }
         self.counters.flushes.fetch_add(1, Ordering::Relaxed);
         self.wake_background(true);

@@ -38,12 +38,13 @@ use std::time::Duration;
 use quiver_ring::{Hlc, Siblings};
 use tokio::sync::oneshot;
 
+use crate::storage::cache::{BlockCache, ClockCache};
 use crate::storage::compaction::{merge_siblings, EntryIter, MergeIter};
 use crate::storage::disk::{Fs, RealFs, SkipWriteFs};
 use crate::storage::error::{Error, IoContext, Result};
 use crate::storage::manifest::Manifest;
 use crate::storage::memtable::Memtable;
-use crate::storage::sstable::{BlockCache, Table};
+use crate::storage::sstable::Table;
 use crate::storage::wal::{self, SegmentInfo};
 use crate::storage::{EncodedOps, Op};
 use crate::{lock, now_ms};
@@ -53,7 +54,8 @@ use commit::{Queue, Request};
 /// Engine settings. Memory use is bounded by `memtable_bytes_max *
 /// (frozen_memtables_max + 1)` plus three table buffers (a flush being
 /// built, one being written, a compaction output; all kept for reuse) of at
-/// most `table_bytes_target` bytes each, plus `block_cache_bytes`, whatever
+/// most `table_bytes_target` bytes each, plus `block_cache_bytes` and
+/// `value_cache_bytes`, whatever
 /// the data size (bloom filters and block indexes, about 2 bytes per key,
 /// aside).
 #[derive(Clone, Debug)]
@@ -72,6 +74,11 @@ pub struct Options {
     pub record_bytes_max: usize,
     /// Target size of an SSTable data block.
     pub block_bytes: usize,
+    /// Budget of the cache of what reads found in the tables: a key's
+    /// versions merged from every table, valid until the tables change (a
+    /// flush or compaction). A read of a key found there reads no file.
+    /// 0: no value cache.
+    pub value_cache_bytes: usize,
     /// Budget of the cache of data blocks that point reads found (0, the
     /// default: no cache; every read then reads its block from the page
     /// cache with `pread`). It pays only when the blocks read fit: `get` at
@@ -115,6 +122,7 @@ impl Default for Options {
             record_bytes_max: 72 << 20,
             block_bytes: 4096,
             block_cache_bytes: 0,
+            value_cache_bytes: 256 << 20,
             bloom_bits_per_key: 10,
             table_bytes_target: 64 << 20,
             compaction_min_tables: 8,
@@ -160,9 +168,24 @@ struct Levels {
     active: Arc<RwLock<Memtable>>,
     frozen: Vec<Arc<RwLock<Memtable>>>,
     tables: Vec<Arc<Table>>,
+    /// Which set of tables this is: one more each time the tables change
+    /// (a flush adds one, a compaction replaces some). The value cache
+    /// keeps what it read from tables under this number, and an entry of
+    /// another number is not used.
+    tables_generation: u64,
 }
 
 impl Levels {
+    /// The versions of `key` in the memtables merged with `in_tables`, what
+    /// the tables hold of it.
+    fn with_memtables(&self, key: &[u8], in_tables: &Option<Siblings>) -> Option<Siblings> {
+        let mut found = self.in_memtables(key);
+        if let Some(siblings) = in_tables {
+            merge_into(&mut found, siblings.clone());
+        }
+        found
+    }
+
     /// The versions of `key` in the memtables, merged.
     fn in_memtables(&self, key: &[u8]) -> Option<Siblings> {
         let mut found = read(&self.active).get(key);
@@ -173,6 +196,15 @@ impl Levels {
         }
         found
     }
+}
+
+/// The value cache: per key, the generation of the tables it was read from
+/// and what they held of it.
+type ValueCache = ClockCache<Vec<u8>, (u64, Arc<Option<Siblings>>)>;
+
+/// About the bytes `siblings` holds in memory.
+fn siblings_bytes(siblings: &Siblings) -> usize {
+    siblings.versions().iter().map(|v| v.value.as_ref().map_or(0, Vec::len) + 96).sum()
 }
 
 /// Adds `siblings` to what was `found` so far (the merge does not depend on
@@ -228,6 +260,8 @@ struct Inner {
     counters: Counters,
     /// Shared by every table's point reads (`None` when its budget is 0).
     block_cache: Option<Arc<BlockCache>>,
+    /// What reads found in the tables (`None` when its budget is 0).
+    value_cache: Option<ValueCache>,
 }
 
 /// The storage engine. Cheap to share behind an `Arc`; every method takes
@@ -321,24 +355,49 @@ impl Engine {
     /// key was never written (a deleted key returns its tombstone).
     pub fn get(&self, key: &[u8]) -> Result<Option<Siblings>> {
         let levels = self.inner.levels();
-        let mut found = levels.in_memtables(key);
-        for table in &levels.tables {
-            if let Some(siblings) = table.get(key)? {
-                merge_into(&mut found, siblings);
+        let in_tables = match self.cached_in_tables(&levels, key) {
+            Some(cached) => cached,
+            None => {
+                let mut found = None;
+                for table in &levels.tables {
+                    if let Some(siblings) = table.get(key)? {
+                        merge_into(&mut found, siblings);
+                    }
+                }
+                let found = Arc::new(found);
+                if let Some(cache) = &self.inner.value_cache {
+                    let bytes = key.len() + found.as_ref().as_ref().map_or(0, siblings_bytes) + 96;
+                    cache.insert(key.to_vec(), (levels.tables_generation, found.clone()), bytes);
+                }
+                found
             }
-        }
-        Ok(found)
+        };
+        Ok(levels.with_memtables(key, &in_tables))
     }
 
-    /// [`Engine::get`] when it needs no file read: when no table may hold
-    /// `key` (by its key range and bloom filter), the memtables' answer is
-    /// the whole answer. `None` when a table may hold it.
+    /// [`Engine::get`] when it needs no file read: when the value cache
+    /// holds what the current tables have of `key`, or no table may hold it
+    /// (by its key range and bloom filter), the answer comes from memory.
+    /// `None` when a table would have to be read.
     pub fn get_in_memory(&self, key: &[u8]) -> Option<Option<Siblings>> {
         let levels = self.inner.levels();
+        if levels.tables.is_empty() {
+            return Some(levels.in_memtables(key));
+        }
+        if let Some(in_tables) = self.cached_in_tables(&levels, key) {
+            return Some(levels.with_memtables(key, &in_tables));
+        }
         if levels.tables.iter().any(|table| table.may_hold(key)) {
             return None;
         }
         Some(levels.in_memtables(key))
+    }
+
+    /// What the tables of `levels` hold of `key`, if the value cache has it
+    /// for exactly those tables.
+    fn cached_in_tables(&self, levels: &Levels, key: &[u8]) -> Option<Arc<Option<Siblings>>> {
+        let (generation, found) = self.inner.value_cache.as_ref()?.get(key)?;
+        (generation == levels.tables_generation).then_some(found)
     }
 
     /// Every key `>= start` (and `< end`, if given) with its merged versions,

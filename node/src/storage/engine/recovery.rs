@@ -18,10 +18,11 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 use super::{write, Counters, Inner, Levels, Options};
 use crate::lock;
+use crate::storage::cache::{BlockCache, ClockCache};
 use crate::storage::disk::{is_data_file, Fs};
 use crate::storage::error::{Error, IoContext, Result};
 use crate::storage::manifest::Manifest;
-use crate::storage::sstable::{parse_table_name, table_name, BlockCache, Table};
+use crate::storage::sstable::{parse_table_name, table_name, Table};
 use crate::storage::wal::{self, SegmentInfo, WalWriter};
 use crate::storage::EncodedOps;
 
@@ -55,7 +56,13 @@ pub(super) fn open(fs: Arc<dyn Fs>, dir: &Path, opts: Options) -> Result<Recover
     let inner = Arc::new(Inner {
         fs: fs.clone(),
         dir: dir.to_path_buf(),
-        levels: RwLock::new(Arc::new(Levels { active: Arc::default(), frozen: Vec::new(), tables })),
+        levels: RwLock::new(Arc::new(Levels {
+            active: Arc::default(),
+            frozen: Vec::new(),
+            tables,
+            tables_generation: 0,
+        })),
+        value_cache: (opts.value_cache_bytes > 0).then(|| ClockCache::new(opts.value_cache_bytes)),
         queue: Mutex::default(),
         queue_cv: Condvar::new(),
         manifest: Mutex::new(manifest),

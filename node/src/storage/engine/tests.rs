@@ -278,3 +278,35 @@ fn a_read_is_in_memory_only_when_no_table_may_hold_its_key() {
     assert!(engine.get_in_memory(b"b-flushed").is_none());
     assert_eq!(value_of(&engine, b"b-flushed").as_deref(), Some(&b"3"[..]));
 }
+
+/// The value cache answers only for the tables it read: once a flush or a
+/// compaction changes them, what it kept is not used.
+#[test]
+fn the_value_cache_never_answers_for_tables_that_changed() {
+    let opts = Options { background_compaction: false, tombstone_grace_ms: 0, ..Options::default() };
+    let (engine, _gate, _sim, _dir) = gated_engine(opts);
+    let mut stamper = Stamper::new(NodeId(1), Hlc(0));
+    let in_memory = |engine: &Engine| engine.get_in_memory(b"k").map(|s| s.and_then(|s| s.value().map(<[u8]>::to_vec)));
+    engine.write_blocking(vec![op(&mut stamper, b"k", b"1")]).unwrap();
+    engine.flush().unwrap();
+    assert_eq!(in_memory(&engine), None, "nothing cached yet: the table must be read");
+    assert_eq!(value_of(&engine, b"k").as_deref(), Some(&b"1"[..]));
+    assert_eq!(in_memory(&engine), Some(Some(b"1".to_vec())), "the read is cached");
+
+    // A newer version in the memtable is merged with the cached one.
+    engine.write_blocking(vec![op(&mut stamper, b"k", b"2")]).unwrap();
+    assert_eq!(in_memory(&engine), Some(Some(b"2".to_vec())));
+    // Flushed: the tables changed, the cached read is not used again.
+    engine.flush().unwrap();
+    assert_eq!(in_memory(&engine), None, "a read cached for other tables answered");
+    assert_eq!(value_of(&engine, b"k").as_deref(), Some(&b"2"[..]));
+
+    // Deleted, flushed and compacted away: absent, cached or not.
+    engine.write_blocking(vec![Op { key: b"k".to_vec(), version: stamper.next(now_ms()).blind(None) }]).unwrap();
+    engine.flush().unwrap();
+    assert_eq!(value_of(&engine, b"k"), None);
+    engine.compact().unwrap();
+    assert_eq!(in_memory(&engine).flatten(), None);
+    assert_eq!(value_of(&engine, b"k"), None);
+    assert_eq!(engine.stats().tables, 0, "the tombstone and all it shadowed are gone");
+}

@@ -19,14 +19,13 @@
 //! whole in memory and written with one write, then synced, re-read and
 //! verified before the manifest may name it.
 
-mod block;
+pub(crate) mod block;
 mod bloom;
-mod cache;
 mod reader;
 mod writer;
 
+pub use block::Block;
 pub use bloom::Bloom;
-pub use cache::BlockCache;
 pub use reader::{Table, TableIter, TableScan};
 pub use writer::TableBuilder;
 

@@ -12,8 +12,8 @@ use serde::de::DeserializeOwned;
 
 use super::block::{self, decode_value, Block, BlockError};
 use super::bloom::{key_hash, Bloom};
-use super::cache::BlockCache;
 use super::{IndexEntry, Props, FOOTER_LEN, FORMAT_VERSION, MAGIC};
+use crate::storage::cache::BlockCache;
 use crate::storage::disk::{File, Fs};
 use crate::storage::error::{Error, IoContext, Result};
 use crate::storage::u32_le_at;
@@ -192,11 +192,11 @@ impl Table {
 
     /// A block through `cache`: from it, or read and kept in it.
     fn cached_block(&self, cache: &BlockCache, entry: &IndexEntry) -> Result<Arc<Block>> {
-        if let Some(block) = cache.get(self.id, entry.offset) {
+        if let Some(block) = cache.get(&(self.id, entry.offset)) {
             return Ok(block);
         }
         let block = Arc::new(self.read_block(entry)?);
-        cache.insert(self.id, entry.offset, block.clone());
+        cache.insert((self.id, entry.offset), block.clone(), block.size());
         Ok(block)
     }
 
