@@ -355,6 +355,9 @@ impl Engine {
     /// key was never written (a deleted key returns its tombstone).
     pub fn get(&self, key: &[u8]) -> Result<Option<Siblings>> {
         let levels = self.inner.levels();
+        if levels.tables.is_empty() {
+            return Ok(levels.in_memtables(key));
+        }
         let in_tables = match self.cached_in_tables(&levels, key) {
             Some(cached) => cached,
             None => {
