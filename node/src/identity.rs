@@ -12,8 +12,7 @@ use std::path::Path;
 use quiver_ring::NodeId;
 
 const NODE_ID_FILE: &str = "NODE_ID";
-/// The admin token's file name in a data directory.
-pub const ADMIN_TOKEN_FILE: &str = "ADMIN_TOKEN";
+pub use quiver_ring::wire::ADMIN_TOKEN_FILE;
 
 /// Reads the node's id from `DIR/NODE_ID`, or makes one and stores it
 /// (synced) on first start.

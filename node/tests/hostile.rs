@@ -123,8 +123,8 @@ fn shutdown_needs_the_admin_token() {
     let client = Client::connect([node.addr.clone()]).unwrap();
     client.set("still", "up").unwrap();
     assert_eq!(client.shutdown_node("wrong").unwrap_err().kind(), Some(ErrorKind::Forbidden));
-    let token = std::fs::read_to_string(dir.path().join("ADMIN_TOKEN")).unwrap();
-    client.shutdown_node(token.trim()).unwrap();
+    let token = quiver_node::identity::read_admin_token(dir.path()).unwrap();
+    client.shutdown_node(&token).unwrap();
     assert!(node.wait().unwrap().success());
 }
 

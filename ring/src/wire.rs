@@ -31,6 +31,10 @@ pub const LEN_BYTES: usize = 4;
 /// Default largest frame a node accepts: a full 64 MiB bulk set plus room.
 pub const FRAME_BYTES_MAX: usize = 72 << 20;
 
+/// The file in a node's data directory that holds its admin token, which
+/// admin requests (`Shutdown`) must carry.
+pub const ADMIN_TOKEN_FILE: &str = "ADMIN_TOKEN";
+
 /// The protocol this build speaks. 2: connections open with `Hello`, admin
 /// requests carry a token.
 pub const PROTOCOL_VERSION: u32 = 2;

@@ -119,7 +119,7 @@ fn admin_token(data_dir: Option<PathBuf>, token: Option<String>) -> Result<Strin
         return Ok(token);
     }
     let dir = data_dir.ok_or("shutdown needs the node's admin token: --data-dir DIR, --token or QUIVER_ADMIN_TOKEN")?;
-    let path = dir.join("ADMIN_TOKEN");
+    let path = dir.join(quiver_ring::wire::ADMIN_TOKEN_FILE);
     let token =
         std::fs::read_to_string(&path).map_err(|e| format!("reading the admin token {}: {e}", path.display()))?;
     Ok(token.trim().to_owned())
