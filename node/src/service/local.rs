@@ -90,10 +90,10 @@ impl Store for LocalStore {
         self.engine.write_then(ops, move |result| done(result.map(drop).map_err(storage_error)));
     }
 
-    /// A small read whose keys no table may hold (their bloom filters and
-    /// key ranges say so) is answered right here: it touches memory only.
-    /// Anything else goes to the reader threads, from the first key that
-    /// may need a file read.
+    /// A small read that memory alone answers (the value cache, or no table
+    /// whose key range and bloom filter admit its keys: see
+    /// [`Engine::get_in_memory`]) is answered right here. Anything else goes
+    /// to the reader threads, from the first key that may need a file read.
     fn read(&self, keys: Vec<Vec<u8>>, hlc_seen: Hlc, response_bytes_max: usize, done: Done<Vec<Option<Vec<u8>>>>) {
         lock(&self.stamper).observe(hlc_seen);
         let mut job =

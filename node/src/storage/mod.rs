@@ -21,6 +21,7 @@
 //! - [`sstable`]: table files (blocks, index, bloom filter, footer);
 //! - [`manifest`]: the log of which tables make up the store;
 //! - [`compaction`]: the merge policy and the merging iterator;
+//! - [`cache`]: the CLOCK cache behind the block cache and the value cache;
 //! - [`Engine`]: the threads and the state that tie them together.
 
 pub mod cache;

@@ -13,7 +13,7 @@
 //!   WAL segments** the tables now cover.
 //! - [`compact`] (thread `quiver-compact`): merges tables chosen by
 //!   [`compaction::plan`](crate::storage::compaction::plan).
-//! - [`recovery`] (the opening thread, before the others start): opens the
+//! - `recovery.rs` (the opening thread, before the others start): opens the
 //!   manifest and tables, removes orphans, replays the WAL into memtables.
 //!
 //! This file holds what they share ([`Inner`]) and what callers use
@@ -298,7 +298,7 @@ impl Engine {
     }
 
     /// Opens the engine on any file system: recovers its state (see
-    /// [`recovery`]), then starts the threads.
+    /// `recovery.rs`), then starts the threads.
     pub fn open_with(fs: Arc<dyn Fs>, dir: &Path, opts: Options) -> Result<Engine> {
         let recovery::Recovered { inner, wal, last_seq } = recovery::open(fs, dir, opts)?;
         let spawn = |name: &str, body: Box<dyn FnOnce() + Send>| {
