@@ -13,7 +13,7 @@
 //!   WAL segments** the tables now cover.
 //! - [`compact`] (thread `quiver-compact`): merges tables chosen by
 //!   [`compaction::plan`](crate::storage::compaction::plan).
-//! - `recovery.rs` (the opening thread, before the others start): opens the
+//! - [`recovery`] (the opening thread, before the others start): opens the
 //!   manifest and tables, removes orphans, replays the WAL into memtables.
 //!
 //! This file holds what they share ([`Inner`]) and what callers use
