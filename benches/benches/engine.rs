@@ -50,7 +50,7 @@ impl Bench {
         let engine = Arc::new(Engine::open(dir.path(), Options::default()).unwrap());
         let bench = Arc::new(Bench {
             engine,
-            stamper: Arc::new(Mutex::new(Stamper::new(NodeId(1), Default::default()))),
+            stamper: Arc::new(Mutex::new(Stamper::new(NodeId(1), Default::default(), u64::MAX))),
             value: vec![b'v'; 100],
             _dir: dir,
         });
@@ -67,7 +67,7 @@ impl Bench {
     }
 
     fn ops(&self, keys: impl Iterator<Item = u64>) -> Vec<Op> {
-        let stamp = self.stamper.lock().unwrap().next(now_ms());
+        let stamp = self.stamper.lock().unwrap().next(now_ms()).expect("a test clock never refuses");
         keys.map(|k| Op { key: format!("key-{k:012}").into_bytes(), version: stamp.blind(Some(self.value.clone())) })
             .collect()
     }

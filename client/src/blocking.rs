@@ -66,6 +66,26 @@ impl Client {
         self.runtime.block_on(self.inner.bulk_set(entries))
     }
 
+    /// See [`crate::Client::get_versions`].
+    pub fn get_versions(&self, key: impl AsRef<[u8]>) -> Result<crate::Versions> {
+        self.runtime.block_on(self.inner.get_versions(key))
+    }
+
+    /// See [`crate::Client::set_with_context`].
+    pub fn set_with_context(
+        &self,
+        key: impl AsRef<[u8]>,
+        value: impl AsRef<[u8]>,
+        context: &crate::ContextToken,
+    ) -> Result<()> {
+        self.runtime.block_on(self.inner.set_with_context(key, value, context))
+    }
+
+    /// See [`crate::Client::delete_with_context`].
+    pub fn delete_with_context(&self, key: impl AsRef<[u8]>, context: &crate::ContextToken) -> Result<()> {
+        self.runtime.block_on(self.inner.delete_with_context(key, context))
+    }
+
     /// See [`crate::Client::status`].
     pub fn status(&self) -> Result<NodeStatus> {
         self.runtime.block_on(self.inner.status())

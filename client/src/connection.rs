@@ -14,9 +14,10 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use quiver_ring::wire::{self, NodeInfo, Op, Reply, Request, Response};
+use quiver_ring::wire::{self, ErrorKind, NodeInfo, Op, Reply, Request, Response};
+use quiver_ring::Hlc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -100,7 +101,9 @@ impl Connection {
         limits.check(&op).map_err(refused)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut frame = Vec::new();
-        let request = Request { id, hlc_seen: self.hlc.load(Ordering::Relaxed), op };
+        let hlc_seen = Hlc(self.hlc.load(Ordering::Relaxed));
+        let deadline = deadline(hlc_seen, timeout);
+        let request = Request { id, hlc_seen, op, deadline };
         if let Err(too_large) = wire::encode_frame(&mut frame, &request, limits.frame_bytes_max as usize) {
             return Err(refused(
                 limits
@@ -116,15 +119,31 @@ impl Connection {
             lock(&self.pending).remove(&id);
             return Err(lost("connection closed"));
         }
-        match tokio::time::timeout(timeout, answer).await {
+        let result = match tokio::time::timeout(timeout, answer).await {
             Ok(Ok(response)) => response.result.map_err(|e| Error::Server { kind: e.kind, message: e.message }),
             Ok(Err(_)) => Err(lost("connection closed before the answer")),
             Err(_) => {
                 lock(&self.pending).remove(&id);
                 Err(Error::Timeout { addr: self.addr.clone(), timeout })
             }
+        };
+        if result.as_ref().is_err_and(|e| matches!(e, Error::Timeout { .. }) || e.kind() == Some(ErrorKind::Timeout)) {
+            // The request may still be stamped, but never after its
+            // deadline: everything this client sends from now on is
+            // stamped above it, so the write that timed out can never land
+            // above the next one.
+            self.hlc.fetch_max(deadline.0, Ordering::Relaxed);
         }
+        result
     }
+}
+
+/// A request's deadline on the HLC scale: the client's timestamp (the
+/// highest it has seen, or its wall clock if that is later) plus its
+/// timeout.
+fn deadline(hlc_seen: Hlc, timeout: Duration) -> Hlc {
+    let wall_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    hlc_seen.max(Hlc::from_physical_ms(wall_ms)).plus_ms(timeout.as_millis() as u64)
 }
 
 impl Drop for Connection {
@@ -171,7 +190,7 @@ async fn read_responses(reader: OwnedReadHalf, pending: Pending, broken: Arc<Ato
             break;
         }
         let Ok(response) = postcard::from_bytes::<Response>(&body) else { break };
-        hlc.fetch_max(response.hlc, Ordering::Relaxed);
+        hlc.fetch_max(response.hlc.0, Ordering::Relaxed);
         if let Some(done) = lock(&pending).remove(&response.id) {
             let _ = done.send(response);
         } else if response.id == 0 {

@@ -29,8 +29,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 pub use error::{Error, Result};
-pub use quiver_ring::wire::{ErrorKind, Limits, NodeStatus};
+pub use quiver_ring::wire::{ContextToken, ErrorKind, Limits, NodeStatus, VersionInfo, Versions};
 use quiver_ring::wire::{Op, Reply};
+pub use quiver_ring::Hlc;
 use tokio::sync::Mutex;
 
 use connection::Connection;
@@ -167,6 +168,36 @@ impl Client {
     {
         let entries = entries.into_iter().map(|(k, v)| (k.as_ref().to_vec(), v.as_ref().to_vec())).collect();
         self.call_done(Op::BulkSet { entries }).await
+    }
+
+    /// Every live version of `key` (value or tombstone, and its timestamp),
+    /// oldest first (the last is what [`Client::get`] returns), and the
+    /// context to write back with. No versions: the key was never written.
+    pub async fn get_versions(&self, key: impl AsRef<[u8]>) -> Result<Versions> {
+        match self.call(Op::GetVersions { key: key.as_ref().to_vec() }).await? {
+            Reply::Versions(versions) => Ok(versions),
+            other => Err(Error::Protocol(format!("expected versions, got {other:?}"))),
+        }
+    }
+
+    /// A causal write: stores `value` under `key`, replacing exactly the
+    /// versions `context` (from [`Client::get_versions`] of the same key)
+    /// covers. Versions written meanwhile by others stay, as siblings.
+    /// Returns once durable.
+    pub async fn set_with_context(
+        &self,
+        key: impl AsRef<[u8]>,
+        value: impl AsRef<[u8]>,
+        context: &ContextToken,
+    ) -> Result<()> {
+        let (key, value) = (key.as_ref().to_vec(), Some(value.as_ref().to_vec()));
+        self.call_done(Op::SetWithContext { key, value, context: context.clone() }).await
+    }
+
+    /// A causal delete: replaces exactly the versions `context` covers with
+    /// a tombstone. Returns once durable.
+    pub async fn delete_with_context(&self, key: impl AsRef<[u8]>, context: &ContextToken) -> Result<()> {
+        self.call_done(Op::SetWithContext { key: key.as_ref().to_vec(), value: None, context: context.clone() }).await
     }
 
     /// The node's id, addresses, key count, bytes on disk and uptime.

@@ -4,6 +4,7 @@
 //! data_dir = "./quiver-data"
 //! client_addr = "127.0.0.1:7700"
 //! peer_addr = "127.0.0.1:7701"
+//! max_clock_offset_ms = 500  # a timestamp further ahead is refused
 //! debug_skip_write_probability = 0.0
 //!
 //! [limits]
@@ -39,6 +40,10 @@ pub struct Config {
     /// The node-to-node (QUIC) address; announced in `status`, used by the
     /// cluster layer.
     pub peer_addr: String,
+    /// The largest distance between clocks the node accepts: a client's or
+    /// peer's timestamp further ahead of its wall clock is refused, and the
+    /// node refuses to stamp while its own clock is further ahead.
+    pub max_clock_offset_ms: u64,
     pub debug_skip_write_probability: f64,
     /// Test-only (a hidden `quiverd` flag): acknowledge this fraction of
     /// writes without writing them. Never read from the file.
@@ -83,6 +88,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./quiver-data"),
             client_addr: "127.0.0.1:7700".into(),
             peer_addr: "127.0.0.1:7701".into(),
+            max_clock_offset_ms: quiver_ring::MAX_OFFSET_MS,
             debug_skip_write_probability: 0.0,
             debug_drop_acked_writes: 0.0,
             limits: Limits::default(),
@@ -170,6 +176,9 @@ impl Config {
         }
         if l.frame_bytes_max > u32::MAX as usize {
             return invalid(format!("frame_bytes_max {} does not fit the 4-byte frame length", l.frame_bytes_max));
+        }
+        if self.max_clock_offset_ms == 0 {
+            return invalid("max_clock_offset_ms must be at least 1".into());
         }
         if self.storage.read_threads > READ_THREADS_MAX {
             return invalid(format!("read_threads {} is above {READ_THREADS_MAX}", self.storage.read_threads));

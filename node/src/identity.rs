@@ -73,7 +73,7 @@ fn random_bytes() -> std::io::Result<[u8; 16]> {
 
 /// Writes `name` in `dir` whole or not at all: a temporary file (owner-only),
 /// synced, renamed, and the directory synced.
-fn write_new_file(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_new_file(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = dir.join(format!("{name}.tmp"));
     let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;

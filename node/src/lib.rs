@@ -7,6 +7,7 @@
 //! - [`net`]: the client listener.
 //! - [`config`]: `quiverd`'s settings.
 //! - [`clock`]: where the request path gets the time.
+//! - [`stamping`]: the node's hybrid logical clock, which stamps writes.
 //! - [`identity`]: the node's id and admin token files.
 
 pub mod clock;
@@ -14,6 +15,7 @@ pub mod config;
 pub mod identity;
 pub mod net;
 pub mod service;
+pub mod stamping;
 pub mod storage;
 
 use std::sync::{Mutex, MutexGuard};

@@ -15,12 +15,26 @@ use quiver_client::blocking::Client;
 use quiver_client::ErrorKind;
 use quiver_ring::rand::SplitMix64;
 use quiver_ring::wire::{self, Op, Reply, Request, Response};
+use quiver_ring::Hlc;
 
 /// A raw connection that sends frames as given and reads answers.
 struct Raw(TcpStream);
 
+/// A request as a client of this protocol sends it.
+fn request(id: u64, op: Op) -> Request {
+    Request { id, hlc_seen: Hlc::ZERO, op, deadline: Hlc(u64::MAX) }
+}
+
 impl Raw {
+    /// A connection that has made the handshake.
     fn connect(addr: &str) -> Raw {
+        let mut raw = Raw::connect_without_hello(addr);
+        let hello = raw.call(Op::Hello { protocol: wire::PROTOCOL_VERSION });
+        assert!(matches!(hello.result, Ok(Reply::Hello(_))), "{hello:?}");
+        raw
+    }
+
+    fn connect_without_hello(addr: &str) -> Raw {
         let stream = TcpStream::connect(addr).unwrap();
         // A bound on the test, not a timing assertion.
         stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
@@ -29,8 +43,13 @@ impl Raw {
 
     fn send(&mut self, id: u64, op: Op) {
         let mut frame = Vec::new();
-        wire::encode_frame(&mut frame, &Request { id, hlc_seen: 0, op }, usize::MAX).unwrap();
+        wire::encode_frame(&mut frame, &request(id, op), usize::MAX).unwrap();
         self.0.write_all(&frame).unwrap();
+    }
+
+    /// Whether the node closed the connection (no more answers).
+    fn is_closed(&mut self) -> bool {
+        matches!(self.0.read(&mut [0u8; 1]), Ok(0))
     }
 
     fn answer(&mut self) -> Response {
@@ -51,6 +70,39 @@ fn kind(response: &Response) -> Option<ErrorKind> {
     response.result.as_ref().err().map(|e| e.kind)
 }
 
+/// A connection must open with `Hello` of this protocol: any other first
+/// request, a `Hello` of another version, and a `Hello` of protocol 2
+/// (which does not decode in this one) are each answered with
+/// `UnsupportedProtocol`, and the connection is closed.
+#[test]
+fn a_connection_opens_with_the_handshake_of_this_protocol() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path(), &[]);
+    let mut raw = Raw::connect_without_hello(&node.addr);
+    let answer = raw.call(Op::Get { key: b"k".to_vec() });
+    assert_eq!(kind(&answer), Some(ErrorKind::UnsupportedProtocol), "{answer:?}");
+    assert!(answer.result.unwrap_err().message.contains("opens with Hello"));
+    assert!(raw.is_closed());
+
+    let mut raw = Raw::connect_without_hello(&node.addr);
+    let answer = raw.call(Op::Hello { protocol: wire::PROTOCOL_VERSION + 1 });
+    assert_eq!(kind(&answer), Some(ErrorKind::UnsupportedProtocol), "{answer:?}");
+    assert!(raw.is_closed());
+
+    // Protocol 2's request: id, hlc_seen, then the op (Hello is op 7).
+    let mut raw = Raw::connect_without_hello(&node.addr);
+    raw.0.write_all(&[0, 0, 0, 4, 9, 0, 7, 2]).unwrap();
+    let answer = raw.answer();
+    assert_eq!(answer.id, 9);
+    let error = answer.result.unwrap_err();
+    assert_eq!(error.kind, ErrorKind::UnsupportedProtocol);
+    assert!(error.message.contains("the client 2"), "{}", error.message);
+    assert!(raw.is_closed());
+
+    let mut raw = Raw::connect(&node.addr);
+    assert_eq!(raw.call(Op::Set { key: vec![1], value: vec![2] }).result, Ok(Reply::Done));
+}
+
 /// The client library refuses these before sending; the node must refuse
 /// them too, on a connection that stays open.
 #[test]
@@ -65,7 +117,6 @@ fn the_node_itself_refuses_requests_over_its_limits() {
         (Op::GetMany { keys: vec![vec![1]; 11] }, ErrorKind::BulkTooLarge),
         (Op::BulkSet { entries: vec![(vec![1], vec![2]); 11] }, ErrorKind::BulkTooLarge),
         (Op::BulkSet { entries: vec![(vec![1], vec![2]), (vec![], vec![2])] }, ErrorKind::EmptyKey),
-        (Op::Hello { protocol: wire::PROTOCOL_VERSION + 1 }, ErrorKind::UnsupportedProtocol),
     ];
     for (op, expected) in cases {
         let answer = raw.call(op.clone());
@@ -160,7 +211,7 @@ fn hostile_frame(rng: &mut SplitMix64, out: &mut Vec<u8>) {
             } else {
                 Op::Get { key: random_bytes(rng, 8) }
             };
-            let request = Request { id: rng.next_u64(), hlc_seen: rng.next_u64() >> 20, op };
+            let request = Request { hlc_seen: Hlc(rng.next_u64() >> 20), ..request(rng.next_u64(), op) };
             wire::encode_frame(out, &request, usize::MAX).unwrap();
         }
     }
@@ -180,6 +231,12 @@ fn stray_and_hostile_frames_stop_nothing_and_lose_nothing() {
     let (connections, frames_each) = (2_000, 15);
     for _ in 0..connections {
         let mut frames = Vec::new();
+        // Most connections open as a client would, so the frames after
+        // the handshake are tried too.
+        if rng.chance(0.9) {
+            wire::encode_frame(&mut frames, &request(0, Op::Hello { protocol: wire::PROTOCOL_VERSION }), usize::MAX)
+                .unwrap();
+        }
         for _ in 0..frames_each {
             hostile_frame(&mut rng, &mut frames);
         }

@@ -12,8 +12,9 @@ use quiver_node::clock::SystemClock;
 use quiver_node::config::Limits;
 use quiver_node::net::client::serve;
 use quiver_node::service::{LocalStore, ReadHook, Service};
+use quiver_node::stamping::NodeClock;
 use quiver_node::storage::{Engine, Op, Options};
-use quiver_ring::{Hlc, NodeId, Stamper};
+use quiver_ring::{Hlc, NodeId, Stamper, MAX_OFFSET_MS};
 
 const KEYS: usize = 100_000;
 
@@ -35,9 +36,9 @@ struct Hold {
 fn a_get_many_being_served_holds_up_no_other_connection() {
     let dir = tempfile::tempdir().unwrap();
     let engine = Arc::new(Engine::open(dir.path(), Options::default()).unwrap());
-    let mut stamper = Stamper::new(NodeId(1), Hlc(0));
+    let mut stamper = Stamper::new(NodeId(1), Hlc(0), u64::MAX);
     for batch in (0..KEYS).collect::<Vec<_>>().chunks(10_000) {
-        let stamp = stamper.next(1);
+        let stamp = stamper.next(1).expect("a test clock never refuses");
         let ops = batch.iter().map(|&i| Op { key: key(i).into_bytes(), version: stamp.blind(Some(vec![b'v'; 8])) });
         engine.write_blocking(ops.collect()).unwrap();
     }
@@ -57,7 +58,8 @@ fn a_get_many_being_served_holds_up_no_other_connection() {
         })
     };
     let clock = Arc::new(SystemClock);
-    let store = LocalStore::with_read_hook(engine.clone(), NodeId(1), clock.clone(), 2, Some(hook)).unwrap();
+    let node_clock = Arc::new(NodeClock::unpersisted(NodeId(1), engine.max_hlc(), MAX_OFFSET_MS, clock.clone()));
+    let store = LocalStore::with_read_hook(engine.clone(), node_clock.clone(), 2, Some(hook)).unwrap();
 
     // The node runs on one async worker: a read held there would hold
     // every connection.
@@ -67,6 +69,7 @@ fn a_get_many_being_served_holds_up_no_other_connection() {
     let service = Arc::new(Service::new(
         Arc::new(store),
         clock,
+        node_clock,
         NodeId(1),
         Limits::default(),
         "token".into(),

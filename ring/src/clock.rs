@@ -6,6 +6,17 @@
 //! the node has observed, so a node that has seen a version always stamps its
 //! later writes higher, whatever the skew between wall clocks.
 //!
+//! Two rules keep a bad timestamp from poisoning a clock:
+//! - a timestamp more than the maximum offset ahead of this node's wall
+//!   clock is refused ([`ClockError::Skew`]) and never adopted: a client or
+//!   peer with a clock far in the future, or a corrupted `u64::MAX`, cannot
+//!   drag every later stamp with it;
+//! - the clock refuses to stamp while its own last timestamp is more than
+//!   the maximum offset ahead of the wall clock ([`ClockError::AheadOfWall`]),
+//!   as after a wall clock that jumped forward and back.
+//!
+//! All arithmetic is checked: nothing wraps to 0.
+//!
 //! The clock reads no time itself: callers pass the physical time in, which
 //! keeps it deterministic under test.
 
@@ -13,58 +24,131 @@ use serde::{Deserialize, Serialize};
 
 /// Bits of an [`Hlc`] given to the logical counter.
 const LOGICAL_BITS: u32 = 16;
-const LOGICAL_MASK: u64 = (1 << LOGICAL_BITS) - 1;
+
+/// The largest wall-clock time an [`Hlc`] can hold, in milliseconds (about
+/// the year 10889).
+pub const PHYSICAL_MS_MAX: u64 = u64::MAX >> LOGICAL_BITS;
+
+/// Default largest distance between clocks that a node accepts, in
+/// milliseconds.
+pub const MAX_OFFSET_MS: u64 = 500;
 
 /// A hybrid logical timestamp: `physical_ms << 16 | logical`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Hlc(pub u64);
 
 impl Hlc {
-    /// The timestamp at `physical_ms` with a zero logical part.
+    /// The lowest timestamp: "nothing seen yet".
+    pub const ZERO: Hlc = Hlc(0);
+
+    /// The timestamp at `physical_ms` with a zero logical part (saturated
+    /// at [`PHYSICAL_MS_MAX`]).
     pub fn from_physical_ms(physical_ms: u64) -> Hlc {
-        Hlc(physical_ms << LOGICAL_BITS)
+        Hlc(physical_ms.min(PHYSICAL_MS_MAX) << LOGICAL_BITS)
     }
 
     /// Wall-clock milliseconds of this timestamp.
     pub fn physical_ms(self) -> u64 {
         self.0 >> LOGICAL_BITS
     }
+
+    /// The next timestamp, `None` past the last one.
+    pub fn successor(self) -> Option<Hlc> {
+        self.0.checked_add(1).map(Hlc)
+    }
+
+    /// This timestamp plus `ms` milliseconds, saturated at the largest.
+    pub fn plus_ms(self, ms: u64) -> Hlc {
+        Hlc(self.0.saturating_add(ms.saturating_mul(1 << LOGICAL_BITS)))
+    }
+}
+
+impl std::fmt::Display for Hlc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.physical_ms(), self.0 & ((1 << LOGICAL_BITS) - 1))
+    }
+}
+
+/// Why a clock refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ClockError {
+    /// A timestamp from elsewhere is too far ahead of this node's wall clock.
+    #[error(
+        "timestamp {seen} is {ahead_ms} ms ahead of this node's clock ({now_ms} ms), more than the maximum offset of {max_offset_ms} ms"
+    )]
+    Skew { seen: Hlc, now_ms: u64, ahead_ms: u64, max_offset_ms: u64 },
+    /// This clock's own last timestamp is too far ahead of its wall clock
+    /// (the wall clock went back, or the clock adopted a timestamp from a
+    /// clock that was ahead): it stamps again once the wall clock is within
+    /// the maximum offset.
+    #[error(
+        "this node's clock is at {last}, {ahead_ms} ms ahead of its wall clock ({now_ms} ms), more than the maximum offset of {max_offset_ms} ms; it stamps again once the wall clock catches up"
+    )]
+    AheadOfWall { last: Hlc, now_ms: u64, ahead_ms: u64, max_offset_ms: u64 },
+    /// No timestamp is left (the clock reached `u64::MAX`).
+    #[error("the clock has no timestamp left after {last}")]
+    Exhausted { last: Hlc },
 }
 
 /// A node's clock: hands out strictly increasing [`Hlc`]s.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct HlcClock {
     last: Hlc,
+    max_offset_ms: u64,
 }
 
 impl HlcClock {
-    /// A clock that has seen nothing yet.
-    pub fn new() -> HlcClock {
-        HlcClock::default()
+    /// A clock that will stamp above `last` (the highest timestamp found on
+    /// disk at start-up, or its persisted high-water mark), and accepts
+    /// clocks at most `max_offset_ms` ahead of its wall clock.
+    pub fn starting_after(last: Hlc, max_offset_ms: u64) -> HlcClock {
+        HlcClock { last, max_offset_ms }
     }
 
-    /// A clock that will stamp above `last` (e.g. the highest timestamp found
-    /// on disk at start-up).
-    pub fn starting_after(last: Hlc) -> HlcClock {
-        HlcClock { last }
+    /// The largest distance between clocks that this one accepts.
+    pub fn max_offset_ms(&self) -> u64 {
+        self.max_offset_ms
+    }
+
+    /// How far `hlc` is ahead of `now_ms`, if it is beyond the maximum
+    /// offset.
+    fn too_far_ahead(&self, hlc: Hlc, now_ms: u64) -> Option<u64> {
+        let ahead_ms = hlc.physical_ms().saturating_sub(now_ms);
+        (ahead_ms > self.max_offset_ms).then_some(ahead_ms)
     }
 
     /// The next timestamp, given the wall clock now. Strictly greater than
     /// every timestamp this clock returned or observed before.
-    pub fn tick(&mut self, now_physical_ms: u64) -> Hlc {
-        let wall = Hlc::from_physical_ms(now_physical_ms);
-        let next = if wall > self.last { wall } else { Hlc(self.last.0 + 1) };
-        debug_assert!(next.0 & LOGICAL_MASK != LOGICAL_MASK || next > self.last);
+    pub fn tick(&mut self, now_ms: u64) -> Result<Hlc, ClockError> {
+        if let Some(ahead_ms) = self.too_far_ahead(self.last, now_ms) {
+            let max_offset_ms = self.max_offset_ms;
+            return Err(ClockError::AheadOfWall { last: self.last, now_ms, ahead_ms, max_offset_ms });
+        }
+        let wall = Hlc::from_physical_ms(now_ms);
+        let next = if wall > self.last {
+            wall
+        } else {
+            self.last.successor().ok_or(ClockError::Exhausted { last: self.last })?
+        };
         self.last = next;
-        next
+        Ok(next)
     }
 
-    /// Moves the clock past a timestamp seen elsewhere (in a request, a
-    /// replicated version, a client's last-seen stamp).
-    pub fn observe(&mut self, seen: Hlc) {
-        if seen > self.last {
-            self.last = seen;
+    /// Checks a timestamp seen elsewhere (in a request, a replicated
+    /// version, a context) without adopting it.
+    pub fn check(&self, seen: Hlc, now_ms: u64) -> Result<(), ClockError> {
+        match self.too_far_ahead(seen, now_ms) {
+            Some(ahead_ms) => Err(ClockError::Skew { seen, now_ms, ahead_ms, max_offset_ms: self.max_offset_ms }),
+            None => Ok(()),
         }
+    }
+
+    /// Moves the clock past a timestamp seen elsewhere, unless it is too far
+    /// ahead of the wall clock: then it is refused and not adopted.
+    pub fn observe(&mut self, seen: Hlc, now_ms: u64) -> Result<(), ClockError> {
+        self.check(seen, now_ms)?;
+        self.last = self.last.max(seen);
+        Ok(())
     }
 
     /// The highest timestamp handed out or observed.
@@ -77,22 +161,58 @@ impl HlcClock {
 mod tests {
     use super::*;
 
+    fn clock() -> HlcClock {
+        HlcClock::starting_after(Hlc::ZERO, MAX_OFFSET_MS)
+    }
+
     #[test]
     fn tick_is_strictly_increasing_even_when_wall_clock_goes_back() {
-        let mut clock = HlcClock::new();
-        let a = clock.tick(1_000);
-        let b = clock.tick(1_000);
-        let c = clock.tick(900);
+        let mut clock = clock();
+        let a = clock.tick(1_000).unwrap();
+        let b = clock.tick(1_000).unwrap();
+        let c = clock.tick(900).unwrap();
         assert!(a < b && b < c, "{a:?} {b:?} {c:?}");
         assert_eq!(a.physical_ms(), 1_000);
         assert_eq!(c.physical_ms(), 1_000, "a clock running behind keeps the higher physical part");
     }
 
     #[test]
-    fn observe_moves_past_remote_stamps() {
-        let mut clock = HlcClock::new();
-        clock.observe(Hlc::from_physical_ms(5_000));
-        let next = clock.tick(1_000);
-        assert!(next > Hlc::from_physical_ms(5_000));
+    fn observe_moves_past_remote_stamps_within_the_offset() {
+        let mut clock = clock();
+        clock.observe(Hlc::from_physical_ms(1_400), 1_000).unwrap();
+        let next = clock.tick(1_000).unwrap();
+        assert!(next > Hlc::from_physical_ms(1_400));
+    }
+
+    #[test]
+    fn a_timestamp_beyond_the_offset_is_refused_and_not_adopted() {
+        let mut clock = clock();
+        let now = 10_000;
+        for seen in [Hlc(u64::MAX), Hlc::from_physical_ms(now + 3_600_000), Hlc::from_physical_ms(now + 501)] {
+            let error = clock.observe(seen, now).unwrap_err();
+            assert!(matches!(error, ClockError::Skew { .. }), "{error}");
+            assert!(error.to_string().contains("maximum offset of 500 ms"), "{error}");
+        }
+        assert_eq!(clock.last(), Hlc::ZERO);
+        assert_eq!(clock.tick(now).unwrap(), Hlc::from_physical_ms(now));
+    }
+
+    #[test]
+    fn a_clock_far_ahead_of_its_wall_clock_refuses_to_stamp_until_it_catches_up() {
+        // Stamped at 10 s, restarted after the wall clock went back to 9 s.
+        let mut clock = HlcClock::starting_after(Hlc::from_physical_ms(10_000), MAX_OFFSET_MS);
+        let error = clock.tick(9_000).unwrap_err();
+        assert!(matches!(error, ClockError::AheadOfWall { ahead_ms: 1_000, .. }), "{error}");
+        let next = clock.tick(9_600).unwrap();
+        assert!(next > Hlc::from_physical_ms(10_000), "stamps still rise: {next}");
+    }
+
+    #[test]
+    fn the_last_timestamp_is_exhausted_not_wrapped() {
+        let mut clock = HlcClock::starting_after(Hlc(u64::MAX), u64::MAX);
+        assert_eq!(clock.tick(0), Err(ClockError::Exhausted { last: Hlc(u64::MAX) }));
+        assert_eq!(Hlc(u64::MAX).successor(), None);
+        assert_eq!(Hlc::from_physical_ms(u64::MAX).physical_ms(), PHYSICAL_MS_MAX);
+        assert_eq!(Hlc(u64::MAX - 1).plus_ms(5), Hlc(u64::MAX));
     }
 }

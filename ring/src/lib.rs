@@ -3,8 +3,8 @@
 //! agree on it.
 //!
 //! - [`clock`]: hybrid logical clocks, the timestamps every version carries.
-//! - [`version`]: dots, version vectors, versions and the sibling-merge rule
-//!   that every replica and every storage level applies the same way.
+//! - [`version`]: dots, contexts, versions and the sibling-merge rule that
+//!   every replica and every storage level applies the same way.
 
 pub mod bytes;
 pub mod clock;
@@ -12,5 +12,7 @@ pub mod rand;
 pub mod version;
 pub mod wire;
 
-pub use clock::{Hlc, HlcClock};
-pub use version::{BatchId, Dot, NodeId, Siblings, Stamp, Stamper, Version, VersionVector};
+pub use clock::{ClockError, Hlc, HlcClock, MAX_OFFSET_MS};
+pub use version::{
+    BatchId, Causal, Context, Dot, NodeId, Order, Siblings, Stamp, Stamper, Version, VersionVector, SIBLINGS_MAX,
+};

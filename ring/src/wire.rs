@@ -4,10 +4,15 @@
 //! frame := len u32 BE | postcard(Request or Response)     len = body bytes
 //! ```
 //!
-//! A connection opens with [`Op::Hello`]: the node answers with its
+//! Every connection opens with [`Op::Hello`]: the node answers with its
 //! protocol version, its id and its limits, so that a client can refuse
 //! locally what the node would refuse, with the same error. A client of
-//! another protocol version gets [`ErrorKind::UnsupportedProtocol`].
+//! another protocol version, or one whose first request is not `Hello`,
+//! gets [`ErrorKind::UnsupportedProtocol`] and the connection is closed.
+//!
+//! The encoding is postcard, and it is pinned: the tests at the end of this
+//! file hold every request and response variant to its exact bytes, so a
+//! reordered enum or field fails a test instead of a peer.
 //!
 //! A connection carries many requests at once. Every response repeats its
 //! request's `id`, and responses may come back in any order. A frame larger
@@ -15,15 +20,22 @@
 //! (with the request's id when it can be read, else id 0) and the node closes
 //! that connection; other connections are unaffected.
 //!
-//! Both sides exchange the highest [`Hlc`](crate::Hlc) they have seen, so a
-//! client's later write is always stamped above its earlier one, whichever
-//! node coordinates it.
+//! Both sides exchange the highest [`Hlc`] they have seen, so a client's
+//! later write is always stamped above its earlier one, whichever node
+//! coordinates it. Every request also carries a deadline on the same scale:
+//! a node never stamps a write after it (it answers [`ErrorKind::Timeout`]),
+//! and a client whose write timed out raises the timestamp it sends past
+//! that deadline, so the write that timed out can never land above its
+//! next one.
 
 // This module decodes bytes from disk or the network: what it reads must never
 // make it panic. Where an index is safe by construction, a comment says why.
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use serde::{Deserialize, Serialize};
+
+use crate::clock::Hlc;
+use crate::version::Context;
 
 /// Bytes of the length prefix.
 pub const LEN_BYTES: usize = 4;
@@ -36,17 +48,22 @@ pub const FRAME_BYTES_MAX: usize = 72 << 20;
 pub const ADMIN_TOKEN_FILE: &str = "ADMIN_TOKEN";
 
 /// The protocol this build speaks. 2: connections open with `Hello`, admin
-/// requests carry a token.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// requests carry a token. 3: typed timestamps, write deadlines, versions
+/// and contexts (`GetVersions`, `SetWithContext`).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// A client's request.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Request {
     /// Chosen by the client, echoed in the response.
     pub id: u64,
-    /// The highest timestamp the client has seen (0 if none).
-    pub hlc_seen: u64,
+    /// The highest timestamp the client has seen (`Hlc::ZERO` if none).
+    pub hlc_seen: Hlc,
     pub op: Op,
+    /// A write is not stamped after this (the client's timestamp plus its
+    /// timeout); reads ignore it. Last, so that `id, hlc_seen, Hello` reads
+    /// the same in every protocol version (see [`peek_hello`]).
+    pub deadline: Hlc,
 }
 
 /// What a request asks for.
@@ -90,6 +107,103 @@ pub enum Op {
     Hello {
         protocol: u32,
     },
+    /// Every live version of a key and the context to write back with;
+    /// answered with [`Reply::Versions`].
+    GetVersions {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
+    /// A causal write: `value` (`None` deletes) replaces exactly the
+    /// versions `context` covers, and stays a sibling of the others.
+    SetWithContext {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        value: Option<Vec<u8>>,
+        context: ContextToken,
+    },
+}
+
+/// A read's context as the client holds it: opaque bytes, printable as hex.
+/// It names its key (a hash of it), so a token used with another key is
+/// refused ([`ErrorKind::InvalidContext`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContextToken(#[serde(with = "serde_bytes")] pub Vec<u8>);
+
+/// What a context token holds.
+#[derive(Serialize, Deserialize)]
+struct TokenBody {
+    key_hash: u64,
+    context: Context,
+}
+
+/// The hash a token keeps of its key.
+fn key_hash(key: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64_with_seed(key, 0x7175_6976_6572)
+}
+
+impl ContextToken {
+    /// The token of `context`, read for `key`.
+    pub fn new(key: &[u8], context: &Context) -> ContextToken {
+        let body = TokenBody { key_hash: key_hash(key), context: context.clone() };
+        // postcard fails only on types it cannot encode; a context is not one.
+        ContextToken(postcard::to_stdvec(&body).unwrap_or_default())
+    }
+
+    /// The context, if this token was made for `key`.
+    pub fn open(&self, key: &[u8]) -> Result<Context, ServerError> {
+        let invalid = |why: String| ServerError::new(ErrorKind::InvalidContext, why);
+        let body: TokenBody =
+            postcard::from_bytes(&self.0).map_err(|e| invalid(format!("the context token does not decode: {e}")))?;
+        if body.key_hash != key_hash(key) {
+            return Err(invalid(
+                "this context token was read for another key; read this key's versions for its own context".into(),
+            ));
+        }
+        Ok(body.context)
+    }
+
+    /// Lowercase hex, for printing and pasting.
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Parses [`ContextToken::to_hex`].
+    pub fn from_hex(text: &str) -> Result<ContextToken, ServerError> {
+        let invalid = || ServerError::new(ErrorKind::InvalidContext, "a context token is an even number of hex digits");
+        let text = text.trim().as_bytes();
+        if !text.len().is_multiple_of(2) {
+            return Err(invalid());
+        }
+        let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+        text.chunks_exact(2)
+            .map(|pair| match pair {
+                [hi, lo] => Some(digit(*hi)? << 4 | digit(*lo)?),
+                _ => None,
+            })
+            .collect::<Option<Vec<u8>>>()
+            .map(ContextToken)
+            .ok_or_else(invalid)
+    }
+}
+
+/// One sibling as a client sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionInfo {
+    /// `None`: a tombstone.
+    #[serde(with = "serde_bytes")]
+    pub value: Option<Vec<u8>>,
+    pub hlc: Hlc,
+}
+
+/// The answer to [`Op::GetVersions`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Versions {
+    /// Every live sibling, oldest `(hlc, origin)` first: the last is the
+    /// one `get` returns. Empty when the key was never written.
+    pub versions: Vec<VersionInfo>,
+    /// Write back with this to replace exactly these versions.
+    pub context: ContextToken,
 }
 
 /// The node's answer to one request.
@@ -97,7 +211,7 @@ pub enum Op {
 pub struct Response {
     pub id: u64,
     /// The highest timestamp the node has stamped or seen.
-    pub hlc: u64,
+    pub hlc: Hlc,
     pub result: Result<Reply, ServerError>,
 }
 
@@ -113,6 +227,8 @@ pub enum Reply {
     Status(NodeStatus),
     /// For `Hello`.
     Hello(NodeInfo),
+    /// For `GetVersions`.
+    Versions(Versions),
 }
 
 /// What a node tells a client when a connection opens.
@@ -191,7 +307,11 @@ impl Limits {
     /// checks before it acts on a request.
     pub fn check(&self, op: &Op) -> Result<(), ServerError> {
         match op {
-            Op::Get { key } | Op::Delete { key } => self.check_key(key),
+            Op::Get { key } | Op::Delete { key } | Op::GetVersions { key } => self.check_key(key),
+            Op::SetWithContext { key, value, .. } => {
+                self.check_key(key)?;
+                value.as_deref().map_or(Ok(()), |value| self.check_value(value))
+            }
             Op::Set { key, value } => {
                 self.check_key(key)?;
                 self.check_value(value)
@@ -241,6 +361,14 @@ pub struct NodeStatus {
     pub keys: u64,
     pub bytes_on_disk: u64,
     pub uptime_ms: u64,
+    /// The largest distance between clocks the node accepts.
+    pub max_clock_offset_ms: u64,
+    /// Why the node refuses to stamp writes now, if it does (its clock is
+    /// too far ahead of its wall clock).
+    pub clock_refusal: Option<String>,
+    /// Causal writes refused because they would have left more than the
+    /// sibling bound.
+    pub too_many_siblings_refused: u64,
 }
 
 /// Why a request failed.
@@ -278,15 +406,40 @@ pub enum ErrorKind {
     ResponseTooLarge,
     /// An admin request without the node's admin token.
     Forbidden,
-    /// The client speaks another protocol version.
+    /// The client speaks another protocol version, or did not open the
+    /// connection with `Hello`.
     UnsupportedProtocol,
+    /// The write could not be stamped before its deadline; it was not
+    /// applied.
+    Timeout,
+    /// Too few replicas answered.
+    Unavailable,
+    /// A timestamp too far ahead of the node's clock, or the node's clock
+    /// too far ahead of its wall clock.
+    ClockSkew,
+    /// A causal write sent to a node that does not replicate its key.
+    NotReplica,
+    /// The causal write would leave more siblings than the bound: write
+    /// again with the context of all of them (or overwrite blind).
+    TooManySiblings,
+    /// A context token that does not decode, or was read for another key.
+    InvalidContext,
 }
 
 impl ErrorKind {
     /// Whether the same request can succeed later or elsewhere. Bad input
     /// never will.
     pub fn is_retryable(self) -> bool {
-        matches!(self, ErrorKind::StorageFailed | ErrorKind::ShuttingDown | ErrorKind::Internal)
+        matches!(
+            self,
+            ErrorKind::StorageFailed
+                | ErrorKind::ShuttingDown
+                | ErrorKind::Internal
+                | ErrorKind::Timeout
+                | ErrorKind::Unavailable
+                | ErrorKind::ClockSkew
+                | ErrorKind::NotReplica
+        )
     }
 }
 
@@ -353,6 +506,16 @@ pub fn frame_len(header: [u8; LEN_BYTES]) -> usize {
     u32::from_be_bytes(header) as usize
 }
 
+/// The id and protocol of a `Hello` from a client of another protocol
+/// version, whose request does not decode in this one: every version keeps
+/// `id, hlc_seen, op` first and `Hello` at the same place among the ops, so
+/// a node can still tell such a client what it speaks.
+pub fn peek_hello(body: &[u8]) -> Option<(u64, u32)> {
+    const HELLO: u32 = 7;
+    let ((id, _hlc_seen, op, protocol), _) = postcard::take_from_bytes::<(u64, u64, u32, u32)>(body).ok()?;
+    (op == HELLO).then_some((id, protocol))
+}
+
 /// The request id at the start of a body that does not fully decode, so the
 /// error response can still name it.
 pub fn peek_id(body: &[u8]) -> Option<u64> {
@@ -365,7 +528,12 @@ mod tests {
 
     #[test]
     fn frame_roundtrip() {
-        let request = Request { id: 7, hlc_seen: 9, op: Op::Set { key: b"k".to_vec(), value: b"v".to_vec() } };
+        let request = Request {
+            id: 7,
+            hlc_seen: Hlc(9),
+            deadline: Hlc(10),
+            op: Op::Set { key: b"k".to_vec(), value: b"v".to_vec() },
+        };
         let mut buf = Vec::new();
         encode_frame(&mut buf, &request, FRAME_BYTES_MAX).unwrap();
         let len = frame_len(buf[..4].try_into().unwrap());
@@ -377,8 +545,12 @@ mod tests {
     #[test]
     fn truncated_body_still_yields_its_id() {
         let mut buf = Vec::new();
-        encode_frame(&mut buf, &Request { id: 300, hlc_seen: 0, op: Op::Get { key: vec![1; 50] } }, FRAME_BYTES_MAX)
-            .unwrap();
+        encode_frame(
+            &mut buf,
+            &Request { id: 300, hlc_seen: Hlc::ZERO, deadline: Hlc::ZERO, op: Op::Get { key: vec![1; 50] } },
+            FRAME_BYTES_MAX,
+        )
+        .unwrap();
         let body = &buf[4..buf.len() - 10];
         assert!(postcard::from_bytes::<Request>(body).is_err());
         assert_eq!(peek_id(body), Some(300));
@@ -387,7 +559,12 @@ mod tests {
     #[test]
     fn a_frame_over_the_limit_is_refused_and_leaves_the_buffer_as_it_was() {
         let mut buf = vec![1, 2, 3];
-        let big = Request { id: 1, hlc_seen: 0, op: Op::Set { key: b"k".to_vec(), value: vec![0; 1000] } };
+        let big = Request {
+            id: 1,
+            hlc_seen: Hlc::ZERO,
+            deadline: Hlc::ZERO,
+            op: Op::Set { key: b"k".to_vec(), value: vec![0; 1000] },
+        };
         let error = encode_frame(&mut buf, &big, 999).unwrap_err();
         assert_eq!(error.max, 999);
         assert!(error.bytes > 1000, "{error:?}");
@@ -429,5 +606,139 @@ mod tests {
             Some(ErrorKind::BulkTooLarge)
         );
         assert_eq!(limits.check_frame(limits.frame_bytes_max as usize + 1).unwrap_err().kind, ErrorKind::FrameTooLarge);
+    }
+
+    #[test]
+    fn a_context_token_opens_only_for_its_key_and_survives_hex() {
+        let mut context = Context { max_hlc: Hlc(42), ..Context::default() };
+        context.vv.add(crate::Dot { node: crate::NodeId(3), hlc: Hlc(40) });
+        let token = ContextToken::new(b"k", &context);
+        let printed = token.to_hex();
+        assert!(printed.bytes().all(|b| b.is_ascii_hexdigit()));
+        let parsed = ContextToken::from_hex(&printed).unwrap();
+        assert_eq!(parsed.open(b"k").unwrap(), context);
+        let error = parsed.open(b"other").unwrap_err();
+        assert_eq!(error.kind, ErrorKind::InvalidContext);
+        assert!(error.message.contains("another key"), "{}", error.message);
+        assert_eq!(ContextToken::from_hex("abc").unwrap_err().kind, ErrorKind::InvalidContext);
+        assert_eq!(ContextToken::from_hex("zz").unwrap_err().kind, ErrorKind::InvalidContext);
+        assert_eq!(ContextToken(vec![0xff; 3]).open(b"k").unwrap_err().kind, ErrorKind::InvalidContext);
+    }
+
+    fn hex<T: Serialize>(message: &T) -> String {
+        postcard::to_stdvec(message).unwrap().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Every request and response variant, and every error kind, encoded:
+    /// these bytes are the protocol. A change here breaks every client and
+    /// peer of another build, so it must come with a new `PROTOCOL_VERSION`.
+    /// A `Hello` of protocol 2 (no deadline) is still understood enough to
+    /// refuse it clearly.
+    #[test]
+    fn a_hello_of_another_protocol_is_recognised() {
+        let v2_hello = [0x05, 0x00, 0x07, 0x02];
+        assert!(postcard::from_bytes::<Request>(&v2_hello).is_err());
+        assert_eq!(peek_hello(&v2_hello), Some((5, 2)));
+        let v3 = Request { id: 6, hlc_seen: Hlc(1), op: Op::Hello { protocol: 3 }, deadline: Hlc(9) };
+        assert_eq!(peek_hello(&postcard::to_stdvec(&v3).unwrap()), Some((6, 3)));
+        let get = Request { id: 6, hlc_seen: Hlc(1), op: Op::Get { key: vec![7] }, deadline: Hlc(9) };
+        assert_eq!(peek_hello(&postcard::to_stdvec(&get).unwrap()), None);
+    }
+
+    #[test]
+    fn golden_bytes_pin_every_variant() {
+        let key = || b"k".to_vec();
+        let request = |op: Op| Request { id: 1, hlc_seen: Hlc(2), op, deadline: Hlc(3) };
+        let token = ContextToken(vec![0xab]);
+        let requests = [
+            (request(Op::Get { key: key() }), "010200016b03"),
+            (request(Op::GetMany { keys: vec![key(), b"l".to_vec()] }), "01020102016b016c03"),
+            (request(Op::Set { key: key(), value: b"v".to_vec() }), "010202016b017603"),
+            (request(Op::Delete { key: key() }), "010203016b03"),
+            (request(Op::BulkSet { entries: vec![(key(), b"v".to_vec())] }), "01020401016b017603"),
+            (request(Op::Status), "01020503"),
+            (request(Op::Shutdown { token: "t".into() }), "010206017403"),
+            (request(Op::Hello { protocol: 3 }), "0102070303"),
+            (request(Op::GetVersions { key: key() }), "010208016b03"),
+            (
+                request(Op::SetWithContext { key: key(), value: Some(b"v".to_vec()), context: token.clone() }),
+                "010209016b01017601ab03",
+            ),
+            (request(Op::SetWithContext { key: key(), value: None, context: token.clone() }), "010209016b0001ab03"),
+        ];
+        let response = |result: Result<Reply, ServerError>| Response { id: 1, hlc: Hlc(2), result };
+        let limits =
+            Limits { key_bytes_max: 1, value_bytes_max: 2, bulk_entries_max: 3, bulk_bytes_max: 4, frame_bytes_max: 5 };
+        let status = NodeStatus {
+            node_id: 1,
+            client_addr: "a".into(),
+            peer_addr: "b".into(),
+            version: "v".into(),
+            keys: 2,
+            bytes_on_disk: 3,
+            uptime_ms: 4,
+            max_clock_offset_ms: 5,
+            clock_refusal: Some("r".into()),
+            too_many_siblings_refused: 6,
+        };
+        let versions = Versions {
+            versions: vec![
+                VersionInfo { value: Some(b"v".to_vec()), hlc: Hlc(7) },
+                VersionInfo { value: None, hlc: Hlc(8) },
+            ],
+            context: token,
+        };
+        let responses = [
+            (response(Ok(Reply::Value(Some(b"v".to_vec())))), "01020000010176"),
+            (response(Ok(Reply::Value(None))), "0102000000"),
+            (response(Ok(Reply::Values(vec![Some(b"v".to_vec()), None]))), "010200010201017600"),
+            (response(Ok(Reply::Done)), "01020002"),
+            (response(Ok(Reply::Status(status))), "01020003010161016201760203040501017206"),
+            (response(Ok(Reply::Hello(NodeInfo { protocol: 3, node_id: 9, limits }))), "0102000403090102030405"),
+            (response(Ok(Reply::Versions(versions))), "010200050201017607000801ab"),
+            (response(Err(ServerError::new(ErrorKind::Timeout, "m"))), "0102010c016d"),
+        ];
+        let kinds = [
+            (ErrorKind::EmptyKey, "00"),
+            (ErrorKind::KeyTooLarge, "01"),
+            (ErrorKind::ValueTooLarge, "02"),
+            (ErrorKind::BulkTooLarge, "03"),
+            (ErrorKind::FrameTooLarge, "04"),
+            (ErrorKind::Malformed, "05"),
+            (ErrorKind::StorageFailed, "06"),
+            (ErrorKind::ShuttingDown, "07"),
+            (ErrorKind::Internal, "08"),
+            (ErrorKind::ResponseTooLarge, "09"),
+            (ErrorKind::Forbidden, "0a"),
+            (ErrorKind::UnsupportedProtocol, "0b"),
+            (ErrorKind::Timeout, "0c"),
+            (ErrorKind::Unavailable, "0d"),
+            (ErrorKind::ClockSkew, "0e"),
+            (ErrorKind::NotReplica, "0f"),
+            (ErrorKind::TooManySiblings, "10"),
+            (ErrorKind::InvalidContext, "11"),
+        ];
+        let mut wrong = Vec::new();
+        for (message, want) in &requests {
+            let got = hex(message);
+            if got != want.replace(' ', "") {
+                wrong.push(format!("{message:?}: {got}"));
+            }
+            assert_eq!(&postcard::from_bytes::<Request>(&postcard::to_stdvec(message).unwrap()).unwrap(), message);
+        }
+        for (message, want) in &responses {
+            let got = hex(message);
+            if got != want.replace(' ', "") {
+                wrong.push(format!("{message:?}: {got}"));
+            }
+            assert_eq!(&postcard::from_bytes::<Response>(&postcard::to_stdvec(message).unwrap()).unwrap(), message);
+        }
+        for (kind, want) in kinds {
+            let got = hex(&kind);
+            if got != want {
+                wrong.push(format!("{kind:?}: {got}"));
+            }
+        }
+        assert!(wrong.is_empty(), "encodings changed:\n{}", wrong.join("\n"));
     }
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use quiver_client::blocking::Client;
+use quiver_client::ContextToken;
 
 /// Talks to a Quiver node.
 #[derive(Debug, Parser)]
@@ -27,12 +28,29 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Stores VALUE under KEY (durable when it prints OK).
-    Set { key: String, value: String },
+    /// Stores VALUE under KEY (durable when it prints OK). Without
+    /// --context the write is blind: the latest write wins.
+    Set {
+        key: String,
+        value: String,
+        /// A causal write: replaces exactly the versions this context (from
+        /// `quiver versions KEY`) covers; others stay as siblings.
+        #[arg(long, value_name = "TOKEN")]
+        context: Option<String>,
+    },
     /// Prints the value of KEY; exits with status 1 if it is absent.
     Get { key: String },
     /// Deletes KEY.
-    Delete { key: String },
+    Delete {
+        key: String,
+        /// A causal delete: replaces exactly the versions this context
+        /// covers with a tombstone.
+        #[arg(long, value_name = "TOKEN")]
+        context: Option<String>,
+    },
+    /// Prints every version (sibling) of KEY, oldest first, and the context
+    /// to write back with (`quiver set KEY VALUE --context TOKEN`).
+    Versions { key: String },
     /// Stores several entries at once, all or nothing (at most the node's
     /// bulk limits: 100,000 entries and 64 MiB by default; for more, use
     /// `quiver load`).
@@ -135,13 +153,23 @@ fn run(args: Args) -> Result<ExitCode, String> {
         Command::Shutdown { data_dir, token } => admin_token(data_dir.clone(), token.clone())?,
         _ => String::new(),
     };
+    let context = match &args.command {
+        Command::Set { context: Some(text), .. } | Command::Delete { context: Some(text), .. } => {
+            Some(ContextToken::from_hex(text).map_err(|e| format!("--context: {}", e.message))?)
+        }
+        _ => None,
+    };
     let seeds: Vec<String> = args.addr.split(',').map(str::trim).map(str::to_owned).collect();
     let client = Client::connect(seeds).map_err(|e| e.to_string())?.with_timeout(Duration::from_secs(args.timeout));
     let failed = |e: quiver_client::Error| e.to_string();
     let mut out = std::io::stdout().lock();
     match args.command {
-        Command::Set { key, value } => {
-            client.set(key, value).map_err(failed)?;
+        Command::Set { key, value, .. } => {
+            match &context {
+                Some(context) => client.set_with_context(key, value, context),
+                None => client.set(key, value),
+            }
+            .map_err(failed)?;
             writeln!(out, "OK").map_err(|e| e.to_string())?;
         }
         Command::Get { key } => match client.get(&key).map_err(failed)? {
@@ -153,9 +181,28 @@ fn run(args: Args) -> Result<ExitCode, String> {
                 return Ok(ExitCode::from(1));
             }
         },
-        Command::Delete { key } => {
-            client.delete(key).map_err(failed)?;
+        Command::Delete { key, .. } => {
+            match &context {
+                Some(context) => client.delete_with_context(key, context),
+                None => client.delete(key),
+            }
+            .map_err(failed)?;
             writeln!(out, "OK").map_err(|e| e.to_string())?;
+        }
+        Command::Versions { key } => {
+            let versions = client.get_versions(&key).map_err(failed)?;
+            for version in &versions.versions {
+                match &version.value {
+                    Some(value) => writeln!(out, "{}\t{}", version.hlc, String::from_utf8_lossy(value)),
+                    None => writeln!(out, "{}\t(deleted)", version.hlc),
+                }
+                .map_err(|e| e.to_string())?;
+            }
+            writeln!(out, "context: {}", versions.context.to_hex()).map_err(|e| e.to_string())?;
+            if versions.versions.is_empty() {
+                eprintln!("quiver: key {key:?} has no versions");
+                return Ok(ExitCode::from(1));
+            }
         }
         Command::BulkSet { .. } => {
             let entries = entries.unwrap_or_default();
@@ -177,8 +224,16 @@ fn run(args: Args) -> Result<ExitCode, String> {
             let uptime = Duration::from_millis(s.uptime_ms);
             writeln!(
                 out,
-                "node id:       {:016x}\nclient addr:   {}\npeer addr:     {}\nversion:       {}\nkeys:          {} (approximate)\nbytes on disk: {}\nuptime:        {}s",
-                s.node_id, s.client_addr, s.peer_addr, s.version, s.keys, s.bytes_on_disk, uptime.as_secs()
+                "node id:       {:016x}\nclient addr:   {}\npeer addr:     {}\nversion:       {}\nkeys:          {} (approximate)\nbytes on disk: {}\nuptime:        {}s\nclock:         {}\ncausal writes refused for too many siblings: {}",
+                s.node_id,
+                s.client_addr,
+                s.peer_addr,
+                s.version,
+                s.keys,
+                s.bytes_on_disk,
+                uptime.as_secs(),
+                s.clock_refusal.as_deref().unwrap_or(&format!("ok (max offset {} ms)", s.max_clock_offset_ms)),
+                s.too_many_siblings_refused,
             )
             .map_err(|e| e.to_string())?;
         }

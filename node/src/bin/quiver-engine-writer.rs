@@ -35,7 +35,7 @@ fn main() {
         std::process::exit(1);
     }));
     let start = engine.max_hlc();
-    let stamper = Arc::new(std::sync::Mutex::new(Stamper::new(NodeId(1), start)));
+    let stamper = Arc::new(std::sync::Mutex::new(Stamper::new(NodeId(1), start, u64::MAX)));
     println!("ready");
     let handles: Vec<_> = (0..threads)
         .map(|t| {
@@ -43,7 +43,7 @@ fn main() {
             std::thread::spawn(move || {
                 let stamp = || {
                     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
-                    stamper.lock().unwrap().next(now)
+                    stamper.lock().unwrap().next(now).expect("a test clock never refuses")
                 };
                 let out = std::io::stdout();
                 for i in 0u64.. {

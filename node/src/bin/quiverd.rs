@@ -10,6 +10,7 @@ use quiver_node::config::Config;
 use quiver_node::identity::{load_or_create_admin_token, load_or_create_node_id};
 use quiver_node::net::client::serve;
 use quiver_node::service::{LocalStore, Service};
+use quiver_node::stamping::NodeClock;
 use quiver_node::storage::Engine;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
@@ -71,6 +72,10 @@ struct Args {
     /// Threads that serve reads [default: one per core, at least 2].
     #[arg(long)]
     read_threads: Option<usize>,
+    /// The largest distance between clocks the node accepts, in ms: a
+    /// timestamp further ahead of its wall clock is refused [default: 500].
+    #[arg(long)]
+    max_clock_offset_ms: Option<u64>,
     /// Open a damaged WAL or manifest by keeping its valid prefix.
     #[arg(long)]
     repair: bool,
@@ -133,6 +138,9 @@ impl Args {
         if let Some(v) = self.read_threads {
             config.storage.read_threads = v
         }
+        if let Some(v) = self.max_clock_offset_ms {
+            config.max_clock_offset_ms = v
+        }
         if let Some(p) = self.debug_drop_acked_writes {
             if std::env::var("QUIVER_UNSAFE_TEST_MODES").as_deref() != Ok("1") {
                 return Err(
@@ -177,7 +185,8 @@ async fn run(config: Config) -> Result<(), String> {
     let node_id = load_or_create_node_id(&dir).map_err(|e| format!("node id in {}: {e}", dir.display()))?;
     let admin_token = load_or_create_admin_token(&dir).map_err(|e| format!("admin token in {}: {e}", dir.display()))?;
     let options = config.engine_options();
-    let engine = tokio::task::spawn_blocking(move || Engine::open(&dir, options))
+    let engine_dir = dir.clone();
+    let engine = tokio::task::spawn_blocking(move || Engine::open(&engine_dir, options))
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("opening the storage engine: {e}"))?;
@@ -188,7 +197,13 @@ async fn run(config: Config) -> Result<(), String> {
         .map_err(|e| format!("listening on {}: {e}", config.client_addr))?;
     let client_addr = listener.local_addr().map_err(|e| e.to_string())?.to_string();
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let mut store = LocalStore::new(engine.clone(), node_id, clock.clone(), config.read_threads())
+    let node_clock = NodeClock::open(&dir, node_id, engine.max_hlc(), config.max_clock_offset_ms, clock.clone())
+        .map_err(|e| format!("the clock's high-water mark in {}: {e}", dir.display()))?;
+    let node_clock = Arc::new(node_clock);
+    if let Some(refusal) = node_clock.refusal() {
+        tracing::error!(%refusal, "the clock refuses to stamp writes");
+    }
+    let mut store = LocalStore::new(engine.clone(), node_clock.clone(), config.read_threads())
         .map_err(|e| format!("starting the reader threads: {e}"))?;
     if config.debug_drop_acked_writes > 0.0 {
         tracing::warn!(
@@ -200,6 +215,7 @@ async fn run(config: Config) -> Result<(), String> {
     let service = Arc::new(Service::new(
         Arc::new(store),
         clock,
+        node_clock,
         node_id,
         config.limits.clone(),
         admin_token,

@@ -8,6 +8,11 @@
 //! and answers go out in any order. The writer drains every answer queued so
 //! far into one `write`.
 //!
+//! The first request of a connection must be `Hello` of this protocol
+//! version; anything else is answered with `UnsupportedProtocol` and the
+//! connection is closed. A `Hello` of another version that does not decode
+//! here is still recognised and answered so (see `wire::peek_hello`).
+//!
 //! Bad input is answered, never fatal to the node: a frame longer than the
 //! limit is refused before any of it is buffered, a body is buffered only as
 //! its bytes arrive (a header alone reserves nothing), and a body that does
@@ -22,7 +27,7 @@
 
 use std::sync::Arc;
 
-use quiver_ring::wire::{self, ErrorKind, Request, Response, ServerError};
+use quiver_ring::wire::{self, ErrorKind, Op, Request, Response, ServerError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
@@ -75,6 +80,7 @@ async fn connection(stream: TcpStream, service: Arc<Service>, mut stop: watch::R
     let writer = tokio::spawn(write_responses(writer, queue, service.limits().frame_bytes_max));
     let in_flight = Arc::new(Semaphore::new(service.limits().requests_in_flight_max));
     let frame_max = service.limits().frame_bytes_max;
+    let mut greeted = false;
     loop {
         let mut header = [0u8; wire::LEN_BYTES];
         tokio::select! {
@@ -105,17 +111,38 @@ async fn connection(stream: TcpStream, service: Arc<Service>, mut stop: watch::R
         let request: Request = match postcard::from_bytes(&body) {
             Ok(request) => request,
             Err(e) => {
+                let error = match wire::peek_hello(&body) {
+                    Some((_, protocol)) if !greeted => unsupported(protocol),
+                    _ => ServerError::new(ErrorKind::Malformed, format!("request does not decode: {e}")),
+                };
                 let id = wire::peek_id(&body).unwrap_or(0);
-                let error = ServerError::new(ErrorKind::Malformed, format!("request does not decode: {e}"));
                 let _ = responses.send(Response { id, hlc: service.hlc(), result: Err(error) });
                 break;
             }
         };
+        if !greeted {
+            let error = match request.op {
+                Op::Hello { protocol } if protocol == wire::PROTOCOL_VERSION => None,
+                Op::Hello { protocol } => Some(unsupported(protocol)),
+                _ => Some(ServerError::new(
+                    ErrorKind::UnsupportedProtocol,
+                    format!(
+                        "a connection opens with Hello (protocol {}); the connection is closed",
+                        wire::PROTOCOL_VERSION
+                    ),
+                )),
+            };
+            if let Some(error) = error {
+                let _ = responses.send(Response { id: request.id, hlc: service.hlc(), result: Err(error) });
+                break;
+            }
+            greeted = true;
+        }
         let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
         // The answer is queued by whichever thread finishes the request
         // (a reader thread, the engine's), with no task in between.
         let (answering, responses, id) = (service.clone(), responses.clone(), request.id);
-        service.start(request.hlc_seen, request.op, move |result| {
+        service.start(request.hlc_seen, request.deadline, request.op, move |result| {
             let _ = responses.send(Response { id, hlc: answering.hlc(), result });
             drop(permit);
         });
@@ -123,6 +150,17 @@ async fn connection(stream: TcpStream, service: Arc<Service>, mut stop: watch::R
     // The writer ends once every in-flight request has answered.
     drop(responses);
     let _ = writer.await;
+}
+
+/// The answer to a `Hello` of another protocol version.
+fn unsupported(protocol: u32) -> ServerError {
+    ServerError::new(
+        ErrorKind::UnsupportedProtocol,
+        format!(
+            "this node speaks protocol {}, the client {protocol}; the connection is closed",
+            wire::PROTOCOL_VERSION
+        ),
+    )
 }
 
 async fn write_responses(mut writer: OwnedWriteHalf, mut queue: mpsc::UnboundedReceiver<Response>, frame_max: usize) {
@@ -161,12 +199,14 @@ fn encode_response(buf: &mut Vec<u8>, response: &Response, frame_max: usize) {
 mod tests {
     use super::*;
     use quiver_ring::wire::Reply;
+    use quiver_ring::Hlc;
 
     #[test]
     fn an_answer_over_the_frame_limit_becomes_a_response_too_large_error_for_its_request() {
         let mut buf = Vec::new();
-        let small = Response { id: 1, hlc: 5, result: Ok(Reply::Value(Some(vec![1; 10]))) };
-        let large = Response { id: 2, hlc: 5, result: Ok(Reply::Values(vec![Some(vec![2; 600]), Some(vec![3; 600])])) };
+        let small = Response { id: 1, hlc: Hlc(5), result: Ok(Reply::Value(Some(vec![1; 10]))) };
+        let large =
+            Response { id: 2, hlc: Hlc(5), result: Ok(Reply::Values(vec![Some(vec![2; 600]), Some(vec![3; 600])])) };
         encode_response(&mut buf, &small, 1000);
         encode_response(&mut buf, &large, 1000);
         encode_response(&mut buf, &small, 1000);

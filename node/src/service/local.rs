@@ -1,62 +1,75 @@
 //! [`LocalStore`]: the [`Store`] of a single node, over its own engine.
-//! Writes are stamped here and go to the engine's commit thread; reads go
-//! to the reader threads.
+//! Blind writes are stamped here and go to the engine's commit thread;
+//! reads go to the reader threads, and causal writes through the per-key
+//! read-modify-write of [`super::causal`].
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use quiver_ring::rand::{threshold, AtomicSplitMix64};
 use quiver_ring::wire::{ErrorKind, ServerError};
-use quiver_ring::{Hlc, NodeId, Stamper};
+use quiver_ring::{Context, Hlc, Siblings};
 
-use super::reads::{ReadHook, ReadJob, ReadPool};
-use super::{Done, Entries, Store, StoreStatus};
-use crate::clock::Clock;
-use crate::lock;
+use super::causal::{CausalWrite, CausalWrites, VersionsRead};
+use super::reads::{Job, ReadHook, ReadJob, ReadPool};
+use super::{Done, Entries, Store, StoreStatus, Timing};
+use crate::stamping::NodeClock;
 use crate::storage::{self, Engine};
 
 /// Keys a read may have to be tried in memory on the caller's thread: each
 /// costs about a microsecond, and the caller is an async worker.
 const IN_MEMORY_KEYS_MAX: usize = 16;
 
+/// Test-only: called with each blind write before it is stamped. When it
+/// returns a receiver, the write waits (on a thread of its own) until that
+/// receiver yields or closes, as a slow coordinator would.
+pub type WriteHook = Arc<dyn Fn(&Entries) -> Option<std::sync::mpsc::Receiver<()>> + Send + Sync>;
+
 /// A node's own engine as a [`Store`].
 #[derive(Debug)]
 pub struct LocalStore {
     engine: Arc<Engine>,
-    stamper: Mutex<Stamper>,
-    clock: Arc<dyn Clock>,
+    clock: Arc<NodeClock>,
     reads: ReadPool,
+    causal: Arc<CausalWrites>,
     /// Test-only fault: the fraction of writes acknowledged but not written,
     /// scaled to `u64::MAX`, and the generator that picks them.
     drop_threshold: u64,
     drop_rng: AtomicSplitMix64,
+    write_hook: Option<HookDebug>,
+}
+
+/// A [`WriteHook`] that `Debug` can print.
+#[derive(Clone)]
+struct HookDebug(WriteHook);
+
+impl std::fmt::Debug for HookDebug {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WriteHook")
+    }
 }
 
 impl LocalStore {
-    /// A store over an open engine, with `read_threads` reader threads. Its
-    /// clock starts above every timestamp already stored.
-    pub fn new(
-        engine: Arc<Engine>,
-        node_id: NodeId,
-        clock: Arc<dyn Clock>,
-        read_threads: usize,
-    ) -> std::io::Result<LocalStore> {
-        LocalStore::with_read_hook(engine, node_id, clock, read_threads, None)
+    /// A store over an open engine, with `read_threads` reader threads,
+    /// stamping with `clock`.
+    pub fn new(engine: Arc<Engine>, clock: Arc<NodeClock>, read_threads: usize) -> std::io::Result<LocalStore> {
+        LocalStore::with_read_hook(engine, clock, read_threads, None)
     }
 
     /// [`LocalStore::new`] with a test hook that every reader thread calls
     /// before it reads a chunk of keys.
     pub fn with_read_hook(
         engine: Arc<Engine>,
-        node_id: NodeId,
-        clock: Arc<dyn Clock>,
+        clock: Arc<NodeClock>,
         read_threads: usize,
         hook: Option<ReadHook>,
     ) -> std::io::Result<LocalStore> {
+        let reads = ReadPool::new(engine.clone(), read_threads, hook)?;
         Ok(LocalStore {
-            stamper: Mutex::new(Stamper::new(node_id, engine.max_hlc())),
-            reads: ReadPool::new(engine.clone(), read_threads, hook)?,
-            drop_rng: AtomicSplitMix64::new(clock.now_ms()),
+            causal: Arc::new(CausalWrites::new(clock.clone(), reads.jobs().clone())),
+            reads,
+            drop_rng: AtomicSplitMix64::new(crate::now_ms()),
             drop_threshold: 0,
+            write_hook: None,
             engine,
             clock,
         })
@@ -69,25 +82,42 @@ impl LocalStore {
         self
     }
 
+    /// Test-only: see [`WriteHook`].
+    pub fn with_write_hook(mut self, hook: WriteHook) -> LocalStore {
+        self.write_hook = Some(HookDebug(hook));
+        self
+    }
+
     fn drop_this_write(&self) -> bool {
         self.drop_threshold > 0 && self.drop_rng.next_u64() < self.drop_threshold
     }
 }
 
+/// Stamps every entry with one `(hlc, origin)`, never past the deadline,
+/// and writes them as one WAL record (all or nothing); `done` once durable.
+fn write_blind(engine: &Engine, clock: &NodeClock, entries: Entries, timing: Timing, done: Done<()>) {
+    let stamp = match clock.stamp(timing.hlc_seen, Hlc::ZERO, Some(timing.deadline)) {
+        Ok(stamp) => stamp,
+        Err(error) => return done(Err(error)),
+    };
+    let ops = entries.into_iter().map(|(key, value)| storage::Op { key, version: stamp.blind(value) }).collect();
+    engine.write_then(ops, move |result| done(result.map(drop).map_err(storage_error)));
+}
+
 impl Store for LocalStore {
-    /// Stamps every entry with one `(hlc, origin)` and writes them as one
-    /// WAL record (all or nothing); `done` once it is durable.
-    fn write(&self, entries: Entries, hlc_seen: Hlc, done: Done<()>) {
-        let stamp = {
-            let mut stamper = lock(&self.stamper);
-            stamper.observe(hlc_seen);
-            stamper.next(self.clock.now_ms())
-        };
+    fn write(&self, entries: Entries, timing: Timing, done: Done<()>) {
         if self.drop_this_write() {
             return done(Ok(()));
         }
-        let ops = entries.into_iter().map(|(key, value)| storage::Op { key, version: stamp.blind(value) }).collect();
-        self.engine.write_then(ops, move |result| done(result.map(drop).map_err(storage_error)));
+        if let Some(hold) = self.write_hook.as_ref().and_then(|hook| (hook.0)(&entries)) {
+            let (engine, clock) = (self.engine.clone(), self.clock.clone());
+            std::thread::spawn(move || {
+                let _ = hold.recv();
+                write_blind(&engine, &clock, entries, timing, done);
+            });
+            return;
+        }
+        write_blind(&self.engine, &self.clock, entries, timing, done);
     }
 
     /// A small read that memory alone answers (the value cache, or no table
@@ -95,13 +125,15 @@ impl Store for LocalStore {
     /// [`Engine::get_in_memory`]) is answered right here. Anything else goes
     /// to the reader threads, from the first key that may need a file read.
     fn read(&self, keys: Vec<Vec<u8>>, hlc_seen: Hlc, response_bytes_max: usize, done: Done<Vec<Option<Vec<u8>>>>) {
-        lock(&self.stamper).observe(hlc_seen);
+        if let Err(error) = self.clock.observe(hlc_seen) {
+            return done(Err(error));
+        }
         let mut job =
             ReadJob { values: Vec::with_capacity(keys.len()), keys, bytes: 0, bytes_max: response_bytes_max, done };
         if job.keys.len() <= IN_MEMORY_KEYS_MAX {
             while let Some(key) = job.keys.get(job.values.len()) {
                 let Some(found) = self.engine.get_in_memory(key) else { break };
-                if let Err(error) = job.push(found.and_then(|s| s.value().map(<[u8]>::to_vec))) {
+                if let Err(error) = job.push(found.and_then(Siblings::into_value)) {
                     return (job.done)(Err(error));
                 }
             }
@@ -109,7 +141,23 @@ impl Store for LocalStore {
                 return job.answer();
             }
         }
-        self.reads.submit(job);
+        self.reads.jobs().submit(Job::Read(job));
+    }
+
+    fn read_versions(&self, key: Vec<u8>, hlc_seen: Hlc, done: Done<Option<Siblings>>) {
+        if let Err(error) = self.clock.observe(hlc_seen) {
+            return done(Err(error));
+        }
+        self.reads.jobs().submit(Job::Task(Box::new(VersionsRead { key, done })));
+    }
+
+    fn write_causal(&self, key: Vec<u8>, value: Option<Vec<u8>>, context: Context, timing: Timing, done: Done<()>) {
+        // Refused before it waits for the key's lock: a context from a
+        // clock too far ahead is never adopted.
+        if let Err(error) = self.clock.check(context.max_hlc) {
+            return done(Err(error));
+        }
+        self.causal.submit(CausalWrite { key, value, context, timing, done });
     }
 
     fn status(&self) -> Result<StoreStatus, ServerError> {
@@ -117,11 +165,12 @@ impl Store for LocalStore {
         Ok(StoreStatus {
             keys: stats.table_entries + stats.memtable_entries as u64,
             bytes_on_disk: self.engine.disk_bytes().map_err(storage_error)?,
+            too_many_siblings_refused: self.causal.too_many_siblings_refused(),
         })
     }
 
     fn hlc(&self) -> Hlc {
-        lock(&self.stamper).last()
+        self.clock.last()
     }
 }
 

@@ -5,20 +5,24 @@
 //! coordinator next. It never knows which, and it reads no clock of its own
 //! (time comes from the [`Clock`] it is given).
 
+mod causal;
 mod local;
 mod reads;
 
 use std::sync::Arc;
 
-use quiver_ring::wire::{self, ErrorKind, NodeInfo, NodeStatus, Op, Reply, ServerError};
-use quiver_ring::{Hlc, NodeId};
+use quiver_ring::wire::{
+    self, ContextToken, ErrorKind, NodeInfo, NodeStatus, Op, Reply, ServerError, VersionInfo, Versions,
+};
+use quiver_ring::{Context, Hlc, NodeId, Siblings};
 use tokio::sync::watch;
 
-pub use local::LocalStore;
+pub use local::{LocalStore, WriteHook};
 pub use reads::ReadHook;
 
 use crate::clock::Clock;
 use crate::config::Limits;
+use crate::stamping::NodeClock;
 
 /// Keys and values of one write; `None` deletes.
 pub type Entries = Vec<(Vec<u8>, Option<Vec<u8>>)>;
@@ -34,6 +38,16 @@ pub struct StoreStatus {
     /// Approximate: entries before merging.
     pub keys: u64,
     pub bytes_on_disk: u64,
+    /// Causal writes refused for leaving too many siblings.
+    pub too_many_siblings_refused: u64,
+}
+
+/// The timestamps a write request carries: the highest its client has
+/// seen, and its deadline (it is not stamped after it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timing {
+    pub hlc_seen: Hlc,
+    pub deadline: Hlc,
 }
 
 /// Where the front hands requests that passed its checks. Every call
@@ -41,14 +55,21 @@ pub struct StoreStatus {
 /// thread for anything that touches the disk, so an async worker is never
 /// held by a read or a write.
 pub trait Store: Send + Sync + std::fmt::Debug {
-    /// Writes every entry as one unit, all stamped alike (all or nothing);
-    /// `done` once it is durable.
-    fn write(&self, entries: Entries, hlc_seen: Hlc, done: Done<()>);
+    /// Writes every entry as one unit, all stamped alike (all or nothing),
+    /// blind (last writer wins); `done` once it is durable.
+    fn write(&self, entries: Entries, timing: Timing, done: Done<()>);
 
     /// The current values of `keys`, in order (`None`: absent or deleted).
     /// Answers [`ErrorKind::ResponseTooLarge`] once the values pass
     /// `response_bytes_max`, without reading further.
     fn read(&self, keys: Vec<Vec<u8>>, hlc_seen: Hlc, response_bytes_max: usize, done: Done<Vec<Option<Vec<u8>>>>);
+
+    /// Every live version of `key` (`None`: never written).
+    fn read_versions(&self, key: Vec<u8>, hlc_seen: Hlc, done: Done<Option<Siblings>>);
+
+    /// A causal write: `value` (`None` deletes) replaces what `context`
+    /// covers; `done` once it is durable.
+    fn write_causal(&self, key: Vec<u8>, value: Option<Vec<u8>>, context: Context, timing: Timing, done: Done<()>);
 
     /// Sizes for `status`.
     fn status(&self) -> Result<StoreStatus, ServerError>;
@@ -62,6 +83,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 pub struct Service {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
+    node_clock: Arc<NodeClock>,
     limits: Limits,
     /// `limits` as clients learn them, which every request is checked with.
     wire_limits: wire::Limits,
@@ -83,9 +105,11 @@ fn response_overhead(values: usize) -> usize {
 
 impl Service {
     /// A front over `store`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
+        node_clock: Arc<NodeClock>,
         node_id: NodeId,
         limits: Limits,
         admin_token: String,
@@ -97,6 +121,7 @@ impl Service {
             started_ms: clock.now_ms(),
             store,
             clock,
+            node_clock,
             wire_limits: limits.wire(),
             limits,
             node_id,
@@ -118,8 +143,8 @@ impl Service {
     }
 
     /// The highest timestamp stamped or seen, sent back with every response.
-    pub fn hlc(&self) -> u64 {
-        self.store.hlc().0
+    pub fn hlc(&self) -> Hlc {
+        self.store.hlc()
     }
 
     /// The per-request limits.
@@ -130,11 +155,17 @@ impl Service {
     /// Handles one request and calls `reply` once with the answer: at once
     /// for what the front answers itself, else when the store has done it
     /// (then from one of its threads, so `reply` must be quick).
-    pub fn start(&self, hlc_seen: u64, op: Op, reply: impl FnOnce(Result<Reply, ServerError>) + Send + 'static) {
+    pub fn start(
+        &self,
+        hlc_seen: Hlc,
+        deadline: Hlc,
+        op: Op,
+        reply: impl FnOnce(Result<Reply, ServerError>) + Send + 'static,
+    ) {
         if let Err(error) = self.wire_limits.check(&op) {
             return reply(Err(error));
         }
-        let hlc_seen = Hlc(hlc_seen);
+        let timing = Timing { hlc_seen, deadline };
         let response_max = (self.wire_limits.frame_bytes_max as usize).saturating_sub(response_overhead(0));
         match op {
             Op::Get { key } => self.store.read(
@@ -147,17 +178,35 @@ impl Service {
                 let max = response_max.saturating_sub(response_overhead(keys.len()));
                 self.store.read(keys, hlc_seen, max, Box::new(move |result| reply(result.map(Reply::Values))))
             }
-            Op::Set { key, value } => self.write(vec![(key, Some(value))], hlc_seen, reply),
-            Op::Delete { key } => self.write(vec![(key, None)], hlc_seen, reply),
-            Op::BulkSet { entries } => self.write(last_value_of_each_key(entries), hlc_seen, reply),
+            Op::Set { key, value } => self.write(vec![(key, Some(value))], timing, reply),
+            Op::Delete { key } => self.write(vec![(key, None)], timing, reply),
+            Op::BulkSet { entries } => self.write(last_value_of_each_key(entries), timing, reply),
+            Op::GetVersions { key } => {
+                let for_key = key.clone();
+                self.store.read_versions(
+                    key,
+                    hlc_seen,
+                    Box::new(move |result| reply(result.map(|found| versions_reply(&for_key, found)))),
+                )
+            }
+            Op::SetWithContext { key, value, context } => match context.open(&key) {
+                Ok(context) => self.store.write_causal(
+                    key,
+                    value,
+                    context,
+                    timing,
+                    Box::new(move |result| reply(result.map(|()| Reply::Done))),
+                ),
+                Err(error) => reply(Err(error)),
+            },
             Op::Status => reply(self.status()),
             Op::Shutdown { token } => reply(self.shutdown(&token)),
             Op::Hello { protocol } => reply(self.hello(protocol)),
         }
     }
 
-    fn write(&self, entries: Entries, hlc_seen: Hlc, reply: impl FnOnce(Result<Reply, ServerError>) + Send + 'static) {
-        self.store.write(entries, hlc_seen, Box::new(move |result| reply(result.map(|()| Reply::Done))));
+    fn write(&self, entries: Entries, timing: Timing, reply: impl FnOnce(Result<Reply, ServerError>) + Send + 'static) {
+        self.store.write(entries, timing, Box::new(move |result| reply(result.map(|()| Reply::Done))));
     }
 
     fn hello(&self, protocol: u32) -> Result<Reply, ServerError> {
@@ -184,6 +233,9 @@ impl Service {
             keys: store.keys,
             bytes_on_disk: store.bytes_on_disk,
             uptime_ms: self.clock.now_ms().saturating_sub(self.started_ms),
+            max_clock_offset_ms: self.node_clock.max_offset_ms(),
+            clock_refusal: self.node_clock.refusal(),
+            too_many_siblings_refused: store.too_many_siblings_refused,
         }))
     }
 
@@ -198,6 +250,15 @@ impl Service {
         self.request_shutdown();
         Ok(Reply::Done)
     }
+}
+
+/// The answer to `GetVersions`: every sibling, and the context of them all
+/// as a token that names `key`.
+fn versions_reply(key: &[u8], found: Option<Siblings>) -> Reply {
+    let siblings = found.unwrap_or_default();
+    let context = ContextToken::new(key, &siblings.context());
+    let versions = siblings.into_versions().into_iter().map(|v| VersionInfo { hlc: v.hlc, value: v.value }).collect();
+    Reply::Versions(Versions { versions, context })
 }
 
 /// A key given twice in one bulk set takes its last value (as Redis MSET

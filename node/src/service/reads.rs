@@ -2,14 +2,15 @@
 //! runs here, never on an async worker, so a large or slow read holds up no
 //! other connection (and, in a cluster, no peer link).
 //!
-//! - Owns: a queue of [`ReadJob`]s, first in, first out.
-//! - Receives: jobs from [`LocalStore::read`](super::LocalStore), on the
-//!   async workers, which only queue them.
-//! - Does: each thread takes the oldest job and reads up to
-//!   [`CHUNK_KEYS`] of its keys from the engine; a job with keys left goes
+//! - Owns: a queue of [`Job`]s, first in, first out.
+//! - Receives: reads from [`LocalStore::read`](super::LocalStore), on the
+//!   async workers, which only queue them; and [`Task`]s: reads of every
+//!   version of a key, and the causal writes of [`super::causal`].
+//! - Does: each thread takes the oldest job. A read reads up to
+//!   [`CHUNK_KEYS`] of its keys from the engine; a read with keys left goes
 //!   to the back of the queue, so a `get_many` of 100,000 keys shares the
 //!   threads with every `get` that arrives meanwhile instead of holding one
-//!   for its whole length.
+//!   for its whole length. A task runs whole.
 //! - Hands on: the values (or the error) to the job's `done`, which queues
 //!   the answer on the connection.
 //!
@@ -22,6 +23,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use quiver_ring::wire::{ErrorKind, ServerError};
+use quiver_ring::Siblings;
 
 use super::local::storage_error;
 use super::Done;
@@ -34,6 +36,29 @@ const CHUNK_KEYS: usize = 256;
 /// Test-only: called with the keys of each chunk before a reader thread
 /// reads them (a test can hold a read there).
 pub type ReadHook = Arc<dyn Fn(&[Vec<u8>]) + Send + Sync>;
+
+/// Work for a reader thread other than a read of values.
+pub(super) trait Task: Send {
+    /// Does the work, and answers.
+    fn run(self: Box<Self>, engine: &Engine);
+    /// Answers with `error` instead (the node is shutting down).
+    fn cancel(self: Box<Self>, error: ServerError);
+}
+
+/// What the reader threads take from the queue.
+pub(super) enum Job {
+    Read(ReadJob),
+    Task(Box<dyn Task>),
+}
+
+impl Job {
+    fn cancel(self, error: ServerError) {
+        match self {
+            Job::Read(read) => (read.done)(Err(error)),
+            Job::Task(task) => task.cancel(error),
+        }
+    }
+}
 
 /// One read request: the keys, how far it got, and whom to tell.
 pub(super) struct ReadJob {
@@ -57,7 +82,7 @@ impl ReadJob {
         for at in start..end {
             let Some(key) = self.keys.get(at) else { break };
             let pushed = match engine.get(key) {
-                Ok(siblings) => self.push(siblings.and_then(|s| s.value().map(<[u8]>::to_vec))),
+                Ok(siblings) => self.push(siblings.and_then(Siblings::into_value)),
                 Err(error) => Err(storage_error(error)),
             };
             if let Err(error) = pushed {
@@ -99,7 +124,7 @@ impl ReadJob {
 
 #[derive(Default)]
 struct Queue {
-    jobs: VecDeque<ReadJob>,
+    jobs: VecDeque<Job>,
     /// Threads waiting on the condition variable: a job is signalled only
     /// when one is (a notify is a system call even when nobody waits).
     idle: usize,
@@ -112,9 +137,33 @@ struct Shared {
     ready: Condvar,
 }
 
+/// Queues jobs for the reader threads; cheap to clone. It does not keep
+/// the threads: a job that holds one (to queue more work when it is done)
+/// does not keep the pool from stopping.
+#[derive(Clone)]
+pub(super) struct Jobs(Arc<Shared>);
+
+impl Jobs {
+    /// Queues `job`; a reader thread does it (or, once the pool is
+    /// stopping, it is answered with `ShuttingDown`).
+    pub fn submit(&self, job: Job) {
+        let mut queue = lock(&self.0.queue);
+        if queue.closing {
+            drop(queue);
+            return job.cancel(ServerError::new(ErrorKind::ShuttingDown, "the node is shutting down"));
+        }
+        queue.jobs.push_back(job);
+        let wake = queue.idle > 0;
+        drop(queue);
+        if wake {
+            self.0.ready.notify_one();
+        }
+    }
+}
+
 /// A fixed set of reader threads over one engine.
 pub(super) struct ReadPool {
-    shared: Arc<Shared>,
+    jobs: Jobs,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -128,7 +177,7 @@ impl ReadPool {
     /// Starts `threads` reader threads (at least one).
     pub fn new(engine: Arc<Engine>, threads: usize, hook: Option<ReadHook>) -> std::io::Result<ReadPool> {
         let shared = Arc::new(Shared::default());
-        let mut pool = ReadPool { shared: shared.clone(), threads: Vec::new() };
+        let mut pool = ReadPool { jobs: Jobs(shared.clone()), threads: Vec::new() };
         for i in 0..threads.max(1) {
             let (shared, engine, hook) = (shared.clone(), engine.clone(), hook.clone());
             let thread = std::thread::Builder::new()
@@ -139,27 +188,17 @@ impl ReadPool {
         Ok(pool)
     }
 
-    /// Queues `job`; a reader thread answers it.
-    pub fn submit(&self, job: ReadJob) {
-        let mut queue = lock(&self.shared.queue);
-        if queue.closing {
-            drop(queue);
-            return (job.done)(Err(ServerError::new(ErrorKind::ShuttingDown, "the node is shutting down")));
-        }
-        queue.jobs.push_back(job);
-        let wake = queue.idle > 0;
-        drop(queue);
-        if wake {
-            self.shared.ready.notify_one();
-        }
+    /// Where to queue jobs.
+    pub fn jobs(&self) -> &Jobs {
+        &self.jobs
     }
 }
 
 impl Drop for ReadPool {
     /// Answers every queued job, then stops the threads.
     fn drop(&mut self) {
-        lock(&self.shared.queue).closing = true;
-        self.shared.ready.notify_all();
+        lock(&self.jobs.0.queue).closing = true;
+        self.jobs.0.ready.notify_all();
         for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
@@ -180,9 +219,14 @@ fn reader_loop(shared: &Shared, engine: &Engine, hook: Option<&ReadHook>) {
                 None => return,
             }
         };
-        if let Some(rest) = job.run(engine, hook) {
-            // This thread takes work again right away: no one to wake.
-            lock(&shared.queue).jobs.push_back(rest);
+        match job {
+            Job::Read(read) => {
+                if let Some(rest) = read.run(engine, hook) {
+                    // This thread takes work again right away: no one to wake.
+                    lock(&shared.queue).jobs.push_back(Job::Read(rest));
+                }
+            }
+            Job::Task(task) => task.run(engine),
         }
     }
 }

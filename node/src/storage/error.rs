@@ -24,6 +24,15 @@ pub enum Error {
     /// The engine was closed.
     #[error("storage engine is closed")]
     Closed,
+    /// A file written by an earlier Quiver in a format this build does not
+    /// read (versions changed in format 3 of the WAL, 2 of tables). The
+    /// engine refuses to open rather than misread it.
+    #[error(
+        "{} is {what} format {found}, written by an earlier Quiver; this build reads format {reads} only. Start \
+         this build on a new data directory (and load the data again), or run the earlier build on this one",
+        path.display()
+    )]
+    OldFormat { path: PathBuf, what: &'static str, found: u32, reads: u32 },
     /// A write is larger than one WAL record may be.
     #[error("write of {size} bytes exceeds the limit of {max} bytes")]
     TooLarge { size: usize, max: usize },

@@ -203,7 +203,6 @@ pub struct Memtable {
     min_seq: u64,
     max_seq: u64,
     max_hlc: Hlc,
-    siblings_dropped: u64,
     scratch: Vec<u8>,
 }
 
@@ -223,7 +222,6 @@ impl Default for Memtable {
             min_seq: 0,
             max_seq: 0,
             max_hlc: Hlc::default(),
-            siblings_dropped: 0,
             scratch: Vec::new(),
         }
     }
@@ -268,25 +266,24 @@ impl Memtable {
         xxh3_64_with_seed(key, self.seed)
     }
 
-    /// Applies one operation of WAL record `seq`, keeping at most
-    /// `siblings_max` versions of its key.
-    pub fn insert(&mut self, seq: u64, op: Op, siblings_max: usize) {
-        self.apply(seq, &EncodedOps::new(std::slice::from_ref(&op)), siblings_max);
+    /// Applies one operation of WAL record `seq`.
+    pub fn insert(&mut self, seq: u64, op: Op) {
+        self.apply(seq, &EncodedOps::new(std::slice::from_ref(&op)));
     }
 
     /// Applies every operation of WAL record `seq`, as encoded for the WAL
-    /// (live writes and recovery alike), keeping at most `siblings_max`
-    /// versions of each key.
-    pub fn apply(&mut self, seq: u64, encoded: &EncodedOps, siblings_max: usize) {
+    /// (live writes and recovery alike), each merged into its key's
+    /// siblings.
+    pub fn apply(&mut self, seq: u64, encoded: &EncodedOps) {
         for op in encoded.ops() {
-            self.insert_encoded(seq, encoded.key(op), encoded.version(op), op.hlc, op.tombstone, siblings_max);
+            self.insert_encoded(seq, encoded.key(op), encoded.version(op), op.hlc, op.tombstone);
         }
     }
 
     /// One op already encoded: `version` is `postcard(Version)`, with its
     /// timestamp and whether it is a tombstone. A key new to this memtable
     /// costs one copy of its bytes, nothing more.
-    fn insert_encoded(&mut self, seq: u64, key: &[u8], version: &[u8], hlc: Hlc, tombstone: bool, siblings_max: usize) {
+    fn insert_encoded(&mut self, seq: u64, key: &[u8], version: &[u8], hlc: Hlc, tombstone: bool) {
         if self.slots.is_empty() && self.min_seq == 0 {
             self.min_seq = seq;
         }
@@ -299,7 +296,6 @@ impl Memtable {
                 let mut siblings = decode(arena.get(slot.value));
                 siblings.insert(postcard::from_bytes::<Version>(version).expect("the engine encoded this version"));
                 scratch.clear();
-                self.siblings_dropped += siblings.truncate_oldest(siblings_max) as u64;
                 let encoded = postcard::to_extend(&siblings, std::mem::take(scratch)).expect("postcard encodes");
                 *scratch = encoded;
                 slot.value = arena.push(scratch);
@@ -404,22 +400,16 @@ impl Memtable {
     pub fn max_hlc(&self) -> Hlc {
         self.max_hlc
     }
-
-    /// Versions dropped because a key had too many siblings.
-    pub fn siblings_dropped(&self) -> u64 {
-        self.siblings_dropped
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use quiver_ring::{BatchId, Dot, NodeId};
+    use quiver_ring::BatchId;
 
     fn version(hlc: u64, value: Option<&[u8]>) -> Version {
-        let dot = Dot { node: NodeId(1), counter: hlc };
-        Version { dot, context: None, hlc: Hlc(hlc), origin: BatchId::default(), value: value.map(<[u8]>::to_vec) }
+        Version { hlc: Hlc(hlc), origin: BatchId::default(), causal: None, value: value.map(<[u8]>::to_vec) }
     }
 
     fn op(key: Vec<u8>) -> Op {
@@ -430,7 +420,7 @@ mod tests {
     fn a_new_key_is_stored_as_the_encoding_of_one_sibling() {
         for v in [version(7, Some(b"value")), version(u64::MAX, None)] {
             let mut memtable = Memtable::new();
-            memtable.insert(1, Op { key: b"k".to_vec(), version: v.clone() }, 4);
+            memtable.insert(1, Op { key: b"k".to_vec(), version: v.clone() });
             assert_eq!(memtable.sorted()[0].value, postcard::to_stdvec(&Siblings::one(v)).unwrap());
         }
     }
@@ -441,7 +431,7 @@ mod tests {
         let slot_bytes = memtable.slot_bytes();
         assert!(slot_bytes >= 5000 * SLOT_BYTES, "{slot_bytes}");
         for i in 0..5000u32 {
-            memtable.insert(1, op(i.to_be_bytes().to_vec()), 4);
+            memtable.insert(1, op(i.to_be_bytes().to_vec()));
         }
         assert_eq!(memtable.slot_bytes(), slot_bytes, "the hash table grew");
         assert_eq!(memtable.bytes(), memtable.written + slot_bytes);
@@ -471,7 +461,7 @@ mod tests {
         ) {
             let mut memtable = Memtable::new();
             for key in &keys {
-                memtable.insert(1, op(key.clone()), 4);
+                memtable.insert(1, op(key.clone()));
             }
             let sorted: Vec<Vec<u8>> = memtable.sorted().into_iter().map(|e| e.key.to_vec()).collect();
             prop_assert_eq!(sorted, keys.iter().cloned().collect::<Vec<_>>());
@@ -499,8 +489,8 @@ mod tests {
                 // Keys, some of them those to come, over several chunks.
                 for i in 0..3000u64 {
                     let key = vec![b'k', (i % 8) as u8, (i / 8) as u8];
-                    memtable.insert(i + 1, Op { key, version: version(i, Some(&[9; 900])) }, 3);
-                    memtable.insert(i + 1, op(vec![b'k', (i % 8) as u8]), 3);
+                    memtable.insert(i + 1, Op { key, version: version(i, Some(&[9; 900])) });
+                    memtable.insert(i + 1, op(vec![b'k', (i % 8) as u8]));
                 }
                 let slots = memtable.slots.capacity();
                 memtable.clear(usize::MAX);
@@ -513,10 +503,9 @@ mod tests {
             for (i, (key, hlc, value)) in writes.into_iter().enumerate() {
                 let key = vec![b'k', key];
                 let v = version(hlc * 100 + i as u64, value.as_deref());
-                memtable.insert(i as u64 + 1, Op { key: key.clone(), version: v.clone() }, 3);
+                memtable.insert(i as u64 + 1, Op { key: key.clone(), version: v.clone() });
                 let siblings = model.entry(key).or_default();
                 siblings.insert(v);
-                siblings.truncate_oldest(3);
             }
             for (key, siblings) in &model {
                 prop_assert_eq!(memtable.get(key), Some(siblings.clone()));

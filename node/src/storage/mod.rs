@@ -127,15 +127,14 @@ impl EncodedOps {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use quiver_ring::{BatchId, Dot, NodeId};
+    use quiver_ring::{BatchId, NodeId};
 
     #[test]
     fn encoded_ops_are_the_postcard_encoding_and_point_at_each_op() {
         let version = |hlc: u64, value: Option<Vec<u8>>| Version {
-            dot: Dot { node: NodeId(3), counter: hlc },
-            context: None,
             hlc: Hlc(hlc),
-            origin: BatchId::default(),
+            origin: BatchId { node: NodeId(3), counter: hlc },
+            causal: None,
             value,
         };
         let ops = vec![

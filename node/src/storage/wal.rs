@@ -60,9 +60,13 @@ use crate::storage::frame::{self, Stop};
 use crate::storage::Op;
 
 /// First bytes of every segment written now: name and format version.
-pub const MAGIC: &[u8; 8] = b"QVWAL\0\0\x02";
-/// First bytes of a segment of format 1 (checksums without salt).
-pub const MAGIC_V1: &[u8; 8] = b"QVWAL\0\0\x01";
+/// Format 3: records hold versions v2 (design section 5). Formats 1 and 2
+/// held the first version model; their segments are refused.
+pub const MAGIC: &[u8; 8] = b"QVWAL\0\0\x03";
+/// The format [`MAGIC`] names.
+pub const FORMAT: u32 = 3;
+/// What every format's magic starts with.
+const MAGIC_NAME: &[u8; 7] = b"QVWAL\0\0";
 const PAYLOAD_PREFIX: usize = 16;
 const ZERO_CHUNK: usize = 1 << 20;
 /// Retired segment files kept for recycling; more are deleted.
@@ -114,11 +118,15 @@ fn decode_prefix(payload: &[u8]) -> Option<(u64, u64, &[u8])> {
 }
 
 /// The salt segment `number`'s records were written with, from its magic
-/// (`None` if the magic is neither format's).
+/// (`None` if the magic is not this format's).
 fn salt_of(buf: &[u8], number: u64) -> Option<Vec<u8>> {
-    match buf.get(..MAGIC.len())? {
-        magic if magic == MAGIC => Some(salt(number).to_vec()),
-        magic if magic == MAGIC_V1 => Some(Vec::new()),
+    (buf.get(..MAGIC.len())? == MAGIC).then(|| salt(number).to_vec())
+}
+
+/// The format of a segment of an earlier Quiver, from its magic.
+fn older_format(buf: &[u8]) -> Option<u32> {
+    match buf.get(..MAGIC.len())?.split_last()? {
+        (&format, name) if name == MAGIC_NAME && u32::from(format) < FORMAT => Some(u32::from(format)),
         _ => None,
     }
 }
@@ -186,6 +194,9 @@ pub fn recover(
         let buf = read_all(file.as_ref()).ctx("read", &path)?;
         let mut segment_last = None;
         let mut salt = Vec::new();
+        if let Some(found) = older_format(&buf) {
+            return Err(Error::OldFormat { path, what: "a WAL segment of", found, reads: FORMAT });
+        }
         let stop = if buf.iter().all(|&b| b == 0) {
             // Pre-allocation was cut short before the magic was written.
             Stop::End
@@ -292,8 +303,8 @@ fn segment_has_records(fs: &dyn Fs, path: &Path, number: u64, last_seq: u64, roo
     let later = |payload: &[u8]| could_be_later(payload, last_seq, 0, room);
     let (start, salts) = match salt_of(&buf, number) {
         Some(found) => (MAGIC.len(), vec![found]),
-        // An unknown magic: look for records of either format.
-        None => (0, vec![salt(number).to_vec(), Vec::new()]),
+        // An unknown magic: look for records anyway.
+        None => (0, vec![salt(number).to_vec()]),
     };
     Ok(salts.iter().any(|salt| {
         frame::record_at(&buf, salt, start).ok().flatten().is_some()
@@ -581,7 +592,8 @@ mod tests {
 
     /// One op (a key of `key_len` bytes set to `value_len` bytes), encoded.
     fn one_op(key_len: usize, value_len: usize) -> Vec<u8> {
-        let stamp = Stamper::new(NodeId(1), Default::default()).next(1_000_000);
+        let stamp =
+            Stamper::new(NodeId(1), Default::default(), u64::MAX).next(1_000_000).expect("a test clock never refuses");
         let op = Op { key: vec![b'k'; key_len], version: stamp.blind(Some(vec![7; value_len])) };
         postcard::to_allocvec(&vec![op]).unwrap()
     }
@@ -703,7 +715,9 @@ mod tests {
                             random as u8
                         })
                         .collect();
-                    let stamp = Stamper::new(NodeId(1), Default::default()).next(1_000_000 + n);
+                    let stamp = Stamper::new(NodeId(1), Default::default(), u64::MAX)
+                        .next(1_000_000 + n)
+                        .expect("a test clock never refuses");
                     let op = Op { key: format!("key{n:012}").into_bytes(), version: stamp.blind(Some(value)) };
                     postcard::to_allocvec(&vec![op]).unwrap()
                 })
@@ -835,20 +849,21 @@ mod tests {
         }
     }
 
-    /// Segments of format 1 (checksums without salt) are still read.
+    /// Segments of formats 1 and 2 hold versions of the first model: they
+    /// are refused with a message that says so, never misread.
     #[test]
-    fn a_format_1_segment_is_still_read() {
-        let sim = SimFs::new();
-        let dir = Path::new("/wal");
-        let mut bytes = MAGIC_V1.to_vec();
-        for seq in 1..=3u64 {
-            frame::encode(&mut bytes, &[], &[&seq.to_le_bytes(), &seq.to_le_bytes(), &one_op(4, 10)]);
+    fn a_segment_of_an_earlier_format_is_refused_clearly() {
+        for format in [1u8, 2] {
+            let sim = SimFs::new();
+            let dir = Path::new("/wal");
+            let mut bytes = b"QVWAL\0\0".to_vec();
+            bytes.push(format);
+            bytes.resize(2 * DIRECT_ALIGN, 0);
+            sim.put(&dir.join(segment_name(5)), bytes);
+            let error = recover(&sim, dir, 0, false, |_, _| Ok(())).unwrap_err();
+            assert!(matches!(error, Error::OldFormat { found, reads: 3, .. } if found == u32::from(format)), "{error}");
+            assert!(error.to_string().contains("written by an earlier Quiver"), "{error}");
         }
-        bytes.resize(2 * DIRECT_ALIGN, 0);
-        sim.put(&dir.join(segment_name(5)), bytes);
-        assert_eq!(replayed(&sim, dir).unwrap(), [1, 2, 3]);
-        let found = recover(&sim, dir, 0, false, |_, _| Ok(())).unwrap();
-        assert_eq!(found.next_number, 6);
     }
 
     /// After a group that leaves fewer zeros in its last block than a frame
@@ -890,7 +905,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let fs: Arc<dyn Fs> = Arc::new(RealFs);
         let mut wal = WalWriter::create(fs.clone(), dir.path(), 1, 2 * DIRECT_ALIGN as u64, Arc::default()).unwrap();
-        let stamp = Stamper::new(NodeId(1), Default::default()).next(1_000_000);
+        let stamp =
+            Stamper::new(NodeId(1), Default::default(), u64::MAX).next(1_000_000).expect("a test clock never refuses");
         let op = |key_len: usize, value_len: usize| Op {
             key: vec![b'k'; key_len],
             version: stamp.blind(Some(vec![(key_len + value_len) as u8; value_len])),

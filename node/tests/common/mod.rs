@@ -39,17 +39,17 @@ pub struct Writer(pub Stamper);
 
 impl Writer {
     pub fn new(after: Hlc) -> Writer {
-        Writer(Stamper::new(NodeId(1), after))
+        Writer(Stamper::new(NodeId(1), after, u64::MAX))
     }
 
     pub fn op(&mut self, key: &[u8], value: Option<&[u8]>) -> Op {
-        let stamp = self.0.next(now_ms());
+        let stamp = self.0.next(now_ms()).expect("a test clock never refuses");
         Op { key: key.to_vec(), version: stamp.blind(value.map(<[u8]>::to_vec)) }
     }
 
     /// One batch: every key gets the same stamp.
     pub fn batch(&mut self, entries: &[(Vec<u8>, Option<Vec<u8>>)]) -> Vec<Op> {
-        let stamp = self.0.next(now_ms());
+        let stamp = self.0.next(now_ms()).expect("a test clock never refuses");
         entries.iter().map(|(key, value)| Op { key: key.clone(), version: stamp.blind(value.clone()) }).collect()
     }
 }

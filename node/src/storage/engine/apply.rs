@@ -44,7 +44,7 @@ pub(super) fn apply(inner: &Inner, Durable { group, rotations }: Durable) {
             let mut active = write(&levels.active);
             for (i, (encoded, done)) in writes.into_iter().enumerate() {
                 let seq = group + i as u64;
-                active.apply(seq, &encoded, inner.opts.siblings_max);
+                active.apply(seq, &encoded);
                 acks.push((done, seq));
             }
         }

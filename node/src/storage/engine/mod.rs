@@ -101,8 +101,6 @@ pub struct Options {
     pub background_compaction: bool,
     /// Tombstones younger than this are kept by compaction.
     pub tombstone_grace_ms: u64,
-    /// Versions kept per key; past it the lowest `(hlc, origin)` is dropped.
-    pub siblings_max: usize,
     /// Tries to write and verify one table before giving up for now.
     pub table_write_attempts: u32,
     /// Manifest edits before it is rolled over to a snapshot.
@@ -129,7 +127,6 @@ impl Default for Options {
             compaction_max_tables: 32,
             background_compaction: true,
             tombstone_grace_ms: 10 * 24 * 3600 * 1000,
-            siblings_max: 16,
             table_write_attempts: 16,
             manifest_edits_max: 1024,
             repair: false,

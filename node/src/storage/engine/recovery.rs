@@ -82,7 +82,7 @@ pub(super) fn open(fs: Arc<dyn Fs>, dir: &Path, opts: Options) -> Result<Recover
         let full = {
             let levels = inner.levels();
             let mut active = write(&levels.active);
-            active.apply(seq, &EncodedOps::new(&ops), inner.opts.siblings_max);
+            active.apply(seq, &EncodedOps::new(&ops));
             active.bytes() >= inner.opts.memtable_bytes_max
         };
         if full {

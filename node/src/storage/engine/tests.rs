@@ -183,7 +183,10 @@ fn gated_engine(opts: Options) -> (Engine, Arc<Gate>, SimFs, PathBuf) {
 }
 
 fn op(stamper: &mut Stamper, key: &[u8], value: &[u8]) -> Op {
-    Op { key: key.to_vec(), version: stamper.next(now_ms()).blind(Some(value.to_vec())) }
+    Op {
+        key: key.to_vec(),
+        version: stamper.next(now_ms()).expect("a test clock never refuses").blind(Some(value.to_vec())),
+    }
 }
 
 fn value_of(engine: &Engine, key: &[u8]) -> Option<Vec<u8>> {
@@ -196,7 +199,7 @@ fn value_of(engine: &Engine, key: &[u8]) -> Option<Vec<u8>> {
 fn a_group_is_acknowledged_only_after_its_durable_write_returned() {
     let (engine, gate, _sim, _dir) = gated_engine(Options::default());
     let _open = OpenOnDrop(gate.clone());
-    let mut stamper = Stamper::new(NodeId(1), Hlc(0));
+    let mut stamper = Stamper::new(NodeId(1), Hlc(0), u64::MAX);
     gate.arm(Step::WalWrite);
     let (acked, answers) = std::sync::mpsc::channel();
     engine.write_then(vec![op(&mut stamper, b"k", b"v")], move |result| {
@@ -222,7 +225,7 @@ fn a_frozen_memtable_and_its_wal_stay_until_its_tables_manifest_edit_is_durable(
     let (engine, gate, sim, dir) = gated_engine(opts);
     let engine = Arc::new(engine);
     let _open = OpenOnDrop(gate.clone());
-    let mut stamper = Stamper::new(NodeId(1), Hlc(0));
+    let mut stamper = Stamper::new(NodeId(1), Hlc(0), u64::MAX);
     // Enough writes to fill the first segment, so that one is retired by
     // the flush.
     for i in 0..40u32 {
@@ -262,7 +265,7 @@ fn a_frozen_memtable_and_its_wal_stay_until_its_tables_manifest_edit_is_durable(
 #[test]
 fn a_read_is_in_memory_only_when_no_table_may_hold_its_key() {
     let (engine, _gate, _sim, _dir) = gated_engine(Options { background_compaction: false, ..Options::default() });
-    let mut stamper = Stamper::new(NodeId(1), Hlc(0));
+    let mut stamper = Stamper::new(NodeId(1), Hlc(0), u64::MAX);
     engine.write_blocking(vec![op(&mut stamper, b"b-flushed", b"1")]).unwrap();
     engine.flush().unwrap();
     engine.write_blocking(vec![op(&mut stamper, b"c-in-memory", b"2")]).unwrap();
@@ -285,7 +288,7 @@ fn a_read_is_in_memory_only_when_no_table_may_hold_its_key() {
 fn the_value_cache_never_answers_for_tables_that_changed() {
     let opts = Options { background_compaction: false, tombstone_grace_ms: 0, ..Options::default() };
     let (engine, _gate, _sim, _dir) = gated_engine(opts);
-    let mut stamper = Stamper::new(NodeId(1), Hlc(0));
+    let mut stamper = Stamper::new(NodeId(1), Hlc(0), u64::MAX);
     let in_memory = |engine: &Engine| engine.get_in_memory(b"k").map(|s| s.and_then(|s| s.value().map(<[u8]>::to_vec)));
     engine.write_blocking(vec![op(&mut stamper, b"k", b"1")]).unwrap();
     engine.flush().unwrap();
@@ -302,7 +305,12 @@ fn the_value_cache_never_answers_for_tables_that_changed() {
     assert_eq!(value_of(&engine, b"k").as_deref(), Some(&b"2"[..]));
 
     // Deleted, flushed and compacted away: absent, cached or not.
-    engine.write_blocking(vec![Op { key: b"k".to_vec(), version: stamper.next(now_ms()).blind(None) }]).unwrap();
+    engine
+        .write_blocking(vec![Op {
+            key: b"k".to_vec(),
+            version: stamper.next(now_ms()).expect("a test clock never refuses").blind(None),
+        }])
+        .unwrap();
     engine.flush().unwrap();
     assert_eq!(value_of(&engine, b"k"), None);
     engine.compact().unwrap();

@@ -106,6 +106,10 @@ impl Table {
         if got != crc {
             return Err(Error::ChecksumMismatch { path: path.to_path_buf(), offset: footer_at, expected: crc, got });
         }
+        if version < FORMAT_VERSION {
+            let path = path.to_path_buf();
+            return Err(Error::OldFormat { path, what: "a table of", found: version, reads: FORMAT_VERSION });
+        }
         if version != FORMAT_VERSION {
             return Err(corrupt(
                 footer_at,
@@ -482,10 +486,10 @@ mod tests {
             probes in prop::collection::vec(prop::collection::vec(prop::sample::select(vec![0u8, 1, b'a', 2]), 0..=20), 50),
         ) {
             prop_assume!(!stored.is_empty());
-            let mut stamper = Stamper::new(NodeId(1), Hlc(0));
+            let mut stamper = Stamper::new(NodeId(1), Hlc(0), u64::MAX);
             let mut builder = TableBuilder::new(64, 10, 1, 1);
             for key in &stored {
-                builder.add(key, &Siblings::one(stamper.next(1).blind(Some(vec![7]))));
+                builder.add(key, &Siblings::one(stamper.next(1).expect("a test clock never refuses").blind(Some(vec![7]))));
             }
             let fs = SimFs::new();
             let path = Path::new("/t/0000000000000001.sst");
