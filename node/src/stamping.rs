@@ -134,7 +134,12 @@ impl NodeClock {
     pub fn stamp(&self, seen: Hlc, above: Hlc, deadline: Option<Hlc>) -> Result<Stamp, ServerError> {
         let now = self.wall.now_ms();
         let mut state = lock(&self.state);
-        state.stamper.observe(seen.max(above), now).map_err(clock_error)?;
+        // What the clock has already passed needs no check (a client echoes
+        // the node's own timestamp back).
+        let seen = seen.max(above);
+        if seen > state.stamper.last() {
+            state.stamper.observe(seen, now).map_err(clock_error)?;
+        }
         let stamp = match state.stamper.next(now) {
             Ok(stamp) => stamp,
             Err(error) => {

@@ -198,3 +198,58 @@ fn shutdown_reads_the_admin_token_from_the_data_directory() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(node.wait().unwrap().success());
 }
+
+/// The context printed by `quiver versions KEY`.
+fn printed_context(output: &Output) -> String {
+    let text = stdout(output);
+    let line = text.lines().find_map(|l| l.strip_prefix("context: ")).unwrap_or_else(|| panic!("no context in {text}"));
+    line.to_owned()
+}
+
+/// The values `quiver versions KEY` prints, oldest first.
+fn printed_values(output: &Output) -> Vec<String> {
+    stdout(output)
+        .lines()
+        .filter(|l| !l.starts_with("context: "))
+        .map(|l| l.split_once('\t').expect("HLC<TAB>VALUE").1.to_owned())
+        .collect()
+}
+
+/// Two writers read the same context and write with it: two siblings. A
+/// write with the context of both resolves them; a causal delete too; a
+/// context of another key is refused.
+#[test]
+fn versions_and_context_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path(), &[]);
+    let ok = |args: &[&str]| {
+        let out = quiver(&node.addr, args, None);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        out
+    };
+    ok(&["set", "doc", "draft"]);
+    let first_read = printed_context(&ok(&["versions", "doc"]));
+    let second_read = printed_context(&ok(&["versions", "doc"]));
+    ok(&["set", "doc", "from alice", "--context", &first_read]);
+    ok(&["set", "doc", "from bob", "--context", &second_read]);
+    let both = ok(&["versions", "doc"]);
+    assert_eq!(printed_values(&both), ["from alice", "from bob"]);
+    assert_eq!(stdout(&ok(&["get", "doc"])), "from bob\n");
+
+    ok(&["set", "doc", "merged", "--context", &printed_context(&both)]);
+    let merged = ok(&["versions", "doc"]);
+    assert_eq!(printed_values(&merged), ["merged"]);
+
+    let out = quiver(&node.addr, &["set", "other", "x", "--context", &printed_context(&merged)], None);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("InvalidContext"), "{}", stderr(&out));
+    let out = quiver(&node.addr, &["set", "doc", "x", "--context", "not hex"], None);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--context"), "{}", stderr(&out));
+
+    ok(&["delete", "doc", "--context", &printed_context(&merged)]);
+    assert_eq!(printed_values(&ok(&["versions", "doc"])), ["(deleted)"]);
+    let out = quiver(&node.addr, &["versions", "never"], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("no versions"), "{}", stderr(&out));
+}

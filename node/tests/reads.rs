@@ -3,15 +3,16 @@
 //! the middle of its read, still answers a `set` and a `get` from another
 //! connection.
 
+mod common;
+
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::InProcessNode;
 use quiver_client::Client;
 use quiver_node::clock::SystemClock;
-use quiver_node::config::Limits;
-use quiver_node::net::client::serve;
-use quiver_node::service::{LocalStore, ReadHook, Service};
+use quiver_node::service::{LocalStore, ReadHook};
 use quiver_node::stamping::NodeClock;
 use quiver_node::storage::{Engine, Op, Options};
 use quiver_ring::{Hlc, NodeId, Stamper, MAX_OFFSET_MS};
@@ -63,29 +64,8 @@ fn a_get_many_being_served_holds_up_no_other_connection() {
 
     // The node runs on one async worker: a read held there would hold
     // every connection.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let service = Arc::new(Service::new(
-        Arc::new(store),
-        clock,
-        node_clock,
-        NodeId(1),
-        Limits::default(),
-        "token".into(),
-        addr.clone(),
-        String::new(),
-    ));
-    let stop = service.shutdown_requested();
-    let server = {
-        let service = service.clone();
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            runtime.block_on(async move {
-                serve(tokio::net::TcpListener::from_std(listener).unwrap(), service, stop).await;
-            });
-        })
-    };
+    let node = InProcessNode::start(Arc::new(store), clock, node_clock);
+    let addr = node.addr.clone();
 
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     runtime.block_on(async {
@@ -115,6 +95,5 @@ fn a_get_many_being_served_holds_up_no_other_connection() {
         assert!(values.iter().all(|v| v.as_deref() == Some(&b"vvvvvvvv"[..])));
         assert_eq!(*order.lock().unwrap(), ["set", "get", "get_many"]);
     });
-    service.request_shutdown();
-    server.join().unwrap();
+    drop(node);
 }

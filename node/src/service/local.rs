@@ -20,9 +20,18 @@ use crate::storage::{self, Engine};
 const IN_MEMORY_KEYS_MAX: usize = 16;
 
 /// Test-only: called with each blind write before it is stamped. When it
-/// returns a receiver, the write waits (on a thread of its own) until that
-/// receiver yields or closes, as a slow coordinator would.
-pub type WriteHook = Arc<dyn Fn(&Entries) -> Option<std::sync::mpsc::Receiver<()>> + Send + Sync>;
+/// returns a [`HeldWrite`], the write waits (on a thread of its own) until
+/// released, as on a slow coordinator.
+pub type WriteHook = Arc<dyn Fn(&Entries) -> Option<HeldWrite> + Send + Sync>;
+
+/// A write held back by a [`WriteHook`].
+#[derive(Debug)]
+pub struct HeldWrite {
+    /// The write goes on once this yields (or its sender is gone).
+    pub release: std::sync::mpsc::Receiver<()>,
+    /// Then gets the write's outcome, as its client would have.
+    pub outcome: std::sync::mpsc::Sender<Result<(), ServerError>>,
+}
 
 /// A node's own engine as a [`Store`].
 #[derive(Debug)]
@@ -109,10 +118,14 @@ impl Store for LocalStore {
         if self.drop_this_write() {
             return done(Ok(()));
         }
-        if let Some(hold) = self.write_hook.as_ref().and_then(|hook| (hook.0)(&entries)) {
+        if let Some(held) = self.write_hook.as_ref().and_then(|hook| (hook.0)(&entries)) {
             let (engine, clock) = (self.engine.clone(), self.clock.clone());
             std::thread::spawn(move || {
-                let _ = hold.recv();
+                let _ = held.release.recv();
+                let done: Done<()> = Box::new(move |result| {
+                    let _ = held.outcome.send(result.clone());
+                    done(result);
+                });
                 write_blind(&engine, &clock, entries, timing, done);
             });
             return;

@@ -17,7 +17,7 @@ use quiver_ring::wire::{
 use quiver_ring::{Context, Hlc, NodeId, Siblings};
 use tokio::sync::watch;
 
-pub use local::{LocalStore, WriteHook};
+pub use local::{HeldWrite, LocalStore, WriteHook};
 pub use reads::ReadHook;
 
 use crate::clock::Clock;

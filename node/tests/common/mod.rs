@@ -7,6 +7,13 @@ use quiver_chaos::node::{NodeProcess, NodeSpec};
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use std::sync::Arc;
+
+use quiver_node::clock::Clock;
+use quiver_node::config::Limits;
+use quiver_node::net::client::serve;
+use quiver_node::service::{Service, Store};
+use quiver_node::stamping::NodeClock;
 use quiver_node::storage::{Op, Options};
 use quiver_ring::{Hlc, NodeId, Stamper};
 
@@ -58,4 +65,49 @@ impl Writer {
 pub fn start_node(dir: &Path, extra: &[&str]) -> NodeProcess {
     NodeProcess::start(&NodeSpec::new(env!("CARGO_BIN_EXE_quiverd"), dir).args(extra.iter().copied()))
         .expect("quiverd starts")
+}
+
+/// A node served in this process on one async worker (a thread of its
+/// own), over a store the test built (with its test hooks). Stops when
+/// dropped.
+pub struct InProcessNode {
+    pub addr: String,
+    service: Arc<Service>,
+    server: Option<std::thread::JoinHandle<()>>,
+}
+
+impl InProcessNode {
+    pub fn start(store: Arc<dyn Store>, clock: Arc<dyn Clock>, node_clock: Arc<NodeClock>) -> InProcessNode {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let service = Arc::new(Service::new(
+            store,
+            clock,
+            node_clock,
+            NodeId(1),
+            Limits::default(),
+            "token".into(),
+            addr.clone(),
+            String::new(),
+        ));
+        let stop = service.shutdown_requested();
+        let serving = service.clone();
+        let server = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async move {
+                serve(tokio::net::TcpListener::from_std(listener).unwrap(), serving, stop).await;
+            });
+        });
+        InProcessNode { addr, service, server: Some(server) }
+    }
+}
+
+impl Drop for InProcessNode {
+    fn drop(&mut self) {
+        self.service.request_shutdown();
+        if let Some(server) = self.server.take() {
+            let _ = server.join();
+        }
+    }
 }
