@@ -168,7 +168,8 @@ fn a_data_directory_of_the_earlier_format_is_refused_at_start() {
     let path = dir.path().join("0000000000000001.wal");
     std::fs::write(&path, &segment).unwrap();
     let spec = NodeSpec::new(env!("CARGO_BIN_EXE_quiverd"), dir.path());
-    let error = NodeProcess::start(&spec).err().expect("quiverd refuses the directory").to_string();
+    let Err(error) = NodeProcess::start(&spec) else { panic!("quiverd started on a directory of the earlier format") };
+    let error = error.to_string();
     assert!(error.contains("format 2, written by an earlier Quiver"), "{error}");
     assert!(error.contains("this build reads format 3"), "{error}");
     assert_eq!(std::fs::read(&path).unwrap(), segment);
