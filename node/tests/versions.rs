@@ -195,3 +195,30 @@ fn a_node_whose_clock_is_ahead_of_its_wall_clock_refuses_to_stamp_and_says_why()
     assert!(refusal.contains("refuses to stamp writes"), "{refusal}");
     assert_eq!(client.get("k").unwrap(), None);
 }
+
+/// Causal writes of one key run one at a time (a per-key lock, released
+/// once each is durable): of many concurrent writes made with the same
+/// stale context, exactly as many as the sibling bound allows succeed.
+#[test]
+fn concurrent_causal_writes_of_one_key_never_pass_the_sibling_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path(), &[]);
+    let client = std::sync::Arc::new(Client::connect([node.addr.clone()]).unwrap());
+    client.set("k", "base").unwrap();
+    let stale = client.get_versions("k").unwrap().context;
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let (client, stale) = (client.clone(), stale.clone());
+            std::thread::spawn(move || {
+                (0..20)
+                    .map(|i| client.set_with_context("k", format!("{t}-{i}"), &stale).map_err(|e| e.kind()))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let results: Vec<_> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    let written = results.iter().filter(|r| r.is_ok()).count();
+    let refused = results.iter().filter(|r| **r == Err(Some(ErrorKind::TooManySiblings))).count();
+    assert_eq!((written, refused), (SIBLINGS_MAX, 160 - SIBLINGS_MAX), "{results:?}");
+    assert_eq!(client.get_versions("k").unwrap().versions.len(), SIBLINGS_MAX);
+}
