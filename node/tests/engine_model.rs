@@ -51,6 +51,10 @@ fn check(engine: &Engine, model: &BTreeMap<Vec<u8>, Vec<u8>>) -> Result<(), Test
         let got = engine.get(&key(k)).unwrap();
         let got = got.as_ref().and_then(|s| s.value().map(<[u8]>::to_vec));
         prop_assert_eq!(got.as_ref(), model.get(&key(k)), "key {}", k);
+        // Memory's answer, when it has one, is the same.
+        if let Some(in_memory) = engine.value_in_memory(&key(k)) {
+            prop_assert_eq!(in_memory.as_ref(), model.get(&key(k)), "key {} from memory", k);
+        }
     }
     let scanned: BTreeMap<Vec<u8>, Vec<u8>> =
         engine.scan(b"", None).map(Result::unwrap).filter_map(|(k, s)| s.value().map(|v| (k, v.to_vec()))).collect();

@@ -135,7 +135,7 @@ impl Store for LocalStore {
 
     /// A small read that memory alone answers (the value cache, or no table
     /// whose key range and bloom filter admit its keys: see
-    /// [`Engine::get_in_memory`]) is answered right here. Anything else goes
+    /// [`Engine::value_in_memory`]) is answered right here. Anything else goes
     /// to the reader threads, from the first key that may need a file read.
     fn read(&self, keys: Vec<Vec<u8>>, hlc_seen: Hlc, response_bytes_max: usize, done: Done<Vec<Option<Vec<u8>>>>) {
         if let Err(error) = self.clock.observe(hlc_seen) {
@@ -145,8 +145,8 @@ impl Store for LocalStore {
             ReadJob { values: Vec::with_capacity(keys.len()), keys, bytes: 0, bytes_max: response_bytes_max, done };
         if job.keys.len() <= IN_MEMORY_KEYS_MAX {
             while let Some(key) = job.keys.get(job.values.len()) {
-                let Some(found) = self.engine.get_in_memory(key) else { break };
-                if let Err(error) = job.push(found.and_then(Siblings::into_value)) {
+                let Some(value) = self.engine.value_in_memory(key) else { break };
+                if let Err(error) = job.push(value) {
                     return (job.done)(Err(error));
                 }
             }

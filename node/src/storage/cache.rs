@@ -31,7 +31,7 @@ struct Entry<V> {
 
 #[derive(Debug)]
 struct Shard<K, V> {
-    entries: HashMap<K, Entry<V>>,
+    entries: HashMap<K, Entry<V>, Xxh3DefaultBuilder>,
     /// Every key in `entries`, in the order the clock hand visits them.
     clock: VecDeque<K>,
     bytes: usize,
@@ -39,7 +39,7 @@ struct Shard<K, V> {
 
 impl<K, V> Default for Shard<K, V> {
     fn default() -> Shard<K, V> {
-        Shard { entries: HashMap::new(), clock: VecDeque::new(), bytes: 0 }
+        Shard { entries: HashMap::with_hasher(Xxh3DefaultBuilder), clock: VecDeque::new(), bytes: 0 }
     }
 }
 
