@@ -16,6 +16,7 @@
 //!   starts above its mark and above every stamp in its store.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use quiver_ring::wire::{ErrorKind, ServerError};
@@ -43,6 +44,10 @@ struct State {
 #[derive(Debug)]
 pub struct NodeClock {
     state: Mutex<State>,
+    /// The stamper's last timestamp, kept with every change under the
+    /// mutex, so that every answer (which carries it) and every read (which
+    /// usually brings nothing newer) reads it without the lock.
+    last: AtomicU64,
     wall: Arc<dyn Clock>,
     max_offset_ms: u64,
     /// `None`: the mark is not persisted (tests of the clock alone).
@@ -103,6 +108,7 @@ impl NodeClock {
     pub fn unpersisted(node: NodeId, last: Hlc, max_offset_ms: u64, wall: Arc<dyn Clock>) -> NodeClock {
         let stamper = Stamper::new(node, last, max_offset_ms);
         NodeClock {
+            last: AtomicU64::new(stamper.last().0),
             state: Mutex::new(State { stamper, mark: Hlc(u64::MAX), refusing: None }),
             wall,
             max_offset_ms,
@@ -122,11 +128,14 @@ impl NodeClock {
 
     /// Adopts a timestamp from elsewhere, unless it is too far ahead.
     pub fn observe(&self, seen: Hlc) -> Result<(), ServerError> {
-        let mut state = lock(&self.state);
-        if seen <= state.stamper.last() {
+        // The clock only rises: what it has passed needs no lock.
+        if seen <= self.last() {
             return Ok(());
         }
-        state.stamper.observe(seen, self.wall.now_ms()).map_err(clock_error)
+        let mut state = lock(&self.state);
+        state.stamper.observe(seen, self.wall.now_ms()).map_err(clock_error)?;
+        self.last.store(state.stamper.last().0, Ordering::Release);
+        Ok(())
     }
 
     /// The stamp of a write: above `seen` (the client's timestamp) and
@@ -139,6 +148,7 @@ impl NodeClock {
         let seen = seen.max(above);
         if seen > state.stamper.last() {
             state.stamper.observe(seen, now).map_err(clock_error)?;
+            self.last.store(state.stamper.last().0, Ordering::Release);
         }
         let stamp = match state.stamper.next(now) {
             Ok(stamp) => stamp,
@@ -150,6 +160,7 @@ impl NodeClock {
                 return Err(clock_error(error));
             }
         };
+        self.last.store(state.stamper.last().0, Ordering::Release);
         if let Some(reason) = state.refusing.take() {
             tracing::info!(was = %reason, "the clock stamps writes again");
         }
@@ -183,7 +194,7 @@ impl NodeClock {
 
     /// The highest timestamp stamped or adopted.
     pub fn last(&self) -> Hlc {
-        lock(&self.state).stamper.last()
+        Hlc(self.last.load(Ordering::Acquire))
     }
 
     /// Why the clock refuses to stamp now, if it does.

@@ -127,8 +127,9 @@ pub struct Causal {
 pub struct Version {
     pub hlc: Hlc,
     pub origin: BatchId,
-    /// `None`: a blind write. `Some`: a causal write, its dot and context.
-    pub causal: Option<Causal>,
+    /// `None`: a blind write. `Some`: a causal write, its dot and context
+    /// (boxed: most versions are blind, and stay small in memory).
+    pub causal: Option<Box<Causal>>,
     /// `None` is a tombstone.
     #[serde(with = "serde_bytes")]
     pub value: Option<Vec<u8>>,
@@ -337,7 +338,7 @@ impl Stamp {
     pub fn causal(&self, context: Context, value: Option<Vec<u8>>) -> Version {
         debug_assert!(self.hlc > context.max_hlc, "a causal write is stamped above its context");
         let causal = Causal { dot: Dot { node: self.node, hlc: self.hlc }, context };
-        Version { hlc: self.hlc, origin: self.origin(), causal: Some(causal), value }
+        Version { hlc: self.hlc, origin: self.origin(), causal: Some(Box::new(causal)), value }
     }
 }
 

@@ -197,11 +197,21 @@ impl Levels {
 
 /// The value cache: per key, the generation of the tables it was read from
 /// and what they held of it.
-type ValueCache = ClockCache<Vec<u8>, (u64, Arc<Option<Siblings>>)>;
+type ValueCache = ClockCache<Arc<[u8]>, (u64, Arc<Option<Siblings>>)>;
 
-/// About the bytes `siblings` holds in memory.
-fn siblings_bytes(siblings: &Siblings) -> usize {
-    siblings.versions().iter().map(|v| v.value.as_ref().map_or(0, Vec::len) + 96).sum()
+/// About the bytes a value cache entry takes in memory: its slots in the
+/// map and the clock, the key (shared by both), the `Arc`, and each version
+/// with its value and, for a causal one, its context.
+fn cached_bytes(key: &[u8], found: &Option<Siblings>) -> usize {
+    const ENTRY: usize = 136;
+    let version = |v: &quiver_ring::Version| {
+        let causal = v
+            .causal
+            .as_ref()
+            .map_or(0, |c| std::mem::size_of::<quiver_ring::Causal>() + 16 * c.context.vv.dots().count());
+        std::mem::size_of::<quiver_ring::Version>() + v.value.as_ref().map_or(0, Vec::len) + causal
+    };
+    ENTRY + key.len() + found.as_ref().map_or(0, |s| s.versions().iter().map(version).sum())
 }
 
 /// Adds `siblings` to what was `found` so far (the merge does not depend on
@@ -366,8 +376,8 @@ impl Engine {
                 }
                 let found = Arc::new(found);
                 if let Some(cache) = &self.inner.value_cache {
-                    let bytes = key.len() + found.as_ref().as_ref().map_or(0, siblings_bytes) + 96;
-                    cache.insert(key.to_vec(), (levels.tables_generation, found.clone()), bytes);
+                    let bytes = cached_bytes(key, &found);
+                    cache.insert(Arc::from(key), (levels.tables_generation, found.clone()), bytes);
                 }
                 found
             }
