@@ -3,12 +3,14 @@
 //! agree on it.
 //!
 //! - [`clock`]: hybrid logical clocks, the timestamps every version carries.
+//! - [`ring`]: the hash ring, which nodes hold a key.
 //! - [`version`]: dots, contexts, versions and the sibling-merge rule that
 //!   every replica and every storage level applies the same way.
 
 pub mod bytes;
 pub mod clock;
 pub mod rand;
+pub mod ring;
 pub mod version;
 pub mod wire;
 
