@@ -253,3 +253,26 @@ fn versions_and_context_round_trip() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("no versions"), "{}", stderr(&out));
 }
+
+/// `quiver certs`: a cluster CA once, then node certificates it signs,
+/// which a node loads.
+#[test]
+fn certs_make_a_cluster_ca_and_node_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let certs_arg = certs.to_str().unwrap();
+    let out = quiver("127.0.0.1:1", &["certs", "init-ca", "--dir", certs_arg], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = quiver("127.0.0.1:1", &["certs", "init-ca", "--dir", certs_arg], None);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("already holds a cluster CA"), "{}", stderr(&out));
+    for name in ["n1", "n2"] {
+        let out =
+            quiver("127.0.0.1:1", &["certs", "node", "--name", name, "--ip", "127.0.0.1", "--dir", certs_arg], None);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let tls = quiver_node::net::tls::NodeTls::load(&certs, name).unwrap();
+        tls.quic_server().unwrap();
+    }
+    let out = quiver("127.0.0.1:1", &["certs", "node", "--name", "n3", "--dir", dir.path().to_str().unwrap()], None);
+    assert_eq!(out.status.code(), Some(2), "no CA in that directory");
+}

@@ -71,6 +71,10 @@ enum Command {
     },
     /// Prints the node's id, address, keys, bytes on disk and uptime.
     Status,
+    /// Makes the cluster's TLS material: `init-ca` once, then `node` for
+    /// each node.
+    #[command(subcommand)]
+    Certs(Certs),
     /// Asks the node to shut down gracefully. Needs the node's admin token:
     /// from `--data-dir` (the node's data directory), `--token`, or
     /// `QUIVER_ADMIN_TOKEN`.
@@ -81,6 +85,26 @@ enum Command {
         /// The admin token itself.
         #[arg(long, env = "QUIVER_ADMIN_TOKEN", hide_env_values = true)]
         token: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum Certs {
+    /// Makes a new cluster CA (ca.pem, and ca.key readable by its owner
+    /// only) in DIR. Refuses to replace one.
+    InitCa {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+    },
+    /// Makes node NAME's certificate (NAME.pem) and key (NAME.key), signed
+    /// by the CA in DIR, for its name and each --ip.
+    Node {
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_name = "IP")]
+        ip: Vec<std::net::IpAddr>,
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
     },
 }
 
@@ -143,7 +167,28 @@ fn admin_token(data_dir: Option<PathBuf>, token: Option<String>) -> Result<Strin
     Ok(token.trim().to_owned())
 }
 
+fn certs(command: Certs) -> Result<ExitCode, String> {
+    use quiver_node::net::tls;
+    let mut out = std::io::stdout().lock();
+    match command {
+        Certs::InitCa { dir } => {
+            tls::init_ca(&dir).map_err(|e| e.to_string())?;
+            writeln!(out, "cluster CA: {}", dir.join(tls::CA_CERT).display()).map_err(|e| e.to_string())?;
+        }
+        Certs::Node { name, ip, dir } => {
+            tls::issue_node(&dir, &name, &ip).map_err(|e| e.to_string())?;
+            writeln!(out, "node {name}: {}", dir.join(format!("{name}.pem")).display()).map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn run(args: Args) -> Result<ExitCode, String> {
+    // Commands that need no node.
+    let args = match args.command {
+        Command::Certs(command) => return certs(command),
+        command => Args { command, ..args },
+    };
     // Read input before connecting, so bad input fails fast.
     let entries = match &args.command {
         Command::BulkSet { entries, file } => Some(parse_entries(entries, file.as_deref())?),
@@ -241,6 +286,7 @@ fn run(args: Args) -> Result<ExitCode, String> {
             client.shutdown_node(&token).map_err(failed)?;
             writeln!(out, "OK").map_err(|e| e.to_string())?;
         }
+        Command::Certs(_) => unreachable!("answered before connecting"),
     }
     Ok(ExitCode::SUCCESS)
 }

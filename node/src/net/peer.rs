@@ -1,0 +1,296 @@
+//! Peer links: node to node over QUIC, mutually authenticated with the
+//! cluster CA ([`super::tls`]).
+//!
+//! - Owns: the node's QUIC endpoint (one UDP socket, serving and dialling),
+//!   and per peer one long-lived connection with one bidirectional stream.
+//! - Receives: requests from peers, framed like the client protocol (`u32`
+//!   big-endian length, then postcard), each with an id; and calls from this
+//!   node's cluster logic to send to a peer.
+//! - Does: answers each request with the [`PeerHandler`] it was given;
+//!   matches each answer to its call by id (answers come in any order); a
+//!   writer task drains every queued frame into one write. Keep-alives hold
+//!   an idle link open; a broken link is dialled again on the next call.
+//! - Hands on: answers, or a [`PeerError`] naming the peer.
+//!
+//! A peer whose certificate the cluster CA did not sign, or that presents
+//! none, fails the handshake: it never gets a stream.
+
+// This module decodes bytes from the network: what it reads must never make
+// it panic.
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use quiver_ring::{Hlc, NodeId};
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncReadExt;
+use tokio::sync::{mpsc, oneshot};
+
+use super::tls::{NodeTls, TlsError};
+use crate::lock;
+
+/// The largest peer frame: a full bulk set and its framing.
+const FRAME_BYTES_MAX: usize = 80 << 20;
+
+/// How often an idle link proves it is alive, and how long a silent one
+/// lasts.
+const KEEP_ALIVE: Duration = Duration::from_secs(2);
+const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What one node asks another.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerRequest {
+    /// A heartbeat, carrying the sender's clock.
+    Ping { from: NodeId, hlc: Hlc },
+}
+
+/// The answer to a [`PeerRequest`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerReply {
+    Pong { from: NodeId, hlc: Hlc },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Frame<T> {
+    id: u64,
+    body: T,
+}
+
+/// Why a call to a peer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("peer {peer} ({addr}): {reason}")]
+    Link { peer: String, addr: SocketAddr, reason: String },
+    #[error("peer {peer} ({addr}): no answer within {timeout:?}")]
+    Timeout { peer: String, addr: SocketAddr, timeout: Duration },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+/// What a node does with its peers' requests.
+pub trait PeerHandler: Send + Sync + 'static {
+    fn handle(&self, request: PeerRequest) -> PeerReply;
+}
+
+fn transport() -> Arc<quinn::TransportConfig> {
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(KEEP_ALIVE));
+    if let Ok(idle) = IDLE_TIMEOUT.try_into() {
+        transport.max_idle_timeout(Some(idle));
+    }
+    Arc::new(transport)
+}
+
+/// This node's QUIC endpoint.
+#[derive(Debug, Clone)]
+pub struct PeerEndpoint {
+    endpoint: quinn::Endpoint,
+    tls: NodeTls,
+}
+
+impl PeerEndpoint {
+    /// Binds `addr` (UDP) with this node's certificate, serving and
+    /// dialling.
+    pub fn bind(addr: SocketAddr, tls: NodeTls) -> Result<PeerEndpoint, PeerError> {
+        let mut server = tls.quic_server()?;
+        server.transport_config(transport());
+        let mut endpoint = quinn::Endpoint::server(server, addr).map_err(|e| PeerError::Link {
+            peer: tls.name.clone(),
+            addr,
+            reason: format!("binding: {e}"),
+        })?;
+        let mut client = tls.quic_client()?;
+        client.transport_config(transport());
+        endpoint.set_default_client_config(client);
+        Ok(PeerEndpoint { endpoint, tls })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// Serves peers until the endpoint is closed: every connection that
+    /// passes the handshake, every request on its streams.
+    pub fn serve(&self, handler: Arc<dyn PeerHandler>) -> tokio::task::JoinHandle<()> {
+        let endpoint = self.endpoint.clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = endpoint.accept().await {
+                let handler = handler.clone();
+                tokio::spawn(async move {
+                    let connection = match incoming.await {
+                        Ok(connection) => connection,
+                        Err(error) => {
+                            tracing::warn!(%error, "a peer failed the handshake");
+                            return;
+                        }
+                    };
+                    while let Ok((send, recv)) = connection.accept_bi().await {
+                        tokio::spawn(serve_stream(send, recv, handler.clone()));
+                    }
+                });
+            }
+        })
+    }
+
+    /// Closes the endpoint: every link ends. Its socket is released once
+    /// every handle (and the task [`PeerEndpoint::serve`] started) is gone.
+    pub async fn close(self) {
+        self.endpoint.close(0u32.into(), b"closing");
+        self.endpoint.wait_idle().await;
+    }
+
+    /// A link to the peer called `name` at `addr` (dialled on first use).
+    pub fn link(&self, name: &str, addr: SocketAddr) -> PeerLink {
+        PeerLink {
+            endpoint: self.endpoint.clone(),
+            name: name.to_owned(),
+            addr,
+            live: tokio::sync::Mutex::new(None),
+            client: None,
+        }
+    }
+
+    /// A link that presents no certificate: for tests of refusal.
+    pub fn link_without_certificate(&self, name: &str, addr: SocketAddr) -> Result<PeerLink, PeerError> {
+        let mut link = self.link(name, addr);
+        let mut client = self.tls.quic_client_without_certificate()?;
+        client.transport_config(transport());
+        link.client = Some(client);
+        Ok(link)
+    }
+}
+
+async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, handler: Arc<dyn PeerHandler>) {
+    while let Some(body) = read_frame(&mut recv).await {
+        let Ok(request) = postcard::from_bytes::<Frame<PeerRequest>>(&body) else { break };
+        let reply = Frame { id: request.id, body: handler.handle(request.body) };
+        let mut out = Vec::new();
+        if quiver_ring::wire::encode_frame(&mut out, &reply, FRAME_BYTES_MAX).is_err()
+            || send.write_all(&out).await.is_err()
+        {
+            break;
+        }
+    }
+    let _ = send.finish();
+}
+
+/// One frame's body, or `None` at the end of the stream or on a bad frame.
+async fn read_frame(recv: &mut quinn::RecvStream) -> Option<Vec<u8>> {
+    let mut header = [0u8; quiver_ring::wire::LEN_BYTES];
+    recv.read_exact(&mut header).await.ok()?;
+    let len = quiver_ring::wire::frame_len(header);
+    if len > FRAME_BYTES_MAX {
+        return None;
+    }
+    let mut body = Vec::with_capacity(len.min(64 << 10));
+    let read = (&mut *recv).take(len as u64).read_to_end(&mut body).await.ok()?;
+    (read == len).then_some(body)
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<PeerReply>>>>;
+
+/// A live stream to a peer.
+struct Live {
+    frames: mpsc::UnboundedSender<Vec<u8>>,
+    pending: Pending,
+    broken: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// A link to one peer: calls are pipelined on one stream and matched by id.
+pub struct PeerLink {
+    endpoint: quinn::Endpoint,
+    name: String,
+    addr: SocketAddr,
+    live: tokio::sync::Mutex<Option<Arc<Live>>>,
+    /// A client configuration other than the endpoint's (tests).
+    client: Option<quinn::ClientConfig>,
+}
+
+impl std::fmt::Debug for PeerLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PeerLink({} at {})", self.name, self.addr)
+    }
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+impl PeerLink {
+    fn error(&self, reason: impl std::fmt::Display) -> PeerError {
+        PeerError::Link { peer: self.name.clone(), addr: self.addr, reason: reason.to_string() }
+    }
+
+    async fn live(&self) -> Result<Arc<Live>, PeerError> {
+        let mut live = self.live.lock().await;
+        if let Some(current) = live.as_ref().filter(|l| !l.broken.load(Ordering::Acquire)) {
+            return Ok(current.clone());
+        }
+        let connecting = match &self.client {
+            Some(client) => self.endpoint.connect_with(client.clone(), self.addr, &self.name),
+            None => self.endpoint.connect(self.addr, &self.name),
+        }
+        .map_err(|e| self.error(format!("connecting: {e}")))?;
+        let connection = connecting.await.map_err(|e| self.error(format!("handshake: {e}")))?;
+        let (mut send, mut recv) =
+            connection.open_bi().await.map_err(|e| self.error(format!("opening a stream: {e}")))?;
+        let (frames, mut queue) = mpsc::unbounded_channel::<Vec<u8>>();
+        let pending: Pending = Arc::default();
+        let broken = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer_broken = broken.clone();
+        tokio::spawn(async move {
+            let mut buf = Vec::new();
+            while let Some(frame) = queue.recv().await {
+                buf.clear();
+                buf.extend_from_slice(&frame);
+                while let Ok(more) = queue.try_recv() {
+                    buf.extend_from_slice(&more);
+                }
+                if send.write_all(&buf).await.is_err() {
+                    break;
+                }
+            }
+            writer_broken.store(true, Ordering::Release);
+        });
+        let (reader_pending, reader_broken) = (pending.clone(), broken.clone());
+        tokio::spawn(async move {
+            while let Some(body) = read_frame(&mut recv).await {
+                let Ok(reply) = postcard::from_bytes::<Frame<PeerReply>>(&body) else { break };
+                if let Some(done) = lock(&reader_pending).remove(&reply.id) {
+                    let _ = done.send(reply.body);
+                }
+            }
+            reader_broken.store(true, Ordering::Release);
+            lock(&reader_pending).clear();
+            drop(connection);
+        });
+        let fresh = Arc::new(Live { frames, pending, broken });
+        *live = Some(fresh.clone());
+        Ok(fresh)
+    }
+
+    /// Sends `request` and waits at most `timeout` for its answer.
+    pub async fn call(&self, request: PeerRequest, timeout: Duration) -> Result<PeerReply, PeerError> {
+        let attempt = async {
+            let live = self.live().await?;
+            let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+            let mut frame = Vec::new();
+            quiver_ring::wire::encode_frame(&mut frame, &Frame { id, body: request }, FRAME_BYTES_MAX)
+                .map_err(|e| self.error(e))?;
+            let (done, answer) = oneshot::channel();
+            lock(&live.pending).insert(id, done);
+            if live.frames.send(frame).is_err() {
+                lock(&live.pending).remove(&id);
+                return Err(self.error("link closed"));
+            }
+            answer.await.map_err(|_| self.error("link lost before the answer"))
+        };
+        tokio::time::timeout(timeout, attempt).await.map_err(|_| PeerError::Timeout {
+            peer: self.name.clone(),
+            addr: self.addr,
+            timeout,
+        })?
+    }
+}

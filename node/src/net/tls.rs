@@ -1,0 +1,235 @@
+//! The cluster's TLS material: a cluster CA, one certificate per node signed
+//! by it, and the QUIC configurations that make every peer link mutually
+//! authenticated.
+//!
+//! A certificate directory holds:
+//! - `ca.pem`, `ca.key`: the cluster CA (`quiver certs init-ca --dir D`);
+//! - `NAME.pem`, `NAME.key`: node NAME's certificate, for its name (a DNS
+//!   name) and its IP addresses, signed by the CA (`quiver certs node
+//!   --name NAME --ip IP --dir D`).
+//!
+//! Keys are written readable by their owner only. Both sides of a peer link
+//! present their certificate and check the other's against the CA alone: a
+//! peer whose certificate another CA signed, or that presents none, is
+//! refused during the handshake. TLS 1.3 only (QUIC), with the ring crypto
+//! provider, chosen explicitly so a second provider in the tree cannot
+//! change it.
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+/// The CA's certificate and key files.
+pub const CA_CERT: &str = "ca.pem";
+pub const CA_KEY: &str = "ca.key";
+
+/// The ALPN protocol of peer links.
+pub const ALPN: &[u8] = b"quiver-peer/1";
+
+/// The CA's subject: the same every time, so a node certificate made later
+/// names the issuer its CA certificate has.
+const CA_NAME: &str = "Quiver cluster CA";
+
+/// Why TLS material could not be made or used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
+    move |source| TlsError::Io { path: path.display().to_string(), source }
+}
+
+fn invalid(what: impl std::fmt::Display) -> TlsError {
+    TlsError::Invalid(what.to_string())
+}
+
+fn ca_params() -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    let mut name = DistinguishedName::new();
+    name.push(DnType::CommonName, CA_NAME);
+    params.distinguished_name = name;
+    params
+}
+
+/// Writes `bytes` to a new file `dir/name`, readable by its owner only
+/// when `secret`; refuses to replace an existing file.
+fn write_new(dir: &Path, name: &str, bytes: &[u8], secret: bool) -> Result<(), TlsError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(name);
+    let mode = if secret { 0o600 } else { 0o644 };
+    let mut file =
+        std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&path).map_err(io(&path))?;
+    file.write_all(bytes).and_then(|()| file.sync_all()).map_err(io(&path))
+}
+
+/// Makes a new cluster CA in `dir` (created if needed). Refuses to replace
+/// one that exists.
+pub fn init_ca(dir: &Path) -> Result<(), TlsError> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    if dir.join(CA_CERT).exists() || dir.join(CA_KEY).exists() {
+        return Err(invalid(format!("{} already holds a cluster CA; it is not replaced", dir.display())));
+    }
+    let key = KeyPair::generate().map_err(invalid)?;
+    let cert = ca_params().self_signed(&key).map_err(invalid)?;
+    write_new(dir, CA_KEY, key.serialize_pem().as_bytes(), true)?;
+    write_new(dir, CA_CERT, cert.pem().as_bytes(), false)
+}
+
+/// A node name is a DNS label or name: letters, digits, `-` and `.`.
+fn check_name(name: &str) -> Result<(), TlsError> {
+    let valid = !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        && !name.starts_with(['-', '.']);
+    if valid {
+        Ok(())
+    } else {
+        Err(invalid(format!("node name {name:?}: use letters, digits, '-' and '.' (at most 63)")))
+    }
+}
+
+/// Makes node `name`'s certificate and key in `dir`, signed by the CA
+/// there, valid for `name` and `ips`.
+pub fn issue_node(dir: &Path, name: &str, ips: &[IpAddr]) -> Result<(), TlsError> {
+    check_name(name)?;
+    let ca_key_path = dir.join(CA_KEY);
+    let ca_key_pem = std::fs::read_to_string(&ca_key_path).map_err(io(&ca_key_path))?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(invalid)?;
+    let issuer = Issuer::new(ca_params(), ca_key);
+    let mut params = CertificateParams::new(vec![name.to_owned()]).map_err(invalid)?;
+    params.subject_alt_names.extend(ips.iter().map(|&ip| rcgen::SanType::IpAddress(ip)));
+    let mut subject = DistinguishedName::new();
+    subject.push(DnType::CommonName, name);
+    params.distinguished_name = subject;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages =
+        vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let key = KeyPair::generate().map_err(invalid)?;
+    let cert = params.signed_by(&key, &issuer).map_err(invalid)?;
+    write_new(dir, &format!("{name}.key"), key.serialize_pem().as_bytes(), true)?;
+    write_new(dir, &format!("{name}.pem"), cert.pem().as_bytes(), false)
+}
+
+/// A node's TLS material, loaded.
+#[derive(Debug)]
+pub struct NodeTls {
+    pub name: String,
+    ca: CertificateDer<'static>,
+    cert: CertificateDer<'static>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl Clone for NodeTls {
+    fn clone(&self) -> NodeTls {
+        NodeTls { name: self.name.clone(), ca: self.ca.clone(), cert: self.cert.clone(), key: self.key.clone_key() }
+    }
+}
+
+impl NodeTls {
+    /// Loads the CA certificate and node `name`'s certificate and key from
+    /// `dir`.
+    pub fn load(dir: &Path, name: &str) -> Result<NodeTls, TlsError> {
+        let read = |file: String| {
+            let path = dir.join(file);
+            std::fs::read(&path).map_err(io(&path)).map(|bytes| (path, bytes))
+        };
+        let pem = |path: &Path, e: rustls::pki_types::pem::Error| invalid(format!("{}: {e}", path.display()));
+        let (path, bytes) = read(CA_CERT.to_owned())?;
+        let ca = CertificateDer::from_pem_slice(&bytes).map_err(|e| pem(&path, e))?;
+        let (path, bytes) = read(format!("{name}.pem"))?;
+        let cert = CertificateDer::from_pem_slice(&bytes).map_err(|e| pem(&path, e))?;
+        let (path, bytes) = read(format!("{name}.key"))?;
+        let key = PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| pem(&path, e))?;
+        Ok(NodeTls { name: name.to_owned(), ca, cert, key })
+    }
+
+    fn roots(&self) -> Result<Arc<rustls::RootCertStore>, TlsError> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca.clone()).map_err(invalid)?;
+        Ok(Arc::new(roots))
+    }
+
+    /// The QUIC server side of peer links: requires a client certificate
+    /// signed by the cluster CA.
+    pub fn quic_server(&self) -> Result<quinn::ServerConfig, TlsError> {
+        let provider = provider();
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots()?, provider.clone())
+            .build()
+            .map_err(invalid)?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(invalid)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(vec![self.cert.clone()], self.key.clone_key())
+            .map_err(invalid)?;
+        config.alpn_protocols = vec![ALPN.to_vec()];
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(config).map_err(invalid)?;
+        Ok(quinn::ServerConfig::with_crypto(Arc::new(crypto)))
+    }
+
+    /// The QUIC client side of peer links: presents this node's
+    /// certificate, and trusts only the cluster CA.
+    pub fn quic_client(&self) -> Result<quinn::ClientConfig, TlsError> {
+        let mut config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(invalid)?
+            .with_root_certificates(self.roots()?)
+            .with_client_auth_cert(vec![self.cert.clone()], self.key.clone_key())
+            .map_err(invalid)?;
+        config.alpn_protocols = vec![ALPN.to_vec()];
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(config).map_err(invalid)?;
+        Ok(quinn::ClientConfig::new(Arc::new(crypto)))
+    }
+
+    /// [`NodeTls::quic_client`] without a certificate of its own: what a
+    /// stranger that knows the CA would present. For tests of refusal.
+    pub fn quic_client_without_certificate(&self) -> Result<quinn::ClientConfig, TlsError> {
+        let mut config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(invalid)?
+            .with_root_certificates(self.roots()?)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![ALPN.to_vec()];
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(config).map_err(invalid)?;
+        Ok(quinn::ClientConfig::new(Arc::new(crypto)))
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_ca_and_node_certificates_are_made_once_with_private_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        init_ca(dir.path()).unwrap();
+        assert!(init_ca(dir.path()).unwrap_err().to_string().contains("already holds a cluster CA"));
+        issue_node(dir.path(), "n1", &["127.0.0.1".parse().unwrap()]).unwrap();
+        assert!(issue_node(dir.path(), "n1", &[]).is_err(), "an existing node certificate is not replaced");
+        assert!(issue_node(dir.path(), "bad name", &[]).unwrap_err().to_string().contains("node name"));
+        for key in [CA_KEY, "n1.key"] {
+            let mode = std::fs::metadata(dir.path().join(key)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{key}");
+        }
+        let tls = NodeTls::load(dir.path(), "n1").unwrap();
+        tls.quic_server().unwrap();
+        tls.quic_client().unwrap();
+        assert!(NodeTls::load(dir.path(), "n2").is_err());
+    }
+}

@@ -1,0 +1,85 @@
+//! Peer links over real QUIC sockets on loopback: nodes with certificates
+//! from the cluster CA talk; a peer with a certificate from another CA, or
+//! with none, is refused during the handshake, and its requests never reach
+//! the node.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use quiver_node::net::peer::{PeerEndpoint, PeerError, PeerHandler, PeerReply, PeerRequest};
+use quiver_node::net::tls::{init_ca, issue_node, NodeTls};
+use quiver_ring::{Hlc, NodeId};
+
+/// A bound on each call, not a timing assertion.
+const CALL: Duration = Duration::from_secs(30);
+
+/// Answers pings, and counts the requests that reached it.
+struct Counting(AtomicUsize);
+
+impl PeerHandler for Counting {
+    fn handle(&self, request: PeerRequest) -> PeerReply {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        match request {
+            PeerRequest::Ping { hlc, .. } => PeerReply::Pong { from: NodeId(1), hlc },
+        }
+    }
+}
+
+fn certs(dir: &Path, names: &[&str]) {
+    init_ca(dir).unwrap();
+    for name in names {
+        issue_node(dir, name, &["127.0.0.1".parse().unwrap()]).unwrap();
+    }
+}
+
+fn endpoint(dir: &Path, name: &str) -> PeerEndpoint {
+    let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    PeerEndpoint::bind(addr, NodeTls::load(dir, name).unwrap()).unwrap()
+}
+
+fn ping() -> PeerRequest {
+    PeerRequest::Ping { from: NodeId(2), hlc: Hlc(7) }
+}
+
+#[tokio::test]
+async fn nodes_of_one_cluster_ca_talk_and_strangers_are_refused() {
+    let cluster = tempfile::tempdir().unwrap();
+    certs(cluster.path(), &["n1", "n2", "n3"]);
+    let other = tempfile::tempdir().unwrap();
+    certs(other.path(), &["n3"]);
+
+    let n1 = endpoint(cluster.path(), "n1");
+    let handler = Arc::new(Counting(AtomicUsize::new(0)));
+    n1.serve(handler.clone());
+    let n1_addr = n1.local_addr().unwrap();
+
+    // A node of the cluster: its pings are answered, many on one link.
+    let n2 = endpoint(cluster.path(), "n2");
+    let link = n2.link("n1", n1_addr);
+    for _ in 0..3 {
+        assert_eq!(link.call(ping(), CALL).await.unwrap(), PeerReply::Pong { from: NodeId(1), hlc: Hlc(7) });
+    }
+    assert_eq!(handler.0.load(Ordering::SeqCst), 3);
+
+    // The same name with a certificate from another CA: refused.
+    let stranger = endpoint(other.path(), "n3");
+    let refused = stranger.link("n1", n1_addr).call(ping(), CALL).await;
+    assert!(matches!(refused, Err(PeerError::Link { .. })), "{refused:?}");
+
+    // A client that presents no certificate: refused.
+    let n3 = endpoint(cluster.path(), "n3");
+    let anonymous = n3.link_without_certificate("n1", n1_addr).unwrap().call(ping(), CALL).await;
+    assert!(matches!(anonymous, Err(PeerError::Link { .. })), "{anonymous:?}");
+    assert_eq!(handler.0.load(Ordering::SeqCst), 3, "no request from a stranger reached the node");
+
+    // And a node of the cluster does not trust a server of another CA.
+    stranger.serve(Arc::new(Counting(AtomicUsize::new(0))));
+    let fake = n2.link("n3", stranger.local_addr().unwrap()).call(ping(), CALL).await;
+    assert!(matches!(fake, Err(PeerError::Link { .. })), "{fake:?}");
+
+    // The cluster's own link still works.
+    assert!(link.call(ping(), CALL).await.is_ok());
+}
