@@ -14,6 +14,7 @@ use quiver_client::Client;
 use quiver_node::clock::SystemClock;
 use quiver_node::service::{LocalStore, ReadHook};
 use quiver_node::stamping::NodeClock;
+use quiver_node::storage::keys::data_key;
 use quiver_node::storage::{Engine, Op, Options};
 use quiver_ring::{Hlc, NodeId, Stamper, MAX_OFFSET_MS};
 
@@ -40,7 +41,8 @@ fn a_get_many_being_served_holds_up_no_other_connection() {
     let mut stamper = Stamper::new(NodeId(1), Hlc(0), u64::MAX);
     for batch in (0..KEYS).collect::<Vec<_>>().chunks(10_000) {
         let stamp = stamper.next(1).expect("a test clock never refuses");
-        let ops = batch.iter().map(|&i| Op { key: key(i).into_bytes(), version: stamp.blind(Some(vec![b'v'; 8])) });
+        let ops =
+            batch.iter().map(|&i| Op { key: data_key(key(i).as_bytes()), version: stamp.blind(Some(vec![b'v'; 8])) });
         engine.write_blocking(ops.collect()).unwrap();
     }
 

@@ -13,6 +13,7 @@ use super::causal::{CausalWrite, CausalWrites, VersionsRead};
 use super::reads::{Job, ReadHook, ReadJob, ReadPool};
 use super::{Done, Entries, Store, StoreStatus, Timing};
 use crate::stamping::NodeClock;
+use crate::storage::keys::data_key;
 use crate::storage::{self, Engine};
 
 /// Keys a read may have to be tried in memory on the caller's thread: each
@@ -109,7 +110,10 @@ fn write_blind(engine: &Engine, clock: &NodeClock, entries: Entries, timing: Tim
         Ok(stamp) => stamp,
         Err(error) => return done(Err(error)),
     };
-    let ops = entries.into_iter().map(|(key, value)| storage::Op { key, version: stamp.blind(value) }).collect();
+    let ops = entries
+        .into_iter()
+        .map(|(key, value)| storage::Op { key: data_key(&key), version: stamp.blind(value) })
+        .collect();
     engine.write_then(ops, move |result| done(result.map(drop).map_err(storage_error)));
 }
 
@@ -141,6 +145,7 @@ impl Store for LocalStore {
         if let Err(error) = self.clock.observe(hlc_seen) {
             return done(Err(error));
         }
+        let keys: Vec<Vec<u8>> = keys.iter().map(|key| data_key(key)).collect();
         let mut job =
             ReadJob { values: Vec::with_capacity(keys.len()), keys, bytes: 0, bytes_max: response_bytes_max, done };
         if job.keys.len() <= IN_MEMORY_KEYS_MAX {
@@ -161,7 +166,7 @@ impl Store for LocalStore {
         if let Err(error) = self.clock.observe(hlc_seen) {
             return done(Err(error));
         }
-        self.reads.jobs().submit(Job::Task(Box::new(VersionsRead { key, done })));
+        self.reads.jobs().submit(Job::Task(Box::new(VersionsRead { key: data_key(&key), done })));
     }
 
     fn write_causal(&self, key: Vec<u8>, value: Option<Vec<u8>>, context: Context, timing: Timing, done: Done<()>) {
@@ -170,7 +175,7 @@ impl Store for LocalStore {
         if let Err(error) = self.clock.check(context.max_hlc) {
             return done(Err(error));
         }
-        self.causal.submit(CausalWrite { key, value, context, timing, done });
+        self.causal.submit(CausalWrite { key: data_key(&key), value, context, timing, done });
     }
 
     fn status(&self) -> Result<StoreStatus, ServerError> {

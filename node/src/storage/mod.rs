@@ -22,6 +22,7 @@
 //! - [`manifest`]: the log of which tables make up the store;
 //! - [`compaction`]: the merge policy and the merging iterator;
 //! - [`cache`]: the CLOCK cache behind the block cache and the value cache;
+//! - [`keys`]: the key layout: keyspaces, and data ordered by ring token;
 //! - [`Engine`]: the threads and the state that tie them together.
 
 pub mod cache;
@@ -30,6 +31,7 @@ pub mod disk;
 mod engine;
 pub mod error;
 pub mod frame;
+pub mod keys;
 pub mod manifest;
 pub mod memtable;
 pub mod sstable;
