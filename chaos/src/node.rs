@@ -13,7 +13,11 @@ pub struct NodeSpec {
     pub data_dir: PathBuf,
     /// `127.0.0.1:0` picks a free port at each start.
     pub client_addr: String,
+    /// The node-to-node (QUIC) address; `127.0.0.1:0` by default.
+    pub peer_addr: String,
     pub args: Vec<String>,
+    /// Environment variables set for the node.
+    pub env: Vec<(String, String)>,
     /// Copy the node's log lines to this process's stderr.
     pub echo_log: bool,
 }
@@ -25,7 +29,9 @@ impl NodeSpec {
             quiverd: quiverd.into(),
             data_dir: data_dir.to_path_buf(),
             client_addr: "127.0.0.1:0".into(),
+            peer_addr: "127.0.0.1:0".into(),
             args: Vec::new(),
+            env: Vec::new(),
             echo_log: std::env::var_os("QUIVER_TEST_NODE_LOG").is_some(),
         }
     }
@@ -51,8 +57,9 @@ impl NodeProcess {
         let mut child = Command::new(&spec.quiverd)
             .arg("--data-dir")
             .arg(&spec.data_dir)
-            .args(["--client-addr", &spec.client_addr, "--peer-addr", "127.0.0.1:0"])
+            .args(["--client-addr", &spec.client_addr, "--peer-addr", &spec.peer_addr])
             .args(&spec.args)
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())

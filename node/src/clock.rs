@@ -19,6 +19,19 @@ impl Clock for SystemClock {
     }
 }
 
+/// The system's wall clock shifted by a fixed offset: a test-only way to
+/// give one node of a local cluster a clock that is off.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct OffsetClock {
+    pub offset_ms: i64,
+}
+
+impl Clock for OffsetClock {
+    fn now_ms(&self) -> u64 {
+        SystemClock.now_ms().saturating_add_signed(self.offset_ms)
+    }
+}
+
 /// A clock that moves only when told, for tests.
 #[derive(Debug, Default)]
 pub struct ManualClock(AtomicU64);

@@ -7,6 +7,11 @@
 //! max_clock_offset_ms = 500  # a timestamp further ahead is refused
 //! debug_skip_write_probability = 0.0
 //!
+//! # In a cluster (all three, or none):
+//! name = "n1"                 # this node's name, as in its certificate
+//! tls_dir = "certs"           # ca.pem, n1.pem, n1.key (`quiver certs`)
+//! peers = ["n2=127.0.0.1:7711", "n3=127.0.0.1:7721"]
+//!
 //! [limits]
 //! key_bytes_max = 4096
 //! value_bytes_max = 4194304
@@ -44,6 +49,17 @@ pub struct Config {
     /// peer's timestamp further ahead of its wall clock is refused, and the
     /// node refuses to stamp while its own clock is further ahead.
     pub max_clock_offset_ms: u64,
+    /// The node's name in its cluster (its certificate's name).
+    pub name: Option<String>,
+    /// Where the cluster CA's certificate and this node's certificate and
+    /// key are.
+    pub tls_dir: Option<PathBuf>,
+    /// The other nodes, as `NAME=HOST:PORT` (their peer addresses).
+    pub peers: Vec<String>,
+    /// Test-only (a hidden `quiverd` flag): this node's wall clock reads
+    /// this many ms ahead of the system's (negative: behind).
+    #[serde(skip)]
+    pub debug_clock_offset_ms: i64,
     pub debug_skip_write_probability: f64,
     /// Test-only (a hidden `quiverd` flag): acknowledge this fraction of
     /// writes without writing them. Never read from the file.
@@ -89,6 +105,10 @@ impl Default for Config {
             client_addr: "127.0.0.1:7700".into(),
             peer_addr: "127.0.0.1:7701".into(),
             max_clock_offset_ms: quiver_ring::MAX_OFFSET_MS,
+            name: None,
+            tls_dir: None,
+            peers: Vec::new(),
+            debug_clock_offset_ms: 0,
             debug_skip_write_probability: 0.0,
             debug_drop_acked_writes: 0.0,
             limits: Limits::default(),
@@ -177,6 +197,10 @@ impl Config {
         if l.frame_bytes_max > u32::MAX as usize {
             return invalid(format!("frame_bytes_max {} does not fit the 4-byte frame length", l.frame_bytes_max));
         }
+        if self.name.is_some() != self.tls_dir.is_some() || (!self.peers.is_empty() && self.name.is_none()) {
+            return invalid("a cluster node needs name, tls_dir and its peers together".into());
+        }
+        self.peer_configs()?;
         if self.max_clock_offset_ms == 0 {
             return invalid("max_clock_offset_ms must be at least 1".into());
         }
@@ -187,6 +211,19 @@ impl Config {
             return invalid("frame_bytes_max must leave room for the largest key and value".into());
         }
         Ok(())
+    }
+
+    /// The peers, parsed.
+    pub fn peer_configs(&self) -> Result<Vec<crate::cluster::membership::PeerConfig>, ConfigError> {
+        self.peers
+            .iter()
+            .map(|peer| {
+                let invalid = || ConfigError::Invalid(format!("peer {peer:?} is not NAME=HOST:PORT"));
+                let (name, addr) = peer.split_once('=').ok_or_else(invalid)?;
+                let peer_addr = addr.parse().map_err(|_| invalid())?;
+                Ok(crate::cluster::membership::PeerConfig { name: name.to_owned(), peer_addr })
+            })
+            .collect()
     }
 
     /// Reader threads: as configured, or one per core (at least 2).

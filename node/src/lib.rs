@@ -4,13 +4,15 @@
 //!   compaction).
 //! - [`service`]: what the node does with each client request: the front
 //!   that checks it, and the [`Store`](service::Store) that does it.
-//! - [`net`]: the client listener.
+//! - [`net`]: the client listener, peer links and their TLS material.
+//! - [`cluster`]: membership and heartbeats (the coordinator comes next).
 //! - [`config`]: `quiverd`'s settings.
 //! - [`clock`]: where the request path gets the time.
 //! - [`stamping`]: the node's hybrid logical clock, which stamps writes.
 //! - [`identity`]: the node's id and admin token files.
 
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod identity;
 pub mod net;

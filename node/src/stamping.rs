@@ -34,6 +34,9 @@ const HLC_FILE_BYTES: usize = 12;
 #[derive(Debug)]
 struct State {
     stamper: Stamper,
+    /// Why the node's wall clock is out of step with most of its peers',
+    /// while it is (set by the heartbeats).
+    peer_skew: Option<String>,
     /// No stamp goes above this before it is on disk.
     mark: Hlc,
     /// Why the clock refuses to stamp, while it does (logged once).
@@ -109,7 +112,7 @@ impl NodeClock {
         let stamper = Stamper::new(node, last, max_offset_ms);
         NodeClock {
             last: AtomicU64::new(stamper.last().0),
-            state: Mutex::new(State { stamper, mark: Hlc(u64::MAX), refusing: None }),
+            state: Mutex::new(State { stamper, peer_skew: None, mark: Hlc(u64::MAX), refusing: None }),
             wall,
             max_offset_ms,
             dir: None,
@@ -143,6 +146,9 @@ impl NodeClock {
     pub fn stamp(&self, seen: Hlc, above: Hlc, deadline: Option<Hlc>) -> Result<Stamp, ServerError> {
         let now = self.wall.now_ms();
         let mut state = lock(&self.state);
+        if let Some(skew) = &state.peer_skew {
+            return Err(ServerError::new(ErrorKind::ClockSkew, skew.clone()));
+        }
         // What the clock has already passed needs no check (a client echoes
         // the node's own timestamp back).
         let seen = seen.max(above);
@@ -197,9 +203,24 @@ impl NodeClock {
         Hlc(self.last.load(Ordering::Acquire))
     }
 
+    /// Sets (or, with `None`, lifts) the refusal to stamp because this
+    /// node's wall clock is out of step with most of its peers'.
+    pub fn set_peer_skew(&self, skew: Option<String>) {
+        let mut state = lock(&self.state);
+        match (&state.peer_skew, &skew) {
+            (None, Some(reason)) => tracing::error!(%reason, "the clock refuses to stamp writes"),
+            (Some(_), None) => tracing::info!("the clock agrees with its peers again; it stamps writes"),
+            _ => {}
+        }
+        state.peer_skew = skew;
+    }
+
     /// Why the clock refuses to stamp now, if it does.
     pub fn refusal(&self) -> Option<String> {
         let state = lock(&self.state);
+        if let Some(skew) = &state.peer_skew {
+            return Some(skew.clone());
+        }
         let last = state.stamper.last();
         let now = self.wall.now_ms();
         let ahead_ms = last.physical_ms().saturating_sub(now);

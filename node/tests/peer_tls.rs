@@ -23,7 +23,7 @@ impl PeerHandler for Counting {
     fn handle(&self, request: PeerRequest) -> PeerReply {
         self.0.fetch_add(1, Ordering::SeqCst);
         match request {
-            PeerRequest::Ping { hlc, .. } => PeerReply::Pong { from: NodeId(1), hlc },
+            PeerRequest::Ping { hlc, .. } => PeerReply::Pong { from: NodeId(1), hlc, wall_ms: 5 },
         }
     }
 }
@@ -60,7 +60,10 @@ async fn nodes_of_one_cluster_ca_talk_and_strangers_are_refused() {
     let n2 = endpoint(cluster.path(), "n2");
     let link = n2.link("n1", n1_addr);
     for _ in 0..3 {
-        assert_eq!(link.call(ping(), CALL).await.unwrap(), PeerReply::Pong { from: NodeId(1), hlc: Hlc(7) });
+        assert_eq!(
+            link.call(ping(), CALL).await.unwrap(),
+            PeerReply::Pong { from: NodeId(1), hlc: Hlc(7), wall_ms: 5 }
+        );
     }
     assert_eq!(handler.0.load(Ordering::SeqCst), 3);
 

@@ -369,6 +369,24 @@ pub struct NodeStatus {
     /// Causal writes refused because they would have left more than the
     /// sibling bound.
     pub too_many_siblings_refused: u64,
+    /// The node's name in its cluster (empty when it runs alone).
+    pub name: String,
+    /// The peers it was configured with, as its heartbeats see them.
+    pub peers: Vec<PeerInfo>,
+}
+
+/// A peer as a node's heartbeats see it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    pub name: String,
+    pub peer_addr: String,
+    /// Its node id, once it answered.
+    pub node_id: Option<u64>,
+    /// Whether it answered the last heartbeat.
+    pub up: bool,
+    /// How far its wall clock is ahead of this node's (negative: behind),
+    /// estimated on the last heartbeat it answered.
+    pub clock_offset_ms: Option<i64>,
 }
 
 /// Why a request failed.
@@ -680,6 +698,14 @@ mod tests {
             max_clock_offset_ms: 5,
             clock_refusal: Some("r".into()),
             too_many_siblings_refused: 6,
+            name: "n".into(),
+            peers: vec![PeerInfo {
+                name: "p".into(),
+                peer_addr: "q".into(),
+                node_id: Some(7),
+                up: true,
+                clock_offset_ms: Some(-2),
+            }],
         };
         let versions = Versions {
             versions: vec![
@@ -693,7 +719,7 @@ mod tests {
             (response(Ok(Reply::Value(None))), "0102000000"),
             (response(Ok(Reply::Values(vec![Some(b"v".to_vec()), None]))), "010200010201017600"),
             (response(Ok(Reply::Done)), "01020002"),
-            (response(Ok(Reply::Status(status))), "01020003010161016201760203040501017206"),
+            (response(Ok(Reply::Status(status))), "01020003010161016201760203040501017206016e01017001710107010103"),
             (response(Ok(Reply::Hello(NodeInfo { protocol: 3, node_id: 9, limits }))), "0102000403090102030405"),
             (response(Ok(Reply::Versions(versions))), "010200050201017607000801ab"),
             (response(Err(ServerError::new(ErrorKind::Timeout, "m"))), "0102010c016d"),

@@ -5,10 +5,13 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use quiver_node::clock::{Clock, SystemClock};
+use quiver_node::clock::{Clock, OffsetClock, SystemClock};
+use quiver_node::cluster::membership::{Heartbeats, Membership};
 use quiver_node::config::Config;
 use quiver_node::identity::{load_or_create_admin_token, load_or_create_node_id};
 use quiver_node::net::client::serve;
+use quiver_node::net::peer::PeerEndpoint;
+use quiver_node::net::tls::NodeTls;
 use quiver_node::service::{LocalStore, Service};
 use quiver_node::stamping::NodeClock;
 use quiver_node::storage::Engine;
@@ -72,6 +75,20 @@ struct Args {
     /// Threads that serve reads [default: one per core, at least 2].
     #[arg(long)]
     read_threads: Option<usize>,
+    /// This node's name in its cluster (its certificate's name).
+    #[arg(long)]
+    name: Option<String>,
+    /// The directory of the cluster CA and this node's certificate.
+    #[arg(long, value_name = "DIR")]
+    tls_dir: Option<PathBuf>,
+    /// Another node of the cluster, as NAME=HOST:PORT (its peer address);
+    /// once per peer.
+    #[arg(long = "peer", value_name = "NAME=HOST:PORT")]
+    peers: Vec<String>,
+    /// Test-only: this node's wall clock reads this many ms ahead (negative:
+    /// behind). Refused unless QUIVER_UNSAFE_TEST_MODES=1 is set.
+    #[arg(long, value_name = "MS", hide = true, allow_hyphen_values = true)]
+    debug_clock_offset_ms: Option<i64>,
     /// The largest distance between clocks the node accepts, in ms: a
     /// timestamp further ahead of its wall clock is refused [default: 500].
     #[arg(long)]
@@ -141,6 +158,21 @@ impl Args {
         if let Some(v) = self.max_clock_offset_ms {
             config.max_clock_offset_ms = v
         }
+        if let Some(v) = self.name {
+            config.name = Some(v)
+        }
+        if let Some(v) = self.tls_dir {
+            config.tls_dir = Some(v)
+        }
+        if !self.peers.is_empty() {
+            config.peers = self.peers
+        }
+        if let Some(ms) = self.debug_clock_offset_ms {
+            if std::env::var("QUIVER_UNSAFE_TEST_MODES").as_deref() != Ok("1") {
+                return Err("--debug-clock-offset-ms is a test mode; it needs QUIVER_UNSAFE_TEST_MODES=1".into());
+            }
+            config.debug_clock_offset_ms = ms;
+        }
         if let Some(p) = self.debug_drop_acked_writes {
             if std::env::var("QUIVER_UNSAFE_TEST_MODES").as_deref() != Ok("1") {
                 return Err(
@@ -196,7 +228,13 @@ async fn run(config: Config) -> Result<(), String> {
         .await
         .map_err(|e| format!("listening on {}: {e}", config.client_addr))?;
     let client_addr = listener.local_addr().map_err(|e| e.to_string())?.to_string();
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let clock: Arc<dyn Clock> = match config.debug_clock_offset_ms {
+        0 => Arc::new(SystemClock),
+        offset_ms => {
+            tracing::warn!(offset_ms, "TEST MODE: this node's wall clock is shifted");
+            Arc::new(OffsetClock { offset_ms })
+        }
+    };
     let node_clock = NodeClock::open(&dir, node_id, engine.max_hlc(), config.max_clock_offset_ms, clock.clone())
         .map_err(|e| format!("the clock's high-water mark in {}: {e}", dir.display()))?;
     let node_clock = Arc::new(node_clock);
@@ -212,7 +250,14 @@ async fn run(config: Config) -> Result<(), String> {
         );
         store = store.with_dropped_writes(config.debug_drop_acked_writes);
     }
-    let service = Arc::new(Service::new(
+    let (peer_addr, cluster) = match (&config.name, &config.tls_dir) {
+        (Some(name), Some(tls_dir)) => {
+            let (addr, membership) = join_cluster(&config, name, tls_dir, node_id, &node_clock, &clock)?;
+            (addr, Some((name.clone(), membership)))
+        }
+        _ => (config.peer_addr.clone(), None),
+    };
+    let mut service = Service::new(
         Arc::new(store),
         clock,
         node_clock,
@@ -220,8 +265,12 @@ async fn run(config: Config) -> Result<(), String> {
         config.limits.clone(),
         admin_token,
         client_addr.clone(),
-        config.peer_addr.clone(),
-    ));
+        peer_addr.clone(),
+    );
+    if let Some((name, membership)) = cluster {
+        service = service.with_cluster(name, membership);
+    }
+    let service = Arc::new(service);
 
     let stop = service.shutdown_requested();
     let signals = service.clone();
@@ -240,7 +289,7 @@ async fn run(config: Config) -> Result<(), String> {
     tracing::info!(
         node_id = %format_args!("{:016x}", node_id.0),
         clients = %client_addr,
-        peers = %config.peer_addr,
+        peers = %peer_addr,
         data_dir = %config.data_dir.display(),
         "quiverd ready"
     );
@@ -253,6 +302,27 @@ async fn run(config: Config) -> Result<(), String> {
         .map_err(|e| format!("closing: {e}"))?;
     tracing::info!("quiverd stopped");
     Ok(())
+}
+
+/// Binds the peer endpoint with this node's certificate, answers peers'
+/// heartbeats and starts its own. Returns the peer address bound.
+fn join_cluster(
+    config: &Config,
+    name: &str,
+    tls_dir: &std::path::Path,
+    node_id: quiver_ring::NodeId,
+    node_clock: &Arc<NodeClock>,
+    wall: &Arc<dyn Clock>,
+) -> Result<(String, Arc<Membership>), String> {
+    let tls = NodeTls::load(tls_dir, name).map_err(|e| format!("this node's certificate: {e}"))?;
+    let addr = config.peer_addr.parse().map_err(|e| format!("peer address {}: {e}", config.peer_addr))?;
+    let endpoint = PeerEndpoint::bind(addr, tls).map_err(|e| e.to_string())?;
+    let bound = endpoint.local_addr().map_err(|e| e.to_string())?.to_string();
+    endpoint.serve(Arc::new(Heartbeats { me: node_id, clock: node_clock.clone(), wall: wall.clone() }));
+    let peers = config.peer_configs().map_err(|e| e.to_string())?;
+    let membership = Arc::new(Membership::new(&endpoint, node_id, peers, node_clock.clone(), wall.clone()));
+    tokio::spawn(membership.clone().run());
+    Ok((bound, membership))
 }
 
 #[cfg(test)]
@@ -277,6 +347,10 @@ mod tests {
             "--value-cache-bytes=80",
             "--repair",
             "--debug-skip-write-probability=0.5",
+            "--name=n1",
+            "--tls-dir=/certs",
+            "--peer=n2=127.0.0.1:3",
+            "--peer=n3=127.0.0.1:4",
         ])
         .unwrap();
         let config = args.into_config().unwrap();
@@ -292,6 +366,20 @@ mod tests {
         assert_eq!(config.storage.value_cache_bytes, 80);
         assert!(config.storage.repair);
         assert_eq!(config.debug_skip_write_probability, 0.5);
+        assert_eq!(
+            (config.name.as_deref(), config.tls_dir.as_deref()),
+            (Some("n1"), Some(std::path::Path::new("/certs")))
+        );
+        assert_eq!(config.peers, ["n2=127.0.0.1:3", "n3=127.0.0.1:4"]);
+        assert_eq!(config.peer_configs().unwrap()[1].peer_addr, "127.0.0.1:4".parse().unwrap());
+    }
+
+    #[test]
+    fn a_peer_must_be_name_and_address() {
+        let args = Args::try_parse_from(["quiverd", "--name=n1", "--tls-dir=/c", "--peer=n2"]).unwrap();
+        assert!(args.into_config().unwrap_err().contains("NAME=HOST:PORT"));
+        let args = Args::try_parse_from(["quiverd", "--peer=n2=127.0.0.1:3"]).unwrap();
+        assert!(args.into_config().unwrap_err().contains("name, tls_dir"));
     }
 
     #[test]

@@ -51,7 +51,8 @@ pub enum PeerRequest {
 /// The answer to a [`PeerRequest`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PeerReply {
-    Pong { from: NodeId, hlc: Hlc },
+    /// The answer to a heartbeat: the node, its clock and its wall clock.
+    Pong { from: NodeId, hlc: Hlc, wall_ms: u64 },
 }
 
 #[derive(Debug, Serialize, Deserialize)]

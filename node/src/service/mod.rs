@@ -21,6 +21,7 @@ pub use local::{HeldWrite, LocalStore, WriteHook};
 pub use reads::ReadHook;
 
 use crate::clock::Clock;
+use crate::cluster::membership::Membership;
 use crate::config::Limits;
 use crate::stamping::NodeClock;
 
@@ -93,6 +94,8 @@ pub struct Service {
     started_ms: u64,
     /// Admin requests must carry this.
     admin_token: String,
+    /// The node's name and peers, when it is part of a cluster.
+    cluster: Option<(String, Arc<Membership>)>,
     shutdown: watch::Sender<bool>,
 }
 
@@ -128,8 +131,16 @@ impl Service {
             client_addr,
             peer_addr,
             admin_token,
+            cluster: None,
             shutdown,
         }
+    }
+
+    /// This front for node `name` of a cluster, whose peers `membership`
+    /// follows (they show in `status`).
+    pub fn with_cluster(mut self, name: String, membership: Arc<Membership>) -> Service {
+        self.cluster = Some((name, membership));
+        self
     }
 
     /// Becomes `true` when an admin asked the node to stop.
@@ -236,6 +247,8 @@ impl Service {
             max_clock_offset_ms: self.node_clock.max_offset_ms(),
             clock_refusal: self.node_clock.refusal(),
             too_many_siblings_refused: store.too_many_siblings_refused,
+            name: self.cluster.as_ref().map(|(name, _)| name.clone()).unwrap_or_default(),
+            peers: self.cluster.as_ref().map(|(_, membership)| membership.peers()).unwrap_or_default(),
         }))
     }
 

@@ -1,0 +1,168 @@
+//! Membership from configuration, and heartbeats.
+//!
+//! - Owns: the configured peers (name and peer address) and what the last
+//!   heartbeat to each found: up or down, its node id, its clock offset.
+//! - Receives: nothing but time: every [`HEARTBEAT`] it pings every peer
+//!   over its peer link, and answers their pings ([`Heartbeats`]).
+//! - Does: estimates each peer's wall-clock offset from a ping's round trip
+//!   (the peer's wall clock against the midpoint of this node's send and
+//!   receive); when more than half of the configured peers are further off
+//!   than the maximum offset, tells the node's clock to refuse to stamp
+//!   writes ([`NodeClock::set_peer_skew`]), and lifts it once they are not.
+//! - Hands on: [`Membership::peers`] for `status`.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use quiver_ring::wire::PeerInfo;
+use quiver_ring::NodeId;
+
+use crate::clock::Clock;
+use crate::lock;
+use crate::net::peer::{PeerEndpoint, PeerHandler, PeerLink, PeerReply, PeerRequest};
+use crate::stamping::NodeClock;
+
+/// How often each peer is pinged, and how long a ping may take.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// A configured peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerConfig {
+    pub name: String,
+    pub peer_addr: SocketAddr,
+}
+
+#[derive(Debug)]
+struct Peer {
+    config: PeerConfig,
+    link: PeerLink,
+    seen: Mutex<PeerInfo>,
+}
+
+/// The peers of a node and what its heartbeats know of them.
+#[derive(Debug)]
+pub struct Membership {
+    me: NodeId,
+    peers: Vec<Peer>,
+    clock: Arc<NodeClock>,
+    wall: Arc<dyn Clock>,
+}
+
+/// Answers peers' heartbeats with this node's id and wall clock.
+#[derive(Debug)]
+pub struct Heartbeats {
+    pub me: NodeId,
+    pub clock: Arc<NodeClock>,
+    pub wall: Arc<dyn Clock>,
+}
+
+impl PeerHandler for Heartbeats {
+    fn handle(&self, request: PeerRequest) -> PeerReply {
+        match request {
+            PeerRequest::Ping { .. } => {
+                PeerReply::Pong { from: self.me, hlc: self.clock.last(), wall_ms: self.wall.now_ms() }
+            }
+        }
+    }
+}
+
+impl Membership {
+    /// The membership of node `me` with `peers`; heartbeats start with
+    /// [`Membership::run`].
+    pub fn new(
+        endpoint: &PeerEndpoint,
+        me: NodeId,
+        peers: Vec<PeerConfig>,
+        clock: Arc<NodeClock>,
+        wall: Arc<dyn Clock>,
+    ) -> Membership {
+        let peers = peers
+            .into_iter()
+            .map(|config| Peer {
+                link: endpoint.link(&config.name, config.peer_addr),
+                seen: Mutex::new(PeerInfo {
+                    name: config.name.clone(),
+                    peer_addr: config.peer_addr.to_string(),
+                    node_id: None,
+                    up: false,
+                    clock_offset_ms: None,
+                }),
+                config,
+            })
+            .collect();
+        Membership { me, peers, clock, wall }
+    }
+
+    /// What the last heartbeats found, in the configured order.
+    pub fn peers(&self) -> Vec<PeerInfo> {
+        self.peers.iter().map(|p| lock(&p.seen).clone()).collect()
+    }
+
+    /// Pings every peer once, concurrently, and applies the clock rule.
+    pub async fn heartbeat(self: &Arc<Self>) {
+        let mut pings = tokio::task::JoinSet::new();
+        for index in 0..self.peers.len() {
+            let membership = self.clone();
+            pings.spawn(async move { membership.ping(index).await });
+        }
+        while pings.join_next().await.is_some() {}
+        self.apply_clock_rule();
+    }
+
+    async fn ping(&self, index: usize) {
+        let Some(peer) = self.peers.get(index) else { return };
+        let sent = self.wall.now_ms();
+        let ping = PeerRequest::Ping { from: self.me, hlc: self.clock.last() };
+        let answer = peer.link.call(ping, HEARTBEAT).await;
+        let received = self.wall.now_ms();
+        let mut seen = lock(&peer.seen);
+        match answer {
+            Ok(PeerReply::Pong { from, wall_ms, .. }) => {
+                let midpoint = sent + received.saturating_sub(sent) / 2;
+                if !seen.up {
+                    tracing::info!(peer = %peer.config.name, node_id = from.0, "peer up");
+                }
+                seen.up = true;
+                seen.node_id = Some(from.0);
+                seen.clock_offset_ms = Some(wall_ms as i64 - midpoint as i64);
+            }
+            Err(error) => {
+                if seen.up {
+                    tracing::warn!(peer = %peer.config.name, %error, "peer down");
+                }
+                seen.up = false;
+            }
+        }
+    }
+
+    /// A node out of step with more than half of its peers' clocks refuses
+    /// to stamp writes.
+    fn apply_clock_rule(&self) {
+        let max = self.clock.max_offset_ms() as i64;
+        let peers = self.peers();
+        let off: Vec<String> = peers
+            .iter()
+            .filter(|p| p.up && p.clock_offset_ms.is_some_and(|o| o.abs() > max))
+            .map(|p| format!("{} ({:+} ms)", p.name, p.clock_offset_ms.unwrap_or_default()))
+            .collect();
+        let skew = (!peers.is_empty() && off.len() * 2 > peers.len()).then(|| {
+            format!(
+                "this node's wall clock is more than the maximum offset of {max} ms away from most of its peers' \
+                 (theirs: {}); it refuses to stamp writes until they agree again",
+                off.join(", ")
+            )
+        });
+        self.clock.set_peer_skew(skew);
+    }
+
+    /// Heartbeats every [`HEARTBEAT`] until the task is dropped.
+    pub async fn run(self: Arc<Self>) {
+        let mut every = tokio::time::interval(HEARTBEAT);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            self.heartbeat().await;
+        }
+    }
+}
