@@ -181,25 +181,25 @@ impl NodeTls {
     /// The QUIC client side of peer links: presents this node's
     /// certificate, and trusts only the cluster CA.
     pub fn quic_client(&self) -> Result<quinn::ClientConfig, TlsError> {
-        let mut config = rustls::ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(invalid)?
-            .with_root_certificates(self.roots()?)
-            .with_client_auth_cert(vec![self.cert.clone()], self.key.clone_key())
-            .map_err(invalid)?;
-        config.alpn_protocols = vec![ALPN.to_vec()];
-        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(config).map_err(invalid)?;
-        Ok(quinn::ClientConfig::new(Arc::new(crypto)))
+        self.client_config(true)
     }
 
     /// [`NodeTls::quic_client`] without a certificate of its own: what a
     /// stranger that knows the CA would present. For tests of refusal.
     pub fn quic_client_without_certificate(&self) -> Result<quinn::ClientConfig, TlsError> {
-        let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        self.client_config(false)
+    }
+
+    fn client_config(&self, present_certificate: bool) -> Result<quinn::ClientConfig, TlsError> {
+        let builder = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(invalid)?
-            .with_root_certificates(self.roots()?)
-            .with_no_client_auth();
+            .with_root_certificates(self.roots()?);
+        let mut config = if present_certificate {
+            builder.with_client_auth_cert(vec![self.cert.clone()], self.key.clone_key()).map_err(invalid)?
+        } else {
+            builder.with_no_client_auth()
+        };
         config.alpn_protocols = vec![ALPN.to_vec()];
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(config).map_err(invalid)?;
         Ok(quinn::ClientConfig::new(Arc::new(crypto)))
