@@ -2,8 +2,13 @@
 //!
 //! - [`membership`]: the configured peers and the heartbeats that tell
 //!   which are up and how far their clocks are.
+//! - [`quorum`]: the coordinator's quorum logic without I/O (what to send,
+//!   when an operation is done or unavailable), and what a replica does
+//!   with what it receives; `tests/cluster_sim.rs` runs a whole cluster of
+//!   it in one process, over a seeded network that drops and delays.
 //!
-//! The coordinator (quorum reads and writes), replication and hinted
-//! handoff come next, on top of the peer links of [`crate::net::peer`].
+//! Wiring the quorum logic to the peer links and the engine, hinted handoff
+//! and the smart client come next.
 
 pub mod membership;
+pub mod quorum;

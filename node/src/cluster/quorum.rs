@@ -1,0 +1,245 @@
+//! The coordinator's quorum logic, without I/O: what to send to which
+//! replica, and when an operation is done.
+//!
+//! - Owns: the operations in flight at this coordinator, each with the
+//!   replicas asked, those that answered, how many are needed and its
+//!   deadline.
+//! - Receives: operations to start (a write of whole sibling sets, or a
+//!   read of a key) with their replicas and consistency; replies from
+//!   replicas; the time, passed in.
+//! - Does: a write is acknowledged once `needed` replicas have merged it
+//!   (durably, in production); a read once `needed` replicas answered, with
+//!   the merge of what they hold. An operation whose deadline passes first
+//!   fails with [`Outcome::Unavailable`], naming how many answered of how
+//!   many were needed. Nothing here waits: the caller delivers messages (the
+//!   QUIC links in production, a seeded in-memory network in tests) and
+//!   calls [`Quorum::expire`] as time goes by, so every operation ends.
+//! - Hands on: the messages to send, and each operation's outcome once.
+//!
+//! A replica applies what it receives with [`replica_handle`], over any
+//! [`ReplicaStore`]: merging is the one merge of versions v2, so replicas
+//! that received the same sets hold the same siblings whatever the order.
+
+use std::collections::BTreeMap;
+
+use quiver_ring::{NodeId, Siblings};
+
+/// A coordinator's id for one operation.
+pub type OpId = u64;
+
+/// How many replicas must answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Consistency {
+    One,
+    Quorum,
+    All,
+}
+
+impl Consistency {
+    /// Answers needed out of `replicas`.
+    pub fn needed(self, replicas: usize) -> usize {
+        match self {
+            Consistency::One => 1.min(replicas),
+            Consistency::Quorum => replicas / 2 + 1,
+            Consistency::All => replicas,
+        }
+    }
+}
+
+/// What replicas and coordinators send each other about data.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DataMessage {
+    /// Merge these sibling sets, all as one record.
+    Write {
+        op: OpId,
+        sets: Vec<(Vec<u8>, Siblings)>,
+    },
+    WriteAck {
+        op: OpId,
+    },
+    Read {
+        op: OpId,
+        key: Vec<u8>,
+    },
+    ReadReply {
+        op: OpId,
+        found: Option<Siblings>,
+    },
+}
+
+/// How an operation ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Written,
+    /// The merge of what the replicas that answered hold.
+    Read(Option<Siblings>),
+    Unavailable {
+        answered: usize,
+        needed: usize,
+        asked: usize,
+    },
+}
+
+#[derive(Debug)]
+struct Pending {
+    asked: Vec<NodeId>,
+    answered: Vec<NodeId>,
+    needed: usize,
+    deadline_ms: u64,
+    /// For a read: what the answers held, merged.
+    read: Option<Option<Siblings>>,
+}
+
+/// The operations in flight at one coordinator.
+#[derive(Debug, Default)]
+pub struct Quorum {
+    next: OpId,
+    pending: BTreeMap<OpId, Pending>,
+}
+
+impl Quorum {
+    fn start(&mut self, replicas: &[NodeId], consistency: Consistency, deadline_ms: u64, read: bool) -> OpId {
+        self.next += 1;
+        let pending = Pending {
+            asked: replicas.to_vec(),
+            answered: Vec::new(),
+            needed: consistency.needed(replicas.len()),
+            deadline_ms,
+            read: read.then_some(None),
+        };
+        self.pending.insert(self.next, pending);
+        self.next
+    }
+
+    /// Starts a write of `sets` to `replicas`: the messages to send.
+    pub fn start_write(
+        &mut self,
+        sets: Vec<(Vec<u8>, Siblings)>,
+        replicas: &[NodeId],
+        consistency: Consistency,
+        deadline_ms: u64,
+    ) -> (OpId, Vec<(NodeId, DataMessage)>) {
+        let op = self.start(replicas, consistency, deadline_ms, false);
+        let messages = replicas.iter().map(|&to| (to, DataMessage::Write { op, sets: sets.clone() })).collect();
+        (op, messages)
+    }
+
+    /// Starts a read of `key` from `replicas`: the messages to send.
+    pub fn start_read(
+        &mut self,
+        key: &[u8],
+        replicas: &[NodeId],
+        consistency: Consistency,
+        deadline_ms: u64,
+    ) -> (OpId, Vec<(NodeId, DataMessage)>) {
+        let op = self.start(replicas, consistency, deadline_ms, true);
+        let messages = replicas.iter().map(|&to| (to, DataMessage::Read { op, key: key.to_vec() })).collect();
+        (op, messages)
+    }
+
+    /// A replica's reply. Returns the operation's outcome when this reply
+    /// completes it; a reply to an operation that ended, from a replica not
+    /// asked, or given twice, changes nothing.
+    pub fn on_reply(&mut self, from: NodeId, message: DataMessage) -> Option<(OpId, Outcome)> {
+        let (op, found) = match message {
+            DataMessage::WriteAck { op } => (op, None),
+            DataMessage::ReadReply { op, found } => (op, Some(found)),
+            DataMessage::Write { .. } | DataMessage::Read { .. } => return None,
+        };
+        let pending = self.pending.get_mut(&op)?;
+        if !pending.asked.contains(&from) || pending.answered.contains(&from) {
+            return None;
+        }
+        match (&mut pending.read, found) {
+            (Some(merged), Some(Some(siblings))) => match merged {
+                Some(all) => all.merge(siblings),
+                None => *merged = Some(siblings),
+            },
+            (Some(_), Some(None)) | (None, None) => {}
+            // A read reply to a write or an ack to a read: not an answer.
+            _ => return None,
+        }
+        pending.answered.push(from);
+        if pending.answered.len() < pending.needed {
+            return None;
+        }
+        let done = self.pending.remove(&op)?;
+        Some((op, done.read.map_or(Outcome::Written, Outcome::Read)))
+    }
+
+    /// Ends every operation whose deadline is before `now_ms`.
+    pub fn expire(&mut self, now_ms: u64) -> Vec<(OpId, Outcome)> {
+        let expired: Vec<OpId> =
+            self.pending.iter().filter(|(_, p)| p.deadline_ms < now_ms).map(|(&op, _)| op).collect();
+        expired
+            .into_iter()
+            .filter_map(|op| {
+                let p = self.pending.remove(&op)?;
+                Some((op, Outcome::Unavailable { answered: p.answered.len(), needed: p.needed, asked: p.asked.len() }))
+            })
+            .collect()
+    }
+
+    /// Operations still in flight.
+    pub fn in_flight(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+/// Where a replica keeps sibling sets.
+pub trait ReplicaStore {
+    /// Merges every set in, as one record.
+    fn merge(&mut self, sets: Vec<(Vec<u8>, Siblings)>);
+    fn get(&self, key: &[u8]) -> Option<Siblings>;
+}
+
+/// What a replica does with a data message: the reply to send back, if any.
+pub fn replica_handle(store: &mut impl ReplicaStore, message: DataMessage) -> Option<DataMessage> {
+    match message {
+        DataMessage::Write { op, sets } => {
+            store.merge(sets);
+            Some(DataMessage::WriteAck { op })
+        }
+        DataMessage::Read { op, key } => Some(DataMessage::ReadReply { op, found: store.get(&key) }),
+        DataMessage::WriteAck { .. } | DataMessage::ReadReply { .. } => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quiver_ring::{Hlc, Stamp};
+
+    fn set(hlc: u64) -> Siblings {
+        Siblings::one(Stamp { node: NodeId(1), hlc: Hlc(hlc) }.blind(Some(vec![1])))
+    }
+
+    #[test]
+    fn a_write_is_done_at_the_needed_answers_and_only_once() {
+        let mut quorum = Quorum::default();
+        let replicas = [NodeId(1), NodeId(2), NodeId(3)];
+        let (op, messages) = quorum.start_write(vec![(b"k".to_vec(), set(5))], &replicas, Consistency::Quorum, 100);
+        assert_eq!(messages.len(), 3);
+        assert_eq!(quorum.on_reply(NodeId(2), DataMessage::WriteAck { op }), None);
+        assert_eq!(quorum.on_reply(NodeId(2), DataMessage::WriteAck { op }), None, "the same replica twice");
+        assert_eq!(quorum.on_reply(NodeId(9), DataMessage::WriteAck { op }), None, "a replica not asked");
+        assert_eq!(quorum.on_reply(NodeId(3), DataMessage::WriteAck { op }), Some((op, Outcome::Written)));
+        assert_eq!(quorum.on_reply(NodeId(1), DataMessage::WriteAck { op }), None, "already done");
+        assert_eq!(quorum.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_read_merges_the_answers_and_an_expired_one_names_the_counts() {
+        let mut quorum = Quorum::default();
+        let replicas = [NodeId(1), NodeId(2), NodeId(3)];
+        let (op, _) = quorum.start_read(b"k", &replicas, Consistency::Quorum, 100);
+        assert_eq!(quorum.on_reply(NodeId(1), DataMessage::ReadReply { op, found: Some(set(5)) }), None);
+        let (_, outcome) = quorum.on_reply(NodeId(3), DataMessage::ReadReply { op, found: Some(set(9)) }).unwrap();
+        assert_eq!(outcome, Outcome::Read(Some(set(9))));
+
+        let (op, _) = quorum.start_read(b"k", &replicas, Consistency::All, 100);
+        quorum.on_reply(NodeId(1), DataMessage::ReadReply { op, found: None });
+        assert!(quorum.expire(100).is_empty(), "not before its deadline");
+        assert_eq!(quorum.expire(101), vec![(op, Outcome::Unavailable { answered: 1, needed: 3, asked: 3 })]);
+    }
+}

@@ -1,0 +1,367 @@
+//! A whole cluster in one process, deterministic: five nodes, three
+//! replicas per key, coordinators chosen at random, a network that drops
+//! and delays messages by a seeded generator, time passed in, and one node
+//! that stops answering partway. Every failure prints its seed;
+//! `QUIVER_SIM_SEED=N` replays one history, `QUIVER_SIM_HISTORIES=N` runs
+//! more.
+//!
+//! Checked: a quorum read that starts after a quorum write was acknowledged
+//! returns that write or a later one (R + W > N); an operation that cannot
+//! reach its quorum before its deadline fails as unavailable, with the
+//! counts, and never hangs; once every message is delivered and replicas
+//! exchange what they hold, all replicas of a key hold the same siblings.
+
+use std::collections::BTreeMap;
+
+use quiver_node::cluster::quorum::{replica_handle, Consistency, DataMessage, OpId, Outcome, Quorum, ReplicaStore};
+use quiver_ring::rand::SplitMix64;
+use quiver_ring::ring::{Member, Ring, RingView};
+use quiver_ring::{Hlc, NodeId, Order, Siblings, Stamper};
+
+const NODES: u64 = 5;
+const N: usize = 3;
+const KEYS: u64 = 6;
+const DEADLINE_MS: u64 = 40;
+
+#[derive(Default)]
+struct MapStore(BTreeMap<Vec<u8>, Siblings>);
+
+impl ReplicaStore for MapStore {
+    fn merge(&mut self, sets: Vec<(Vec<u8>, Siblings)>) {
+        for (key, siblings) in sets {
+            self.0.entry(key).or_default().merge(siblings);
+        }
+    }
+
+    fn get(&self, key: &[u8]) -> Option<Siblings> {
+        self.0.get(key).cloned()
+    }
+}
+
+struct Node {
+    quorum: Quorum,
+    store: MapStore,
+    stamper: Stamper,
+    /// Operations this node coordinates: what each was.
+    ops: BTreeMap<OpId, Op>,
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Write {
+        key: Vec<u8>,
+        order: Order,
+    },
+    /// A read, and the highest order of a write acknowledged before it began.
+    Read {
+        key: Vec<u8>,
+        acked_before: Option<Order>,
+    },
+}
+
+struct InFlight {
+    at: u64,
+    from: NodeId,
+    to: NodeId,
+    message: DataMessage,
+}
+
+struct Sim {
+    rng: SplitMix64,
+    now: u64,
+    nodes: BTreeMap<NodeId, Node>,
+    ring: Ring,
+    network: Vec<InFlight>,
+    dropped: Vec<InFlight>,
+    down: Option<NodeId>,
+    /// Per key, the highest order of an acknowledged write.
+    acked: BTreeMap<Vec<u8>, Order>,
+    unavailable: usize,
+    reads_checked: usize,
+    seed: u64,
+}
+
+impl Sim {
+    fn new(seed: u64) -> Sim {
+        let members = (1..=NODES)
+            .map(|id| Member {
+                id: NodeId(id),
+                name: format!("n{id}"),
+                client_addr: String::new(),
+                peer_addr: String::new(),
+            })
+            .collect();
+        let nodes = (1..=NODES)
+            .map(|id| {
+                let node = Node {
+                    quorum: Quorum::default(),
+                    store: MapStore::default(),
+                    stamper: Stamper::new(NodeId(id), Hlc::ZERO, u64::MAX),
+                    ops: BTreeMap::new(),
+                };
+                (NodeId(id), node)
+            })
+            .collect();
+        Sim {
+            rng: SplitMix64::new(seed),
+            now: 1_000,
+            nodes,
+            ring: Ring::new(RingView { epoch: 1, members }),
+            network: Vec::new(),
+            dropped: Vec::new(),
+            down: None,
+            acked: BTreeMap::new(),
+            unavailable: 0,
+            reads_checked: 0,
+            seed,
+        }
+    }
+
+    fn send(&mut self, from: NodeId, messages: Vec<(NodeId, DataMessage)>) {
+        for (to, message) in messages {
+            let delay = self.rng.between(0, 15);
+            let flight = InFlight { at: self.now + delay, from, to, message };
+            if from != to && self.rng.chance(0.1) {
+                self.dropped.push(flight);
+            } else {
+                self.network.push(flight);
+            }
+        }
+    }
+
+    fn finish(&mut self, coordinator: NodeId, op: OpId, outcome: Outcome) {
+        let seed = self.seed;
+        let Some(done) = self.nodes.get_mut(&coordinator).and_then(|n| n.ops.remove(&op)) else { return };
+        match (done, outcome) {
+            (Op::Write { key, order }, Outcome::Written) => {
+                let best = self.acked.entry(key).or_insert(order);
+                *best = (*best).max(order);
+            }
+            (Op::Read { key, acked_before }, Outcome::Read(found)) => {
+                let got = found.as_ref().and_then(Siblings::winner).map(|v| v.order());
+                if let Some(acked) = acked_before {
+                    assert!(
+                        got.is_some_and(|got| got >= acked),
+                        "seed {seed}: a quorum read of {key:?} returned {got:?}, older than the write acknowledged before it ({acked:?})"
+                    );
+                }
+                self.reads_checked += 1;
+            }
+            (_, Outcome::Unavailable { answered, needed, asked }) => {
+                assert!(answered < needed && needed <= asked, "seed {seed}: unavailable with {answered} of {needed}");
+                self.unavailable += 1;
+            }
+            (op, outcome) => panic!("seed {seed}: {op:?} ended as {outcome:?}"),
+        }
+    }
+
+    fn step(&mut self) {
+        self.now += 1;
+        // Deliver what is due, in a seeded order.
+        let mut due = Vec::new();
+        let mut i = 0;
+        while i < self.network.len() {
+            if self.network[i].at <= self.now {
+                due.push(self.network.swap_remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        while !due.is_empty() {
+            let flight = due.swap_remove(self.rng.between(0, due.len() as u64 - 1) as usize);
+            self.deliver(flight);
+        }
+        // Deadlines.
+        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+        for id in ids {
+            let expired = self.nodes.get_mut(&id).map(|n| n.quorum.expire(self.now)).unwrap_or_default();
+            for (op, outcome) in expired {
+                self.finish(id, op, outcome);
+            }
+        }
+        // A client starts an operation at a coordinator that is up.
+        if self.rng.chance(0.5) {
+            let coordinator = NodeId(self.rng.between(1, NODES));
+            if Some(coordinator) != self.down {
+                self.start_op(coordinator);
+            }
+        }
+    }
+
+    fn deliver(&mut self, flight: InFlight) {
+        if Some(flight.to) == self.down {
+            return;
+        }
+        let Some(node) = self.nodes.get_mut(&flight.to) else { return };
+        match flight.message {
+            message @ (DataMessage::Write { .. } | DataMessage::Read { .. }) => {
+                if let Some(reply) = replica_handle(&mut node.store, message) {
+                    let to = flight.to;
+                    self.send(to, vec![(flight.from, reply)]);
+                }
+            }
+            reply => {
+                if let Some((op, outcome)) = node.quorum.on_reply(flight.from, reply) {
+                    self.finish(flight.to, op, outcome);
+                }
+            }
+        }
+    }
+
+    fn start_op(&mut self, coordinator: NodeId) {
+        let key = format!("key-{}", self.rng.between(0, KEYS - 1)).into_bytes();
+        let replicas = self.ring.preference_list(&key, N);
+        let deadline = self.now + DEADLINE_MS;
+        let write = self.rng.chance(0.5);
+        let now = self.now;
+        let acked_before = self.acked.get(&key).copied();
+        let Some(node) = self.nodes.get_mut(&coordinator) else { return };
+        let (op, messages, what) = if write {
+            let stamp = node.stamper.next(now).expect("a test clock never refuses");
+            let version = stamp.blind(Some(format!("{}", stamp.hlc).into_bytes()));
+            let order = version.order();
+            let (op, messages) = node.quorum.start_write(
+                vec![(key.clone(), Siblings::one(version))],
+                &replicas,
+                Consistency::Quorum,
+                deadline,
+            );
+            (op, messages, Op::Write { key, order })
+        } else {
+            let (op, messages) = node.quorum.start_read(&key, &replicas, Consistency::Quorum, deadline);
+            (op, messages, Op::Read { key, acked_before })
+        };
+        node.ops.insert(op, what);
+        self.send(coordinator, messages);
+    }
+
+    /// Everything delivered (the dropped messages too, as hints and
+    /// retries will), then every replica of every key merges the others'.
+    fn converge(&mut self) {
+        let mut rest: Vec<InFlight> = std::mem::take(&mut self.network);
+        rest.append(&mut self.dropped);
+        self.down = None;
+        for flight in rest {
+            if let (DataMessage::Write { sets, .. }, Some(node)) = (flight.message, self.nodes.get_mut(&flight.to)) {
+                node.store.merge(sets);
+            }
+        }
+        for k in 0..KEYS {
+            let key = format!("key-{k}").into_bytes();
+            let replicas = self.ring.preference_list(&key, N);
+            let mut all = Siblings::default();
+            for id in &replicas {
+                if let Some(found) = self.nodes[id].store.get(&key) {
+                    all.merge(found);
+                }
+            }
+            for id in &replicas {
+                let node = self.nodes.get_mut(id).expect("a replica is a node");
+                node.store.merge(vec![(key.clone(), all.clone())]);
+            }
+            let first = self.nodes[&replicas[0]].store.get(&key);
+            for id in &replicas {
+                assert_eq!(self.nodes[id].store.get(&key), first, "seed {}: replicas of {key:?} differ", self.seed);
+            }
+            if let Some(acked) = self.acked.get(&key) {
+                let winner = first.as_ref().and_then(Siblings::winner).map(|v| v.order());
+                assert!(
+                    winner.is_some_and(|w| w >= *acked),
+                    "seed {}: an acknowledged write of {key:?} is gone",
+                    self.seed
+                );
+            }
+        }
+    }
+}
+
+fn run(seed: u64) -> (usize, usize) {
+    let mut sim = Sim::new(seed);
+    for step in 0..3_000 {
+        if step == 1_000 {
+            // One node stops answering (its data stays).
+            sim.down = Some(NodeId(SplitMix64::new(seed).between(1, NODES)));
+        }
+        sim.step();
+    }
+    // Every operation ends: what is still in flight passes its deadline.
+    for _ in 0..=DEADLINE_MS + 1 {
+        sim.step_without_new_ops();
+    }
+    let left: usize = sim.nodes.values().map(|n| n.quorum.in_flight()).sum();
+    assert_eq!(left, 0, "seed {seed}: operations never ended");
+    sim.converge();
+    (sim.reads_checked, sim.unavailable)
+}
+
+impl Sim {
+    /// A step in which no client starts anything.
+    fn step_without_new_ops(&mut self) {
+        self.now += 1;
+        let mut due = Vec::new();
+        let mut i = 0;
+        while i < self.network.len() {
+            if self.network[i].at <= self.now {
+                due.push(self.network.swap_remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        for flight in due {
+            self.deliver(flight);
+        }
+        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+        for id in ids {
+            let expired = self.nodes.get_mut(&id).map(|n| n.quorum.expire(self.now)).unwrap_or_default();
+            for (op, outcome) in expired {
+                self.finish(id, op, outcome);
+            }
+        }
+    }
+}
+
+#[test]
+fn quorum_reads_see_acknowledged_writes_and_replicas_converge() {
+    let seeds: Vec<u64> = match std::env::var("QUIVER_SIM_SEED").ok().and_then(|s| s.parse().ok()) {
+        Some(seed) => vec![seed],
+        None => {
+            let histories = std::env::var("QUIVER_SIM_HISTORIES").ok().and_then(|s| s.parse().ok()).unwrap_or(40);
+            (0..histories).collect()
+        }
+    };
+    let (mut reads, mut unavailable) = (0, 0);
+    for seed in seeds {
+        let (r, u) = run(seed);
+        reads += r;
+        unavailable += u;
+    }
+    assert!(reads > 0, "some reads completed and were checked");
+    assert!(unavailable > 0, "some operations hit their deadline (messages dropped, a node down)");
+}
+
+/// With two of a key's three replicas down, a quorum write is unavailable
+/// (one answer of two needed) and a write at `one` succeeds.
+#[test]
+fn two_replicas_down_quorum_is_unavailable_and_one_succeeds() {
+    let mut quorum = Quorum::default();
+    let mut store = MapStore::default();
+    let replicas = [NodeId(1), NodeId(2), NodeId(3)];
+    let stamp = Stamper::new(NodeId(1), Hlc::ZERO, u64::MAX).next(1).unwrap();
+    let sets = vec![(b"k".to_vec(), Siblings::one(stamp.blind(Some(b"v".to_vec()))))];
+    for (consistency, expected) in [
+        (Consistency::Quorum, Some(Outcome::Unavailable { answered: 1, needed: 2, asked: 3 })),
+        (Consistency::One, None),
+    ] {
+        let (op, messages) = quorum.start_write(sets.clone(), &replicas, consistency, 10);
+        let mut outcome = None;
+        for (to, message) in messages {
+            // Only node 1 is up.
+            if to == NodeId(1) {
+                let reply = replica_handle(&mut store, message).unwrap();
+                outcome = outcome.or(quorum.on_reply(to, reply).map(|(_, o)| o));
+            }
+        }
+        let outcome = outcome.or_else(|| quorum.expire(11).into_iter().find(|(o, _)| *o == op).map(|(_, o)| o));
+        assert_eq!(outcome, expected.or(Some(Outcome::Written)), "{consistency:?}");
+    }
+}
