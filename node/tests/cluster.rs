@@ -78,3 +78,63 @@ fn heartbeats_see_peers_up_and_down_and_a_node_out_of_step_refuses_writes() {
     let status = wait_for(&clients[0], "n2 seen down", |s| s.peers.iter().any(|p| p.name == "n2" && !p.up));
     assert!(status.peers.iter().any(|p| p.name == "n3" && p.up));
 }
+
+fn cluster_of_three(dir: &Path) -> (Vec<(&'static str, u16)>, std::path::PathBuf) {
+    let certs = dir.join("certs");
+    init_ca(&certs).unwrap();
+    let ports: Vec<(&str, u16)> = ["n1", "n2", "n3"].into_iter().map(|n| (n, free_port().unwrap())).collect();
+    for (name, _) in &ports {
+        issue_node(&certs, name, &["127.0.0.1".parse().unwrap()]).unwrap();
+    }
+    (ports, certs)
+}
+
+/// Writes through any node reach a quorum of each key's replicas and are
+/// read through any other; with one node SIGKILLed, quorum reads and writes
+/// go on and nothing acknowledged is lost; with two down, a write is
+/// unavailable (naming the counts); a restarted node serves again.
+#[test]
+fn quorum_writes_and_reads_through_any_node_survive_a_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ports, certs) = cluster_of_three(dir.path());
+    let mut nodes: Vec<NodeProcess> =
+        ["n1", "n2", "n3"].iter().map(|n| start(dir.path(), &certs, n, &ports, &[])).collect();
+    let clients: Vec<Client> = nodes.iter().map(|n| Client::connect([n.addr.clone()]).unwrap()).collect();
+    for client in &clients {
+        wait_for(client, "every peer up", |s| s.peers.iter().all(|p| p.up));
+    }
+    let entries: Vec<(String, String)> = (0..60).map(|i| (format!("key-{i}"), format!("value-{i}"))).collect();
+    for (i, (key, value)) in entries.iter().enumerate() {
+        clients[i % 3].set(key, value).unwrap();
+    }
+    for client in &clients {
+        for (key, value) in &entries {
+            assert_eq!(client.get(key).unwrap().as_deref(), Some(value.as_bytes()), "{key}");
+        }
+    }
+
+    nodes[2].kill();
+    let more: Vec<(String, String)> = (60..100).map(|i| (format!("key-{i}"), format!("value-{i}"))).collect();
+    for (i, (key, value)) in more.iter().enumerate() {
+        clients[i % 2].set(key, value).unwrap();
+    }
+    for client in &clients[..2] {
+        for (key, value) in entries.iter().chain(&more) {
+            assert_eq!(client.get(key).unwrap().as_deref(), Some(value.as_bytes()), "{key} with n3 down");
+        }
+    }
+
+    nodes[1].kill();
+    let error = clients[0].set("key-0", "with two down").unwrap_err();
+    assert_eq!(error.kind(), Some(ErrorKind::Unavailable), "{error}");
+    assert!(error.to_string().contains("were needed"), "{error}");
+
+    nodes[1] = start(dir.path(), &certs, "n2", &ports, &[]);
+    let again = Client::connect([nodes[1].addr.clone()]).unwrap();
+    wait_for(&clients[0], "n2 seen up again", |s| s.peers.iter().any(|p| p.name == "n2" && p.up));
+    clients[0].set("key-0", "after the restart").unwrap();
+    assert_eq!(again.get("key-0").unwrap().as_deref(), Some(&b"after the restart"[..]));
+    for (key, value) in entries.iter().chain(&more).skip(1) {
+        assert_eq!(again.get(key).unwrap().as_deref(), Some(value.as_bytes()), "{key} after the restart");
+    }
+}

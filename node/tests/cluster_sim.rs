@@ -222,7 +222,7 @@ impl Sim {
             let order = version.order();
             let (op, messages) = node.quorum.start_write(
                 vec![(key.clone(), Siblings::one(version))],
-                &replicas,
+                vec![replicas],
                 Consistency::Quorum,
                 deadline,
             );
@@ -352,7 +352,7 @@ fn two_replicas_down_quorum_is_unavailable_and_one_succeeds() {
         (Consistency::Quorum, Some(Outcome::Unavailable { answered: 1, needed: 2, asked: 3 })),
         (Consistency::One, None),
     ] {
-        let (op, messages) = quorum.start_write(sets.clone(), &replicas, consistency, 10);
+        let (op, messages) = quorum.start_write(sets.clone(), vec![replicas.to_vec()], consistency, 10);
         let mut outcome = None;
         for (to, message) in messages {
             // Only node 1 is up.

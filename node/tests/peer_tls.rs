@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use quiver_node::net::peer::{PeerEndpoint, PeerError, PeerHandler, PeerReply, PeerRequest};
+use quiver_node::net::peer::{PeerEndpoint, PeerError, PeerHandler, PeerReply, PeerRequest, Reply};
 use quiver_node::net::tls::{init_ca, issue_node, NodeTls};
 use quiver_ring::{Hlc, NodeId};
 
@@ -20,10 +20,10 @@ const CALL: Duration = Duration::from_secs(30);
 struct Counting(AtomicUsize);
 
 impl PeerHandler for Counting {
-    fn handle(&self, request: PeerRequest) -> PeerReply {
+    fn handle(&self, request: PeerRequest, reply: Reply) {
         self.0.fetch_add(1, Ordering::SeqCst);
-        match request {
-            PeerRequest::Ping { hlc, .. } => PeerReply::Pong { from: NodeId(1), hlc, wall_ms: 5 },
+        if let PeerRequest::Ping { hlc, .. } = request {
+            reply(PeerReply::Pong { from: NodeId(1), hlc, wall_ms: 5, members: Vec::new() });
         }
     }
 }
@@ -62,7 +62,7 @@ async fn nodes_of_one_cluster_ca_talk_and_strangers_are_refused() {
     for _ in 0..3 {
         assert_eq!(
             link.call(ping(), CALL).await.unwrap(),
-            PeerReply::Pong { from: NodeId(1), hlc: Hlc(7), wall_ms: 5 }
+            PeerReply::Pong { from: NodeId(1), hlc: Hlc(7), wall_ms: 5, members: Vec::new() }
         );
     }
     assert_eq!(handler.0.load(Ordering::SeqCst), 3);

@@ -6,13 +6,14 @@ use std::sync::Arc;
 
 use clap::Parser;
 use quiver_node::clock::{Clock, OffsetClock, SystemClock};
-use quiver_node::cluster::membership::{Heartbeats, Membership};
+use quiver_node::cluster::membership::Membership;
+use quiver_node::cluster::store::{ClusterStore, ReplicaHandler};
 use quiver_node::config::Config;
 use quiver_node::identity::{load_or_create_admin_token, load_or_create_node_id};
 use quiver_node::net::client::serve;
 use quiver_node::net::peer::PeerEndpoint;
 use quiver_node::net::tls::NodeTls;
-use quiver_node::service::{LocalStore, Service};
+use quiver_node::service::{LocalStore, Service, Store};
 use quiver_node::stamping::NodeClock;
 use quiver_node::storage::Engine;
 use tokio::net::TcpListener;
@@ -250,15 +251,18 @@ async fn run(config: Config) -> Result<(), String> {
         );
         store = store.with_dropped_writes(config.debug_drop_acked_writes);
     }
-    let (peer_addr, cluster) = match (&config.name, &config.tls_dir) {
+    let store = Arc::new(store);
+    let (peer_addr, cluster, store): (String, _, Arc<dyn Store>) = match (&config.name, &config.tls_dir) {
         (Some(name), Some(tls_dir)) => {
-            let (addr, membership) = join_cluster(&config, name, tls_dir, node_id, &node_clock, &clock)?;
-            (addr, Some((name.clone(), membership)))
+            let (addr, membership) = join_cluster(&config, name, tls_dir, node_id, &node_clock, &clock, &store)?;
+            let cluster =
+                ClusterStore::new(node_id, name.clone(), store, membership.clone(), node_clock.clone(), clock.clone());
+            (addr, Some((name.clone(), membership)), Arc::new(Arc::new(cluster)))
         }
-        _ => (config.peer_addr.clone(), None),
+        _ => (config.peer_addr.clone(), None, store),
     };
     let mut service = Service::new(
-        Arc::new(store),
+        store,
         clock,
         node_clock,
         node_id,
@@ -313,14 +317,16 @@ fn join_cluster(
     node_id: quiver_ring::NodeId,
     node_clock: &Arc<NodeClock>,
     wall: &Arc<dyn Clock>,
+    local: &Arc<LocalStore>,
 ) -> Result<(String, Arc<Membership>), String> {
     let tls = NodeTls::load(tls_dir, name).map_err(|e| format!("this node's certificate: {e}"))?;
     let addr = config.peer_addr.parse().map_err(|e| format!("peer address {}: {e}", config.peer_addr))?;
     let endpoint = PeerEndpoint::bind(addr, tls).map_err(|e| e.to_string())?;
     let bound = endpoint.local_addr().map_err(|e| e.to_string())?.to_string();
-    endpoint.serve(Arc::new(Heartbeats { me: node_id, clock: node_clock.clone(), wall: wall.clone() }));
     let peers = config.peer_configs().map_err(|e| e.to_string())?;
-    let membership = Arc::new(Membership::new(&endpoint, node_id, peers, node_clock.clone(), wall.clone()));
+    let membership =
+        Arc::new(Membership::new(&endpoint, node_id, name.to_owned(), peers, node_clock.clone(), wall.clone()));
+    endpoint.serve(Arc::new(ReplicaHandler { membership: membership.clone(), local: local.clone() }));
     tokio::spawn(membership.clone().run());
     Ok((bound, membership))
 }

@@ -3,7 +3,9 @@
 //! - Owns: the configured peers (name and peer address) and what the last
 //!   heartbeat to each found: up or down, its node id, its clock offset.
 //! - Receives: nothing but time: every [`HEARTBEAT`] it pings every peer
-//!   over its peer link, and answers their pings ([`Heartbeats`]).
+//!   over its peer link, and answers their pings ([`Membership::pong`]:
+//!   its id, clocks, and the node ids it knows, so a node that restarts
+//!   learns the ids of peers that are down).
 //! - Does: estimates each peer's wall-clock offset from a ping's round trip
 //!   (the peer's wall clock against the midpoint of this node's send and
 //!   receive); when more than half of the configured peers are further off
@@ -20,7 +22,7 @@ use quiver_ring::NodeId;
 
 use crate::clock::Clock;
 use crate::lock;
-use crate::net::peer::{PeerEndpoint, PeerHandler, PeerLink, PeerReply, PeerRequest};
+use crate::net::peer::{PeerEndpoint, PeerLink, PeerReply, PeerRequest};
 use crate::stamping::NodeClock;
 
 /// How often each peer is pinged, and how long a ping may take.
@@ -44,27 +46,11 @@ struct Peer {
 #[derive(Debug)]
 pub struct Membership {
     me: NodeId,
+    /// This node's name.
+    name: String,
     peers: Vec<Peer>,
     clock: Arc<NodeClock>,
     wall: Arc<dyn Clock>,
-}
-
-/// Answers peers' heartbeats with this node's id and wall clock.
-#[derive(Debug)]
-pub struct Heartbeats {
-    pub me: NodeId,
-    pub clock: Arc<NodeClock>,
-    pub wall: Arc<dyn Clock>,
-}
-
-impl PeerHandler for Heartbeats {
-    fn handle(&self, request: PeerRequest) -> PeerReply {
-        match request {
-            PeerRequest::Ping { .. } => {
-                PeerReply::Pong { from: self.me, hlc: self.clock.last(), wall_ms: self.wall.now_ms() }
-            }
-        }
-    }
 }
 
 impl Membership {
@@ -73,6 +59,7 @@ impl Membership {
     pub fn new(
         endpoint: &PeerEndpoint,
         me: NodeId,
+        name: String,
         peers: Vec<PeerConfig>,
         clock: Arc<NodeClock>,
         wall: Arc<dyn Clock>,
@@ -91,7 +78,19 @@ impl Membership {
                 config,
             })
             .collect();
-        Membership { me, peers, clock, wall }
+        Membership { me, name, peers, clock, wall }
+    }
+
+    /// The answer to a peer's heartbeat.
+    pub fn pong(&self) -> PeerReply {
+        let mut members = vec![(self.name.clone(), self.me)];
+        members.extend(self.peers().into_iter().filter_map(|p| Some((p.name, NodeId(p.node_id?)))));
+        PeerReply::Pong { from: self.me, hlc: self.clock.last(), wall_ms: self.wall.now_ms(), members }
+    }
+
+    /// The link to the peer whose node id is `id`, once known.
+    pub fn link_to(&self, id: NodeId) -> Option<&PeerLink> {
+        self.peers.iter().find(|p| lock(&p.seen).node_id == Some(id.0)).map(|p| &p.link)
     }
 
     /// What the last heartbeats found, in the configured order.
@@ -116,6 +115,9 @@ impl Membership {
         let ping = PeerRequest::Ping { from: self.me, hlc: self.clock.last() };
         let answer = peer.link.call(ping, HEARTBEAT).await;
         let received = self.wall.now_ms();
+        if let Ok(PeerReply::Pong { members, .. }) = &answer {
+            self.learn_ids(members);
+        }
         let mut seen = lock(&peer.seen);
         match answer {
             Ok(PeerReply::Pong { from, wall_ms, .. }) => {
@@ -127,11 +129,28 @@ impl Membership {
                 seen.node_id = Some(from.0);
                 seen.clock_offset_ms = Some(wall_ms as i64 - midpoint as i64);
             }
+            Ok(other) => {
+                tracing::warn!(peer = %peer.config.name, ?other, "a heartbeat got an answer that is not a pong");
+                seen.up = false;
+            }
             Err(error) => {
                 if seen.up {
                     tracing::warn!(peer = %peer.config.name, %error, "peer down");
                 }
                 seen.up = false;
+            }
+        }
+    }
+
+    /// Takes the node ids a peer knows for peers whose id this node has not
+    /// learned yet.
+    fn learn_ids(&self, members: &[(String, NodeId)]) {
+        for (name, id) in members {
+            if let Some(peer) = self.peers.iter().find(|p| &p.config.name == name) {
+                let mut seen = lock(&peer.seen);
+                if seen.node_id.is_none() {
+                    seen.node_id = Some(id.0);
+                }
             }
         }
     }

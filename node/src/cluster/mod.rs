@@ -7,8 +7,13 @@
 //!   with what it receives; `tests/cluster_sim.rs` runs a whole cluster of
 //!   it in one process, over a seeded network that drops and delays.
 //!
-//! Wiring the quorum logic to the peer links and the engine, hinted handoff
-//! and the smart client come next.
+//! - [`store`]: [`store::ClusterStore`], the `Store` of a node in a
+//!   cluster: writes to N replicas acknowledged at W, reads at R, over the
+//!   peer links and the node's own engine; and the replica side.
+//!
+//! Causal writes across nodes, read repair, hinted handoff and the smart
+//! client come next.
 
 pub mod membership;
 pub mod quorum;
+pub mod store;

@@ -2,14 +2,14 @@
 //! replica, and when an operation is done.
 //!
 //! - Owns: the operations in flight at this coordinator, each with the
-//!   replicas asked, those that answered, how many are needed and its
-//!   deadline.
+//!   replicas asked, those that answered, the groups that must each reach
+//!   their quorum (one per key: its replicas) and its deadline.
 //! - Receives: operations to start (a write of whole sibling sets, or a
 //!   read of a key) with their replicas and consistency; replies from
 //!   replicas; the time, passed in.
-//! - Does: a write is acknowledged once `needed` replicas have merged it
-//!   (durably, in production); a read once `needed` replicas answered, with
-//!   the merge of what they hold. An operation whose deadline passes first
+//! - Does: a write is acknowledged once, for each of its keys, enough of
+//!   that key's replicas have merged it (durably, in production); a read
+//!   once enough replicas answered, with the merge of what they hold. An operation whose deadline passes first
 //!   fails with [`Outcome::Unavailable`], naming how many answered of how
 //!   many were needed. Nothing here waits: the caller delivers messages (the
 //!   QUIC links in production, a seeded in-memory network in tests) and
@@ -84,10 +84,31 @@ pub enum Outcome {
 struct Pending {
     asked: Vec<NodeId>,
     answered: Vec<NodeId>,
-    needed: usize,
+    /// Each must reach its quorum: the replicas of each key.
+    groups: Vec<Vec<NodeId>>,
+    consistency: Consistency,
     deadline_ms: u64,
     /// For a read: what the answers held, merged.
     read: Option<Option<Siblings>>,
+}
+
+impl Pending {
+    /// `(answered, needed, asked)` of the group furthest from its quorum.
+    fn worst(&self) -> (usize, usize, usize) {
+        self.groups
+            .iter()
+            .map(|g| {
+                let answered = g.iter().filter(|id| self.answered.contains(id)).count();
+                (answered, self.consistency.needed(g.len()), g.len())
+            })
+            .min_by_key(|&(answered, needed, _)| answered as i64 - needed as i64)
+            .unwrap_or((0, 0, 0))
+    }
+
+    fn reached(&self) -> bool {
+        let (answered, needed, _) = self.worst();
+        answered >= needed
+    }
 }
 
 /// The operations in flight at one coordinator.
@@ -98,29 +119,35 @@ pub struct Quorum {
 }
 
 impl Quorum {
-    fn start(&mut self, replicas: &[NodeId], consistency: Consistency, deadline_ms: u64, read: bool) -> OpId {
+    fn start(&mut self, groups: Vec<Vec<NodeId>>, consistency: Consistency, deadline_ms: u64, read: bool) -> OpId {
         self.next += 1;
-        let pending = Pending {
-            asked: replicas.to_vec(),
-            answered: Vec::new(),
-            needed: consistency.needed(replicas.len()),
-            deadline_ms,
-            read: read.then_some(None),
-        };
+        let mut asked: Vec<NodeId> = groups.iter().flatten().copied().collect();
+        asked.sort();
+        asked.dedup();
+        let pending =
+            Pending { asked, answered: Vec::new(), groups, consistency, deadline_ms, read: read.then_some(None) };
         self.pending.insert(self.next, pending);
         self.next
     }
 
-    /// Starts a write of `sets` to `replicas`: the messages to send.
+    /// Starts a write of `sets` (keys and their sibling sets), each to its
+    /// `replicas` (in the same order): every replica gets all of its keys
+    /// in one message. Returns the messages to send.
     pub fn start_write(
         &mut self,
         sets: Vec<(Vec<u8>, Siblings)>,
-        replicas: &[NodeId],
+        replicas: Vec<Vec<NodeId>>,
         consistency: Consistency,
         deadline_ms: u64,
     ) -> (OpId, Vec<(NodeId, DataMessage)>) {
+        let mut parts: BTreeMap<NodeId, Vec<(Vec<u8>, Siblings)>> = BTreeMap::new();
+        for (set, nodes) in sets.into_iter().zip(&replicas) {
+            for &node in nodes {
+                parts.entry(node).or_default().push(set.clone());
+            }
+        }
         let op = self.start(replicas, consistency, deadline_ms, false);
-        let messages = replicas.iter().map(|&to| (to, DataMessage::Write { op, sets: sets.clone() })).collect();
+        let messages = parts.into_iter().map(|(to, sets)| (to, DataMessage::Write { op, sets })).collect();
         (op, messages)
     }
 
@@ -132,7 +159,7 @@ impl Quorum {
         consistency: Consistency,
         deadline_ms: u64,
     ) -> (OpId, Vec<(NodeId, DataMessage)>) {
-        let op = self.start(replicas, consistency, deadline_ms, true);
+        let op = self.start(vec![replicas.to_vec()], consistency, deadline_ms, true);
         let messages = replicas.iter().map(|&to| (to, DataMessage::Read { op, key: key.to_vec() })).collect();
         (op, messages)
     }
@@ -160,7 +187,7 @@ impl Quorum {
             _ => return None,
         }
         pending.answered.push(from);
-        if pending.answered.len() < pending.needed {
+        if !pending.reached() {
             return None;
         }
         let done = self.pending.remove(&op)?;
@@ -174,8 +201,8 @@ impl Quorum {
         expired
             .into_iter()
             .filter_map(|op| {
-                let p = self.pending.remove(&op)?;
-                Some((op, Outcome::Unavailable { answered: p.answered.len(), needed: p.needed, asked: p.asked.len() }))
+                let (answered, needed, asked) = self.pending.remove(&op)?.worst();
+                Some((op, Outcome::Unavailable { answered, needed, asked }))
             })
             .collect()
     }
@@ -218,7 +245,8 @@ mod tests {
     fn a_write_is_done_at_the_needed_answers_and_only_once() {
         let mut quorum = Quorum::default();
         let replicas = [NodeId(1), NodeId(2), NodeId(3)];
-        let (op, messages) = quorum.start_write(vec![(b"k".to_vec(), set(5))], &replicas, Consistency::Quorum, 100);
+        let (op, messages) =
+            quorum.start_write(vec![(b"k".to_vec(), set(5))], vec![replicas.to_vec()], Consistency::Quorum, 100);
         assert_eq!(messages.len(), 3);
         assert_eq!(quorum.on_reply(NodeId(2), DataMessage::WriteAck { op }), None);
         assert_eq!(quorum.on_reply(NodeId(2), DataMessage::WriteAck { op }), None, "the same replica twice");
@@ -226,6 +254,25 @@ mod tests {
         assert_eq!(quorum.on_reply(NodeId(3), DataMessage::WriteAck { op }), Some((op, Outcome::Written)));
         assert_eq!(quorum.on_reply(NodeId(1), DataMessage::WriteAck { op }), None, "already done");
         assert_eq!(quorum.in_flight(), 0);
+    }
+
+    /// A write of two keys with different replicas is done only when each
+    /// key has its quorum.
+    #[test]
+    fn a_write_of_several_keys_needs_each_keys_quorum() {
+        let mut quorum = Quorum::default();
+        let (a, b) = (vec![NodeId(1), NodeId(2), NodeId(3)], vec![NodeId(3), NodeId(4), NodeId(5)]);
+        let sets = vec![(b"a".to_vec(), set(1)), (b"b".to_vec(), set(1))];
+        let (op, messages) = quorum.start_write(sets, vec![a, b], Consistency::Quorum, 100);
+        assert_eq!(messages.len(), 5, "one message per replica");
+        let three = messages.iter().find(|(to, _)| *to == NodeId(3)).unwrap();
+        assert!(
+            matches!(&three.1, DataMessage::Write { sets, .. } if sets.len() == 2),
+            "node 3 gets both keys at once"
+        );
+        assert_eq!(quorum.on_reply(NodeId(1), DataMessage::WriteAck { op }), None);
+        assert_eq!(quorum.on_reply(NodeId(3), DataMessage::WriteAck { op }), None, "a has its quorum, b not yet");
+        assert_eq!(quorum.expire(101), vec![(op, Outcome::Unavailable { answered: 1, needed: 2, asked: 3 })]);
     }
 
     #[test]

@@ -25,7 +25,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use quiver_ring::{Hlc, NodeId};
+use quiver_ring::wire::ServerError;
+use quiver_ring::{Hlc, NodeId, Siblings};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, oneshot};
@@ -46,13 +47,29 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum PeerRequest {
     /// A heartbeat, carrying the sender's clock.
     Ping { from: NodeId, hlc: Hlc },
+    /// Merge these sibling sets (user keys), as one record, durably.
+    Write { sets: Vec<(Vec<u8>, Siblings)> },
+    /// Every version of a key this replica holds.
+    Read { key: Vec<u8> },
 }
 
 /// The answer to a [`PeerRequest`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PeerReply {
-    /// The answer to a heartbeat: the node, its clock and its wall clock.
-    Pong { from: NodeId, hlc: Hlc, wall_ms: u64 },
+    /// The answer to a heartbeat: the node, its clock and its wall clock,
+    /// and the node ids it knows by name (its own included), so a node that
+    /// restarts learns the ids of peers that are down.
+    Pong {
+        from: NodeId,
+        hlc: Hlc,
+        wall_ms: u64,
+        members: Vec<(String, NodeId)>,
+    },
+    /// The sets are durable here.
+    Written,
+    Found(Option<Siblings>),
+    /// The request failed on the replica.
+    Failed(ServerError),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -72,9 +89,13 @@ pub enum PeerError {
     Tls(#[from] TlsError),
 }
 
-/// What a node does with its peers' requests.
+/// Called once with the answer to a peer's request, from any thread.
+pub type Reply = Box<dyn FnOnce(PeerReply) + Send>;
+
+/// What a node does with its peers' requests. Returns at once; the answer
+/// goes to `reply` when it is ready (a write once it is durable).
 pub trait PeerHandler: Send + Sync + 'static {
-    fn handle(&self, request: PeerRequest) -> PeerReply;
+    fn handle(&self, request: PeerRequest, reply: Reply);
 }
 
 fn transport() -> Arc<quinn::TransportConfig> {
@@ -166,17 +187,36 @@ impl PeerEndpoint {
 }
 
 async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, handler: Arc<dyn PeerHandler>) {
+    let (answers, mut queue) = mpsc::unbounded_channel::<Vec<u8>>();
+    let writer = tokio::spawn(async move {
+        let mut buf = Vec::new();
+        while let Some(frame) = queue.recv().await {
+            buf.clear();
+            buf.extend_from_slice(&frame);
+            while let Ok(more) = queue.try_recv() {
+                buf.extend_from_slice(&more);
+            }
+            if send.write_all(&buf).await.is_err() {
+                break;
+            }
+        }
+        let _ = send.finish();
+    });
     while let Some(body) = read_frame(&mut recv).await {
         let Ok(request) = postcard::from_bytes::<Frame<PeerRequest>>(&body) else { break };
-        let reply = Frame { id: request.id, body: handler.handle(request.body) };
-        let mut out = Vec::new();
-        if quiver_ring::wire::encode_frame(&mut out, &reply, FRAME_BYTES_MAX).is_err()
-            || send.write_all(&out).await.is_err()
-        {
-            break;
-        }
+        let (answers, id) = (answers.clone(), request.id);
+        handler.handle(
+            request.body,
+            Box::new(move |body| {
+                let mut out = Vec::new();
+                if quiver_ring::wire::encode_frame(&mut out, &Frame { id, body }, FRAME_BYTES_MAX).is_ok() {
+                    let _ = answers.send(out);
+                }
+            }),
+        );
     }
-    let _ = send.finish();
+    drop(answers);
+    let _ = writer.await;
 }
 
 /// One frame's body, or `None` at the end of the stream or on a bad frame.
@@ -288,10 +328,18 @@ impl PeerLink {
             }
             answer.await.map_err(|_| self.error("link lost before the answer"))
         };
-        tokio::time::timeout(timeout, attempt).await.map_err(|_| PeerError::Timeout {
-            peer: self.name.clone(),
-            addr: self.addr,
-            timeout,
-        })?
+        match tokio::time::timeout(timeout, attempt).await {
+            Ok(answer) => answer,
+            Err(_) => {
+                // A peer that does not answer may have restarted: the next
+                // call dials a new connection rather than wait on this one.
+                if let Ok(live) = self.live.try_lock() {
+                    if let Some(live) = live.as_ref() {
+                        live.broken.store(true, Ordering::Release);
+                    }
+                }
+                Err(PeerError::Timeout { peer: self.name.clone(), addr: self.addr, timeout })
+            }
+        }
     }
 }

@@ -98,6 +98,23 @@ impl LocalStore {
         self
     }
 
+    /// A replica's part of a write another node coordinated: merges the
+    /// sibling sets (user keys) as one record, as sent, and adopts their
+    /// timestamps (refusing any too far ahead); `done` once durable.
+    pub fn apply_replicated(&self, sets: Vec<(Vec<u8>, Siblings)>, done: Done<()>) {
+        let mut ops = Vec::new();
+        for (key, siblings) in sets {
+            let stored = data_key(&key);
+            for version in siblings.into_versions() {
+                if let Err(error) = self.clock.observe(version.hlc) {
+                    return done(Err(error));
+                }
+                ops.push(storage::Op { key: stored.clone(), version });
+            }
+        }
+        self.engine.write_then(ops, move |result| done(result.map(drop).map_err(storage_error)));
+    }
+
     fn drop_this_write(&self) -> bool {
         self.drop_threshold > 0 && self.drop_rng.next_u64() < self.drop_threshold
     }

@@ -1,0 +1,373 @@
+//! [`ClusterStore`]: the [`Store`] of a node in a cluster. Any node
+//! coordinates: a write goes to each key's N replicas on the ring and is
+//! acknowledged once W of them have it durable; a read asks the N replicas
+//! and answers with the merge of the first R answers. Defaults N=3,
+//! R=W=quorum (2 of 3).
+//!
+//! - Owns: the ring, computed once every configured member's node id is
+//!   known from heartbeats (until then requests are `Unavailable`).
+//! - Receives: requests from the front; the replicas' answers over the
+//!   peer links (this node's own part goes straight to its [`LocalStore`]).
+//! - Does: stamps blind writes (the node's clock, above the client's
+//!   timestamp, never past the deadline); the quorum logic of
+//!   [`super::quorum`], the same code the deterministic simulation runs,
+//!   sends every replica its keys as one record and counts answers per key;
+//!   an operation that does not reach its quorum within [`OP_TIMEOUT`]
+//!   fails with `Unavailable`, naming how many answered of how many were
+//!   needed.
+//! - Hands on: the answer to the front; replicas still being written after
+//!   the answer get their part all the same.
+//!
+//! Not yet here: causal writes across nodes (refused, with a message), read
+//! repair, hinted handoff, consistency per request.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use quiver_ring::ring::{Member, Ring, RingView};
+use quiver_ring::wire::{ErrorKind, ServerError};
+use quiver_ring::{Context, Hlc, NodeId, Siblings};
+
+use super::membership::Membership;
+use super::quorum::{Consistency, DataMessage, OpId, Outcome, Quorum};
+use crate::clock::Clock;
+use crate::lock;
+use crate::net::peer::{PeerReply, PeerRequest};
+use crate::service::{Done, Entries, LocalStore, Store, StoreStatus, Timing};
+use crate::stamping::NodeClock;
+
+/// Replicas per key.
+pub const REPLICAS: usize = 3;
+
+/// How long an operation waits for its quorum.
+pub const OP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Called once with an operation's outcome.
+type Then = Box<dyn FnOnce(Outcome) + Send>;
+
+/// The operations this node coordinates: the quorum logic (the same code
+/// the deterministic simulation runs) and whom to tell when each ends.
+#[derive(Default)]
+struct Coordinating {
+    quorum: Quorum,
+    waiting: BTreeMap<OpId, Then>,
+}
+
+/// A node's store in a cluster.
+pub struct ClusterStore {
+    me: NodeId,
+    name: String,
+    local: Arc<LocalStore>,
+    membership: Arc<Membership>,
+    clock: Arc<NodeClock>,
+    wall: Arc<dyn Clock>,
+    ring: OnceLock<Arc<Ring>>,
+    consistency: Consistency,
+    coordinating: Mutex<Coordinating>,
+}
+
+impl std::fmt::Debug for ClusterStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ClusterStore({}, {} operations in flight)", self.name, lock(&self.coordinating).quorum.in_flight())
+    }
+}
+
+fn unavailable(answered: usize, needed: usize, asked: usize, what: &str) -> ServerError {
+    ServerError::new(
+        ErrorKind::Unavailable,
+        format!("{what}: {answered} of {asked} replicas answered in time, {needed} were needed"),
+    )
+}
+
+/// The error for an outcome that is not the one asked for.
+fn outcome_error(outcome: Outcome, what: &str) -> ServerError {
+    match outcome {
+        Outcome::Unavailable { answered, needed, asked } => unavailable(answered, needed, asked, what),
+        other => ServerError::new(ErrorKind::Internal, format!("{what} ended as {other:?}")),
+    }
+}
+
+impl ClusterStore {
+    pub fn new(
+        me: NodeId,
+        name: String,
+        local: Arc<LocalStore>,
+        membership: Arc<Membership>,
+        clock: Arc<NodeClock>,
+        wall: Arc<dyn Clock>,
+    ) -> ClusterStore {
+        ClusterStore {
+            me,
+            name,
+            local,
+            membership,
+            clock,
+            wall,
+            ring: OnceLock::new(),
+            consistency: Consistency::Quorum,
+            coordinating: Mutex::default(),
+        }
+    }
+
+    /// The ring, once every member's id is known.
+    fn ring(&self) -> Result<Arc<Ring>, ServerError> {
+        if let Some(ring) = self.ring.get() {
+            return Ok(ring.clone());
+        }
+        let mut members =
+            vec![Member { id: self.me, name: self.name.clone(), client_addr: String::new(), peer_addr: String::new() }];
+        for peer in self.membership.peers() {
+            let Some(id) = peer.node_id else {
+                return Err(ServerError::new(
+                    ErrorKind::Unavailable,
+                    format!("the node id of peer {} is not known yet (it has not answered a heartbeat)", peer.name),
+                ));
+            };
+            members.push(Member {
+                id: NodeId(id),
+                name: peer.name,
+                client_addr: String::new(),
+                peer_addr: peer.peer_addr,
+            });
+        }
+        let ring = Arc::new(Ring::new(RingView { epoch: 1, members }));
+        Ok(self.ring.get_or_init(|| ring).clone())
+    }
+
+    /// Starts an operation: `start` makes its messages with the quorum
+    /// logic, `then` gets its outcome. It ends by [`OP_TIMEOUT`] at most.
+    fn run(self: &Arc<Self>, start: impl FnOnce(&mut Quorum, u64) -> (OpId, Vec<(NodeId, DataMessage)>), then: Then) {
+        let deadline = self.wall.now_ms().saturating_add(OP_TIMEOUT.as_millis() as u64);
+        let messages = {
+            let mut coordinating = lock(&self.coordinating);
+            let (op, messages) = start(&mut coordinating.quorum, deadline);
+            coordinating.waiting.insert(op, then);
+            messages
+        };
+        for (to, message) in messages {
+            self.send(to, message);
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(OP_TIMEOUT + Duration::from_millis(1)).await;
+            this.expire();
+        });
+    }
+
+    /// Sends one message to replica `to` (this node's own part straight to
+    /// its local store); its answer goes back to the quorum logic.
+    fn send(self: &Arc<Self>, to: NodeId, message: DataMessage) {
+        let (op, request) = match message {
+            DataMessage::Write { op, sets } => (op, PeerRequest::Write { sets }),
+            DataMessage::Read { op, key } => (op, PeerRequest::Read { key }),
+            DataMessage::WriteAck { .. } | DataMessage::ReadReply { .. } => return,
+        };
+        let this = self.clone();
+        let answer = move |reply: Result<PeerReply, ServerError>| {
+            let message = match reply {
+                Ok(PeerReply::Written) => DataMessage::WriteAck { op },
+                Ok(PeerReply::Found(found)) => DataMessage::ReadReply { op, found },
+                // A failure is no answer: the deadline ends the operation
+                // if too few others answer.
+                _ => return,
+            };
+            this.on_reply(to, message);
+        };
+        if to == self.me {
+            match request {
+                PeerRequest::Write { sets } => {
+                    self.local.apply_replicated(sets, Box::new(move |r| answer(r.map(|()| PeerReply::Written))))
+                }
+                PeerRequest::Read { key } => {
+                    self.local.read_versions(key, Hlc::ZERO, Box::new(move |r| answer(r.map(PeerReply::Found))))
+                }
+                PeerRequest::Ping { .. } => {}
+            }
+            return;
+        }
+        let membership = self.membership.clone();
+        tokio::spawn(async move {
+            let Some(link) = membership.link_to(to) else { return };
+            let reply = link
+                .call(request, OP_TIMEOUT)
+                .await
+                .map_err(|e| ServerError::new(ErrorKind::Unavailable, e.to_string()));
+            answer(reply);
+        });
+    }
+
+    fn on_reply(&self, from: NodeId, message: DataMessage) {
+        let finished = {
+            let mut coordinating = lock(&self.coordinating);
+            let done = coordinating.quorum.on_reply(from, message);
+            done.and_then(|(op, outcome)| coordinating.waiting.remove(&op).map(|then| (then, outcome)))
+        };
+        if let Some((then, outcome)) = finished {
+            then(outcome);
+        }
+    }
+
+    fn expire(&self) {
+        let finished: Vec<(Then, Outcome)> = {
+            let mut coordinating = lock(&self.coordinating);
+            let expired = coordinating.quorum.expire(self.wall.now_ms());
+            expired.into_iter().filter_map(|(op, outcome)| Some((coordinating.waiting.remove(&op)?, outcome))).collect()
+        };
+        for (then, outcome) in finished {
+            then(outcome);
+        }
+    }
+
+    /// Reads `key` from its replicas: the merge of the first R answers.
+    fn read_key(self: &Arc<Self>, key: Vec<u8>, done: Done<Option<Siblings>>) {
+        let ring = match self.ring() {
+            Ok(ring) => ring,
+            Err(error) => return done(Err(error)),
+        };
+        let replicas = ring.preference_list(&key, REPLICAS);
+        let consistency = self.consistency;
+        self.run(
+            move |quorum, deadline| quorum.start_read(&key, &replicas, consistency, deadline),
+            Box::new(move |outcome| match outcome {
+                Outcome::Read(found) => done(Ok(found)),
+                other => done(Err(outcome_error(other, "read"))),
+            }),
+        );
+    }
+}
+
+/// The answers of a multi-key read, gathered in order.
+struct Gather {
+    values: Vec<Option<Option<Vec<u8>>>>,
+    left: usize,
+    failed: bool,
+    done: Option<Done<Vec<Option<Vec<u8>>>>>,
+}
+
+impl Store for Arc<ClusterStore> {
+    fn write(&self, entries: Entries, timing: Timing, done: Done<()>) {
+        let ring = match self.ring() {
+            Ok(ring) => ring,
+            Err(error) => return done(Err(error)),
+        };
+        let stamp = match self.clock.stamp(timing.hlc_seen, Hlc::ZERO, Some(timing.deadline)) {
+            Ok(stamp) => stamp,
+            Err(error) => return done(Err(error)),
+        };
+        let replicas = entries.iter().map(|(key, _)| ring.preference_list(key, REPLICAS)).collect();
+        let sets = entries.into_iter().map(|(key, value)| (key, Siblings::one(stamp.blind(value)))).collect();
+        let consistency = self.consistency;
+        self.run(
+            move |quorum, deadline| quorum.start_write(sets, replicas, consistency, deadline),
+            Box::new(move |outcome| match outcome {
+                Outcome::Written => done(Ok(())),
+                other => done(Err(outcome_error(other, "write"))),
+            }),
+        );
+    }
+
+    fn read(&self, keys: Vec<Vec<u8>>, hlc_seen: Hlc, response_bytes_max: usize, done: Done<Vec<Option<Vec<u8>>>>) {
+        if let Err(error) = self.clock.observe(hlc_seen) {
+            return done(Err(error));
+        }
+        if keys.is_empty() {
+            return done(Ok(Vec::new()));
+        }
+        let gather = Arc::new(Mutex::new(Gather {
+            values: vec![None; keys.len()],
+            left: keys.len(),
+            failed: false,
+            done: Some(done),
+        }));
+        for (i, key) in keys.into_iter().enumerate() {
+            let gather = gather.clone();
+            self.read_key(
+                key,
+                Box::new(move |result| {
+                    let mut g = lock(&gather);
+                    match result {
+                        Ok(found) => {
+                            if let Some(slot) = g.values.get_mut(i) {
+                                *slot = Some(found.and_then(Siblings::into_value));
+                            }
+                            g.left -= 1;
+                        }
+                        Err(error) => {
+                            g.failed = true;
+                            if let Some(done) = g.done.take() {
+                                drop(g);
+                                return done(Err(error));
+                            }
+                            return;
+                        }
+                    }
+                    if g.left > 0 || g.failed {
+                        return;
+                    }
+                    let Some(done) = g.done.take() else { return };
+                    let values: Vec<Option<Vec<u8>>> = g.values.drain(..).map(Option::flatten).collect();
+                    drop(g);
+                    let bytes: usize = values.iter().map(|v| v.as_ref().map_or(0, Vec::len)).sum();
+                    if bytes > response_bytes_max {
+                        return done(Err(ServerError::new(
+                            ErrorKind::ResponseTooLarge,
+                            format!("the values exceed the {response_bytes_max} bytes one response can carry; ask for fewer keys"),
+                        )));
+                    }
+                    done(Ok(values));
+                }),
+            );
+        }
+    }
+
+    fn read_versions(&self, key: Vec<u8>, hlc_seen: Hlc, done: Done<Option<Siblings>>) {
+        if let Err(error) = self.clock.observe(hlc_seen) {
+            return done(Err(error));
+        }
+        self.read_key(key, done);
+    }
+
+    fn write_causal(&self, _key: Vec<u8>, _value: Option<Vec<u8>>, _context: Context, _timing: Timing, done: Done<()>) {
+        done(Err(ServerError::new(
+            ErrorKind::Internal,
+            "writes with a context are not available in a cluster yet (the replica coordinator comes next); \
+             use set and delete",
+        )));
+    }
+
+    fn status(&self) -> Result<StoreStatus, ServerError> {
+        self.local.status()
+    }
+
+    fn hlc(&self) -> Hlc {
+        self.local.hlc()
+    }
+}
+
+/// What a node of a cluster does with its peers' requests: answers
+/// heartbeats, and as a replica merges the sets it is sent (answering once
+/// they are durable) and reads its own versions of a key.
+#[derive(Debug)]
+pub struct ReplicaHandler {
+    pub membership: Arc<Membership>,
+    pub local: Arc<LocalStore>,
+}
+
+impl crate::net::peer::PeerHandler for ReplicaHandler {
+    fn handle(&self, request: PeerRequest, reply: crate::net::peer::Reply) {
+        let answer = |result: Result<PeerReply, ServerError>| match result {
+            Ok(answer) => answer,
+            Err(error) => PeerReply::Failed(error),
+        };
+        match request {
+            PeerRequest::Ping { .. } => reply(self.membership.pong()),
+            PeerRequest::Write { sets } => {
+                self.local.apply_replicated(sets, Box::new(move |r| reply(answer(r.map(|()| PeerReply::Written)))))
+            }
+            PeerRequest::Read { key } => {
+                self.local.read_versions(key, Hlc::ZERO, Box::new(move |r| reply(answer(r.map(PeerReply::Found)))))
+            }
+        }
+    }
+}
