@@ -155,9 +155,11 @@ impl Sim {
         }
     }
 
-    fn step(&mut self) {
+    /// One millisecond: what is due is delivered in a seeded order, what
+    /// passed its deadline ends, and (with `new_ops`) a client may start an
+    /// operation at a coordinator that is up.
+    fn step(&mut self, new_ops: bool) {
         self.now += 1;
-        // Deliver what is due, in a seeded order.
         let mut due = Vec::new();
         let mut i = 0;
         while i < self.network.len() {
@@ -171,7 +173,6 @@ impl Sim {
             let flight = due.swap_remove(self.rng.between(0, due.len() as u64 - 1) as usize);
             self.deliver(flight);
         }
-        // Deadlines.
         let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
         for id in ids {
             let expired = self.nodes.get_mut(&id).map(|n| n.quorum.expire(self.now)).unwrap_or_default();
@@ -179,8 +180,7 @@ impl Sim {
                 self.finish(id, op, outcome);
             }
         }
-        // A client starts an operation at a coordinator that is up.
-        if self.rng.chance(0.5) {
+        if new_ops && self.rng.chance(0.5) {
             let coordinator = NodeId(self.rng.between(1, NODES));
             if Some(coordinator) != self.down {
                 self.start_op(coordinator);
@@ -282,42 +282,16 @@ fn run(seed: u64) -> (usize, usize) {
             // One node stops answering (its data stays).
             sim.down = Some(NodeId(SplitMix64::new(seed).between(1, NODES)));
         }
-        sim.step();
+        sim.step(true);
     }
     // Every operation ends: what is still in flight passes its deadline.
     for _ in 0..=DEADLINE_MS + 1 {
-        sim.step_without_new_ops();
+        sim.step(false);
     }
     let left: usize = sim.nodes.values().map(|n| n.quorum.in_flight()).sum();
     assert_eq!(left, 0, "seed {seed}: operations never ended");
     sim.converge();
     (sim.reads_checked, sim.unavailable)
-}
-
-impl Sim {
-    /// A step in which no client starts anything.
-    fn step_without_new_ops(&mut self) {
-        self.now += 1;
-        let mut due = Vec::new();
-        let mut i = 0;
-        while i < self.network.len() {
-            if self.network[i].at <= self.now {
-                due.push(self.network.swap_remove(i));
-            } else {
-                i += 1;
-            }
-        }
-        for flight in due {
-            self.deliver(flight);
-        }
-        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
-        for id in ids {
-            let expired = self.nodes.get_mut(&id).map(|n| n.quorum.expire(self.now)).unwrap_or_default();
-            for (op, outcome) in expired {
-                self.finish(id, op, outcome);
-            }
-        }
-    }
 }
 
 #[test]

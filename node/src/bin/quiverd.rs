@@ -257,7 +257,9 @@ async fn run(config: Config) -> Result<(), String> {
             let (addr, membership) = join_cluster(&config, name, tls_dir, node_id, &node_clock, &clock, &store)?;
             let cluster =
                 ClusterStore::new(node_id, name.clone(), store, membership.clone(), node_clock.clone(), clock.clone());
-            (addr, Some((name.clone(), membership)), Arc::new(Arc::new(cluster)))
+            let cluster = Arc::new(cluster);
+            cluster.expire_in_background();
+            (addr, Some((name.clone(), membership)), Arc::new(cluster))
         }
         _ => (config.peer_addr.clone(), None, store),
     };

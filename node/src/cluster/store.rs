@@ -43,6 +43,9 @@ pub const REPLICAS: usize = 3;
 /// How long an operation waits for its quorum.
 pub const OP_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How often operations past their deadline are ended.
+const EXPIRY_TICK: Duration = Duration::from_millis(100);
+
 /// Called once with an operation's outcome.
 type Then = Box<dyn FnOnce(Outcome) + Send>;
 
@@ -136,7 +139,9 @@ impl ClusterStore {
     }
 
     /// Starts an operation: `start` makes its messages with the quorum
-    /// logic, `then` gets its outcome. It ends by [`OP_TIMEOUT`] at most.
+    /// logic, `then` gets its outcome. It ends by [`OP_TIMEOUT`] (and an
+    /// [`EXPIRY_TICK`]) at most, once [`ClusterStore::expire_in_background`]
+    /// runs.
     fn run(self: &Arc<Self>, start: impl FnOnce(&mut Quorum, u64) -> (OpId, Vec<(NodeId, DataMessage)>), then: Then) {
         let deadline = self.wall.now_ms().saturating_add(OP_TIMEOUT.as_millis() as u64);
         let messages = {
@@ -148,10 +153,19 @@ impl ClusterStore {
         for (to, message) in messages {
             self.send(to, message);
         }
-        let this = self.clone();
+    }
+
+    /// Ends, every [`EXPIRY_TICK`], the operations past their deadline (as
+    /// `Unavailable`). Runs until the store is dropped.
+    pub fn expire_in_background(self: &Arc<Self>) {
+        let this = Arc::downgrade(self);
         tokio::spawn(async move {
-            tokio::time::sleep(OP_TIMEOUT + Duration::from_millis(1)).await;
-            this.expire();
+            let mut every = tokio::time::interval(EXPIRY_TICK);
+            loop {
+                every.tick().await;
+                let Some(store) = this.upgrade() else { return };
+                store.expire();
+            }
         });
     }
 

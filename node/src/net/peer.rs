@@ -189,17 +189,7 @@ impl PeerEndpoint {
 async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, handler: Arc<dyn PeerHandler>) {
     let (answers, mut queue) = mpsc::unbounded_channel::<Vec<u8>>();
     let writer = tokio::spawn(async move {
-        let mut buf = Vec::new();
-        while let Some(frame) = queue.recv().await {
-            buf.clear();
-            buf.extend_from_slice(&frame);
-            while let Ok(more) = queue.try_recv() {
-                buf.extend_from_slice(&more);
-            }
-            if send.write_all(&buf).await.is_err() {
-                break;
-            }
-        }
+        write_frames(&mut send, &mut queue).await;
         let _ = send.finish();
     });
     while let Some(body) = read_frame(&mut recv).await {
@@ -217,6 +207,22 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, 
     }
     drop(answers);
     let _ = writer.await;
+}
+
+/// Writes the frames queued, every one queued so far in one write, until
+/// the queue closes or the stream fails.
+async fn write_frames(send: &mut quinn::SendStream, queue: &mut mpsc::UnboundedReceiver<Vec<u8>>) {
+    let mut buf = Vec::new();
+    while let Some(frame) = queue.recv().await {
+        buf.clear();
+        buf.extend_from_slice(&frame);
+        while let Ok(more) = queue.try_recv() {
+            buf.extend_from_slice(&more);
+        }
+        if send.write_all(&buf).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// One frame's body, or `None` at the end of the stream or on a bad frame.
@@ -282,17 +288,7 @@ impl PeerLink {
         let broken = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let writer_broken = broken.clone();
         tokio::spawn(async move {
-            let mut buf = Vec::new();
-            while let Some(frame) = queue.recv().await {
-                buf.clear();
-                buf.extend_from_slice(&frame);
-                while let Ok(more) = queue.try_recv() {
-                    buf.extend_from_slice(&more);
-                }
-                if send.write_all(&buf).await.is_err() {
-                    break;
-                }
-            }
+            write_frames(&mut send, &mut queue).await;
             writer_broken.store(true, Ordering::Release);
         });
         let (reader_pending, reader_broken) = (pending.clone(), broken.clone());
