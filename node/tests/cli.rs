@@ -119,6 +119,13 @@ fn status_errors_and_addr_flag() {
     }
     assert!(text.contains(&node.addr));
 
+    let out = quiver(&node.addr, &["status", "--json"], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(json["client_addr"], node.addr.as_str());
+    assert_eq!(json["keys"], 1);
+    assert!(json["peers"].as_array().unwrap().is_empty());
+
     // --addr overrides QUIVER_ADDR.
     let out = quiver("127.0.0.1:1", &["--addr", &node.addr, "get", "k"], None);
     assert_eq!(stdout(&out), "v\n");

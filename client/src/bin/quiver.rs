@@ -69,8 +69,13 @@ enum Command {
         #[arg(long, default_value_t = 10_000)]
         batch: usize,
     },
-    /// Prints the node's id, address, keys, bytes on disk and uptime.
-    Status,
+    /// Prints the node's id, addresses, keys, bytes on disk, uptime, clock
+    /// and, in a cluster, its peers.
+    Status {
+        /// The same, as one JSON object (for scripts).
+        #[arg(long)]
+        json: bool,
+    },
     /// Makes the cluster's TLS material: `init-ca` once, then `node` for
     /// each node.
     #[command(subcommand)]
@@ -264,7 +269,12 @@ fn run(args: Args) -> Result<ExitCode, String> {
             let summary = load::load(&client, &file, batch)?;
             writeln!(out, "{summary}").map_err(|e| e.to_string())?;
         }
-        Command::Status => {
+        Command::Status { json: true } => {
+            let s = client.status().map_err(failed)?;
+            let text = serde_json::to_string_pretty(&s).map_err(|e| e.to_string())?;
+            writeln!(out, "{text}").map_err(|e| e.to_string())?;
+        }
+        Command::Status { json: false } => {
             let s = client.status().map_err(failed)?;
             let uptime = Duration::from_millis(s.uptime_ms);
             writeln!(
