@@ -37,6 +37,11 @@ impl Client {
         Client { inner: self.inner.with_timeout(timeout), runtime: self.runtime }
     }
 
+    /// See [`crate::Client::with_consistency`].
+    pub fn with_consistency(self, consistency: crate::Consistency) -> Client {
+        Client { inner: self.inner.with_consistency(consistency), runtime: self.runtime }
+    }
+
     /// See [`crate::Client::get`].
     pub fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Bytes>> {
         self.runtime.block_on(self.inner.get(key))

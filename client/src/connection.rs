@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use quiver_ring::wire::{self, ErrorKind, NodeInfo, Op, Reply, Request, Response};
+use quiver_ring::wire::{self, Consistency, ErrorKind, NodeInfo, Op, Reply, Request, Response};
 use quiver_ring::Hlc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -46,7 +46,7 @@ impl Connection {
     /// Connects and makes the handshake.
     pub(crate) async fn open(addr: &str, hlc: Arc<AtomicU64>, timeout: Duration) -> Result<Connection> {
         let mut connection = Connection::connect(addr, hlc, timeout).await?;
-        match connection.call(Op::Hello { protocol: wire::PROTOCOL_VERSION }, timeout).await? {
+        match connection.call(Op::Hello { protocol: wire::PROTOCOL_VERSION }, timeout, None).await? {
             Reply::Hello(info) => connection.info = info,
             other => return Err(Error::Protocol(format!("expected the node's hello, got {other:?}"))),
         }
@@ -95,7 +95,12 @@ impl Connection {
 
     /// Sends one request and waits for its answer. A request over the
     /// node's limits is refused here, with the error the node would give.
-    pub(crate) async fn call(&self, op: Op, timeout: Duration) -> Result<wire::Reply> {
+    pub(crate) async fn call(
+        &self,
+        op: Op,
+        timeout: Duration,
+        consistency: Option<Consistency>,
+    ) -> Result<wire::Reply> {
         let limits = &self.info.limits;
         let refused = |e: wire::ServerError| Error::Server { kind: e.kind, message: e.message };
         limits.check(&op).map_err(refused)?;
@@ -103,7 +108,7 @@ impl Connection {
         let mut frame = Vec::new();
         let hlc_seen = Hlc(self.hlc.load(Ordering::Relaxed));
         let deadline = deadline(hlc_seen, timeout);
-        let request = Request { id, hlc_seen, op, deadline };
+        let request = Request { id, hlc_seen, op, deadline, consistency };
         if let Err(too_large) = wire::encode_frame(&mut frame, &request, limits.frame_bytes_max as usize) {
             return Err(refused(
                 limits
@@ -230,7 +235,7 @@ mod tests {
         let connection = Connection::connect(&addr, Arc::default(), timeout).await.unwrap();
         for _ in 0..2 {
             let started = std::time::Instant::now();
-            let call = connection.call(Op::Get { key: b"k".to_vec() }, timeout);
+            let call = connection.call(Op::Get { key: b"k".to_vec() }, timeout, None);
             // A bound on the test, not a timing assertion: a call that never
             // times out must fail the test rather than hang it.
             let result = tokio::time::timeout(Duration::from_secs(60), call).await.expect("the call never timed out");

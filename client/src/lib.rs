@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 pub use error::{Error, Result};
-pub use quiver_ring::wire::{ContextToken, ErrorKind, Limits, NodeStatus, VersionInfo, Versions};
+pub use quiver_ring::wire::{Consistency, ContextToken, ErrorKind, Limits, NodeStatus, VersionInfo, Versions};
 use quiver_ring::wire::{Op, Reply};
 pub use quiver_ring::Hlc;
 use tokio::sync::Mutex;
@@ -56,6 +56,8 @@ pub struct Client {
     reconnecting: Mutex<()>,
     timeout: Duration,
     hlc: Arc<AtomicU64>,
+    /// Asked of the node with every request (`None`: the node's default).
+    consistency: Option<Consistency>,
 }
 
 impl Client {
@@ -71,6 +73,7 @@ impl Client {
             reconnecting: Mutex::new(()),
             timeout: DEFAULT_TIMEOUT,
             hlc: Arc::default(),
+            consistency: None,
         };
         client.connection().await?;
         Ok(client)
@@ -79,6 +82,14 @@ impl Client {
     /// Sets how long each call waits for its answer.
     pub fn with_timeout(mut self, timeout: Duration) -> Client {
         self.timeout = timeout;
+        self
+    }
+
+    /// Sets how many of a key's replicas must answer each call, in a
+    /// cluster (one, quorum or all; by default the node's own default,
+    /// quorum). A single node is its keys' only replica.
+    pub fn with_consistency(mut self, consistency: Consistency) -> Client {
+        self.consistency = Some(consistency);
         self
     }
 
@@ -116,7 +127,7 @@ impl Client {
     }
 
     async fn call(&self, op: Op) -> Result<Reply> {
-        self.connection().await?.call(op, self.timeout).await
+        self.connection().await?.call(op, self.timeout, self.consistency).await
     }
 
     async fn call_done(&self, op: Op) -> Result<()> {

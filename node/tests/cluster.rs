@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use quiver_chaos::node::{free_port, NodeProcess, NodeSpec};
 use quiver_client::blocking::Client;
-use quiver_client::{ErrorKind, NodeStatus};
+use quiver_client::{Consistency, ErrorKind, NodeStatus};
 use quiver_node::net::tls::{init_ca, issue_node};
 
 /// How long a condition on the cluster may take before the test fails
@@ -91,8 +91,9 @@ fn cluster_of_three(dir: &Path) -> (Vec<(&'static str, u16)>, std::path::PathBuf
 
 /// Writes through any node reach a quorum of each key's replicas and are
 /// read through any other; with one node SIGKILLed, quorum reads and writes
-/// go on and nothing acknowledged is lost; with two down, a write is
-/// unavailable (naming the counts); a restarted node serves again.
+/// go on and nothing acknowledged is lost; with two down, a quorum write is
+/// unavailable (naming the counts) while `one` succeeds; a restarted node
+/// serves again.
 #[test]
 fn quorum_writes_and_reads_through_any_node_survive_a_kill() {
     let dir = tempfile::tempdir().unwrap();
@@ -128,6 +129,12 @@ fn quorum_writes_and_reads_through_any_node_survive_a_kill() {
     let error = clients[0].set("key-0", "with two down").unwrap_err();
     assert_eq!(error.kind(), Some(ErrorKind::Unavailable), "{error}");
     assert!(error.to_string().contains("were needed"), "{error}");
+    // At `one`, the node that is up is enough, for writes and reads.
+    let one = Client::connect([nodes[0].addr.clone()]).unwrap().with_consistency(Consistency::One);
+    one.set("key-one", "written at one").unwrap();
+    assert_eq!(one.get("key-one").unwrap().as_deref(), Some(&b"written at one"[..]));
+    let all = Client::connect([nodes[0].addr.clone()]).unwrap().with_consistency(Consistency::All);
+    assert_eq!(all.get("key-one").unwrap_err().kind(), Some(ErrorKind::Unavailable));
 
     nodes[1] = start(dir.path(), &certs, "n2", &ports, &[]);
     let again = Client::connect([nodes[1].addr.clone()]).unwrap();

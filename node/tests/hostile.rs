@@ -22,7 +22,7 @@ struct Raw(TcpStream);
 
 /// A request as a client of this protocol sends it.
 fn request(id: u64, op: Op) -> Request {
-    Request { id, hlc_seen: Hlc::ZERO, op, deadline: Hlc(u64::MAX) }
+    Request { id, hlc_seen: Hlc::ZERO, op, deadline: Hlc(u64::MAX), consistency: None }
 }
 
 impl Raw {

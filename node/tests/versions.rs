@@ -115,10 +115,15 @@ fn raw_call(addr: &str, hlc_seen: Hlc, op: Op) -> Response {
     // A bound on the test, not a timing assertion.
     stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let mut frames = Vec::new();
-    let hello =
-        Request { id: 1, hlc_seen: Hlc::ZERO, op: Op::Hello { protocol: wire::PROTOCOL_VERSION }, deadline: Hlc::ZERO };
+    let hello = Request {
+        id: 1,
+        hlc_seen: Hlc::ZERO,
+        op: Op::Hello { protocol: wire::PROTOCOL_VERSION },
+        deadline: Hlc::ZERO,
+        consistency: None,
+    };
     wire::encode_frame(&mut frames, &hello, usize::MAX).unwrap();
-    let request = Request { id: 2, hlc_seen, op, deadline: Hlc(u64::MAX) };
+    let request = Request { id: 2, hlc_seen, op, deadline: Hlc(u64::MAX), consistency: None };
     wire::encode_frame(&mut frames, &request, usize::MAX).unwrap();
     stream.write_all(&frames).unwrap();
     let mut answer = || {

@@ -61,9 +61,44 @@ pub struct Request {
     pub hlc_seen: Hlc,
     pub op: Op,
     /// A write is not stamped after this (the client's timestamp plus its
-    /// timeout); reads ignore it. Last, so that `id, hlc_seen, Hello` reads
-    /// the same in every protocol version (see [`peek_hello`]).
+    /// timeout); reads ignore it. After `op`, so that `id, hlc_seen, Hello`
+    /// reads the same in every protocol version (see [`peek_hello`]).
     pub deadline: Hlc,
+    /// How many of a key's replicas must answer, in a cluster (`None`: the
+    /// node's default). A single node is its own only replica.
+    pub consistency: Option<Consistency>,
+}
+
+/// How many of a key's replicas must answer a read or acknowledge a write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Consistency {
+    One,
+    Quorum,
+    All,
+}
+
+impl Consistency {
+    /// Answers needed out of `replicas`.
+    pub fn needed(self, replicas: usize) -> usize {
+        match self {
+            Consistency::One => 1.min(replicas),
+            Consistency::Quorum => replicas / 2 + 1,
+            Consistency::All => replicas,
+        }
+    }
+}
+
+impl std::str::FromStr for Consistency {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Consistency, String> {
+        match text {
+            "one" => Ok(Consistency::One),
+            "quorum" => Ok(Consistency::Quorum),
+            "all" => Ok(Consistency::All),
+            other => Err(format!("consistency {other:?}: one of one, quorum, all")),
+        }
+    }
 }
 
 /// What a request asks for.
@@ -550,6 +585,7 @@ mod tests {
             id: 7,
             hlc_seen: Hlc(9),
             deadline: Hlc(10),
+            consistency: Some(Consistency::All),
             op: Op::Set { key: b"k".to_vec(), value: b"v".to_vec() },
         };
         let mut buf = Vec::new();
@@ -565,7 +601,13 @@ mod tests {
         let mut buf = Vec::new();
         encode_frame(
             &mut buf,
-            &Request { id: 300, hlc_seen: Hlc::ZERO, deadline: Hlc::ZERO, op: Op::Get { key: vec![1; 50] } },
+            &Request {
+                id: 300,
+                hlc_seen: Hlc::ZERO,
+                deadline: Hlc::ZERO,
+                consistency: None,
+                op: Op::Get { key: vec![1; 50] },
+            },
             FRAME_BYTES_MAX,
         )
         .unwrap();
@@ -581,6 +623,7 @@ mod tests {
             id: 1,
             hlc_seen: Hlc::ZERO,
             deadline: Hlc::ZERO,
+            consistency: None,
             op: Op::Set { key: b"k".to_vec(), value: vec![0; 1000] },
         };
         let error = encode_frame(&mut buf, &big, 999).unwrap_err();
@@ -657,32 +700,37 @@ mod tests {
         let v2_hello = [0x05, 0x00, 0x07, 0x02];
         assert!(postcard::from_bytes::<Request>(&v2_hello).is_err());
         assert_eq!(peek_hello(&v2_hello), Some((5, 2)));
-        let v3 = Request { id: 6, hlc_seen: Hlc(1), op: Op::Hello { protocol: 3 }, deadline: Hlc(9) };
+        let v3 =
+            Request { id: 6, hlc_seen: Hlc(1), op: Op::Hello { protocol: 3 }, deadline: Hlc(9), consistency: None };
         assert_eq!(peek_hello(&postcard::to_stdvec(&v3).unwrap()), Some((6, 3)));
-        let get = Request { id: 6, hlc_seen: Hlc(1), op: Op::Get { key: vec![7] }, deadline: Hlc(9) };
+        let get =
+            Request { id: 6, hlc_seen: Hlc(1), op: Op::Get { key: vec![7] }, deadline: Hlc(9), consistency: None };
         assert_eq!(peek_hello(&postcard::to_stdvec(&get).unwrap()), None);
     }
 
     #[test]
     fn golden_bytes_pin_every_variant() {
         let key = || b"k".to_vec();
-        let request = |op: Op| Request { id: 1, hlc_seen: Hlc(2), op, deadline: Hlc(3) };
+        let request = |op: Op| Request { id: 1, hlc_seen: Hlc(2), op, deadline: Hlc(3), consistency: None };
         let token = ContextToken(vec![0xab]);
         let requests = [
-            (request(Op::Get { key: key() }), "010200016b03"),
-            (request(Op::GetMany { keys: vec![key(), b"l".to_vec()] }), "01020102016b016c03"),
-            (request(Op::Set { key: key(), value: b"v".to_vec() }), "010202016b017603"),
-            (request(Op::Delete { key: key() }), "010203016b03"),
-            (request(Op::BulkSet { entries: vec![(key(), b"v".to_vec())] }), "01020401016b017603"),
-            (request(Op::Status), "01020503"),
-            (request(Op::Shutdown { token: "t".into() }), "010206017403"),
-            (request(Op::Hello { protocol: 3 }), "0102070303"),
-            (request(Op::GetVersions { key: key() }), "010208016b03"),
+            (request(Op::Get { key: key() }), "010200016b0300"),
+            (request(Op::GetMany { keys: vec![key(), b"l".to_vec()] }), "01020102016b016c0300"),
+            (request(Op::Set { key: key(), value: b"v".to_vec() }), "010202016b01760300"),
+            (request(Op::Delete { key: key() }), "010203016b0300"),
+            (request(Op::BulkSet { entries: vec![(key(), b"v".to_vec())] }), "01020401016b01760300"),
+            (request(Op::Status), "0102050300"),
+            (Request { consistency: Some(Consistency::Quorum), ..request(Op::Status) }, "010205030101"),
+            (Request { consistency: Some(Consistency::One), ..request(Op::Status) }, "010205030100"),
+            (Request { consistency: Some(Consistency::All), ..request(Op::Status) }, "010205030102"),
+            (request(Op::Shutdown { token: "t".into() }), "01020601740300"),
+            (request(Op::Hello { protocol: 3 }), "010207030300"),
+            (request(Op::GetVersions { key: key() }), "010208016b0300"),
             (
                 request(Op::SetWithContext { key: key(), value: Some(b"v".to_vec()), context: token.clone() }),
-                "010209016b01017601ab03",
+                "010209016b01017601ab0300",
             ),
-            (request(Op::SetWithContext { key: key(), value: None, context: token.clone() }), "010209016b0001ab03"),
+            (request(Op::SetWithContext { key: key(), value: None, context: token.clone() }), "010209016b0001ab0300"),
         ];
         let response = |result: Result<Reply, ServerError>| Response { id: 1, hlc: Hlc(2), result };
         let limits =

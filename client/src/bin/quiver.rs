@@ -22,6 +22,10 @@ struct Args {
     /// Seconds to wait for an answer.
     #[arg(long, default_value_t = 30, global = true)]
     timeout: u64,
+    /// In a cluster, how many of a key's replicas must answer: one, quorum
+    /// or all [default: the node's, quorum].
+    #[arg(long, global = true, value_name = "one|quorum|all")]
+    consistency: Option<quiver_client::Consistency>,
     #[command(subcommand)]
     command: Command,
 }
@@ -210,7 +214,10 @@ fn run(args: Args) -> Result<ExitCode, String> {
         _ => None,
     };
     let seeds: Vec<String> = args.addr.split(',').map(str::trim).map(str::to_owned).collect();
-    let client = Client::connect(seeds).map_err(|e| e.to_string())?.with_timeout(Duration::from_secs(args.timeout));
+    let mut client = Client::connect(seeds).map_err(|e| e.to_string())?.with_timeout(Duration::from_secs(args.timeout));
+    if let Some(consistency) = args.consistency {
+        client = client.with_consistency(consistency);
+    }
     let failed = |e: quiver_client::Error| e.to_string();
     let mut out = std::io::stdout().lock();
     match args.command {

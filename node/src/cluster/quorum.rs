@@ -27,24 +27,7 @@ use quiver_ring::{NodeId, Siblings};
 /// A coordinator's id for one operation.
 pub type OpId = u64;
 
-/// How many replicas must answer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Consistency {
-    One,
-    Quorum,
-    All,
-}
-
-impl Consistency {
-    /// Answers needed out of `replicas`.
-    pub fn needed(self, replicas: usize) -> usize {
-        match self {
-            Consistency::One => 1.min(replicas),
-            Consistency::Quorum => replicas / 2 + 1,
-            Consistency::All => replicas,
-        }
-    }
-}
+pub use quiver_ring::wire::Consistency;
 
 /// What replicas and coordinators send each other about data.
 #[derive(Clone, Debug, PartialEq, Eq)]

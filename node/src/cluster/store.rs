@@ -43,6 +43,9 @@ pub const REPLICAS: usize = 3;
 /// How long an operation waits for its quorum.
 pub const OP_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A replica's own read: no client timestamp, no consistency of its own.
+const REPLICA_READ: Timing = Timing { hlc_seen: Hlc::ZERO, deadline: Hlc(u64::MAX), consistency: None };
+
 /// How often operations past their deadline are ended.
 const EXPIRY_TICK: Duration = Duration::from_millis(100);
 
@@ -194,7 +197,7 @@ impl ClusterStore {
                     self.local.apply_replicated(sets, Box::new(move |r| answer(r.map(|()| PeerReply::Written))))
                 }
                 PeerRequest::Read { key } => {
-                    self.local.read_versions(key, Hlc::ZERO, Box::new(move |r| answer(r.map(PeerReply::Found))))
+                    self.local.read_versions(key, REPLICA_READ, Box::new(move |r| answer(r.map(PeerReply::Found))))
                 }
                 PeerRequest::Ping { .. } => {}
             }
@@ -234,13 +237,12 @@ impl ClusterStore {
     }
 
     /// Reads `key` from its replicas: the merge of the first R answers.
-    fn read_key(self: &Arc<Self>, key: Vec<u8>, done: Done<Option<Siblings>>) {
+    fn read_key(self: &Arc<Self>, key: Vec<u8>, consistency: Consistency, done: Done<Option<Siblings>>) {
         let ring = match self.ring() {
             Ok(ring) => ring,
             Err(error) => return done(Err(error)),
         };
         let replicas = ring.preference_list(&key, REPLICAS);
-        let consistency = self.consistency;
         self.run(
             move |quorum, deadline| quorum.start_read(&key, &replicas, consistency, deadline),
             Box::new(move |outcome| match outcome {
@@ -271,7 +273,7 @@ impl Store for Arc<ClusterStore> {
         };
         let replicas = entries.iter().map(|(key, _)| ring.preference_list(key, REPLICAS)).collect();
         let sets = entries.into_iter().map(|(key, value)| (key, Siblings::one(stamp.blind(value)))).collect();
-        let consistency = self.consistency;
+        let consistency = timing.consistency.unwrap_or(self.consistency);
         self.run(
             move |quorum, deadline| quorum.start_write(sets, replicas, consistency, deadline),
             Box::new(move |outcome| match outcome {
@@ -281,8 +283,8 @@ impl Store for Arc<ClusterStore> {
         );
     }
 
-    fn read(&self, keys: Vec<Vec<u8>>, hlc_seen: Hlc, response_bytes_max: usize, done: Done<Vec<Option<Vec<u8>>>>) {
-        if let Err(error) = self.clock.observe(hlc_seen) {
+    fn read(&self, keys: Vec<Vec<u8>>, timing: Timing, response_bytes_max: usize, done: Done<Vec<Option<Vec<u8>>>>) {
+        if let Err(error) = self.clock.observe(timing.hlc_seen) {
             return done(Err(error));
         }
         if keys.is_empty() {
@@ -294,10 +296,12 @@ impl Store for Arc<ClusterStore> {
             failed: false,
             done: Some(done),
         }));
+        let consistency = timing.consistency.unwrap_or(self.consistency);
         for (i, key) in keys.into_iter().enumerate() {
             let gather = gather.clone();
             self.read_key(
                 key,
+                consistency,
                 Box::new(move |result| {
                     let mut g = lock(&gather);
                     match result {
@@ -335,11 +339,11 @@ impl Store for Arc<ClusterStore> {
         }
     }
 
-    fn read_versions(&self, key: Vec<u8>, hlc_seen: Hlc, done: Done<Option<Siblings>>) {
-        if let Err(error) = self.clock.observe(hlc_seen) {
+    fn read_versions(&self, key: Vec<u8>, timing: Timing, done: Done<Option<Siblings>>) {
+        if let Err(error) = self.clock.observe(timing.hlc_seen) {
             return done(Err(error));
         }
-        self.read_key(key, done);
+        self.read_key(key, timing.consistency.unwrap_or(self.consistency), done);
     }
 
     fn write_causal(&self, _key: Vec<u8>, _value: Option<Vec<u8>>, _context: Context, _timing: Timing, done: Done<()>) {
@@ -380,7 +384,7 @@ impl crate::net::peer::PeerHandler for ReplicaHandler {
                 self.local.apply_replicated(sets, Box::new(move |r| reply(answer(r.map(|()| PeerReply::Written)))))
             }
             PeerRequest::Read { key } => {
-                self.local.read_versions(key, Hlc::ZERO, Box::new(move |r| reply(answer(r.map(PeerReply::Found)))))
+                self.local.read_versions(key, REPLICA_READ, Box::new(move |r| reply(answer(r.map(PeerReply::Found)))))
             }
         }
     }

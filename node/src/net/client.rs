@@ -34,7 +34,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::service::Service;
+use crate::service::{Service, Timing};
 
 /// Bytes read from a client socket at once.
 const READ_BUFFER_BYTES: usize = 64 << 10;
@@ -142,7 +142,9 @@ async fn connection(stream: TcpStream, service: Arc<Service>, mut stop: watch::R
         // The answer is queued by whichever thread finishes the request
         // (a reader thread, the engine's), with no task in between.
         let (answering, responses, id) = (service.clone(), responses.clone(), request.id);
-        service.start(request.hlc_seen, request.deadline, request.op, move |result| {
+        let timing =
+            Timing { hlc_seen: request.hlc_seen, deadline: request.deadline, consistency: request.consistency };
+        service.start(timing, request.op, move |result| {
             let _ = responses.send(Response { id, hlc: answering.hlc(), result });
             drop(permit);
         });

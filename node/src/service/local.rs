@@ -158,8 +158,8 @@ impl Store for LocalStore {
     /// whose key range and bloom filter admit its keys: see
     /// [`Engine::value_in_memory`]) is answered right here. Anything else goes
     /// to the reader threads, from the first key that may need a file read.
-    fn read(&self, keys: Vec<Vec<u8>>, hlc_seen: Hlc, response_bytes_max: usize, done: Done<Vec<Option<Vec<u8>>>>) {
-        if let Err(error) = self.clock.observe(hlc_seen) {
+    fn read(&self, keys: Vec<Vec<u8>>, timing: Timing, response_bytes_max: usize, done: Done<Vec<Option<Vec<u8>>>>) {
+        if let Err(error) = self.clock.observe(timing.hlc_seen) {
             return done(Err(error));
         }
         let keys: Vec<Vec<u8>> = keys.iter().map(|key| data_key(key)).collect();
@@ -179,8 +179,8 @@ impl Store for LocalStore {
         self.reads.jobs().submit(Job::Read(job));
     }
 
-    fn read_versions(&self, key: Vec<u8>, hlc_seen: Hlc, done: Done<Option<Siblings>>) {
-        if let Err(error) = self.clock.observe(hlc_seen) {
+    fn read_versions(&self, key: Vec<u8>, timing: Timing, done: Done<Option<Siblings>>) {
+        if let Err(error) = self.clock.observe(timing.hlc_seen) {
             return done(Err(error));
         }
         self.reads.jobs().submit(Job::Task(Box::new(VersionsRead { key: data_key(&key), done })));

@@ -43,12 +43,14 @@ pub struct StoreStatus {
     pub too_many_siblings_refused: u64,
 }
 
-/// The timestamps a write request carries: the highest its client has
-/// seen, and its deadline (it is not stamped after it).
+/// What a request carries besides its operation: the highest timestamp
+/// its client has seen, its deadline (a write is not stamped after it), and
+/// the consistency it asks for (`None`: the node's default).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timing {
     pub hlc_seen: Hlc,
     pub deadline: Hlc,
+    pub consistency: Option<wire::Consistency>,
 }
 
 /// Where the front hands requests that passed its checks. Every call
@@ -63,10 +65,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// The current values of `keys`, in order (`None`: absent or deleted).
     /// Answers [`ErrorKind::ResponseTooLarge`] once the values pass
     /// `response_bytes_max`, without reading further.
-    fn read(&self, keys: Vec<Vec<u8>>, hlc_seen: Hlc, response_bytes_max: usize, done: Done<Vec<Option<Vec<u8>>>>);
+    fn read(&self, keys: Vec<Vec<u8>>, timing: Timing, response_bytes_max: usize, done: Done<Vec<Option<Vec<u8>>>>);
 
     /// Every live version of `key` (`None`: never written).
-    fn read_versions(&self, key: Vec<u8>, hlc_seen: Hlc, done: Done<Option<Siblings>>);
+    fn read_versions(&self, key: Vec<u8>, timing: Timing, done: Done<Option<Siblings>>);
 
     /// A causal write: `value` (`None` deletes) replaces what `context`
     /// covers; `done` once it is durable.
@@ -166,28 +168,21 @@ impl Service {
     /// Handles one request and calls `reply` once with the answer: at once
     /// for what the front answers itself, else when the store has done it
     /// (then from one of its threads, so `reply` must be quick).
-    pub fn start(
-        &self,
-        hlc_seen: Hlc,
-        deadline: Hlc,
-        op: Op,
-        reply: impl FnOnce(Result<Reply, ServerError>) + Send + 'static,
-    ) {
+    pub fn start(&self, timing: Timing, op: Op, reply: impl FnOnce(Result<Reply, ServerError>) + Send + 'static) {
         if let Err(error) = self.wire_limits.check(&op) {
             return reply(Err(error));
         }
-        let timing = Timing { hlc_seen, deadline };
         let response_max = (self.wire_limits.frame_bytes_max as usize).saturating_sub(response_overhead(0));
         match op {
             Op::Get { key } => self.store.read(
                 vec![key],
-                hlc_seen,
+                timing,
                 response_max,
                 Box::new(move |result| reply(result.map(|values| Reply::Value(values.into_iter().next().flatten())))),
             ),
             Op::GetMany { keys } => {
                 let max = response_max.saturating_sub(response_overhead(keys.len()));
-                self.store.read(keys, hlc_seen, max, Box::new(move |result| reply(result.map(Reply::Values))))
+                self.store.read(keys, timing, max, Box::new(move |result| reply(result.map(Reply::Values))))
             }
             Op::Set { key, value } => self.write(vec![(key, Some(value))], timing, reply),
             Op::Delete { key } => self.write(vec![(key, None)], timing, reply),
@@ -196,7 +191,7 @@ impl Service {
                 let for_key = key.clone();
                 self.store.read_versions(
                     key,
-                    hlc_seen,
+                    timing,
                     Box::new(move |result| reply(result.map(|found| versions_reply(&for_key, found)))),
                 )
             }
