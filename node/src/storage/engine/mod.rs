@@ -385,51 +385,32 @@ impl Engine {
         Ok(levels.with_memtables(key, &in_tables))
     }
 
-    /// [`Engine::get`] when it needs no file read: when the value cache
-    /// holds what the current tables have of `key`, or no table may hold it
-    /// (by its key range and bloom filter), the answer comes from memory.
-    /// `None` when a table would have to be read.
-    pub fn get_in_memory(&self, key: &[u8]) -> Option<Option<Siblings>> {
-        let (mut found, in_tables) = self.in_memory(key)?;
-        if let Some(siblings) = in_tables.as_ref().and_then(|t| t.as_ref().as_ref()) {
-            merge_into(&mut found, siblings.clone());
-        }
-        Some(found)
-    }
-
-    /// The value `get` would return for `key` (its winning version's), when
-    /// memory alone answers, as [`Engine::get_in_memory`] does; without
-    /// copying any version but the winner. The winner of a merge is the
-    /// highest `(hlc, origin)` of either side, since nothing dominates the
-    /// highest.
+    /// The value [`Engine::get`] would return for `key` (its winning
+    /// version's), when it needs no file read: when the value cache holds
+    /// what the current tables have of `key`, or no table may hold it (by
+    /// its key range and bloom filter), the answer comes from memory.
+    /// `None` when a table would have to be read. Copies no version but the
+    /// winner: the winner of a merge is the highest `(hlc, origin)` of
+    /// either side, since nothing dominates the highest.
     pub fn value_in_memory(&self, key: &[u8]) -> Option<Option<Vec<u8>>> {
-        let (in_memtables, in_tables) = self.in_memory(key)?;
-        let from_tables = in_tables.as_ref().and_then(|t| t.as_ref().as_ref()).and_then(Siblings::winner);
+        let levels = self.inner.levels();
+        let in_tables = match levels.tables.is_empty() {
+            // No table: nothing cached, nothing to look up.
+            true => Arc::new(None),
+            false => match self.cached_in_tables(&levels, key) {
+                Some(cached) => cached,
+                None if levels.tables.iter().any(|table| table.may_hold(key)) => return None,
+                None => Arc::new(None),
+            },
+        };
+        let in_memtables = levels.in_memtables(key);
+        let from_tables = in_tables.as_ref().as_ref().and_then(Siblings::winner);
         let from_memtables = in_memtables.as_ref().and_then(Siblings::winner);
         let winner = match (from_memtables, from_tables) {
             (Some(m), Some(t)) => Some(if m.order() > t.order() { m } else { t }),
             (m, t) => m.or(t),
         };
         Some(winner.and_then(|v| v.value.clone()))
-    }
-
-    /// What memory holds of `key`: its versions in the memtables, and what
-    /// the tables hold of it when that is known without reading a file
-    /// (from the value cache; `None` inside when no table may hold it).
-    /// `None` when a table would have to be read.
-    #[allow(clippy::type_complexity)]
-    fn in_memory(&self, key: &[u8]) -> Option<(Option<Siblings>, Option<Arc<Option<Siblings>>>)> {
-        let levels = self.inner.levels();
-        if levels.tables.is_empty() {
-            return Some((levels.in_memtables(key), None));
-        }
-        if let Some(in_tables) = self.cached_in_tables(&levels, key) {
-            return Some((levels.in_memtables(key), Some(in_tables)));
-        }
-        if levels.tables.iter().any(|table| table.may_hold(key)) {
-            return None;
-        }
-        Some((levels.in_memtables(key), None))
     }
 
     /// What the tables of `levels` hold of `key`, if the value cache has it

@@ -269,16 +269,14 @@ fn a_read_is_in_memory_only_when_no_table_may_hold_its_key() {
     engine.write_blocking(vec![op(&mut stamper, b"b-flushed", b"1")]).unwrap();
     engine.flush().unwrap();
     engine.write_blocking(vec![op(&mut stamper, b"c-in-memory", b"2")]).unwrap();
-    assert!(engine.get_in_memory(b"b-flushed").is_none(), "a table holds it: the read needs that table");
-    let value =
-        |found: Option<Option<quiver_ring::Siblings>>| found.map(|s| s.and_then(|s| s.value().map(<[u8]>::to_vec)));
-    assert_eq!(value(engine.get_in_memory(b"c-in-memory")), Some(Some(b"2".to_vec())));
+    assert!(engine.value_in_memory(b"b-flushed").is_none(), "a table holds it: the read needs that table");
+    assert_eq!(engine.value_in_memory(b"c-in-memory"), Some(Some(b"2".to_vec())));
     // Outside every table's key range: absent, known from memory.
-    assert_eq!(value(engine.get_in_memory(b"a-never")), Some(None));
+    assert_eq!(engine.value_in_memory(b"a-never"), Some(None));
     // A newer version in memory of a key a table also holds still needs
     // the table (its versions are merged).
     engine.write_blocking(vec![op(&mut stamper, b"b-flushed", b"3")]).unwrap();
-    assert!(engine.get_in_memory(b"b-flushed").is_none());
+    assert!(engine.value_in_memory(b"b-flushed").is_none());
     assert_eq!(value_of(&engine, b"b-flushed").as_deref(), Some(&b"3"[..]));
 }
 
@@ -289,7 +287,7 @@ fn the_value_cache_never_answers_for_tables_that_changed() {
     let opts = Options { background_compaction: false, tombstone_grace_ms: 0, ..Options::default() };
     let (engine, _gate, _sim, _dir) = gated_engine(opts);
     let mut stamper = Stamper::new(NodeId(1), Hlc(0), u64::MAX);
-    let in_memory = |engine: &Engine| engine.get_in_memory(b"k").map(|s| s.and_then(|s| s.value().map(<[u8]>::to_vec)));
+    let in_memory = |engine: &Engine| engine.value_in_memory(b"k");
     engine.write_blocking(vec![op(&mut stamper, b"k", b"1")]).unwrap();
     engine.flush().unwrap();
     assert_eq!(in_memory(&engine), None, "nothing cached yet: the table must be read");
