@@ -149,13 +149,8 @@ impl NodeClock {
         if let Some(skew) = &state.peer_skew {
             return Err(ServerError::new(ErrorKind::ClockSkew, skew.clone()));
         }
-        // What the clock has already passed needs no check (a client echoes
-        // the node's own timestamp back).
-        let seen = seen.max(above);
-        if seen > state.stamper.last() {
-            state.stamper.observe(seen, now).map_err(clock_error)?;
-            self.last.store(state.stamper.last().0, Ordering::Release);
-        }
+        state.stamper.observe(seen.max(above), now).map_err(clock_error)?;
+        self.last.store(state.stamper.last().0, Ordering::Release);
         let stamp = match state.stamper.next(now) {
             Ok(stamp) => stamp,
             Err(error) => {

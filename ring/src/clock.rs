@@ -144,10 +144,15 @@ impl HlcClock {
     }
 
     /// Moves the clock past a timestamp seen elsewhere, unless it is too far
-    /// ahead of the wall clock: then it is refused and not adopted.
+    /// ahead of the wall clock: then it is refused and not adopted. One the
+    /// clock has already passed (a client echoing this clock back) changes
+    /// nothing and is not checked.
     pub fn observe(&mut self, seen: Hlc, now_ms: u64) -> Result<(), ClockError> {
+        if seen <= self.last {
+            return Ok(());
+        }
         self.check(seen, now_ms)?;
-        self.last = self.last.max(seen);
+        self.last = seen;
         Ok(())
     }
 
@@ -203,6 +208,8 @@ mod tests {
         let mut clock = HlcClock::starting_after(Hlc::from_physical_ms(10_000), MAX_OFFSET_MS);
         let error = clock.tick(9_000).unwrap_err();
         assert!(matches!(error, ClockError::AheadOfWall { ahead_ms: 1_000, .. }), "{error}");
+        // Its own timestamp echoed back is not a client's skew.
+        assert_eq!(clock.observe(Hlc::from_physical_ms(10_000), 9_000), Ok(()));
         let next = clock.tick(9_600).unwrap();
         assert!(next > Hlc::from_physical_ms(10_000), "stamps still rise: {next}");
     }
