@@ -158,21 +158,7 @@ impl Membership {
     /// A node out of step with more than half of its peers' clocks refuses
     /// to stamp writes.
     fn apply_clock_rule(&self) {
-        let max = self.clock.max_offset_ms() as i64;
-        let peers = self.peers();
-        let off: Vec<String> = peers
-            .iter()
-            .filter(|p| p.up && p.clock_offset_ms.is_some_and(|o| o.abs() > max))
-            .map(|p| format!("{} ({:+} ms)", p.name, p.clock_offset_ms.unwrap_or_default()))
-            .collect();
-        let skew = (!peers.is_empty() && off.len() * 2 > peers.len()).then(|| {
-            format!(
-                "this node's wall clock is more than the maximum offset of {max} ms away from most of its peers' \
-                 (theirs: {}); it refuses to stamp writes until they agree again",
-                off.join(", ")
-            )
-        });
-        self.clock.set_peer_skew(skew);
+        self.clock.set_peer_skew(peer_skew(&self.peers(), self.clock.max_offset_ms()));
     }
 
     /// Heartbeats every [`HEARTBEAT`] until the task is dropped.
@@ -183,5 +169,47 @@ impl Membership {
             every.tick().await;
             self.heartbeat().await;
         }
+    }
+}
+
+/// Why this node must not stamp writes, if more than half of its
+/// configured `peers` answer with a wall clock further than `max_offset_ms`
+/// from its own (a peer that is down or has no estimate does not count as
+/// off).
+pub fn peer_skew(peers: &[PeerInfo], max_offset_ms: u64) -> Option<String> {
+    let max = i64::try_from(max_offset_ms).unwrap_or(i64::MAX);
+    let off: Vec<String> = peers
+        .iter()
+        .filter_map(|p| p.clock_offset_ms.filter(|o| p.up && o.abs() > max).map(|o| format!("{} ({o:+} ms)", p.name)))
+        .collect();
+    (!peers.is_empty() && off.len() * 2 > peers.len()).then(|| {
+        format!(
+            "this node's wall clock is more than the maximum offset of {max} ms away from most of its peers' \
+             (theirs: {}); it refuses to stamp writes until they agree again",
+            off.join(", ")
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(name: &str, up: bool, offset: Option<i64>) -> PeerInfo {
+        PeerInfo { name: name.into(), peer_addr: String::new(), node_id: Some(1), up, clock_offset_ms: offset }
+    }
+
+    #[test]
+    fn a_node_refuses_only_when_most_of_its_peers_clocks_are_off() {
+        let off = |a: Option<i64>, b: Option<i64>| peer_skew(&[peer("a", true, a), peer("b", true, b)], 500);
+        assert_eq!(off(Some(10), Some(-20)), None);
+        assert_eq!(off(Some(2_000), Some(0)), None, "one of two is not most");
+        let reason = off(Some(2_000), Some(-600)).expect("both are off");
+        assert!(reason.contains("a (+2000 ms)") && reason.contains("b (-600 ms)"), "{reason}");
+        assert_eq!(off(Some(501), Some(-500)), None, "500 ms is within the offset");
+        // A peer that is down, or not yet measured, is not off.
+        assert_eq!(peer_skew(&[peer("a", false, Some(9_000)), peer("b", true, Some(9_000))], 500), None);
+        assert_eq!(peer_skew(&[peer("a", true, None), peer("b", true, Some(9_000))], 500), None);
+        assert_eq!(peer_skew(&[], 500), None);
     }
 }
