@@ -328,7 +328,8 @@ fn join_cluster(
     let peers = config.peer_configs().map_err(|e| e.to_string())?;
     let membership =
         Arc::new(Membership::new(&endpoint, node_id, name.to_owned(), peers, node_clock.clone(), wall.clone()));
-    endpoint.serve(Arc::new(ReplicaHandler { membership: membership.clone(), local: local.clone() }));
+    let limits = config.limits.wire();
+    endpoint.serve(Arc::new(ReplicaHandler { membership: membership.clone(), local: local.clone(), limits }));
     tokio::spawn(membership.clone().run());
     Ok((bound, membership))
 }

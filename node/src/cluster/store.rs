@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use quiver_ring::ring::{Member, Ring, RingView};
-use quiver_ring::wire::{ErrorKind, ServerError};
+use quiver_ring::wire::{self, ErrorKind, ServerError};
 use quiver_ring::{Context, Hlc, NodeId, Siblings};
 
 use super::membership::Membership;
@@ -365,11 +365,31 @@ impl Store for Arc<ClusterStore> {
 
 /// What a node of a cluster does with its peers' requests: answers
 /// heartbeats, and as a replica merges the sets it is sent (answering once
-/// they are durable) and reads its own versions of a key.
+/// they are durable) and reads its own versions of a key. A peer's keys and
+/// values are held to the same limits as a client's (its versions were
+/// merged when they decoded, and their timestamps are checked as they are
+/// adopted).
 #[derive(Debug)]
 pub struct ReplicaHandler {
     pub membership: Arc<Membership>,
     pub local: Arc<LocalStore>,
+    pub limits: wire::Limits,
+}
+
+/// Checks a peer's request against the node's limits, as a client's is.
+pub fn check_peer_request(limits: &wire::Limits, request: &PeerRequest) -> Result<(), ServerError> {
+    match request {
+        PeerRequest::Ping { .. } => Ok(()),
+        PeerRequest::Read { key } => limits.check_key(key),
+        PeerRequest::Write { sets } => sets.iter().try_for_each(|(key, siblings)| {
+            limits.check_key(key)?;
+            siblings
+                .versions()
+                .iter()
+                .filter_map(|v| v.value.as_deref())
+                .try_for_each(|value| limits.check_value(value))
+        }),
+    }
 }
 
 impl crate::net::peer::PeerHandler for ReplicaHandler {
@@ -378,6 +398,9 @@ impl crate::net::peer::PeerHandler for ReplicaHandler {
             Ok(answer) => answer,
             Err(error) => PeerReply::Failed(error),
         };
+        if let Err(error) = check_peer_request(&self.limits, &request) {
+            return reply(PeerReply::Failed(error));
+        }
         match request {
             PeerRequest::Ping { .. } => reply(self.membership.pong()),
             PeerRequest::Write { sets } => {
@@ -387,5 +410,32 @@ impl crate::net::peer::PeerHandler for ReplicaHandler {
                 self.local.read_versions(key, REPLICA_READ, Box::new(move |r| reply(answer(r.map(PeerReply::Found)))))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quiver_ring::Stamp;
+
+    fn set(key: &[u8], value: Vec<u8>) -> (Vec<u8>, Siblings) {
+        (key.to_vec(), Siblings::one(Stamp { node: NodeId(1), hlc: Hlc(1) }.blind(Some(value))))
+    }
+
+    /// A peer's empty or oversized key, or oversized value, is refused with
+    /// the error a client would get, before anything is written.
+    #[test]
+    fn a_peers_request_is_held_to_the_clients_limits() {
+        let limits = wire::Limits { key_bytes_max: 4, value_bytes_max: 8, ..wire::Limits::default() };
+        let kind = |request: PeerRequest| check_peer_request(&limits, &request).err().map(|e| e.kind);
+        assert_eq!(kind(PeerRequest::Write { sets: vec![set(b"k", vec![0; 8])] }), None);
+        assert_eq!(kind(PeerRequest::Write { sets: vec![set(b"", vec![])] }), Some(ErrorKind::EmptyKey));
+        assert_eq!(kind(PeerRequest::Write { sets: vec![set(b"kkkkk", vec![])] }), Some(ErrorKind::KeyTooLarge));
+        assert_eq!(
+            kind(PeerRequest::Write { sets: vec![set(b"k", vec![]), set(b"l", vec![0; 9])] }),
+            Some(ErrorKind::ValueTooLarge)
+        );
+        assert_eq!(kind(PeerRequest::Read { key: vec![] }), Some(ErrorKind::EmptyKey));
+        assert_eq!(kind(PeerRequest::Ping { from: NodeId(1), hlc: Hlc(1) }), None);
     }
 }
