@@ -78,22 +78,9 @@ impl Ring {
         Ring { view, tokens }
     }
 
-    /// The view this ring was computed from.
+    /// The view this ring was computed from: its members and epoch.
     pub fn view(&self) -> &RingView {
         &self.view
-    }
-
-    pub fn epoch(&self) -> u64 {
-        self.view.epoch
-    }
-
-    pub fn members(&self) -> &[Member] {
-        &self.view.members
-    }
-
-    /// The member with `id`, if it is one.
-    pub fn member(&self, id: NodeId) -> Option<&Member> {
-        self.view.members.iter().find(|m| m.id == id)
     }
 
     /// The first `n` distinct nodes clockwise from `token` (fewer if the
