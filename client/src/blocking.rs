@@ -42,6 +42,11 @@ impl Client {
         Client { inner: self.inner.with_consistency(consistency), runtime: self.runtime }
     }
 
+    /// See [`crate::Client::direct`].
+    pub fn direct(self) -> Client {
+        Client { inner: self.inner.direct(), runtime: self.runtime }
+    }
+
     /// See [`crate::Client::get`].
     pub fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Bytes>> {
         self.runtime.block_on(self.inner.get(key))

@@ -13,19 +13,28 @@
 //! # Ok(()) }
 //! ```
 //!
-//! One connection carries every concurrent call (answers are matched by id),
-//! so a single `Client` shared by many tasks keeps many requests in flight.
-//! If the connection breaks, the next call reconnects, trying each seed in
-//! turn. A write that fails with [`Error::is_ambiguous`] may or may not have
-//! been applied. [`blocking::Client`] offers the same calls to plain threads.
+//! The client asks the seed node it connected to for the cluster's ring and
+//! sends each call to a replica of its key, keeping one connection per node;
+//! each connection carries every concurrent call (answers are matched by
+//! id), so a single `Client` shared by many tasks keeps many requests in
+//! flight. When a replica cannot be reached, does not answer in time or is
+//! shutting down, the call goes to the next replica (and, when none is left,
+//! to the seed node, which coordinates any key). A write that fails with
+//! [`Error::is_ambiguous`] may or may not have been applied.
+//! [`blocking::Client`] offers the same calls to plain threads.
 
 pub mod blocking;
 mod connection;
 mod error;
+mod routing;
 
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::Duration;
+use std::task::Poll;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 pub use error::{Error, Result};
@@ -35,6 +44,7 @@ pub use quiver_ring::Hlc;
 use tokio::sync::Mutex;
 
 use connection::Connection;
+use routing::Routes;
 
 /// Locks a mutex, going on after a panic elsewhere poisoned it: the values
 /// behind these locks are replaced whole, never left half-changed.
@@ -45,23 +55,74 @@ pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, 
 /// Default time a call waits for its answer.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How often a client without a ring asks for one again.
+const RING_RETRY: Duration = Duration::from_secs(1);
+
 /// An async Quiver client.
 #[derive(Debug)]
 pub struct Client {
     seeds: Vec<String>,
-    /// The live connection. A plain mutex held only to clone the `Arc`, so
+    /// The connection to the seed node that answered: `status`, `limits`
+    /// and `shutdown_node` go there, and so does everything when there is
+    /// no ring to route by. A plain mutex held only to clone the `Arc`, so
     /// concurrent calls do not queue behind each other.
     current: std::sync::Mutex<Option<Arc<Connection>>>,
-    /// Serialises reconnecting, which awaits.
+    /// Connections to the cluster's nodes, by client address.
+    nodes: std::sync::Mutex<HashMap<String, Arc<Connection>>>,
+    /// Serialises connecting, which awaits.
     reconnecting: Mutex<()>,
+    /// The ring, and when it was last asked for.
+    routes: std::sync::Mutex<(Option<Arc<Routes>>, Option<Instant>)>,
+    /// Route each key to its replicas (else: everything to the seed).
+    routing: bool,
     timeout: Duration,
     hlc: Arc<AtomicU64>,
     /// Asked of the node with every request (`None`: the node's default).
     consistency: Option<Consistency>,
 }
 
+/// Whether a call that failed with `error` on one replica goes on to the
+/// next. A causal write that may have been applied is not sent again (a
+/// second copy would stand beside the first as a sibling).
+fn fails_over(error: &Error, causal: bool) -> bool {
+    match error {
+        Error::Connect { .. } => true,
+        Error::ConnectionLost { .. } | Error::Timeout { .. } => !causal,
+        Error::Server { kind, .. } => matches!(
+            kind,
+            ErrorKind::ShuttingDown | ErrorKind::NotReplica | ErrorKind::StorageFailed | ErrorKind::ClockSkew
+        ),
+        Error::Protocol(_) => false,
+    }
+}
+
+/// Awaits every future, concurrently, and returns their outputs in order.
+async fn join_all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut futures: Vec<Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
+    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (future, output) in futures.iter_mut().zip(outputs.iter_mut()) {
+            if output.is_none() {
+                match future.as_mut().poll(cx) {
+                    Poll::Ready(value) => *output = Some(value),
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+    outputs.into_iter().flatten().collect()
+}
+
 impl Client {
-    /// Connects to the first seed that answers.
+    /// Connects to the first seed that answers and asks it for the ring:
+    /// from then on each key goes to one of its replicas.
     pub async fn connect<I, A>(seeds: I) -> Result<Client>
     where
         I: IntoIterator<Item = A>,
@@ -70,12 +131,16 @@ impl Client {
         let client = Client {
             seeds: seeds.into_iter().map(Into::into).collect(),
             current: std::sync::Mutex::new(None),
+            nodes: std::sync::Mutex::default(),
             reconnecting: Mutex::new(()),
+            routes: std::sync::Mutex::new((None, None)),
+            routing: true,
             timeout: DEFAULT_TIMEOUT,
             hlc: Arc::default(),
             consistency: None,
         };
         client.connection().await?;
+        client.refresh_ring().await;
         Ok(client)
     }
 
@@ -93,11 +158,20 @@ impl Client {
         self
     }
 
+    /// Sends every call to the seed node it connected to, which
+    /// coordinates it, instead of to a replica of each key. Writes with a
+    /// context then work only for keys that node replicates.
+    pub fn direct(mut self) -> Client {
+        self.routing = false;
+        self
+    }
+
     fn live(&self) -> Option<Arc<Connection>> {
         let current = lock(&self.current);
         current.as_ref().filter(|c| !c.is_broken()).cloned()
     }
 
+    /// The seed connection, reconnecting (seed after seed) if it broke.
     async fn connection(&self) -> Result<Arc<Connection>> {
         if let Some(connection) = self.live() {
             return Ok(connection);
@@ -126,12 +200,93 @@ impl Client {
         Err(Error::Connect { addrs: self.seeds.clone(), last })
     }
 
+    /// The connection to the node at `addr`, opened if need be.
+    async fn connection_to(&self, addr: &str) -> Result<Arc<Connection>> {
+        let live = |nodes: &HashMap<String, Arc<Connection>>| nodes.get(addr).filter(|c| !c.is_broken()).cloned();
+        if let Some(connection) = live(&lock(&self.nodes)) {
+            return Ok(connection);
+        }
+        let _one_at_a_time = self.reconnecting.lock().await;
+        if let Some(connection) = live(&lock(&self.nodes)) {
+            return Ok(connection);
+        }
+        let connection = Connection::open(addr, self.hlc.clone(), self.timeout)
+            .await
+            .map_err(|e| Error::Connect { addrs: vec![addr.to_owned()], last: e.to_string() })?;
+        let connection = Arc::new(connection);
+        lock(&self.nodes).insert(addr.to_owned(), connection.clone());
+        Ok(connection)
+    }
+
+    /// Asks the seed node for the ring. Without one (a cluster whose nodes
+    /// have not all answered yet, or a node that failed to say), calls go
+    /// to the seed until a later try succeeds.
+    async fn refresh_ring(&self) {
+        lock(&self.routes).1 = Some(Instant::now());
+        if let Ok(Reply::Ring(info)) = self.call(Op::Ring).await {
+            let routes = Routes::new(info);
+            lock(&self.routes).0 = routes.is_cluster().then(|| Arc::new(routes));
+        }
+    }
+
+    /// The ring to route by, if there is one (asked for again now and then
+    /// while there is none).
+    async fn routes(&self) -> Option<Arc<Routes>> {
+        if !self.routing {
+            return None;
+        }
+        let (routes, asked) = lock(&self.routes).clone();
+        if routes.is_none() && asked.is_none_or(|at| at.elapsed() >= RING_RETRY) {
+            self.refresh_ring().await;
+            return lock(&self.routes).0.clone();
+        }
+        routes
+    }
+
+    /// A call to the seed node.
     async fn call(&self, op: Op) -> Result<Reply> {
         self.connection().await?.call(op, self.timeout, self.consistency).await
     }
 
-    async fn call_done(&self, op: Op) -> Result<()> {
-        match self.call(op).await? {
+    /// A call about `key`, sent to its replicas in turn (see
+    /// [`Client::call_at`]).
+    async fn call_key(&self, key: &[u8], op: Op, causal: bool) -> Result<Reply> {
+        match self.routes().await {
+            Some(routes) => self.call_at(&routes.replicas(key), op, causal).await,
+            None => self.call(op).await,
+        }
+    }
+
+    /// Sends `op` to the first of `targets`, going on to the next when a
+    /// node cannot be reached, does not answer in time or cannot serve it
+    /// (see [`fails_over`]); when every one failed, the seed node
+    /// coordinates it. A node that says it is not a replica of the key
+    /// makes the client ask for the ring again.
+    async fn call_at(&self, targets: &[String], op: Op, causal: bool) -> Result<Reply> {
+        let mut last = None;
+        for addr in targets {
+            let result = match self.connection_to(addr).await {
+                Ok(connection) => connection.call(op.clone(), self.timeout, self.consistency).await,
+                Err(error) => Err(error),
+            };
+            match result {
+                Err(error) if fails_over(&error, causal) => {
+                    if error.kind() == Some(ErrorKind::NotReplica) {
+                        self.refresh_ring().await;
+                    }
+                    last = Some(error);
+                }
+                other => return other,
+            }
+        }
+        match (self.call(op).await, last) {
+            (Err(_), Some(error)) => Err(error),
+            (result, _) => result,
+        }
+    }
+
+    async fn call_done(&self, key: &[u8], op: Op, causal: bool) -> Result<()> {
+        match self.call_key(key, op, causal).await? {
             Reply::Done => Ok(()),
             other => Err(Error::Protocol(format!("expected Done, got {other:?}"))),
         }
@@ -139,18 +294,39 @@ impl Client {
 
     /// The value of `key`, or `None` if it is absent or deleted.
     pub async fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Bytes>> {
-        match self.call(Op::Get { key: key.as_ref().to_vec() }).await? {
+        let key = key.as_ref();
+        match self.call_key(key, Op::Get { key: key.to_vec() }, false).await? {
             Reply::Value(value) => Ok(value.map(Bytes::from)),
             other => Err(Error::Protocol(format!("expected a value, got {other:?}"))),
         }
     }
 
-    /// The values of several keys in one request, in the order asked (like
-    /// Redis MGET). At most the node's bulk entry limit (100,000) per call.
+    /// The values of several keys, in the order asked (like Redis MGET): one
+    /// request per replica set, sent concurrently. At most the node's bulk
+    /// entry limit (100,000) per call.
     pub async fn get_many<K: AsRef<[u8]>>(&self, keys: impl IntoIterator<Item = K>) -> Result<Vec<Option<Bytes>>> {
         let keys: Vec<Vec<u8>> = keys.into_iter().map(|k| k.as_ref().to_vec()).collect();
+        let Some(routes) = self.routes().await else { return self.get_group(&[], keys).await };
+        let groups = routes.split(keys.iter().map(Vec::as_slice));
+        let asks = groups.iter().map(|group| {
+            let keys = group.indices.iter().filter_map(|&i| keys.get(i).cloned()).collect();
+            self.get_group(&group.targets, keys)
+        });
+        let mut values = vec![None; keys.len()];
+        for (group, answer) in groups.iter().zip(join_all(asks.collect()).await) {
+            for (&index, value) in group.indices.iter().zip(answer?) {
+                if let Some(slot) = values.get_mut(index) {
+                    *slot = value;
+                }
+            }
+        }
+        Ok(values)
+    }
+
+    /// One `GetMany` to `targets` (empty: the seed).
+    async fn get_group(&self, targets: &[String], keys: Vec<Vec<u8>>) -> Result<Vec<Option<Bytes>>> {
         let asked = keys.len();
-        match self.call(Op::GetMany { keys }).await? {
+        match self.call_at(targets, Op::GetMany { keys }, false).await? {
             Reply::Values(values) if values.len() == asked => {
                 Ok(values.into_iter().map(|v| v.map(Bytes::from)).collect())
             }
@@ -160,32 +336,56 @@ impl Client {
 
     /// Stores `value` under `key`. Returns once it is durable (fsynced).
     pub async fn set(&self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Result<()> {
-        self.call_done(Op::Set { key: key.as_ref().to_vec(), value: value.as_ref().to_vec() }).await
+        let key = key.as_ref();
+        self.call_done(key, Op::Set { key: key.to_vec(), value: value.as_ref().to_vec() }, false).await
     }
 
     /// Deletes `key`. Returns once the delete is durable. Deleting an absent
     /// key succeeds.
     pub async fn delete(&self, key: impl AsRef<[u8]>) -> Result<()> {
-        self.call_done(Op::Delete { key: key.as_ref().to_vec() }).await
+        let key = key.as_ref();
+        self.call_done(key, Op::Delete { key: key.to_vec() }, false).await
     }
 
-    /// Stores every entry, all or nothing: after a crash either every entry
-    /// is there or none is, and no reader ever sees part of it. A key given
-    /// twice takes its last value. Returns once durable.
+    /// Stores every entry; returns once durable. A key given twice takes
+    /// its last value. On one node, or when every key has the same replicas
+    /// (a cluster of N nodes, N replicas), it is all or nothing: after a
+    /// crash either every entry is there or none is, and no reader sees
+    /// part of it. In a larger cluster the batch is split by replica set,
+    /// one request per set, sent concurrently: each part is all or nothing
+    /// on each replica, but if the call fails, some parts may have been
+    /// applied and others not.
     pub async fn bulk_set<K, V>(&self, entries: impl IntoIterator<Item = (K, V)>) -> Result<()>
     where
         K: AsRef<[u8]>,
         V: AsRef<[u8]>,
     {
-        let entries = entries.into_iter().map(|(k, v)| (k.as_ref().to_vec(), v.as_ref().to_vec())).collect();
-        self.call_done(Op::BulkSet { entries }).await
+        let entries: Vec<(Vec<u8>, Vec<u8>)> =
+            entries.into_iter().map(|(k, v)| (k.as_ref().to_vec(), v.as_ref().to_vec())).collect();
+        let Some(routes) = self.routes().await else { return self.set_group(&[], entries).await };
+        let groups = routes.split(entries.iter().map(|(k, _)| k.as_slice()));
+        let mut entries: Vec<Option<(Vec<u8>, Vec<u8>)>> = entries.into_iter().map(Some).collect();
+        let sets = groups.iter().map(|group| {
+            let part = group.indices.iter().filter_map(|&i| entries.get_mut(i)?.take()).collect();
+            self.set_group(&group.targets, part)
+        });
+        join_all(sets.collect()).await.into_iter().collect()
+    }
+
+    /// One `BulkSet` to `targets` (empty: the seed).
+    async fn set_group(&self, targets: &[String], entries: Vec<(Vec<u8>, Vec<u8>)>) -> Result<()> {
+        match self.call_at(targets, Op::BulkSet { entries }, false).await? {
+            Reply::Done => Ok(()),
+            other => Err(Error::Protocol(format!("expected Done, got {other:?}"))),
+        }
     }
 
     /// Every live version of `key` (value or tombstone, and its timestamp),
     /// oldest first (the last is what [`Client::get`] returns), and the
     /// context to write back with. No versions: the key was never written.
     pub async fn get_versions(&self, key: impl AsRef<[u8]>) -> Result<Versions> {
-        match self.call(Op::GetVersions { key: key.as_ref().to_vec() }).await? {
+        let key = key.as_ref();
+        match self.call_key(key, Op::GetVersions { key: key.to_vec() }, false).await? {
             Reply::Versions(versions) => Ok(versions),
             other => Err(Error::Protocol(format!("expected versions, got {other:?}"))),
         }
@@ -201,14 +401,15 @@ impl Client {
         value: impl AsRef<[u8]>,
         context: &ContextToken,
     ) -> Result<()> {
-        let (key, value) = (key.as_ref().to_vec(), Some(value.as_ref().to_vec()));
-        self.call_done(Op::SetWithContext { key, value, context: context.clone() }).await
+        let (key, value) = (key.as_ref(), Some(value.as_ref().to_vec()));
+        self.call_done(key, Op::SetWithContext { key: key.to_vec(), value, context: context.clone() }, true).await
     }
 
     /// A causal delete: replaces exactly the versions `context` covers with
     /// a tombstone. Returns once durable.
     pub async fn delete_with_context(&self, key: impl AsRef<[u8]>, context: &ContextToken) -> Result<()> {
-        self.call_done(Op::SetWithContext { key: key.as_ref().to_vec(), value: None, context: context.clone() }).await
+        let key = key.as_ref();
+        self.call_done(key, Op::SetWithContext { key: key.to_vec(), value: None, context: context.clone() }, true).await
     }
 
     /// The node's id, addresses, key count, bytes on disk and uptime.
@@ -223,7 +424,10 @@ impl Client {
     /// the node's admin token (the `ADMIN_TOKEN` file in its data
     /// directory); without it the node answers [`ErrorKind::Forbidden`].
     pub async fn shutdown_node(&self, token: &str) -> Result<()> {
-        self.call_done(Op::Shutdown { token: token.to_owned() }).await
+        match self.call(Op::Shutdown { token: token.to_owned() }).await? {
+            Reply::Done => Ok(()),
+            other => Err(Error::Protocol(format!("expected Done, got {other:?}"))),
+        }
     }
 
     /// The limits of the node this client is connected to, as it said when

@@ -283,3 +283,80 @@ fn certs_make_a_cluster_ca_and_node_certificates() {
     let out = quiver("127.0.0.1:1", &["certs", "node", "--name", "n3", "--dir", dir.path().to_str().unwrap()], None);
     assert_eq!(out.status.code(), Some(2), "no CA in that directory");
 }
+
+/// A running `quiver local-cluster`: its nodes as it printed them.
+struct LocalCluster {
+    child: std::process::Child,
+    /// `(name, client address, pid)` of each node.
+    nodes: Vec<(String, String, u32)>,
+}
+
+impl LocalCluster {
+    /// Starts `quiver local-cluster --nodes 3 --dir DIR` and reads its
+    /// lines up to `ready`.
+    fn start(dir: &std::path::Path) -> LocalCluster {
+        use std::io::BufRead;
+        let mut child = Command::new(quiver_bin())
+            .args(["local-cluster", "--nodes", "3", "--dir"])
+            .arg(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut nodes = Vec::new();
+        for line in lines.map_while(Result::ok) {
+            if line == "ready" {
+                return LocalCluster { child, nodes };
+            }
+            // node NAME client=HOST:PORT peer=HOST:PORT pid=PID
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let field = |name: &str| words.iter().find_map(|w| w.strip_prefix(name)).unwrap().to_owned();
+            assert_eq!(words[0], "node", "{line}");
+            nodes.push((words[1].to_owned(), field("client="), field("pid=").parse().unwrap()));
+        }
+        panic!("local-cluster ended before it was ready: {:?}", child.wait());
+    }
+
+    /// SIGTERM, as Ctrl-C would: it stops every node and exits.
+    fn stop(mut self) {
+        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+        assert!(self.child.wait().unwrap().success());
+        for (name, _, pid) in &self.nodes {
+            let alive = Command::new("kill").args(["-0", &pid.to_string()]).stderr(Stdio::null()).status().unwrap();
+            assert!(!alive.success(), "{name} (pid {pid}) still runs after local-cluster stopped");
+        }
+    }
+}
+
+/// `quiver local-cluster` starts three nodes that form one cluster (a
+/// write through one is read through another, and `status` shows the ring
+/// of three, each up), stops them all on SIGTERM, and run again on the same
+/// directory starts the same cluster with its data.
+#[test]
+fn local_cluster_starts_stops_and_restarts_with_its_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(dir.path());
+    let names: Vec<&str> = cluster.nodes.iter().map(|(name, _, _)| name.as_str()).collect();
+    assert_eq!(names, ["n1", "n2", "n3"]);
+    let addr = |i: usize| cluster.nodes[i].1.clone();
+    assert!(quiver(&addr(0), &["set", "greeting", "hello"], None).status.success());
+    assert_eq!(stdout(&quiver(&addr(2), &["get", "greeting"], None)), "hello\n");
+    let status = stdout(&quiver(&addr(1), &["status", "--json"], None));
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let ring = status["ring"].as_array().unwrap();
+    assert_eq!(ring.len(), 3, "{status}");
+    assert!(ring.iter().all(|m| m["up"] == true), "{status}");
+    let shares: u64 = ring.iter().map(|m| m["share_ppm"].as_u64().unwrap()).sum();
+    assert!((999_990..=1_000_010).contains(&shares), "the shares add up to the whole ring: {status}");
+    let first = cluster.nodes.clone();
+    cluster.stop();
+
+    let again = LocalCluster::start(dir.path());
+    let addrs = |nodes: &[(String, String, u32)]| nodes.iter().map(|(_, a, _)| a.clone()).collect::<Vec<_>>();
+    assert_eq!(addrs(&again.nodes), addrs(&first), "the same nodes on the same ports");
+    assert_eq!(stdout(&quiver(&again.nodes[1].1, &["get", "greeting"], None)), "hello\n");
+    again.stop();
+}

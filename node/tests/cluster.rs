@@ -1,7 +1,14 @@
 //! Three real `quiverd` processes on loopback, configured as one cluster:
 //! their heartbeats over QUIC with mutual TLS find each other up; a node
 //! whose wall clock is 2 s off from the others refuses to stamp writes and
-//! says why; a node killed with SIGKILL is seen down.
+//! says why; a node killed with SIGKILL is seen down; quorum reads and
+//! writes through any node survive a kill, and the smart client fails over;
+//! concurrent writes through different coordinators leave the same
+//! versions on every replica; one client's writes through coordinators
+//! whose clocks disagree keep their order.
+//!
+//! Clients made with `direct()` send every call to the node they connected
+//! to (that node coordinates); the others route by the ring.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -10,6 +17,8 @@ use quiver_chaos::node::{free_port, NodeProcess, NodeSpec};
 use quiver_client::blocking::Client;
 use quiver_client::{Consistency, ErrorKind, NodeStatus};
 use quiver_node::net::tls::{init_ca, issue_node};
+use quiver_ring::ring::{Member, Ring, RingView};
+use quiver_ring::NodeId;
 
 /// How long a condition on the cluster may take before the test fails
 /// (a bound, not a timing assertion: heartbeats run every second).
@@ -26,6 +35,11 @@ fn wait_for(client: &Client, what: &str, done: impl Fn(&NodeStatus) -> bool) -> 
         assert!(started.elapsed() < WAIT_MAX, "{what}: never happened; last status {status:?}");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// A client whose calls all go to `node`, which coordinates them.
+fn direct(node: &NodeProcess) -> Client {
+    Client::connect([node.addr.clone()]).unwrap().direct()
 }
 
 fn start(dir: &Path, certs: &Path, name: &str, peer_ports: &[(&str, u16)], extra: &[&str]) -> NodeProcess {
@@ -53,7 +67,7 @@ fn heartbeats_see_peers_up_and_down_and_a_node_out_of_step_refuses_writes() {
     let n1 = start(dir.path(), &certs, "n1", &ports, &[]);
     let mut n2 = start(dir.path(), &certs, "n2", &ports, &[]);
     let n3 = start(dir.path(), &certs, "n3", &ports, &["--debug-clock-offset-ms", "2000"]);
-    let clients: Vec<Client> = [&n1, &n2, &n3].iter().map(|n| Client::connect([n.addr.clone()]).unwrap()).collect();
+    let clients: Vec<Client> = [&n1, &n2, &n3].iter().map(|n| direct(n)).collect();
 
     for client in &clients {
         let status = wait_for(client, "every peer up", |s| s.peers.len() == 2 && s.peers.iter().all(|p| p.up));
@@ -80,9 +94,14 @@ fn heartbeats_see_peers_up_and_down_and_a_node_out_of_step_refuses_writes() {
 }
 
 fn cluster_of_three(dir: &Path) -> (Vec<(&'static str, u16)>, std::path::PathBuf) {
+    cluster_of(dir, &["n1", "n2", "n3"])
+}
+
+/// Certificates and peer ports for nodes `names`.
+fn cluster_of(dir: &Path, names: &[&'static str]) -> (Vec<(&'static str, u16)>, std::path::PathBuf) {
     let certs = dir.join("certs");
     init_ca(&certs).unwrap();
-    let ports: Vec<(&str, u16)> = ["n1", "n2", "n3"].into_iter().map(|n| (n, free_port().unwrap())).collect();
+    let ports: Vec<(&str, u16)> = names.iter().map(|&n| (n, free_port().unwrap())).collect();
     for (name, _) in &ports {
         issue_node(&certs, name, &["127.0.0.1".parse().unwrap()]).unwrap();
     }
@@ -100,10 +119,13 @@ fn quorum_writes_and_reads_through_any_node_survive_a_kill() {
     let (ports, certs) = cluster_of_three(dir.path());
     let mut nodes: Vec<NodeProcess> =
         ["n1", "n2", "n3"].iter().map(|n| start(dir.path(), &certs, n, &ports, &[])).collect();
-    let clients: Vec<Client> = nodes.iter().map(|n| Client::connect([n.addr.clone()]).unwrap()).collect();
+    let clients: Vec<Client> = nodes.iter().map(direct).collect();
     for client in &clients {
         wait_for(client, "every peer up", |s| s.peers.iter().all(|p| p.up));
     }
+    // Seeded with n3 only: it learns the ring from n3, and goes on when n3
+    // is gone.
+    let smart = Client::connect([nodes[2].addr.clone()]).unwrap();
     let entries: Vec<(String, String)> = (0..60).map(|i| (format!("key-{i}"), format!("value-{i}"))).collect();
     for (i, (key, value)) in entries.iter().enumerate() {
         clients[i % 3].set(key, value).unwrap();
@@ -112,6 +134,10 @@ fn quorum_writes_and_reads_through_any_node_survive_a_kill() {
         for (key, value) in &entries {
             assert_eq!(client.get(key).unwrap().as_deref(), Some(value.as_bytes()), "{key}");
         }
+    }
+
+    for (key, value) in &entries {
+        assert_eq!(smart.get(key).unwrap().as_deref(), Some(value.as_bytes()), "{key} through the ring");
     }
 
     nodes[2].kill();
@@ -124,24 +150,166 @@ fn quorum_writes_and_reads_through_any_node_survive_a_kill() {
             assert_eq!(client.get(key).unwrap().as_deref(), Some(value.as_bytes()), "{key} with n3 down");
         }
     }
+    // The smart client fails over from n3 (its seed, and first replica of
+    // about a third of the keys) to the others, for every call.
+    let bulk: Vec<(String, String)> = (0..50).map(|i| (format!("bulk-{i}"), format!("b{i}"))).collect();
+    smart.bulk_set(bulk.iter().map(|(k, v)| (k, v))).unwrap();
+    smart.set("smart", "after n3 died").unwrap();
+    let keys: Vec<&String> = entries.iter().chain(&more).chain(&bulk).map(|(k, _)| k).collect();
+    let values = smart.get_many(&keys).unwrap();
+    for ((key, value), got) in entries.iter().chain(&more).chain(&bulk).zip(values) {
+        assert_eq!(got.as_deref(), Some(value.as_bytes()), "{key} through the smart client with n3 down");
+    }
+    assert_eq!(clients[0].get("smart").unwrap().as_deref(), Some(&b"after n3 died"[..]));
 
     nodes[1].kill();
     let error = clients[0].set("key-0", "with two down").unwrap_err();
     assert_eq!(error.kind(), Some(ErrorKind::Unavailable), "{error}");
     assert!(error.to_string().contains("were needed"), "{error}");
     // At `one`, the node that is up is enough, for writes and reads.
-    let one = Client::connect([nodes[0].addr.clone()]).unwrap().with_consistency(Consistency::One);
+    let one = direct(&nodes[0]).with_consistency(Consistency::One);
     one.set("key-one", "written at one").unwrap();
     assert_eq!(one.get("key-one").unwrap().as_deref(), Some(&b"written at one"[..]));
-    let all = Client::connect([nodes[0].addr.clone()]).unwrap().with_consistency(Consistency::All);
+    let all = direct(&nodes[0]).with_consistency(Consistency::All);
     assert_eq!(all.get("key-one").unwrap_err().kind(), Some(ErrorKind::Unavailable));
 
     nodes[1] = start(dir.path(), &certs, "n2", &ports, &[]);
-    let again = Client::connect([nodes[1].addr.clone()]).unwrap();
+    let again = direct(&nodes[1]);
     wait_for(&clients[0], "n2 seen up again", |s| s.peers.iter().any(|p| p.name == "n2" && p.up));
     clients[0].set("key-0", "after the restart").unwrap();
     assert_eq!(again.get("key-0").unwrap().as_deref(), Some(&b"after the restart"[..]));
     for (key, value) in entries.iter().chain(&more).skip(1) {
         assert_eq!(again.get(key).unwrap().as_deref(), Some(value.as_bytes()), "{key} after the restart");
     }
+}
+
+/// Stops `nodes` (SIGSTOP) while `f` runs, then lets them go on (SIGCONT):
+/// a read at `one` through the node left running then answers with that
+/// node's own versions, the only replica that can answer.
+fn with_paused<T>(nodes: &[&NodeProcess], f: impl FnOnce() -> T) -> T {
+    let signal = |name: &str| {
+        for node in nodes {
+            let status = std::process::Command::new("kill").args([name, &node.pid().to_string()]).status().unwrap();
+            assert!(status.success(), "kill {name} {}", node.pid());
+        }
+    };
+    signal("-STOP");
+    let result = f();
+    signal("-CONT");
+    result
+}
+
+/// `key`'s versions as each node holds them: (value, hlc) pairs.
+fn versions_on_each_node(nodes: &[NodeProcess], key: &str) -> Vec<Vec<(Option<Vec<u8>>, u64)>> {
+    (0..nodes.len())
+        .map(|i| {
+            let others: Vec<&NodeProcess> = nodes.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, n)| n).collect();
+            let own = direct(&nodes[i]).with_consistency(Consistency::One);
+            let versions = with_paused(&others, || own.get_versions(key).unwrap());
+            versions.versions.into_iter().map(|v| (v.value, v.hlc.0)).collect()
+        })
+        .collect()
+}
+
+/// Concurrent blind writes of one key through the three coordinators end
+/// with one winner, the same on every replica; concurrent causal writes
+/// with one context through the three leave three siblings that every
+/// replica reports alike, and a write with their merged context, through
+/// any node, resolves them into one version everywhere.
+#[test]
+fn concurrent_writes_through_different_coordinators_converge() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ports, certs) = cluster_of_three(dir.path());
+    let nodes: Vec<NodeProcess> =
+        ["n1", "n2", "n3"].iter().map(|n| start(dir.path(), &certs, n, &ports, &[])).collect();
+    let clients: Vec<Client> = nodes.iter().map(|n| direct(n).with_consistency(Consistency::All)).collect();
+    for client in &clients {
+        wait_for(client, "every peer up", |s| s.peers.iter().all(|p| p.up));
+    }
+
+    std::thread::scope(|scope| {
+        for (i, client) in clients.iter().enumerate() {
+            scope.spawn(move || {
+                for round in 0..30 {
+                    client.set("blind", format!("n{i}-{round}")).unwrap();
+                }
+            });
+        }
+    });
+    let seen = versions_on_each_node(&nodes, "blind");
+    assert_eq!(seen[0].len(), 1, "one winner: {seen:?}");
+    assert!(seen.iter().all(|v| v == &seen[0]), "every replica holds the same winner: {seen:?}");
+
+    clients[0].set("causal", "base").unwrap();
+    let context = clients[0].get_versions("causal").unwrap().context;
+    std::thread::scope(|scope| {
+        for (i, client) in clients.iter().enumerate() {
+            let context = &context;
+            scope.spawn(move || client.set_with_context("causal", format!("from n{}", i + 1), context).unwrap());
+        }
+    });
+    let seen = versions_on_each_node(&nodes, "causal");
+    let mut values: Vec<Vec<u8>> = seen[0].iter().filter_map(|(v, _)| v.clone()).collect();
+    values.sort();
+    assert_eq!(values, [b"from n1".to_vec(), b"from n2".to_vec(), b"from n3".to_vec()], "three siblings: {seen:?}");
+    assert!(seen.iter().all(|v| v == &seen[0]), "every replica reports the same siblings: {seen:?}");
+
+    let merged = clients[1].get_versions("causal").unwrap();
+    assert_eq!(merged.versions.len(), 3);
+    clients[2].set_with_context("causal", "resolved", &merged.context).unwrap();
+    let seen = versions_on_each_node(&nodes, "causal");
+    for versions in &seen {
+        let values: Vec<Option<Vec<u8>>> = versions.iter().map(|(v, _)| v.clone()).collect();
+        assert_eq!(values, [Some(b"resolved".to_vec())], "resolved on every replica: {seen:?}");
+    }
+}
+
+/// Four nodes. One client writes a key through n1, whose clock runs 400 ms
+/// ahead (within the 500 ms maximum offset); then n1 dies and the client
+/// goes on through n2, which is not a replica of the key and so has seen
+/// none of its versions: every later write still wins, because the client
+/// carries the highest timestamp it has seen and n2 stamps above it.
+#[test]
+fn one_clients_writes_keep_their_order_across_skewed_coordinators() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ports, certs) = cluster_of(dir.path(), &["n1", "n2", "n3", "n4"]);
+    let mut nodes: Vec<NodeProcess> = ["n1", "n2", "n3", "n4"]
+        .iter()
+        .map(|&n| {
+            start(dir.path(), &certs, n, &ports, if n == "n1" { &["--debug-clock-offset-ms", "400"] } else { &[] })
+        })
+        .collect();
+    let ids: Vec<NodeId> = nodes.iter().map(|n| NodeId(direct(n).status().unwrap().node_id)).collect();
+    for node in &nodes {
+        wait_for(&direct(node), "every peer up", |s| s.peers.iter().all(|p| p.up));
+    }
+    let members =
+        ids.iter().map(|&id| Member { id, name: String::new(), client_addr: String::new(), peer_addr: String::new() });
+    let ring = Ring::new(RingView { epoch: 1, members: members.collect() });
+    let key = (0..)
+        .map(|i| format!("ordered-{i}"))
+        .find(|key| !ring.preference_list(key.as_bytes(), 3).contains(&ids[1]))
+        .unwrap();
+
+    // Through n1 while it lives, then through n2 (the next seed).
+    let client = Client::connect([nodes[0].addr.clone(), nodes[1].addr.clone()]).unwrap().direct();
+    for i in 0..40 {
+        if i == 20 {
+            nodes[0].kill();
+        }
+        let value = i.to_string();
+        // The first write after n1 died finds its connection gone (n1
+        // never had it); the client reconnects to n2.
+        let mut attempts = 0;
+        while let Err(error) = client.set(&key, &value) {
+            attempts += 1;
+            assert!(error.is_retryable() && attempts < 5, "write {i}: {error}");
+        }
+        assert_eq!(client.get(&key).unwrap().as_deref(), Some(value.as_bytes()), "write {i} is the latest");
+    }
+    assert_eq!(client.status().unwrap().name, "n2", "the later writes went through n2");
+    nodes[0] = start(dir.path(), &certs, "n1", &ports, &["--debug-clock-offset-ms", "400"]);
+    let all = direct(&nodes[0]).with_consistency(Consistency::All);
+    wait_for(&all, "n1 sees its peers", |s| s.peers.iter().all(|p| p.up));
+    assert_eq!(all.get(&key).unwrap().as_deref(), Some(&b"39"[..]));
 }

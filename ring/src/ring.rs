@@ -83,6 +83,11 @@ impl Ring {
         &self.view
     }
 
+    /// The member with node id `id`.
+    pub fn member(&self, id: NodeId) -> Option<&Member> {
+        self.view.members.iter().find(|m| m.id == id)
+    }
+
     /// The first `n` distinct nodes clockwise from `token` (fewer if the
     /// ring has fewer nodes).
     pub fn preference_list_of_token(&self, token: u64, n: usize) -> Vec<NodeId> {

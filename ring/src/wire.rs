@@ -35,6 +35,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::clock::Hlc;
+use crate::ring::RingView;
 use crate::version::Context;
 
 /// Bytes of the length prefix.
@@ -50,7 +51,7 @@ pub const ADMIN_TOKEN_FILE: &str = "ADMIN_TOKEN";
 /// The protocol this build speaks. 2: connections open with `Hello`, admin
 /// requests carry a token. 3: typed timestamps, write deadlines, versions
 /// and contexts (`GetVersions`, `SetWithContext`).
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// A client's request.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -157,6 +158,10 @@ pub enum Op {
         value: Option<Vec<u8>>,
         context: ContextToken,
     },
+    /// The cluster's ring as this node knows it, for clients that route
+    /// each key to its replicas; answered with [`Reply::Ring`]. A single
+    /// node answers with itself alone.
+    Ring,
 }
 
 /// A read's context as the client holds it: opaque bytes, printable as hex.
@@ -264,6 +269,17 @@ pub enum Reply {
     Hello(NodeInfo),
     /// For `GetVersions`.
     Versions(Versions),
+    /// For `Ring`.
+    Ring(RingInfo),
+}
+
+/// The answer to [`Op::Ring`]: the members (with the addresses clients
+/// reach them at, empty while not known) and how many replicas each key
+/// has.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RingInfo {
+    pub replicas: u32,
+    pub view: RingView,
 }
 
 /// What a node tells a client when a connection opens.
@@ -369,7 +385,7 @@ impl Limits {
                     self.check_value(value)
                 })
             }
-            Op::Status | Op::Shutdown { .. } | Op::Hello { .. } => Ok(()),
+            Op::Status | Op::Shutdown { .. } | Op::Hello { .. } | Op::Ring => Ok(()),
         }
     }
 
@@ -408,6 +424,23 @@ pub struct NodeStatus {
     pub name: String,
     /// The peers it was configured with, as its heartbeats see them.
     pub peers: Vec<PeerInfo>,
+    /// Replicas per key (1 when it runs alone).
+    pub replicas: u32,
+    /// Every member of the ring, this node first (empty until every
+    /// member's node id is known, and when it runs alone).
+    pub ring: Vec<RingMember>,
+}
+
+/// A member of the ring as `status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RingMember {
+    pub name: String,
+    pub node_id: u64,
+    pub up: bool,
+    /// Its share of the ring as the first replica of a key, in millionths.
+    pub share_ppm: u32,
+    /// Its keys (approximate, as `keys` above), as of its last heartbeat.
+    pub keys: Option<u64>,
 }
 
 /// A peer as a node's heartbeats see it.
@@ -417,8 +450,12 @@ pub struct PeerInfo {
     pub peer_addr: String,
     /// Its node id, once it answered.
     pub node_id: Option<u64>,
+    /// Where clients reach it, once it answered.
+    pub client_addr: String,
     /// Whether it answered the last heartbeat.
     pub up: bool,
+    /// Its keys (approximate), as of the last heartbeat it answered.
+    pub keys: Option<u64>,
     /// How far its wall clock is ahead of this node's (negative: behind),
     /// estimated on the last heartbeat it answered.
     pub clock_offset_ms: Option<i64>,
@@ -724,13 +761,14 @@ mod tests {
             (Request { consistency: Some(Consistency::One), ..request(Op::Status) }, "010205030100"),
             (Request { consistency: Some(Consistency::All), ..request(Op::Status) }, "010205030102"),
             (request(Op::Shutdown { token: "t".into() }), "01020601740300"),
-            (request(Op::Hello { protocol: 3 }), "010207030300"),
+            (request(Op::Hello { protocol: 4 }), "010207040300"),
             (request(Op::GetVersions { key: key() }), "010208016b0300"),
             (
                 request(Op::SetWithContext { key: key(), value: Some(b"v".to_vec()), context: token.clone() }),
                 "010209016b01017601ab0300",
             ),
             (request(Op::SetWithContext { key: key(), value: None, context: token.clone() }), "010209016b0001ab0300"),
+            (request(Op::Ring), "01020a0300"),
         ];
         let response = |result: Result<Reply, ServerError>| Response { id: 1, hlc: Hlc(2), result };
         let limits =
@@ -751,9 +789,25 @@ mod tests {
                 name: "p".into(),
                 peer_addr: "q".into(),
                 node_id: Some(7),
+                client_addr: "c".into(),
                 up: true,
+                keys: Some(8),
                 clock_offset_ms: Some(-2),
             }],
+            replicas: 3,
+            ring: vec![RingMember { name: "n".into(), node_id: 1, up: true, share_ppm: 9, keys: None }],
+        };
+        let ring = RingInfo {
+            replicas: 3,
+            view: RingView {
+                epoch: 1,
+                members: vec![crate::ring::Member {
+                    id: crate::NodeId(7),
+                    name: "n".into(),
+                    client_addr: "c".into(),
+                    peer_addr: "p".into(),
+                }],
+            },
         };
         let versions = Versions {
             versions: vec![
@@ -767,9 +821,13 @@ mod tests {
             (response(Ok(Reply::Value(None))), "0102000000"),
             (response(Ok(Reply::Values(vec![Some(b"v".to_vec()), None]))), "010200010201017600"),
             (response(Ok(Reply::Done)), "01020002"),
-            (response(Ok(Reply::Status(status))), "01020003010161016201760203040501017206016e01017001710107010103"),
-            (response(Ok(Reply::Hello(NodeInfo { protocol: 3, node_id: 9, limits }))), "0102000403090102030405"),
+            (
+                response(Ok(Reply::Status(status))),
+                "01020003010161016201760203040501017206016e01017001710107016301010801030301016e01010900",
+            ),
+            (response(Ok(Reply::Hello(NodeInfo { protocol: 4, node_id: 9, limits }))), "0102000404090102030405"),
             (response(Ok(Reply::Versions(versions))), "010200050201017607000801ab"),
+            (response(Ok(Reply::Ring(ring))), "0102000603010107016e01630170"),
             (response(Err(ServerError::new(ErrorKind::Timeout, "m"))), "0102010c016d"),
         ];
         let kinds = [

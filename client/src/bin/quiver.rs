@@ -2,6 +2,8 @@
 
 #[path = "quiver/load.rs"]
 mod load;
+#[path = "quiver/local_cluster.rs"]
+mod local_cluster;
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -74,7 +76,8 @@ enum Command {
         batch: usize,
     },
     /// Prints the node's id, addresses, keys, bytes on disk, uptime, clock
-    /// and, in a cluster, its peers.
+    /// and, in a cluster, its peers and the ring (each node up or down, its
+    /// share of the ring and its keys).
     Status {
         /// The same, as one JSON object (for scripts).
         #[arg(long)]
@@ -84,6 +87,17 @@ enum Command {
     /// each node.
     #[command(subcommand)]
     Certs(Certs),
+    /// Runs a cluster of NODES `quiverd` processes on 127.0.0.1 (needs
+    /// `quiverd` beside `quiver` or on PATH). The first run in DIR makes
+    /// the certificates, ports and settings; later runs start the same
+    /// cluster with its data. Prints each node's addresses and pid, then
+    /// `ready`; Ctrl-C or SIGTERM stops every node.
+    LocalCluster {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        #[arg(long, value_name = "DIR", default_value = "quiver-cluster")]
+        dir: PathBuf,
+    },
     /// Asks the node to shut down gracefully. Needs the node's admin token:
     /// from `--data-dir` (the node's data directory), `--token`, or
     /// `QUIVER_ADMIN_TOKEN`.
@@ -196,6 +210,7 @@ fn run(args: Args) -> Result<ExitCode, String> {
     // Commands that need no node.
     let args = match args.command {
         Command::Certs(command) => return certs(command),
+        Command::LocalCluster { nodes, dir } => return local_cluster::run(nodes, &dir),
         command => Args { command, ..args },
     };
     // Read input before connecting, so bad input fails fast.
@@ -308,12 +323,23 @@ fn run(args: Args) -> Result<ExitCode, String> {
                 writeln!(out, "peer:          {} {} {state} ({id}{clock})", peer.name, peer.peer_addr)
                     .map_err(|e| e.to_string())?;
             }
+            if !s.ring.is_empty() {
+                writeln!(out, "ring:          {} replicas per key; share = keys it is first replica of", s.replicas)
+                    .map_err(|e| e.to_string())?;
+            }
+            for member in &s.ring {
+                let state = if member.up { "up" } else { "down" };
+                let keys = member.keys.map_or_else(|| "keys unknown".to_owned(), |k| format!("{k} keys"));
+                let share = f64::from(member.share_ppm) / 10_000.0;
+                writeln!(out, "  {:<12} {:<4} share {share:>5.1} %  {keys}", member.name, state)
+                    .map_err(|e| e.to_string())?;
+            }
         }
         Command::Shutdown { .. } => {
             client.shutdown_node(&token).map_err(failed)?;
             writeln!(out, "OK").map_err(|e| e.to_string())?;
         }
-        Command::Certs(_) => unreachable!("answered before connecting"),
+        Command::Certs(_) | Command::LocalCluster { .. } => unreachable!("answered before connecting"),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -254,12 +254,13 @@ async fn run(config: Config) -> Result<(), String> {
     let store = Arc::new(store);
     let (peer_addr, cluster, store): (String, _, Arc<dyn Store>) = match (&config.name, &config.tls_dir) {
         (Some(name), Some(tls_dir)) => {
-            let (addr, membership) = join_cluster(&config, name, tls_dir, node_id, &node_clock, &clock, &store)?;
+            let joined = join_cluster(&config, name, tls_dir, node_id, &client_addr, &node_clock, &clock, &store)?;
+            let (addr, membership) = joined;
             let cluster =
-                ClusterStore::new(node_id, name.clone(), store, membership.clone(), node_clock.clone(), clock.clone());
+                ClusterStore::new(node_id, name.clone(), store, membership, node_clock.clone(), clock.clone());
             let cluster = Arc::new(cluster);
             cluster.expire_in_background();
-            (addr, Some((name.clone(), membership)), Arc::new(cluster))
+            (addr, Some(cluster.clone()), Arc::new(cluster) as Arc<dyn Store>)
         }
         _ => (config.peer_addr.clone(), None, store),
     };
@@ -273,8 +274,8 @@ async fn run(config: Config) -> Result<(), String> {
         client_addr.clone(),
         peer_addr.clone(),
     );
-    if let Some((name, membership)) = cluster {
-        service = service.with_cluster(name, membership);
+    if let Some(cluster) = cluster {
+        service = service.with_cluster(cluster);
     }
     let service = Arc::new(service);
 
@@ -312,11 +313,13 @@ async fn run(config: Config) -> Result<(), String> {
 
 /// Binds the peer endpoint with this node's certificate, answers peers'
 /// heartbeats and starts its own. Returns the peer address bound.
+#[allow(clippy::too_many_arguments)]
 fn join_cluster(
     config: &Config,
     name: &str,
     tls_dir: &std::path::Path,
     node_id: quiver_ring::NodeId,
+    client_addr: &str,
     node_clock: &Arc<NodeClock>,
     wall: &Arc<dyn Clock>,
     local: &Arc<LocalStore>,
@@ -326,8 +329,15 @@ fn join_cluster(
     let endpoint = PeerEndpoint::bind(addr, tls).map_err(|e| e.to_string())?;
     let bound = endpoint.local_addr().map_err(|e| e.to_string())?.to_string();
     let peers = config.peer_configs().map_err(|e| e.to_string())?;
-    let membership =
-        Arc::new(Membership::new(&endpoint, node_id, name.to_owned(), peers, node_clock.clone(), wall.clone()));
+    let membership = Arc::new(Membership::new(
+        &endpoint,
+        node_id,
+        name.to_owned(),
+        client_addr.to_owned(),
+        peers,
+        node_clock.clone(),
+        wall.clone(),
+    ));
     let limits = config.limits.wire();
     endpoint.serve(Arc::new(ReplicaHandler { membership: membership.clone(), local: local.clone(), limits }));
     tokio::spawn(membership.clone().run());

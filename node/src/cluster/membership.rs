@@ -22,7 +22,7 @@ use quiver_ring::NodeId;
 
 use crate::clock::Clock;
 use crate::lock;
-use crate::net::peer::{PeerEndpoint, PeerLink, PeerReply, PeerRequest};
+use crate::net::peer::{KnownMember, PeerEndpoint, PeerLink, PeerReply, PeerRequest};
 use crate::stamping::NodeClock;
 
 /// How often each peer is pinged, and how long a ping may take.
@@ -48,6 +48,8 @@ pub struct Membership {
     me: NodeId,
     /// This node's name.
     name: String,
+    /// Where clients reach this node.
+    client_addr: String,
     peers: Vec<Peer>,
     clock: Arc<NodeClock>,
     wall: Arc<dyn Clock>,
@@ -60,6 +62,7 @@ impl Membership {
         endpoint: &PeerEndpoint,
         me: NodeId,
         name: String,
+        client_addr: String,
         peers: Vec<PeerConfig>,
         clock: Arc<NodeClock>,
         wall: Arc<dyn Clock>,
@@ -72,20 +75,31 @@ impl Membership {
                     name: config.name.clone(),
                     peer_addr: config.peer_addr.to_string(),
                     node_id: None,
+                    client_addr: String::new(),
                     up: false,
+                    keys: None,
                     clock_offset_ms: None,
                 }),
                 config,
             })
             .collect();
-        Membership { me, name, peers, clock, wall }
+        Membership { me, name, client_addr, peers, clock, wall }
     }
 
-    /// The answer to a peer's heartbeat.
-    pub fn pong(&self) -> PeerReply {
-        let mut members = vec![(self.name.clone(), self.me)];
-        members.extend(self.peers().into_iter().filter_map(|p| Some((p.name, NodeId(p.node_id?)))));
-        PeerReply::Pong { from: self.me, hlc: self.clock.last(), wall_ms: self.wall.now_ms(), members }
+    /// This node's name and client address.
+    pub fn me(&self) -> KnownMember {
+        KnownMember { name: self.name.clone(), id: self.me, client_addr: self.client_addr.clone() }
+    }
+
+    /// The answer to a peer's heartbeat; `keys` is this node's key count.
+    pub fn pong(&self, keys: u64) -> PeerReply {
+        let mut members = vec![self.me()];
+        members.extend(
+            self.peers()
+                .into_iter()
+                .filter_map(|p| Some(KnownMember { name: p.name, id: NodeId(p.node_id?), client_addr: p.client_addr })),
+        );
+        PeerReply::Pong { from: self.me, hlc: self.clock.last(), wall_ms: self.wall.now_ms(), keys, members }
     }
 
     /// The link to the peer whose node id is `id`, once known.
@@ -116,17 +130,18 @@ impl Membership {
         let answer = peer.link.call(ping, HEARTBEAT).await;
         let received = self.wall.now_ms();
         if let Ok(PeerReply::Pong { members, .. }) = &answer {
-            self.learn_ids(members);
+            self.learn(members);
         }
         let mut seen = lock(&peer.seen);
         match answer {
-            Ok(PeerReply::Pong { from, wall_ms, .. }) => {
+            Ok(PeerReply::Pong { from, wall_ms, keys, .. }) => {
                 let midpoint = sent + received.saturating_sub(sent) / 2;
                 if !seen.up {
                     tracing::info!(peer = %peer.config.name, node_id = from.0, "peer up");
                 }
                 seen.up = true;
                 seen.node_id = Some(from.0);
+                seen.keys = Some(keys);
                 seen.clock_offset_ms = Some(wall_ms as i64 - midpoint as i64);
             }
             Ok(other) => {
@@ -142,14 +157,17 @@ impl Membership {
         }
     }
 
-    /// Takes the node ids a peer knows for peers whose id this node has not
-    /// learned yet.
-    fn learn_ids(&self, members: &[(String, NodeId)]) {
-        for (name, id) in members {
-            if let Some(peer) = self.peers.iter().find(|p| &p.config.name == name) {
+    /// Takes what a peer knows of the members (its own entry included):
+    /// node ids this node has not learned yet, and client addresses.
+    fn learn(&self, members: &[KnownMember]) {
+        for member in members {
+            if let Some(peer) = self.peers.iter().find(|p| p.config.name == member.name) {
                 let mut seen = lock(&peer.seen);
                 if seen.node_id.is_none() {
-                    seen.node_id = Some(id.0);
+                    seen.node_id = Some(member.id.0);
+                }
+                if seen.node_id == Some(member.id.0) && !member.client_addr.is_empty() {
+                    seen.client_addr = member.client_addr.clone();
                 }
             }
         }
@@ -196,7 +214,15 @@ mod tests {
     use super::*;
 
     fn peer(name: &str, up: bool, offset: Option<i64>) -> PeerInfo {
-        PeerInfo { name: name.into(), peer_addr: String::new(), node_id: Some(1), up, clock_offset_ms: offset }
+        PeerInfo {
+            name: name.into(),
+            peer_addr: String::new(),
+            node_id: Some(1),
+            client_addr: String::new(),
+            up,
+            keys: None,
+            clock_offset_ms: offset,
+        }
     }
 
     #[test]

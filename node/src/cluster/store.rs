@@ -18,15 +18,17 @@
 //! - Hands on: the answer to the front; replicas still being written after
 //!   the answer get their part all the same.
 //!
-//! Not yet here: causal writes across nodes (refused, with a message), read
-//! repair, hinted handoff, consistency per request.
+//! A causal write is coordinated by a replica of its key: it makes the
+//! write against its own siblings (design section 5) and sends the key's
+//! whole resulting set to the other replicas; any other node refuses it
+//! with `NotReplica`. Not yet here: read repair and hinted handoff.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use quiver_ring::ring::{Member, Ring, RingView};
-use quiver_ring::wire::{self, ErrorKind, ServerError};
+use quiver_ring::wire::{self, ErrorKind, RingInfo, RingMember, ServerError};
 use quiver_ring::{Context, Hlc, NodeId, Siblings};
 
 use super::membership::Membership;
@@ -71,6 +73,9 @@ pub struct ClusterStore {
     ring: OnceLock<Arc<Ring>>,
     consistency: Consistency,
     coordinating: Mutex<Coordinating>,
+    /// Where the peer calls run: answers arrive on engine threads too (a
+    /// causal write's own part), which are not the runtime's.
+    runtime: tokio::runtime::Handle,
 }
 
 impl std::fmt::Debug for ClusterStore {
@@ -95,6 +100,8 @@ fn outcome_error(outcome: Outcome, what: &str) -> ServerError {
 }
 
 impl ClusterStore {
+    /// A node's store in a cluster; must be made inside the tokio runtime
+    /// its peer links run on.
     pub fn new(
         me: NodeId,
         name: String,
@@ -113,6 +120,7 @@ impl ClusterStore {
             ring: OnceLock::new(),
             consistency: Consistency::Quorum,
             coordinating: Mutex::default(),
+            runtime: tokio::runtime::Handle::current(),
         }
     }
 
@@ -121,8 +129,13 @@ impl ClusterStore {
         if let Some(ring) = self.ring.get() {
             return Ok(ring.clone());
         }
-        let mut members =
-            vec![Member { id: self.me, name: self.name.clone(), client_addr: String::new(), peer_addr: String::new() }];
+        let me = self.membership.me();
+        let mut members = vec![Member {
+            id: self.me,
+            name: self.name.clone(),
+            client_addr: me.client_addr,
+            peer_addr: String::new(),
+        }];
         for peer in self.membership.peers() {
             let Some(id) = peer.node_id else {
                 return Err(ServerError::new(
@@ -141,18 +154,85 @@ impl ClusterStore {
         Ok(self.ring.get_or_init(|| ring).clone())
     }
 
+    /// This node's name in the cluster.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// What its heartbeats know of its peers.
+    pub fn membership(&self) -> &Membership {
+        &self.membership
+    }
+
+    /// The ring as clients see it: the members with the client addresses
+    /// known now (a peer's once it answered a heartbeat).
+    pub fn ring_info(&self) -> Result<RingInfo, ServerError> {
+        let ring = self.ring()?;
+        let peers = self.membership.peers();
+        let mut view = ring.view().clone();
+        for member in view.members.iter_mut().filter(|m| m.id != self.me) {
+            if let Some(peer) = peers.iter().find(|p| p.node_id == Some(member.id.0)) {
+                member.client_addr = peer.client_addr.clone();
+            }
+        }
+        Ok(RingInfo { replicas: REPLICAS as u32, view })
+    }
+
+    /// The ring for `status`: each member, up or not, its share as first
+    /// replica and its keys (empty until the ring is known).
+    pub fn ring_members(&self) -> Vec<RingMember> {
+        let Ok(ring) = self.ring() else { return Vec::new() };
+        let peers = self.membership.peers();
+        let members = ring.view().members.iter().zip(ring.primary_shares());
+        members
+            .map(|(member, share)| {
+                let peer = peers.iter().find(|p| p.node_id == Some(member.id.0));
+                let keys = match peer {
+                    Some(peer) => peer.keys,
+                    None => self.local.status().ok().map(|s| s.keys),
+                };
+                RingMember {
+                    name: member.name.clone(),
+                    node_id: member.id.0,
+                    up: peer.is_none_or(|p| p.up),
+                    share_ppm: (share * 1e6).round() as u32,
+                    keys,
+                }
+            })
+            .collect()
+    }
+
     /// Starts an operation: `start` makes its messages with the quorum
-    /// logic, `then` gets its outcome. It ends by [`OP_TIMEOUT`] (and an
-    /// [`EXPIRY_TICK`]) at most, once [`ClusterStore::expire_in_background`]
-    /// runs.
-    fn run(self: &Arc<Self>, start: impl FnOnce(&mut Quorum, u64) -> (OpId, Vec<(NodeId, DataMessage)>), then: Then) {
+    /// logic, `then` gets its outcome. With `durable_here`, this node
+    /// already has the write durable (a causal write it coordinated): it
+    /// counts as answered and is sent nothing. The operation ends by
+    /// [`OP_TIMEOUT`] (and an [`EXPIRY_TICK`]) at most, once
+    /// [`ClusterStore::expire_in_background`] runs.
+    fn run(
+        self: &Arc<Self>,
+        start: impl FnOnce(&mut Quorum, u64) -> (OpId, Vec<(NodeId, DataMessage)>),
+        durable_here: bool,
+        then: Then,
+    ) {
         let deadline = self.wall.now_ms().saturating_add(OP_TIMEOUT.as_millis() as u64);
-        let messages = {
+        let (mut messages, finished) = {
             let mut coordinating = lock(&self.coordinating);
             let (op, messages) = start(&mut coordinating.quorum, deadline);
-            coordinating.waiting.insert(op, then);
-            messages
+            let finished = durable_here.then(|| coordinating.quorum.on_reply(self.me, DataMessage::WriteAck { op }));
+            match finished.flatten() {
+                Some((_, outcome)) => (messages, Some((then, outcome))),
+                None => {
+                    coordinating.waiting.insert(op, then);
+                    (messages, None)
+                }
+            }
         };
+        if durable_here {
+            messages.retain(|(to, _)| *to != self.me);
+        }
+        if let Some((then, outcome)) = finished {
+            then(outcome);
+        }
         for (to, message) in messages {
             self.send(to, message);
         }
@@ -187,7 +267,14 @@ impl ClusterStore {
                 Ok(PeerReply::Found(found)) => DataMessage::ReadReply { op, found },
                 // A failure is no answer: the deadline ends the operation
                 // if too few others answer.
-                _ => return,
+                Ok(PeerReply::Failed(error)) | Err(error) => {
+                    tracing::debug!(replica = to.0, %error, "a replica did not do its part");
+                    return;
+                }
+                Ok(other) => {
+                    tracing::warn!(replica = to.0, ?other, "a replica answered with something else");
+                    return;
+                }
             };
             this.on_reply(to, message);
         };
@@ -204,7 +291,7 @@ impl ClusterStore {
             return;
         }
         let membership = self.membership.clone();
-        tokio::spawn(async move {
+        self.runtime.spawn(async move {
             let Some(link) = membership.link_to(to) else { return };
             let reply = link
                 .call(request, OP_TIMEOUT)
@@ -243,10 +330,19 @@ impl ClusterStore {
             Err(error) => return done(Err(error)),
         };
         let replicas = ring.preference_list(&key, REPLICAS);
+        let clock = self.clock.clone();
         self.run(
             move |quorum, deadline| quorum.start_read(&key, &replicas, consistency, deadline),
+            false,
             Box::new(move |outcome| match outcome {
-                Outcome::Read(found) => done(Ok(found)),
+                Outcome::Read(found) => {
+                    // Adopt the timestamps read (one too far ahead is not
+                    // adopted; the version is still returned).
+                    if let Some(hlc) = found.as_ref().and_then(|f| f.versions().iter().map(|v| v.hlc).max()) {
+                        let _ = clock.observe(hlc);
+                    }
+                    done(Ok(found))
+                }
                 other => done(Err(outcome_error(other, "read"))),
             }),
         );
@@ -276,6 +372,7 @@ impl Store for Arc<ClusterStore> {
         let consistency = timing.consistency.unwrap_or(self.consistency);
         self.run(
             move |quorum, deadline| quorum.start_write(sets, replicas, consistency, deadline),
+            false,
             Box::new(move |outcome| match outcome {
                 Outcome::Written => done(Ok(())),
                 other => done(Err(outcome_error(other, "write"))),
@@ -346,12 +443,48 @@ impl Store for Arc<ClusterStore> {
         self.read_key(key, timing.consistency.unwrap_or(self.consistency), done);
     }
 
-    fn write_causal(&self, _key: Vec<u8>, _value: Option<Vec<u8>>, _context: Context, _timing: Timing, done: Done<()>) {
-        done(Err(ServerError::new(
-            ErrorKind::Internal,
-            "writes with a context are not available in a cluster yet (the replica coordinator comes next); \
-             use set and delete",
-        )));
+    /// Coordinated by a replica of the key (any other refuses it with
+    /// `NotReplica`): its own causal write, then the key's whole resulting
+    /// sibling set to the other replicas, acknowledged once W of them,
+    /// itself included, have it durable.
+    fn write_causal(&self, key: Vec<u8>, value: Option<Vec<u8>>, context: Context, timing: Timing, done: Done<()>) {
+        let ring = match self.ring() {
+            Ok(ring) => ring,
+            Err(error) => return done(Err(error)),
+        };
+        let replicas = ring.preference_list(&key, REPLICAS);
+        if !replicas.contains(&self.me) {
+            let names: Vec<&str> = replicas.iter().filter_map(|id| ring.member(*id)).map(|m| m.name.as_str()).collect();
+            return done(Err(ServerError::new(
+                ErrorKind::NotReplica,
+                format!(
+                    "node {} does not replicate this key, so it cannot coordinate a write with a context; send it \
+                     to one of its replicas: {}",
+                    self.name,
+                    names.join(", ")
+                ),
+            )));
+        }
+        let consistency = timing.consistency.unwrap_or(self.consistency);
+        let this = self.clone();
+        let replicated_key = key.clone();
+        let replicate = move |result: Result<Siblings, ServerError>| {
+            let set = match result {
+                Ok(set) => set,
+                Err(error) => return done(Err(error)),
+            };
+            this.run(
+                move |quorum, deadline| {
+                    quorum.start_write(vec![(replicated_key, set)], vec![replicas], consistency, deadline)
+                },
+                true,
+                Box::new(move |outcome| match outcome {
+                    Outcome::Written => done(Ok(())),
+                    other => done(Err(outcome_error(other, "write"))),
+                }),
+            );
+        };
+        self.local.write_causal_set(key, value, context, timing, Box::new(replicate));
     }
 
     fn status(&self) -> Result<StoreStatus, ServerError> {
@@ -402,7 +535,7 @@ impl crate::net::peer::PeerHandler for ReplicaHandler {
             return reply(PeerReply::Failed(error));
         }
         match request {
-            PeerRequest::Ping { .. } => reply(self.membership.pong()),
+            PeerRequest::Ping { .. } => reply(self.membership.pong(self.local.status().map_or(0, |s| s.keys))),
             PeerRequest::Write { sets } => {
                 self.local.apply_replicated(sets, Box::new(move |r| reply(answer(r.map(|()| PeerReply::Written)))))
             }

@@ -53,17 +53,27 @@ pub enum PeerRequest {
     Read { key: Vec<u8> },
 }
 
+/// A member as a node knows it: enough for a ring view.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KnownMember {
+    pub name: String,
+    pub id: NodeId,
+    pub client_addr: String,
+}
+
 /// The answer to a [`PeerRequest`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PeerReply {
     /// The answer to a heartbeat: the node, its clock and its wall clock,
-    /// and the node ids it knows by name (its own included), so a node that
-    /// restarts learns the ids of peers that are down.
+    /// its key count, and the members it knows by name (itself included:
+    /// node id and client address), so a node that restarts learns the ids
+    /// of peers that are down.
     Pong {
         from: NodeId,
         hlc: Hlc,
         wall_ms: u64,
-        members: Vec<(String, NodeId)>,
+        keys: u64,
+        members: Vec<KnownMember>,
     },
     /// The sets are durable here.
     Written,

@@ -12,10 +12,11 @@
 //!   be lost), above the client's timestamp and its context, never past its
 //!   deadline; refuses it with `TooManySiblings` if it would leave more than
 //!   [`SIBLINGS_MAX`]; else hands the version to the engine.
-//! - Hands on: the answer once the write is durable; only then is the key's
-//!   lock released and its next waiting write queued. The resulting sibling
-//!   set (local siblings merged with the new version) is what a replica
-//!   coordinator will send to the other replicas in the cluster.
+//! - Hands on: the answer once the write is durable, with the key's
+//!   resulting sibling set (its local siblings merged with the new
+//!   version), which a replica coordinating in a cluster sends to the other
+//!   replicas; only then is the key's lock released and its next waiting
+//!   write queued.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,7 +38,8 @@ pub(super) struct CausalWrite {
     pub value: Option<Vec<u8>>,
     pub context: Context,
     pub timing: Timing,
-    pub done: Done<()>,
+    /// Gets the key's resulting sibling set once the write is durable.
+    pub done: Done<Siblings>,
 }
 
 /// The causal writes of a node.
@@ -101,9 +103,9 @@ impl CausalWrites {
         }
     }
 
-    /// The version to write, or why not: stamped now, above what the
-    /// writer saw, and within the sibling bound.
-    fn version_of(&self, write: &mut CausalWrite, engine: &Engine) -> Result<storage::Op, ServerError> {
+    /// The version to write and the key's sibling set with it, or why not:
+    /// stamped now, above what the writer saw, and within the sibling bound.
+    fn version_of(&self, write: &mut CausalWrite, engine: &Engine) -> Result<(storage::Op, Siblings), ServerError> {
         let local = engine.get(&write.key).map_err(storage_error)?.unwrap_or_default();
         let timing = write.timing;
         let stamp = self.clock.stamp(timing.hlc_seen, write.context.max_hlc, Some(timing.deadline))?;
@@ -121,7 +123,7 @@ impl CausalWrites {
                 ),
             ));
         }
-        Ok(storage::Op { key: write.key.clone(), version })
+        Ok((storage::Op { key: write.key.clone(), version }, after))
     }
 }
 
@@ -129,13 +131,13 @@ impl Task for Running {
     fn run(self: Box<Self>, engine: &Engine) {
         let Running { writes, mut write } = *self;
         match writes.version_of(&mut write, engine) {
-            Ok(op) => {
+            Ok((op, after)) => {
                 let (key, done) = (write.key, write.done);
                 engine.write_then(vec![op], move |result| {
                     // Released only once the write is durable and visible:
                     // the next write of the key reads it.
                     writes.release(&key);
-                    done(result.map(drop).map_err(storage_error));
+                    done(result.map(|_| after).map_err(storage_error));
                 });
             }
             Err(error) => {

@@ -115,6 +115,25 @@ impl LocalStore {
         self.engine.write_then(ops, move |result| done(result.map(drop).map_err(storage_error)));
     }
 
+    /// A causal write (see [`Store::write_causal`]) whose answer is the
+    /// key's resulting sibling set, once durable: what a replica
+    /// coordinating it in a cluster sends to the other replicas.
+    pub fn write_causal_set(
+        &self,
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
+        context: Context,
+        timing: Timing,
+        done: Done<Siblings>,
+    ) {
+        // Refused before it waits for the key's lock: a context from a
+        // clock too far ahead is never adopted.
+        if let Err(error) = self.clock.check(context.max_hlc) {
+            return done(Err(error));
+        }
+        self.causal.submit(CausalWrite { key: data_key(&key), value, context, timing, done });
+    }
+
     fn drop_this_write(&self) -> bool {
         self.drop_threshold > 0 && self.drop_rng.next_u64() < self.drop_threshold
     }
@@ -187,12 +206,7 @@ impl Store for LocalStore {
     }
 
     fn write_causal(&self, key: Vec<u8>, value: Option<Vec<u8>>, context: Context, timing: Timing, done: Done<()>) {
-        // Refused before it waits for the key's lock: a context from a
-        // clock too far ahead is never adopted.
-        if let Err(error) = self.clock.check(context.max_hlc) {
-            return done(Err(error));
-        }
-        self.causal.submit(CausalWrite { key: data_key(&key), value, context, timing, done });
+        self.write_causal_set(key, value, context, timing, Box::new(move |result| done(result.map(drop))));
     }
 
     fn status(&self) -> Result<StoreStatus, ServerError> {

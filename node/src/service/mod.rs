@@ -11,8 +11,9 @@ mod reads;
 
 use std::sync::Arc;
 
+use quiver_ring::ring::{Member, RingView};
 use quiver_ring::wire::{
-    self, ContextToken, ErrorKind, NodeInfo, NodeStatus, Op, Reply, ServerError, VersionInfo, Versions,
+    self, ContextToken, ErrorKind, NodeInfo, NodeStatus, Op, Reply, RingInfo, ServerError, VersionInfo, Versions,
 };
 use quiver_ring::{Context, Hlc, NodeId, Siblings};
 use tokio::sync::watch;
@@ -21,7 +22,7 @@ pub use local::{HeldWrite, LocalStore, WriteHook};
 pub use reads::ReadHook;
 
 use crate::clock::Clock;
-use crate::cluster::membership::Membership;
+use crate::cluster::store::{ClusterStore, REPLICAS};
 use crate::config::Limits;
 use crate::stamping::NodeClock;
 
@@ -96,8 +97,9 @@ pub struct Service {
     started_ms: u64,
     /// Admin requests must carry this.
     admin_token: String,
-    /// The node's name and peers, when it is part of a cluster.
-    cluster: Option<(String, Arc<Membership>)>,
+    /// The node's cluster store (the same as `store`), when it is part of
+    /// a cluster: its name, peers and ring, for `status` and `Ring`.
+    cluster: Option<Arc<ClusterStore>>,
     shutdown: watch::Sender<bool>,
 }
 
@@ -138,10 +140,9 @@ impl Service {
         }
     }
 
-    /// This front for node `name` of a cluster, whose peers `membership`
-    /// follows (they show in `status`).
-    pub fn with_cluster(mut self, name: String, membership: Arc<Membership>) -> Service {
-        self.cluster = Some((name, membership));
+    /// This front for a node of a cluster: `cluster` is also its store.
+    pub fn with_cluster(mut self, cluster: Arc<ClusterStore>) -> Service {
+        self.cluster = Some(cluster);
         self
     }
 
@@ -208,6 +209,7 @@ impl Service {
             Op::Status => reply(self.status()),
             Op::Shutdown { token } => reply(self.shutdown(&token)),
             Op::Hello { protocol } => reply(self.hello(protocol)),
+            Op::Ring => reply(self.ring()),
         }
     }
 
@@ -242,9 +244,25 @@ impl Service {
             max_clock_offset_ms: self.node_clock.max_offset_ms(),
             clock_refusal: self.node_clock.refusal(),
             too_many_siblings_refused: store.too_many_siblings_refused,
-            name: self.cluster.as_ref().map(|(name, _)| name.clone()).unwrap_or_default(),
-            peers: self.cluster.as_ref().map(|(_, membership)| membership.peers()).unwrap_or_default(),
+            name: self.cluster.as_ref().map(|c| c.name().to_owned()).unwrap_or_default(),
+            peers: self.cluster.as_ref().map(|c| c.membership().peers()).unwrap_or_default(),
+            replicas: if self.cluster.is_some() { REPLICAS as u32 } else { 1 },
+            ring: self.cluster.as_ref().map(|c| c.ring_members()).unwrap_or_default(),
         }))
+    }
+
+    /// The ring clients route by: the cluster's, or this node alone.
+    fn ring(&self) -> Result<Reply, ServerError> {
+        if let Some(cluster) = &self.cluster {
+            return cluster.ring_info().map(Reply::Ring);
+        }
+        let me = Member {
+            id: self.node_id,
+            name: String::new(),
+            client_addr: self.client_addr.clone(),
+            peer_addr: self.peer_addr.clone(),
+        };
+        Ok(Reply::Ring(RingInfo { replicas: 1, view: RingView { epoch: 0, members: vec![me] } }))
     }
 
     fn shutdown(&self, token: &str) -> Result<Reply, ServerError> {

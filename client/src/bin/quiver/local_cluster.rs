@@ -1,0 +1,262 @@
+//! `quiver local-cluster`: a cluster of `quiverd` processes on this
+//! machine, on 127.0.0.1, for trying Quiver out and for local tests.
+//!
+//! The first run in a directory makes the cluster CA and each node's
+//! certificate (`certs/`), picks free ports, and writes each node's
+//! settings (`nN.toml`, which `quiverd --config` reads) and the list of
+//! nodes (`cluster.txt`); later runs start the same nodes on the same ports
+//! with their data (`nN/`). Each node logs to `nN.log`. Once every node
+//! sees the whole ring, it prints one line per node and `ready`; Ctrl-C or
+//! SIGTERM stops them all gracefully.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use quiver_client::Client;
+
+/// The list of nodes in a cluster directory.
+const MANIFEST: &str = "cluster.txt";
+
+/// How long the nodes may take to find each other.
+const READY_WITHIN: Duration = Duration::from_secs(60);
+
+/// How long a node may take to stop after SIGTERM before it is killed.
+const STOP_WITHIN: Duration = Duration::from_secs(30);
+
+/// One node of the local cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct LocalNode {
+    name: String,
+    client_addr: String,
+    peer_addr: String,
+}
+
+/// `text` as a TOML basic string.
+fn toml_string(text: &str) -> String {
+    format!("\"{}\"", text.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// Reads the nodes of the cluster in `dir`, if one was made there.
+fn read_manifest(dir: &Path) -> Result<Option<Vec<LocalNode>>, String> {
+    let path = dir.join(MANIFEST);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let nodes = text
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| match line.split_whitespace().collect::<Vec<_>>().as_slice() {
+            [name, client, peer] => {
+                Ok(LocalNode { name: (*name).into(), client_addr: (*client).into(), peer_addr: (*peer).into() })
+            }
+            _ => Err(format!("{}: cannot read the line {line:?}", path.display())),
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    Ok(Some(nodes))
+}
+
+/// Makes a new cluster of `count` nodes in `dir`: certificates, ports,
+/// settings and the manifest.
+fn create(dir: &Path, count: usize) -> Result<Vec<LocalNode>, String> {
+    use quiver_node::net::tls;
+    let certs = dir.join("certs");
+    tls::init_ca(&certs).map_err(|e| e.to_string())?;
+    // Every port is held until all are picked, so none is picked twice.
+    let listeners = (0..count * 2)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("picking a free port: {e}")))
+        .collect::<Result<Vec<_>, String>>()?;
+    let ports = listeners.iter().map(|l| l.local_addr().map(|a| a.port())).collect::<Result<Vec<_>, _>>();
+    let ports = ports.map_err(|e| e.to_string())?;
+    drop(listeners);
+    let nodes: Vec<LocalNode> = (0..count)
+        .map(|i| LocalNode {
+            name: format!("n{}", i + 1),
+            client_addr: format!("127.0.0.1:{}", ports.get(2 * i).copied().unwrap_or(0)),
+            peer_addr: format!("127.0.0.1:{}", ports.get(2 * i + 1).copied().unwrap_or(0)),
+        })
+        .collect();
+    let loopback = ["127.0.0.1".parse().map_err(|e| format!("{e}"))?];
+    for node in &nodes {
+        tls::issue_node(&certs, &node.name, &loopback).map_err(|e| e.to_string())?;
+        let peers: Vec<String> = nodes
+            .iter()
+            .filter(|other| other.name != node.name)
+            .map(|other| toml_string(&format!("{}={}", other.name, other.peer_addr)))
+            .collect();
+        let settings = format!(
+            "# Written by `quiver local-cluster`.\ndata_dir = {}\nclient_addr = {}\npeer_addr = {}\nname = {}\n\
+             tls_dir = {}\npeers = [{}]\n",
+            toml_string(&dir.join(&node.name).display().to_string()),
+            toml_string(&node.client_addr),
+            toml_string(&node.peer_addr),
+            toml_string(&node.name),
+            toml_string(&certs.display().to_string()),
+            peers.join(", "),
+        );
+        let path = dir.join(format!("{}.toml", node.name));
+        std::fs::write(&path, settings).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    let manifest: String = nodes.iter().map(|n| format!("{} {} {}\n", n.name, n.client_addr, n.peer_addr)).collect();
+    let path = dir.join(MANIFEST);
+    std::fs::write(&path, manifest).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(nodes)
+}
+
+/// `quiverd`: beside this program, else on `PATH`.
+fn find_quiverd() -> Result<PathBuf, String> {
+    let beside = std::env::current_exe().ok().and_then(|exe| Some(exe.parent()?.join("quiverd")));
+    let on_path = std::env::var_os("PATH")
+        .and_then(|path| std::env::split_paths(&path).map(|p| p.join("quiverd")).find(|p| p.is_file()));
+    beside.filter(|p| p.is_file()).or(on_path).ok_or_else(|| {
+        "quiverd was not found beside quiver or on PATH: build both with `cargo build --release --bins`".to_owned()
+    })
+}
+
+/// Starts node `node` of the cluster in `dir`, its log appended to
+/// `dir/NAME.log`.
+fn spawn(quiverd: &Path, dir: &Path, node: &LocalNode) -> Result<Child, String> {
+    let log_path = dir.join(format!("{}.log", node.name));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| format!("{}: {e}", log_path.display()))?;
+    Command::new(quiverd)
+        .arg("--config")
+        .arg(dir.join(format!("{}.toml", node.name)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("starting {}: {e}", quiverd.display()))
+}
+
+/// Waits until every node answers and sees every member of the ring up.
+async fn wait_ready(nodes: &[LocalNode], children: &mut [Child], dir: &Path) -> Result<(), String> {
+    let started = Instant::now();
+    for (node, child) in nodes.iter().zip(children.iter_mut()) {
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!(
+                    "{} exited ({status}); see {}",
+                    node.name,
+                    dir.join(format!("{}.log", node.name)).display()
+                ));
+            }
+            let status = match Client::connect([node.client_addr.clone()]).await {
+                Ok(client) => client.direct().status().await.ok(),
+                Err(_) => None,
+            };
+            if status.is_some_and(|s| s.ring.len() == nodes.len() && s.ring.iter().all(|m| m.up)) {
+                break;
+            }
+            if started.elapsed() > READY_WITHIN {
+                return Err(format!("{} did not see the whole cluster within {READY_WITHIN:?}", node.name));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
+}
+
+/// Stops every node still running: SIGTERM, then SIGKILL after
+/// [`STOP_WITHIN`].
+fn stop(nodes: &[LocalNode], children: &mut [Child]) {
+    for child in children.iter_mut() {
+        if matches!(child.try_wait(), Ok(None)) {
+            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        }
+    }
+    let deadline = Instant::now() + STOP_WITHIN;
+    for (node, child) in nodes.iter().zip(children.iter_mut()) {
+        while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if matches!(child.try_wait(), Ok(None)) {
+            eprintln!("quiver: {} did not stop within {STOP_WITHIN:?}; killing it", node.name);
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// `quiver local-cluster --nodes N --dir DIR`.
+pub fn run(count: usize, dir: &Path) -> Result<ExitCode, String> {
+    if count == 0 {
+        return Err("a cluster needs at least one node".into());
+    }
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let dir = dir.canonicalize().map_err(|e| format!("{}: {e}", dir.display()))?;
+    let nodes = match read_manifest(&dir)? {
+        Some(nodes) if nodes.len() == count => nodes,
+        Some(nodes) => {
+            return Err(format!(
+                "{} holds a cluster of {} nodes: run with --nodes {} or use another --dir",
+                dir.display(),
+                nodes.len(),
+                nodes.len()
+            ))
+        }
+        None => create(&dir, count)?,
+    };
+    let quiverd = find_quiverd()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting a runtime: {e}"))?;
+    let mut children = Vec::new();
+    for node in &nodes {
+        match spawn(&quiverd, &dir, node) {
+            Ok(child) => children.push(child),
+            Err(error) => {
+                stop(&nodes, &mut children);
+                return Err(error);
+            }
+        }
+    }
+    if let Err(error) = runtime.block_on(wait_ready(&nodes, &mut children, &dir)) {
+        stop(&nodes, &mut children);
+        return Err(error);
+    }
+    let mut out = std::io::stdout().lock();
+    for (node, child) in nodes.iter().zip(&children) {
+        writeln!(out, "node {} client={} peer={} pid={}", node.name, node.client_addr, node.peer_addr, child.id())
+            .map_err(|e| e.to_string())?;
+    }
+    writeln!(out, "ready").map_err(|e| e.to_string())?;
+    out.flush().map_err(|e| e.to_string())?;
+    drop(out);
+    let signal = runtime.block_on(watch(&nodes, &mut children));
+    eprintln!("quiver: {signal}: stopping the cluster");
+    stop(&nodes, &mut children);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Waits for SIGINT or SIGTERM (which it names), telling on stderr of any
+/// node that exits meanwhile (the others go on).
+async fn watch(nodes: &[LocalNode], children: &mut [Child]) -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return "cannot wait for signals";
+    };
+    let mut exited = vec![false; children.len()];
+    let mut every = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = term.recv() => return "SIGTERM",
+            _ = int.recv() => return "SIGINT",
+            _ = every.tick() => {
+                for ((node, child), exited) in nodes.iter().zip(children.iter_mut()).zip(exited.iter_mut()) {
+                    if let (false, Ok(Some(status))) = (*exited, child.try_wait()) {
+                        eprintln!("quiver: node {} exited ({status})", node.name);
+                        *exited = true;
+                    }
+                }
+            }
+        }
+    }
+}
