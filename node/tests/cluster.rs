@@ -264,13 +264,15 @@ fn concurrent_writes_through_different_coordinators_converge() {
     }
 }
 
-/// Four nodes. One client writes a key through n1, whose clock runs 400 ms
+/// Four nodes. A node that is not a replica of a key refuses a causal
+/// write of it (`NotReplica`), which the smart client sends to a replica.
+/// One client writes a key through n1, whose clock runs 400 ms
 /// ahead (within the 500 ms maximum offset); then n1 dies and the client
 /// goes on through n2, which is not a replica of the key and so has seen
 /// none of its versions: every later write still wins, because the client
 /// carries the highest timestamp it has seen and n2 stamps above it.
 #[test]
-fn one_clients_writes_keep_their_order_across_skewed_coordinators() {
+fn causal_writes_go_to_replicas_and_one_clients_writes_keep_their_order_across_skewed_coordinators() {
     let dir = tempfile::tempdir().unwrap();
     let (ports, certs) = cluster_of(dir.path(), &["n1", "n2", "n3", "n4"]);
     let mut nodes: Vec<NodeProcess> = ["n1", "n2", "n3", "n4"]
@@ -290,6 +292,16 @@ fn one_clients_writes_keep_their_order_across_skewed_coordinators() {
         .map(|i| format!("ordered-{i}"))
         .find(|key| !ring.preference_list(key.as_bytes(), 3).contains(&ids[1]))
         .unwrap();
+
+    // n2 does not replicate the key: it refuses to coordinate a causal
+    // write of it, naming the replicas; the smart client sends it to one.
+    let context = direct(&nodes[1]).get_versions(&key).unwrap().context;
+    let error = direct(&nodes[1]).set_with_context(&key, "causal", &context).unwrap_err();
+    assert_eq!(error.kind(), Some(ErrorKind::NotReplica), "{error}");
+    assert!(error.to_string().contains("send it to one of its replicas"), "{error}");
+    let smart = Client::connect([nodes[1].addr.clone()]).unwrap();
+    smart.set_with_context(&key, "causal", &context).unwrap();
+    assert_eq!(smart.get(&key).unwrap().as_deref(), Some(&b"causal"[..]));
 
     // Through n1 while it lives, then through n2 (the next seed).
     let client = Client::connect([nodes[0].addr.clone(), nodes[1].addr.clone()]).unwrap().direct();

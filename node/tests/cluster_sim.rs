@@ -1,7 +1,11 @@
 //! A whole cluster in one process, deterministic: five nodes, three
 //! replicas per key, coordinators chosen at random, a network that drops
 //! and delays messages by a seeded generator, time passed in, and one node
-//! that stops answering partway. Every failure prints its seed;
+//! that stops answering partway. Blind writes go through any coordinator;
+//! causal writes, with the context of an earlier (perhaps stale) read, are
+//! coordinated by a replica of the key, which writes against its own
+//! siblings and sends the resulting set (design section 5). Every replica
+//! adopts the timestamps it receives. Every failure prints its seed;
 //! `QUIVER_SIM_SEED=N` replays one history, `QUIVER_SIM_HISTORIES=N` runs
 //! more.
 //!
@@ -9,14 +13,16 @@
 //! returns that write or a later one (R + W > N); an operation that cannot
 //! reach its quorum before its deadline fails as unavailable, with the
 //! counts, and never hangs; once every message is delivered and replicas
-//! exchange what they hold, all replicas of a key hold the same siblings.
+//! exchange what they hold, all replicas of a key hold the same siblings,
+//! and every acknowledged causal write is among them or made obsolete by
+//! one of them (a later write whose context covered it).
 
 use std::collections::BTreeMap;
 
 use quiver_node::cluster::quorum::{replica_handle, Consistency, DataMessage, OpId, Outcome, Quorum, ReplicaStore};
 use quiver_ring::rand::SplitMix64;
 use quiver_ring::ring::{Member, Ring, RingView};
-use quiver_ring::{Hlc, NodeId, Order, Siblings, Stamper};
+use quiver_ring::{Context, Hlc, NodeId, Order, Siblings, Stamper, Version};
 
 const NODES: u64 = 5;
 const N: usize = 3;
@@ -52,6 +58,11 @@ enum Op {
         key: Vec<u8>,
         order: Order,
     },
+    /// A causal write coordinated by a replica: the version it made.
+    Causal {
+        key: Vec<u8>,
+        version: Version,
+    },
     /// A read, and the highest order of a write acknowledged before it began.
     Read {
         key: Vec<u8>,
@@ -76,6 +87,10 @@ struct Sim {
     down: Option<NodeId>,
     /// Per key, the highest order of an acknowledged write.
     acked: BTreeMap<Vec<u8>, Order>,
+    /// The causal writes acknowledged.
+    causal_acked: Vec<(Vec<u8>, Version)>,
+    /// Per key, the context of the last read that completed.
+    contexts: BTreeMap<Vec<u8>, Context>,
     unavailable: usize,
     reads_checked: usize,
     seed: u64,
@@ -111,6 +126,8 @@ impl Sim {
             dropped: Vec::new(),
             down: None,
             acked: BTreeMap::new(),
+            causal_acked: Vec::new(),
+            contexts: BTreeMap::new(),
             unavailable: 0,
             reads_checked: 0,
             seed,
@@ -137,7 +154,11 @@ impl Sim {
                 let best = self.acked.entry(key).or_insert(order);
                 *best = (*best).max(order);
             }
+            (Op::Causal { key, version }, Outcome::Written) => self.causal_acked.push((key, version)),
             (Op::Read { key, acked_before }, Outcome::Read(found)) => {
+                if let Some(found) = &found {
+                    self.contexts.insert(key.clone(), found.context());
+                }
                 let got = found.as_ref().and_then(Siblings::winner).map(|v| v.order());
                 if let Some(acked) = acked_before {
                     assert!(
@@ -195,6 +216,12 @@ impl Sim {
         let Some(node) = self.nodes.get_mut(&flight.to) else { return };
         match flight.message {
             message @ (DataMessage::Write { .. } | DataMessage::Read { .. }) => {
+                if let DataMessage::Write { sets, .. } = &message {
+                    // A replica's clock adopts what it receives.
+                    for version in sets.iter().flat_map(|(_, siblings)| siblings.versions()) {
+                        node.stamper.observe(version.hlc, self.now).expect("a test clock never refuses");
+                    }
+                }
                 if let Some(reply) = replica_handle(&mut node.store, message) {
                     let to = flight.to;
                     self.send(to, vec![(flight.from, reply)]);
@@ -212,27 +239,62 @@ impl Sim {
         let key = format!("key-{}", self.rng.between(0, KEYS - 1)).into_bytes();
         let replicas = self.ring.preference_list(&key, N);
         let deadline = self.now + DEADLINE_MS;
-        let write = self.rng.chance(0.5);
         let now = self.now;
         let acked_before = self.acked.get(&key).copied();
+        match self.rng.between(0, 4) {
+            0 | 1 => {
+                let Some(node) = self.nodes.get_mut(&coordinator) else { return };
+                let stamp = node.stamper.next(now).expect("a test clock never refuses");
+                let version = stamp.blind(Some(format!("{}", stamp.hlc).into_bytes()));
+                let order = version.order();
+                let (op, messages) = node.quorum.start_write(
+                    vec![(key.clone(), Siblings::one(version))],
+                    vec![replicas],
+                    Consistency::Quorum,
+                    deadline,
+                );
+                node.ops.insert(op, Op::Write { key, order });
+                self.send(coordinator, messages);
+            }
+            2 => self.start_causal(key, replicas, deadline),
+            _ => {
+                let Some(node) = self.nodes.get_mut(&coordinator) else { return };
+                let (op, messages) = node.quorum.start_read(&key, &replicas, Consistency::Quorum, deadline);
+                node.ops.insert(op, Op::Read { key, acked_before });
+                self.send(coordinator, messages);
+            }
+        }
+    }
+
+    /// A causal write of `key` with the context of its last read, through a
+    /// replica that is up: stamped above the context, merged into the
+    /// replica's own siblings, and the resulting set sent to the others.
+    fn start_causal(&mut self, key: Vec<u8>, replicas: Vec<NodeId>, deadline: u64) {
+        let coordinator = replicas[self.rng.between(0, replicas.len() as u64 - 1) as usize];
+        if Some(coordinator) == self.down {
+            return;
+        }
+        let context = self.contexts.get(&key).cloned().unwrap_or_default();
+        let now = self.now;
         let Some(node) = self.nodes.get_mut(&coordinator) else { return };
-        let (op, messages, what) = if write {
-            let stamp = node.stamper.next(now).expect("a test clock never refuses");
-            let version = stamp.blind(Some(format!("{}", stamp.hlc).into_bytes()));
-            let order = version.order();
-            let (op, messages) = node.quorum.start_write(
-                vec![(key.clone(), Siblings::one(version))],
-                vec![replicas],
-                Consistency::Quorum,
-                deadline,
-            );
-            (op, messages, Op::Write { key, order })
-        } else {
-            let (op, messages) = node.quorum.start_read(&key, &replicas, Consistency::Quorum, deadline);
-            (op, messages, Op::Read { key, acked_before })
-        };
-        node.ops.insert(op, what);
+        node.stamper.observe(context.max_hlc, now).expect("a test clock never refuses");
+        let stamp = node.stamper.next(now).expect("a test clock never refuses");
+        let version = stamp.causal(context, Some(format!("causal {}", stamp.hlc).into_bytes()));
+        let mut set = node.store.get(&key).unwrap_or_default();
+        set.merge(Siblings::one(version.clone()));
+        node.store.merge(vec![(key.clone(), set.clone())]);
+        let (op, messages, done) = node.quorum.start_write_held(
+            vec![(key.clone(), set)],
+            vec![replicas],
+            Consistency::Quorum,
+            deadline,
+            coordinator,
+        );
+        node.ops.insert(op, Op::Causal { key, version });
         self.send(coordinator, messages);
+        if let Some(outcome) = done {
+            self.finish(coordinator, op, outcome);
+        }
     }
 
     /// Everything delivered (the dropped messages too, as hints and
@@ -263,6 +325,19 @@ impl Sim {
             for id in &replicas {
                 assert_eq!(self.nodes[id].store.get(&key), first, "seed {}: replicas of {key:?} differ", self.seed);
             }
+            for (_, version) in self.causal_acked.iter().filter(|(k, _)| *k == key) {
+                // Gone only under a later blind write, or a causal write
+                // whose reader knew it (contexts are causally closed, so
+                // knowing it through another version counts).
+                let kept = first.as_ref().is_some_and(|set| {
+                    set.versions().iter().any(|v| match &v.causal {
+                        _ if v == version => true,
+                        None => v.order() > version.order(),
+                        Some(causal) => causal.context.covers(version),
+                    })
+                });
+                assert!(kept, "seed {}: an acknowledged causal write of {key:?} is gone: {version:?}", self.seed);
+            }
             if let Some(acked) = self.acked.get(&key) {
                 let winner = first.as_ref().and_then(Siblings::winner).map(|v| v.order());
                 assert!(
@@ -275,7 +350,9 @@ impl Sim {
     }
 }
 
-fn run(seed: u64) -> (usize, usize) {
+/// One history: reads checked, operations unavailable, causal writes
+/// acknowledged.
+fn run(seed: u64) -> (usize, usize, usize) {
     let mut sim = Sim::new(seed);
     for step in 0..3_000 {
         if step == 1_000 {
@@ -291,7 +368,7 @@ fn run(seed: u64) -> (usize, usize) {
     let left: usize = sim.nodes.values().map(|n| n.quorum.in_flight()).sum();
     assert_eq!(left, 0, "seed {seed}: operations never ended");
     sim.converge();
-    (sim.reads_checked, sim.unavailable)
+    (sim.reads_checked, sim.unavailable, sim.causal_acked.len())
 }
 
 #[test]
@@ -303,14 +380,16 @@ fn quorum_reads_see_acknowledged_writes_and_replicas_converge() {
             (0..histories).collect()
         }
     };
-    let (mut reads, mut unavailable) = (0, 0);
+    let (mut reads, mut unavailable, mut causal) = (0, 0, 0);
     for seed in seeds {
-        let (r, u) = run(seed);
+        let (r, u, c) = run(seed);
         reads += r;
         unavailable += u;
+        causal += c;
     }
     assert!(reads > 0, "some reads completed and were checked");
     assert!(unavailable > 0, "some operations hit their deadline (messages dropped, a node down)");
+    assert!(causal > 0, "some causal writes were acknowledged and checked");
 }
 
 /// With two of a key's three replicas down, a quorum write is unavailable

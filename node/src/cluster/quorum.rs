@@ -134,6 +134,24 @@ impl Quorum {
         (op, messages)
     }
 
+    /// Starts a write of `sets` that `holder`, one of the replicas, already
+    /// has durable (a causal write it coordinated, design section 5): it
+    /// counts as answered and is sent nothing. Returns the messages to
+    /// send, and the outcome if that one answer is already enough.
+    pub fn start_write_held(
+        &mut self,
+        sets: Vec<(Vec<u8>, Siblings)>,
+        replicas: Vec<Vec<NodeId>>,
+        consistency: Consistency,
+        deadline_ms: u64,
+        holder: NodeId,
+    ) -> (OpId, Vec<(NodeId, DataMessage)>, Option<Outcome>) {
+        let (op, mut messages) = self.start_write(sets, replicas, consistency, deadline_ms);
+        messages.retain(|(to, _)| *to != holder);
+        let done = self.on_reply(holder, DataMessage::WriteAck { op }).map(|(_, outcome)| outcome);
+        (op, messages, done)
+    }
+
     /// Starts a read of `key` from `replicas`: the messages to send.
     pub fn start_read(
         &mut self,
@@ -236,6 +254,24 @@ mod tests {
         assert_eq!(quorum.on_reply(NodeId(9), DataMessage::WriteAck { op }), None, "a replica not asked");
         assert_eq!(quorum.on_reply(NodeId(3), DataMessage::WriteAck { op }), Some((op, Outcome::Written)));
         assert_eq!(quorum.on_reply(NodeId(1), DataMessage::WriteAck { op }), None, "already done");
+        assert_eq!(quorum.in_flight(), 0);
+    }
+
+    /// A write the coordinating replica already holds: it is sent to the
+    /// others only, counts as one answer, and is done at once at `one`.
+    #[test]
+    fn a_write_held_by_its_coordinator_counts_it_as_answered() {
+        let mut quorum = Quorum::default();
+        let replicas = vec![NodeId(1), NodeId(2), NodeId(3)];
+        let sets = vec![(b"k".to_vec(), set(5))];
+        let (op, messages, done) =
+            quorum.start_write_held(sets.clone(), vec![replicas.clone()], Consistency::Quorum, 100, NodeId(2));
+        let to: Vec<NodeId> = messages.iter().map(|(to, _)| *to).collect();
+        assert_eq!((to, done), (vec![NodeId(1), NodeId(3)], None));
+        assert_eq!(quorum.on_reply(NodeId(3), DataMessage::WriteAck { op }), Some((op, Outcome::Written)));
+
+        let (_, _, done) = quorum.start_write_held(sets, vec![replicas], Consistency::One, 100, NodeId(2));
+        assert_eq!(done, Some(Outcome::Written));
         assert_eq!(quorum.in_flight(), 0);
     }
 

@@ -54,6 +54,15 @@ const EXPIRY_TICK: Duration = Duration::from_millis(100);
 /// Called once with an operation's outcome.
 type Then = Box<dyn FnOnce(Outcome) + Send>;
 
+/// A started operation: its id, the messages to send, and its outcome if
+/// it is done already.
+type Started = (OpId, Vec<(NodeId, DataMessage)>, Option<Outcome>);
+
+/// An operation that is not done before its messages are answered.
+fn started((op, messages): (OpId, Vec<(NodeId, DataMessage)>)) -> Started {
+    (op, messages, None)
+}
+
 /// The operations this node coordinates: the quorum logic (the same code
 /// the deterministic simulation runs) and whom to tell when each ends.
 #[derive(Default)]
@@ -203,33 +212,22 @@ impl ClusterStore {
     }
 
     /// Starts an operation: `start` makes its messages with the quorum
-    /// logic, `then` gets its outcome. With `durable_here`, this node
-    /// already has the write durable (a causal write it coordinated): it
-    /// counts as answered and is sent nothing. The operation ends by
-    /// [`OP_TIMEOUT`] (and an [`EXPIRY_TICK`]) at most, once
-    /// [`ClusterStore::expire_in_background`] runs.
-    fn run(
-        self: &Arc<Self>,
-        start: impl FnOnce(&mut Quorum, u64) -> (OpId, Vec<(NodeId, DataMessage)>),
-        durable_here: bool,
-        then: Then,
-    ) {
+    /// logic (and its outcome, if it is done at once), `then` gets its
+    /// outcome. It ends by [`OP_TIMEOUT`] (and an [`EXPIRY_TICK`]) at most,
+    /// once [`ClusterStore::expire_in_background`] runs.
+    fn run(self: &Arc<Self>, start: impl FnOnce(&mut Quorum, u64) -> Started, then: Then) {
         let deadline = self.wall.now_ms().saturating_add(OP_TIMEOUT.as_millis() as u64);
-        let (mut messages, finished) = {
+        let (messages, finished) = {
             let mut coordinating = lock(&self.coordinating);
-            let (op, messages) = start(&mut coordinating.quorum, deadline);
-            let finished = durable_here.then(|| coordinating.quorum.on_reply(self.me, DataMessage::WriteAck { op }));
-            match finished.flatten() {
-                Some((_, outcome)) => (messages, Some((then, outcome))),
+            let (op, messages, done) = start(&mut coordinating.quorum, deadline);
+            match done {
+                Some(outcome) => (messages, Some((then, outcome))),
                 None => {
                     coordinating.waiting.insert(op, then);
                     (messages, None)
                 }
             }
         };
-        if durable_here {
-            messages.retain(|(to, _)| *to != self.me);
-        }
         if let Some((then, outcome)) = finished {
             then(outcome);
         }
@@ -332,8 +330,7 @@ impl ClusterStore {
         let replicas = ring.preference_list(&key, REPLICAS);
         let clock = self.clock.clone();
         self.run(
-            move |quorum, deadline| quorum.start_read(&key, &replicas, consistency, deadline),
-            false,
+            move |quorum, deadline| started(quorum.start_read(&key, &replicas, consistency, deadline)),
             Box::new(move |outcome| match outcome {
                 Outcome::Read(found) => {
                     // Adopt the timestamps read (one too far ahead is not
@@ -371,8 +368,7 @@ impl Store for Arc<ClusterStore> {
         let sets = entries.into_iter().map(|(key, value)| (key, Siblings::one(stamp.blind(value)))).collect();
         let consistency = timing.consistency.unwrap_or(self.consistency);
         self.run(
-            move |quorum, deadline| quorum.start_write(sets, replicas, consistency, deadline),
-            false,
+            move |quorum, deadline| started(quorum.start_write(sets, replicas, consistency, deadline)),
             Box::new(move |outcome| match outcome {
                 Outcome::Written => done(Ok(())),
                 other => done(Err(outcome_error(other, "write"))),
@@ -473,11 +469,12 @@ impl Store for Arc<ClusterStore> {
                 Ok(set) => set,
                 Err(error) => return done(Err(error)),
             };
+            let me = this.me;
             this.run(
                 move |quorum, deadline| {
-                    quorum.start_write(vec![(replicated_key, set)], vec![replicas], consistency, deadline)
+                    let sets = vec![(replicated_key, set)];
+                    quorum.start_write_held(sets, vec![replicas], consistency, deadline, me)
                 },
-                true,
                 Box::new(move |outcome| match outcome {
                     Outcome::Written => done(Ok(())),
                     other => done(Err(outcome_error(other, "write"))),
