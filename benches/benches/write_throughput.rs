@@ -37,6 +37,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
+use quiver_benches::{build_quiverd, env_or, median, workspace, Figure, Keys};
 use quiver_chaos::node::{NodeProcess, NodeSpec};
 use redis::AsyncCommands;
 
@@ -44,17 +45,9 @@ use redis::AsyncCommands;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
 /// Threads of the runtime the benchmark's client tasks run on.
 fn client_threads() -> usize {
     env_or("QUIVER_BENCH_CLIENT_THREADS", 1).max(1) as usize
-}
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("benches/ is in the workspace").to_path_buf()
 }
 
 /// One connection to a system under test, shared by every task.
@@ -86,49 +79,6 @@ impl Conn {
             Conn::Quiver(c) => c.get(key).await.expect("quiver get").is_some(),
             Conn::Redis(c) => c.get::<_, Option<Vec<u8>>>(key).await.expect("redis get").is_some(),
         }
-    }
-}
-
-/// The keys of one bulk set, `{prefix}{n}` for a range of numbers, written
-/// into one buffer: the harness's own work per key stays small next to the
-/// systems it measures (it shares their two cores).
-#[derive(Default)]
-struct Keys {
-    text: String,
-    ends: Vec<usize>,
-}
-
-impl Keys {
-    /// `{prefix}{n}` for each `n`, its decimal digits zero-padded to at
-    /// least `width` (what `format!("{prefix}{n:0width$}")` gives, without
-    /// an allocation per key).
-    fn new(prefix: &str, numbers: std::ops::Range<u64>, width: usize) -> Keys {
-        let mut keys = Keys {
-            text: String::with_capacity((prefix.len() + 20) * (numbers.end - numbers.start) as usize),
-            ends: Vec::new(),
-        };
-        let mut digits = [0u8; 20];
-        for mut n in numbers {
-            keys.text.push_str(prefix);
-            let mut at = digits.len();
-            while n > 0 || at == digits.len() || digits.len() - at < width {
-                at -= 1;
-                digits[at] = b'0' + (n % 10) as u8;
-                n /= 10;
-            }
-            keys.text.push_str(std::str::from_utf8(&digits[at..]).expect("ASCII digits"));
-            keys.ends.push(keys.text.len());
-        }
-        keys
-    }
-
-    fn len(&self) -> u64 {
-        self.ends.len() as u64
-    }
-
-    fn iter(&self) -> impl Iterator<Item = &str> {
-        let starts = std::iter::once(0).chain(self.ends.iter().copied());
-        starts.zip(&self.ends).map(|(start, &end)| &self.text[start..end])
     }
 }
 
@@ -183,19 +133,6 @@ impl Workload {
     }
 }
 
-/// One measurement: keys per second and per-request latency percentiles.
-#[derive(Clone, Copy, Debug, Default)]
-struct Figure {
-    keys_per_s: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-}
-
-fn median(mut xs: Vec<Figure>) -> Figure {
-    xs.sort_by(|a, b| a.keys_per_s.total_cmp(&b.keys_per_s));
-    xs[xs.len() / 2]
-}
-
 async fn measure(conn: &Conn, workload: Workload, seconds: u64, run: u64, stored: u64, value: &Arc<Vec<u8>>) -> Figure {
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
@@ -238,13 +175,7 @@ async fn measure(conn: &Conn, workload: Workload, seconds: u64, run: u64, stored
         keys += k;
         latencies.extend(l);
     }
-    latencies.sort_unstable();
-    let at = |q: f64| latencies.get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1)));
-    Figure {
-        keys_per_s: keys as f64 / started.elapsed().as_secs_f64(),
-        p50_ms: at(0.50).map_or(0.0, |&us| us as f64 / 1000.0),
-        p99_ms: at(0.99).map_or(0.0, |&us| us as f64 / 1000.0),
-    }
+    Figure::of(keys, started.elapsed(), latencies)
 }
 
 /// Loads keys `pre-{from..to}` in 1000-key bulk sets, 4 in flight.
@@ -328,17 +259,6 @@ async fn connect_redis(port: u16) -> Result<redis::aio::MultiplexedConnection, S
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Err(format!("redis did not answer: {last}"))
-}
-
-fn build_quiverd() -> PathBuf {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .current_dir(workspace())
-        .args(["build", "--release", "-p", "quiver-node", "--bin", "quiverd"])
-        .status()
-        .expect("run cargo build");
-    assert!(status.success(), "building the release quiverd failed");
-    workspace().join("target/release/quiverd")
 }
 
 type Row = (&'static str, u64, Workload, Figure);

@@ -65,13 +65,7 @@ fn create(dir: &Path, count: usize) -> Result<Vec<LocalNode>, String> {
     use quiver_node::net::tls;
     let certs = dir.join("certs");
     tls::init_ca(&certs).map_err(|e| e.to_string())?;
-    // Every port is held until all are picked, so none is picked twice.
-    let listeners = (0..count * 2)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("picking a free port: {e}")))
-        .collect::<Result<Vec<_>, String>>()?;
-    let ports = listeners.iter().map(|l| l.local_addr().map(|a| a.port())).collect::<Result<Vec<_>, _>>();
-    let ports = ports.map_err(|e| e.to_string())?;
-    drop(listeners);
+    let ports = pick_ports(count)?;
     let nodes: Vec<LocalNode> = (0..count)
         .map(|i| LocalNode {
             name: format!("n{}", i + 1),
@@ -104,6 +98,32 @@ fn create(dir: &Path, count: usize) -> Result<Vec<LocalNode>, String> {
     let path = dir.join(MANIFEST);
     std::fs::write(&path, manifest).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(nodes)
+}
+
+/// Each node's client and peer ports: 7700 and 7701 for n1, 7710 and 7711
+/// for n2, and so on, when they are all free (so `quiver` reaches n1
+/// without `--addr`); else any free ports. Every port is held until all
+/// are picked, so none is picked twice.
+fn pick_ports(count: usize) -> Result<Vec<u16>, String> {
+    use std::net::{TcpListener, UdpSocket};
+    // Client ports are TCP, peer ports UDP (QUIC).
+    let hold = |i: usize, port: u16| -> std::io::Result<(u16, Box<dyn std::any::Any>)> {
+        if i % 2 == 0 {
+            let listener = TcpListener::bind(("127.0.0.1", port))?;
+            Ok((listener.local_addr()?.port(), Box::new(listener)))
+        } else {
+            let socket = UdpSocket::bind(("127.0.0.1", port))?;
+            Ok((socket.local_addr()?.port(), Box::new(socket)))
+        }
+    };
+    let usual = (0..count * 2).map(|i| hold(i, 7700 + 10 * (i / 2) as u16 + (i % 2) as u16));
+    if count <= 20 {
+        if let Ok(held) = usual.collect::<std::io::Result<Vec<_>>>() {
+            return Ok(held.into_iter().map(|(port, _)| port).collect());
+        }
+    }
+    let held = (0..count * 2).map(|i| hold(i, 0)).collect::<std::io::Result<Vec<_>>>();
+    Ok(held.map_err(|e| format!("picking a free port: {e}"))?.into_iter().map(|(port, _)| port).collect())
 }
 
 /// `quiverd`: beside this program, else on `PATH`.

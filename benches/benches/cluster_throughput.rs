@@ -1,0 +1,299 @@
+//! Durable write throughput of a three-node cluster on this machine, with a
+//! single node measured the same way in the same run as the baseline.
+//!
+//! The cluster: three `quiverd` processes on loopback, N=3 replicas per
+//! key, writes acknowledged once W=2 replicas have them durable, reached
+//! over QUIC with mutual TLS. The client is the smart client (one
+//! connection per node, each key sent to one of its replicas, which
+//! coordinates), shared by every task of a runtime of one thread. The
+//! baseline: one `quiverd` alone, the same client.
+//!
+//! Workloads, each the median of `QUIVER_BENCH_RUNS` (3) runs of
+//! `QUIVER_BENCH_SECONDS` (5) seconds on fresh, empty servers:
+//! - `set` at 64 in flight (keys/s, p50, p99);
+//! - `bulk_set` of 1000 keys, 4 in flight (keys/s, p50, p99 per bulk set).
+//!
+//! Values are `QUIVER_BENCH_VALUE_BYTES` (100) bytes. Every process (the
+//! nodes and the client) shares the machine's cores: on a 2-core machine
+//! the cluster does three times the durable writes on the same two cores
+//! and the same disk, so this shows the cost of replication, not the
+//! capacity of three machines.
+//!
+//! Output: a markdown table on stdout, `target/quiver-bench/cluster_throughput.csv`
+//! and `target/quiver-bench/cluster_throughput.svg`.
+//!
+//! Run: `cargo bench -p quiver-benches --bench cluster_throughput`
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use quiver_benches::{build_quiverd, env_or, median, workspace, Figure, Keys};
+use quiver_chaos::node::{free_port, NodeProcess, NodeSpec};
+use quiver_client::Client;
+
+/// The allocator `quiverd` uses (see there).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// How long the cluster's nodes may take to find each other.
+const READY_WITHIN: Duration = Duration::from_secs(60);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Workload {
+    Set64,
+    Bulk,
+}
+
+impl Workload {
+    const ALL: [Workload; 2] = [Workload::Set64, Workload::Bulk];
+
+    fn short(self) -> &'static str {
+        match self {
+            Workload::Set64 => "set64",
+            Workload::Bulk => "bulk",
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Workload::Set64 => "set, 64 in flight",
+            Workload::Bulk => "bulk_set 1000 keys, 4 in flight",
+        }
+    }
+
+    fn in_flight(self) -> u64 {
+        match self {
+            Workload::Set64 => 64,
+            Workload::Bulk => 4,
+        }
+    }
+}
+
+/// What is measured: one node alone, or three in a cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Setup {
+    Single,
+    Cluster,
+}
+
+impl Setup {
+    fn name(self) -> &'static str {
+        match self {
+            Setup::Single => "1 node",
+            Setup::Cluster => "3 nodes, N=3 W=2",
+        }
+    }
+}
+
+/// Running nodes; dropping it stops them, then removes their data.
+struct Servers {
+    _nodes: Vec<NodeProcess>,
+    _dir: tempfile::TempDir,
+}
+
+/// Starts `setup` on fresh directories and returns it with a client that
+/// routes by its ring.
+async fn start(setup: Setup, quiverd: &Path) -> Result<(Servers, Client), String> {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).map_err(|e| e.to_string())?;
+    let nodes = match setup {
+        Setup::Single => {
+            let spec = NodeSpec::new(quiverd, &dir.path().join("n1"));
+            vec![NodeProcess::start(&spec).map_err(|e| format!("start quiverd: {e}"))?]
+        }
+        Setup::Cluster => start_cluster(dir.path(), quiverd)?,
+    };
+    if setup == Setup::Cluster {
+        // A node knows the ring once it has every member's id from the
+        // heartbeats; until then it answers `Unavailable`.
+        let started = Instant::now();
+        for node in &nodes {
+            let client = Client::connect([node.addr.clone()]).await.map_err(|e| e.to_string())?.direct();
+            while client.status().await.map_err(|e| e.to_string())?.ring.len() < nodes.len() {
+                if started.elapsed() > READY_WITHIN {
+                    return Err("the cluster did not form".into());
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let client = Client::connect([nodes[0].addr.clone()]).await.map_err(|e| e.to_string())?;
+    Ok((Servers { _nodes: nodes, _dir: dir }, client))
+}
+
+/// Three nodes with their certificates, each listing the others.
+fn start_cluster(dir: &Path, quiverd: &Path) -> Result<Vec<NodeProcess>, String> {
+    use quiver_node::net::tls::{init_ca, issue_node};
+    let certs = dir.join("certs");
+    init_ca(&certs).map_err(|e| e.to_string())?;
+    let names = ["n1", "n2", "n3"];
+    let ports = names.iter().map(|_| free_port()).collect::<Result<Vec<u16>, _>>().map_err(|e| e.to_string())?;
+    let mut nodes = Vec::new();
+    for (name, port) in names.iter().zip(&ports) {
+        issue_node(&certs, name, &["127.0.0.1".parse().map_err(|e| format!("{e}"))?]).map_err(|e| e.to_string())?;
+        let mut args = vec!["--name".to_owned(), (*name).to_owned(), "--tls-dir".to_owned()];
+        args.push(certs.display().to_string());
+        for (peer, peer_port) in names.iter().zip(&ports).filter(|(peer, _)| *peer != name) {
+            args.push(format!("--peer={peer}=127.0.0.1:{peer_port}"));
+        }
+        let mut spec = NodeSpec::new(quiverd, &dir.join(name)).args(args);
+        spec.peer_addr = format!("127.0.0.1:{port}");
+        nodes.push(NodeProcess::start(&spec).map_err(|e| format!("start {name}: {e}"))?);
+    }
+    Ok(nodes)
+}
+
+/// One run of `workload` for `seconds`, `run` keeping its keys apart.
+async fn measure(client: &Arc<Client>, workload: Workload, seconds: u64, run: u64, value: &Arc<Vec<u8>>) -> Figure {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..workload.in_flight())
+        .map(|task| {
+            let (client, value) = (client.clone(), value.clone());
+            tokio::spawn(async move {
+                let (mut keys, mut latencies_us, mut i) = (0u64, Vec::new(), 0u64);
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    match workload {
+                        Workload::Set64 => {
+                            client.set(format!("set-{run}-{task}-{i}"), &*value).await.expect("set");
+                            keys += 1;
+                        }
+                        Workload::Bulk => {
+                            let batch = Keys::new(&format!("bulk-{run}-{task}-{i}-"), 0..1000, 0);
+                            client.bulk_set(batch.iter().map(|key| (key, &*value))).await.expect("bulk_set");
+                            keys += batch.len();
+                        }
+                    }
+                    latencies_us.push(t.elapsed().as_micros() as u32);
+                    i += 1;
+                }
+                (keys, latencies_us)
+            })
+        })
+        .collect();
+    let (mut keys, mut latencies) = (0, Vec::new());
+    for task in tasks {
+        let (k, l) = task.await.expect("bench task");
+        keys += k;
+        latencies.extend(l);
+    }
+    Figure::of(keys, started.elapsed(), latencies)
+}
+
+type Row = (Setup, Workload, Figure);
+
+fn report(rows: &[Row], runs: u64, seconds: u64, value_bytes: usize) -> std::io::Result<()> {
+    let out = workspace().join("target/quiver-bench");
+    std::fs::create_dir_all(&out)?;
+    let find = |setup: Setup, w: Workload| rows.iter().find(|r| r.0 == setup && r.1 == w).map(|r| r.2);
+    println!(
+        "\nDurable writes, {value_bytes}-byte values, one smart client (runtime of 1 thread); median of {runs} runs \
+         of {seconds}s; every process on this machine's {} cores.\n",
+        std::thread::available_parallelism().map_or(0, usize::from)
+    );
+    println!("| workload | 1 node keys/s | p50 / p99 ms | 3 nodes keys/s | p50 / p99 ms | 3 nodes / 1 node |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    let mut csv = String::from("setup,workload,keys_per_s,p50_ms,p99_ms\n");
+    for (setup, workload, f) in rows {
+        let setup = if *setup == Setup::Single { "single" } else { "cluster" };
+        csv += &format!("{setup},{},{:.0},{:.3},{:.3}\n", workload.short(), f.keys_per_s, f.p50_ms, f.p99_ms);
+    }
+    let cell = |f: Option<Figure>| {
+        f.map_or(("-".into(), "-".into()), |f| {
+            (format!("{:.0}", f.keys_per_s), format!("{:.2} / {:.2}", f.p50_ms, f.p99_ms))
+        })
+    };
+    for w in Workload::ALL {
+        let (single, cluster) = (find(Setup::Single, w), find(Setup::Cluster, w));
+        let ratio = match (single, cluster) {
+            (Some(s), Some(c)) => format!("{:.2}x", c.keys_per_s / s.keys_per_s),
+            _ => "-".into(),
+        };
+        let ((s_rate, s_lat), (c_rate, c_lat)) = (cell(single), cell(cluster));
+        println!("| {} | {s_rate} | {s_lat} | {c_rate} | {c_lat} | {ratio} |", w.name());
+    }
+    std::fs::write(out.join("cluster_throughput.csv"), csv)?;
+    plot(rows, &out.join("cluster_throughput.svg")).map_err(std::io::Error::other)?;
+    println!("\nCSV and plot: {}", out.display());
+    Ok(())
+}
+
+/// Keys/s of each workload (log scale), one line per setup.
+fn plot(rows: &[Row], path: &Path) -> Result<(), String> {
+    use plotters::prelude::*;
+    let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let max_y = rows.iter().map(|r| r.2.keys_per_s).fold(1.0, f64::max) * 1.5;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("Durable write throughput: one node vs. a three-node cluster", ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(80)
+        .build_cartesian_2d(-0.5f64..1.5, (1000f64..max_y).log_scale())
+        .map_err(|e| e.to_string())?;
+    chart
+        .configure_mesh()
+        .x_labels(2)
+        .x_label_formatter(&|x| {
+            Workload::ALL.get(x.round().max(0.0) as usize).map_or_else(String::new, |w| w.name().to_owned())
+        })
+        .y_desc("acknowledged keys/s (log)")
+        .y_label_formatter(&|y| format!("{:.0}k", y / 1000.0))
+        .draw()
+        .map_err(|e| e.to_string())?;
+    for (setup, color) in [(Setup::Single, BLUE), (Setup::Cluster, RED)] {
+        let points: Vec<(f64, f64)> = Workload::ALL
+            .iter()
+            .enumerate()
+            .filter_map(|(x, w)| rows.iter().find(|r| r.0 == setup && r.1 == *w).map(|r| (x as f64, r.2.keys_per_s)))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
+            .map_err(|e| e.to_string())?
+            .label(setup.name())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+        chart.draw_series(points.into_iter().map(|p| Circle::new(p, 4, color.filled()))).map_err(|e| e.to_string())?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()
+        .map_err(|e| e.to_string())?;
+    root.present().map_err(|e| e.to_string())
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+    runtime.expect("the client runtime").block_on(bench());
+}
+
+async fn bench() {
+    let runs = env_or("QUIVER_BENCH_RUNS", 3).max(1);
+    let seconds = env_or("QUIVER_BENCH_SECONDS", 5).max(1);
+    let value_bytes = env_or("QUIVER_BENCH_VALUE_BYTES", 100) as usize;
+    let value = Arc::new(vec![b'v'; value_bytes]);
+    let quiverd: PathBuf = std::env::var("QUIVER_BENCH_QUIVERD").map(PathBuf::from).unwrap_or_else(|_| build_quiverd());
+    let mut rows = Vec::new();
+    for setup in [Setup::Single, Setup::Cluster] {
+        for workload in Workload::ALL {
+            let (servers, client) = match start(setup, &quiverd).await {
+                Ok(started) => started,
+                Err(e) => panic!("{}: {e}", setup.name()),
+            };
+            let client = Arc::new(client);
+            let mut figures = Vec::new();
+            for run in 0..runs {
+                figures.push(measure(&client, workload, seconds, run, &value).await);
+            }
+            let text: Vec<String> = figures.iter().map(|f| format!("{:.0}", f.keys_per_s)).collect();
+            eprintln!("{:>16} | {:<32} | runs: {}", setup.name(), workload.name(), text.join(" "));
+            rows.push((setup, workload, median(figures)));
+            drop(client);
+            drop(servers);
+        }
+    }
+    report(&rows, runs, seconds, value_bytes).expect("write the report");
+}
