@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use quiver_benches::{build_quiverd, env_or, median, workspace, Figure, Keys};
+use quiver_benches::{build_quiverd, drive, env_or, median, workspace, Figure, Keys};
 use quiver_chaos::node::{free_port, NodeProcess, NodeSpec};
 use quiver_client::Client;
 
@@ -145,40 +145,24 @@ fn start_cluster(dir: &Path, quiverd: &Path) -> Result<Vec<NodeProcess>, String>
 
 /// One run of `workload` for `seconds`, `run` keeping its keys apart.
 async fn measure(client: &Arc<Client>, workload: Workload, seconds: u64, run: u64, value: &Arc<Vec<u8>>) -> Figure {
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..workload.in_flight())
-        .map(|task| {
-            let (client, value) = (client.clone(), value.clone());
-            tokio::spawn(async move {
-                let (mut keys, mut latencies_us, mut i) = (0u64, Vec::new(), 0u64);
-                while Instant::now() < deadline {
-                    let t = Instant::now();
-                    match workload {
-                        Workload::Set64 => {
-                            client.set(format!("set-{run}-{task}-{i}"), &*value).await.expect("set");
-                            keys += 1;
-                        }
-                        Workload::Bulk => {
-                            let batch = Keys::new(&format!("bulk-{run}-{task}-{i}-"), 0..1000, 0);
-                            client.bulk_set(batch.iter().map(|key| (key, &*value))).await.expect("bulk_set");
-                            keys += batch.len();
-                        }
-                    }
-                    latencies_us.push(t.elapsed().as_micros() as u32);
-                    i += 1;
+    let (client, value) = (client.clone(), value.clone());
+    drive(workload.in_flight(), seconds, move |task, i| {
+        let (client, value) = (client.clone(), value.clone());
+        async move {
+            match workload {
+                Workload::Set64 => {
+                    client.set(format!("set-{run}-{task}-{i}"), &*value).await.expect("set");
+                    1
                 }
-                (keys, latencies_us)
-            })
-        })
-        .collect();
-    let (mut keys, mut latencies) = (0, Vec::new());
-    for task in tasks {
-        let (k, l) = task.await.expect("bench task");
-        keys += k;
-        latencies.extend(l);
-    }
-    Figure::of(keys, started.elapsed(), latencies)
+                Workload::Bulk => {
+                    let batch = Keys::new(&format!("bulk-{run}-{task}-{i}-"), 0..1000, 0);
+                    client.bulk_set(batch.iter().map(|key| (key, &*value))).await.expect("bulk_set");
+                    batch.len()
+                }
+            }
+        }
+    })
+    .await
 }
 
 type Row = (Setup, Workload, Figure);

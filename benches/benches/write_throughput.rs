@@ -34,10 +34,10 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use quiver_benches::{build_quiverd, env_or, median, workspace, Figure, Keys};
+use quiver_benches::{build_quiverd, drive, env_or, median, workspace, Figure, Keys};
 use quiver_chaos::node::{NodeProcess, NodeSpec};
 use redis::AsyncCommands;
 
@@ -134,48 +134,31 @@ impl Workload {
 }
 
 async fn measure(conn: &Conn, workload: Workload, seconds: u64, run: u64, stored: u64, value: &Arc<Vec<u8>>) -> Figure {
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..workload.in_flight())
-        .map(|task| {
-            let (mut conn, value) = (conn.clone(), value.clone());
-            tokio::spawn(async move {
-                let mut latencies_us = Vec::new();
-                let mut keys = 0u64;
-                let mut rng = quiver_ring::rand::SplitMix64::new(run * 1000 + task);
-                let mut i = 0u64;
-                while Instant::now() < deadline {
-                    let t = Instant::now();
-                    match workload {
-                        Workload::Set1 | Workload::Set64 => {
-                            conn.set(&format!("new-{stored}-{run}-{task}-{i}"), &value).await;
-                            keys += 1;
-                        }
-                        Workload::Bulk | Workload::Bulk16 => {
-                            let batch = Keys::new(&format!("bulk-{stored}-{run}-{task}-{i}-"), 0..1000, 0);
-                            conn.bulk_set(&batch, &value).await;
-                            keys += batch.len();
-                        }
-                        Workload::Get64 => {
-                            let found = conn.get(&format!("pre-{:012}", rng.between(0, stored.max(1) - 1))).await;
-                            assert!(found || stored == 0, "a pre-loaded key is missing");
-                            keys += 1;
-                        }
-                    }
-                    latencies_us.push(t.elapsed().as_micros() as u32);
-                    i += 1;
+    let (conn, value) = (conn.clone(), value.clone());
+    drive(workload.in_flight(), seconds, move |task, i| {
+        let (mut conn, value) = (conn.clone(), value.clone());
+        async move {
+            match workload {
+                Workload::Set1 | Workload::Set64 => {
+                    conn.set(&format!("new-{stored}-{run}-{task}-{i}"), &value).await;
+                    1
                 }
-                (keys, latencies_us)
-            })
-        })
-        .collect();
-    let (mut keys, mut latencies) = (0, Vec::new());
-    for task in tasks {
-        let (k, l) = task.await.expect("bench task");
-        keys += k;
-        latencies.extend(l);
-    }
-    Figure::of(keys, started.elapsed(), latencies)
+                Workload::Bulk | Workload::Bulk16 => {
+                    let batch = Keys::new(&format!("bulk-{stored}-{run}-{task}-{i}-"), 0..1000, 0);
+                    conn.bulk_set(&batch, &value).await;
+                    batch.len()
+                }
+                Workload::Get64 => {
+                    // A uniform stored key, the same ones in every build.
+                    let mut rng = quiver_ring::rand::SplitMix64::new((run * 1000 + task) << 32 | i);
+                    let found = conn.get(&format!("pre-{:012}", rng.between(0, stored.max(1) - 1))).await;
+                    assert!(found || stored == 0, "a pre-loaded key is missing");
+                    1
+                }
+            }
+        }
+    })
+    .await
 }
 
 /// Loads keys `pre-{from..to}` in 1000-key bulk sets, 4 in flight.

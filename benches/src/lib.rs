@@ -2,9 +2,10 @@
 //! `quiverd`, keys made without an allocation each, and how a run's
 //! latencies become one figure.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The number in environment variable `name`, else `default`.
 pub fn env_or(name: &str, default: u64) -> u64 {
@@ -99,4 +100,39 @@ impl Figure {
 pub fn median(mut xs: Vec<Figure>) -> Figure {
     xs.sort_by(|a, b| a.keys_per_s.total_cmp(&b.keys_per_s));
     xs[xs.len() / 2]
+}
+
+/// Runs `in_flight` tasks for `seconds`: task `t` calls `op(t, i)` for
+/// `i` = 0, 1, ... one after another, each returning the keys it
+/// acknowledged. The figure: keys per second over all tasks, and the
+/// latency percentiles of every call.
+pub async fn drive<F, Fut>(in_flight: u64, seconds: u64, op: F) -> Figure
+where
+    F: Fn(u64, u64) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = u64> + Send,
+{
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..in_flight)
+        .map(|task| {
+            let op = op.clone();
+            tokio::spawn(async move {
+                let (mut keys, mut latencies_us, mut i) = (0u64, Vec::new(), 0u64);
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    keys += op(task, i).await;
+                    latencies_us.push(t.elapsed().as_micros() as u32);
+                    i += 1;
+                }
+                (keys, latencies_us)
+            })
+        })
+        .collect();
+    let (mut keys, mut latencies) = (0, Vec::new());
+    for task in tasks {
+        let (k, l) = task.await.expect("bench task");
+        keys += k;
+        latencies.extend(l);
+    }
+    Figure::of(keys, started.elapsed(), latencies)
 }

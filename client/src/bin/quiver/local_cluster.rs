@@ -108,7 +108,7 @@ fn pick_ports(count: usize) -> Result<Vec<u16>, String> {
     use std::net::{TcpListener, UdpSocket};
     // Client ports are TCP, peer ports UDP (QUIC).
     let hold = |i: usize, port: u16| -> std::io::Result<(u16, Box<dyn std::any::Any>)> {
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             let listener = TcpListener::bind(("127.0.0.1", port))?;
             Ok((listener.local_addr()?.port(), Box::new(listener)))
         } else {
