@@ -325,3 +325,42 @@ fn causal_writes_go_to_replicas_and_one_clients_writes_keep_their_order_across_s
     wait_for(&all, "n1 sees its peers", |s| s.peers.iter().all(|p| p.up));
     assert_eq!(all.get(&key).unwrap().as_deref(), Some(&b"39"[..]));
 }
+
+/// A node that was down while keys were written gets them from one quorum
+/// read of each key through another node (read repair), and then serves
+/// them alone.
+#[test]
+fn quorum_reads_repair_a_replica_that_missed_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ports, certs) = cluster_of_three(dir.path());
+    let mut nodes: Vec<NodeProcess> =
+        ["n1", "n2", "n3"].iter().map(|n| start(dir.path(), &certs, n, &ports, &[])).collect();
+    for node in &nodes {
+        wait_for(&direct(node), "every peer up", |s| s.peers.iter().all(|p| p.up));
+    }
+    nodes[2].kill();
+    let n1 = direct(&nodes[0]);
+    let keys: Vec<String> = (0..30).map(|i| format!("missed-{i}")).collect();
+    for key in &keys {
+        n1.set(key, key).unwrap();
+    }
+    // n1 sees n3 down before it comes back, so the n3 it then sees up
+    // answered on a new link (calls on the old one go unanswered).
+    wait_for(&n1, "n1 sees n3 down", |s| s.peers.iter().any(|p| p.name == "n3" && !p.up));
+    nodes[2] = start(dir.path(), &certs, "n3", &ports, &[]);
+    let n3 = direct(&nodes[2]);
+    let before = wait_for(&n3, "n3 sees its peers", |s| s.peers.iter().all(|p| p.up)).keys;
+    wait_for(&n1, "n1 sees n3 up again", |s| s.peers.iter().all(|p| p.up));
+
+    for key in &keys {
+        assert_eq!(n1.get(key).unwrap().as_deref(), Some(key.as_bytes()));
+    }
+    // The repairs go out once n3 has answered each read too.
+    wait_for(&n3, "n3 repaired", |s| s.keys >= before + keys.len() as u64);
+    let own = n3.with_consistency(Consistency::One);
+    let others = [&nodes[0], &nodes[1]];
+    let values = with_paused(&others, || own.get_many(&keys).unwrap());
+    for (key, value) in keys.iter().zip(values) {
+        assert_eq!(value.as_deref(), Some(key.as_bytes()), "{key} on n3 alone");
+    }
+}

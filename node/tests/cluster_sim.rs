@@ -5,7 +5,8 @@
 //! causal writes, with the context of an earlier (perhaps stale) read, are
 //! coordinated by a replica of the key, which writes against its own
 //! siblings and sends the resulting set (design section 5). Every replica
-//! adopts the timestamps it receives. Every failure prints its seed;
+//! adopts the timestamps it receives, and quorum reads repair the replicas
+//! that answered stale. Every failure prints its seed;
 //! `QUIVER_SIM_SEED=N` replays one history, `QUIVER_SIM_HISTORIES=N` runs
 //! more.
 //!
@@ -196,7 +197,10 @@ impl Sim {
         }
         let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
         for id in ids {
-            let expired = self.nodes.get_mut(&id).map(|n| n.quorum.expire(self.now)).unwrap_or_default();
+            let Some(node) = self.nodes.get_mut(&id) else { continue };
+            let expired = node.quorum.expire(self.now);
+            let repairs = node.quorum.take_repairs();
+            self.send(id, repairs);
             for (op, outcome) in expired {
                 self.finish(id, op, outcome);
             }
@@ -228,7 +232,10 @@ impl Sim {
                 }
             }
             reply => {
-                if let Some((op, outcome)) = node.quorum.on_reply(flight.from, reply) {
+                let done = node.quorum.on_reply(flight.from, reply);
+                let repairs = node.quorum.take_repairs();
+                self.send(flight.to, repairs);
+                if let Some((op, outcome)) = done {
                     self.finish(flight.to, op, outcome);
                 }
             }

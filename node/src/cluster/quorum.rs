@@ -9,12 +9,16 @@
 //!   replicas; the time, passed in.
 //! - Does: a write is acknowledged once, for each of its keys, enough of
 //!   that key's replicas have merged it (durably, in production); a read
-//!   once enough replicas answered, with the merge of what they hold. An operation whose deadline passes first
+//!   once enough replicas answered, with the merge of what they hold. A
+//!   read then waits for the other replicas' answers (until its deadline)
+//!   and sends the merge of all of them to each replica whose answer
+//!   differed (read repair). An operation whose deadline passes first
 //!   fails with [`Outcome::Unavailable`], naming how many answered of how
 //!   many were needed. Nothing here waits: the caller delivers messages (the
 //!   QUIC links in production, a seeded in-memory network in tests) and
 //!   calls [`Quorum::expire`] as time goes by, so every operation ends.
-//! - Hands on: the messages to send, and each operation's outcome once.
+//! - Hands on: the messages to send, each operation's outcome once, and
+//!   the read repairs to send ([`Quorum::take_repairs`]).
 //!
 //! A replica applies what it receives with [`replica_handle`], over any
 //! [`ReplicaStore`]: merging is the one merge of versions v2, so replicas
@@ -71,8 +75,38 @@ struct Pending {
     groups: Vec<Vec<NodeId>>,
     consistency: Consistency,
     deadline_ms: u64,
-    /// For a read: what the answers held, merged.
-    read: Option<Option<Siblings>>,
+    /// For a read: its key and what each replica answered.
+    read: Option<Read>,
+    /// Its outcome was given; it waits only for the other answers.
+    done: bool,
+}
+
+/// What a read has heard.
+#[derive(Debug, Default)]
+struct Read {
+    key: Vec<u8>,
+    answers: Vec<(NodeId, Option<Siblings>)>,
+}
+
+impl Read {
+    /// The merge of every answer so far.
+    fn merged(&self) -> Option<Siblings> {
+        let mut sets = self.answers.iter().filter_map(|(_, found)| found.clone());
+        let mut merged = sets.next()?;
+        sets.for_each(|set| merged.merge(set));
+        Some(merged)
+    }
+
+    /// Read repair: the merge of every answer, to each replica whose own
+    /// answer differs from it.
+    fn repairs(&self, op: OpId) -> Vec<(NodeId, DataMessage)> {
+        let Some(merged) = self.merged() else { return Vec::new() };
+        self.answers
+            .iter()
+            .filter(|(_, found)| found.as_ref() != Some(&merged))
+            .map(|(node, _)| (*node, DataMessage::Write { op, sets: vec![(self.key.clone(), merged.clone())] }))
+            .collect()
+    }
 }
 
 impl Pending {
@@ -99,16 +133,22 @@ impl Pending {
 pub struct Quorum {
     next: OpId,
     pending: BTreeMap<OpId, Pending>,
+    repairs: Vec<(NodeId, DataMessage)>,
 }
 
 impl Quorum {
-    fn start(&mut self, groups: Vec<Vec<NodeId>>, consistency: Consistency, deadline_ms: u64, read: bool) -> OpId {
+    fn start(
+        &mut self,
+        groups: Vec<Vec<NodeId>>,
+        consistency: Consistency,
+        deadline_ms: u64,
+        read: Option<Read>,
+    ) -> OpId {
         self.next += 1;
         let mut asked: Vec<NodeId> = groups.iter().flatten().copied().collect();
         asked.sort();
         asked.dedup();
-        let pending =
-            Pending { asked, answered: Vec::new(), groups, consistency, deadline_ms, read: read.then_some(None) };
+        let pending = Pending { asked, answered: Vec::new(), groups, consistency, deadline_ms, read, done: false };
         self.pending.insert(self.next, pending);
         self.next
     }
@@ -129,7 +169,7 @@ impl Quorum {
                 parts.entry(node).or_default().push(set.clone());
             }
         }
-        let op = self.start(replicas, consistency, deadline_ms, false);
+        let op = self.start(replicas, consistency, deadline_ms, None);
         let messages = parts.into_iter().map(|(to, sets)| (to, DataMessage::Write { op, sets })).collect();
         (op, messages)
     }
@@ -160,14 +200,17 @@ impl Quorum {
         consistency: Consistency,
         deadline_ms: u64,
     ) -> (OpId, Vec<(NodeId, DataMessage)>) {
-        let op = self.start(vec![replicas.to_vec()], consistency, deadline_ms, true);
+        let read = Read { key: key.to_vec(), answers: Vec::new() };
+        let op = self.start(vec![replicas.to_vec()], consistency, deadline_ms, Some(read));
         let messages = replicas.iter().map(|&to| (to, DataMessage::Read { op, key: key.to_vec() })).collect();
         (op, messages)
     }
 
     /// A replica's reply. Returns the operation's outcome when this reply
     /// completes it; a reply to an operation that ended, from a replica not
-    /// asked, or given twice, changes nothing.
+    /// asked, or given twice, changes nothing. A read stays after its
+    /// outcome until every replica asked answered (or its deadline), then
+    /// queues read repair ([`Quorum::take_repairs`]).
     pub fn on_reply(&mut self, from: NodeId, message: DataMessage) -> Option<(OpId, Outcome)> {
         let (op, found) = match message {
             DataMessage::WriteAck { op } => (op, None),
@@ -179,33 +222,53 @@ impl Quorum {
             return None;
         }
         match (&mut pending.read, found) {
-            (Some(merged), Some(Some(siblings))) => match merged {
-                Some(all) => all.merge(siblings),
-                None => *merged = Some(siblings),
-            },
-            (Some(_), Some(None)) | (None, None) => {}
+            (Some(read), Some(found)) => read.answers.push((from, found)),
+            (None, None) => {}
             // A read reply to a write or an ack to a read: not an answer.
             _ => return None,
         }
         pending.answered.push(from);
-        if !pending.reached() {
-            return None;
+        let outcome = (!pending.done && pending.reached()).then(|| match &pending.read {
+            Some(read) => Outcome::Read(read.merged()),
+            None => Outcome::Written,
+        });
+        pending.done |= outcome.is_some();
+        if pending.done && (pending.read.is_none() || pending.answered.len() == pending.asked.len()) {
+            self.end(op);
         }
-        let done = self.pending.remove(&op)?;
-        Some((op, done.read.map_or(Outcome::Written, Outcome::Read)))
+        outcome.map(|outcome| (op, outcome))
     }
 
-    /// Ends every operation whose deadline is before `now_ms`.
+    /// Removes operation `op`, queueing a read's repairs.
+    fn end(&mut self, op: OpId) -> Option<Pending> {
+        let pending = self.pending.remove(&op)?;
+        if let Some(read) = &pending.read {
+            self.repairs.extend(read.repairs(op));
+        }
+        Some(pending)
+    }
+
+    /// Ends every operation whose deadline is before `now_ms`: those
+    /// without an outcome yet as `Unavailable`, reads that had theirs with
+    /// the repair of the replicas that answered.
     pub fn expire(&mut self, now_ms: u64) -> Vec<(OpId, Outcome)> {
         let expired: Vec<OpId> =
             self.pending.iter().filter(|(_, p)| p.deadline_ms < now_ms).map(|(&op, _)| op).collect();
         expired
             .into_iter()
             .filter_map(|op| {
-                let (answered, needed, asked) = self.pending.remove(&op)?.worst();
-                Some((op, Outcome::Unavailable { answered, needed, asked }))
+                let pending = self.end(op)?;
+                let (answered, needed, asked) = pending.worst();
+                (!pending.done).then_some((op, Outcome::Unavailable { answered, needed, asked }))
             })
             .collect()
+    }
+
+    /// Read repair to send: the merged set of a read to each replica that
+    /// answered it with something else. Each is a write whose
+    /// acknowledgement nobody waits for.
+    pub fn take_repairs(&mut self) -> Vec<(NodeId, DataMessage)> {
+        std::mem::take(&mut self.repairs)
     }
 
     /// Operations still in flight.
@@ -255,6 +318,31 @@ mod tests {
         assert_eq!(quorum.on_reply(NodeId(3), DataMessage::WriteAck { op }), Some((op, Outcome::Written)));
         assert_eq!(quorum.on_reply(NodeId(1), DataMessage::WriteAck { op }), None, "already done");
         assert_eq!(quorum.in_flight(), 0);
+    }
+
+    /// A read answers at its quorum, then, once every replica answered,
+    /// sends the merge of all answers to each replica that answered
+    /// something else; one that never answers is left out at the deadline.
+    #[test]
+    fn a_read_repairs_the_replicas_that_answered_stale_or_nothing() {
+        let mut quorum = Quorum::default();
+        let replicas = [NodeId(1), NodeId(2), NodeId(3)];
+        let (op, _) = quorum.start_read(b"k", &replicas, Consistency::Quorum, 100);
+        assert_eq!(quorum.on_reply(NodeId(1), DataMessage::ReadReply { op, found: Some(set(9)) }), None);
+        let done = quorum.on_reply(NodeId(2), DataMessage::ReadReply { op, found: Some(set(5)) });
+        assert_eq!(done, Some((op, Outcome::Read(Some(set(9))))));
+        assert!(quorum.take_repairs().is_empty(), "not before every replica answered");
+        assert_eq!(quorum.on_reply(NodeId(3), DataMessage::ReadReply { op, found: None }), None, "answered already");
+        let repair = |to: u64| (NodeId(to), DataMessage::Write { op, sets: vec![(b"k".to_vec(), set(9))] });
+        assert_eq!(quorum.take_repairs(), vec![repair(2), repair(3)]);
+        assert_eq!(quorum.in_flight(), 0);
+
+        let (op, _) = quorum.start_read(b"k", &replicas, Consistency::Quorum, 100);
+        quorum.on_reply(NodeId(1), DataMessage::ReadReply { op, found: Some(set(9)) });
+        quorum.on_reply(NodeId(2), DataMessage::ReadReply { op, found: None });
+        assert!(quorum.expire(101).is_empty(), "it had its outcome: not unavailable");
+        let repair = (NodeId(2), DataMessage::Write { op, sets: vec![(b"k".to_vec(), set(9))] });
+        assert_eq!(quorum.take_repairs(), vec![repair], "the silent replica is left out");
     }
 
     /// A write the coordinating replica already holds: it is sent to the

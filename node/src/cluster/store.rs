@@ -21,7 +21,9 @@
 //! A causal write is coordinated by a replica of its key: it makes the
 //! write against its own siblings (design section 5) and sends the key's
 //! whole resulting set to the other replicas; any other node refuses it
-//! with `NotReplica`. Not yet here: read repair and hinted handoff.
+//! with `NotReplica`. A read sends the merge of every replica's answer to
+//! those that answered stale or nothing ([`Quorum::take_repairs`]). Not
+//! yet here: hinted handoff.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -299,25 +301,38 @@ impl ClusterStore {
         });
     }
 
-    fn on_reply(&self, from: NodeId, message: DataMessage) {
-        let finished = {
+    fn on_reply(self: &Arc<Self>, from: NodeId, message: DataMessage) {
+        let (finished, repairs) = {
             let mut coordinating = lock(&self.coordinating);
             let done = coordinating.quorum.on_reply(from, message);
-            done.and_then(|(op, outcome)| coordinating.waiting.remove(&op).map(|then| (then, outcome)))
+            let finished = done.and_then(|(op, outcome)| coordinating.waiting.remove(&op).map(|then| (then, outcome)));
+            (finished, coordinating.quorum.take_repairs())
         };
         if let Some((then, outcome)) = finished {
             then(outcome);
         }
+        self.repair(repairs);
     }
 
-    fn expire(&self) {
-        let finished: Vec<(Then, Outcome)> = {
+    fn expire(self: &Arc<Self>) {
+        let (finished, repairs): (Vec<(Then, Outcome)>, _) = {
             let mut coordinating = lock(&self.coordinating);
             let expired = coordinating.quorum.expire(self.wall.now_ms());
-            expired.into_iter().filter_map(|(op, outcome)| Some((coordinating.waiting.remove(&op)?, outcome))).collect()
+            let finished =
+                expired.into_iter().filter_map(|(op, outcome)| Some((coordinating.waiting.remove(&op)?, outcome)));
+            (finished.collect(), coordinating.quorum.take_repairs())
         };
         for (then, outcome) in finished {
             then(outcome);
+        }
+        self.repair(repairs);
+    }
+
+    /// Sends read repairs: nobody waits for them.
+    fn repair(self: &Arc<Self>, repairs: Vec<(NodeId, DataMessage)>) {
+        for (to, message) in repairs {
+            tracing::debug!(replica = to.0, "read repair");
+            self.send(to, message);
         }
     }
 
