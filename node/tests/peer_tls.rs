@@ -86,3 +86,30 @@ async fn nodes_of_one_cluster_ca_talk_and_strangers_are_refused() {
     // The cluster's own link still works.
     assert!(link.call(ping(), CALL).await.is_ok());
 }
+
+/// `try_send` gives the request back while no link is up; on a live link
+/// it delivers at once and the answer comes to its callback; when the peer
+/// goes away, a request left unanswered gets an error, not silence.
+#[tokio::test]
+async fn try_send_delivers_on_a_live_link_and_a_lost_link_answers_with_an_error() {
+    let cluster = tempfile::tempdir().unwrap();
+    certs(cluster.path(), &["n1", "n2"]);
+    let n1 = endpoint(cluster.path(), "n1");
+    n1.serve(Arc::new(Counting(AtomicUsize::new(0))));
+    let n2 = endpoint(cluster.path(), "n2");
+    let link = n2.link("n1", n1.local_addr().unwrap());
+
+    let refused = link.try_send(ping(), Box::new(|_| panic!("nothing was sent")));
+    assert!(matches!(refused, Err((PeerRequest::Ping { .. }, _))), "no live link yet");
+    link.call(ping(), CALL).await.unwrap();
+    let (done, answer) = tokio::sync::oneshot::channel();
+    assert!(link.try_send(ping(), Box::new(move |reply| drop(done.send(reply)))).is_ok());
+    assert!(matches!(answer.await.unwrap(), Ok(PeerReply::Pong { .. })));
+
+    // A request n1 never answers (it is not a ping), then n1 closes.
+    let (done, answer) = tokio::sync::oneshot::channel();
+    assert!(link.try_send(PeerRequest::Read { key: b"k".to_vec() }, Box::new(move |r| drop(done.send(r)))).is_ok());
+    n1.close().await;
+    let lost = tokio::time::timeout(CALL, answer).await.expect("answered within the bound").unwrap();
+    assert!(matches!(lost, Err(PeerError::Link { .. })), "{lost:?}");
+}

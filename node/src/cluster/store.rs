@@ -37,7 +37,7 @@ use super::membership::Membership;
 use super::quorum::{Consistency, DataMessage, OpId, Outcome, Quorum};
 use crate::clock::Clock;
 use crate::lock;
-use crate::net::peer::{PeerReply, PeerRequest};
+use crate::net::peer::{PeerError, PeerReply, PeerRequest};
 use crate::service::{Done, Entries, LocalStore, Store, StoreStatus, Timing};
 use crate::stamping::NodeClock;
 
@@ -290,15 +290,19 @@ impl ClusterStore {
             }
             return;
         }
-        let membership = self.membership.clone();
-        self.runtime.spawn(async move {
-            let Some(link) = membership.link_to(to) else { return };
-            let reply = link
-                .call(request, OP_TIMEOUT)
-                .await
-                .map_err(|e| ServerError::new(ErrorKind::Unavailable, e.to_string()));
-            answer(reply);
-        });
+        let Some(link) = self.membership.link_to(to) else { return };
+        let unavailable = |e: PeerError| ServerError::new(ErrorKind::Unavailable, e.to_string());
+        // Sent at once on a live link; the answer comes on its reader task.
+        let sent = link.try_send(request, Box::new(move |reply| answer(reply.map_err(unavailable))));
+        if let Err((request, answer)) = sent {
+            // No live link: dial it, on the runtime (this may be an engine
+            // thread).
+            let membership = self.membership.clone();
+            self.runtime.spawn(async move {
+                let Some(link) = membership.link_to(to) else { return };
+                answer(link.call(request, OP_TIMEOUT).await);
+            });
+        }
     }
 
     fn on_reply(self: &Arc<Self>, from: NodeId, message: DataMessage) {

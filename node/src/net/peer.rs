@@ -248,7 +248,12 @@ async fn read_frame(recv: &mut quinn::RecvStream) -> Option<Vec<u8>> {
     (read == len).then_some(body)
 }
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<PeerReply>>>>;
+/// Called once with the answer to a request sent on a link, or the error
+/// that ended the link first. It runs on the link's reader task: it must be
+/// quick.
+pub type Answer = Box<dyn FnOnce(Result<PeerReply, PeerError>) + Send>;
+
+type Pending = Arc<Mutex<HashMap<u64, Answer>>>;
 
 /// A live stream to a peer.
 struct Live {
@@ -302,15 +307,20 @@ impl PeerLink {
             writer_broken.store(true, Ordering::Release);
         });
         let (reader_pending, reader_broken) = (pending.clone(), broken.clone());
+        let (peer, addr) = (self.name.clone(), self.addr);
         tokio::spawn(async move {
             while let Some(body) = read_frame(&mut recv).await {
                 let Ok(reply) = postcard::from_bytes::<Frame<PeerReply>>(&body) else { break };
-                if let Some(done) = lock(&reader_pending).remove(&reply.id) {
-                    let _ = done.send(reply.body);
+                let answer = lock(&reader_pending).remove(&reply.id);
+                if let Some(answer) = answer {
+                    answer(Ok(reply.body));
                 }
             }
             reader_broken.store(true, Ordering::Release);
-            lock(&reader_pending).clear();
+            let unanswered: Vec<Answer> = lock(&reader_pending).drain().map(|(_, answer)| answer).collect();
+            for answer in unanswered {
+                answer(Err(PeerError::Link { peer: peer.clone(), addr, reason: "link lost before the answer".into() }));
+            }
             drop(connection);
         });
         let fresh = Arc::new(Live { frames, pending, broken });
@@ -318,21 +328,48 @@ impl PeerLink {
         Ok(fresh)
     }
 
-    /// Sends `request` and waits at most `timeout` for its answer.
+    /// Queues `request` on `live`; `answer` gets its reply.
+    fn send_on(&self, live: &Live, request: PeerRequest, answer: Answer) {
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let mut frame = Vec::new();
+        if let Err(e) = quiver_ring::wire::encode_frame(&mut frame, &Frame { id, body: request }, FRAME_BYTES_MAX) {
+            return answer(Err(self.error(e)));
+        }
+        lock(&live.pending).insert(id, answer);
+        if live.frames.send(frame).is_err() {
+            if let Some(answer) = lock(&live.pending).remove(&id) {
+                answer(Err(self.error("link closed")));
+            }
+        }
+    }
+
+    /// Sends `request` at once if the link is up, without waiting: `answer`
+    /// gets the reply (or the error that ended the link), on the link's
+    /// reader task. Nothing here times out: the caller's own deadline does.
+    /// Without a live link, gives both back (to [`PeerLink::call`], which
+    /// dials).
+    pub fn try_send(&self, request: PeerRequest, answer: Answer) -> Result<(), (PeerRequest, Answer)> {
+        let live = match self.live.try_lock() {
+            Ok(live) => live.as_ref().filter(|l| !l.broken.load(Ordering::Acquire)).cloned(),
+            Err(_) => None,
+        };
+        match live {
+            Some(live) => {
+                self.send_on(&live, request, answer);
+                Ok(())
+            }
+            None => Err((request, answer)),
+        }
+    }
+
+    /// Sends `request` (dialling first if need be) and waits at most
+    /// `timeout` for its answer.
     pub async fn call(&self, request: PeerRequest, timeout: Duration) -> Result<PeerReply, PeerError> {
         let attempt = async {
             let live = self.live().await?;
-            let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-            let mut frame = Vec::new();
-            quiver_ring::wire::encode_frame(&mut frame, &Frame { id, body: request }, FRAME_BYTES_MAX)
-                .map_err(|e| self.error(e))?;
             let (done, answer) = oneshot::channel();
-            lock(&live.pending).insert(id, done);
-            if live.frames.send(frame).is_err() {
-                lock(&live.pending).remove(&id);
-                return Err(self.error("link closed"));
-            }
-            answer.await.map_err(|_| self.error("link lost before the answer"))
+            self.send_on(&live, request, Box::new(move |reply| drop(done.send(reply))));
+            answer.await.map_err(|_| self.error("link lost before the answer"))?
         };
         match tokio::time::timeout(timeout, attempt).await {
             Ok(answer) => answer,
