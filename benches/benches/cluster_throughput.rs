@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use quiver_benches::{build_quiverd, drive, env_or, median, workspace, Figure, Keys};
-use quiver_chaos::node::{free_port, NodeProcess, NodeSpec};
+use quiver_chaos::node::{cluster_specs, NodeProcess, NodeSpec};
 use quiver_client::Client;
 
 /// The allocator `quiverd` uses (see there).
@@ -123,24 +123,8 @@ async fn start(setup: Setup, quiverd: &Path) -> Result<(Servers, Client), String
 
 /// Three nodes with their certificates, each listing the others.
 fn start_cluster(dir: &Path, quiverd: &Path) -> Result<Vec<NodeProcess>, String> {
-    use quiver_node::net::tls::{init_ca, issue_node};
-    let certs = dir.join("certs");
-    init_ca(&certs).map_err(|e| e.to_string())?;
-    let names = ["n1", "n2", "n3"];
-    let ports = names.iter().map(|_| free_port()).collect::<Result<Vec<u16>, _>>().map_err(|e| e.to_string())?;
-    let mut nodes = Vec::new();
-    for (name, port) in names.iter().zip(&ports) {
-        issue_node(&certs, name, &["127.0.0.1".parse().map_err(|e| format!("{e}"))?]).map_err(|e| e.to_string())?;
-        let mut args = vec!["--name".to_owned(), (*name).to_owned(), "--tls-dir".to_owned()];
-        args.push(certs.display().to_string());
-        for (peer, peer_port) in names.iter().zip(&ports).filter(|(peer, _)| *peer != name) {
-            args.push(format!("--peer={peer}=127.0.0.1:{peer_port}"));
-        }
-        let mut spec = NodeSpec::new(quiverd, &dir.join(name)).args(args);
-        spec.peer_addr = format!("127.0.0.1:{port}");
-        nodes.push(NodeProcess::start(&spec).map_err(|e| format!("start {name}: {e}"))?);
-    }
-    Ok(nodes)
+    let specs = cluster_specs(quiverd, dir, 3).map_err(|e| e.to_string())?;
+    specs.iter().map(|spec| NodeProcess::start(spec).map_err(|e| format!("start {}: {e}", spec.client_addr))).collect()
 }
 
 /// One run of `workload` for `seconds`, `run` keeping its keys apart.

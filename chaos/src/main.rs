@@ -54,6 +54,14 @@ struct Args {
     /// No progress lines.
     #[arg(long, global = true)]
     quiet: bool,
+    /// Run a cluster of this many nodes (three replicas per key, quorum
+    /// reads and writes through the smart client); the killer takes down a
+    /// random node each time.
+    #[arg(long, global = true, default_value_t = 1)]
+    nodes: usize,
+    /// In a cluster, kill up to this many nodes at once.
+    #[arg(long, global = true, default_value_t = 1)]
+    max_down: usize,
 }
 
 #[derive(Debug, Subcommand)]
@@ -117,6 +125,8 @@ fn main() -> ExitCode {
         writers: args.writers.max(1),
         debug_skip_write_probability: args.debug_skip_write_probability,
         node_args: args.node_args.clone(),
+        nodes: args.nodes.max(1),
+        max_down: args.max_down.max(1),
         quiverd,
         data_dir: data_dir.clone(),
         progress: !args.quiet,

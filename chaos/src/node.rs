@@ -43,6 +43,35 @@ impl NodeSpec {
     }
 }
 
+/// How to start each node of a cluster of `count` nodes named `n1`, `n2`,
+/// ... under `dir`: the cluster CA and each node's certificate in
+/// `dir/certs`, data in `dir/nI`, a free client and peer port each on
+/// 127.0.0.1 (kept across restarts), every node listing the others.
+pub fn cluster_specs(quiverd: &Path, dir: &Path, count: usize) -> io::Result<Vec<NodeSpec>> {
+    use quiver_node::net::tls::{init_ca, issue_node};
+    let certs = dir.join("certs");
+    init_ca(&certs).map_err(io::Error::other)?;
+    let names: Vec<String> = (1..=count).map(|i| format!("n{i}")).collect();
+    let peer_ports = names.iter().map(|_| free_port()).collect::<io::Result<Vec<u16>>>()?;
+    let mut specs = Vec::new();
+    for (name, peer_port) in names.iter().zip(&peer_ports) {
+        issue_node(&certs, name, &[std::net::Ipv4Addr::LOCALHOST.into()]).map_err(io::Error::other)?;
+        let mut spec = NodeSpec::new(quiverd, &dir.join(name)).args([
+            "--name".to_owned(),
+            name.clone(),
+            "--tls-dir".to_owned(),
+            certs.display().to_string(),
+        ]);
+        for (peer, port) in names.iter().zip(&peer_ports).filter(|(peer, _)| *peer != name) {
+            spec.args.push(format!("--peer={peer}=127.0.0.1:{port}"));
+        }
+        spec.client_addr = format!("127.0.0.1:{}", free_port()?);
+        spec.peer_addr = format!("127.0.0.1:{peer_port}");
+        specs.push(spec);
+    }
+    Ok(specs)
+}
+
 /// A running `quiverd`. Dropping it kills the process.
 #[derive(Debug)]
 pub struct NodeProcess {

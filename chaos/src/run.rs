@@ -1,5 +1,6 @@
-//! One chaos run: a node, writer threads, a killer that SIGKILLs and
-//! restarts the node on a seeded schedule, a progress line, and the report.
+//! One chaos run: a node (or a cluster of nodes), writer threads, a killer
+//! that SIGKILLs and restarts a node on a seeded schedule, a progress line,
+//! and the report.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -29,6 +30,10 @@ pub struct Settings {
     pub debug_skip_write_probability: f64,
     /// Extra `quiverd` flags.
     pub node_args: Vec<String>,
+    /// Nodes: 1, or a cluster of this many (three replicas per key).
+    pub nodes: usize,
+    /// In a cluster, how many nodes one kill takes down at once.
+    pub max_down: usize,
     #[serde(skip)]
     pub quiverd: PathBuf,
     #[serde(skip)]
@@ -52,7 +57,17 @@ impl Outcome {
     pub fn of<T>(result: &quiver_client::Result<T>) -> Outcome {
         match result {
             Ok(_) => Outcome::Acked,
-            Err(e) if e.is_ambiguous() || e.kind() == Some(quiver_client::ErrorKind::StorageFailed) => Outcome::InDoubt,
+            // `Unavailable`: too few replicas answered in time, but some may
+            // have the write.
+            Err(e)
+                if e.is_ambiguous()
+                    || matches!(
+                        e.kind(),
+                        Some(quiver_client::ErrorKind::StorageFailed | quiver_client::ErrorKind::Unavailable)
+                    ) =>
+            {
+                Outcome::InDoubt
+            }
             Err(_) => Outcome::Failed,
         }
     }
@@ -137,12 +152,12 @@ pub struct Context {
     pub settings: Settings,
     pub counters: Counters,
     pub pause: Pause,
-    /// The node's fixed client address (kept across restarts).
-    pub addr: String,
+    /// The nodes' fixed client addresses (kept across restarts).
+    pub addrs: Vec<String>,
     pub deadline: Instant,
     hard_deadline: Instant,
-    node: Mutex<Option<NodeProcess>>,
-    spec: NodeSpec,
+    nodes: Mutex<Vec<Option<NodeProcess>>>,
+    specs: Vec<NodeSpec>,
     writers_done: AtomicUsize,
     stop: AtomicBool,
 }
@@ -157,7 +172,7 @@ impl Context {
     /// A blocking client, retrying the connection until the deadline.
     pub fn client(&self) -> Option<Client> {
         loop {
-            match Client::connect([self.addr.clone()]) {
+            match Client::connect(self.addrs.clone()) {
                 Ok(client) => return Some(client.with_timeout(Duration::from_secs(10))),
                 Err(_) if Instant::now() < self.deadline + Duration::from_secs(60) => {
                     std::thread::sleep(Duration::from_millis(20));
@@ -175,33 +190,64 @@ impl Context {
         self.stop.load(Ordering::Relaxed) || now >= self.deadline && enough_kills || now >= self.hard_deadline
     }
 
-    fn restart(&self, node: &mut Option<NodeProcess>) -> Result<(), String> {
-        if let Some(mut old) = node.take() {
-            old.kill();
-        }
-        let mut last = String::new();
-        for _ in 0..5 {
-            match NodeProcess::start(&self.spec) {
-                Ok(started) => {
-                    *node = Some(started);
-                    return Ok(());
-                }
-                Err(e) => last = e.to_string(),
+    /// SIGKILLs nodes `which` (those running), then starts them again.
+    fn restart(&self, nodes: &mut [Option<NodeProcess>], which: &[usize]) -> Result<(), String> {
+        for &index in which {
+            if let Some(mut old) = nodes.get_mut(index).and_then(Option::take) {
+                old.kill();
             }
         }
-        Err(format!("could not restart quiverd: {last}"))
+        for &index in which {
+            let (Some(slot), Some(spec)) = (nodes.get_mut(index), self.specs.get(index)) else { continue };
+            let mut last = String::new();
+            for _ in 0..5 {
+                match NodeProcess::start(spec) {
+                    Ok(started) => {
+                        *slot = Some(started);
+                        break;
+                    }
+                    Err(e) => last = e.to_string(),
+                }
+            }
+            if slot.is_none() {
+                return Err(format!("could not restart quiverd: {last}"));
+            }
+        }
+        if self.specs.len() > 1 {
+            self.wait_for_ring()?;
+        }
+        Ok(())
     }
 
-    /// SIGKILL and restart now, unless a checkpoint has paused the run.
-    /// Decided under the node's lock, so a checkpoint that took the lock after
-    /// pausing knows the node is up and stays up.
-    pub fn kill_and_restart(&self) -> Result<(), String> {
-        let mut node = lock(&self.node);
+    /// In a cluster: waits until every node knows the whole ring (a node
+    /// that just started answers `Unavailable` until it does).
+    fn wait_for_ring(&self) -> Result<(), String> {
+        let started = Instant::now();
+        for addr in &self.addrs {
+            loop {
+                let ring = Client::connect([addr.clone()]).and_then(|c| c.direct().status()).map(|s| s.ring);
+                if ring.is_ok_and(|ring| ring.len() == self.addrs.len() && ring.iter().all(|m| m.up)) {
+                    break;
+                }
+                if started.elapsed() > Duration::from_secs(60) {
+                    return Err(format!("the node at {addr} did not see the whole cluster within 60 s"));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+
+    /// SIGKILL and restart `which` now, unless a checkpoint has paused the
+    /// run. Decided under the nodes' lock, so a checkpoint that took the
+    /// lock after pausing knows the nodes are up and stay up.
+    pub fn kill_and_restart(&self, which: &[usize]) -> Result<(), String> {
+        let mut nodes = lock(&self.nodes);
         if self.pause.is_paused() {
             return Ok(());
         }
-        self.restart(&mut node)?;
-        self.counters.kills.fetch_add(1, Ordering::Relaxed);
+        self.restart(&mut nodes, which)?;
+        self.counters.kills.fetch_add(which.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 }
@@ -241,30 +287,38 @@ pub struct Report {
 
 /// Runs `workload` under `settings` and checks it.
 pub fn run(mode: &str, settings: Settings, workload: Arc<dyn Workload>) -> Result<Report, String> {
-    let port = crate::node::free_port().map_err(|e| e.to_string())?;
-    let addr = format!("127.0.0.1:{port}");
-    let mut spec = NodeSpec::new(&settings.quiverd, &settings.data_dir);
-    spec.client_addr = addr.clone();
-    spec.args = settings.node_args.clone();
-    if settings.debug_skip_write_probability > 0.0 {
-        spec.args.extend(["--debug-skip-write-probability".into(), settings.debug_skip_write_probability.to_string()]);
+    let mut specs = if settings.nodes > 1 {
+        crate::node::cluster_specs(&settings.quiverd, &settings.data_dir, settings.nodes)
+            .map_err(|e| format!("setting up the cluster: {e}"))?
+    } else {
+        let mut spec = NodeSpec::new(&settings.quiverd, &settings.data_dir);
+        spec.client_addr = format!("127.0.0.1:{}", crate::node::free_port().map_err(|e| e.to_string())?);
+        vec![spec]
+    };
+    for spec in &mut specs {
+        spec.args.extend(settings.node_args.iter().cloned());
+        if settings.debug_skip_write_probability > 0.0 {
+            spec.args
+                .extend(["--debug-skip-write-probability".into(), settings.debug_skip_write_probability.to_string()]);
+        }
     }
     let started = Instant::now();
     let ctx = Arc::new(Context {
         counters: Counters::default(),
         pause: Pause::default(),
-        addr,
+        addrs: specs.iter().map(|spec| spec.client_addr.clone()).collect(),
         deadline: started + settings.duration,
         hard_deadline: started + settings.duration * 5,
-        node: Mutex::new(None),
-        spec,
+        nodes: Mutex::new(specs.iter().map(|_| None).collect()),
+        specs,
         writers_done: AtomicUsize::new(0),
         stop: AtomicBool::new(false),
         settings,
     });
     {
-        let mut node = lock(&ctx.node);
-        ctx.restart(&mut node)?;
+        let mut nodes = lock(&ctx.nodes);
+        let all: Vec<usize> = (0..ctx.specs.len()).collect();
+        ctx.restart(&mut nodes, &all)?;
     }
 
     let writers: Vec<_> = (0..ctx.settings.writers)
@@ -296,7 +350,7 @@ pub fn run(mode: &str, settings: Settings, workload: Arc<dyn Workload>) -> Resul
             // The pause also holds the killer, so the node is up while checked.
             let stopped = ctx.pause.pause_and_wait(ctx.settings.writers, &ctx.writers_done, Duration::from_secs(30));
             // Waits out a restart in progress; no new kill starts while paused.
-            drop(lock(&ctx.node));
+            drop(lock(&ctx.nodes));
             if stopped {
                 violations.extend(workload.check(&ctx, false));
                 ctx.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
@@ -310,17 +364,19 @@ pub fn run(mode: &str, settings: Settings, workload: Arc<dyn Workload>) -> Resul
     }
     if let Some(killer) = killer {
         killer.join().map_err(|_| "the killer thread panicked".to_owned())??;
-        // One last SIGKILL: everything acknowledged must survive it too.
+        // One last SIGKILL (of every node): everything acknowledged must
+        // survive it too.
         ctx.pause.set(false);
-        ctx.kill_and_restart()?;
+        let all: Vec<usize> = (0..ctx.specs.len()).collect();
+        ctx.kill_and_restart(&all)?;
     }
     violations.extend(workload.check(&ctx, true));
-    let clean_exit = {
-        let mut node = lock(&ctx.node);
-        node.as_mut().map(|n| n.terminate().map(|s| s.success()).unwrap_or(false)).unwrap_or(false)
+    let clean_exits = {
+        let mut nodes = lock(&ctx.nodes);
+        nodes.iter_mut().all(|n| n.as_mut().is_some_and(|n| n.terminate().is_ok_and(|s| s.success())))
     };
-    if !clean_exit {
-        violations.push("quiverd did not exit cleanly on SIGTERM".into());
+    if !clean_exits {
+        violations.push("a quiverd did not exit cleanly on SIGTERM".into());
     }
 
     let c = &ctx.counters;
@@ -353,7 +409,17 @@ fn killer(ctx: &Context) -> Result<(), String> {
         if ctx.over() {
             return Ok(());
         }
-        ctx.kill_and_restart()?;
+        // A random node, or up to `max_down` distinct ones at once.
+        let nodes = ctx.specs.len() as u64;
+        let down = rng.between(1, ctx.settings.max_down.clamp(1, ctx.specs.len()) as u64);
+        let mut which: Vec<usize> = Vec::new();
+        while (which.len() as u64) < down {
+            let index = rng.between(0, nodes - 1) as usize;
+            if !which.contains(&index) {
+                which.push(index);
+            }
+        }
+        ctx.kill_and_restart(&which)?;
     }
 }
 
@@ -384,8 +450,9 @@ impl Report {
         rows.push(("checkpoints".into(), self.checkpoints.to_string()));
         rows.push(("violations".into(), self.violations.to_string()));
         let mut out = format!(
-            "quiver-chaos {}  seed={}  duration={:.0}s  writers={}  kill-interval={}  skip-write={}\n",
+            "quiver-chaos {}  nodes={}  seed={}  duration={:.0}s  writers={}  kill-interval={}  skip-write={}\n",
             self.mode,
+            s.nodes,
             s.seed,
             self.elapsed_s,
             s.writers,

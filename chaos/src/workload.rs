@@ -15,19 +15,26 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use quiver_client::Consistency;
+
 use crate::lock;
 use crate::run::{Context, Outcome, Workload};
 
-/// Reads `keys` through one pipelined connection, 1000 keys a request and
-/// 16 requests in flight, retrying each request a few times. `Err` holds why
-/// a key could not be read at all.
-pub fn read_all(addr: &str, keys: &[Vec<u8>]) -> Vec<Result<Option<Vec<u8>>, String>> {
+/// Reads `keys` through one client, 1000 keys a request and 16 requests in
+/// flight, retrying each request a few times. The final check of a cluster
+/// reads at `all`: every replica's versions, merged (and the replicas that
+/// answered stale are repaired). `Err` holds why a key could not be read at
+/// all.
+pub fn read_all(ctx: &Context, keys: &[Vec<u8>], final_check: bool) -> Vec<Result<Option<Vec<u8>>, String>> {
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => return keys.iter().map(|_| Err(format!("no runtime: {e}"))).collect(),
     };
     runtime.block_on(async {
-        let client = match quiver_client::Client::connect([addr.to_owned()]).await {
+        let client = match quiver_client::Client::connect(ctx.addrs.clone()).await {
+            Ok(client) if final_check && ctx.addrs.len() > 1 => {
+                Arc::new(client.with_timeout(Duration::from_secs(30)).with_consistency(Consistency::All))
+            }
             Ok(client) => Arc::new(client.with_timeout(Duration::from_secs(30))),
             Err(e) => return keys.iter().map(|_| Err(e.to_string())).collect(),
         };
@@ -104,11 +111,11 @@ impl Workload for Durability {
         }
     }
 
-    fn check(&self, ctx: &Context, _final_check: bool) -> Vec<String> {
+    fn check(&self, ctx: &Context, final_check: bool) -> Vec<String> {
         let log = lock(&self.log);
         let keys: Vec<&String> = log.keys().collect();
         let raw: Vec<Vec<u8>> = keys.iter().map(|k| k.as_bytes().to_vec()).collect();
-        let values = read_all(&ctx.addr, &raw);
+        let values = read_all(ctx, &raw, final_check);
         let mut violations = Vec::new();
         for (key, value) in keys.into_iter().zip(values) {
             let ops = &log[key];
@@ -189,10 +196,10 @@ impl Workload for BulkAtomicity {
         }
     }
 
-    fn check(&self, ctx: &Context, _final_check: bool) -> Vec<String> {
+    fn check(&self, ctx: &Context, final_check: bool) -> Vec<String> {
         let batches = lock(&self.batches);
         let keys: Vec<Vec<u8>> = batches.iter().flat_map(|b| (0..b.size).map(|j| b.key(j))).collect();
-        let mut values = read_all(&ctx.addr, &keys).into_iter();
+        let mut values = read_all(ctx, &keys, final_check).into_iter();
         let mut violations = Vec::new();
         for batch in batches.iter() {
             let tag = batch.tag();
@@ -274,9 +281,9 @@ impl Workload for Isolation {
         }
     }
 
-    fn check(&self, ctx: &Context, _final_check: bool) -> Vec<String> {
+    fn check(&self, ctx: &Context, final_check: bool) -> Vec<String> {
         let keys: Vec<Vec<u8>> = (0..self.keys).map(Isolation::key).collect();
-        let values = read_all(&ctx.addr, &keys);
+        let values = read_all(ctx, &keys, final_check);
         let mut tags: BTreeMap<String, u64> = BTreeMap::new();
         let mut violations = Vec::new();
         for (j, value) in values.into_iter().enumerate() {
