@@ -5,7 +5,8 @@
 //! - [`service`]: what the node does with each client request: the front
 //!   that checks it, and the [`Store`](service::Store) that does it.
 //! - [`net`]: the client listener, peer links and their TLS material.
-//! - [`cluster`]: membership and heartbeats (the coordinator comes next).
+//! - [`cluster`]: membership and heartbeats, the quorum logic (read repair
+//!   included), and the cluster's [`Store`](service::Store).
 //! - [`config`]: `quiverd`'s settings.
 //! - [`clock`]: where the request path gets the time.
 //! - [`stamping`]: the node's hybrid logical clock, which stamps writes.

@@ -1,9 +1,11 @@
 //! The request front: what a node does with each client request before any
 //! data is touched. It checks the request against the limits, answers the
-//! handshake, status and admin requests, and hands every read and write to
-//! a [`Store`]: the node's own engine today ([`LocalStore`]), a cluster
-//! coordinator next. It never knows which, and it reads no clock of its own
-//! (time comes from the [`Clock`] it is given).
+//! handshake, status, ring and admin requests, and hands every read and
+//! write to a [`Store`]: the node's own engine ([`LocalStore`]) or, in a
+//! cluster, the coordinator
+//! ([`ClusterStore`](crate::cluster::store::ClusterStore)). It never knows
+//! which, and it reads no clock of its own (time comes from the [`Clock`]
+//! it is given).
 
 mod causal;
 mod local;
