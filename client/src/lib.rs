@@ -308,11 +308,9 @@ impl Client {
         let keys: Vec<Vec<u8>> = keys.into_iter().map(|k| k.as_ref().to_vec()).collect();
         let Some(routes) = self.routes().await else { return self.get_group(&[], keys).await };
         let groups = routes.split(keys.iter().map(Vec::as_slice));
-        let asks = groups.iter().map(|group| {
-            let keys = group.indices.iter().filter_map(|&i| keys.get(i).cloned()).collect();
-            self.get_group(&group.targets, keys)
-        });
         let mut values = vec![None; keys.len()];
+        let parts = routing::deal(keys, &groups);
+        let asks = groups.iter().zip(parts).map(|(group, keys)| self.get_group(&group.targets, keys));
         for (group, answer) in groups.iter().zip(join_all(asks.collect()).await) {
             for (&index, value) in group.indices.iter().zip(answer?) {
                 if let Some(slot) = values.get_mut(index) {
@@ -364,11 +362,8 @@ impl Client {
             entries.into_iter().map(|(k, v)| (k.as_ref().to_vec(), v.as_ref().to_vec())).collect();
         let Some(routes) = self.routes().await else { return self.set_group(&[], entries).await };
         let groups = routes.split(entries.iter().map(|(k, _)| k.as_slice()));
-        let mut entries: Vec<Option<(Vec<u8>, Vec<u8>)>> = entries.into_iter().map(Some).collect();
-        let sets = groups.iter().map(|group| {
-            let part = group.indices.iter().filter_map(|&i| entries.get_mut(i)?.take()).collect();
-            self.set_group(&group.targets, part)
-        });
+        let parts = routing::deal(entries, &groups);
+        let sets = groups.iter().zip(parts).map(|(group, part)| self.set_group(&group.targets, part));
         join_all(sets.collect()).await.into_iter().collect()
     }
 

@@ -73,6 +73,13 @@ impl Routes {
     }
 }
 
+/// `items` (in the order their keys were split) dealt out to `groups`:
+/// each group's part in its own order, every item moved, none copied.
+pub(crate) fn deal<T>(items: Vec<T>, groups: &[Group]) -> Vec<Vec<T>> {
+    let mut items: Vec<Option<T>> = items.into_iter().map(Some).collect();
+    groups.iter().map(|g| g.indices.iter().filter_map(|&i| items.get_mut(i)?.take()).collect()).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,6 +130,11 @@ mod tests {
             assert_eq!(targets, first);
         }
         assert!(groups.len() > 1 && groups.len() <= 10, "5 nodes have at most C(5,3) = 10 replica sets");
+        let parts = deal(keys.clone(), &groups);
+        for (group, part) in groups.iter().zip(&parts) {
+            let expected: Vec<Vec<u8>> = group.indices.iter().map(|&i| keys[i].clone()).collect();
+            assert_eq!(part, &expected, "each group gets its own keys, in order");
+        }
     }
 
     /// With as many nodes as replicas, every key has the same replica set:
