@@ -13,10 +13,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use quiver_chaos::node::{free_port, NodeProcess, NodeSpec};
+use quiver_chaos::node::{cluster_specs, NodeProcess, NodeSpec};
 use quiver_client::blocking::Client;
 use quiver_client::{Consistency, ErrorKind, NodeStatus};
-use quiver_node::net::tls::{init_ca, issue_node};
 use quiver_ring::ring::{Member, Ring, RingView};
 use quiver_ring::NodeId;
 
@@ -42,31 +41,28 @@ fn direct(node: &NodeProcess) -> Client {
     Client::connect([node.addr.clone()]).unwrap().direct()
 }
 
-fn start(dir: &Path, certs: &Path, name: &str, peer_ports: &[(&str, u16)], extra: &[&str]) -> NodeProcess {
-    let own = peer_ports.iter().find(|(n, _)| *n == name).unwrap().1;
-    let mut args = vec!["--name".to_owned(), name.to_owned(), "--tls-dir".to_owned(), certs.display().to_string()];
-    for (peer, port) in peer_ports.iter().filter(|(n, _)| *n != name) {
-        args.push(format!("--peer={peer}=127.0.0.1:{port}"));
+/// A cluster of `count` nodes in `dir` (`n1`, `n2`, ...), its test-only
+/// flags allowed.
+fn cluster(dir: &Path, count: usize) -> Vec<NodeSpec> {
+    let mut specs = cluster_specs(Path::new(env!("CARGO_BIN_EXE_quiverd")), dir, count).unwrap();
+    for spec in &mut specs {
+        spec.env.push(("QUIVER_UNSAFE_TEST_MODES".into(), "1".into()));
     }
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let mut spec = NodeSpec::new(env!("CARGO_BIN_EXE_quiverd"), &dir.join(name)).args(args);
-    spec.peer_addr = format!("127.0.0.1:{own}");
-    spec.env.push(("QUIVER_UNSAFE_TEST_MODES".into(), "1".into()));
-    NodeProcess::start(&spec).unwrap()
+    specs
+}
+
+/// Starts (or restarts) the node of `spec`, with `extra` flags.
+fn start(spec: &NodeSpec, extra: &[&str]) -> NodeProcess {
+    NodeProcess::start(&spec.clone().args(extra.iter().copied())).unwrap()
 }
 
 #[test]
 fn heartbeats_see_peers_up_and_down_and_a_node_out_of_step_refuses_writes() {
     let dir = tempfile::tempdir().unwrap();
-    let certs = dir.path().join("certs");
-    init_ca(&certs).unwrap();
-    let ports: Vec<(&str, u16)> = ["n1", "n2", "n3"].into_iter().map(|n| (n, free_port().unwrap())).collect();
-    for (name, _) in &ports {
-        issue_node(&certs, name, &["127.0.0.1".parse().unwrap()]).unwrap();
-    }
-    let n1 = start(dir.path(), &certs, "n1", &ports, &[]);
-    let mut n2 = start(dir.path(), &certs, "n2", &ports, &[]);
-    let n3 = start(dir.path(), &certs, "n3", &ports, &["--debug-clock-offset-ms", "2000"]);
+    let specs = cluster(dir.path(), 3);
+    let n1 = start(&specs[0], &[]);
+    let mut n2 = start(&specs[1], &[]);
+    let n3 = start(&specs[2], &["--debug-clock-offset-ms", "2000"]);
     let clients: Vec<Client> = [&n1, &n2, &n3].iter().map(|n| direct(n)).collect();
 
     for client in &clients {
@@ -93,21 +89,6 @@ fn heartbeats_see_peers_up_and_down_and_a_node_out_of_step_refuses_writes() {
     assert!(status.peers.iter().any(|p| p.name == "n3" && p.up));
 }
 
-fn cluster_of_three(dir: &Path) -> (Vec<(&'static str, u16)>, std::path::PathBuf) {
-    cluster_of(dir, &["n1", "n2", "n3"])
-}
-
-/// Certificates and peer ports for nodes `names`.
-fn cluster_of(dir: &Path, names: &[&'static str]) -> (Vec<(&'static str, u16)>, std::path::PathBuf) {
-    let certs = dir.join("certs");
-    init_ca(&certs).unwrap();
-    let ports: Vec<(&str, u16)> = names.iter().map(|&n| (n, free_port().unwrap())).collect();
-    for (name, _) in &ports {
-        issue_node(&certs, name, &["127.0.0.1".parse().unwrap()]).unwrap();
-    }
-    (ports, certs)
-}
-
 /// Writes through any node reach a quorum of each key's replicas and are
 /// read through any other; with one node SIGKILLed, quorum reads and writes
 /// go on and nothing acknowledged is lost; with two down, a quorum write is
@@ -116,9 +97,8 @@ fn cluster_of(dir: &Path, names: &[&'static str]) -> (Vec<(&'static str, u16)>, 
 #[test]
 fn quorum_writes_and_reads_through_any_node_survive_a_kill() {
     let dir = tempfile::tempdir().unwrap();
-    let (ports, certs) = cluster_of_three(dir.path());
-    let mut nodes: Vec<NodeProcess> =
-        ["n1", "n2", "n3"].iter().map(|n| start(dir.path(), &certs, n, &ports, &[])).collect();
+    let specs = cluster(dir.path(), 3);
+    let mut nodes: Vec<NodeProcess> = specs.iter().map(|spec| start(spec, &[])).collect();
     let clients: Vec<Client> = nodes.iter().map(direct).collect();
     for client in &clients {
         wait_for(client, "every peer up", |s| s.peers.iter().all(|p| p.up));
@@ -173,7 +153,7 @@ fn quorum_writes_and_reads_through_any_node_survive_a_kill() {
     let all = direct(&nodes[0]).with_consistency(Consistency::All);
     assert_eq!(all.get("key-one").unwrap_err().kind(), Some(ErrorKind::Unavailable));
 
-    nodes[1] = start(dir.path(), &certs, "n2", &ports, &[]);
+    nodes[1] = start(&specs[1], &[]);
     let again = direct(&nodes[1]);
     wait_for(&clients[0], "n2 seen up again", |s| s.peers.iter().any(|p| p.name == "n2" && p.up));
     clients[0].set("key-0", "after the restart").unwrap();
@@ -219,9 +199,8 @@ fn versions_on_each_node(nodes: &[NodeProcess], key: &str) -> Vec<Vec<(Option<Ve
 #[test]
 fn concurrent_writes_through_different_coordinators_converge() {
     let dir = tempfile::tempdir().unwrap();
-    let (ports, certs) = cluster_of_three(dir.path());
-    let nodes: Vec<NodeProcess> =
-        ["n1", "n2", "n3"].iter().map(|n| start(dir.path(), &certs, n, &ports, &[])).collect();
+    let specs = cluster(dir.path(), 3);
+    let nodes: Vec<NodeProcess> = specs.iter().map(|spec| start(spec, &[])).collect();
     let clients: Vec<Client> = nodes.iter().map(|n| direct(n).with_consistency(Consistency::All)).collect();
     for client in &clients {
         wait_for(client, "every peer up", |s| s.peers.iter().all(|p| p.up));
@@ -274,13 +253,10 @@ fn concurrent_writes_through_different_coordinators_converge() {
 #[test]
 fn causal_writes_go_to_replicas_and_one_clients_writes_keep_their_order_across_skewed_coordinators() {
     let dir = tempfile::tempdir().unwrap();
-    let (ports, certs) = cluster_of(dir.path(), &["n1", "n2", "n3", "n4"]);
-    let mut nodes: Vec<NodeProcess> = ["n1", "n2", "n3", "n4"]
-        .iter()
-        .map(|&n| {
-            start(dir.path(), &certs, n, &ports, if n == "n1" { &["--debug-clock-offset-ms", "400"] } else { &[] })
-        })
-        .collect();
+    let specs = cluster(dir.path(), 4);
+    let ahead: &[&str] = &["--debug-clock-offset-ms", "400"];
+    let mut nodes: Vec<NodeProcess> =
+        specs.iter().enumerate().map(|(i, spec)| start(spec, if i == 0 { ahead } else { &[] })).collect();
     let ids: Vec<NodeId> = nodes.iter().map(|n| NodeId(direct(n).status().unwrap().node_id)).collect();
     for node in &nodes {
         wait_for(&direct(node), "every peer up", |s| s.peers.iter().all(|p| p.up));
@@ -320,7 +296,7 @@ fn causal_writes_go_to_replicas_and_one_clients_writes_keep_their_order_across_s
         assert_eq!(client.get(&key).unwrap().as_deref(), Some(value.as_bytes()), "write {i} is the latest");
     }
     assert_eq!(client.status().unwrap().name, "n2", "the later writes went through n2");
-    nodes[0] = start(dir.path(), &certs, "n1", &ports, &["--debug-clock-offset-ms", "400"]);
+    nodes[0] = start(&specs[0], ahead);
     let all = direct(&nodes[0]).with_consistency(Consistency::All);
     wait_for(&all, "n1 sees its peers", |s| s.peers.iter().all(|p| p.up));
     assert_eq!(all.get(&key).unwrap().as_deref(), Some(&b"39"[..]));
@@ -332,9 +308,8 @@ fn causal_writes_go_to_replicas_and_one_clients_writes_keep_their_order_across_s
 #[test]
 fn quorum_reads_repair_a_replica_that_missed_writes() {
     let dir = tempfile::tempdir().unwrap();
-    let (ports, certs) = cluster_of_three(dir.path());
-    let mut nodes: Vec<NodeProcess> =
-        ["n1", "n2", "n3"].iter().map(|n| start(dir.path(), &certs, n, &ports, &[])).collect();
+    let specs = cluster(dir.path(), 3);
+    let mut nodes: Vec<NodeProcess> = specs.iter().map(|spec| start(spec, &[])).collect();
     for node in &nodes {
         wait_for(&direct(node), "every peer up", |s| s.peers.iter().all(|p| p.up));
     }
@@ -347,7 +322,7 @@ fn quorum_reads_repair_a_replica_that_missed_writes() {
     // n1 sees n3 down before it comes back, so the n3 it then sees up
     // answered on a new link (calls on the old one go unanswered).
     wait_for(&n1, "n1 sees n3 down", |s| s.peers.iter().any(|p| p.name == "n3" && !p.up));
-    nodes[2] = start(dir.path(), &certs, "n3", &ports, &[]);
+    nodes[2] = start(&specs[2], &[]);
     let n3 = direct(&nodes[2]);
     let before = wait_for(&n3, "n3 sees its peers", |s| s.peers.iter().all(|p| p.up)).keys;
     wait_for(&n1, "n1 sees n3 up again", |s| s.peers.iter().all(|p| p.up));
