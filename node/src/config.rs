@@ -5,12 +5,15 @@
 //! client_addr = "127.0.0.1:7700"
 //! peer_addr = "127.0.0.1:7701"
 //! max_clock_offset_ms = 500  # a timestamp further ahead is refused
+//! gc_grace_secs = 864000      # tombstones are kept at least this long (10 days)
 //! debug_skip_write_probability = 0.0
 //!
 //! # In a cluster (all three, or none):
 //! name = "n1"                 # this node's name, as in its certificate
 //! tls_dir = "certs"           # ca.pem, n1.pem, n1.key (`quiver certs`)
 //! peers = ["n2=127.0.0.1:7711", "n3=127.0.0.1:7721"]
+//! hint_bytes_max = 1073741824 # hints held for one node that is down, at most
+//! hint_age_max_secs = 10800   # a hint older than this is dropped (3 hours)
 //!
 //! [limits]
 //! key_bytes_max = 4096
@@ -56,6 +59,15 @@ pub struct Config {
     pub tls_dir: Option<PathBuf>,
     /// The other nodes, as `NAME=HOST:PORT` (their peer addresses).
     pub peers: Vec<String>,
+    /// A tombstone is kept at least this long; a version from a peer older
+    /// than now minus this is refused (its tombstone may be gone). A node
+    /// in a cluster keeps every tombstone (no anti-entropy repair yet).
+    pub gc_grace_secs: u64,
+    /// The bytes of hints a node holds for one peer that is down, at most.
+    pub hint_bytes_max: u64,
+    /// A hint older than this is dropped undelivered: well within
+    /// `gc_grace_secs` (at most half of it).
+    pub hint_age_max_secs: u64,
     /// Test-only (a hidden `quiverd` flag): this node's wall clock reads
     /// this many ms ahead of the system's (negative: behind).
     #[serde(skip)]
@@ -108,6 +120,9 @@ impl Default for Config {
             name: None,
             tls_dir: None,
             peers: Vec::new(),
+            gc_grace_secs: 10 * 24 * 3600,
+            hint_bytes_max: 1 << 30,
+            hint_age_max_secs: 3 * 3600,
             debug_clock_offset_ms: 0,
             debug_skip_write_probability: 0.0,
             debug_drop_acked_writes: 0.0,
@@ -190,6 +205,13 @@ impl Config {
                 self.debug_skip_write_probability
             ));
         }
+        if self.hint_age_max_secs.saturating_mul(2) > self.gc_grace_secs {
+            return invalid(format!(
+                "hint_age_max_secs {} must be at most half of gc_grace_secs {}: a hint delivered after a \
+                 tombstone was purged would bring its key back",
+                self.hint_age_max_secs, self.gc_grace_secs
+            ));
+        }
         let l = &self.limits;
         if l.key_bytes_max == 0 || l.requests_in_flight_max == 0 || l.bulk_entries_max == 0 {
             return invalid("key_bytes_max, bulk_entries_max and requests_in_flight_max must be at least 1".into());
@@ -244,6 +266,12 @@ impl Config {
             record_bytes_max: self.limits.frame_bytes_max.max(self.limits.bulk_bytes_max * 2),
             repair: self.storage.repair,
             debug_skip_write_probability: self.debug_skip_write_probability,
+            // Until anti-entropy repair covers every range, a node of a
+            // cluster keeps its tombstones (design section 5).
+            tombstone_grace_ms: match self.name {
+                Some(_) => u64::MAX,
+                None => self.gc_grace_secs.saturating_mul(1000),
+            },
             ..crate::storage::Options::default()
         }
     }

@@ -119,6 +119,11 @@ impl NodeClock {
         }
     }
 
+    /// The wall clock's time.
+    pub fn wall_ms(&self) -> u64 {
+        self.wall.now_ms()
+    }
+
     /// The largest distance between clocks this node accepts.
     pub fn max_offset_ms(&self) -> u64 {
         self.max_offset_ms

@@ -339,3 +339,50 @@ fn quorum_reads_repair_a_replica_that_missed_writes() {
         assert_eq!(value.as_deref(), Some(key.as_bytes()), "{key} on n3 alone");
     }
 }
+
+/// Hints this node holds for the member named `owner`.
+fn hints_for(status: &NodeStatus, owner: &str) -> u64 {
+    status.ring.iter().find(|m| m.name == owner).map_or(0, |m| m.hints)
+}
+
+/// While n3 is down, its copies of 40 writes go to n1 and n2 as hints, in
+/// the same record as their own (status counts them); a SIGKILLed holder
+/// still has them when it restarts; once n3 is back they are delivered and
+/// deleted, and n3 alone serves every key, though nothing read them since.
+#[test]
+fn hints_for_a_node_that_was_down_survive_their_holders_kill_and_reach_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let specs = cluster(dir.path(), 3);
+    let mut nodes: Vec<NodeProcess> = specs.iter().map(|spec| start(spec, &[])).collect();
+    for node in &nodes {
+        wait_for(&direct(node), "every peer up", |s| s.peers.iter().all(|p| p.up));
+    }
+    nodes[2].kill();
+    for node in &nodes[..2] {
+        wait_for(&direct(node), "n3 seen down", |s| s.peers.iter().any(|p| p.name == "n3" && !p.up));
+    }
+    let keys: Vec<String> = (0..40).map(|i| format!("hinted-{i}")).collect();
+    for key in &keys {
+        direct(&nodes[0]).set(key, key).unwrap();
+    }
+    let held = |node: &NodeProcess| hints_for(&direct(node).status().unwrap(), "n3");
+    let (n1_held, n2_held) = (held(&nodes[0]), held(&nodes[1]));
+    assert_eq!(n1_held + n2_held, keys.len() as u64, "one hint per write, on n1 or n2");
+
+    let (holder, before) = if n1_held > 0 { (0, n1_held) } else { (1, n2_held) };
+    nodes[holder].kill();
+    nodes[holder] = start(&specs[holder], &[]);
+    let status = wait_for(&direct(&nodes[holder]), "the holder knows the ring again", |s| !s.ring.is_empty());
+    assert_eq!(hints_for(&status, "n3"), before, "the hints survived the SIGKILL: {status:?}");
+
+    nodes[2] = start(&specs[2], &[]);
+    for node in &nodes[..2] {
+        wait_for(&direct(node), "hints delivered", |s| s.peers.iter().all(|p| p.up) && hints_for(s, "n3") == 0);
+    }
+    let own = direct(&nodes[2]).with_consistency(Consistency::One);
+    let others = [&nodes[0], &nodes[1]];
+    let values = with_paused(&others, || own.get_many(&keys).unwrap());
+    for (key, value) in keys.iter().zip(values) {
+        assert_eq!(value.as_deref(), Some(key.as_bytes()), "{key} on n3 alone");
+    }
+}

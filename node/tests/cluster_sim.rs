@@ -20,7 +20,9 @@
 
 use std::collections::BTreeMap;
 
-use quiver_node::cluster::quorum::{replica_handle, Consistency, DataMessage, OpId, Outcome, Quorum, ReplicaStore};
+use quiver_node::cluster::quorum::{
+    replica_handle, Consistency, DataMessage, Hinted, OpId, Outcome, Placement, Quorum, ReplicaStore,
+};
 use quiver_ring::rand::SplitMix64;
 use quiver_ring::ring::{Member, Ring, RingView};
 use quiver_ring::{Context, Hlc, NodeId, Order, Siblings, Stamper, Version};
@@ -30,14 +32,16 @@ const N: usize = 3;
 const KEYS: u64 = 6;
 const DEADLINE_MS: u64 = 40;
 
+/// A replica's sets, and the hints it holds for others.
 #[derive(Default)]
-struct MapStore(BTreeMap<Vec<u8>, Siblings>);
+struct MapStore(BTreeMap<Vec<u8>, Siblings>, Vec<Hinted>);
 
 impl ReplicaStore for MapStore {
-    fn merge(&mut self, sets: Vec<(Vec<u8>, Siblings)>) {
+    fn merge(&mut self, sets: Vec<(Vec<u8>, Siblings)>, hints: Vec<Hinted>) {
         for (key, siblings) in sets {
             self.0.entry(key).or_default().merge(siblings);
         }
+        self.1.extend(hints);
     }
 
     fn get(&self, key: &[u8]) -> Option<Siblings> {
@@ -58,6 +62,7 @@ enum Op {
     Write {
         key: Vec<u8>,
         order: Order,
+        consistency: Consistency,
     },
     /// A causal write coordinated by a replica: the version it made.
     Causal {
@@ -88,6 +93,8 @@ struct Sim {
     down: Option<NodeId>,
     /// Per key, the highest order of an acknowledged write.
     acked: BTreeMap<Vec<u8>, Order>,
+    /// The same for writes at `any`.
+    acked_any: BTreeMap<Vec<u8>, Order>,
     /// The causal writes acknowledged.
     causal_acked: Vec<(Vec<u8>, Version)>,
     /// Per key, the context of the last read that completed.
@@ -127,6 +134,7 @@ impl Sim {
             dropped: Vec::new(),
             down: None,
             acked: BTreeMap::new(),
+            acked_any: BTreeMap::new(),
             causal_acked: Vec::new(),
             contexts: BTreeMap::new(),
             unavailable: 0,
@@ -151,8 +159,11 @@ impl Sim {
         let seed = self.seed;
         let Some(done) = self.nodes.get_mut(&coordinator).and_then(|n| n.ops.remove(&op)) else { return };
         match (done, outcome) {
-            (Op::Write { key, order }, Outcome::Written) => {
-                let best = self.acked.entry(key).or_insert(order);
+            (Op::Write { key, order, consistency }, Outcome::Written) => {
+                // A write at `any` may be held by a hint only: quorum reads
+                // need not see it, but it must survive to the end.
+                let acked = if consistency == Consistency::Any { &mut self.acked_any } else { &mut self.acked };
+                let best = acked.entry(key).or_insert(order);
                 *best = (*best).max(order);
             }
             (Op::Causal { key, version }, Outcome::Written) => self.causal_acked.push((key, version)),
@@ -250,17 +261,20 @@ impl Sim {
         let acked_before = self.acked.get(&key).copied();
         match self.rng.between(0, 4) {
             0 | 1 => {
+                // Some writes at `any`: a hint may be all that holds them.
+                let consistency = if self.rng.chance(0.2) { Consistency::Any } else { Consistency::Quorum };
+                let placement = self.placement(&key, coordinator);
                 let Some(node) = self.nodes.get_mut(&coordinator) else { return };
                 let stamp = node.stamper.next(now).expect("a test clock never refuses");
                 let version = stamp.blind(Some(format!("{}", stamp.hlc).into_bytes()));
                 let order = version.order();
                 let (op, messages) = node.quorum.start_write(
                     vec![(key.clone(), Siblings::one(version))],
-                    vec![replicas],
-                    Consistency::Quorum,
+                    vec![placement],
+                    consistency,
                     deadline,
                 );
-                node.ops.insert(op, Op::Write { key, order });
+                node.ops.insert(op, Op::Write { key, order, consistency });
                 self.send(coordinator, messages);
             }
             2 => self.start_causal(key, replicas, deadline),
@@ -289,10 +303,12 @@ impl Sim {
         let version = stamp.causal(context, Some(format!("causal {}", stamp.hlc).into_bytes()));
         let mut set = node.store.get(&key).unwrap_or_default();
         set.merge(Siblings::one(version.clone()));
-        node.store.merge(vec![(key.clone(), set.clone())]);
+        node.store.merge(vec![(key.clone(), set.clone())], vec![]);
+        let placement = self.placement(&key, coordinator);
+        let Some(node) = self.nodes.get_mut(&coordinator) else { return };
         let (op, messages, done) = node.quorum.start_write_held(
             vec![(key.clone(), set)],
-            vec![replicas],
+            vec![placement],
             Consistency::Quorum,
             deadline,
             coordinator,
@@ -304,15 +320,31 @@ impl Sim {
         }
     }
 
-    /// Everything delivered (the dropped messages too, as hints and
-    /// retries will), then every replica of every key merges the others'.
+    /// Where `key`'s copies go, as a coordinator that knows which node is
+    /// down sees it: that replica's hint goes to the first node past the
+    /// key's replicas.
+    fn placement(&self, key: &[u8], coordinator: NodeId) -> Placement {
+        let replicas = self.ring.preference_list(key, N);
+        let Some(down) = self.down.filter(|down| replicas.contains(down)) else { return replicas.into() };
+        let order = self.ring.preference_list(key, NODES as usize);
+        let stand_in = order[N..].iter().copied().find(|&id| id != down).unwrap_or(coordinator);
+        Placement { replicas, stand_ins: vec![(down, stand_in)] }
+    }
+
+    /// The node that was down is back and gets its hints; everything else
+    /// is delivered (the dropped messages too, as retries will), then every
+    /// replica of every key merges the others'.
     fn converge(&mut self) {
         let mut rest: Vec<InFlight> = std::mem::take(&mut self.network);
         rest.append(&mut self.dropped);
         self.down = None;
+        let hints: Vec<Hinted> = self.nodes.values_mut().flat_map(|node| std::mem::take(&mut node.store.1)).collect();
+        for Hinted { owner, sets } in hints {
+            self.nodes.get_mut(&owner).expect("a hint's owner is a node").store.merge(sets, vec![]);
+        }
         for flight in rest {
             if let (DataMessage::Write { sets, .. }, Some(node)) = (flight.message, self.nodes.get_mut(&flight.to)) {
-                node.store.merge(sets);
+                node.store.merge(sets, vec![]);
             }
         }
         for k in 0..KEYS {
@@ -326,7 +358,7 @@ impl Sim {
             }
             for id in &replicas {
                 let node = self.nodes.get_mut(id).expect("a replica is a node");
-                node.store.merge(vec![(key.clone(), all.clone())]);
+                node.store.merge(vec![(key.clone(), all.clone())], vec![]);
             }
             let first = self.nodes[&replicas[0]].store.get(&key);
             for id in &replicas {
@@ -345,7 +377,8 @@ impl Sim {
                 });
                 assert!(kept, "seed {}: an acknowledged causal write of {key:?} is gone: {version:?}", self.seed);
             }
-            if let Some(acked) = self.acked.get(&key) {
+            let acked = self.acked.get(&key).into_iter().chain(self.acked_any.get(&key)).max();
+            if let Some(acked) = acked {
                 let winner = first.as_ref().and_then(Siblings::winner).map(|v| v.order());
                 assert!(
                     winner.is_some_and(|w| w >= *acked),
@@ -412,7 +445,7 @@ fn two_replicas_down_quorum_is_unavailable_and_one_succeeds() {
         (Consistency::Quorum, Some(Outcome::Unavailable { answered: 1, needed: 2, asked: 3 })),
         (Consistency::One, None),
     ] {
-        let (op, messages) = quorum.start_write(sets.clone(), vec![replicas.to_vec()], consistency, 10);
+        let (op, messages) = quorum.start_write(sets.clone(), vec![replicas.to_vec().into()], consistency, 10);
         let mut outcome = None;
         for (to, message) in messages {
             // Only node 1 is up.

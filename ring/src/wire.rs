@@ -50,8 +50,9 @@ pub const ADMIN_TOKEN_FILE: &str = "ADMIN_TOKEN";
 
 /// The protocol this build speaks. 2: connections open with `Hello`, admin
 /// requests carry a token. 3: typed timestamps, write deadlines, versions
-/// and contexts (`GetVersions`, `SetWithContext`).
-pub const PROTOCOL_VERSION: u32 = 4;
+/// and contexts (`GetVersions`, `SetWithContext`). 4: `Ring`, the ring in
+/// `status`. 5: consistency `Any`, hinted handoff in `status`.
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// A client's request.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,13 +77,18 @@ pub enum Consistency {
     One,
     Quorum,
     All,
+    /// Acknowledged once any node has the write durable, a hint for a
+    /// replica that is down included (as Cassandra's `ANY`); a read at
+    /// `any` is a read at `one`. The other levels count the key's own
+    /// replicas only, never hints.
+    Any,
 }
 
 impl Consistency {
     /// Answers needed out of `replicas`.
     pub fn needed(self, replicas: usize) -> usize {
         match self {
-            Consistency::One => 1.min(replicas),
+            Consistency::One | Consistency::Any => 1.min(replicas),
             Consistency::Quorum => replicas / 2 + 1,
             Consistency::All => replicas,
         }
@@ -97,7 +103,8 @@ impl std::str::FromStr for Consistency {
             "one" => Ok(Consistency::One),
             "quorum" => Ok(Consistency::Quorum),
             "all" => Ok(Consistency::All),
-            other => Err(format!("consistency {other:?}: one of one, quorum, all")),
+            "any" => Ok(Consistency::Any),
+            other => Err(format!("consistency {other:?}: one of one, quorum, all, any (writes only)")),
         }
     }
 }
@@ -429,6 +436,9 @@ pub struct NodeStatus {
     /// Every member of the ring, this node first (empty until every
     /// member's node id is known, and when it runs alone).
     pub ring: Vec<RingMember>,
+    /// Hints this node dropped undelivered: past their age bound, or
+    /// refused because the queue for their owner was full.
+    pub hints_dropped: u64,
 }
 
 /// A member of the ring as `status` shows it.
@@ -441,6 +451,10 @@ pub struct RingMember {
     pub share_ppm: u32,
     /// Its keys (approximate, as `keys` above), as of its last heartbeat.
     pub keys: Option<u64>,
+    /// Hints this node holds for it (writes it missed while down), and
+    /// their bytes.
+    pub hints: u64,
+    pub hint_bytes: u64,
 }
 
 /// A peer as a node's heartbeats see it.
@@ -760,8 +774,9 @@ mod tests {
             (Request { consistency: Some(Consistency::Quorum), ..request(Op::Status) }, "010205030101"),
             (Request { consistency: Some(Consistency::One), ..request(Op::Status) }, "010205030100"),
             (Request { consistency: Some(Consistency::All), ..request(Op::Status) }, "010205030102"),
+            (Request { consistency: Some(Consistency::Any), ..request(Op::Status) }, "010205030103"),
             (request(Op::Shutdown { token: "t".into() }), "01020601740300"),
-            (request(Op::Hello { protocol: 4 }), "010207040300"),
+            (request(Op::Hello { protocol: 5 }), "010207050300"),
             (request(Op::GetVersions { key: key() }), "010208016b0300"),
             (
                 request(Op::SetWithContext { key: key(), value: Some(b"v".to_vec()), context: token.clone() }),
@@ -795,7 +810,16 @@ mod tests {
                 clock_offset_ms: Some(-2),
             }],
             replicas: 3,
-            ring: vec![RingMember { name: "n".into(), node_id: 1, up: true, share_ppm: 9, keys: None }],
+            ring: vec![RingMember {
+                name: "n".into(),
+                node_id: 1,
+                up: true,
+                share_ppm: 9,
+                keys: None,
+                hints: 10,
+                hint_bytes: 11,
+            }],
+            hints_dropped: 12,
         };
         let ring = RingInfo {
             replicas: 3,
@@ -823,7 +847,7 @@ mod tests {
             (response(Ok(Reply::Done)), "01020002"),
             (
                 response(Ok(Reply::Status(status))),
-                "01020003010161016201760203040501017206016e01017001710107016301010801030301016e01010900",
+                "01020003010161016201760203040501017206016e01017001710107016301010801030301016e010109000a0b0c",
             ),
             (response(Ok(Reply::Hello(NodeInfo { protocol: 4, node_id: 9, limits }))), "0102000404090102030405"),
             (response(Ok(Reply::Versions(versions))), "010200050201017607000801ab"),

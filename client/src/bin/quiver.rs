@@ -25,8 +25,9 @@ struct Args {
     #[arg(long, default_value_t = 30, global = true)]
     timeout: u64,
     /// In a cluster, how many of a key's replicas must answer: one, quorum
-    /// or all [default: the node's, quorum].
-    #[arg(long, global = true, value_name = "one|quorum|all")]
+    /// or all; any (writes): any node, a hint for a replica that is down
+    /// included [default: the node's, quorum].
+    #[arg(long, global = true, value_name = "one|quorum|all|any")]
     consistency: Option<quiver_client::Consistency>,
     #[command(subcommand)]
     command: Command,
@@ -331,7 +332,15 @@ fn run(args: Args) -> Result<ExitCode, String> {
                 let state = if member.up { "up" } else { "down" };
                 let keys = member.keys.map_or_else(|| "keys unknown".to_owned(), |k| format!("{k} keys"));
                 let share = f64::from(member.share_ppm) / 10_000.0;
-                writeln!(out, "  {:<12} {:<4} share {share:>5.1} %  {keys}", member.name, state)
+                let hints = match member.hints {
+                    0 => String::new(),
+                    n => format!("  {n} hints held for it ({} bytes)", member.hint_bytes),
+                };
+                writeln!(out, "  {:<12} {:<4} share {share:>5.1} %  {keys}{hints}", member.name, state)
+                    .map_err(|e| e.to_string())?;
+            }
+            if s.hints_dropped > 0 {
+                writeln!(out, "hints dropped: {} (too old, or their queue was full)", s.hints_dropped)
                     .map_err(|e| e.to_string())?;
             }
         }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use quiver_node::clock::{Clock, OffsetClock, SystemClock};
+use quiver_node::cluster::hints::HintStore;
 use quiver_node::cluster::membership::Membership;
 use quiver_node::cluster::store::{ClusterStore, ReplicaHandler};
 use quiver_node::config::Config;
@@ -94,6 +95,17 @@ struct Args {
     /// timestamp further ahead of its wall clock is refused [default: 500].
     #[arg(long)]
     max_clock_offset_ms: Option<u64>,
+    /// Tombstones are kept at least this long, in seconds; versions from
+    /// peers older than that are refused [default: 864000, 10 days].
+    #[arg(long)]
+    gc_grace_secs: Option<u64>,
+    /// Bytes of hints held for one peer that is down, at most [default: 1 GiB].
+    #[arg(long)]
+    hint_bytes_max: Option<u64>,
+    /// Hints older than this, in seconds, are dropped undelivered; at most
+    /// half of gc_grace_secs [default: 10800, 3 hours].
+    #[arg(long)]
+    hint_age_max_secs: Option<u64>,
     /// Open a damaged WAL or manifest by keeping its valid prefix.
     #[arg(long)]
     repair: bool,
@@ -137,6 +149,15 @@ impl Args {
         }
         if let Some(v) = self.frame_bytes_max {
             config.limits.frame_bytes_max = v
+        }
+        if let Some(v) = self.gc_grace_secs {
+            config.gc_grace_secs = v
+        }
+        if let Some(v) = self.hint_bytes_max {
+            config.hint_bytes_max = v
+        }
+        if let Some(v) = self.hint_age_max_secs {
+            config.hint_age_max_secs = v
         }
         if let Some(v) = self.debug_skip_write_probability {
             config.debug_skip_write_probability = v
@@ -251,15 +272,33 @@ async fn run(config: Config) -> Result<(), String> {
         );
         store = store.with_dropped_writes(config.debug_drop_acked_writes);
     }
-    let store = Arc::new(store);
+    let store = Arc::new(store.with_gc_grace_ms(config.gc_grace_secs.saturating_mul(1000)));
     let (peer_addr, cluster, store): (String, _, Arc<dyn Store>) = match (&config.name, &config.tls_dir) {
         (Some(name), Some(tls_dir)) => {
-            let joined = join_cluster(&config, name, tls_dir, node_id, &client_addr, &node_clock, &clock, &store)?;
-            let (addr, membership) = joined;
-            let cluster =
-                ClusterStore::new(node_id, name.clone(), store, membership, node_clock.clone(), clock.clone());
+            let (opened, clock_of_hints) = (engine.clone(), node_clock.clone());
+            let hints =
+                tokio::task::spawn_blocking(move || HintStore::open(opened, clock_of_hints, config.hint_bytes_max))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| format!("counting the hints held: {e}"))?;
+            let hints = Arc::new(hints);
+            let local = (store, hints);
+            let joined = join_cluster(&config, name, tls_dir, node_id, &client_addr, &node_clock, &clock, &local)?;
+            let ((addr, membership), (store, hints)) = (joined, local);
+            let hint_age_max_ms = config.hint_age_max_secs.saturating_mul(1000);
+            let cluster = ClusterStore::new(
+                node_id,
+                name.clone(),
+                store,
+                hints,
+                hint_age_max_ms,
+                membership,
+                node_clock.clone(),
+                clock.clone(),
+            );
             let cluster = Arc::new(cluster);
             cluster.expire_in_background();
+            cluster.deliver_hints_in_background();
             (addr, Some(cluster.clone()), Arc::new(cluster) as Arc<dyn Store>)
         }
         _ => (config.peer_addr.clone(), None, store),
@@ -322,7 +361,7 @@ fn join_cluster(
     client_addr: &str,
     node_clock: &Arc<NodeClock>,
     wall: &Arc<dyn Clock>,
-    local: &Arc<LocalStore>,
+    (local, hints): &(Arc<LocalStore>, Arc<HintStore>),
 ) -> Result<(String, Arc<Membership>), String> {
     let tls = NodeTls::load(tls_dir, name).map_err(|e| format!("this node's certificate: {e}"))?;
     let addr = config.peer_addr.parse().map_err(|e| format!("peer address {}: {e}", config.peer_addr))?;
@@ -339,7 +378,8 @@ fn join_cluster(
         wall.clone(),
     ));
     let limits = config.limits.wire();
-    endpoint.serve(Arc::new(ReplicaHandler { membership: membership.clone(), local: local.clone(), limits }));
+    let (local, hints) = (local.clone(), hints.clone());
+    endpoint.serve(Arc::new(ReplicaHandler { membership: membership.clone(), local, hints, limits }));
     tokio::spawn(membership.clone().run());
     Ok((bound, membership))
 }
@@ -370,6 +410,9 @@ mod tests {
             "--tls-dir=/certs",
             "--peer=n2=127.0.0.1:3",
             "--peer=n3=127.0.0.1:4",
+            "--gc-grace-secs=100",
+            "--hint-bytes-max=90",
+            "--hint-age-max-secs=50",
         ])
         .unwrap();
         let config = args.into_config().unwrap();
@@ -390,6 +433,7 @@ mod tests {
             (Some("n1"), Some(std::path::Path::new("/certs")))
         );
         assert_eq!(config.peers, ["n2=127.0.0.1:3", "n3=127.0.0.1:4"]);
+        assert_eq!((config.gc_grace_secs, config.hint_bytes_max, config.hint_age_max_secs), (100, 90, 50));
         assert_eq!(config.peer_configs().unwrap()[1].peer_addr, "127.0.0.1:4".parse().unwrap());
     }
 
@@ -414,5 +458,7 @@ mod tests {
     fn out_of_range_values_are_refused() {
         let args = Args::try_parse_from(["quiverd", "--debug-skip-write-probability=2"]).unwrap();
         assert!(args.into_config().is_err());
+        let args = Args::try_parse_from(["quiverd", "--gc-grace-secs=100", "--hint-age-max-secs=51"]).unwrap();
+        assert!(args.into_config().unwrap_err().contains("at most half of gc_grace_secs"));
     }
 }

@@ -107,6 +107,17 @@ impl Membership {
         self.peers.iter().find(|p| lock(&p.seen).node_id == Some(id.0)).map(|p| &p.link)
     }
 
+    /// The node ids of the peers the last heartbeats found down.
+    pub fn down(&self) -> Vec<NodeId> {
+        self.peers
+            .iter()
+            .filter_map(|p| {
+                let seen = lock(&p.seen);
+                seen.node_id.filter(|_| !seen.up).map(NodeId)
+            })
+            .collect()
+    }
+
     /// What the last heartbeats found, in the configured order.
     pub fn peers(&self) -> Vec<PeerInfo> {
         self.peers.iter().map(|p| lock(&p.seen).clone()).collect()

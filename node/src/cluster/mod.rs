@@ -8,12 +8,13 @@
 //!   it in one process, over a seeded network that drops and delays.
 //!
 //! - [`store`]: [`store::ClusterStore`], the `Store` of a node in a
-//!   cluster: writes to N replicas acknowledged at W, reads at R, over the
-//!   peer links and the node's own engine; and the replica side.
-//!
-//! Causal writes across nodes, read repair, hinted handoff and the smart
-//! client come next.
+//!   cluster: writes to N replicas acknowledged at W, reads at R with read
+//!   repair, over the peer links and the node's own engine; and the replica
+//!   side.
+//! - [`hints`]: the hints a node holds for replicas that are down (sloppy
+//!   quorum, hinted handoff).
 
+pub mod hints;
 pub mod membership;
 pub mod quorum;
 pub mod store;

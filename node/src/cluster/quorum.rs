@@ -28,6 +28,8 @@ use std::collections::BTreeMap;
 
 use quiver_ring::{NodeId, Siblings};
 
+pub use crate::net::peer::Hinted;
+
 /// A coordinator's id for one operation.
 pub type OpId = u64;
 
@@ -36,10 +38,11 @@ pub use quiver_ring::wire::Consistency;
 /// What replicas and coordinators send each other about data.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DataMessage {
-    /// Merge these sibling sets, all as one record.
+    /// Merge these sibling sets and hold these hints, all as one record.
     Write {
         op: OpId,
         sets: Vec<(Vec<u8>, Siblings)>,
+        hints: Vec<Hinted>,
     },
     WriteAck {
         op: OpId,
@@ -52,6 +55,56 @@ pub enum DataMessage {
         op: OpId,
         found: Option<Siblings>,
     },
+}
+
+/// Where one key's copies go: its replicas, and for each replica known to
+/// be down, the healthy node that holds a hint for it instead (sloppy
+/// quorum). A replica that is down is sent nothing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Placement {
+    /// The key's replicas (its preference list), those down included.
+    pub replicas: Vec<NodeId>,
+    /// `(replica that is down, the node holding its hint)`.
+    pub stand_ins: Vec<(NodeId, NodeId)>,
+}
+
+impl From<Vec<NodeId>> for Placement {
+    fn from(replicas: Vec<NodeId>) -> Placement {
+        Placement { replicas, stand_ins: Vec::new() }
+    }
+}
+
+impl Placement {
+    fn is_down(&self, node: NodeId) -> bool {
+        self.stand_ins.iter().any(|&(down, _)| down == node)
+    }
+
+    /// `(answered, needed, asked)`: a hint counts only at `Any`.
+    fn count(&self, answered: &[NodeId], consistency: Consistency) -> (usize, usize, usize) {
+        let real = self.replicas.iter().filter(|id| answered.contains(id)).count();
+        let asked = self.replicas.len();
+        if consistency == Consistency::Any {
+            let holders = self.stand_ins.iter().filter(|(_, holder)| answered.contains(holder)).count();
+            return (real + holders, 1.min(asked), asked);
+        }
+        (real, consistency.needed(asked), asked)
+    }
+}
+
+/// What one node is sent of a write.
+#[derive(Default)]
+struct Part {
+    sets: Vec<(Vec<u8>, Siblings)>,
+    hints: Vec<Hinted>,
+}
+
+impl Part {
+    fn hint(&mut self, owner: NodeId, set: (Vec<u8>, Siblings)) {
+        match self.hints.iter_mut().find(|h| h.owner == owner) {
+            Some(hinted) => hinted.sets.push(set),
+            None => self.hints.push(Hinted { owner, sets: vec![set] }),
+        }
+    }
 }
 
 /// How an operation ended.
@@ -71,8 +124,8 @@ pub enum Outcome {
 struct Pending {
     asked: Vec<NodeId>,
     answered: Vec<NodeId>,
-    /// Each must reach its quorum: the replicas of each key.
-    groups: Vec<Vec<NodeId>>,
+    /// Each must reach its quorum: where each key went.
+    groups: Vec<Placement>,
     consistency: Consistency,
     deadline_ms: u64,
     /// For a read: its key and what each replica answered.
@@ -104,7 +157,10 @@ impl Read {
         self.answers
             .iter()
             .filter(|(_, found)| found.as_ref() != Some(&merged))
-            .map(|(node, _)| (*node, DataMessage::Write { op, sets: vec![(self.key.clone(), merged.clone())] }))
+            .map(|(node, _)| {
+                let sets = vec![(self.key.clone(), merged.clone())];
+                (*node, DataMessage::Write { op, sets, hints: Vec::new() })
+            })
             .collect()
     }
 }
@@ -114,10 +170,7 @@ impl Pending {
     fn worst(&self) -> (usize, usize, usize) {
         self.groups
             .iter()
-            .map(|g| {
-                let answered = g.iter().filter(|id| self.answered.contains(id)).count();
-                (answered, self.consistency.needed(g.len()), g.len())
-            })
+            .map(|g| g.count(&self.answered, self.consistency))
             .min_by_key(|&(answered, needed, _)| answered as i64 - needed as i64)
             .unwrap_or((0, 0, 0))
     }
@@ -139,13 +192,19 @@ pub struct Quorum {
 impl Quorum {
     fn start(
         &mut self,
-        groups: Vec<Vec<NodeId>>,
+        groups: Vec<Placement>,
         consistency: Consistency,
         deadline_ms: u64,
         read: Option<Read>,
     ) -> OpId {
         self.next += 1;
-        let mut asked: Vec<NodeId> = groups.iter().flatten().copied().collect();
+        let mut asked: Vec<NodeId> = groups
+            .iter()
+            .flat_map(|g| {
+                let up = g.replicas.iter().copied().filter(|&id| !g.is_down(id));
+                up.chain(g.stand_ins.iter().map(|&(_, holder)| holder))
+            })
+            .collect();
         asked.sort();
         asked.dedup();
         let pending = Pending { asked, answered: Vec::new(), groups, consistency, deadline_ms, read, done: false };
@@ -154,40 +213,51 @@ impl Quorum {
     }
 
     /// Starts a write of `sets` (keys and their sibling sets), each to its
-    /// `replicas` (in the same order): every replica gets all of its keys
-    /// in one message. Returns the messages to send.
+    /// placement (in the same order): every node gets all of its keys and
+    /// all the hints it holds in one message. Returns the messages to send.
     pub fn start_write(
         &mut self,
         sets: Vec<(Vec<u8>, Siblings)>,
-        replicas: Vec<Vec<NodeId>>,
+        placements: Vec<Placement>,
         consistency: Consistency,
         deadline_ms: u64,
     ) -> (OpId, Vec<(NodeId, DataMessage)>) {
-        let mut parts: BTreeMap<NodeId, Vec<(Vec<u8>, Siblings)>> = BTreeMap::new();
-        for (set, nodes) in sets.into_iter().zip(&replicas) {
-            for &node in nodes {
-                parts.entry(node).or_default().push(set.clone());
+        let mut parts: BTreeMap<NodeId, Part> = BTreeMap::new();
+        for (set, placement) in sets.into_iter().zip(&placements) {
+            for &node in placement.replicas.iter().filter(|&&id| !placement.is_down(id)) {
+                parts.entry(node).or_default().sets.push(set.clone());
+            }
+            for &(owner, holder) in &placement.stand_ins {
+                parts.entry(holder).or_default().hint(owner, set.clone());
             }
         }
-        let op = self.start(replicas, consistency, deadline_ms, None);
-        let messages = parts.into_iter().map(|(to, sets)| (to, DataMessage::Write { op, sets })).collect();
+        let op = self.start(placements, consistency, deadline_ms, None);
+        let messages =
+            parts.into_iter().map(|(to, Part { sets, hints })| (to, DataMessage::Write { op, sets, hints })).collect();
         (op, messages)
     }
 
     /// Starts a write of `sets` that `holder`, one of the replicas, already
     /// has durable (a causal write it coordinated, design section 5): it
-    /// counts as answered and is sent nothing. Returns the messages to
-    /// send, and the outcome if that one answer is already enough.
+    /// counts as answered and is sent only the hints it holds, if any.
+    /// Returns the messages to send, and the outcome if that one answer is
+    /// already enough.
     pub fn start_write_held(
         &mut self,
         sets: Vec<(Vec<u8>, Siblings)>,
-        replicas: Vec<Vec<NodeId>>,
+        placements: Vec<Placement>,
         consistency: Consistency,
         deadline_ms: u64,
         holder: NodeId,
     ) -> (OpId, Vec<(NodeId, DataMessage)>, Option<Outcome>) {
-        let (op, mut messages) = self.start_write(sets, replicas, consistency, deadline_ms);
-        messages.retain(|(to, _)| *to != holder);
+        let (op, mut messages) = self.start_write(sets, placements, consistency, deadline_ms);
+        messages.retain_mut(|(to, message)| match message {
+            DataMessage::Write { sets, hints, .. } if *to == holder => {
+                sets.clear();
+                !hints.is_empty()
+            }
+            _ => true,
+        });
         let done = self.on_reply(holder, DataMessage::WriteAck { op }).map(|(_, outcome)| outcome);
         (op, messages, done)
     }
@@ -201,7 +271,7 @@ impl Quorum {
         deadline_ms: u64,
     ) -> (OpId, Vec<(NodeId, DataMessage)>) {
         let read = Read { key: key.to_vec(), answers: Vec::new() };
-        let op = self.start(vec![replicas.to_vec()], consistency, deadline_ms, Some(read));
+        let op = self.start(vec![Placement::from(replicas.to_vec())], consistency, deadline_ms, Some(read));
         let messages = replicas.iter().map(|&to| (to, DataMessage::Read { op, key: key.to_vec() })).collect();
         (op, messages)
     }
@@ -279,16 +349,16 @@ impl Quorum {
 
 /// Where a replica keeps sibling sets.
 pub trait ReplicaStore {
-    /// Merges every set in, as one record.
-    fn merge(&mut self, sets: Vec<(Vec<u8>, Siblings)>);
+    /// Merges every set in and holds every hint, as one record.
+    fn merge(&mut self, sets: Vec<(Vec<u8>, Siblings)>, hints: Vec<Hinted>);
     fn get(&self, key: &[u8]) -> Option<Siblings>;
 }
 
 /// What a replica does with a data message: the reply to send back, if any.
 pub fn replica_handle(store: &mut impl ReplicaStore, message: DataMessage) -> Option<DataMessage> {
     match message {
-        DataMessage::Write { op, sets } => {
-            store.merge(sets);
+        DataMessage::Write { op, sets, hints } => {
+            store.merge(sets, hints);
             Some(DataMessage::WriteAck { op })
         }
         DataMessage::Read { op, key } => Some(DataMessage::ReadReply { op, found: store.get(&key) }),
@@ -310,7 +380,7 @@ mod tests {
         let mut quorum = Quorum::default();
         let replicas = [NodeId(1), NodeId(2), NodeId(3)];
         let (op, messages) =
-            quorum.start_write(vec![(b"k".to_vec(), set(5))], vec![replicas.to_vec()], Consistency::Quorum, 100);
+            quorum.start_write(vec![(b"k".to_vec(), set(5))], vec![replicas.to_vec().into()], Consistency::Quorum, 100);
         assert_eq!(messages.len(), 3);
         assert_eq!(quorum.on_reply(NodeId(2), DataMessage::WriteAck { op }), None);
         assert_eq!(quorum.on_reply(NodeId(2), DataMessage::WriteAck { op }), None, "the same replica twice");
@@ -333,7 +403,8 @@ mod tests {
         assert_eq!(done, Some((op, Outcome::Read(Some(set(9))))));
         assert!(quorum.take_repairs().is_empty(), "not before every replica answered");
         assert_eq!(quorum.on_reply(NodeId(3), DataMessage::ReadReply { op, found: None }), None, "answered already");
-        let repair = |to: u64| (NodeId(to), DataMessage::Write { op, sets: vec![(b"k".to_vec(), set(9))] });
+        let repair =
+            |to: u64| (NodeId(to), DataMessage::Write { op, sets: vec![(b"k".to_vec(), set(9))], hints: vec![] });
         assert_eq!(quorum.take_repairs(), vec![repair(2), repair(3)]);
         assert_eq!(quorum.in_flight(), 0);
 
@@ -341,7 +412,7 @@ mod tests {
         quorum.on_reply(NodeId(1), DataMessage::ReadReply { op, found: Some(set(9)) });
         quorum.on_reply(NodeId(2), DataMessage::ReadReply { op, found: None });
         assert!(quorum.expire(101).is_empty(), "it had its outcome: not unavailable");
-        let repair = (NodeId(2), DataMessage::Write { op, sets: vec![(b"k".to_vec(), set(9))] });
+        let repair = (NodeId(2), DataMessage::Write { op, sets: vec![(b"k".to_vec(), set(9))], hints: vec![] });
         assert_eq!(quorum.take_repairs(), vec![repair], "the silent replica is left out");
     }
 
@@ -353,12 +424,12 @@ mod tests {
         let replicas = vec![NodeId(1), NodeId(2), NodeId(3)];
         let sets = vec![(b"k".to_vec(), set(5))];
         let (op, messages, done) =
-            quorum.start_write_held(sets.clone(), vec![replicas.clone()], Consistency::Quorum, 100, NodeId(2));
+            quorum.start_write_held(sets.clone(), vec![replicas.clone().into()], Consistency::Quorum, 100, NodeId(2));
         let to: Vec<NodeId> = messages.iter().map(|(to, _)| *to).collect();
         assert_eq!((to, done), (vec![NodeId(1), NodeId(3)], None));
         assert_eq!(quorum.on_reply(NodeId(3), DataMessage::WriteAck { op }), Some((op, Outcome::Written)));
 
-        let (_, _, done) = quorum.start_write_held(sets, vec![replicas], Consistency::One, 100, NodeId(2));
+        let (_, _, done) = quorum.start_write_held(sets, vec![replicas.into()], Consistency::One, 100, NodeId(2));
         assert_eq!(done, Some(Outcome::Written));
         assert_eq!(quorum.in_flight(), 0);
     }
@@ -370,7 +441,7 @@ mod tests {
         let mut quorum = Quorum::default();
         let (a, b) = (vec![NodeId(1), NodeId(2), NodeId(3)], vec![NodeId(3), NodeId(4), NodeId(5)]);
         let sets = vec![(b"a".to_vec(), set(1)), (b"b".to_vec(), set(1))];
-        let (op, messages) = quorum.start_write(sets, vec![a, b], Consistency::Quorum, 100);
+        let (op, messages) = quorum.start_write(sets, vec![a.into(), b.into()], Consistency::Quorum, 100);
         assert_eq!(messages.len(), 5, "one message per replica");
         let three = messages.iter().find(|(to, _)| *to == NodeId(3)).unwrap();
         assert!(
@@ -380,6 +451,53 @@ mod tests {
         assert_eq!(quorum.on_reply(NodeId(1), DataMessage::WriteAck { op }), None);
         assert_eq!(quorum.on_reply(NodeId(3), DataMessage::WriteAck { op }), None, "a has its quorum, b not yet");
         assert_eq!(quorum.expire(101), vec![(op, Outcome::Unavailable { answered: 1, needed: 2, asked: 3 })]);
+    }
+
+    /// With replica 3 down, its copy goes to node 4 as a hint, in the same
+    /// message as nothing else; node 1 holds a hint for it too beside its
+    /// own copy. Hints count only at `any`: at `quorum` two real replicas
+    /// are needed, and a hint holder's answer is not one.
+    #[test]
+    fn a_hinted_copy_counts_only_at_any() {
+        let k = || (b"k".to_vec(), set(5));
+        let placement =
+            || Placement { replicas: vec![NodeId(1), NodeId(2), NodeId(3)], stand_ins: vec![(NodeId(3), NodeId(4))] };
+        let mut quorum = Quorum::default();
+        let (op, messages) = quorum.start_write(vec![k()], vec![placement()], Consistency::Quorum, 100);
+        let hint = vec![Hinted { owner: NodeId(3), sets: vec![k()] }];
+        let want = vec![
+            (NodeId(1), DataMessage::Write { op, sets: vec![k()], hints: vec![] }),
+            (NodeId(2), DataMessage::Write { op, sets: vec![k()], hints: vec![] }),
+            (NodeId(4), DataMessage::Write { op, sets: vec![], hints: hint }),
+        ];
+        assert_eq!(messages, want, "the replica that is down is sent nothing");
+        assert_eq!(quorum.on_reply(NodeId(3), DataMessage::WriteAck { op }), None, "not asked");
+        assert_eq!(quorum.on_reply(NodeId(4), DataMessage::WriteAck { op }), None, "a hint is no replica");
+        assert_eq!(quorum.on_reply(NodeId(1), DataMessage::WriteAck { op }), None);
+        assert_eq!(quorum.expire(101), vec![(op, Outcome::Unavailable { answered: 1, needed: 2, asked: 3 })]);
+
+        let (op, _) = quorum.start_write(vec![k()], vec![placement()], Consistency::One, 100);
+        assert_eq!(quorum.on_reply(NodeId(4), DataMessage::WriteAck { op }), None, "one: a hint is no replica");
+        let (op, _) = quorum.start_write(vec![k()], vec![placement()], Consistency::Any, 100);
+        assert_eq!(quorum.on_reply(NodeId(4), DataMessage::WriteAck { op }), Some((op, Outcome::Written)));
+    }
+
+    /// A causal write's coordinator, which holds its own copy already, is
+    /// still sent the hints it stands in for.
+    #[test]
+    fn a_coordinator_holding_the_write_is_sent_only_its_hints() {
+        let mut quorum = Quorum::default();
+        let placement =
+            Placement { replicas: vec![NodeId(1), NodeId(2), NodeId(3)], stand_ins: vec![(NodeId(3), NodeId(1))] };
+        let sets = vec![(b"k".to_vec(), set(5))];
+        let (op, messages, done) =
+            quorum.start_write_held(sets.clone(), vec![placement], Consistency::Quorum, 100, NodeId(1));
+        let hints = vec![Hinted { owner: NodeId(3), sets: sets.clone() }];
+        let want = vec![
+            (NodeId(1), DataMessage::Write { op, sets: vec![], hints }),
+            (NodeId(2), DataMessage::Write { op, sets, hints: vec![] }),
+        ];
+        assert_eq!((messages, done), (want, None));
     }
 
     #[test]

@@ -22,8 +22,16 @@
 //! write against its own siblings (design section 5) and sends the key's
 //! whole resulting set to the other replicas; any other node refuses it
 //! with `NotReplica`. A read sends the merge of every replica's answer to
-//! those that answered stale or nothing ([`Quorum::take_repairs`]). Not
-//! yet here: hinted handoff.
+//! those that answered stale or nothing ([`Quorum::take_repairs`]).
+//!
+//! Sloppy quorum: a replica that heartbeats find down is sent nothing; its
+//! copy goes as a hint to the next healthy node on the ring past the key's
+//! replicas (else to another replica, the coordinator last), in the same
+//! message, so the same WAL record, as that node's own part. A hint counts
+//! toward the write's acknowledgement only at consistency `any`. Every
+//! [`HINT_TICK`] this node delivers what it holds to each owner that is up,
+//! oldest first, and removes a hint once its owner has it durable
+//! ([`super::hints`]).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -33,8 +41,9 @@ use quiver_ring::ring::{Member, Ring, RingView};
 use quiver_ring::wire::{self, ErrorKind, RingInfo, RingMember, ServerError};
 use quiver_ring::{Context, Hlc, NodeId, Siblings};
 
+use super::hints::HintStore;
 use super::membership::Membership;
-use super::quorum::{Consistency, DataMessage, OpId, Outcome, Quorum};
+use super::quorum::{Consistency, DataMessage, Hinted, OpId, Outcome, Placement, Quorum};
 use crate::clock::Clock;
 use crate::lock;
 use crate::net::peer::{PeerError, PeerReply, PeerRequest};
@@ -52,6 +61,12 @@ const REPLICA_READ: Timing = Timing { hlc_seen: Hlc::ZERO, deadline: Hlc(u64::MA
 
 /// How often operations past their deadline are ended.
 const EXPIRY_TICK: Duration = Duration::from_millis(100);
+
+/// How often hints are delivered to their owners that are up.
+pub const HINT_TICK: Duration = Duration::from_secs(1);
+
+/// Hints sent to their owner in one message, about.
+const HINT_BATCH_BYTES: u64 = 1 << 20;
 
 /// Called once with an operation's outcome.
 type Then = Box<dyn FnOnce(Outcome) + Send>;
@@ -78,6 +93,9 @@ pub struct ClusterStore {
     me: NodeId,
     name: String,
     local: Arc<LocalStore>,
+    hints: Arc<HintStore>,
+    /// A hint older than this is dropped undelivered.
+    hint_age_max_ms: u64,
     membership: Arc<Membership>,
     clock: Arc<NodeClock>,
     wall: Arc<dyn Clock>,
@@ -113,10 +131,13 @@ fn outcome_error(outcome: Outcome, what: &str) -> ServerError {
 impl ClusterStore {
     /// A node's store in a cluster; must be made inside the tokio runtime
     /// its peer links run on.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         me: NodeId,
         name: String,
         local: Arc<LocalStore>,
+        hints: Arc<HintStore>,
+        hint_age_max_ms: u64,
         membership: Arc<Membership>,
         clock: Arc<NodeClock>,
         wall: Arc<dyn Clock>,
@@ -125,6 +146,8 @@ impl ClusterStore {
             me,
             name,
             local,
+            hints,
+            hint_age_max_ms,
             membership,
             clock,
             wall,
@@ -175,6 +198,43 @@ impl ClusterStore {
         &self.membership
     }
 
+    /// The hints it holds.
+    pub fn hints(&self) -> &HintStore {
+        &self.hints
+    }
+
+    /// Where each key's copies go: its replicas, and for each that is down
+    /// a stand-in holding its hint: the healthy nodes past the replicas in
+    /// ring order first, then the healthy replicas, `coordinator` last (so
+    /// that a causal write's hint shares a record with a replica's part).
+    fn placements<'a>(
+        &self,
+        ring: &Ring,
+        keys: impl Iterator<Item = &'a [u8]>,
+        coordinator: Option<NodeId>,
+    ) -> Vec<Placement> {
+        let down = self.membership.down();
+        keys.map(|key| {
+            let replicas = ring.preference_list(key, REPLICAS);
+            if !replicas.iter().any(|id| down.contains(id)) {
+                return Placement::from(replicas);
+            }
+            let order = ring.preference_list(key, ring.view().members.len());
+            let healthy = |id: &&NodeId| !down.contains(id);
+            let (replicas_in_order, past) = order.split_at(replicas.len().min(order.len()));
+            let mut candidates: Vec<NodeId> = past.iter().filter(healthy).copied().collect();
+            candidates.extend(replicas_in_order.iter().filter(healthy).filter(|&&id| Some(id) != coordinator));
+            candidates.extend(coordinator.filter(|id| !down.contains(id)));
+            let down_replicas = replicas.iter().filter(|id| down.contains(id));
+            let stand_ins = match candidates.is_empty() {
+                true => Vec::new(),
+                false => down_replicas.enumerate().map(|(i, &id)| (id, candidates[i % candidates.len()])).collect(),
+            };
+            Placement { replicas, stand_ins }
+        })
+        .collect()
+    }
+
     /// The ring as clients see it: the members with the client addresses
     /// known now (a peer's once it answered a heartbeat).
     pub fn ring_info(&self) -> Result<RingInfo, ServerError> {
@@ -194,6 +254,7 @@ impl ClusterStore {
     pub fn ring_members(&self) -> Vec<RingMember> {
         let Ok(ring) = self.ring() else { return Vec::new() };
         let peers = self.membership.peers();
+        let hints = self.hints.queues();
         let members = ring.view().members.iter().zip(ring.primary_shares());
         members
             .map(|(member, share)| {
@@ -208,6 +269,8 @@ impl ClusterStore {
                     up: peer.is_none_or(|p| p.up),
                     share_ppm: (share * 1e6).round() as u32,
                     keys,
+                    hints: hints.get(&member.id).map_or(0, |q| q.hints),
+                    hint_bytes: hints.get(&member.id).map_or(0, |q| q.bytes),
                 }
             })
             .collect()
@@ -256,7 +319,7 @@ impl ClusterStore {
     /// its local store); its answer goes back to the quorum logic.
     fn send(self: &Arc<Self>, to: NodeId, message: DataMessage) {
         let (op, request) = match message {
-            DataMessage::Write { op, sets } => (op, PeerRequest::Write { sets }),
+            DataMessage::Write { op, sets, hints } => (op, PeerRequest::Write { sets, hints }),
             DataMessage::Read { op, key } => (op, PeerRequest::Read { key }),
             DataMessage::WriteAck { .. } | DataMessage::ReadReply { .. } => return,
         };
@@ -280,8 +343,9 @@ impl ClusterStore {
         };
         if to == self.me {
             match request {
-                PeerRequest::Write { sets } => {
-                    self.local.apply_replicated(sets, Box::new(move |r| answer(r.map(|()| PeerReply::Written))))
+                PeerRequest::Write { sets, hints } => {
+                    let done = Box::new(move |r: Result<(), ServerError>| answer(r.map(|()| PeerReply::Written)));
+                    apply_write(&self.local, &self.hints, sets, hints, done)
                 }
                 PeerRequest::Read { key } => {
                     self.local.read_versions(key, REPLICA_READ, Box::new(move |r| answer(r.map(PeerReply::Found))))
@@ -383,11 +447,11 @@ impl Store for Arc<ClusterStore> {
             Ok(stamp) => stamp,
             Err(error) => return done(Err(error)),
         };
-        let replicas = entries.iter().map(|(key, _)| ring.preference_list(key, REPLICAS)).collect();
+        let placements = self.placements(&ring, entries.iter().map(|(key, _)| key.as_slice()), None);
         let sets = entries.into_iter().map(|(key, value)| (key, Siblings::one(stamp.blind(value)))).collect();
         let consistency = timing.consistency.unwrap_or(self.consistency);
         self.run(
-            move |quorum, deadline| started(quorum.start_write(sets, replicas, consistency, deadline)),
+            move |quorum, deadline| started(quorum.start_write(sets, placements, consistency, deadline)),
             Box::new(move |outcome| match outcome {
                 Outcome::Written => done(Ok(())),
                 other => done(Err(outcome_error(other, "write"))),
@@ -481,6 +545,7 @@ impl Store for Arc<ClusterStore> {
             )));
         }
         let consistency = timing.consistency.unwrap_or(self.consistency);
+        let placements = self.placements(&ring, std::iter::once(key.as_slice()), Some(self.me));
         let this = self.clone();
         let replicated_key = key.clone();
         let replicate = move |result: Result<Siblings, ServerError>| {
@@ -492,7 +557,7 @@ impl Store for Arc<ClusterStore> {
             this.run(
                 move |quorum, deadline| {
                     let sets = vec![(replicated_key, set)];
-                    quorum.start_write_held(sets, vec![replicas], consistency, deadline, me)
+                    quorum.start_write_held(sets, placements, consistency, deadline, me)
                 },
                 Box::new(move |outcome| match outcome {
                     Outcome::Written => done(Ok(())),
@@ -512,16 +577,100 @@ impl Store for Arc<ClusterStore> {
     }
 }
 
+impl ClusterStore {
+    /// Delivers, every [`HINT_TICK`], the hints this node holds to their
+    /// owners that are up. Runs until the store is dropped.
+    pub fn deliver_hints_in_background(self: &Arc<Self>) {
+        let this = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(HINT_TICK);
+            loop {
+                every.tick().await;
+                let Some(store) = this.upgrade() else { return };
+                let up = store.membership.peers().into_iter().filter(|p| p.up).filter_map(|p| p.node_id);
+                for owner in up.map(NodeId).collect::<Vec<_>>() {
+                    if let Err(error) = store.deliver_hints(owner).await {
+                        tracing::debug!(owner = owner.0, %error, "hints not delivered yet");
+                    }
+                }
+            }
+        });
+    }
+
+    /// Sends `owner` what this node holds for it, oldest first, a batch at
+    /// a time, removing each batch once the owner has it durable. Hints
+    /// past their age are removed without being sent.
+    async fn deliver_hints(&self, owner: NodeId) -> Result<(), ServerError> {
+        loop {
+            let store = self.hints.clone();
+            let batch = tokio::task::spawn_blocking(move || store.oldest(owner, HINT_BATCH_BYTES))
+                .await
+                .map_err(|e| ServerError::new(ErrorKind::Internal, e.to_string()))?
+                .map_err(crate::service::storage_error)?;
+            if batch.is_empty() {
+                self.hints.emptied(owner);
+                return Ok(());
+            }
+            let cutoff_ms = self.wall.now_ms().saturating_sub(self.hint_age_max_ms);
+            let expired = batch.iter().filter(|hint| hint.taken_ms < cutoff_ms).count() as u64;
+            let sets: Vec<(Vec<u8>, Siblings)> =
+                batch.iter().filter(|hint| hint.taken_ms >= cutoff_ms).flat_map(|hint| hint.sets.clone()).collect();
+            if !sets.is_empty() {
+                let link = self.membership.link_to(owner).ok_or_else(|| {
+                    ServerError::new(ErrorKind::Unavailable, format!("no link to node {:016x}", owner.0))
+                })?;
+                match link.call(PeerRequest::Write { sets, hints: Vec::new() }, OP_TIMEOUT).await {
+                    Ok(PeerReply::Written) => {}
+                    Ok(PeerReply::Failed(error)) => return Err(error),
+                    Ok(other) => return Err(ServerError::new(ErrorKind::Internal, format!("answered {other:?}"))),
+                    Err(error) => return Err(ServerError::new(ErrorKind::Unavailable, error.to_string())),
+                }
+            }
+            let (sent, removed) = tokio::sync::oneshot::channel();
+            let ops = self.hints.remove_ops(&batch)?;
+            self.local.engine().write_then(ops, move |result| {
+                let _ = sent.send(result);
+            });
+            match removed.await {
+                Ok(Ok(_)) => self.hints.removed(owner, &batch, expired),
+                Ok(Err(error)) => return Err(crate::service::storage_error(error)),
+                Err(_) => return Err(ServerError::new(ErrorKind::ShuttingDown, "the engine closed")),
+            }
+            if expired > 0 {
+                tracing::warn!(owner = owner.0, expired, "hints past their age were dropped undelivered");
+            }
+        }
+    }
+}
+
+/// A node's part of a write: the sets it replicates and the hints it
+/// holds for replicas that are down, as one record; `done` once durable.
+/// Refused whole when a hint queue is full.
+pub fn apply_write(
+    local: &LocalStore,
+    hints: &HintStore,
+    sets: Vec<(Vec<u8>, Siblings)>,
+    hinted: Vec<Hinted>,
+    done: Done<()>,
+) {
+    let with = match hints.hold(hinted) {
+        Ok(ops) => ops,
+        Err(error) => return done(Err(error)),
+    };
+    local.apply_replicated(sets, with, done)
+}
+
 /// What a node of a cluster does with its peers' requests: answers
-/// heartbeats, and as a replica merges the sets it is sent (answering once
-/// they are durable) and reads its own versions of a key. A peer's keys and
-/// values are held to the same limits as a client's (its versions were
-/// merged when they decoded, and their timestamps are checked as they are
-/// adopted).
+/// heartbeats, and as a replica merges the sets it is sent and holds the
+/// hints (answering once they are durable) and reads its own versions of a
+/// key. A peer's keys and values are held to the same limits as a client's
+/// (its versions were merged when they decoded, and their timestamps are
+/// checked as they are adopted).
 #[derive(Debug)]
 pub struct ReplicaHandler {
     pub membership: Arc<Membership>,
     pub local: Arc<LocalStore>,
+    pub hints: Arc<HintStore>,
     pub limits: wire::Limits,
 }
 
@@ -530,14 +679,17 @@ pub fn check_peer_request(limits: &wire::Limits, request: &PeerRequest) -> Resul
     match request {
         PeerRequest::Ping { .. } => Ok(()),
         PeerRequest::Read { key } => limits.check_key(key),
-        PeerRequest::Write { sets } => sets.iter().try_for_each(|(key, siblings)| {
-            limits.check_key(key)?;
-            siblings
-                .versions()
-                .iter()
-                .filter_map(|v| v.value.as_deref())
-                .try_for_each(|value| limits.check_value(value))
-        }),
+        PeerRequest::Write { sets, hints } => {
+            let hinted = hints.iter().flat_map(|h| &h.sets);
+            sets.iter().chain(hinted).try_for_each(|(key, siblings)| {
+                limits.check_key(key)?;
+                siblings
+                    .versions()
+                    .iter()
+                    .filter_map(|v| v.value.as_deref())
+                    .try_for_each(|value| limits.check_value(value))
+            })
+        }
     }
 }
 
@@ -552,8 +704,9 @@ impl crate::net::peer::PeerHandler for ReplicaHandler {
         }
         match request {
             PeerRequest::Ping { .. } => reply(self.membership.pong(self.local.status().map_or(0, |s| s.keys))),
-            PeerRequest::Write { sets } => {
-                self.local.apply_replicated(sets, Box::new(move |r| reply(answer(r.map(|()| PeerReply::Written)))))
+            PeerRequest::Write { sets, hints } => {
+                let done = Box::new(move |r: Result<(), ServerError>| reply(answer(r.map(|()| PeerReply::Written))));
+                apply_write(&self.local, &self.hints, sets, hints, done)
             }
             PeerRequest::Read { key } => {
                 self.local.read_versions(key, REPLICA_READ, Box::new(move |r| reply(answer(r.map(PeerReply::Found)))))
@@ -577,13 +730,18 @@ mod tests {
     fn a_peers_request_is_held_to_the_clients_limits() {
         let limits = wire::Limits { key_bytes_max: 4, value_bytes_max: 8, ..wire::Limits::default() };
         let kind = |request: PeerRequest| check_peer_request(&limits, &request).err().map(|e| e.kind);
-        assert_eq!(kind(PeerRequest::Write { sets: vec![set(b"k", vec![0; 8])] }), None);
-        assert_eq!(kind(PeerRequest::Write { sets: vec![set(b"", vec![])] }), Some(ErrorKind::EmptyKey));
-        assert_eq!(kind(PeerRequest::Write { sets: vec![set(b"kkkkk", vec![])] }), Some(ErrorKind::KeyTooLarge));
+        assert_eq!(kind(PeerRequest::Write { sets: vec![set(b"k", vec![0; 8])], hints: vec![] }), None);
+        assert_eq!(kind(PeerRequest::Write { sets: vec![set(b"", vec![])], hints: vec![] }), Some(ErrorKind::EmptyKey));
         assert_eq!(
-            kind(PeerRequest::Write { sets: vec![set(b"k", vec![]), set(b"l", vec![0; 9])] }),
+            kind(PeerRequest::Write { sets: vec![set(b"kkkkk", vec![])], hints: vec![] }),
+            Some(ErrorKind::KeyTooLarge)
+        );
+        assert_eq!(
+            kind(PeerRequest::Write { sets: vec![set(b"k", vec![]), set(b"l", vec![0; 9])], hints: vec![] }),
             Some(ErrorKind::ValueTooLarge)
         );
+        let hints = vec![Hinted { owner: NodeId(2), sets: vec![set(b"l", vec![0; 9])] }];
+        assert_eq!(kind(PeerRequest::Write { sets: vec![], hints }), Some(ErrorKind::ValueTooLarge), "a hint too");
         assert_eq!(kind(PeerRequest::Read { key: vec![] }), Some(ErrorKind::EmptyKey));
         assert_eq!(kind(PeerRequest::Ping { from: NodeId(1), hlc: Hlc(1) }), None);
     }

@@ -47,10 +47,19 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum PeerRequest {
     /// A heartbeat, carrying the sender's clock.
     Ping { from: NodeId, hlc: Hlc },
-    /// Merge these sibling sets (user keys), as one record, durably.
-    Write { sets: Vec<(Vec<u8>, Siblings)> },
+    /// Merge these sibling sets (user keys) and hold these hints, all as
+    /// one record, durably.
+    Write { sets: Vec<(Vec<u8>, Siblings)>, hints: Vec<Hinted> },
     /// Every version of a key this replica holds.
     Read { key: Vec<u8> },
+}
+
+/// Sibling sets held for `owner`, a replica that is down, until it is
+/// back: a hint (hinted handoff).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hinted {
+    pub owner: NodeId,
+    pub sets: Vec<(Vec<u8>, Siblings)>,
 }
 
 /// A member as a node knows it: enough for a ring view.

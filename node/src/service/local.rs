@@ -3,6 +3,7 @@
 //! reads go to the reader threads, and causal writes through the per-key
 //! read-modify-write of [`super::causal`].
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use quiver_ring::rand::{threshold, AtomicSplitMix64};
@@ -15,6 +16,9 @@ use super::{Done, Entries, Store, StoreStatus, Timing};
 use crate::stamping::NodeClock;
 use crate::storage::keys::data_key;
 use crate::storage::{self, Engine};
+
+/// The default `gc_grace`: ten days, as Cassandra's.
+pub const GC_GRACE_MS: u64 = 10 * 24 * 3600 * 1000;
 
 /// Keys a read may have to be tried in memory on the caller's thread: each
 /// costs about a microsecond, and the caller is an async worker.
@@ -46,6 +50,9 @@ pub struct LocalStore {
     drop_threshold: u64,
     drop_rng: AtomicSplitMix64,
     write_hook: Option<HookDebug>,
+    /// Versions older than now minus this are refused from peers.
+    gc_grace_ms: u64,
+    stale_refused: AtomicU64,
 }
 
 /// A [`WriteHook`] that `Debug` can print.
@@ -80,6 +87,8 @@ impl LocalStore {
             drop_rng: AtomicSplitMix64::new(crate::now_ms()),
             drop_threshold: 0,
             write_hook: None,
+            gc_grace_ms: GC_GRACE_MS,
+            stale_refused: AtomicU64::new(0),
             engine,
             clock,
         })
@@ -98,21 +107,51 @@ impl LocalStore {
         self
     }
 
-    /// A replica's part of a write another node coordinated: merges the
-    /// sibling sets (user keys) as one record, as sent, and adopts their
+    /// A replica's part of a write another node coordinated (or of a read
+    /// repair, or a delivered hint): merges the sibling sets (user keys)
+    /// and `with` (hints it holds) as one record, and adopts their
     /// timestamps (refusing any too far ahead); `done` once durable.
-    pub fn apply_replicated(&self, sets: Vec<(Vec<u8>, Siblings)>, done: Done<()>) {
-        let mut ops = Vec::new();
+    ///
+    /// A version older than the tombstone horizon (now minus `gc_grace`) is
+    /// refused and left out: a tombstone that covered it may have been
+    /// purged here, and the key would come back (design section 5).
+    pub fn apply_replicated(&self, sets: Vec<(Vec<u8>, Siblings)>, with: Vec<storage::Op>, done: Done<()>) {
+        let mut ops = with;
+        let horizon_ms = self.clock.wall_ms().saturating_sub(self.gc_grace_ms);
         for (key, siblings) in sets {
             let stored = data_key(&key);
             for version in siblings.into_versions() {
+                if version.hlc.physical_ms() < horizon_ms {
+                    self.stale_refused.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
                 if let Err(error) = self.clock.observe(version.hlc) {
                     return done(Err(error));
                 }
                 ops.push(storage::Op { key: stored.clone(), version });
             }
         }
+        if ops.is_empty() {
+            return done(Ok(()));
+        }
         self.engine.write_then(ops, move |result| done(result.map(drop).map_err(storage_error)));
+    }
+
+    /// Sets the tombstone horizon's distance from now (`gc_grace`).
+    pub fn with_gc_grace_ms(mut self, gc_grace_ms: u64) -> LocalStore {
+        self.gc_grace_ms = gc_grace_ms;
+        self
+    }
+
+    /// Versions [`LocalStore::apply_replicated`] refused as older than the
+    /// tombstone horizon.
+    pub fn stale_refused(&self) -> u64 {
+        self.stale_refused.load(Ordering::Relaxed)
+    }
+
+    /// The engine, for what shares its records (hints).
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
     }
 
     /// A causal write (see [`Store::write_causal`]) whose answer is the
@@ -224,7 +263,7 @@ impl Store for LocalStore {
 }
 
 /// The error a client sees for a storage failure.
-pub(super) fn storage_error(error: storage::Error) -> ServerError {
+pub fn storage_error(error: storage::Error) -> ServerError {
     let kind = match &error {
         storage::Error::Closed => ErrorKind::ShuttingDown,
         storage::Error::TooLarge { .. } => ErrorKind::BulkTooLarge,

@@ -20,7 +20,7 @@ use quiver_ring::wire::{
 use quiver_ring::{Context, Hlc, NodeId, Siblings};
 use tokio::sync::watch;
 
-pub use local::{HeldWrite, LocalStore, WriteHook};
+pub use local::{storage_error, HeldWrite, LocalStore, WriteHook, GC_GRACE_MS};
 pub use reads::ReadHook;
 
 use crate::clock::Clock;
@@ -250,6 +250,7 @@ impl Service {
             peers: self.cluster.as_ref().map(|c| c.membership().peers()).unwrap_or_default(),
             replicas: if self.cluster.is_some() { REPLICAS as u32 } else { 1 },
             ring: self.cluster.as_ref().map(|c| c.ring_members()).unwrap_or_default(),
+            hints_dropped: self.cluster.as_ref().map_or(0, |c| c.hints().dropped()),
         }))
     }
 

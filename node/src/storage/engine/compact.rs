@@ -21,6 +21,7 @@ use super::recovery::sort_newest_first;
 use super::{write, Inner, Levels};
 use crate::storage::compaction::{self, Policy, RunSize};
 use crate::storage::error::{IoContext, Result};
+use crate::storage::keys::Keyspace;
 use crate::storage::manifest::{Edit, TableMeta};
 use crate::storage::sstable::{Table, TableBuilder, TableScan};
 use crate::{lock, now_ms};
@@ -193,10 +194,13 @@ impl Inner {
 }
 
 /// Whether a merged entry can leave the store: all tombstones, the newest
-/// older than the horizon, and nothing older of it outside the merge.
+/// older than the horizon (data only: the other keyspaces are this node's
+/// own bookkeeping, never replicated), and nothing older of it outside the
+/// merge.
 fn droppable(key: &[u8], siblings: &Siblings, horizon_ms: u64, outside: &[Arc<Table>]) -> bool {
     let Some(newest) = siblings.winner() else { return true };
+    let data = key.first() == Some(&(Keyspace::Data as u8));
     siblings.all_tombstones()
-        && newest.hlc.physical_ms() < horizon_ms
+        && (!data || newest.hlc.physical_ms() < horizon_ms)
         && outside.iter().all(|t| t.props().min_hlc > newest.hlc.0 || !t.may_contain(key))
 }
