@@ -8,11 +8,25 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use quiver_client::blocking::Client;
+use quiver_client::Consistency;
 use quiver_ring::rand::SplitMix64;
+use quiver_ring::ring::{Member, Ring, RingView};
+use quiver_ring::NodeId;
 use serde::Serialize;
 
 use crate::lock;
 use crate::node::{NodeProcess, NodeSpec};
+use crate::workload;
+
+/// How long the final check waits for hints to be delivered and bulk sets
+/// replayed (the batch log replays a batch after 10 s).
+const DRAIN_MAX: Duration = Duration::from_secs(120);
+
+/// Each node's client address and id, their ring, and replicas per key.
+type ClusterRing = (Vec<(String, NodeId)>, Ring, usize);
+
+/// Rounds of the replicas' convergence check.
+const CONVERGE_ROUNDS: usize = 5;
 
 /// How a run is set up.
 #[derive(Clone, Debug, Serialize)]
@@ -158,11 +172,21 @@ pub struct Context {
     hard_deadline: Instant,
     nodes: Mutex<Vec<Option<NodeProcess>>>,
     specs: Vec<NodeSpec>,
+    /// The node (index) coordinating the latest writer request sent.
+    coordinator: AtomicUsize,
     writers_done: AtomicUsize,
     stop: AtomicBool,
 }
 
 impl Context {
+    /// A writer is about to send a request that the node at `addr`
+    /// coordinates.
+    pub fn coordinating(&self, addr: Option<String>) {
+        if let Some(index) = addr.and_then(|addr| self.addrs.iter().position(|a| *a == addr)) {
+            self.coordinator.store(index, Ordering::Relaxed);
+        }
+    }
+
     /// A seeded generator for stream `stream` (writer index, killer, ...).
     pub fn rng(&self, stream: u64) -> SplitMix64 {
         let mut base = SplitMix64::new(self.settings.seed);
@@ -238,6 +262,121 @@ impl Context {
         Ok(())
     }
 
+    /// In a cluster: waits until no node holds a hint or a pending bulk set
+    /// (each delivered or replayed), so the final check sees what the
+    /// cluster converges to.
+    fn wait_until_drained(&self) -> Result<(), String> {
+        let started = Instant::now();
+        for addr in &self.addrs {
+            loop {
+                let status = Client::connect([addr.clone()]).and_then(|c| c.direct().status());
+                let held = status.as_ref().map(|s| (s.ring.iter().map(|m| m.hints).sum::<u64>(), s.batches_pending));
+                if held.as_ref().is_ok_and(|&(hints, batches)| hints == 0 && batches == 0) {
+                    break;
+                }
+                if started.elapsed() > DRAIN_MAX {
+                    return Err(format!(
+                        "the node at {addr} still holds (hints, bulk sets) {held:?} after {DRAIN_MAX:?}"
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        Ok(())
+    }
+
+    /// In a cluster: reads every key from each of its replicas alone (the
+    /// other nodes stopped with SIGSTOP, the read at `one` through that
+    /// replica) and compares it with the merge of all of them (a read at
+    /// `all`, which also repairs). A key whose replicas differ is read at
+    /// `all` again, a few rounds (repairs are sent after the answer); what
+    /// still differs is a violation.
+    fn converged(&self, keys: &[Vec<u8>]) -> Vec<String> {
+        let (members, ring, replicas) = match self.ring() {
+            Ok(ring) => ring,
+            Err(error) => return vec![error],
+        };
+        let mut pending: Vec<Vec<u8>> = keys.to_vec();
+        for round in 1..=CONVERGE_ROUNDS {
+            let merged = workload::read_all(self, &pending);
+            let mut diverged = Vec::new();
+            let mut again = std::collections::BTreeSet::new();
+            for (index, (addr, id)) in members.iter().enumerate() {
+                let theirs: Vec<usize> =
+                    (0..pending.len()).filter(|&k| ring.preference_list(&pending[k], replicas).contains(id)).collect();
+                let own_keys: Vec<Vec<u8>> = theirs.iter().map(|&k| pending[k].clone()).collect();
+                let own = self.with_others_stopped(index, || {
+                    workload::read_through(std::slice::from_ref(addr), true, Some(Consistency::One), &own_keys)
+                });
+                let own = match own {
+                    Ok(own) => own,
+                    Err(error) => return vec![error],
+                };
+                for (&k, got) in theirs.iter().zip(own) {
+                    let all = merged.get(k).and_then(|m| m.as_ref().ok());
+                    if got.as_ref().ok() != all {
+                        again.insert(k);
+                        let key = String::from_utf8_lossy(&pending[k]).into_owned();
+                        diverged
+                            .push(format!("DIVERGED {key}: the replica at {addr} alone holds {got:?}, all {all:?}"));
+                    }
+                }
+            }
+            if again.is_empty() {
+                return Vec::new();
+            }
+            if round == CONVERGE_ROUNDS {
+                return diverged;
+            }
+            pending = again.into_iter().map(|k| pending[k].clone()).collect();
+            // Repairs go out after a read's answer: give them a moment.
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        Vec::new()
+    }
+
+    /// Each node's client address and id, the ring they make, and the
+    /// replicas per key.
+    fn ring(&self) -> Result<ClusterRing, String> {
+        let mut members = Vec::new();
+        let mut replicas = 1;
+        for addr in &self.addrs {
+            let status = Client::connect([addr.clone()])
+                .and_then(|c| c.direct().status())
+                .map_err(|e| format!("status of the node at {addr}: {e}"))?;
+            replicas = status.replicas as usize;
+            members.push((addr.clone(), NodeId(status.node_id)));
+        }
+        let member = |&(_, id): &(String, NodeId)| Member {
+            id,
+            name: String::new(),
+            client_addr: String::new(),
+            peer_addr: String::new(),
+        };
+        let ring = Ring::new(RingView { epoch: 1, members: members.iter().map(member).collect() });
+        Ok((members, ring, replicas))
+    }
+
+    /// Runs `f` while every node but `index` is stopped (SIGSTOP), then
+    /// lets them go on (SIGCONT).
+    fn with_others_stopped<T>(&self, index: usize, f: impl FnOnce() -> T) -> Result<T, String> {
+        let nodes = lock(&self.nodes);
+        let others: Vec<String> = nodes
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i != index)
+            .filter_map(|(_, n)| n.as_ref().map(|n| n.pid().to_string()))
+            .collect();
+        let signal = |name: &str| match std::process::Command::new("kill").arg(name).args(&others).status() {
+            Ok(status) if status.success() => Ok(()),
+            other => Err(format!("kill {name} {others:?}: {other:?}")),
+        };
+        signal("-STOP")?;
+        let result = f();
+        signal("-CONT")?;
+        Ok(result)
+    }
+
     /// SIGKILL and restart `which` now, unless a checkpoint has paused the
     /// run. Decided under the nodes' lock, so a checkpoint that took the
     /// lock after pausing knows the nodes are up and stay up.
@@ -261,6 +400,9 @@ pub trait Workload: Send + Sync {
     fn check(&self, ctx: &Context, final_check: bool) -> Vec<String>;
     /// Workload-specific counts for the report.
     fn counts(&self) -> Vec<(&'static str, u64)>;
+    /// Every key it wrote (the final check in a cluster reads each from
+    /// each of its replicas alone).
+    fn keys(&self) -> Vec<Vec<u8>>;
     /// How often to stop the writers and check, if ever.
     fn checkpoint_every(&self) -> Option<Duration> {
         None
@@ -311,6 +453,7 @@ pub fn run(mode: &str, settings: Settings, workload: Arc<dyn Workload>) -> Resul
         hard_deadline: started + settings.duration * 5,
         nodes: Mutex::new(specs.iter().map(|_| None).collect()),
         specs,
+        coordinator: AtomicUsize::new(0),
         writers_done: AtomicUsize::new(0),
         stop: AtomicBool::new(false),
         settings,
@@ -370,7 +513,15 @@ pub fn run(mode: &str, settings: Settings, workload: Arc<dyn Workload>) -> Resul
         let all: Vec<usize> = (0..ctx.specs.len()).collect();
         ctx.kill_and_restart(&all)?;
     }
+    if ctx.specs.len() > 1 {
+        if let Err(error) = ctx.wait_until_drained() {
+            violations.push(error);
+        }
+    }
     violations.extend(workload.check(&ctx, true));
+    if ctx.specs.len() > 1 {
+        violations.extend(ctx.converged(&workload.keys()));
+    }
     let clean_exits = {
         let mut nodes = lock(&ctx.nodes);
         nodes.iter_mut().all(|n| n.as_mut().is_some_and(|n| n.terminate().is_ok_and(|s| s.success())))
@@ -409,10 +560,14 @@ fn killer(ctx: &Context) -> Result<(), String> {
         if ctx.over() {
             return Ok(());
         }
-        // A random node, or up to `max_down` distinct ones at once.
+        // A random node, or up to `max_down` distinct ones at once; half
+        // the time the first is the node coordinating a writer's request.
         let nodes = ctx.specs.len() as u64;
         let down = rng.between(1, ctx.settings.max_down.clamp(1, ctx.specs.len()) as u64);
         let mut which: Vec<usize> = Vec::new();
+        if nodes > 1 && rng.chance(0.5) {
+            which.push(ctx.coordinator.load(Ordering::Relaxed).min(ctx.specs.len() - 1));
+        }
         while (which.len() as u64) < down {
             let index = rng.between(0, nodes - 1) as usize;
             if !which.contains(&index) {

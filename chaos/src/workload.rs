@@ -23,21 +23,35 @@ use crate::run::{Context, Outcome, Workload};
 /// Reads `keys` through one client, 1000 keys a request and 16 requests in
 /// flight, retrying each request a few times. In a cluster it reads at
 /// `all` (checks run with every node up): every replica's versions, merged,
-/// and the replicas that answered stale are repaired. A quorum read could
-/// see a bulk set that reached only one replica (in doubt) on some keys and
-/// not on others, until bulk sets go through a batch log. `Err` holds why a
-/// key could not be read at all.
+/// and the replicas that answered stale are repaired. `Err` holds why a key
+/// could not be read at all.
 pub fn read_all(ctx: &Context, keys: &[Vec<u8>]) -> Vec<Result<Option<Vec<u8>>, String>> {
+    let consistency = (ctx.addrs.len() > 1).then_some(Consistency::All);
+    read_through(&ctx.addrs, false, consistency, keys)
+}
+
+/// Reads `keys` through a client seeded with `addrs` (`direct`: every
+/// request to the first), at `consistency` (`None`: the node's).
+pub fn read_through(
+    addrs: &[String],
+    direct: bool,
+    consistency: Option<Consistency>,
+    keys: &[Vec<u8>],
+) -> Vec<Result<Option<Vec<u8>>, String>> {
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => return keys.iter().map(|_| Err(format!("no runtime: {e}"))).collect(),
     };
     runtime.block_on(async {
-        let client = match quiver_client::Client::connect(ctx.addrs.clone()).await {
-            Ok(client) if ctx.addrs.len() > 1 => {
-                Arc::new(client.with_timeout(Duration::from_secs(30)).with_consistency(Consistency::All))
+        let client = match quiver_client::Client::connect(addrs.to_vec()).await {
+            Ok(client) => {
+                let client = client.with_timeout(Duration::from_secs(30));
+                let client = if direct { client.direct() } else { client };
+                Arc::new(match consistency {
+                    Some(consistency) => client.with_consistency(consistency),
+                    None => client,
+                })
             }
-            Ok(client) => Arc::new(client.with_timeout(Duration::from_secs(30))),
             Err(e) => return keys.iter().map(|_| Err(e.to_string())).collect(),
         };
         let limit = Arc::new(tokio::sync::Semaphore::new(16));
@@ -102,6 +116,7 @@ impl Workload for Durability {
             } else {
                 keys[rng.between(0, keys.len() as u64 - 1) as usize].clone()
             };
+            ctx.coordinating(client.node_for(&key));
             let result = client.set(&key, padded(&format!("w{index}-op{op}")));
             let outcome = Outcome::of(&result);
             ctx.counters.record(outcome);
@@ -114,10 +129,9 @@ impl Workload for Durability {
     }
 
     fn check(&self, ctx: &Context, _final_check: bool) -> Vec<String> {
+        let values = read_all(ctx, &self.keys());
         let log = lock(&self.log);
         let keys: Vec<&String> = log.keys().collect();
-        let raw: Vec<Vec<u8>> = keys.iter().map(|k| k.as_bytes().to_vec()).collect();
-        let values = read_all(ctx, &raw);
         let mut violations = Vec::new();
         for (key, value) in keys.into_iter().zip(values) {
             let ops = &log[key];
@@ -148,6 +162,10 @@ impl Workload for Durability {
 
     fn counts(&self) -> Vec<(&'static str, u64)> {
         vec![("keys", lock(&self.log).len() as u64)]
+    }
+
+    fn keys(&self) -> Vec<Vec<u8>> {
+        lock(&self.log).keys().map(|k| k.as_bytes().to_vec()).collect()
     }
 }
 
@@ -188,6 +206,7 @@ impl Workload for BulkAtomicity {
             }
             let batch = Batch { writer: index, number, size: rng.between(10, 1000), outcome: Outcome::Failed };
             let value = padded(&batch.tag());
+            ctx.coordinating(client.node_for(batch.key(0)));
             let result = client.bulk_set((0..batch.size).map(|j| (batch.key(j), value.as_bytes())));
             let outcome = Outcome::of(&result);
             ctx.counters.record(outcome);
@@ -199,9 +218,8 @@ impl Workload for BulkAtomicity {
     }
 
     fn check(&self, ctx: &Context, _final_check: bool) -> Vec<String> {
+        let mut values = read_all(ctx, &self.keys()).into_iter();
         let batches = lock(&self.batches);
-        let keys: Vec<Vec<u8>> = batches.iter().flat_map(|b| (0..b.size).map(|j| b.key(j))).collect();
-        let mut values = read_all(ctx, &keys).into_iter();
         let mut violations = Vec::new();
         for batch in batches.iter() {
             let tag = batch.tag();
@@ -230,6 +248,10 @@ impl Workload for BulkAtomicity {
             }
         }
         violations
+    }
+
+    fn keys(&self) -> Vec<Vec<u8>> {
+        lock(&self.batches).iter().flat_map(|b| (0..b.size).map(|j| b.key(j))).collect()
     }
 
     fn counts(&self) -> Vec<(&'static str, u64)> {
@@ -273,6 +295,7 @@ impl Workload for Isolation {
             }
             let tag = format!("w{index}-b{number}");
             let value = padded(&tag);
+            ctx.coordinating(client.node_for(Isolation::key(0)));
             let result = client.bulk_set((0..self.keys).map(|j| (Isolation::key(j), value.as_bytes())));
             let outcome = Outcome::of(&result);
             ctx.counters.record(outcome);
@@ -284,8 +307,7 @@ impl Workload for Isolation {
     }
 
     fn check(&self, ctx: &Context, _final_check: bool) -> Vec<String> {
-        let keys: Vec<Vec<u8>> = (0..self.keys).map(Isolation::key).collect();
-        let values = read_all(ctx, &keys);
+        let values = read_all(ctx, &self.keys());
         let mut tags: BTreeMap<String, u64> = BTreeMap::new();
         let mut violations = Vec::new();
         for (j, value) in values.into_iter().enumerate() {
@@ -317,6 +339,10 @@ impl Workload for Isolation {
 
     fn counts(&self) -> Vec<(&'static str, u64)> {
         vec![("batches", lock(&self.batches).len() as u64), ("mixed checks", self.mixed.load(Ordering::Relaxed))]
+    }
+
+    fn keys(&self) -> Vec<Vec<u8>> {
+        (0..self.keys).map(Isolation::key).collect()
     }
 
     fn checkpoint_every(&self) -> Option<Duration> {

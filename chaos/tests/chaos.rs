@@ -115,6 +115,19 @@ fn durability_checker_reports_writes_a_node_dropped() {
     assert!(first.starts_with("LOST"), "{first}");
 }
 
+/// In a cluster whose replicas each drop their part of some keys' writes
+/// (acknowledging them all the same), the merge of all replicas still holds
+/// every key, but reading each replica alone shows they did not converge.
+#[test]
+fn convergence_check_reports_replicas_that_dropped_writes() {
+    let args =
+        ["durability", "--nodes", "3", "--duration", "4s", "--no-kill", "--node-arg=--debug-drop-acked-writes=0.05"];
+    let (code, report) = chaos(&args, true);
+    assert_eq!(code, 1, "{report:#}");
+    let samples = report["violation_samples"].as_array().unwrap();
+    assert!(samples.iter().any(|v| v.as_str().unwrap().starts_with("DIVERGED")), "{report:#}");
+}
+
 #[test]
 fn bulk_atomicity_checker_reports_batches_a_node_dropped() {
     let args = ["bulk-atomicity", "--duration", "4s", "--no-kill", "--node-arg=--debug-drop-acked-writes=0.05"];

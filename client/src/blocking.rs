@@ -67,6 +67,11 @@ impl Client {
         self.runtime.block_on(self.inner.delete(key))
     }
 
+    /// See [`crate::Client::node_for`].
+    pub fn node_for(&self, key: impl AsRef<[u8]>) -> Option<String> {
+        self.runtime.block_on(self.inner.node_for(key))
+    }
+
     /// See [`crate::Client::bulk_set`].
     pub fn bulk_set<K, V>(&self, entries: impl IntoIterator<Item = (K, V)>) -> Result<()>
     where

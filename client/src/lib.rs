@@ -243,6 +243,12 @@ impl Client {
         routes
     }
 
+    /// The node a call about `key` goes to first (its first replica on
+    /// the ring), when the client routes by a ring.
+    pub async fn node_for(&self, key: impl AsRef<[u8]>) -> Option<String> {
+        self.routes().await?.replicas(key.as_ref()).into_iter().next()
+    }
+
     /// A call to the seed node.
     async fn call(&self, op: Op) -> Result<Reply> {
         self.connection().await?.call(op, self.timeout, self.consistency).await
@@ -346,13 +352,13 @@ impl Client {
     }
 
     /// Stores every entry; returns once durable. A key given twice takes
-    /// its last value. On one node, or when every key has the same replicas
-    /// (a cluster of N nodes, N replicas), it is all or nothing: after a
-    /// crash either every entry is there or none is, and no reader sees
-    /// part of it. In a larger cluster the batch is split by replica set,
-    /// one request per set, sent concurrently: each part is all or nothing
-    /// on each replica, but if the call fails, some parts may have been
-    /// applied and others not.
+    /// its last value. All or nothing: after any crash, either every entry
+    /// is there or none is, and concurrent bulk sets over the same keys
+    /// never mix. In a cluster it goes to a replica of its first key, which
+    /// logs it on two nodes before any replica gets its part, so a batch
+    /// whose coordinator dies is completed by the other; while it is being
+    /// applied, a reader may see some of its keys and not others (see the
+    /// README's "A cluster").
     pub async fn bulk_set<K, V>(&self, entries: impl IntoIterator<Item = (K, V)>) -> Result<()>
     where
         K: AsRef<[u8]>,
@@ -360,16 +366,8 @@ impl Client {
     {
         let entries: Vec<(Vec<u8>, Vec<u8>)> =
             entries.into_iter().map(|(k, v)| (k.as_ref().to_vec(), v.as_ref().to_vec())).collect();
-        let Some(routes) = self.routes().await else { return self.set_group(&[], entries).await };
-        let groups = routes.split(entries.iter().map(|(k, _)| k.as_slice()));
-        let parts = routing::deal(entries, &groups);
-        let sets = groups.iter().zip(parts).map(|(group, part)| self.set_group(&group.targets, part));
-        join_all(sets.collect()).await.into_iter().collect()
-    }
-
-    /// One `BulkSet` to `targets` (empty: the seed).
-    async fn set_group(&self, targets: &[String], entries: Vec<(Vec<u8>, Vec<u8>)>) -> Result<()> {
-        match self.call_at(targets, Op::BulkSet { entries }, false).await? {
+        let first = entries.first().map(|(key, _)| key.clone()).unwrap_or_default();
+        match self.call_key(&first, Op::BulkSet { entries }, false).await? {
             Reply::Done => Ok(()),
             other => Err(Error::Protocol(format!("expected Done, got {other:?}"))),
         }

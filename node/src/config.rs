@@ -77,6 +77,10 @@ pub struct Config {
     /// writes without writing them. Never read from the file.
     #[serde(skip)]
     pub debug_drop_acked_writes: f64,
+    /// Test-only (a hidden `quiverd` flag): exit right after logging the
+    /// first bulk set. Never read from the file.
+    #[serde(skip)]
+    pub debug_exit_after_batch_log: bool,
     pub limits: Limits,
     pub storage: Storage,
 }
@@ -126,6 +130,7 @@ impl Default for Config {
             debug_clock_offset_ms: 0,
             debug_skip_write_probability: 0.0,
             debug_drop_acked_writes: 0.0,
+            debug_exit_after_batch_log: false,
             limits: Limits::default(),
             storage: Storage::default(),
         }

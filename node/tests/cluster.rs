@@ -386,3 +386,36 @@ fn hints_for_a_node_that_was_down_survive_their_holders_kill_and_reach_it() {
         assert_eq!(value.as_deref(), Some(key.as_bytes()), "{key} on n3 alone");
     }
 }
+
+/// A bulk set whose coordinator dies after logging it on two nodes, before
+/// any replica got its part, is completed by the other holder of its log
+/// entry: every key is then there, read through the nodes left, and the
+/// entry is gone (without the replay no key is there).
+#[test]
+fn a_bulk_set_whose_coordinator_died_is_replayed_from_the_batch_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let specs = cluster(dir.path(), 3);
+    let mut nodes: Vec<NodeProcess> = specs
+        .iter()
+        .enumerate()
+        .map(|(i, spec)| start(spec, if i == 0 { &["--debug-exit-after-batch-log"][..] } else { &[] }))
+        .collect();
+    for node in &nodes {
+        wait_for(&direct(node), "every peer up", |s| s.peers.iter().all(|p| p.up));
+    }
+    let (n2, n3) = (direct(&nodes[1]), direct(&nodes[2]));
+    let entries: Vec<(String, String)> = (0..50).map(|i| (format!("batch-{i}"), format!("v{i}"))).collect();
+    let error = direct(&nodes[0]).bulk_set(entries.iter().map(|(k, v)| (k, v))).unwrap_err();
+    assert!(error.is_retryable(), "the coordinator died: {error}");
+    assert!(nodes[0].wait().is_ok(), "n1 exited");
+    let pending = n2.status().unwrap().batches_pending + n3.status().unwrap().batches_pending;
+    assert_eq!(pending, 1, "the batch is in one other node's log");
+
+    for client in [&n2, &n3] {
+        wait_for(client, "the batch replayed", |s| s.batches_pending == 0);
+    }
+    let keys: Vec<&String> = entries.iter().map(|(k, _)| k).collect();
+    for ((key, value), got) in entries.iter().zip(n2.get_many(&keys).unwrap()) {
+        assert_eq!(got.as_deref(), Some(value.as_bytes()), "{key}");
+    }
+}

@@ -439,6 +439,9 @@ pub struct NodeStatus {
     /// Hints this node dropped undelivered: past their age bound, or
     /// refused because the queue for their owner was full.
     pub hints_dropped: u64,
+    /// Bulk sets in this node's batch log, not yet known applied on their
+    /// replicas.
+    pub batches_pending: u64,
 }
 
 /// A member of the ring as `status` shows it.
@@ -820,6 +823,7 @@ mod tests {
                 hint_bytes: 11,
             }],
             hints_dropped: 12,
+            batches_pending: 13,
         };
         let ring = RingInfo {
             replicas: 3,
@@ -847,7 +851,7 @@ mod tests {
             (response(Ok(Reply::Done)), "01020002"),
             (
                 response(Ok(Reply::Status(status))),
-                "01020003010161016201760203040501017206016e01017001710107016301010801030301016e010109000a0b0c",
+                "01020003010161016201760203040501017206016e01017001710107016301010801030301016e010109000a0b0c0d",
             ),
             (response(Ok(Reply::Hello(NodeInfo { protocol: 4, node_id: 9, limits }))), "0102000404090102030405"),
             (response(Ok(Reply::Versions(versions))), "010200050201017607000801ab"),

@@ -6,9 +6,8 @@ use std::sync::Arc;
 
 use clap::Parser;
 use quiver_node::clock::{Clock, OffsetClock, SystemClock};
-use quiver_node::cluster::hints::HintStore;
 use quiver_node::cluster::membership::Membership;
-use quiver_node::cluster::store::{ClusterStore, ReplicaHandler};
+use quiver_node::cluster::store::{ClusterStore, NodeData, ReplicaHandler};
 use quiver_node::config::Config;
 use quiver_node::identity::{load_or_create_admin_token, load_or_create_node_id};
 use quiver_node::net::client::serve;
@@ -118,6 +117,11 @@ struct Args {
     /// lost writes. Refused unless QUIVER_UNSAFE_TEST_MODES=1 is set.
     #[arg(long, value_name = "P", hide = true)]
     debug_drop_acked_writes: Option<f64>,
+    /// Test-only: exit at once after logging the first bulk set on two
+    /// nodes, before any replica gets its part (a coordinator that dies
+    /// there). Refused unless QUIVER_UNSAFE_TEST_MODES=1 is set.
+    #[arg(long, hide = true)]
+    debug_exit_after_batch_log: bool,
 }
 
 impl Args {
@@ -203,6 +207,12 @@ impl Args {
             }
             config.debug_drop_acked_writes = p;
         }
+        if self.debug_exit_after_batch_log {
+            if std::env::var("QUIVER_UNSAFE_TEST_MODES").as_deref() != Ok("1") {
+                return Err("--debug-exit-after-batch-log is a test mode; it needs QUIVER_UNSAFE_TEST_MODES=1".into());
+            }
+            config.debug_exit_after_batch_log = true;
+        }
         config.storage.repair |= self.repair;
         config.validate().map_err(|e| e.to_string())?;
         Ok(config)
@@ -270,35 +280,32 @@ async fn run(config: Config) -> Result<(), String> {
             probability = config.debug_drop_acked_writes,
             "TEST MODE: acknowledging writes without writing them"
         );
-        store = store.with_dropped_writes(config.debug_drop_acked_writes);
+        store = store.with_dropped_writes(config.debug_drop_acked_writes, node_id.0);
     }
     let store = Arc::new(store.with_gc_grace_ms(config.gc_grace_secs.saturating_mul(1000)));
     let (peer_addr, cluster, store): (String, _, Arc<dyn Store>) = match (&config.name, &config.tls_dir) {
         (Some(name), Some(tls_dir)) => {
-            let (opened, clock_of_hints) = (engine.clone(), node_clock.clone());
-            let hints =
-                tokio::task::spawn_blocking(move || HintStore::open(opened, clock_of_hints, config.hint_bytes_max))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| format!("counting the hints held: {e}"))?;
-            let hints = Arc::new(hints);
-            let local = (store, hints);
-            let joined = join_cluster(&config, name, tls_dir, node_id, &client_addr, &node_clock, &clock, &local)?;
-            let ((addr, membership), (store, hints)) = (joined, local);
+            let (local, clock_of_data, hint_bytes_max) = (store, node_clock.clone(), config.hint_bytes_max);
+            let data = tokio::task::spawn_blocking(move || NodeData::open(local, clock_of_data, hint_bytes_max))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("counting the hints and bulk sets held: {e}"))?;
+            let joined = join_cluster(&config, name, tls_dir, node_id, &client_addr, &node_clock, &clock, &data)?;
+            let (addr, membership) = joined;
             let hint_age_max_ms = config.hint_age_max_secs.saturating_mul(1000);
             let cluster = ClusterStore::new(
                 node_id,
                 name.clone(),
-                store,
-                hints,
+                data,
                 hint_age_max_ms,
                 membership,
                 node_clock.clone(),
                 clock.clone(),
             );
-            let cluster = Arc::new(cluster);
+            let cluster = Arc::new(cluster.with_exit_after_batch_log(config.debug_exit_after_batch_log));
             cluster.expire_in_background();
             cluster.deliver_hints_in_background();
+            cluster.replay_batches_in_background();
             (addr, Some(cluster.clone()), Arc::new(cluster) as Arc<dyn Store>)
         }
         _ => (config.peer_addr.clone(), None, store),
@@ -361,7 +368,7 @@ fn join_cluster(
     client_addr: &str,
     node_clock: &Arc<NodeClock>,
     wall: &Arc<dyn Clock>,
-    (local, hints): &(Arc<LocalStore>, Arc<HintStore>),
+    data: &NodeData,
 ) -> Result<(String, Arc<Membership>), String> {
     let tls = NodeTls::load(tls_dir, name).map_err(|e| format!("this node's certificate: {e}"))?;
     let addr = config.peer_addr.parse().map_err(|e| format!("peer address {}: {e}", config.peer_addr))?;
@@ -378,8 +385,7 @@ fn join_cluster(
         wall.clone(),
     ));
     let limits = config.limits.wire();
-    let (local, hints) = (local.clone(), hints.clone());
-    endpoint.serve(Arc::new(ReplicaHandler { membership: membership.clone(), local, hints, limits }));
+    endpoint.serve(Arc::new(ReplicaHandler { membership: membership.clone(), data: data.clone(), limits }));
     tokio::spawn(membership.clone().run());
     Ok((bound, membership))
 }

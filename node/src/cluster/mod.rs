@@ -12,9 +12,12 @@
 //!   repair, over the peer links and the node's own engine; and the replica
 //!   side.
 //! - [`hints`]: the hints a node holds for replicas that are down (sloppy
-//!   quorum, hinted handoff).
+//!   quorum, hinted handoff); [`batchlog`]: bulk sets logged on two nodes
+//!   before they are applied; both kept in a [`setlog`].
 
+pub mod batchlog;
 pub mod hints;
 pub mod membership;
 pub mod quorum;
+pub mod setlog;
 pub mod store;

@@ -41,6 +41,7 @@ use quiver_ring::ring::{Member, Ring, RingView};
 use quiver_ring::wire::{self, ErrorKind, RingInfo, RingMember, ServerError};
 use quiver_ring::{Context, Hlc, NodeId, Siblings};
 
+use super::batchlog::{self, BatchLog};
 use super::hints::HintStore;
 use super::membership::Membership;
 use super::quorum::{Consistency, DataMessage, Hinted, OpId, Outcome, Placement, Quorum};
@@ -96,6 +97,7 @@ pub struct ClusterStore {
     hints: Arc<HintStore>,
     /// A hint older than this is dropped undelivered.
     hint_age_max_ms: u64,
+    batches: Arc<BatchLog>,
     membership: Arc<Membership>,
     clock: Arc<NodeClock>,
     wall: Arc<dyn Clock>,
@@ -105,6 +107,8 @@ pub struct ClusterStore {
     /// Where the peer calls run: answers arrive on engine threads too (a
     /// causal write's own part), which are not the runtime's.
     runtime: tokio::runtime::Handle,
+    /// Test-only: the process exits right after logging a bulk set.
+    exit_after_batch_log: bool,
 }
 
 impl std::fmt::Debug for ClusterStore {
@@ -131,12 +135,10 @@ fn outcome_error(outcome: Outcome, what: &str) -> ServerError {
 impl ClusterStore {
     /// A node's store in a cluster; must be made inside the tokio runtime
     /// its peer links run on.
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         me: NodeId,
         name: String,
-        local: Arc<LocalStore>,
-        hints: Arc<HintStore>,
+        NodeData { local, hints, batches }: NodeData,
         hint_age_max_ms: u64,
         membership: Arc<Membership>,
         clock: Arc<NodeClock>,
@@ -148,6 +150,7 @@ impl ClusterStore {
             local,
             hints,
             hint_age_max_ms,
+            batches,
             membership,
             clock,
             wall,
@@ -155,7 +158,16 @@ impl ClusterStore {
             consistency: Consistency::Quorum,
             coordinating: Mutex::default(),
             runtime: tokio::runtime::Handle::current(),
+            exit_after_batch_log: false,
         }
+    }
+
+    /// Test-only: exit the process right after logging a bulk set on two
+    /// nodes, before any replica gets its part, as a coordinator that dies
+    /// there.
+    pub fn with_exit_after_batch_log(mut self, exit: bool) -> ClusterStore {
+        self.exit_after_batch_log = exit;
+        self
     }
 
     /// The ring, once every member's id is known.
@@ -201,6 +213,11 @@ impl ClusterStore {
     /// The hints it holds.
     pub fn hints(&self) -> &HintStore {
         &self.hints
+    }
+
+    /// The bulk sets it holds until they are applied.
+    pub fn batches(&self) -> &BatchLog {
+        &self.batches
     }
 
     /// Where each key's copies go: its replicas, and for each that is down
@@ -269,7 +286,7 @@ impl ClusterStore {
                     up: peer.is_none_or(|p| p.up),
                     share_ppm: (share * 1e6).round() as u32,
                     keys,
-                    hints: hints.get(&member.id).map_or(0, |q| q.hints),
+                    hints: hints.get(&member.id).map_or(0, |q| q.entries),
                     hint_bytes: hints.get(&member.id).map_or(0, |q| q.bytes),
                 }
             })
@@ -350,7 +367,7 @@ impl ClusterStore {
                 PeerRequest::Read { key } => {
                     self.local.read_versions(key, REPLICA_READ, Box::new(move |r| answer(r.map(PeerReply::Found))))
                 }
-                PeerRequest::Ping { .. } => {}
+                PeerRequest::Ping { .. } | PeerRequest::LogBatch { .. } | PeerRequest::BatchDone { .. } => {}
             }
             return;
         }
@@ -438,6 +455,12 @@ struct Gather {
 }
 
 impl Store for Arc<ClusterStore> {
+    /// A write of one key goes to its replicas at once. A bulk set is
+    /// first logged on two nodes (this one and the next one up on the
+    /// ring), so that if this node dies while its parts are sent, the other
+    /// completes it ([`ClusterStore::replay_batches_in_background`]); then
+    /// each replica gets all of its keys as one record, and the log entry
+    /// goes once the write reached its quorum.
     fn write(&self, entries: Entries, timing: Timing, done: Done<()>) {
         let ring = match self.ring() {
             Ok(ring) => ring,
@@ -448,15 +471,31 @@ impl Store for Arc<ClusterStore> {
             Err(error) => return done(Err(error)),
         };
         let placements = self.placements(&ring, entries.iter().map(|(key, _)| key.as_slice()), None);
-        let sets = entries.into_iter().map(|(key, value)| (key, Siblings::one(stamp.blind(value)))).collect();
+        let sets: Vec<(Vec<u8>, Siblings)> =
+            entries.into_iter().map(|(key, value)| (key, Siblings::one(stamp.blind(value)))).collect();
         let consistency = timing.consistency.unwrap_or(self.consistency);
-        self.run(
-            move |quorum, deadline| started(quorum.start_write(sets, placements, consistency, deadline)),
-            Box::new(move |outcome| match outcome {
-                Outcome::Written => done(Ok(())),
-                other => done(Err(outcome_error(other, "write"))),
-            }),
-        );
+        if sets.len() < 2 {
+            return self.write_sets(sets, placements, consistency, done);
+        }
+        let this = self.clone();
+        self.runtime.spawn(async move {
+            let holders = match this.log_batch(&ring, stamp.hlc, &sets).await {
+                Ok(holders) => holders,
+                Err(error) => return done(Err(error)),
+            };
+            if this.exit_after_batch_log {
+                tracing::warn!("TEST MODE: exiting after logging a bulk set");
+                std::process::exit(9);
+            }
+            let applied = this.clone();
+            let done: Done<()> = Box::new(move |result| {
+                if result.is_ok() {
+                    applied.batch_done(holders, stamp.hlc);
+                }
+                done(result)
+            });
+            this.write_sets(sets, placements, consistency, done);
+        });
     }
 
     fn read(&self, keys: Vec<Vec<u8>>, timing: Timing, response_bytes_max: usize, done: Done<Vec<Option<Vec<u8>>>>) {
@@ -578,6 +617,135 @@ impl Store for Arc<ClusterStore> {
 }
 
 impl ClusterStore {
+    /// Writes `sets` to their placements, through the quorum logic.
+    fn write_sets(
+        self: &Arc<Self>,
+        sets: Vec<(Vec<u8>, Siblings)>,
+        placements: Vec<Placement>,
+        consistency: Consistency,
+        done: Done<()>,
+    ) {
+        self.run(
+            move |quorum, deadline| started(quorum.start_write(sets, placements, consistency, deadline)),
+            Box::new(move |outcome| match outcome {
+                Outcome::Written => done(Ok(())),
+                other => done(Err(outcome_error(other, "write"))),
+            }),
+        );
+    }
+
+    /// Logs batch `id` (this node's) durably here and on the next node up
+    /// on the ring after the batch's first key; returns the two holders.
+    async fn log_batch(&self, ring: &Ring, id: Hlc, sets: &[(Vec<u8>, Siblings)]) -> Result<Vec<NodeId>, ServerError> {
+        let first = sets.first().map_or(&[][..], |(key, _)| key.as_slice());
+        let down = self.membership.down();
+        let order = ring.preference_list(first, ring.view().members.len());
+        let other = order.into_iter().find(|&id| id != self.me && !down.contains(&id)).ok_or_else(|| {
+            ServerError::new(
+                ErrorKind::Unavailable,
+                "a bulk set is logged on two nodes before any replica gets it, and no other node is up",
+            )
+        })?;
+        let link = self
+            .membership
+            .link_to(other)
+            .ok_or_else(|| ServerError::new(ErrorKind::Unavailable, format!("no link to node {:016x}", other.0)))?;
+        let sets = sets.to_vec();
+        let (op, bytes) = self.batches.log_op(self.me, id, &sets)?;
+        let remote = link.call(PeerRequest::LogBatch { coordinator: self.me, id, sets }, OP_TIMEOUT);
+        let (local, remote) = tokio::join!(self.local.engine().write(vec![op]), remote);
+        local.map_err(crate::service::storage_error)?;
+        self.batches.logged(self.me, bytes);
+        match remote {
+            Ok(PeerReply::Written) => Ok(vec![self.me, other]),
+            Ok(PeerReply::Failed(error)) => Err(error),
+            Ok(other) => Err(ServerError::new(ErrorKind::Internal, format!("the batch log answered {other:?}"))),
+            Err(error) => Err(ServerError::new(ErrorKind::Unavailable, format!("logging the bulk set: {error}"))),
+        }
+    }
+
+    /// Batch `(this node, id)` is applied: its holders remove it (in the
+    /// background; one that does not will replay it, which changes
+    /// nothing).
+    fn batch_done(self: &Arc<Self>, holders: Vec<NodeId>, id: Hlc) {
+        let this = self.clone();
+        self.runtime.spawn(async move {
+            for holder in holders {
+                let removed = if holder == this.me {
+                    this.batches.done(this.me, id).await
+                } else {
+                    match this.membership.link_to(holder) {
+                        Some(link) => {
+                            let request = PeerRequest::BatchDone { coordinator: this.me, id };
+                            link.call(request, OP_TIMEOUT)
+                                .await
+                                .map(drop)
+                                .map_err(|e| ServerError::new(ErrorKind::Unavailable, e.to_string()))
+                        }
+                        None => Ok(()),
+                    }
+                };
+                if let Err(error) = removed {
+                    tracing::debug!(holder = holder.0, %error, "a batch log entry stays; it will be replayed");
+                }
+            }
+        });
+    }
+
+    /// Replays, every [`HINT_TICK`], each bulk set this node logged that is
+    /// older than [`batchlog::REPLAY_AFTER_MS`]: its coordinator died, or
+    /// did not reach its quorum. The replay is a quorum write of the same
+    /// versions (which changes nothing where they are); the entry goes once
+    /// it succeeds. A batch older than half of `gc_grace` is dropped: its
+    /// versions would be refused. Runs until the store is dropped.
+    pub fn replay_batches_in_background(self: &Arc<Self>) {
+        let this = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(HINT_TICK);
+            loop {
+                every.tick().await;
+                let Some(store) = this.upgrade() else { return };
+                if let Err(error) = store.replay_batches().await {
+                    tracing::debug!(%error, "batches not replayed yet");
+                }
+            }
+        });
+    }
+
+    async fn replay_batches(self: &Arc<Self>) -> Result<(), ServerError> {
+        let now = self.wall.now_ms();
+        let batches = self.batches.clone();
+        let before_ms = now.saturating_sub(batchlog::REPLAY_AFTER_MS);
+        let due = tokio::task::spawn_blocking(move || batches.due(before_ms))
+            .await
+            .map_err(|e| ServerError::new(ErrorKind::Internal, e.to_string()))?
+            .map_err(crate::service::storage_error)?;
+        let ring = match due.is_empty() {
+            true => return Ok(()),
+            false => self.ring()?,
+        };
+        let too_old_ms = now.saturating_sub(self.local.gc_grace_ms() / 2);
+        for batch in due {
+            if batch.seq.physical_ms() >= too_old_ms {
+                let placements = self.placements(&ring, batch.sets.iter().map(|(key, _)| key.as_slice()), None);
+                let (sent, written) = tokio::sync::oneshot::channel();
+                let done: Done<()> = Box::new(move |result| {
+                    let _ = sent.send(result);
+                });
+                self.write_sets(batch.sets.clone(), placements, Consistency::Quorum, done);
+                match written.await {
+                    Ok(Ok(())) => tracing::info!(coordinator = batch.node.0, id = %batch.seq, "replayed a bulk set"),
+                    Ok(Err(error)) => return Err(error),
+                    Err(_) => return Err(ServerError::new(ErrorKind::ShuttingDown, "the store closed")),
+                }
+            } else {
+                tracing::error!(coordinator = batch.node.0, id = %batch.seq, "a bulk set older than half of gc_grace was never applied; it is dropped");
+            }
+            self.batches.remove(std::slice::from_ref(&batch)).await?;
+        }
+        Ok(())
+    }
+
     /// Delivers, every [`HINT_TICK`], the hints this node holds to their
     /// owners that are up. Runs until the store is dropped.
     pub fn deliver_hints_in_background(self: &Arc<Self>) {
@@ -608,13 +776,15 @@ impl ClusterStore {
                 .map_err(|e| ServerError::new(ErrorKind::Internal, e.to_string()))?
                 .map_err(crate::service::storage_error)?;
             if batch.is_empty() {
-                self.hints.emptied(owner);
                 return Ok(());
             }
             let cutoff_ms = self.wall.now_ms().saturating_sub(self.hint_age_max_ms);
-            let expired = batch.iter().filter(|hint| hint.taken_ms < cutoff_ms).count() as u64;
-            let sets: Vec<(Vec<u8>, Siblings)> =
-                batch.iter().filter(|hint| hint.taken_ms >= cutoff_ms).flat_map(|hint| hint.sets.clone()).collect();
+            let expired = batch.iter().filter(|hint| hint.seq.physical_ms() < cutoff_ms).count() as u64;
+            let sets: Vec<(Vec<u8>, Siblings)> = batch
+                .iter()
+                .filter(|hint| hint.seq.physical_ms() >= cutoff_ms)
+                .flat_map(|hint| hint.sets.clone())
+                .collect();
             if !sets.is_empty() {
                 let link = self.membership.link_to(owner).ok_or_else(|| {
                     ServerError::new(ErrorKind::Unavailable, format!("no link to node {:016x}", owner.0))
@@ -626,16 +796,7 @@ impl ClusterStore {
                     Err(error) => return Err(ServerError::new(ErrorKind::Unavailable, error.to_string())),
                 }
             }
-            let (sent, removed) = tokio::sync::oneshot::channel();
-            let ops = self.hints.remove_ops(&batch)?;
-            self.local.engine().write_then(ops, move |result| {
-                let _ = sent.send(result);
-            });
-            match removed.await {
-                Ok(Ok(_)) => self.hints.removed(owner, &batch, expired),
-                Ok(Err(error)) => return Err(crate::service::storage_error(error)),
-                Err(_) => return Err(ServerError::new(ErrorKind::ShuttingDown, "the engine closed")),
-            }
+            self.hints.remove(&batch, expired).await?;
             if expired > 0 {
                 tracing::warn!(owner = owner.0, expired, "hints past their age were dropped undelivered");
             }
@@ -660,6 +821,30 @@ pub fn apply_write(
     local.apply_replicated(sets, with, done)
 }
 
+/// What a node of a cluster holds: its own data, the hints it holds for
+/// others, and its batch log.
+#[derive(Clone, Debug)]
+pub struct NodeData {
+    pub local: Arc<LocalStore>,
+    pub hints: Arc<HintStore>,
+    pub batches: Arc<BatchLog>,
+}
+
+impl NodeData {
+    /// Opens the hints and the batch log in `local`'s engine (scans that
+    /// count them: not for an async worker).
+    pub fn open(
+        local: Arc<LocalStore>,
+        clock: Arc<NodeClock>,
+        hint_bytes_max: u64,
+    ) -> crate::storage::Result<NodeData> {
+        let engine = local.engine().clone();
+        let hints = Arc::new(HintStore::open(engine.clone(), clock.clone(), hint_bytes_max)?);
+        let batches = Arc::new(BatchLog::open(engine, clock)?);
+        Ok(NodeData { local, hints, batches })
+    }
+}
+
 /// What a node of a cluster does with its peers' requests: answers
 /// heartbeats, and as a replica merges the sets it is sent and holds the
 /// hints (answering once they are durable) and reads its own versions of a
@@ -669,8 +854,7 @@ pub fn apply_write(
 #[derive(Debug)]
 pub struct ReplicaHandler {
     pub membership: Arc<Membership>,
-    pub local: Arc<LocalStore>,
-    pub hints: Arc<HintStore>,
+    pub data: NodeData,
     pub limits: wire::Limits,
 }
 
@@ -679,18 +863,21 @@ pub fn check_peer_request(limits: &wire::Limits, request: &PeerRequest) -> Resul
     match request {
         PeerRequest::Ping { .. } => Ok(()),
         PeerRequest::Read { key } => limits.check_key(key),
-        PeerRequest::Write { sets, hints } => {
-            let hinted = hints.iter().flat_map(|h| &h.sets);
-            sets.iter().chain(hinted).try_for_each(|(key, siblings)| {
-                limits.check_key(key)?;
-                siblings
-                    .versions()
-                    .iter()
-                    .filter_map(|v| v.value.as_deref())
-                    .try_for_each(|value| limits.check_value(value))
-            })
-        }
+        PeerRequest::BatchDone { .. } => Ok(()),
+        PeerRequest::Write { sets, hints } => check_sets(limits, sets.iter().chain(hints.iter().flat_map(|h| &h.sets))),
+        PeerRequest::LogBatch { sets, .. } => check_sets(limits, sets.iter()),
     }
+}
+
+/// Checks every key and value of `sets` against the node's limits.
+fn check_sets<'a>(
+    limits: &wire::Limits,
+    mut sets: impl Iterator<Item = &'a (Vec<u8>, Siblings)>,
+) -> Result<(), ServerError> {
+    sets.try_for_each(|(key, siblings)| {
+        limits.check_key(key)?;
+        siblings.versions().iter().filter_map(|v| v.value.as_deref()).try_for_each(|value| limits.check_value(value))
+    })
 }
 
 impl crate::net::peer::PeerHandler for ReplicaHandler {
@@ -703,14 +890,33 @@ impl crate::net::peer::PeerHandler for ReplicaHandler {
             return reply(PeerReply::Failed(error));
         }
         match request {
-            PeerRequest::Ping { .. } => reply(self.membership.pong(self.local.status().map_or(0, |s| s.keys))),
+            PeerRequest::Ping { .. } => reply(self.membership.pong(self.data.local.status().map_or(0, |s| s.keys))),
             PeerRequest::Write { sets, hints } => {
                 let done = Box::new(move |r: Result<(), ServerError>| reply(answer(r.map(|()| PeerReply::Written))));
-                apply_write(&self.local, &self.hints, sets, hints, done)
+                apply_write(&self.data.local, &self.data.hints, sets, hints, done)
             }
-            PeerRequest::Read { key } => {
-                self.local.read_versions(key, REPLICA_READ, Box::new(move |r| reply(answer(r.map(PeerReply::Found)))))
+            PeerRequest::LogBatch { coordinator, id, sets } => {
+                let (op, bytes) = match self.data.batches.log_op(coordinator, id, &sets) {
+                    Ok(logged) => logged,
+                    Err(error) => return reply(PeerReply::Failed(error)),
+                };
+                let batches = self.data.batches.clone();
+                self.data.local.engine().write_then(vec![op], move |result| {
+                    let result = result.map(|_| batches.logged(coordinator, bytes));
+                    reply(answer(result.map(|()| PeerReply::Written).map_err(crate::service::storage_error)))
+                })
             }
+            PeerRequest::BatchDone { coordinator, id } => {
+                let batches = self.data.batches.clone();
+                tokio::spawn(
+                    async move { reply(answer(batches.done(coordinator, id).await.map(|()| PeerReply::Written))) },
+                );
+            }
+            PeerRequest::Read { key } => self.data.local.read_versions(
+                key,
+                REPLICA_READ,
+                Box::new(move |r| reply(answer(r.map(PeerReply::Found)))),
+            ),
         }
     }
 }

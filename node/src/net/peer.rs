@@ -52,6 +52,11 @@ pub enum PeerRequest {
     Write { sets: Vec<(Vec<u8>, Siblings)>, hints: Vec<Hinted> },
     /// Every version of a key this replica holds.
     Read { key: Vec<u8> },
+    /// Log this bulk set (its coordinator, its stamp, all of its sets)
+    /// durably: it is sent to no replica before two nodes logged it.
+    LogBatch { coordinator: NodeId, id: Hlc, sets: Vec<(Vec<u8>, Siblings)> },
+    /// The bulk set `(coordinator, id)` is applied: remove it from the log.
+    BatchDone { coordinator: NodeId, id: Hlc },
 }
 
 /// Sibling sets held for `owner`, a replica that is down, until it is

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use quiver_ring::rand::{threshold, AtomicSplitMix64};
 use quiver_ring::wire::{ErrorKind, ServerError};
 use quiver_ring::{Context, Hlc, Siblings};
+use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use super::causal::{CausalWrite, CausalWrites, VersionsRead};
 use super::reads::{Job, ReadHook, ReadJob, ReadPool};
@@ -49,6 +50,7 @@ pub struct LocalStore {
     /// scaled to `u64::MAX`, and the generator that picks them.
     drop_threshold: u64,
     drop_rng: AtomicSplitMix64,
+    drop_salt: u64,
     write_hook: Option<HookDebug>,
     /// Versions older than now minus this are refused from peers.
     gc_grace_ms: u64,
@@ -86,6 +88,7 @@ impl LocalStore {
             reads,
             drop_rng: AtomicSplitMix64::new(crate::now_ms()),
             drop_threshold: 0,
+            drop_salt: 0,
             write_hook: None,
             gc_grace_ms: GC_GRACE_MS,
             stale_refused: AtomicU64::new(0),
@@ -95,9 +98,14 @@ impl LocalStore {
     }
 
     /// Test-only: acknowledges `probability` of writes without writing them,
-    /// so tests can prove that the chaos checker reports lost writes.
-    pub fn with_dropped_writes(mut self, probability: f64) -> LocalStore {
+    /// so tests can prove that the chaos checker reports lost writes. A
+    /// client's writes are picked at random; a replica's part of another
+    /// node's write by its key, hashed with `salt` (the node's id): the same
+    /// keys always, so this replica's copy of them never converges, which
+    /// the cluster's convergence check must report.
+    pub fn with_dropped_writes(mut self, probability: f64, salt: u64) -> LocalStore {
         self.drop_threshold = threshold(probability);
+        self.drop_salt = salt;
         self
     }
 
@@ -119,6 +127,9 @@ impl LocalStore {
         let mut ops = with;
         let horizon_ms = self.clock.wall_ms().saturating_sub(self.gc_grace_ms);
         for (key, siblings) in sets {
+            if self.drop_threshold > 0 && xxh3_64_with_seed(&key, self.drop_salt) < self.drop_threshold {
+                continue;
+            }
             let stored = data_key(&key);
             for version in siblings.into_versions() {
                 if version.hlc.physical_ms() < horizon_ms {
@@ -141,6 +152,11 @@ impl LocalStore {
     pub fn with_gc_grace_ms(mut self, gc_grace_ms: u64) -> LocalStore {
         self.gc_grace_ms = gc_grace_ms;
         self
+    }
+
+    /// The tombstone horizon's distance from now.
+    pub fn gc_grace_ms(&self) -> u64 {
+        self.gc_grace_ms
     }
 
     /// Versions [`LocalStore::apply_replicated`] refused as older than the

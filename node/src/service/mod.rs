@@ -251,6 +251,7 @@ impl Service {
             replicas: if self.cluster.is_some() { REPLICAS as u32 } else { 1 },
             ring: self.cluster.as_ref().map(|c| c.ring_members()).unwrap_or_default(),
             hints_dropped: self.cluster.as_ref().map_or(0, |c| c.hints().dropped()),
+            batches_pending: self.cluster.as_ref().map_or(0, |c| c.batches().pending()),
         }))
     }
 
