@@ -6,7 +6,14 @@
 //! over QUIC with mutual TLS. The client is the smart client (one
 //! connection per node, each key sent to one of its replicas, which
 //! coordinates), shared by every task of a runtime of one thread. The
-//! baseline: one `quiverd` alone, the same client.
+//! baseline: one `quiverd` alone, the same client. Beside them: a
+//! three-member etcd cluster on the same machine (Debian's etcd 3.4,
+//! installed by `benches/setup-etcd.sh`), driven from the same harness at
+//! the same requests in flight by a minimal gRPC client
+//! (`quiver_benches::etcd`): `Put` for `set`, and a `Txn` of the same 1000
+//! puts for `bulk_set` (etcd started with `--max-txn-ops 1000`). etcd
+//! acknowledges a put once a majority of members wrote it to their
+//! fsynced logs, as Quiver does once W=2 replicas have it durable.
 //!
 //! Workloads, each the median of `QUIVER_BENCH_RUNS` (3) runs of
 //! `QUIVER_BENCH_SECONDS` (5) seconds on fresh, empty servers:
@@ -19,6 +26,8 @@
 //! and the same disk, so this shows the cost of replication, not the
 //! capacity of three machines.
 //!
+//! Set `QUIVER_BENCH_ETCD=0` to leave etcd out.
+//!
 //! Output: a markdown table on stdout, `target/quiver-bench/cluster_throughput.csv`
 //! and `target/quiver-bench/cluster_throughput.svg`.
 //!
@@ -28,7 +37,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use quiver_benches::{build_quiverd, drive, env_or, median, workspace, Figure, Keys};
+use quiver_benches::etcd::{Etcd, EtcdCluster};
+use quiver_benches::{build_quiverd, drive, env_or, median, run_setup_script, workspace, Figure, Keys};
 use quiver_chaos::node::{cluster_specs, NodeProcess, NodeSpec};
 use quiver_client::Client;
 
@@ -38,6 +48,10 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// How long the cluster's nodes may take to find each other.
 const READY_WITHIN: Duration = Duration::from_secs(60);
+
+/// etcd's members listen on this port plus 1 to 3 (clients) and 11 to 13
+/// (peers), on loopback.
+const ETCD_BASE_PORT: u16 = 23790;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Workload {
@@ -70,31 +84,50 @@ impl Workload {
     }
 }
 
-/// What is measured: one node alone, or three in a cluster.
+/// What is measured: one node alone, three in a cluster, or etcd.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Setup {
     Single,
     Cluster,
+    Etcd,
 }
 
 impl Setup {
+    const ALL: [Setup; 3] = [Setup::Single, Setup::Cluster, Setup::Etcd];
+
     fn name(self) -> &'static str {
         match self {
             Setup::Single => "1 node",
             Setup::Cluster => "3 nodes, N=3 W=2",
+            Setup::Etcd => "etcd, 3 members",
+        }
+    }
+
+    fn short(self) -> &'static str {
+        match self {
+            Setup::Single => "single",
+            Setup::Cluster => "cluster",
+            Setup::Etcd => "etcd",
         }
     }
 }
 
-/// Running nodes; dropping it stops them, then removes their data.
+/// Running servers; dropping it stops them, then removes their data.
 struct Servers {
     _nodes: Vec<NodeProcess>,
+    _etcd: Option<EtcdCluster>,
     _dir: tempfile::TempDir,
 }
 
-/// Starts `setup` on fresh directories and returns it with a client that
-/// routes by its ring.
-async fn start(setup: Setup, quiverd: &Path) -> Result<(Servers, Client), String> {
+/// How the bench talks to a setup.
+enum Conn {
+    Quiver(Client),
+    /// One client per etcd member; task `t` uses member `t % 3`.
+    Etcd(Vec<Etcd>),
+}
+
+/// Starts `setup` on fresh directories and returns it with its client.
+async fn start(setup: Setup, quiverd: &Path) -> Result<(Servers, Conn), String> {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).map_err(|e| e.to_string())?;
     let nodes = match setup {
         Setup::Single => {
@@ -102,6 +135,11 @@ async fn start(setup: Setup, quiverd: &Path) -> Result<(Servers, Client), String
             vec![NodeProcess::start(&spec).map_err(|e| format!("start quiverd: {e}"))?]
         }
         Setup::Cluster => start_cluster(dir.path(), quiverd)?,
+        Setup::Etcd => {
+            let etcd = EtcdCluster::start(dir.path(), ETCD_BASE_PORT, 1000)?;
+            let clients = etcd.ready().await?;
+            return Ok((Servers { _nodes: Vec::new(), _etcd: Some(etcd), _dir: dir }, Conn::Etcd(clients)));
+        }
     };
     if setup == Setup::Cluster {
         // A node knows the ring once it has every member's id from the
@@ -118,7 +156,7 @@ async fn start(setup: Setup, quiverd: &Path) -> Result<(Servers, Client), String
         }
     }
     let client = Client::connect([nodes[0].addr.clone()]).await.map_err(|e| e.to_string())?;
-    Ok((Servers { _nodes: nodes, _dir: dir }, client))
+    Ok((Servers { _nodes: nodes, _etcd: None, _dir: dir }, Conn::Quiver(client)))
 }
 
 /// Three nodes with their certificates, each listing the others.
@@ -128,19 +166,34 @@ fn start_cluster(dir: &Path, quiverd: &Path) -> Result<Vec<NodeProcess>, String>
 }
 
 /// One run of `workload` for `seconds`, `run` keeping its keys apart.
-async fn measure(client: &Arc<Client>, workload: Workload, seconds: u64, run: u64, value: &Arc<Vec<u8>>) -> Figure {
-    let (client, value) = (client.clone(), value.clone());
+async fn measure(conn: &Arc<Conn>, workload: Workload, seconds: u64, run: u64, value: &Arc<Vec<u8>>) -> Figure {
+    let (conn, value) = (conn.clone(), value.clone());
     drive(workload.in_flight(), seconds, move |task, i| {
-        let (client, value) = (client.clone(), value.clone());
+        let (conn, value) = (conn.clone(), value.clone());
         async move {
-            match workload {
-                Workload::Set64 => {
-                    client.set(format!("set-{run}-{task}-{i}"), &*value).await.expect("set");
+            let value = value.as_slice();
+            match (workload, &*conn) {
+                (Workload::Set64, Conn::Quiver(client)) => {
+                    client.set(format!("set-{run}-{task}-{i}"), value).await.expect("set");
                     1
                 }
-                Workload::Bulk => {
+                (Workload::Set64, Conn::Etcd(members)) => {
+                    let member = &members[task as usize % members.len()];
+                    member.put(format!("set-{run}-{task}-{i}").as_bytes(), value).await.expect("etcd put");
+                    1
+                }
+                (Workload::Bulk, conn) => {
                     let batch = Keys::new(&format!("bulk-{run}-{task}-{i}-"), 0..1000, 0);
-                    client.bulk_set(batch.iter().map(|key| (key, &*value))).await.expect("bulk_set");
+                    match conn {
+                        Conn::Quiver(client) => {
+                            client.bulk_set(batch.iter().map(|key| (key, value))).await.expect("bulk_set")
+                        }
+                        Conn::Etcd(members) => {
+                            let member = &members[task as usize % members.len()];
+                            let entries = batch.iter().map(|key| (key.as_bytes(), value));
+                            member.txn_puts(entries).await.expect("etcd txn");
+                        }
+                    }
                     batch.len()
                 }
             }
@@ -160,26 +213,33 @@ fn report(rows: &[Row], runs: u64, seconds: u64, value_bytes: usize) -> std::io:
          of {seconds}s; every process on this machine's {} cores.\n",
         std::thread::available_parallelism().map_or(0, usize::from)
     );
-    println!("| workload | 1 node keys/s | p50 / p99 ms | 3 nodes keys/s | p50 / p99 ms | 3 nodes / 1 node |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!(
+        "| workload | 1 node keys/s | p50 / p99 ms | 3 nodes keys/s | p50 / p99 ms | etcd, 3 members keys/s | p50 / \
+         p99 ms | 3 nodes / 1 node | Quiver 3 nodes / etcd |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut csv = String::from("setup,workload,keys_per_s,p50_ms,p99_ms\n");
     for (setup, workload, f) in rows {
-        let setup = if *setup == Setup::Single { "single" } else { "cluster" };
-        csv += &format!("{setup},{},{:.0},{:.3},{:.3}\n", workload.short(), f.keys_per_s, f.p50_ms, f.p99_ms);
+        csv += &format!("{},{},{:.0},{:.3},{:.3}\n", setup.short(), workload.short(), f.keys_per_s, f.p50_ms, f.p99_ms);
     }
     let cell = |f: Option<Figure>| {
         f.map_or(("-".into(), "-".into()), |f| {
             (format!("{:.0}", f.keys_per_s), format!("{:.2} / {:.2}", f.p50_ms, f.p99_ms))
         })
     };
+    let ratio = |a: Option<Figure>, b: Option<Figure>| match (a, b) {
+        (Some(a), Some(b)) => format!("{:.2}x", a.keys_per_s / b.keys_per_s),
+        _ => "-".into(),
+    };
     for w in Workload::ALL {
-        let (single, cluster) = (find(Setup::Single, w), find(Setup::Cluster, w));
-        let ratio = match (single, cluster) {
-            (Some(s), Some(c)) => format!("{:.2}x", c.keys_per_s / s.keys_per_s),
-            _ => "-".into(),
-        };
-        let ((s_rate, s_lat), (c_rate, c_lat)) = (cell(single), cell(cluster));
-        println!("| {} | {s_rate} | {s_lat} | {c_rate} | {c_lat} | {ratio} |", w.name());
+        let (single, cluster, etcd) = (find(Setup::Single, w), find(Setup::Cluster, w), find(Setup::Etcd, w));
+        let ((s_rate, s_lat), (c_rate, c_lat), (e_rate, e_lat)) = (cell(single), cell(cluster), cell(etcd));
+        println!(
+            "| {} | {s_rate} | {s_lat} | {c_rate} | {c_lat} | {e_rate} | {e_lat} | {} | {} |",
+            w.name(),
+            ratio(cluster, single),
+            ratio(cluster, etcd)
+        );
     }
     std::fs::write(out.join("cluster_throughput.csv"), csv)?;
     plot(rows, &out.join("cluster_throughput.svg")).map_err(std::io::Error::other)?;
@@ -194,7 +254,7 @@ fn plot(rows: &[Row], path: &Path) -> Result<(), String> {
     root.fill(&WHITE).map_err(|e| e.to_string())?;
     let max_y = rows.iter().map(|r| r.2.keys_per_s).fold(1.0, f64::max) * 1.5;
     let mut chart = ChartBuilder::on(&root)
-        .caption("Durable write throughput: one node vs. a three-node cluster", ("sans-serif", 20))
+        .caption("Durable write throughput: one node, a three-node cluster, etcd", ("sans-serif", 20))
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(80)
@@ -210,7 +270,7 @@ fn plot(rows: &[Row], path: &Path) -> Result<(), String> {
         .y_label_formatter(&|y| format!("{:.0}k", y / 1000.0))
         .draw()
         .map_err(|e| e.to_string())?;
-    for (setup, color) in [(Setup::Single, BLUE), (Setup::Cluster, RED)] {
+    for (setup, color) in [(Setup::Single, BLUE), (Setup::Cluster, RED), (Setup::Etcd, GREEN)] {
         let points: Vec<(f64, f64)> = Workload::ALL
             .iter()
             .enumerate()
@@ -244,22 +304,26 @@ async fn bench() {
     let value_bytes = env_or("QUIVER_BENCH_VALUE_BYTES", 100) as usize;
     let value = Arc::new(vec![b'v'; value_bytes]);
     let quiverd: PathBuf = std::env::var("QUIVER_BENCH_QUIVERD").map(PathBuf::from).unwrap_or_else(|_| build_quiverd());
+    let with_etcd = env_or("QUIVER_BENCH_ETCD", 1) != 0;
+    if with_etcd {
+        run_setup_script("benches/setup-etcd.sh").expect("etcd");
+    }
     let mut rows = Vec::new();
-    for setup in [Setup::Single, Setup::Cluster] {
+    for setup in Setup::ALL.into_iter().filter(|&s| with_etcd || s != Setup::Etcd) {
         for workload in Workload::ALL {
-            let (servers, client) = match start(setup, &quiverd).await {
+            let (servers, conn) = match start(setup, &quiverd).await {
                 Ok(started) => started,
                 Err(e) => panic!("{}: {e}", setup.name()),
             };
-            let client = Arc::new(client);
+            let conn = Arc::new(conn);
             let mut figures = Vec::new();
             for run in 0..runs {
-                figures.push(measure(&client, workload, seconds, run, &value).await);
+                figures.push(measure(&conn, workload, seconds, run, &value).await);
             }
             let text: Vec<String> = figures.iter().map(|f| format!("{:.0}", f.keys_per_s)).collect();
             eprintln!("{:>16} | {:<32} | runs: {}", setup.name(), workload.name(), text.join(" "));
             rows.push((setup, workload, median(figures)));
-            drop(client);
+            drop(conn);
             drop(servers);
         }
     }

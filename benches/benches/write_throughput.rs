@@ -37,7 +37,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use quiver_benches::{build_quiverd, drive, env_or, median, workspace, Figure, Keys};
+use quiver_benches::{build_quiverd, drive, env_or, median, run_setup_script, workspace, Figure, Keys};
 use quiver_chaos::node::{NodeProcess, NodeSpec};
 use redis::AsyncCommands;
 
@@ -206,16 +206,6 @@ impl Drop for Redis {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// Installs Redis if it is missing (Debian's package).
-fn setup_redis() -> Result<(), String> {
-    let setup = workspace().join("benches/setup-redis.sh");
-    let ok = Command::new("bash").arg(&setup).status().map_err(|e| e.to_string())?.success();
-    if !ok {
-        return Err(format!("{} failed", setup.display()));
-    }
-    Ok(())
 }
 
 fn start_redis(port: u16) -> Result<Redis, String> {
@@ -474,7 +464,7 @@ async fn bench() {
     };
     let mut rows = bench_system(&quiver, &sizes, runs, seconds, &value).await;
     if std::env::var("QUIVER_BENCH_SKIP_REDIS").as_deref() != Ok("1") {
-        match setup_redis() {
+        match run_setup_script("benches/setup-redis.sh") {
             Ok(()) => rows.extend(bench_system(&System::Redis, &sizes, runs, seconds, &value).await),
             Err(e) => eprintln!("Redis skipped: {e}"),
         }

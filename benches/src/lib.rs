@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+pub mod etcd;
+
 /// The number in environment variable `name`, else `default`.
 pub fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -15,6 +17,17 @@ pub fn env_or(name: &str, default: u64) -> u64 {
 /// The workspace's root folder.
 pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("benches/ is in the workspace").to_path_buf()
+}
+
+/// Runs a setup script of the workspace (`benches/setup-*.sh`, which
+/// installs a peer from Debian's packages if it is missing).
+pub fn run_setup_script(script: &str) -> Result<(), String> {
+    let path = workspace().join(script);
+    let ok = Command::new("bash").arg(&path).status().map_err(|e| e.to_string())?.success();
+    if !ok {
+        return Err(format!("{} failed", path.display()));
+    }
+    Ok(())
 }
 
 /// Builds the release `quiverd` and returns its path.

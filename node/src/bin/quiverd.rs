@@ -303,9 +303,7 @@ async fn run(config: Config) -> Result<(), String> {
                 clock.clone(),
             );
             let cluster = Arc::new(cluster.with_exit_after_batch_log(config.debug_exit_after_batch_log));
-            cluster.expire_in_background();
-            cluster.deliver_hints_in_background();
-            cluster.replay_batches_in_background();
+            cluster.run_in_background();
             (addr, Some(cluster.clone()), Arc::new(cluster) as Arc<dyn Store>)
         }
         _ => (config.peer_addr.clone(), None, store),

@@ -2,7 +2,9 @@
 //!
 //! - Owns: a [`SetLog`] in the batch log keyspace, one entry per pending
 //!   batch, under its coordinator's id and its stamp (every key of a batch
-//!   shares that one stamp).
+//!   shares that one stamp), and the ids of the pending ones in memory (a
+//!   scan of the keyspace when the node starts), so that finding the
+//!   batches due reads none of those already applied.
 //! - Receives: batches to log, from their coordinator (this node, or a
 //!   peer's `LogBatch`); word that a batch is applied (`BatchDone`).
 //! - Does: nothing by itself; [`super::store::ClusterStore`] logs a batch
@@ -12,13 +14,15 @@
 //!   died or failed to finish it).
 //! - Hands on: the batches due for replay.
 
-use std::sync::Arc;
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 
 use quiver_ring::wire::ServerError;
 use quiver_ring::{Hlc, NodeId};
 
 use super::setlog::SetLog;
 pub use super::setlog::{Entry, Sets};
+use crate::lock;
 use crate::stamping::NodeClock;
 use crate::storage::keys::Keyspace;
 use crate::storage::{self, Engine};
@@ -31,12 +35,16 @@ pub const REPLAY_AFTER_MS: u64 = 10_000;
 #[derive(Debug)]
 pub struct BatchLog {
     log: SetLog,
+    /// `(coordinator, id)` of every batch held.
+    pending: Mutex<BTreeSet<(NodeId, Hlc)>>,
 }
 
 impl BatchLog {
-    /// The batch log in `engine`, counted.
+    /// The batch log in `engine` (a scan of it).
     pub fn open(engine: Arc<Engine>, clock: Arc<NodeClock>) -> storage::Result<BatchLog> {
-        Ok(BatchLog { log: SetLog::open(engine, clock, Keyspace::BatchLog)? })
+        let log = SetLog::new(engine, clock, Keyspace::BatchLog);
+        let pending = log.entries(None, u64::MAX)?.into_iter().map(|e| (e.node, e.seq)).collect();
+        Ok(BatchLog { log, pending: Mutex::new(pending) })
     }
 
     /// The engine op that logs batch `(coordinator, id)`; count it with
@@ -45,31 +53,42 @@ impl BatchLog {
         self.log.keep_op(coordinator, id, sets)
     }
 
-    pub fn logged(&self, coordinator: NodeId, bytes: u64) {
-        self.log.kept(coordinator, bytes);
+    /// Batch `(coordinator, id)` is logged, durably.
+    pub fn logged(&self, coordinator: NodeId, id: Hlc) {
+        lock(&self.pending).insert((coordinator, id));
     }
 
-    /// Batch `(coordinator, id)` is applied: removed, durably (its count
-    /// follows at the next [`BatchLog::due`]).
+    /// Batch `(coordinator, id)` is applied: removed, durably.
     pub async fn done(&self, coordinator: NodeId, id: Hlc) -> Result<(), ServerError> {
-        self.log.remove_ids(&[(coordinator, id)]).await
+        self.log.remove_ids(&[(coordinator, id)]).await?;
+        lock(&self.pending).remove(&(coordinator, id));
+        Ok(())
     }
 
     /// Batches held, not yet known applied.
     pub fn pending(&self) -> u64 {
-        self.log.queues().values().map(|q| q.entries).sum()
+        lock(&self.pending).len() as u64
     }
 
-    /// Every batch held that was stamped before `before_ms`; the counts
-    /// become what this scan found. Reads files: not for an async worker.
+    /// Every batch held that was stamped before `before_ms`. Reads files:
+    /// not for an async worker.
     pub fn due(&self, before_ms: u64) -> storage::Result<Vec<Entry>> {
-        let all = self.log.entries(None, u64::MAX)?;
-        self.log.recount(None, &all);
-        Ok(all.into_iter().filter(|batch| batch.seq.physical_ms() < before_ms).collect())
+        let due: Vec<(NodeId, Hlc)> =
+            lock(&self.pending).iter().filter(|(_, id)| id.physical_ms() < before_ms).copied().collect();
+        let mut batches = Vec::with_capacity(due.len());
+        for (coordinator, id) in due {
+            match self.log.entry(coordinator, id)? {
+                Some(batch) => batches.push(batch),
+                None => {
+                    lock(&self.pending).remove(&(coordinator, id));
+                }
+            }
+        }
+        Ok(batches)
     }
 
-    /// Removes replayed (or dropped) batches, durably.
-    pub async fn remove(&self, batches: &[Entry]) -> Result<(), ServerError> {
-        self.log.remove(batches).await
+    /// Removes a replayed (or dropped) batch, durably.
+    pub async fn remove(&self, batch: &Entry) -> Result<(), ServerError> {
+        self.done(batch.node, batch.seq).await
     }
 }

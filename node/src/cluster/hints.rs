@@ -39,7 +39,8 @@ pub struct HintStore {
 impl HintStore {
     /// The hints in `engine`, counted (a scan of the hints keyspace).
     pub fn open(engine: Arc<Engine>, clock: Arc<NodeClock>, bytes_max: u64) -> storage::Result<HintStore> {
-        let log = SetLog::open(engine, clock.clone(), Keyspace::Hints)?;
+        let log = SetLog::new(engine, clock.clone(), Keyspace::Hints);
+        log.recount(None, &log.entries(None, u64::MAX)?);
         Ok(HintStore { log, clock, bytes_max, dropped: AtomicU64::new(0) })
     }
 

@@ -3,7 +3,8 @@
 //! ([`super::batchlog`]).
 //!
 //! - Owns: its keyspace of the node's engine, and a count of the entries
-//!   under each node id (rebuilt by a scan when the node starts).
+//!   under each node id (what [`SetLog::kept`], [`SetLog::remove`] and
+//!   [`SetLog::recount`] tell it).
 //! - Receives: entries to keep, as engine ops for the caller to write (so
 //!   they can share a WAL record with other ops); entries to remove.
 //! - Hands on: the oldest entries, decoded.
@@ -46,6 +47,18 @@ pub struct Entry {
     pub sets: Sets,
 }
 
+impl Entry {
+    /// An entry that does not decode can only come from a bug; it is
+    /// handed on empty, so it is removed and blocks nothing.
+    fn decode(node: NodeId, seq: Hlc, value: &[u8]) -> Entry {
+        let sets = postcard::from_bytes(value).unwrap_or_else(|error| {
+            tracing::error!(%error, node = node.0, "a kept entry does not decode; it is dropped");
+            Vec::new()
+        });
+        Entry { node, seq, bytes: value.len() as u64, sets }
+    }
+}
+
 /// A keyspace of sibling sets kept for later.
 #[derive(Debug)]
 pub struct SetLog {
@@ -56,11 +69,10 @@ pub struct SetLog {
 }
 
 impl SetLog {
-    /// The entries of `space` in `engine`, counted (a scan).
-    pub fn open(engine: Arc<Engine>, clock: Arc<NodeClock>, space: Keyspace) -> storage::Result<SetLog> {
-        let log = SetLog { engine, clock, space, queues: Mutex::default() };
-        log.recount(None, &log.entries(None, u64::MAX)?);
-        Ok(log)
+    /// The entries of `space` in `engine`, uncounted until
+    /// [`SetLog::recount`].
+    pub fn new(engine: Arc<Engine>, clock: Arc<NodeClock>, space: Keyspace) -> SetLog {
+        SetLog { engine, clock, space, queues: Mutex::default() }
     }
 
     fn key(&self, node: NodeId, seq: Hlc) -> Vec<u8> {
@@ -125,19 +137,20 @@ impl SetLog {
         for found in self.engine.scan(&start, Some(&end)) {
             let (key, siblings) = found?;
             let (Some((node, seq)), Some(value)) = (self.parse(&key), siblings.value()) else { continue };
-            // An entry that does not decode can only come from a bug; it
-            // is handed on empty, so it is removed and blocks nothing.
-            let sets = postcard::from_bytes(value).unwrap_or_else(|error| {
-                tracing::error!(%error, node = node.0, "a kept entry does not decode; it is dropped");
-                Vec::new()
-            });
             bytes += value.len() as u64;
-            entries.push(Entry { node, seq, bytes: value.len() as u64, sets });
+            entries.push(Entry::decode(node, seq, value));
             if bytes >= bytes_max {
                 break;
             }
         }
         Ok(entries)
+    }
+
+    /// The entry `(node, seq)`, if it is there. Reads files: not for an
+    /// async worker.
+    pub fn entry(&self, node: NodeId, seq: Hlc) -> storage::Result<Option<Entry>> {
+        let found = self.engine.get(&self.key(node, seq))?;
+        Ok(found.as_ref().and_then(Siblings::value).map(|value| Entry::decode(node, seq, value)))
     }
 
     /// The keyspace after this one (the end of a scan of it).
@@ -199,14 +212,14 @@ mod tests {
     use crate::clock::SystemClock;
 
     /// Entries kept under two nodes come back oldest first, by node;
-    /// removed ones do not; the counts follow, and a reopened log counts
-    /// what is on disk.
+    /// removed ones do not; the counts follow, and a recount of a new log
+    /// over the same engine finds the same.
     #[test]
     fn entries_are_kept_found_by_node_and_removed() {
         let dir = tempfile::tempdir().unwrap();
         let engine = Arc::new(Engine::open(dir.path(), storage::Options::default()).unwrap());
         let clock = Arc::new(NodeClock::unpersisted(NodeId(9), Hlc::ZERO, 500, Arc::new(SystemClock)));
-        let log = SetLog::open(engine.clone(), clock.clone(), Keyspace::Hints).unwrap();
+        let log = SetLog::new(engine.clone(), clock.clone(), Keyspace::Hints);
         let sets = |v: u8| {
             vec![(vec![v], Siblings::one(clock.stamp(Hlc::ZERO, Hlc::ZERO, None).unwrap().blind(Some(vec![v]))))]
         };
@@ -229,7 +242,8 @@ mod tests {
         runtime.block_on(log.remove(&two[..1])).unwrap();
         assert_eq!(seqs(&log.entries(None, u64::MAX).unwrap()), [(1, 10), (2, 20)]);
         assert_eq!(log.queue(NodeId(2)).entries, 1);
-        let reopened = SetLog::open(engine, clock, Keyspace::Hints).unwrap();
+        let reopened = SetLog::new(engine, clock, Keyspace::Hints);
+        reopened.recount(None, &reopened.entries(None, u64::MAX).unwrap());
         assert_eq!(reopened.queues(), log.queues());
     }
 }

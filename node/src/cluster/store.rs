@@ -296,7 +296,7 @@ impl ClusterStore {
     /// Starts an operation: `start` makes its messages with the quorum
     /// logic (and its outcome, if it is done at once), `then` gets its
     /// outcome. It ends by [`OP_TIMEOUT`] (and an [`EXPIRY_TICK`]) at most,
-    /// once [`ClusterStore::expire_in_background`] runs.
+    /// once [`ClusterStore::run_in_background`] runs.
     fn run(self: &Arc<Self>, start: impl FnOnce(&mut Quorum, u64) -> Started, then: Then) {
         let deadline = self.wall.now_ms().saturating_add(OP_TIMEOUT.as_millis() as u64);
         let (messages, finished) = {
@@ -318,18 +318,50 @@ impl ClusterStore {
         }
     }
 
-    /// Ends, every [`EXPIRY_TICK`], the operations past their deadline (as
-    /// `Unavailable`). Runs until the store is dropped.
-    pub fn expire_in_background(self: &Arc<Self>) {
+    /// Starts what runs in the background until the store is dropped:
+    /// every [`EXPIRY_TICK`], operations past their deadline end (as
+    /// `Unavailable`); every [`HINT_TICK`], hints go to their owners that
+    /// are up, and bulk sets left in the batch log are replayed.
+    pub fn run_in_background(self: &Arc<Self>) {
+        self.every(EXPIRY_TICK, |store| async move { store.expire() });
+        self.every(HINT_TICK, |store| async move {
+            let held = store.hints.queues();
+            let up = store.membership.peers().into_iter().filter(|p| p.up).filter_map(|p| p.node_id);
+            for owner in up.map(NodeId).filter(|owner| held.contains_key(owner)).collect::<Vec<_>>() {
+                if let Err(error) = store.deliver_hints(owner).await {
+                    tracing::debug!(owner = owner.0, %error, "hints not delivered yet");
+                }
+            }
+        });
+        self.every(HINT_TICK, |store| async move {
+            if let Err(error) = store.replay_batches().await {
+                tracing::debug!(%error, "bulk sets not replayed yet");
+            }
+        });
+    }
+
+    /// Runs `tick` every `period` until the store is dropped.
+    fn every<F, Fut>(self: &Arc<Self>, period: Duration, tick: F)
+    where
+        F: Fn(Arc<ClusterStore>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
         let this = Arc::downgrade(self);
         tokio::spawn(async move {
-            let mut every = tokio::time::interval(EXPIRY_TICK);
+            let mut every = tokio::time::interval(period);
             loop {
                 every.tick().await;
                 let Some(store) = this.upgrade() else { return };
-                store.expire();
+                tick(store).await;
             }
         });
+    }
+
+    /// The link to peer `id`.
+    fn link(&self, id: NodeId) -> Result<&crate::net::peer::PeerLink, ServerError> {
+        self.membership
+            .link_to(id)
+            .ok_or_else(|| ServerError::new(ErrorKind::Unavailable, format!("no link to node {:016x}", id.0)))
     }
 
     /// Sends one message to replica `to` (this node's own part straight to
@@ -458,7 +490,7 @@ impl Store for Arc<ClusterStore> {
     /// A write of one key goes to its replicas at once. A bulk set is
     /// first logged on two nodes (this one and the next one up on the
     /// ring), so that if this node dies while its parts are sent, the other
-    /// completes it ([`ClusterStore::replay_batches_in_background`]); then
+    /// completes it ([`ClusterStore::run_in_background`]); then
     /// each replica gets all of its keys as one record, and the log entry
     /// goes once the write reached its quorum.
     fn write(&self, entries: Entries, timing: Timing, done: Done<()>) {
@@ -646,22 +678,15 @@ impl ClusterStore {
                 "a bulk set is logged on two nodes before any replica gets it, and no other node is up",
             )
         })?;
-        let link = self
-            .membership
-            .link_to(other)
-            .ok_or_else(|| ServerError::new(ErrorKind::Unavailable, format!("no link to node {:016x}", other.0)))?;
+        let link = self.link(other)?;
         let sets = sets.to_vec();
-        let (op, bytes) = self.batches.log_op(self.me, id, &sets)?;
+        let (op, _) = self.batches.log_op(self.me, id, &sets)?;
         let remote = link.call(PeerRequest::LogBatch { coordinator: self.me, id, sets }, OP_TIMEOUT);
         let (local, remote) = tokio::join!(self.local.engine().write(vec![op]), remote);
         local.map_err(crate::service::storage_error)?;
-        self.batches.logged(self.me, bytes);
-        match remote {
-            Ok(PeerReply::Written) => Ok(vec![self.me, other]),
-            Ok(PeerReply::Failed(error)) => Err(error),
-            Ok(other) => Err(ServerError::new(ErrorKind::Internal, format!("the batch log answered {other:?}"))),
-            Err(error) => Err(ServerError::new(ErrorKind::Unavailable, format!("logging the bulk set: {error}"))),
-        }
+        self.batches.logged(self.me, id);
+        written(remote, "logging the bulk set")?;
+        Ok(vec![self.me, other])
     }
 
     /// Batch `(this node, id)` is applied: its holders remove it (in the
@@ -671,19 +696,15 @@ impl ClusterStore {
         let this = self.clone();
         self.runtime.spawn(async move {
             for holder in holders {
-                let removed = if holder == this.me {
-                    this.batches.done(this.me, id).await
-                } else {
-                    match this.membership.link_to(holder) {
-                        Some(link) => {
+                let removed = match holder == this.me {
+                    true => this.batches.done(this.me, id).await,
+                    false => match this.link(holder) {
+                        Ok(link) => {
                             let request = PeerRequest::BatchDone { coordinator: this.me, id };
-                            link.call(request, OP_TIMEOUT)
-                                .await
-                                .map(drop)
-                                .map_err(|e| ServerError::new(ErrorKind::Unavailable, e.to_string()))
+                            written(link.call(request, OP_TIMEOUT).await, "removing a bulk set from the log")
                         }
-                        None => Ok(()),
-                    }
+                        Err(error) => Err(error),
+                    },
                 };
                 if let Err(error) = removed {
                     tracing::debug!(holder = holder.0, %error, "a batch log entry stays; it will be replayed");
@@ -692,26 +713,12 @@ impl ClusterStore {
         });
     }
 
-    /// Replays, every [`HINT_TICK`], each bulk set this node logged that is
-    /// older than [`batchlog::REPLAY_AFTER_MS`]: its coordinator died, or
-    /// did not reach its quorum. The replay is a quorum write of the same
-    /// versions (which changes nothing where they are); the entry goes once
-    /// it succeeds. A batch older than half of `gc_grace` is dropped: its
-    /// versions would be refused. Runs until the store is dropped.
-    pub fn replay_batches_in_background(self: &Arc<Self>) {
-        let this = Arc::downgrade(self);
-        tokio::spawn(async move {
-            let mut every = tokio::time::interval(HINT_TICK);
-            loop {
-                every.tick().await;
-                let Some(store) = this.upgrade() else { return };
-                if let Err(error) = store.replay_batches().await {
-                    tracing::debug!(%error, "batches not replayed yet");
-                }
-            }
-        });
-    }
-
+    /// Replays each bulk set this node logged that is older than
+    /// [`batchlog::REPLAY_AFTER_MS`]: its coordinator died, or did not
+    /// reach its quorum. The replay is a quorum write of the same versions
+    /// (which changes nothing where they are); the entry goes once it
+    /// succeeds. A batch older than half of `gc_grace` is dropped: its
+    /// versions would be refused.
     async fn replay_batches(self: &Arc<Self>) -> Result<(), ServerError> {
         let now = self.wall.now_ms();
         let batches = self.batches.clone();
@@ -741,28 +748,9 @@ impl ClusterStore {
             } else {
                 tracing::error!(coordinator = batch.node.0, id = %batch.seq, "a bulk set older than half of gc_grace was never applied; it is dropped");
             }
-            self.batches.remove(std::slice::from_ref(&batch)).await?;
+            self.batches.remove(&batch).await?;
         }
         Ok(())
-    }
-
-    /// Delivers, every [`HINT_TICK`], the hints this node holds to their
-    /// owners that are up. Runs until the store is dropped.
-    pub fn deliver_hints_in_background(self: &Arc<Self>) {
-        let this = Arc::downgrade(self);
-        tokio::spawn(async move {
-            let mut every = tokio::time::interval(HINT_TICK);
-            loop {
-                every.tick().await;
-                let Some(store) = this.upgrade() else { return };
-                let up = store.membership.peers().into_iter().filter(|p| p.up).filter_map(|p| p.node_id);
-                for owner in up.map(NodeId).collect::<Vec<_>>() {
-                    if let Err(error) = store.deliver_hints(owner).await {
-                        tracing::debug!(owner = owner.0, %error, "hints not delivered yet");
-                    }
-                }
-            }
-        });
     }
 
     /// Sends `owner` what this node holds for it, oldest first, a batch at
@@ -786,21 +774,24 @@ impl ClusterStore {
                 .flat_map(|hint| hint.sets.clone())
                 .collect();
             if !sets.is_empty() {
-                let link = self.membership.link_to(owner).ok_or_else(|| {
-                    ServerError::new(ErrorKind::Unavailable, format!("no link to node {:016x}", owner.0))
-                })?;
-                match link.call(PeerRequest::Write { sets, hints: Vec::new() }, OP_TIMEOUT).await {
-                    Ok(PeerReply::Written) => {}
-                    Ok(PeerReply::Failed(error)) => return Err(error),
-                    Ok(other) => return Err(ServerError::new(ErrorKind::Internal, format!("answered {other:?}"))),
-                    Err(error) => return Err(ServerError::new(ErrorKind::Unavailable, error.to_string())),
-                }
+                let delivered = self.link(owner)?.call(PeerRequest::Write { sets, hints: Vec::new() }, OP_TIMEOUT);
+                written(delivered.await, "delivering hints")?;
             }
             self.hints.remove(&batch, expired).await?;
             if expired > 0 {
                 tracing::warn!(owner = owner.0, expired, "hints past their age were dropped undelivered");
             }
         }
+    }
+}
+
+/// A peer's answer to a request that writes: `Ok` once it has it durable.
+fn written(reply: Result<PeerReply, PeerError>, what: &str) -> Result<(), ServerError> {
+    match reply {
+        Ok(PeerReply::Written) => Ok(()),
+        Ok(PeerReply::Failed(error)) => Err(error),
+        Ok(other) => Err(ServerError::new(ErrorKind::Internal, format!("{what}: the peer answered {other:?}"))),
+        Err(error) => Err(ServerError::new(ErrorKind::Unavailable, format!("{what}: {error}"))),
     }
 }
 
@@ -896,13 +887,13 @@ impl crate::net::peer::PeerHandler for ReplicaHandler {
                 apply_write(&self.data.local, &self.data.hints, sets, hints, done)
             }
             PeerRequest::LogBatch { coordinator, id, sets } => {
-                let (op, bytes) = match self.data.batches.log_op(coordinator, id, &sets) {
-                    Ok(logged) => logged,
+                let op = match self.data.batches.log_op(coordinator, id, &sets) {
+                    Ok((op, _)) => op,
                     Err(error) => return reply(PeerReply::Failed(error)),
                 };
                 let batches = self.data.batches.clone();
                 self.data.local.engine().write_then(vec![op], move |result| {
-                    let result = result.map(|_| batches.logged(coordinator, bytes));
+                    let result = result.map(|_| batches.logged(coordinator, id));
                     reply(answer(result.map(|()| PeerReply::Written).map_err(crate::service::storage_error)))
                 })
             }
