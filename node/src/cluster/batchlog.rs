@@ -18,10 +18,10 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
 use quiver_ring::wire::ServerError;
-use quiver_ring::{Hlc, NodeId};
+use quiver_ring::{Hlc, NodeId, Siblings};
 
+pub use super::setlog::Entry;
 use super::setlog::SetLog;
-pub use super::setlog::{Entry, Sets};
 use crate::lock;
 use crate::stamping::NodeClock;
 use crate::storage::keys::Keyspace;
@@ -49,7 +49,12 @@ impl BatchLog {
 
     /// The engine op that logs batch `(coordinator, id)`; count it with
     /// [`BatchLog::logged`] once written.
-    pub fn log_op(&self, coordinator: NodeId, id: Hlc, sets: &Sets) -> Result<(storage::Op, u64), ServerError> {
+    pub fn log_op(
+        &self,
+        coordinator: NodeId,
+        id: Hlc,
+        sets: &[(Vec<u8>, Siblings)],
+    ) -> Result<(storage::Op, u64), ServerError> {
         self.log.keep_op(coordinator, id, sets)
     }
 

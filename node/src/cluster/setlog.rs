@@ -95,7 +95,12 @@ impl SetLog {
 
     /// The op that keeps `sets` under `(node, seq)`, and its bytes; count
     /// it with [`SetLog::kept`] once it is written.
-    pub fn keep_op(&self, node: NodeId, seq: Hlc, sets: &Sets) -> Result<(storage::Op, u64), ServerError> {
+    pub fn keep_op(
+        &self,
+        node: NodeId,
+        seq: Hlc,
+        sets: &[(Vec<u8>, Siblings)],
+    ) -> Result<(storage::Op, u64), ServerError> {
         let value = postcard::to_stdvec(sets)
             .map_err(|e| ServerError::new(ErrorKind::Internal, format!("encoding sibling sets: {e}")))?;
         let bytes = value.len() as u64;

@@ -66,6 +66,10 @@ const EXPIRY_TICK: Duration = Duration::from_millis(100);
 /// How often hints are delivered to their owners that are up.
 pub const HINT_TICK: Duration = Duration::from_secs(1);
 
+/// A bulk set is logged on one more node when the first asked has not
+/// answered within this.
+const LOG_HEDGE_AFTER: Duration = Duration::from_millis(300);
+
 /// Hints sent to their owner in one message, about.
 const HINT_BATCH_BYTES: u64 = 1 << 20;
 
@@ -666,27 +670,53 @@ impl ClusterStore {
         );
     }
 
-    /// Logs batch `id` (this node's) durably here and on the next node up
-    /// on the ring after the batch's first key; returns the two holders.
+    /// Logs batch `id` (this node's) durably here and on one other node:
+    /// the next one up on the ring after the batch's first key, and if it
+    /// fails or has not answered within [`LOG_HEDGE_AFTER`] (a node killed
+    /// a moment ago still looks up until a heartbeat misses), the one
+    /// after it too, and so on. Returns every node asked: each may hold
+    /// it.
     async fn log_batch(&self, ring: &Ring, id: Hlc, sets: &[(Vec<u8>, Siblings)]) -> Result<Vec<NodeId>, ServerError> {
         let first = sets.first().map_or(&[][..], |(key, _)| key.as_slice());
         let down = self.membership.down();
         let order = ring.preference_list(first, ring.view().members.len());
-        let other = order.into_iter().find(|&id| id != self.me && !down.contains(&id)).ok_or_else(|| {
-            ServerError::new(
+        let mut others = order.into_iter().filter(|&id| id != self.me && !down.contains(&id));
+        let (op, _) = self.batches.log_op(self.me, id, sets)?;
+        let remote = async {
+            let mut asked = vec![self.me];
+            let mut calls = tokio::task::JoinSet::new();
+            let mut last = ServerError::new(
                 ErrorKind::Unavailable,
                 "a bulk set is logged on two nodes before any replica gets it, and no other node is up",
-            )
-        })?;
-        let link = self.link(other)?;
-        let sets = sets.to_vec();
-        let (op, _) = self.batches.log_op(self.me, id, &sets)?;
-        let remote = link.call(PeerRequest::LogBatch { coordinator: self.me, id, sets }, OP_TIMEOUT);
+            );
+            loop {
+                if let Some(other) = others.next() {
+                    asked.push(other);
+                    let (membership, me, sets) = (self.membership.clone(), self.me, sets.to_vec());
+                    calls.spawn(async move {
+                        let link = membership.link_to(other).ok_or_else(|| {
+                            ServerError::new(ErrorKind::Unavailable, format!("no link to node {:016x}", other.0))
+                        })?;
+                        let request = PeerRequest::LogBatch { coordinator: me, id, sets };
+                        written(link.call(request, OP_TIMEOUT).await, "logging the bulk set")
+                    });
+                }
+                let answer = match tokio::time::timeout(LOG_HEDGE_AFTER, calls.join_next()).await {
+                    Ok(None) => return Err(last),
+                    Ok(Some(answer)) => answer,
+                    Err(_slow) => continue,
+                };
+                match answer {
+                    Ok(Ok(())) => return Ok(asked),
+                    Ok(Err(error)) => last = error,
+                    Err(error) => last = ServerError::new(ErrorKind::Internal, error.to_string()),
+                }
+            }
+        };
         let (local, remote) = tokio::join!(self.local.engine().write(vec![op]), remote);
         local.map_err(crate::service::storage_error)?;
         self.batches.logged(self.me, id);
-        written(remote, "logging the bulk set")?;
-        Ok(vec![self.me, other])
+        remote
     }
 
     /// Batch `(this node, id)` is applied: its holders remove it (in the
