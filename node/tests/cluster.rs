@@ -340,6 +340,25 @@ fn quorum_reads_repair_a_replica_that_missed_writes() {
     }
 }
 
+/// Once every node sees the others up, SIGKILLs n3 and, once n1 and n2
+/// see it down (so they hold hints for it), writes `count` keys through
+/// n1, each its own value; returns them.
+fn written_while_n3_is_down(nodes: &mut [NodeProcess], prefix: &str, count: usize) -> Vec<String> {
+    for node in nodes.iter() {
+        wait_for(&direct(node), "every peer up", |s| s.peers.iter().all(|p| p.up));
+    }
+    nodes[2].kill();
+    for node in &nodes[..2] {
+        wait_for(&direct(node), "n3 seen down", |s| s.peers.iter().any(|p| p.name == "n3" && !p.up));
+    }
+    let keys: Vec<String> = (0..count).map(|i| format!("{prefix}-{i}")).collect();
+    let n1 = direct(&nodes[0]);
+    for key in &keys {
+        n1.set(key, key).unwrap();
+    }
+    keys
+}
+
 /// Hints this node holds for the member named `owner`.
 fn hints_for(status: &NodeStatus, owner: &str) -> u64 {
     status.ring.iter().find(|m| m.name == owner).map_or(0, |m| m.hints)
@@ -354,17 +373,7 @@ fn hints_for_a_node_that_was_down_survive_their_holders_kill_and_reach_it() {
     let dir = tempfile::tempdir().unwrap();
     let specs = cluster(dir.path(), 3);
     let mut nodes: Vec<NodeProcess> = specs.iter().map(|spec| start(spec, &[])).collect();
-    for node in &nodes {
-        wait_for(&direct(node), "every peer up", |s| s.peers.iter().all(|p| p.up));
-    }
-    nodes[2].kill();
-    for node in &nodes[..2] {
-        wait_for(&direct(node), "n3 seen down", |s| s.peers.iter().any(|p| p.name == "n3" && !p.up));
-    }
-    let keys: Vec<String> = (0..40).map(|i| format!("hinted-{i}")).collect();
-    for key in &keys {
-        direct(&nodes[0]).set(key, key).unwrap();
-    }
+    let keys = written_while_n3_is_down(&mut nodes, "hinted", 40);
     let held = |node: &NodeProcess| hints_for(&direct(node).status().unwrap(), "n3");
     let (n1_held, n2_held) = (held(&nodes[0]), held(&nodes[1]));
     assert_eq!(n1_held + n2_held, keys.len() as u64, "one hint per write, on n1 or n2");
@@ -429,17 +438,7 @@ fn hints_past_their_age_are_dropped_undelivered() {
     let specs = cluster(dir.path(), 3);
     let aged: &[&str] = &["--hint-age-max-secs", "1", "--gc-grace-secs", "1000"];
     let mut nodes: Vec<NodeProcess> = specs.iter().map(|spec| start(spec, aged)).collect();
-    for node in &nodes {
-        wait_for(&direct(node), "every peer up", |s| s.peers.iter().all(|p| p.up));
-    }
-    nodes[2].kill();
-    for node in &nodes[..2] {
-        wait_for(&direct(node), "n3 seen down", |s| s.peers.iter().any(|p| p.name == "n3" && !p.up));
-    }
-    let keys: Vec<String> = (0..20).map(|i| format!("aged-{i}")).collect();
-    for key in &keys {
-        direct(&nodes[0]).set(key, key).unwrap();
-    }
+    let keys = written_while_n3_is_down(&mut nodes, "aged", 20);
     let written = Instant::now();
     let held: u64 = nodes[..2].iter().map(|n| hints_for(&direct(n).status().unwrap(), "n3")).sum();
     assert_eq!(held, keys.len() as u64);

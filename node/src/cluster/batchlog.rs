@@ -47,15 +47,15 @@ impl BatchLog {
         Ok(BatchLog { log, pending: Mutex::new(pending) })
     }
 
-    /// The engine op that logs batch `(coordinator, id)`; count it with
-    /// [`BatchLog::logged`] once written.
+    /// The engine op that logs batch `(coordinator, id)`; tell
+    /// [`BatchLog::logged`] once it is written.
     pub fn log_op(
         &self,
         coordinator: NodeId,
         id: Hlc,
         sets: &[(Vec<u8>, Siblings)],
-    ) -> Result<(storage::Op, u64), ServerError> {
-        self.log.keep_op(coordinator, id, sets)
+    ) -> Result<storage::Op, ServerError> {
+        Ok(self.log.keep_op(coordinator, id, sets)?.0)
     }
 
     /// Batch `(coordinator, id)` is logged, durably.

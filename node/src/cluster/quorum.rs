@@ -2,13 +2,15 @@
 //! replica, and when an operation is done.
 //!
 //! - Owns: the operations in flight at this coordinator, each with the
-//!   replicas asked, those that answered, the groups that must each reach
-//!   their quorum (one per key: its replicas) and its deadline.
-//! - Receives: operations to start (a write of whole sibling sets, or a
-//!   read of a key) with their replicas and consistency; replies from
-//!   replicas; the time, passed in.
+//!   nodes asked, those that answered, the groups that must each reach
+//!   their quorum (one per key: its [`Placement`]) and its deadline.
+//! - Receives: operations to start (a write of whole sibling sets, each
+//!   key with its replicas and the stand-ins holding hints for those that
+//!   are down; or a read of a key) and their consistency; replies; the
+//!   time, passed in.
 //! - Does: a write is acknowledged once, for each of its keys, enough of
-//!   that key's replicas have merged it (durably, in production); a read
+//!   that key's replicas have merged it (durably, in production), a hint
+//!   counting only at `Any` (sloppy quorum); a read
 //!   once enough replicas answered, with the merge of what they hold. A
 //!   read then waits for the other replicas' answers (until its deadline)
 //!   and sends the merge of all of them to each replica whose answer

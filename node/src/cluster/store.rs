@@ -681,7 +681,7 @@ impl ClusterStore {
         let down = self.membership.down();
         let order = ring.preference_list(first, ring.view().members.len());
         let mut others = order.into_iter().filter(|&id| id != self.me && !down.contains(&id));
-        let (op, _) = self.batches.log_op(self.me, id, sets)?;
+        let op = self.batches.log_op(self.me, id, sets)?;
         let remote = async {
             let mut asked = vec![self.me];
             let mut calls = tokio::task::JoinSet::new();
@@ -918,7 +918,7 @@ impl crate::net::peer::PeerHandler for ReplicaHandler {
             }
             PeerRequest::LogBatch { coordinator, id, sets } => {
                 let op = match self.data.batches.log_op(coordinator, id, &sets) {
-                    Ok((op, _)) => op,
+                    Ok(op) => op,
                     Err(error) => return reply(PeerReply::Failed(error)),
                 };
                 let batches = self.data.batches.clone();
