@@ -753,10 +753,7 @@ impl ClusterStore {
         let now = self.wall.now_ms();
         let batches = self.batches.clone();
         let before_ms = now.saturating_sub(batchlog::REPLAY_AFTER_MS);
-        let due = tokio::task::spawn_blocking(move || batches.due(before_ms))
-            .await
-            .map_err(|e| ServerError::new(ErrorKind::Internal, e.to_string()))?
-            .map_err(crate::service::storage_error)?;
+        let due = off_worker(move || batches.due(before_ms)).await?;
         let ring = match due.is_empty() {
             true => return Ok(()),
             false => self.ring()?,
@@ -789,10 +786,7 @@ impl ClusterStore {
     async fn deliver_hints(&self, owner: NodeId) -> Result<(), ServerError> {
         loop {
             let store = self.hints.clone();
-            let batch = tokio::task::spawn_blocking(move || store.oldest(owner, HINT_BATCH_BYTES))
-                .await
-                .map_err(|e| ServerError::new(ErrorKind::Internal, e.to_string()))?
-                .map_err(crate::service::storage_error)?;
+            let batch = off_worker(move || store.oldest(owner, HINT_BATCH_BYTES)).await?;
             if batch.is_empty() {
                 return Ok(());
             }
@@ -813,6 +807,14 @@ impl ClusterStore {
             }
         }
     }
+}
+
+/// Runs `read`, which reads files, off the async workers.
+async fn off_worker<T: Send + 'static>(
+    read: impl FnOnce() -> crate::storage::Result<T> + Send + 'static,
+) -> Result<T, ServerError> {
+    let joined = tokio::task::spawn_blocking(read).await;
+    joined.map_err(|e| ServerError::new(ErrorKind::Internal, e.to_string()))?.map_err(crate::service::storage_error)
 }
 
 /// A peer's answer to a request that writes: `Ok` once it has it durable.
