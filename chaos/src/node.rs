@@ -190,9 +190,34 @@ fn field(line: &str, name: &str) -> Option<String> {
     Some(line[start..].split_whitespace().next()?.to_owned())
 }
 
-/// A loopback port free right now (the node binds it a moment later).
+/// Ports [`free_port`] hands out: below the kernel's ephemeral range
+/// (32768 and up on Linux), so that no client socket is given one between
+/// the check and the node's bind.
+const PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// A loopback port free right now for TCP and UDP (the node binds it a
+/// moment later), and never handed out twice by this process: a
+/// process-wide counter walks [`PORTS`] from an offset of the process id,
+/// so tests running at once never pick the same one.
 pub fn free_port() -> io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(u32::MAX);
+    let span = u32::from(PORTS.end - PORTS.start);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(97) % span,
+        std::sync::atomic::Ordering::Relaxed,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    for _ in 0..span {
+        let offset = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % span;
+        let port = PORTS.start + offset as u16;
+        let tcp = std::net::TcpListener::bind(("127.0.0.1", port));
+        let udp = std::net::UdpSocket::bind(("127.0.0.1", port));
+        if tcp.is_ok() && udp.is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(io::Error::new(io::ErrorKind::AddrInUse, format!("no free loopback port in {PORTS:?}")))
 }
 
 /// Finds `quiverd`: next to the running executable (also one folder up, for
@@ -206,4 +231,24 @@ pub fn find_quiverd() -> Option<PathBuf> {
         }
     }
     std::env::var_os("PATH")?.to_str()?.split(':').map(|p| Path::new(p).join("quiverd")).find(|p| p.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Concurrent callers never get the same port, and none from the range
+    /// the kernel gives client sockets.
+    #[test]
+    fn free_ports_are_distinct_and_below_the_ephemeral_range() {
+        let threads: Vec<_> = (0..4)
+            .map(|_| std::thread::spawn(|| (0..50).map(|_| free_port().unwrap()).collect::<Vec<u16>>()))
+            .collect();
+        let mut ports: Vec<u16> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+        assert!(ports.iter().all(|p| PORTS.contains(p)), "{ports:?}");
+        ports.sort_unstable();
+        let all = ports.len();
+        ports.dedup();
+        assert_eq!(ports.len(), all, "a port was handed out twice");
+    }
 }
