@@ -47,20 +47,13 @@ impl BatchLog {
         Ok(BatchLog { log, pending: Mutex::new(pending) })
     }
 
-    /// The engine op that logs batch `(coordinator, id)`; tell
-    /// [`BatchLog::logged`] once it is written.
-    pub fn log_op(
-        &self,
-        coordinator: NodeId,
-        id: Hlc,
-        sets: &[(Vec<u8>, Siblings)],
-    ) -> Result<storage::Op, ServerError> {
-        Ok(self.log.keep_op(coordinator, id, sets)?.0)
-    }
-
-    /// Batch `(coordinator, id)` is logged, durably.
-    pub fn logged(&self, coordinator: NodeId, id: Hlc) {
+    /// Logs batch `(coordinator, id)`, all of its `sets`, as one record;
+    /// returns once it is durable.
+    pub async fn log(&self, coordinator: NodeId, id: Hlc, sets: &[(Vec<u8>, Siblings)]) -> Result<(), ServerError> {
+        let (op, _) = self.log.keep_op(coordinator, id, sets)?;
+        self.log.write(vec![op]).await?;
         lock(&self.pending).insert((coordinator, id));
+        Ok(())
     }
 
     /// Batch `(coordinator, id)` is applied: removed, durably.
@@ -90,10 +83,5 @@ impl BatchLog {
             }
         }
         Ok(batches)
-    }
-
-    /// Removes a replayed (or dropped) batch, durably.
-    pub async fn remove(&self, batch: &Entry) -> Result<(), ServerError> {
-        self.done(batch.node, batch.seq).await
     }
 }

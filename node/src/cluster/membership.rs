@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use quiver_ring::wire::PeerInfo;
+use quiver_ring::wire::{ErrorKind, PeerInfo, ServerError};
 use quiver_ring::NodeId;
 
 use crate::clock::Clock;
@@ -116,6 +116,12 @@ impl Membership {
                 seen.node_id.filter(|_| !seen.up).map(NodeId)
             })
             .collect()
+    }
+
+    /// The link to the peer whose node id is `id`, or why there is none.
+    pub fn link(&self, id: NodeId) -> Result<&PeerLink, ServerError> {
+        self.link_to(id)
+            .ok_or_else(|| ServerError::new(ErrorKind::Unavailable, format!("no link to node {:016x}", id.0)))
     }
 
     /// What the last heartbeats found, in the configured order.

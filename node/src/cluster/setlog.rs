@@ -190,6 +190,11 @@ impl SetLog {
                 Ok(storage::Op { key: self.key(node, seq), version: stamp.blind(None) })
             })
             .collect::<Result<Vec<_>, ServerError>>()?;
+        self.write(ops).await
+    }
+
+    /// Writes `ops` (of this log) as one record; returns once durable.
+    pub async fn write(&self, ops: Vec<storage::Op>) -> Result<(), ServerError> {
         self.engine.write(ops).await.map(drop).map_err(storage_error)
     }
 

@@ -361,13 +361,6 @@ impl ClusterStore {
         });
     }
 
-    /// The link to peer `id`.
-    fn link(&self, id: NodeId) -> Result<&crate::net::peer::PeerLink, ServerError> {
-        self.membership
-            .link_to(id)
-            .ok_or_else(|| ServerError::new(ErrorKind::Unavailable, format!("no link to node {:016x}", id.0)))
-    }
-
     /// Sends one message to replica `to` (this node's own part straight to
     /// its local store); its answer goes back to the quorum logic.
     fn send(self: &Arc<Self>, to: NodeId, message: DataMessage) {
@@ -681,7 +674,6 @@ impl ClusterStore {
         let down = self.membership.down();
         let order = ring.preference_list(first, ring.view().members.len());
         let mut others = order.into_iter().filter(|&id| id != self.me && !down.contains(&id));
-        let op = self.batches.log_op(self.me, id, sets)?;
         let remote = async {
             let mut asked = vec![self.me];
             let mut calls = tokio::task::JoinSet::new();
@@ -694,9 +686,7 @@ impl ClusterStore {
                     asked.push(other);
                     let (membership, me, sets) = (self.membership.clone(), self.me, sets.to_vec());
                     calls.spawn(async move {
-                        let link = membership.link_to(other).ok_or_else(|| {
-                            ServerError::new(ErrorKind::Unavailable, format!("no link to node {:016x}", other.0))
-                        })?;
+                        let link = membership.link(other)?;
                         let request = PeerRequest::LogBatch { coordinator: me, id, sets };
                         written(link.call(request, OP_TIMEOUT).await, "logging the bulk set")
                     });
@@ -713,9 +703,8 @@ impl ClusterStore {
                 }
             }
         };
-        let (local, remote) = tokio::join!(self.local.engine().write(vec![op]), remote);
-        local.map_err(crate::service::storage_error)?;
-        self.batches.logged(self.me, id);
+        let (local, remote) = tokio::join!(self.batches.log(self.me, id, sets), remote);
+        local?;
         remote
     }
 
@@ -728,7 +717,7 @@ impl ClusterStore {
             for holder in holders {
                 let removed = match holder == this.me {
                     true => this.batches.done(this.me, id).await,
-                    false => match this.link(holder) {
+                    false => match this.membership.link(holder) {
                         Ok(link) => {
                             let request = PeerRequest::BatchDone { coordinator: this.me, id };
                             written(link.call(request, OP_TIMEOUT).await, "removing a bulk set from the log")
@@ -760,22 +749,23 @@ impl ClusterStore {
         };
         let too_old_ms = now.saturating_sub(self.local.gc_grace_ms() / 2);
         for batch in due {
-            if batch.seq.physical_ms() >= too_old_ms {
+            let (coordinator, id) = (batch.node, batch.seq);
+            if id.physical_ms() >= too_old_ms {
                 let placements = self.placements(&ring, batch.sets.iter().map(|(key, _)| key.as_slice()), None);
                 let (sent, written) = tokio::sync::oneshot::channel();
                 let done: Done<()> = Box::new(move |result| {
                     let _ = sent.send(result);
                 });
-                self.write_sets(batch.sets.clone(), placements, Consistency::Quorum, done);
+                self.write_sets(batch.sets, placements, Consistency::Quorum, done);
                 match written.await {
-                    Ok(Ok(())) => tracing::info!(coordinator = batch.node.0, id = %batch.seq, "replayed a bulk set"),
+                    Ok(Ok(())) => tracing::info!(coordinator = coordinator.0, %id, "replayed a bulk set"),
                     Ok(Err(error)) => return Err(error),
                     Err(_) => return Err(ServerError::new(ErrorKind::ShuttingDown, "the store closed")),
                 }
             } else {
-                tracing::error!(coordinator = batch.node.0, id = %batch.seq, "a bulk set older than half of gc_grace was never applied; it is dropped");
+                tracing::error!(coordinator = coordinator.0, %id, "a bulk set older than half of gc_grace was never applied; it is dropped");
             }
-            self.batches.remove(&batch).await?;
+            self.batches.done(coordinator, id).await?;
         }
         Ok(())
     }
@@ -798,7 +788,8 @@ impl ClusterStore {
                 .flat_map(|hint| hint.sets.clone())
                 .collect();
             if !sets.is_empty() {
-                let delivered = self.link(owner)?.call(PeerRequest::Write { sets, hints: Vec::new() }, OP_TIMEOUT);
+                let delivered =
+                    self.membership.link(owner)?.call(PeerRequest::Write { sets, hints: Vec::new() }, OP_TIMEOUT);
                 written(delivered.await, "delivering hints")?;
             }
             self.hints.remove(&batch, expired).await?;
@@ -919,15 +910,10 @@ impl crate::net::peer::PeerHandler for ReplicaHandler {
                 apply_write(&self.data.local, &self.data.hints, sets, hints, done)
             }
             PeerRequest::LogBatch { coordinator, id, sets } => {
-                let op = match self.data.batches.log_op(coordinator, id, &sets) {
-                    Ok(op) => op,
-                    Err(error) => return reply(PeerReply::Failed(error)),
-                };
                 let batches = self.data.batches.clone();
-                self.data.local.engine().write_then(vec![op], move |result| {
-                    let result = result.map(|_| batches.logged(coordinator, id));
-                    reply(answer(result.map(|()| PeerReply::Written).map_err(crate::service::storage_error)))
-                })
+                tokio::spawn(async move {
+                    reply(answer(batches.log(coordinator, id, &sets).await.map(|()| PeerReply::Written)))
+                });
             }
             PeerRequest::BatchDone { coordinator, id } => {
                 let batches = self.data.batches.clone();
