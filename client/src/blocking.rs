@@ -101,6 +101,16 @@ impl Client {
         self.runtime.block_on(self.inner.delete_with_context(key, context))
     }
 
+    /// See [`crate::Client::search_text`].
+    pub fn search_text(&self, query: &str, k: u32) -> Result<Vec<crate::SearchHit>> {
+        self.runtime.block_on(self.inner.search_text(query, k))
+    }
+
+    /// See [`crate::Client::search_text_all`].
+    pub fn search_text_all(&self, query: &str, k: u32) -> Result<Vec<crate::SearchHit>> {
+        self.runtime.block_on(self.inner.search_text_all(query, k))
+    }
+
     /// See [`crate::Client::status`].
     pub fn status(&self) -> Result<NodeStatus> {
         self.runtime.block_on(self.inner.status())

@@ -38,7 +38,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 pub use error::{Error, Result};
-pub use quiver_ring::wire::{Consistency, ContextToken, ErrorKind, Limits, NodeStatus, VersionInfo, Versions};
+pub use quiver_ring::wire::{
+    Consistency, ContextToken, ErrorKind, Limits, NodeStatus, SearchHit, VersionInfo, Versions,
+};
 use quiver_ring::wire::{Op, Reply};
 pub use quiver_ring::Hlc;
 use tokio::sync::Mutex;
@@ -403,6 +405,27 @@ impl Client {
     pub async fn delete_with_context(&self, key: impl AsRef<[u8]>, context: &ContextToken) -> Result<()> {
         let key = key.as_ref();
         self.call_done(key, Op::SetWithContext { key: key.to_vec(), value: None, context: context.clone() }, true).await
+    }
+
+    /// Full-text search: the `k` keys whose values best match `query`
+    /// (BM25), best first, with their scores and values. A value matches
+    /// when it holds any of the query's words, `"quoted phrases"` or
+    /// `prefix*`es. Needs nodes started with `--index`; `k` is 1..=1000.
+    pub async fn search_text(&self, query: &str, k: u32) -> Result<Vec<SearchHit>> {
+        self.search(query, k, false).await
+    }
+
+    /// [`Client::search_text`], where a value must match every word,
+    /// phrase and prefix of the query.
+    pub async fn search_text_all(&self, query: &str, k: u32) -> Result<Vec<SearchHit>> {
+        self.search(query, k, true).await
+    }
+
+    async fn search(&self, query: &str, k: u32, all: bool) -> Result<Vec<SearchHit>> {
+        match self.call(Op::SearchText { query: query.to_owned(), k, all }).await? {
+            Reply::Hits(hits) => Ok(hits),
+            other => Err(Error::Protocol(format!("expected hits, got {other:?}"))),
+        }
     }
 
     /// The node's id, addresses, key count, bytes on disk and uptime.

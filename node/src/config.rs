@@ -6,6 +6,7 @@
 //! peer_addr = "127.0.0.1:7701"
 //! max_clock_offset_ms = 500  # a timestamp further ahead is refused
 //! gc_grace_secs = 864000      # tombstones are kept at least this long (10 days)
+//! index = false               # index values for search (full text)
 //! debug_skip_write_probability = 0.0
 //!
 //! # In a cluster (all three, or none):
@@ -68,6 +69,9 @@ pub struct Config {
     /// A hint older than this is dropped undelivered: well within
     /// `gc_grace_secs` (at most half of it).
     pub hint_age_max_secs: u64,
+    /// Index the values for search: full text (BM25). Every data write
+    /// then also updates the index, in the same WAL record.
+    pub index: bool,
     /// Test-only (a hidden `quiverd` flag): this node's wall clock reads
     /// this many ms ahead of the system's (negative: behind).
     #[serde(skip)]
@@ -127,6 +131,7 @@ impl Default for Config {
             gc_grace_secs: 10 * 24 * 3600,
             hint_bytes_max: 1 << 30,
             hint_age_max_secs: 3 * 3600,
+            index: false,
             debug_clock_offset_ms: 0,
             debug_skip_write_probability: 0.0,
             debug_drop_acked_writes: 0.0,

@@ -5,6 +5,11 @@
 //! - `ADMIN_TOKEN`: 32 hex digits from the system's random source, readable
 //!   by its owner only. Admin requests (`shutdown`) must carry it; `quiver
 //!   shutdown --data-dir DIR` reads it from there.
+//!
+//! And `LOCK`, empty, which the process using the directory holds an
+//! exclusive `flock` on: a second `quiverd` (or `quiverd --check-index`) on
+//! the same directory is refused instead of writing beside the first. The
+//! kernel releases it when the process dies, however it dies.
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -13,6 +18,21 @@ use quiver_ring::NodeId;
 
 const NODE_ID_FILE: &str = "NODE_ID";
 pub use quiver_ring::wire::ADMIN_TOKEN_FILE;
+
+/// Locks the data directory `dir` for this process, or says that another
+/// holds it. The lock lasts as long as the returned file is open.
+pub fn lock_data_dir(dir: &Path) -> std::io::Result<std::fs::File> {
+    let path = dir.join("LOCK");
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(file),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(std::io::Error::new(
+            std::io::ErrorKind::WouldBlock,
+            format!("{} is in use by another quiverd process", dir.display()),
+        )),
+        Err(error) => Err(error.into()),
+    }
+}
 
 /// Reads the node's id from `DIR/NODE_ID`, or makes one and stores it
 /// (synced) on first start.

@@ -2,6 +2,8 @@
 //!
 //! - [`storage`]: the per-node engine (WAL, memtables, SSTables, manifest,
 //!   compaction).
+//! - [`index`]: search over the stored values (full text, BM25), kept in
+//!   the same engine and the same WAL records as the data.
 //! - [`service`]: what the node does with each client request: the front
 //!   that checks it, and the [`Store`](service::Store) that does it.
 //! - [`net`]: the client listener, peer links and their TLS material.
@@ -16,6 +18,7 @@ pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod identity;
+pub mod index;
 pub mod net;
 pub mod service;
 pub mod stamping;

@@ -51,8 +51,9 @@ pub const ADMIN_TOKEN_FILE: &str = "ADMIN_TOKEN";
 /// The protocol this build speaks. 2: connections open with `Hello`, admin
 /// requests carry a token. 3: typed timestamps, write deadlines, versions
 /// and contexts (`GetVersions`, `SetWithContext`). 4: `Ring`, the ring in
-/// `status`. 5: consistency `Any`, hinted handoff in `status`.
-pub const PROTOCOL_VERSION: u32 = 5;
+/// `status`. 5: consistency `Any`, hinted handoff in `status`. 6: full-text
+/// search (`SearchText`).
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// A client's request.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -169,6 +170,14 @@ pub enum Op {
     /// each key to its replicas; answered with [`Reply::Ring`]. A single
     /// node answers with itself alone.
     Ring,
+    /// Full-text search: the `k` keys whose values best match `query`
+    /// (BM25), best first; answered with [`Reply::Hits`]. `all`: a value
+    /// must match every word, phrase and prefix of the query, not just one.
+    SearchText {
+        query: String,
+        k: u32,
+        all: bool,
+    },
 }
 
 /// A read's context as the client holds it: opaque bytes, printable as hex.
@@ -254,7 +263,7 @@ pub struct Versions {
 }
 
 /// The node's answer to one request.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Response {
     pub id: u64,
     /// The highest timestamp the node has stamped or seen.
@@ -263,7 +272,7 @@ pub struct Response {
 }
 
 /// A successful result.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Reply {
     /// For `Get`: the value, or `None` if the key is absent or deleted.
     Value(#[serde(with = "serde_bytes")] Option<Vec<u8>>),
@@ -278,6 +287,18 @@ pub enum Reply {
     Versions(Versions),
     /// For `Ring`.
     Ring(RingInfo),
+    /// For searches: the hits, best first.
+    Hits(Vec<SearchHit>),
+}
+
+/// One hit of a search: a key, its score (higher is better) and its value.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SearchHit {
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+    pub score: f64,
+    #[serde(with = "serde_bytes")]
+    pub value: Vec<u8>,
 }
 
 /// The answer to [`Op::Ring`]: the members (with the addresses clients
@@ -295,6 +316,28 @@ pub struct NodeInfo {
     pub protocol: u32,
     pub node_id: u64,
     pub limits: Limits,
+}
+
+/// Longest search query, in bytes.
+pub const QUERY_BYTES_MAX: usize = 4096;
+/// Most hits one search returns.
+pub const SEARCH_K_MAX: u32 = 1000;
+
+/// Checks what every search is checked for before it runs: a query of at
+/// most [`QUERY_BYTES_MAX`] bytes with something in it, and `k` in
+/// `1..=SEARCH_K_MAX`.
+pub fn check_search(query: &str, k: u32) -> Result<(), ServerError> {
+    let bad = |message: String| Err(ServerError::new(ErrorKind::BadQuery, message));
+    if query.len() > QUERY_BYTES_MAX {
+        return bad(format!("the query is {} bytes, more than the limit of {QUERY_BYTES_MAX}", query.len()));
+    }
+    if query.trim().is_empty() {
+        return bad("the query is empty".into());
+    }
+    if k == 0 || k > SEARCH_K_MAX {
+        return bad(format!("k = {k}: ask for 1 to {SEARCH_K_MAX} results"));
+    }
+    Ok(())
 }
 
 /// The per-request limits a node enforces. Clients learn them in
@@ -392,6 +435,7 @@ impl Limits {
                     self.check_value(value)
                 })
             }
+            Op::SearchText { query, k, .. } => check_search(query, *k),
             Op::Status | Op::Shutdown { .. } | Op::Hello { .. } | Op::Ring => Ok(()),
         }
     }
@@ -531,6 +575,11 @@ pub enum ErrorKind {
     TooManySiblings,
     /// A context token that does not decode, or was read for another key.
     InvalidContext,
+    /// A search query that cannot be run (empty, too long, no word to look
+    /// for, an unclosed quote) or a `k` out of range.
+    BadQuery,
+    /// A search on a node started without indexing (`--index`).
+    NotIndexed,
 }
 
 impl ErrorKind {
@@ -787,6 +836,7 @@ mod tests {
             ),
             (request(Op::SetWithContext { key: key(), value: None, context: token.clone() }), "010209016b0001ab0300"),
             (request(Op::Ring), "01020a0300"),
+            (request(Op::SearchText { query: "q".into(), k: 2, all: true }), "01020b017102010300"),
         ];
         let response = |result: Result<Reply, ServerError>| Response { id: 1, hlc: Hlc(2), result };
         let limits =
@@ -856,6 +906,10 @@ mod tests {
             (response(Ok(Reply::Hello(NodeInfo { protocol: 4, node_id: 9, limits }))), "0102000404090102030405"),
             (response(Ok(Reply::Versions(versions))), "010200050201017607000801ab"),
             (response(Ok(Reply::Ring(ring))), "0102000603010107016e01630170"),
+            (
+                response(Ok(Reply::Hits(vec![SearchHit { key: key(), score: 0.5, value: b"v".to_vec() }]))),
+                "01020007 01 016b 000000000000e03f 0176",
+            ),
             (response(Err(ServerError::new(ErrorKind::Timeout, "m"))), "0102010c016d"),
         ];
         let kinds = [
@@ -877,6 +931,8 @@ mod tests {
             (ErrorKind::NotReplica, "0f"),
             (ErrorKind::TooManySiblings, "10"),
             (ErrorKind::InvalidContext, "11"),
+            (ErrorKind::BadQuery, "12"),
+            (ErrorKind::NotIndexed, "13"),
         ];
         let mut wrong = Vec::new();
         for (message, want) in &requests {

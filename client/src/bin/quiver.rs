@@ -76,6 +76,22 @@ enum Command {
         #[arg(long, default_value_t = 10_000)]
         batch: usize,
     },
+    /// Full-text search (nodes started with --index): prints the K keys
+    /// whose values best match QUERY, best first, with their BM25 scores and
+    /// values. QUERY holds words (any of them matches), "quoted phrases"
+    /// and prefix* terms.
+    Search {
+        query: String,
+        /// How many hits, 1 to 1000.
+        #[arg(short, default_value_t = 10)]
+        k: u32,
+        /// A value must match every word, phrase and prefix, not just one.
+        #[arg(long)]
+        all: bool,
+        /// The hits as a JSON array of {key, score, value} (for scripts).
+        #[arg(long)]
+        json: bool,
+    },
     /// Prints the node's id, addresses, keys, bytes on disk, uptime, clock
     /// and, in a cluster, its peers and the ring (each node up or down, its
     /// share of the ring and its keys).
@@ -176,6 +192,27 @@ fn parse_entries(args: &[String], file: Option<&str>) -> Result<Vec<(String, Str
         return Err("bulk-set needs at least one entry (KEY=VALUE or --file)".into());
     }
     Ok(entries)
+}
+
+/// Prints search hits: numbered, with score, key and value; or as JSON.
+fn print_hits(out: &mut impl Write, hits: &[quiver_client::SearchHit], json: bool) -> Result<(), String> {
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    if json {
+        let hits: Vec<serde_json::Value> = hits
+            .iter()
+            .map(|hit| serde_json::json!({ "key": text(&hit.key), "score": hit.score, "value": text(&hit.value) }))
+            .collect();
+        let printed = serde_json::to_string_pretty(&hits).map_err(|e| e.to_string())?;
+        return writeln!(out, "{printed}").map_err(|e| e.to_string());
+    }
+    if hits.is_empty() {
+        return writeln!(out, "no match").map_err(|e| e.to_string());
+    }
+    for (n, hit) in hits.iter().enumerate() {
+        writeln!(out, "{:>3}. {}  (score {:.4})\n     {}", n + 1, text(&hit.key), hit.score, text(&hit.value))
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 /// The admin token from `--token` (or its variable), else from the node's
@@ -291,6 +328,10 @@ fn run(args: Args) -> Result<ExitCode, String> {
         Command::Load { file, batch } => {
             let summary = load::load(&client, &file, batch)?;
             writeln!(out, "{summary}").map_err(|e| e.to_string())?;
+        }
+        Command::Search { query, k, all, json } => {
+            let hits = if all { client.search_text_all(&query, k) } else { client.search_text(&query, k) };
+            print_hits(&mut out, &hits.map_err(failed)?, json)?;
         }
         Command::Status { json: true } => {
             let s = client.status().map_err(failed)?;

@@ -9,7 +9,8 @@ use quiver_node::clock::{Clock, OffsetClock, SystemClock};
 use quiver_node::cluster::membership::Membership;
 use quiver_node::cluster::store::{ClusterStore, NodeData, ReplicaHandler};
 use quiver_node::config::Config;
-use quiver_node::identity::{load_or_create_admin_token, load_or_create_node_id};
+use quiver_node::identity::{load_or_create_admin_token, load_or_create_node_id, lock_data_dir};
+use quiver_node::index::Index;
 use quiver_node::net::client::serve;
 use quiver_node::net::peer::PeerEndpoint;
 use quiver_node::net::tls::NodeTls;
@@ -105,6 +106,16 @@ struct Args {
     /// half of gc_grace_secs [default: 10800, 3 hours].
     #[arg(long)]
     hint_age_max_secs: Option<u64>,
+    /// Index the values for search (`quiver search`): full text with BM25.
+    /// A node started with it over data written without it first builds
+    /// the index from the data.
+    #[arg(long)]
+    index: bool,
+    /// Checks that the index in the data directory matches its data
+    /// exactly, prints what differs, and exits (0: it matches). The node
+    /// must not be running.
+    #[arg(long)]
+    check_index: bool,
     /// Open a damaged WAL or manifest by keeping its valid prefix.
     #[arg(long)]
     repair: bool,
@@ -214,6 +225,7 @@ impl Args {
             config.debug_exit_after_batch_log = true;
         }
         config.storage.repair |= self.repair;
+        config.index |= self.index;
         config.validate().map_err(|e| e.to_string())?;
         Ok(config)
     }
@@ -226,13 +238,29 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let config = match Args::parse().into_config() {
+    let args = Args::parse();
+    let check_index = args.check_index;
+    let config = match args.into_config() {
         Ok(config) => config,
         Err(error) => {
             eprintln!("quiverd: {error}");
             return ExitCode::from(2);
         }
     };
+    if check_index {
+        return match tokio::task::spawn_blocking(move || check_index_of(&config)).await {
+            Ok(Ok(true)) => ExitCode::SUCCESS,
+            Ok(Ok(false)) => ExitCode::FAILURE,
+            Ok(Err(error)) => {
+                eprintln!("quiverd: {error}");
+                ExitCode::from(2)
+            }
+            Err(error) => {
+                eprintln!("quiverd: {error}");
+                ExitCode::from(2)
+            }
+        };
+    }
     match run(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -243,12 +271,29 @@ async fn main() -> ExitCode {
     }
 }
 
+/// `--check-index`: whether the stored index matches the data (printing
+/// what differs if not).
+fn check_index_of(config: &Config) -> Result<bool, String> {
+    let dir = &config.data_dir;
+    let _lock = lock_data_dir(dir).map_err(|e| format!("locking {}: {e}", dir.display()))?;
+    let engine = Engine::open(dir, config.engine_options()).map_err(|e| format!("opening the storage engine: {e}"))?;
+    let wrong = quiver_node::index::verify(&engine, 20).map_err(|e| format!("reading the index: {e}"))?;
+    engine.close().map_err(|e| format!("closing: {e}"))?;
+    for line in &wrong {
+        println!("{line}");
+    }
+    println!("{}", if wrong.is_empty() { "the index matches the data" } else { "the index differs from the data" });
+    Ok(wrong.is_empty())
+}
+
 async fn run(config: Config) -> Result<(), String> {
     let dir = config.data_dir.clone();
     std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let _lock = lock_data_dir(&dir).map_err(|e| format!("locking {}: {e}", dir.display()))?;
     let node_id = load_or_create_node_id(&dir).map_err(|e| format!("node id in {}: {e}", dir.display()))?;
     let admin_token = load_or_create_admin_token(&dir).map_err(|e| format!("admin token in {}: {e}", dir.display()))?;
     let options = config.engine_options();
+    let config_index = config.index;
     let engine_dir = dir.clone();
     let engine = tokio::task::spawn_blocking(move || Engine::open(&engine_dir, options))
         .await
@@ -275,6 +320,17 @@ async fn run(config: Config) -> Result<(), String> {
     }
     let mut store = LocalStore::new(engine.clone(), node_clock.clone(), config.read_threads())
         .map_err(|e| format!("starting the reader threads: {e}"))?;
+    let index_engine = engine.clone();
+    let index = tokio::task::spawn_blocking(move || match config_index {
+        true => Index::open(index_engine).map(|index| Some(Arc::new(index))),
+        false => Index::forget(&index_engine).map(|()| None),
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| format!("opening the index: {e}"))?;
+    if let Some(index) = &index {
+        store = store.with_index(index.clone());
+    }
     if config.debug_drop_acked_writes > 0.0 {
         tracing::warn!(
             probability = config.debug_drop_acked_writes,
@@ -347,6 +403,9 @@ async fn run(config: Config) -> Result<(), String> {
     serve(listener, service.clone(), stop).await;
 
     // Every connection has answered its in-flight requests: flush and close.
+    if let Some(index) = &index {
+        index.stop();
+    }
     tokio::task::spawn_blocking(move || engine.shutdown())
         .await
         .map_err(|e| e.to_string())?

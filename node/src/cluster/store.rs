@@ -38,7 +38,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use quiver_ring::ring::{Member, Ring, RingView};
-use quiver_ring::wire::{self, ErrorKind, RingInfo, RingMember, ServerError};
+use quiver_ring::wire::{self, ErrorKind, RingInfo, RingMember, SearchHit, ServerError};
 use quiver_ring::{Context, Hlc, NodeId, Siblings};
 
 use super::batchlog::{self, BatchLog};
@@ -46,6 +46,7 @@ use super::hints::HintStore;
 use super::membership::Membership;
 use super::quorum::{Consistency, DataMessage, Hinted, OpId, Outcome, Placement, Quorum};
 use crate::clock::Clock;
+use crate::index::query::Match;
 use crate::lock;
 use crate::net::peer::{PeerError, PeerReply, PeerRequest};
 use crate::service::{Done, Entries, LocalStore, Store, StoreStatus, Timing};
@@ -634,6 +635,10 @@ impl Store for Arc<ClusterStore> {
             );
         };
         self.local.write_causal_set(key, value, context, timing, Box::new(replicate));
+    }
+
+    fn search_text(&self, query: String, k: u32, matching: Match, timing: Timing, done: Done<Vec<SearchHit>>) {
+        self.local.search_text(query, k, matching, timing, done);
     }
 
     fn status(&self) -> Result<StoreStatus, ServerError> {

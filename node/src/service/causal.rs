@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use quiver_ring::wire::{ErrorKind, ServerError};
 use quiver_ring::{Context, Siblings, SIBLINGS_MAX};
 
-use super::local::storage_error;
+use super::local::{storage_error, Writes};
 use super::reads::{Job, Jobs, Task};
 use super::{Done, Timing};
 use crate::lock;
@@ -46,6 +46,7 @@ pub(super) struct CausalWrite {
 pub(super) struct CausalWrites {
     clock: Arc<NodeClock>,
     jobs: Jobs,
+    writes: Writes,
     /// Keys with a causal write in progress, and the writes waiting for it.
     held: Mutex<HashMap<Vec<u8>, VecDeque<CausalWrite>>>,
     too_many_siblings: AtomicU64,
@@ -64,8 +65,8 @@ struct Running {
 }
 
 impl CausalWrites {
-    pub fn new(clock: Arc<NodeClock>, jobs: Jobs) -> CausalWrites {
-        CausalWrites { clock, jobs, held: Mutex::default(), too_many_siblings: AtomicU64::new(0) }
+    pub fn new(clock: Arc<NodeClock>, jobs: Jobs, writes: Writes) -> CausalWrites {
+        CausalWrites { clock, jobs, writes, held: Mutex::default(), too_many_siblings: AtomicU64::new(0) }
     }
 
     /// Causal writes refused so far because they would have left more than
@@ -132,8 +133,8 @@ impl Task for Running {
         let Running { writes, mut write } = *self;
         match writes.version_of(&mut write, engine) {
             Ok((op, after)) => {
-                let (key, done) = (write.key, write.done);
-                engine.write_then(vec![op], move |result| {
+                let (key, done, sink) = (write.key, write.done, writes.writes.clone());
+                sink.write_then(vec![op], move |result| {
                     // Released only once the write is durable and visible:
                     // the next write of the key reads it.
                     writes.release(&key);

@@ -7,13 +7,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use quiver_ring::rand::{threshold, AtomicSplitMix64};
-use quiver_ring::wire::{ErrorKind, ServerError};
+use quiver_ring::wire::{ErrorKind, SearchHit, ServerError};
 use quiver_ring::{Context, Hlc, Siblings};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use super::causal::{CausalWrite, CausalWrites, VersionsRead};
-use super::reads::{Job, ReadHook, ReadJob, ReadPool};
+use super::reads::{Job, ReadHook, ReadJob, ReadPool, Task};
 use super::{Done, Entries, Store, StoreStatus, Timing};
+use crate::index::query::Match;
+use crate::index::Index;
 use crate::stamping::NodeClock;
 use crate::storage::keys::data_key;
 use crate::storage::{self, Engine};
@@ -39,10 +41,30 @@ pub struct HeldWrite {
     pub outcome: std::sync::mpsc::Sender<Result<(), ServerError>>,
 }
 
+/// Where a node's data writes go: to the engine, or through the index
+/// stage, which adds each write's index changes to its record.
+#[derive(Clone, Debug)]
+pub(super) enum Writes {
+    Engine(Arc<Engine>),
+    Indexed(Arc<Index>),
+}
+
+impl Writes {
+    /// Writes `ops` as one record (see [`Engine::write_then`]).
+    pub fn write_then(&self, ops: Vec<storage::Op>, done: impl FnOnce(storage::Result<u64>) + Send + 'static) {
+        match self {
+            Writes::Engine(engine) => engine.write_then(ops, done),
+            Writes::Indexed(index) => index.write_then(ops, Box::new(done)),
+        }
+    }
+}
+
 /// A node's own engine as a [`Store`].
 #[derive(Debug)]
 pub struct LocalStore {
     engine: Arc<Engine>,
+    writes: Writes,
+    index: Option<Arc<Index>>,
     clock: Arc<NodeClock>,
     reads: ReadPool,
     causal: Arc<CausalWrites>,
@@ -83,8 +105,11 @@ impl LocalStore {
         hook: Option<ReadHook>,
     ) -> std::io::Result<LocalStore> {
         let reads = ReadPool::new(engine.clone(), read_threads, hook)?;
+        let writes = Writes::Engine(engine.clone());
         Ok(LocalStore {
-            causal: Arc::new(CausalWrites::new(clock.clone(), reads.jobs().clone())),
+            causal: Arc::new(CausalWrites::new(clock.clone(), reads.jobs().clone(), writes.clone())),
+            writes,
+            index: None,
             reads,
             drop_rng: AtomicSplitMix64::new(crate::now_ms()),
             drop_threshold: 0,
@@ -107,6 +132,20 @@ impl LocalStore {
         self.drop_threshold = threshold(probability);
         self.drop_salt = salt;
         self
+    }
+
+    /// Every data write goes through `index`, which keeps it up to date,
+    /// and searches read it.
+    pub fn with_index(mut self, index: Arc<Index>) -> LocalStore {
+        self.writes = Writes::Indexed(index.clone());
+        self.causal = Arc::new(CausalWrites::new(self.clock.clone(), self.reads.jobs().clone(), self.writes.clone()));
+        self.index = Some(index);
+        self
+    }
+
+    /// The node's index, if it was started with one.
+    pub fn index(&self) -> Option<&Arc<Index>> {
+        self.index.as_ref()
     }
 
     /// Test-only: see [`WriteHook`].
@@ -145,7 +184,7 @@ impl LocalStore {
         if ops.is_empty() {
             return done(Ok(()));
         }
-        self.engine.write_then(ops, move |result| done(result.map(drop).map_err(storage_error)));
+        self.writes.write_then(ops, move |result| done(result.map(drop).map_err(storage_error)));
     }
 
     /// Sets the tombstone horizon's distance from now (`gc_grace`).
@@ -196,7 +235,7 @@ impl LocalStore {
 
 /// Stamps every entry with one `(hlc, origin)`, never past the deadline,
 /// and writes them as one WAL record (all or nothing); `done` once durable.
-fn write_blind(engine: &Engine, clock: &NodeClock, entries: Entries, timing: Timing, done: Done<()>) {
+fn write_blind(writes: &Writes, clock: &NodeClock, entries: Entries, timing: Timing, done: Done<()>) {
     let stamp = match clock.stamp(timing.hlc_seen, Hlc::ZERO, Some(timing.deadline)) {
         Ok(stamp) => stamp,
         Err(error) => return done(Err(error)),
@@ -205,7 +244,7 @@ fn write_blind(engine: &Engine, clock: &NodeClock, entries: Entries, timing: Tim
         .into_iter()
         .map(|(key, value)| storage::Op { key: data_key(&key), version: stamp.blind(value) })
         .collect();
-    engine.write_then(ops, move |result| done(result.map(drop).map_err(storage_error)));
+    writes.write_then(ops, move |result| done(result.map(drop).map_err(storage_error)));
 }
 
 impl Store for LocalStore {
@@ -214,18 +253,18 @@ impl Store for LocalStore {
             return done(Ok(()));
         }
         if let Some(held) = self.write_hook.as_ref().and_then(|hook| (hook.0)(&entries)) {
-            let (engine, clock) = (self.engine.clone(), self.clock.clone());
+            let (writes, clock) = (self.writes.clone(), self.clock.clone());
             std::thread::spawn(move || {
                 let _ = held.release.recv();
                 let done: Done<()> = Box::new(move |result| {
                     let _ = held.outcome.send(result.clone());
                     done(result);
                 });
-                write_blind(&engine, &clock, entries, timing, done);
+                write_blind(&writes, &clock, entries, timing, done);
             });
             return;
         }
-        write_blind(&self.engine, &self.clock, entries, timing, done);
+        write_blind(&self.writes, &self.clock, entries, timing, done);
     }
 
     /// A small read that memory alone answers (the value cache, or no table
@@ -264,6 +303,14 @@ impl Store for LocalStore {
         self.write_causal_set(key, value, context, timing, Box::new(move |result| done(result.map(drop))));
     }
 
+    fn search_text(&self, query: String, k: u32, matching: Match, timing: Timing, done: Done<Vec<SearchHit>>) {
+        if let Err(error) = self.clock.observe(timing.hlc_seen) {
+            return done(Err(error));
+        }
+        let Some(index) = self.index.clone() else { return done(Err(not_indexed())) };
+        self.reads.jobs().submit(Job::Task(Box::new(TextSearch { index, query, k, matching, done })));
+    }
+
     fn status(&self) -> Result<StoreStatus, ServerError> {
         let stats = self.engine.stats();
         Ok(StoreStatus {
@@ -275,6 +322,30 @@ impl Store for LocalStore {
 
     fn hlc(&self) -> Hlc {
         self.clock.last()
+    }
+}
+
+/// The error of a search on a node without an index.
+pub fn not_indexed() -> ServerError {
+    ServerError::new(ErrorKind::NotIndexed, "this node was started without indexing: start it with --index to search")
+}
+
+/// A full-text search, on a reader thread.
+struct TextSearch {
+    index: Arc<Index>,
+    query: String,
+    k: u32,
+    matching: Match,
+    done: Done<Vec<SearchHit>>,
+}
+
+impl Task for TextSearch {
+    fn run(self: Box<Self>, _: &Engine) {
+        (self.done)(self.index.search_text(&self.query, self.k, self.matching));
+    }
+
+    fn cancel(self: Box<Self>, error: ServerError) {
+        (self.done)(Err(error));
     }
 }
 

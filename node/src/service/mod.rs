@@ -15,17 +15,19 @@ use std::sync::Arc;
 
 use quiver_ring::ring::{Member, RingView};
 use quiver_ring::wire::{
-    self, ContextToken, ErrorKind, NodeInfo, NodeStatus, Op, Reply, RingInfo, ServerError, VersionInfo, Versions,
+    self, ContextToken, ErrorKind, NodeInfo, NodeStatus, Op, Reply, RingInfo, SearchHit, ServerError, VersionInfo,
+    Versions,
 };
 use quiver_ring::{Context, Hlc, NodeId, Siblings};
 use tokio::sync::watch;
 
-pub use local::{storage_error, HeldWrite, LocalStore, WriteHook, GC_GRACE_MS};
+pub use local::{not_indexed, storage_error, HeldWrite, LocalStore, WriteHook, GC_GRACE_MS};
 pub use reads::ReadHook;
 
 use crate::clock::Clock;
 use crate::cluster::store::{ClusterStore, REPLICAS};
 use crate::config::Limits;
+use crate::index::query::Match;
 use crate::stamping::NodeClock;
 
 /// Keys and values of one write; `None` deletes.
@@ -76,6 +78,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// A causal write: `value` (`None` deletes) replaces what `context`
     /// covers; `done` once it is durable.
     fn write_causal(&self, key: Vec<u8>, value: Option<Vec<u8>>, context: Context, timing: Timing, done: Done<()>);
+
+    /// The `k` keys whose values best match the full-text query `query`,
+    /// best first, with their values (see [`crate::index`]).
+    fn search_text(&self, query: String, k: u32, matching: Match, timing: Timing, done: Done<Vec<SearchHit>>);
 
     /// Sizes for `status`.
     fn status(&self) -> Result<StoreStatus, ServerError>;
@@ -212,6 +218,16 @@ impl Service {
             Op::Shutdown { token } => reply(self.shutdown(&token)),
             Op::Hello { protocol } => reply(self.hello(protocol)),
             Op::Ring => reply(self.ring()),
+            Op::SearchText { query, k, all } => {
+                let matching = if all { Match::All } else { Match::Any };
+                self.store.search_text(
+                    query,
+                    k,
+                    matching,
+                    timing,
+                    Box::new(move |result| reply(result.map(Reply::Hits))),
+                )
+            }
         }
     }
 

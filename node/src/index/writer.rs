@@ -1,0 +1,213 @@
+//! The index stage (thread `quiver-index`): puts each write's index
+//! changes into the write's own WAL record.
+//!
+//! - Owns: the view of every key as it will be once the writes handed on
+//!   so far are applied (the engine's state, and for keys with a write
+//!   still in flight, the state after it: the overlay), and the index's
+//!   totals (documents and words) as of those writes.
+//! - Receives: every write of the node's data (local writes, causal
+//!   writes, replicas' parts, read repairs, delivered hints), from
+//!   [`LocalStore`](crate::service::LocalStore) through [`Writer::write_then`],
+//!   on any thread, which only queues them.
+//! - Does: one write at a time, in arrival order: for each data key it
+//!   touches, merges its versions into the key's current ones, and when
+//!   that changes the key's value, adds the posting changes (and the new
+//!   totals) to the write's ops.
+//! - Hands on: the write with its index ops to the engine, as one record,
+//!   in the same order it took them, so that each write's index changes are
+//!   computed from the state that the writes before it leave. The write's
+//!   `done` runs once the engine made it durable and visible; only then
+//!   does a key leave the overlay (its state is then the engine's).
+
+use std::collections::HashMap;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use quiver_ring::{BatchId, Hlc, NodeId, Siblings, Version};
+
+use super::analyzer::Analyzer;
+use super::text::{posting_changes, stats_key, Doc, Stats};
+use crate::lock;
+use crate::storage::keys::user_key;
+use crate::storage::{self, Engine, Op};
+
+/// Called once with a write's outcome (as [`Engine::write_then`]'s).
+pub type Done = Box<dyn FnOnce(storage::Result<u64>) + Send>;
+
+struct Submit {
+    ops: Vec<Op>,
+    done: Done,
+}
+
+/// Keys with a write in flight: the number of the last such write, and the
+/// key's versions once it is applied.
+type Overlay = Arc<Mutex<HashMap<Vec<u8>, (u64, Siblings)>>>;
+
+/// The handle callers write through.
+#[derive(Debug)]
+pub struct Writer {
+    sender: Mutex<Option<mpsc::Sender<Submit>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Writer {
+    /// Starts the stage over `engine`, from the index totals `stats`.
+    pub fn start(engine: Arc<Engine>, analyzer: Arc<Analyzer>, stats: Stats) -> std::io::Result<Writer> {
+        let (sender, receiver) = mpsc::channel();
+        let last_hlc = engine.max_hlc();
+        let mut stage = Stage { engine, analyzer, overlay: Overlay::default(), stats, last_hlc, writes: 0 };
+        let thread = std::thread::Builder::new().name("quiver-index".into()).spawn(move || {
+            for submit in receiver {
+                stage.write(submit);
+            }
+        })?;
+        Ok(Writer { sender: Mutex::new(Some(sender)), thread: Mutex::new(Some(thread)) })
+    }
+
+    /// Writes `ops` as one record with their index changes (see
+    /// [`Engine::write_then`]).
+    pub fn write_then(&self, ops: Vec<Op>, done: Done) {
+        let refused = match lock(&self.sender).as_ref() {
+            Some(sender) => sender.send(Submit { ops, done }).err().map(|error| error.0.done),
+            None => Some(done),
+        };
+        if let Some(done) = refused {
+            done(Err(storage::Error::Closed));
+        }
+    }
+
+    /// Stops the stage once the writes queued so far are handed on.
+    pub fn stop(&self) {
+        lock(&self.sender).take();
+        if let Some(thread) = lock(&self.thread).take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+struct Stage {
+    engine: Arc<Engine>,
+    analyzer: Arc<Analyzer>,
+    overlay: Overlay,
+    stats: Stats,
+    /// The timestamp of the last index ops written: each record's are
+    /// stamped above it, so a later record's posting replaces an earlier
+    /// one's.
+    last_hlc: Hlc,
+    writes: u64,
+}
+
+impl Stage {
+    fn write(&mut self, Submit { mut ops, done }: Submit) {
+        self.writes += 1;
+        let write = self.writes;
+        let changed = match self.index_ops(&ops) {
+            Ok((index_ops, changed)) => {
+                ops.extend(index_ops);
+                changed
+            }
+            Err(error) => return done(Err(error)),
+        };
+        let keys: Vec<Vec<u8>> = changed.iter().map(|(key, _)| key.clone()).collect();
+        {
+            let mut overlay = lock(&self.overlay);
+            for (key, after) in changed {
+                overlay.insert(key, (write, after));
+            }
+        }
+        let overlay = self.overlay.clone();
+        self.engine.write_then(ops, move |result| {
+            // Now in the engine (or the engine failed, and nothing is
+            // written any more): the engine's state is the key's.
+            let mut overlay = lock(&overlay);
+            for key in keys {
+                if overlay.get(&key).is_some_and(|(last, _)| *last == write) {
+                    overlay.remove(&key);
+                }
+            }
+            drop(overlay);
+            done(result);
+        });
+    }
+
+    /// The key's versions before this write: the overlay's, else the
+    /// engine's.
+    fn current(&self, key: &[u8]) -> storage::Result<Option<Siblings>> {
+        if let Some((_, siblings)) = lock(&self.overlay).get(key) {
+            return Ok(Some(siblings.clone()));
+        }
+        self.engine.get(key)
+    }
+
+    /// The index ops of a write, and every data key it touches with its
+    /// versions after it.
+    #[allow(clippy::type_complexity)]
+    fn index_ops(&mut self, ops: &[Op]) -> storage::Result<(Vec<Op>, Vec<(Vec<u8>, Siblings)>)> {
+        // Each data key once, in order, with its versions before and after.
+        let mut keys: Vec<(Vec<u8>, Option<Siblings>, Siblings)> = Vec::new();
+        let mut at: HashMap<&[u8], usize> = HashMap::new();
+        for op in ops.iter().filter(|op| user_key(&op.key).is_some()) {
+            let i = match at.get(op.key.as_slice()) {
+                Some(&i) => i,
+                None => {
+                    let before = self.current(&op.key)?;
+                    keys.push((op.key.clone(), before.clone(), before.unwrap_or_default()));
+                    at.insert(&op.key, keys.len() - 1);
+                    keys.len() - 1
+                }
+            };
+            if let Some((_, _, after)) = keys.get_mut(i) {
+                after.insert(op.version.clone());
+            }
+        }
+        let mut index_ops = Vec::new();
+        let stats_before = self.stats;
+        let stamp = self.stamp();
+        for (stored, before, after) in &keys {
+            let before_value = before.as_ref().and_then(Siblings::value);
+            if before_value == after.value() {
+                continue;
+            }
+            let Some(key) = user_key(stored) else { continue };
+            let (was, is) = (Doc::of(&self.analyzer, before_value), Doc::of(&self.analyzer, after.value()));
+            self.stats.replace(was.as_ref(), is.as_ref());
+            for (posting_key, posting) in posting_changes(key, was.as_ref(), is.as_ref()) {
+                let value = posting.map(|p| postcard::to_stdvec(&p).expect("postcard encodes into a Vec"));
+                index_ops.push(Op { key: posting_key, version: stamp.version(value) });
+            }
+        }
+        if self.stats != stats_before {
+            let value = postcard::to_stdvec(&self.stats).expect("postcard encodes into a Vec");
+            index_ops.push(Op { key: stats_key(), version: stamp.version(Some(value)) });
+        }
+        Ok((index_ops, keys.into_iter().map(|(key, _, after)| (key, after)).collect()))
+    }
+
+    /// The stamp of this record's index ops: above the last one's, and at
+    /// least the wall clock's now.
+    fn stamp(&mut self) -> IndexStamp {
+        let now = Hlc::from_physical_ms(crate::now_ms());
+        self.last_hlc = now.max(self.last_hlc.successor().unwrap_or(self.last_hlc));
+        IndexStamp(self.last_hlc)
+    }
+}
+
+/// The timestamp of one record's index ops.
+#[derive(Clone, Copy, Debug)]
+pub struct IndexStamp(pub Hlc);
+
+impl IndexStamp {
+    /// An index version with `value` (`None` deletes).
+    pub fn version(self, value: Option<Vec<u8>>) -> Version {
+        // Node 0 is no node's id: index versions are this node's own and
+        // never leave it.
+        Version { hlc: self.0, origin: BatchId { node: NodeId(0), counter: self.0 .0 }, causal: None, value }
+    }
+}
