@@ -111,6 +111,16 @@ impl Client {
         self.runtime.block_on(self.inner.search_text_all(query, k))
     }
 
+    /// See [`crate::Client::search_similar`].
+    pub fn search_similar(&self, text: &str, k: u32) -> Result<Vec<crate::SearchHit>> {
+        self.runtime.block_on(self.inner.search_similar(text, k))
+    }
+
+    /// See [`crate::Client::search_vector`].
+    pub fn search_vector(&self, vector: &[f32], k: u32) -> Result<Vec<crate::SearchHit>> {
+        self.runtime.block_on(self.inner.search_vector(vector, k))
+    }
+
     /// See [`crate::Client::status`].
     pub fn status(&self) -> Result<NodeStatus> {
         self.runtime.block_on(self.inner.status())

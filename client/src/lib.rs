@@ -421,8 +421,26 @@ impl Client {
         self.search(query, k, true).await
     }
 
+    /// The `k` values about the same things as `text`, nearest first, with
+    /// their cosine similarity (1: the same direction): values are embedded
+    /// with word vectors (GloVe by default), so "king" finds values about
+    /// queens and thrones. Needs nodes started with `--index`.
+    pub async fn search_similar(&self, text: &str, k: u32) -> Result<Vec<SearchHit>> {
+        self.hits(Op::SearchSimilar { text: text.to_owned(), k }).await
+    }
+
+    /// The `k` values whose vectors are nearest `vector` (of the nodes'
+    /// embedding dimension, 50 by default), nearest first.
+    pub async fn search_vector(&self, vector: &[f32], k: u32) -> Result<Vec<SearchHit>> {
+        self.hits(Op::SearchVector { vector: vector.to_vec(), k }).await
+    }
+
     async fn search(&self, query: &str, k: u32, all: bool) -> Result<Vec<SearchHit>> {
-        match self.call(Op::SearchText { query: query.to_owned(), k, all }).await? {
+        self.hits(Op::SearchText { query: query.to_owned(), k, all }).await
+    }
+
+    async fn hits(&self, op: Op) -> Result<Vec<SearchHit>> {
+        match self.call(op).await? {
             Reply::Hits(hits) => Ok(hits),
             other => Err(Error::Protocol(format!("expected hits, got {other:?}"))),
         }

@@ -6,7 +6,8 @@
 //! peer_addr = "127.0.0.1:7701"
 //! max_clock_offset_ms = 500  # a timestamp further ahead is refused
 //! gc_grace_secs = 864000      # tombstones are kept at least this long (10 days)
-//! index = false               # index values for search (full text)
+//! index = false               # index values for search (full text, similar)
+//! word_vectors = "glove.6B.300d.txt"  # embed with these (default: the GloVe 50-d shipped)
 //! debug_skip_write_probability = 0.0
 //!
 //! # In a cluster (all three, or none):
@@ -69,9 +70,13 @@ pub struct Config {
     /// A hint older than this is dropped undelivered: well within
     /// `gc_grace_secs` (at most half of it).
     pub hint_age_max_secs: u64,
-    /// Index the values for search: full text (BM25). Every data write
-    /// then also updates the index, in the same WAL record.
+    /// Index the values for search: full text (BM25) and embeddings
+    /// (HNSW). Every data write then also updates the index, in the same
+    /// WAL record.
     pub index: bool,
+    /// The word vectors values are embedded with (a GloVe, word2vec or
+    /// fastText text file); `None`: the GloVe 6B 50-d words shipped.
+    pub word_vectors: Option<PathBuf>,
     /// Test-only (a hidden `quiverd` flag): this node's wall clock reads
     /// this many ms ahead of the system's (negative: behind).
     #[serde(skip)]
@@ -132,6 +137,7 @@ impl Default for Config {
             hint_bytes_max: 1 << 30,
             hint_age_max_secs: 3 * 3600,
             index: false,
+            word_vectors: None,
             debug_clock_offset_ms: 0,
             debug_skip_write_probability: 0.0,
             debug_drop_acked_writes: 0.0,
@@ -284,6 +290,19 @@ impl Config {
             },
             ..crate::storage::Options::default()
         }
+    }
+}
+
+impl Config {
+    /// The embedder of this node's values: the word vectors of
+    /// `word_vectors`, or those shipped.
+    pub fn embedder(&self) -> Result<std::sync::Arc<dyn crate::index::embed::Embedder>, String> {
+        use crate::index::embed::WordVectors;
+        let vectors = match &self.word_vectors {
+            Some(path) => WordVectors::from_text_file(path)?,
+            None => WordVectors::shipped()?,
+        };
+        Ok(std::sync::Arc::new(vectors))
     }
 }
 

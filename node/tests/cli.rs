@@ -193,6 +193,36 @@ fn a_file_over_the_bulk_limits_is_refused_clearly_and_load_stores_it_in_batches(
 }
 
 #[test]
+fn search_and_similar_print_hits_and_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path(), &["--index"]);
+    let addr = node.addr.as_str();
+    let loaded = quiver(
+        addr,
+        &["bulk-set", "--file", "-"],
+        Some(
+            "crown\tthe queen was crowned on the throne\nwine\tfrench wine from bordeaux\ncode\tprogrammers fix bugs\n",
+        ),
+    );
+    assert!(loaded.status.success(), "{}", stderr(&loaded));
+    let found = quiver(addr, &["search", "wine"], None);
+    assert!(found.status.success(), "{}", stderr(&found));
+    assert!(stdout(&found).starts_with("  1. wine  (score "), "{}", stdout(&found));
+    assert!(stdout(&found).contains("french wine from bordeaux"), "{}", stdout(&found));
+    let json = quiver(addr, &["similar", "king", "-k", "1", "--json"], None);
+    let hits: serde_json::Value = serde_json::from_str(&stdout(&json)).unwrap();
+    assert_eq!(hits[0]["key"], "crown", "{hits}");
+    assert!(hits[0]["score"].as_f64().unwrap() > 0.0);
+    let none = quiver(addr, &["search", "zebra"], None);
+    assert_eq!(stdout(&none), "no match\n");
+    let bad = quiver(addr, &["similar", "--vector", "1,2,3"], None);
+    assert!(!bad.status.success());
+    assert!(stderr(&bad).contains("BadQuery") && stderr(&bad).contains("50"), "{}", stderr(&bad));
+    let bad = quiver(addr, &["search", "the", "-k", "5"], None);
+    assert!(stderr(&bad).contains("no word to search for"), "{}", stderr(&bad));
+}
+
+#[test]
 fn shutdown_reads_the_admin_token_from_the_data_directory() {
     let dir = tempfile::tempdir().unwrap();
     let mut node = start_node(dir.path(), &[]);

@@ -80,6 +80,9 @@ fn search_finds_current_values_and_the_index_survives_sigkill() {
         assert_eq!(client.get(&hit.key).unwrap().as_deref(), Some(hit.value.as_slice()), "a hit is the current value");
     }
     assert_eq!(hit_keys(&client.search_text("seine", 10).unwrap()), ["paris"]);
+    assert_eq!(hit_keys(&client.search_similar("river", 1).unwrap()), ["paris"], "the Seine is a river");
+    let vector = client.search_vector(&[0.1; 50], 3).unwrap();
+    assert_eq!(vector.len(), 3);
 }
 
 #[test]

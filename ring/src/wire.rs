@@ -52,11 +52,11 @@ pub const ADMIN_TOKEN_FILE: &str = "ADMIN_TOKEN";
 /// requests carry a token. 3: typed timestamps, write deadlines, versions
 /// and contexts (`GetVersions`, `SetWithContext`). 4: `Ring`, the ring in
 /// `status`. 5: consistency `Any`, hinted handoff in `status`. 6: full-text
-/// search (`SearchText`).
+/// search (`SearchText`), similar values (`SearchSimilar`, `SearchVector`).
 pub const PROTOCOL_VERSION: u32 = 6;
 
 /// A client's request.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Request {
     /// Chosen by the client, echoed in the response.
     pub id: u64,
@@ -111,7 +111,7 @@ impl std::str::FromStr for Consistency {
 }
 
 /// What a request asks for.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Op {
     Get {
         #[serde(with = "serde_bytes")]
@@ -177,6 +177,19 @@ pub enum Op {
         query: String,
         k: u32,
         all: bool,
+    },
+    /// The `k` values about the same things as `text`, nearest first by
+    /// the node's embedder (cosine similarity); answered with
+    /// [`Reply::Hits`].
+    SearchSimilar {
+        text: String,
+        k: u32,
+    },
+    /// The `k` values whose vectors are nearest `vector` (of the index's
+    /// dimension; any length but zero); answered with [`Reply::Hits`].
+    SearchVector {
+        vector: Vec<f32>,
+        k: u32,
     },
 }
 
@@ -340,6 +353,27 @@ pub fn check_search(query: &str, k: u32) -> Result<(), ServerError> {
     Ok(())
 }
 
+/// Most components a query vector may have.
+pub const VECTOR_DIM_MAX: usize = 4096;
+
+/// Checks a vector search: `k` in range, and a query vector of `dim`
+/// finite components (`dim` 0: any dimension up to [`VECTOR_DIM_MAX`],
+/// what a client checks before it knows the index's).
+pub fn check_vector_search(vector: &[f32], dim: usize, k: u32) -> Result<(), ServerError> {
+    let bad = |message: String| Err(ServerError::new(ErrorKind::BadQuery, message));
+    if k == 0 || k > SEARCH_K_MAX {
+        return bad(format!("k = {k}: ask for 1 to {SEARCH_K_MAX} results"));
+    }
+    if vector.is_empty() || vector.len() > VECTOR_DIM_MAX || (dim != 0 && vector.len() != dim) {
+        let want = if dim == 0 { format!("1 to {VECTOR_DIM_MAX}") } else { dim.to_string() };
+        return bad(format!("the query vector has {} dimensions; the index's vectors have {want}", vector.len()));
+    }
+    if vector.iter().any(|x| !x.is_finite()) {
+        return bad("the query vector has a component that is not a finite number".into());
+    }
+    Ok(())
+}
+
 /// The per-request limits a node enforces. Clients learn them in
 /// [`NodeInfo`] and check requests against them before sending, with the
 /// same errors the node would give.
@@ -435,7 +469,8 @@ impl Limits {
                     self.check_value(value)
                 })
             }
-            Op::SearchText { query, k, .. } => check_search(query, *k),
+            Op::SearchText { query, k, .. } | Op::SearchSimilar { text: query, k } => check_search(query, *k),
+            Op::SearchVector { vector, k } => check_vector_search(vector, 0, *k),
             Op::Status | Op::Shutdown { .. } | Op::Hello { .. } | Op::Ring => Ok(()),
         }
     }
@@ -837,6 +872,8 @@ mod tests {
             (request(Op::SetWithContext { key: key(), value: None, context: token.clone() }), "010209016b0001ab0300"),
             (request(Op::Ring), "01020a0300"),
             (request(Op::SearchText { query: "q".into(), k: 2, all: true }), "01020b017102010300"),
+            (request(Op::SearchSimilar { text: "q".into(), k: 2 }), "01020c0171020300"),
+            (request(Op::SearchVector { vector: vec![1.0], k: 2 }), "01020d010000803f020300"),
         ];
         let response = |result: Result<Reply, ServerError>| Response { id: 1, hlc: Hlc(2), result };
         let limits =

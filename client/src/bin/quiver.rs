@@ -92,6 +92,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Similar values (nodes started with --index): prints the K values
+    /// about the same things as TEXT, nearest first, with their cosine
+    /// similarity. With --vector, TEXT is a vector instead: numbers
+    /// separated by commas or spaces.
+    Similar {
+        text: String,
+        /// How many hits, 1 to 1000.
+        #[arg(short, default_value_t = 10)]
+        k: u32,
+        /// TEXT is a vector ("0.1,0.2,...").
+        #[arg(long)]
+        vector: bool,
+        /// The hits as a JSON array of {key, score, value} (for scripts).
+        #[arg(long)]
+        json: bool,
+    },
     /// Prints the node's id, addresses, keys, bytes on disk, uptime, clock
     /// and, in a cluster, its peers and the ring (each node up or down, its
     /// share of the ring and its keys).
@@ -332,6 +348,17 @@ fn run(args: Args) -> Result<ExitCode, String> {
         Command::Search { query, k, all, json } => {
             let hits = if all { client.search_text_all(&query, k) } else { client.search_text(&query, k) };
             print_hits(&mut out, &hits.map_err(failed)?, json)?;
+        }
+        Command::Similar { text, k, vector: false, json } => {
+            print_hits(&mut out, &client.search_similar(&text, k).map_err(failed)?, json)?;
+        }
+        Command::Similar { text, k, vector: true, json } => {
+            let vector = text
+                .split(|c: char| c == ',' || c.is_whitespace())
+                .filter(|part| !part.is_empty())
+                .map(|part| part.parse::<f32>().map_err(|_| format!("{part:?} in the vector is not a number")))
+                .collect::<Result<Vec<f32>, String>>()?;
+            print_hits(&mut out, &client.search_vector(&vector, k).map_err(failed)?, json)?;
         }
         Command::Status { json: true } => {
             let s = client.status().map_err(failed)?;

@@ -106,11 +106,16 @@ struct Args {
     /// half of gc_grace_secs [default: 10800, 3 hours].
     #[arg(long)]
     hint_age_max_secs: Option<u64>,
-    /// Index the values for search (`quiver search`): full text with BM25.
-    /// A node started with it over data written without it first builds
-    /// the index from the data.
+    /// Index the values for search: full text with BM25 (`quiver search`)
+    /// and embeddings for similar values (`quiver similar`). A node started
+    /// with it over data written without it first builds the index from the
+    /// data.
     #[arg(long)]
     index: bool,
+    /// Embed values with the word vectors of FILE (GloVe, word2vec or
+    /// fastText, text form) [default: GloVe 6B 50-d, 30,000 words, shipped].
+    #[arg(long, value_name = "FILE")]
+    word_vectors: Option<PathBuf>,
     /// Checks that the index in the data directory matches its data
     /// exactly, prints what differs, and exits (0: it matches). The node
     /// must not be running.
@@ -226,6 +231,9 @@ impl Args {
         }
         config.storage.repair |= self.repair;
         config.index |= self.index;
+        if let Some(path) = self.word_vectors {
+            config.word_vectors = Some(path);
+        }
         config.validate().map_err(|e| e.to_string())?;
         Ok(config)
     }
@@ -277,7 +285,9 @@ fn check_index_of(config: &Config) -> Result<bool, String> {
     let dir = &config.data_dir;
     let _lock = lock_data_dir(dir).map_err(|e| format!("locking {}: {e}", dir.display()))?;
     let engine = Engine::open(dir, config.engine_options()).map_err(|e| format!("opening the storage engine: {e}"))?;
-    let wrong = quiver_node::index::verify(&engine, 20).map_err(|e| format!("reading the index: {e}"))?;
+    let embedder = config.embedder()?;
+    let wrong =
+        quiver_node::index::verify(&engine, embedder.as_ref(), 20).map_err(|e| format!("reading the index: {e}"))?;
     engine.close().map_err(|e| format!("closing: {e}"))?;
     for line in &wrong {
         println!("{line}");
@@ -293,7 +303,6 @@ async fn run(config: Config) -> Result<(), String> {
     let node_id = load_or_create_node_id(&dir).map_err(|e| format!("node id in {}: {e}", dir.display()))?;
     let admin_token = load_or_create_admin_token(&dir).map_err(|e| format!("admin token in {}: {e}", dir.display()))?;
     let options = config.engine_options();
-    let config_index = config.index;
     let engine_dir = dir.clone();
     let engine = tokio::task::spawn_blocking(move || Engine::open(&engine_dir, options))
         .await
@@ -320,14 +329,17 @@ async fn run(config: Config) -> Result<(), String> {
     }
     let mut store = LocalStore::new(engine.clone(), node_clock.clone(), config.read_threads())
         .map_err(|e| format!("starting the reader threads: {e}"))?;
-    let index_engine = engine.clone();
-    let index = tokio::task::spawn_blocking(move || match config_index {
-        true => Index::open(index_engine).map(|index| Some(Arc::new(index))),
-        false => Index::forget(&index_engine).map(|()| None),
+    let (index_engine, index_config) = (engine.clone(), config.clone());
+    let index = tokio::task::spawn_blocking(move || match index_config.index {
+        true => {
+            let embedder = index_config.embedder()?;
+            let index = Index::open(index_engine, embedder).map_err(|e| format!("opening the index: {e}"))?;
+            Ok(Some(Arc::new(index)))
+        }
+        false => Index::forget(&index_engine).map(|()| None).map_err(|e| format!("opening the index: {e}")),
     })
     .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| format!("opening the index: {e}"))?;
+    .map_err(|e| e.to_string())??;
     if let Some(index) = &index {
         store = store.with_index(index.clone());
     }

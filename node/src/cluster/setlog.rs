@@ -163,7 +163,8 @@ impl SetLog {
         match self.space {
             Keyspace::Data => Keyspace::Hints,
             Keyspace::Hints => Keyspace::BatchLog,
-            Keyspace::BatchLog | Keyspace::Postings => Keyspace::Postings,
+            Keyspace::BatchLog => Keyspace::Postings,
+            Keyspace::Postings | Keyspace::Vectors => Keyspace::Vectors,
         }
     }
 

@@ -46,7 +46,7 @@ use super::hints::HintStore;
 use super::membership::Membership;
 use super::quorum::{Consistency, DataMessage, Hinted, OpId, Outcome, Placement, Quorum};
 use crate::clock::Clock;
-use crate::index::query::Match;
+use crate::index::Search;
 use crate::lock;
 use crate::net::peer::{PeerError, PeerReply, PeerRequest};
 use crate::service::{Done, Entries, LocalStore, Store, StoreStatus, Timing};
@@ -637,8 +637,8 @@ impl Store for Arc<ClusterStore> {
         self.local.write_causal_set(key, value, context, timing, Box::new(replicate));
     }
 
-    fn search_text(&self, query: String, k: u32, matching: Match, timing: Timing, done: Done<Vec<SearchHit>>) {
-        self.local.search_text(query, k, matching, timing, done);
+    fn search(&self, search: Search, timing: Timing, done: Done<Vec<SearchHit>>) {
+        self.local.search(search, timing, done);
     }
 
     fn status(&self) -> Result<StoreStatus, ServerError> {

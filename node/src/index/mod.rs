@@ -1,10 +1,15 @@
-//! Search over the stored values: a full-text index with BM25 ranking.
+//! Search over the stored values: a full-text index with BM25 ranking,
+//! and an embedding index for values about the same things.
 //!
 //! - [`analyzer`]: text to terms (Unicode words, lowercase, stop words,
 //!   stemming), the same for documents and queries;
 //! - [`query`]: what a user types, parsed into terms, phrases and prefixes;
 //! - [`text`]: the postings' layout in the engine, and BM25 search over
 //!   them;
+//! - [`embed`]: text to vectors (the [`Embedder`](embed::Embedder) seam,
+//!   and word vectors, GloVe by default);
+//! - [`vectors`]: the vectors' layout in the engine, and the HNSW graph
+//!   over them;
 //! - [`writer`]: the stage every data write passes through, which adds the
 //!   write's index changes to its own WAL record.
 //!
@@ -15,41 +20,99 @@
 //! format) first rebuilds it: [`Index::open`].
 
 pub mod analyzer;
+pub mod embed;
 pub mod query;
 pub mod text;
+pub mod vectors;
 pub mod writer;
 
 #[cfg(test)]
 mod tests;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use quiver_ring::wire::{SearchHit, ServerError};
+use quiver_ring::wire::{ErrorKind, SearchHit, ServerError};
 use quiver_ring::Siblings;
 
-use crate::storage::keys::{keyspace_start, user_key, Keyspace};
+use crate::service::storage_error;
+use crate::storage::keys::{data_key, keyspace_start, user_key, Keyspace};
 use crate::storage::{self, Engine, Op};
 use analyzer::Analyzer;
+use embed::Embedder;
 use query::{Match, Query};
 use text::{posting_changes, Doc, Stats};
+use vectors::VectorIndex;
 use writer::{Done, IndexStamp, Writer};
 
 /// The index format: a node whose stored index has another rebuilds it.
-/// 1: postings with positions and document lengths, stats.
-const FORMAT: u32 = 1;
+/// 1: postings with positions and document lengths, stats. 2: vectors.
+const FORMAT: u32 = 2;
+
+/// How long a similarity search waits for the graph to take the writes
+/// acknowledged before it.
+const GRAPH_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Documents indexed per record while rebuilding.
 const REBUILD_DOCS_PER_RECORD: usize = 1000;
 
-/// The key that names the format of the index stored beside the data
-/// (absent: no index, or one that may have missed writes).
+/// The key that names the format of the index stored beside the data and
+/// the embedder its vectors came from (absent: no index, or one that may
+/// have missed writes).
 fn marker_key() -> Vec<u8> {
     vec![Keyspace::Postings as u8, b'm']
 }
 
-/// The marker's value: the format.
-fn format_marker() -> Vec<u8> {
-    postcard::to_stdvec(&FORMAT).expect("postcard encodes into a Vec")
+/// The marker's value for an index made by `embedder`.
+fn marker(embedder: &dyn Embedder) -> Vec<u8> {
+    postcard::to_stdvec(&(FORMAT, embedder.fingerprint())).expect("postcard encodes into a Vec")
+}
+
+/// What the index holds of one value: its document (terms) and its vector.
+#[derive(Debug, Default, PartialEq)]
+pub struct Derived {
+    pub doc: Option<Doc>,
+    pub vector: Option<Vec<f32>>,
+}
+
+impl Derived {
+    /// What a value (`None`: absent or deleted) puts in the index.
+    pub fn of(analyzer: &Analyzer, embedder: &dyn Embedder, value: Option<&[u8]>) -> Derived {
+        let Some(text) = value.and_then(|v| std::str::from_utf8(v).ok()) else { return Derived::default() };
+        Derived { doc: Doc::of(analyzer, value), vector: embedder.embed(text) }
+    }
+
+    /// The ops that take `key`'s index entries from `before` to `self`.
+    pub fn ops_from(&self, before: &Derived, key: &[u8], stamp: IndexStamp, ops: &mut Vec<Op>) {
+        for (posting_key, posting) in posting_changes(key, before.doc.as_ref(), self.doc.as_ref()) {
+            let value = posting.map(|p| postcard::to_stdvec(&p).expect("postcard encodes into a Vec"));
+            ops.push(Op { key: posting_key, version: stamp.version(value) });
+        }
+        if self.vector != before.vector {
+            let value = self.vector.as_deref().map(vectors::encode);
+            ops.push(Op { key: vectors::vector_key(key), version: stamp.version(value) });
+        }
+    }
+}
+
+/// A search, of any kind.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Search {
+    /// Full text (BM25).
+    Text { query: String, k: u32, matching: Match },
+    /// Values about the same things as `text` (embeddings).
+    Similar { text: String, k: u32 },
+    /// Values whose vectors are nearest `vector`.
+    Vector { vector: Vec<f32>, k: u32 },
+}
+
+impl Search {
+    /// How many hits it asks for.
+    pub fn k(&self) -> u32 {
+        match self {
+            Search::Text { k, .. } | Search::Similar { k, .. } | Search::Vector { k, .. } => *k,
+        }
+    }
 }
 
 /// The indexes of one node.
@@ -57,22 +120,31 @@ fn format_marker() -> Vec<u8> {
 pub struct Index {
     engine: Arc<Engine>,
     analyzer: Arc<Analyzer>,
+    embedder: Arc<dyn Embedder>,
+    vectors: Arc<VectorIndex>,
     writer: Writer,
 }
 
+fn failed_to_start(error: std::io::Error) -> storage::Error {
+    storage::Error::Failed(format!("cannot start an index thread: {error}"))
+}
+
 impl Index {
-    /// Opens the index over `engine`, rebuilding it first if the stored one
-    /// is missing or of another format, and starts the index stage.
-    pub fn open(engine: Arc<Engine>) -> storage::Result<Index> {
+    /// Opens the index over `engine`, with vectors from `embedder`:
+    /// rebuilds it first if the stored one is missing, of another format or
+    /// made by another embedder; starts the index stage and the vector
+    /// graph's thread.
+    pub fn open(engine: Arc<Engine>, embedder: Arc<dyn Embedder>) -> storage::Result<Index> {
         let analyzer = Arc::new(Analyzer::default());
-        let marker = engine.get(&marker_key())?.and_then(Siblings::into_value);
-        if marker != Some(format_marker()) {
-            rebuild(&engine, &analyzer)?;
+        let stored = engine.get(&marker_key())?.and_then(Siblings::into_value);
+        if stored != Some(marker(embedder.as_ref())) {
+            rebuild(&engine, &analyzer, embedder.as_ref())?;
         }
         let stats = text::read_stats(&engine)?;
-        let writer = Writer::start(engine.clone(), analyzer.clone(), stats)
-            .map_err(|error| storage::Error::Failed(format!("cannot start the index thread: {error}")))?;
-        Ok(Index { engine, analyzer, writer })
+        let vectors = Arc::new(VectorIndex::start(engine.clone(), embedder.dim()).map_err(failed_to_start)?);
+        let writer = Writer::start(engine.clone(), analyzer.clone(), embedder.clone(), vectors.clone(), stats)
+            .map_err(failed_to_start)?;
+        Ok(Index { engine, analyzer, embedder, vectors, writer })
     }
 
     /// For a node started without indexing: forgets that the stored index
@@ -92,14 +164,58 @@ impl Index {
         self.writer.write_then(ops, done);
     }
 
+    /// Runs `search` (reads the engine: call it on a reader thread).
+    pub fn search(&self, search: Search) -> Result<Vec<SearchHit>, ServerError> {
+        match search {
+            Search::Text { query, k, matching } => self.search_text(&query, k, matching),
+            Search::Similar { text, k } => self.search_similar(&text, k),
+            Search::Vector { vector, k } => self.search_vector(vector, k),
+        }
+    }
+
     /// The `k` best documents for the full-text query `text`, with their
     /// current values. Reads the engine: call it on a reader thread.
     pub fn search_text(&self, text: &str, k: u32, matching: Match) -> Result<Vec<SearchHit>, ServerError> {
         quiver_ring::wire::check_search(text, k)?;
         let query = Query::parse(&self.analyzer, text, matching)?;
-        let scored = text::search(&self.engine, &query, k as usize).map_err(crate::service::storage_error)?;
-        let hits = text::with_values(&self.engine, scored).map_err(crate::service::storage_error)?;
+        let scored = text::search(&self.engine, &query, k as usize).map_err(storage_error)?;
+        let hits = text::with_values(&self.engine, scored).map_err(storage_error)?;
         Ok(hits.into_iter().map(|(scored, value)| SearchHit { key: scored.key, score: scored.score, value }).collect())
+    }
+
+    /// The `k` values about the same things as `text` (nearest by the
+    /// embedder's vectors), with their cosine similarity.
+    pub fn search_similar(&self, text: &str, k: u32) -> Result<Vec<SearchHit>, ServerError> {
+        quiver_ring::wire::check_search(text, k)?;
+        let vector = self.embedder.embed(text).ok_or_else(|| {
+            ServerError::new(ErrorKind::BadQuery, format!("no word of {text:?} is in the embedder's vocabulary"))
+        })?;
+        self.nearest(&vector, k)
+    }
+
+    /// The `k` values whose vectors are nearest `vector` (any length but
+    /// zero; the index's dimension), with their cosine similarity.
+    pub fn search_vector(&self, vector: Vec<f32>, k: u32) -> Result<Vec<SearchHit>, ServerError> {
+        quiver_ring::wire::check_vector_search(&vector, self.embedder.dim(), k)?;
+        let bad = || ServerError::new(ErrorKind::BadQuery, "the query vector has no direction (all zeros)");
+        self.nearest(&embed::unit(vector).ok_or_else(bad)?, k)
+    }
+
+    fn nearest(&self, vector: &[f32], k: u32) -> Result<Vec<SearchHit>, ServerError> {
+        // The graph takes writes a moment after they are durable: wait for
+        // those acknowledged before this search, unless the graph is more
+        // than a second behind (a heavy load), as a search engine's refresh.
+        self.vectors.sync_within(Some(GRAPH_WAIT_MAX));
+        let near = self.vectors.search(vector, k as usize).map_err(storage_error)?;
+        let mut hits = Vec::with_capacity(near.len());
+        for near in near {
+            if let Some(value) =
+                self.engine.get(&data_key(&near.key)).map_err(storage_error)?.and_then(Siblings::into_value)
+            {
+                hits.push(SearchHit { key: near.key, score: f64::from(near.similarity), value });
+            }
+        }
+        Ok(hits)
     }
 
     /// The analyzer documents and queries go through.
@@ -107,55 +223,70 @@ impl Index {
         &self.analyzer
     }
 
-    /// Stops the index stage once the writes queued so far are handed on.
+    /// The embedder values and similarity queries go through.
+    pub fn embedder(&self) -> &Arc<dyn Embedder> {
+        &self.embedder
+    }
+
+    /// The vector index (for tests: exact search, whether built).
+    pub fn vectors(&self) -> &Arc<VectorIndex> {
+        &self.vectors
+    }
+
+    /// Stops the index stage once the writes queued so far are handed on,
+    /// then the vector graph's thread.
     pub fn stop(&self) {
         self.writer.stop();
+        self.vectors.stop();
     }
 }
 
-/// Checks that the stored index is exactly what the data makes: every
-/// posting and the stats, as a rebuild would write them. Returns what
-/// differs (at most `report_max` lines; empty: they match). Holds the whole
-/// expected index in memory: a check for tests and operators, not for the
-/// request path.
-pub fn verify(engine: &Engine, report_max: usize) -> storage::Result<Vec<String>> {
-    if engine.get(&marker_key())?.and_then(Siblings::into_value) != Some(format_marker()) {
-        return Ok(vec![
-            "no complete index here: the node last ran without --index (a start with it builds one)".into()
-        ]);
+/// Checks that the stored index is exactly what the data makes with
+/// `embedder`: every posting, every vector and the stats, as a rebuild
+/// would write them. Returns what differs (at most `report_max` lines;
+/// empty: they match). Holds the whole expected index in memory: a check
+/// for tests and operators, not for the request path.
+pub fn verify(engine: &Engine, embedder: &dyn Embedder, report_max: usize) -> storage::Result<Vec<String>> {
+    if engine.get(&marker_key())?.and_then(Siblings::into_value) != Some(marker(embedder)) {
+        return Ok(vec![format!(
+            "no complete index here for {}: the node last ran without --index or with other word vectors",
+            embedder.fingerprint()
+        )]);
     }
     let analyzer = Analyzer::default();
-    let mut expected: std::collections::BTreeMap<Vec<u8>, Vec<u8>> = std::collections::BTreeMap::new();
+    let mut expected = BTreeMap::new();
     let mut stats = Stats::default();
+    let stamp = IndexStamp(quiver_ring::Hlc::ZERO);
     for entry in engine.scan(&keyspace_start(Keyspace::Data), Some(&keyspace_start(Keyspace::Hints))) {
         let (stored, siblings) = entry?;
-        let (Some(key), Some(doc)) = (user_key(&stored), Doc::of_siblings(&analyzer, Some(&siblings))) else {
-            continue;
-        };
-        stats.replace(None, Some(&doc));
-        for (posting_key, posting) in posting_changes(key, None, Some(&doc)) {
-            if let Some(posting) = posting {
-                expected.insert(posting_key, postcard::to_stdvec(&posting).expect("postcard encodes into a Vec"));
-            }
-        }
+        let Some(key) = user_key(&stored) else { continue };
+        let derived = Derived::of(&analyzer, embedder, siblings.value());
+        stats.replace(None, derived.doc.as_ref());
+        let mut ops = Vec::new();
+        derived.ops_from(&Derived::default(), key, stamp, &mut ops);
+        expected.extend(ops.into_iter().filter_map(|op| Some((op.key, op.version.value?))));
     }
     let mut wrong = Vec::new();
     let stored_stats = text::read_stats(engine)?;
     if stored_stats != stats {
         wrong.push(format!("stats: stored {stored_stats:?}, the data makes {stats:?}"));
     }
-    let (start, end) = text::postings_range();
+    let (start, end) = (keyspace_start(Keyspace::Postings), vec![Keyspace::Vectors as u8 + 1]);
     for entry in engine.scan(&start, Some(&end)) {
         let (key, siblings) = entry?;
         let Some(value) = siblings.value() else { continue };
+        if key == marker_key() || key == text::stats_key() {
+            continue;
+        }
+        let shown = String::from_utf8_lossy(&key).into_owned();
         match expected.remove(&key) {
             Some(want) if want == value => {}
-            Some(_) => wrong.push(format!("posting {} differs from the data's", String::from_utf8_lossy(&key))),
-            None => wrong.push(format!("posting {} has no data behind it", String::from_utf8_lossy(&key))),
+            Some(_) => wrong.push(format!("{shown} differs from what the data makes")),
+            None => wrong.push(format!("{shown} has no data behind it")),
         }
     }
     for key in expected.keys() {
-        wrong.push(format!("posting {} is missing", String::from_utf8_lossy(key)));
+        wrong.push(format!("{} is missing", String::from_utf8_lossy(key)));
     }
     wrong.truncate(report_max);
     Ok(wrong)
@@ -164,19 +295,17 @@ pub fn verify(engine: &Engine, report_max: usize) -> storage::Result<Vec<String>
 /// Rebuilds the index from the data: deletes every index key, indexes
 /// every key's current value, then writes the marker. A crash part way
 /// leaves no marker, so the next start begins again.
-fn rebuild(engine: &Engine, analyzer: &Analyzer) -> storage::Result<()> {
-    // Each record's ops above the last one's: a posting deleted in one
+fn rebuild(engine: &Engine, analyzer: &Analyzer, embedder: &dyn Embedder) -> storage::Result<()> {
+    // Each record's ops above the last one's: an entry deleted in one
     // record and written again in a later one must end written.
     let mut last = engine.max_hlc();
     let mut next_stamp = move || {
         last = last.successor().unwrap_or(last);
         IndexStamp(last)
     };
-    let index_start = keyspace_start(Keyspace::Postings);
-    let index_end = vec![Keyspace::Postings as u8 + 1];
     let mut ops = Vec::new();
     let mut stamp = next_stamp();
-    for entry in engine.scan(&index_start, Some(&index_end)) {
+    for entry in engine.scan(&keyspace_start(Keyspace::Postings), Some(&[Keyspace::Vectors as u8 + 1])) {
         let (key, siblings) = entry?;
         if !siblings.all_tombstones() {
             ops.push(Op { key, version: stamp.version(None) });
@@ -195,13 +324,10 @@ fn rebuild(engine: &Engine, analyzer: &Analyzer) -> storage::Result<()> {
     loop {
         let entry = data.next().transpose()?;
         if let Some((stored, siblings)) = &entry {
-            let doc = Doc::of_siblings(analyzer, Some(siblings));
-            if let (Some(key), Some(doc)) = (user_key(stored), doc.as_ref()) {
-                stats.replace(None, Some(doc));
-                for (posting_key, posting) in posting_changes(key, None, Some(doc)) {
-                    let value = posting.map(|p| postcard::to_stdvec(&p).expect("postcard encodes into a Vec"));
-                    ops.push(Op { key: posting_key, version: stamp.version(value) });
-                }
+            if let Some(key) = user_key(stored) {
+                let derived = Derived::of(analyzer, embedder, siblings.value());
+                stats.replace(None, derived.doc.as_ref());
+                derived.ops_from(&Derived::default(), key, stamp, &mut ops);
                 docs += 1;
             }
         }
@@ -216,6 +342,6 @@ fn rebuild(engine: &Engine, analyzer: &Analyzer) -> storage::Result<()> {
             break;
         }
     }
-    engine.write_blocking(vec![Op { key: marker_key(), version: stamp.version(Some(format_marker())) }])?;
+    engine.write_blocking(vec![Op { key: marker_key(), version: stamp.version(Some(marker(embedder))) }])?;
     Ok(())
 }

@@ -27,7 +27,10 @@ use std::thread::JoinHandle;
 use quiver_ring::{BatchId, Hlc, NodeId, Siblings, Version};
 
 use super::analyzer::Analyzer;
-use super::text::{posting_changes, stats_key, Doc, Stats};
+use super::embed::Embedder;
+use super::text::{stats_key, Stats};
+use super::vectors::VectorIndex;
+use super::Derived;
 use crate::lock;
 use crate::storage::keys::user_key;
 use crate::storage::{self, Engine, Op};
@@ -44,6 +47,9 @@ struct Submit {
 /// key's versions once it is applied.
 type Overlay = Arc<Mutex<HashMap<Vec<u8>, (u64, Siblings)>>>;
 
+/// Vectors a write changes: user key and new vector (`None`: none now).
+type VectorChanges = Vec<(Vec<u8>, Option<Vec<f32>>)>;
+
 /// The handle callers write through.
 #[derive(Debug)]
 pub struct Writer {
@@ -52,11 +58,19 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Starts the stage over `engine`, from the index totals `stats`.
-    pub fn start(engine: Arc<Engine>, analyzer: Arc<Analyzer>, stats: Stats) -> std::io::Result<Writer> {
+    /// Starts the stage over `engine`, from the index totals `stats`;
+    /// durable vector changes go to `vectors`.
+    pub fn start(
+        engine: Arc<Engine>,
+        analyzer: Arc<Analyzer>,
+        embedder: Arc<dyn Embedder>,
+        vectors: Arc<VectorIndex>,
+        stats: Stats,
+    ) -> std::io::Result<Writer> {
         let (sender, receiver) = mpsc::channel();
         let last_hlc = engine.max_hlc();
-        let mut stage = Stage { engine, analyzer, overlay: Overlay::default(), stats, last_hlc, writes: 0 };
+        let overlay = Overlay::default();
+        let mut stage = Stage { engine, analyzer, embedder, vectors, overlay, stats, last_hlc, writes: 0 };
         let thread = std::thread::Builder::new().name("quiver-index".into()).spawn(move || {
             for submit in receiver {
                 stage.write(submit);
@@ -95,6 +109,8 @@ impl Drop for Writer {
 struct Stage {
     engine: Arc<Engine>,
     analyzer: Arc<Analyzer>,
+    embedder: Arc<dyn Embedder>,
+    vectors: Arc<VectorIndex>,
     overlay: Overlay,
     stats: Stats,
     /// The timestamp of the last index ops written: each record's are
@@ -108,10 +124,10 @@ impl Stage {
     fn write(&mut self, Submit { mut ops, done }: Submit) {
         self.writes += 1;
         let write = self.writes;
-        let changed = match self.index_ops(&ops) {
-            Ok((index_ops, changed)) => {
+        let (changed, vector_changes) = match self.index_ops(&ops) {
+            Ok((index_ops, changed, vector_changes)) => {
                 ops.extend(index_ops);
-                changed
+                (changed, vector_changes)
             }
             Err(error) => return done(Err(error)),
         };
@@ -122,8 +138,13 @@ impl Stage {
                 overlay.insert(key, (write, after));
             }
         }
-        let overlay = self.overlay.clone();
+        let (overlay, vectors) = (self.overlay.clone(), self.vectors.clone());
         self.engine.write_then(ops, move |result| {
+            if result.is_ok() {
+                for (key, vector) in vector_changes {
+                    vectors.changed(key, vector);
+                }
+            }
             // Now in the engine (or the engine failed, and nothing is
             // written any more): the engine's state is the key's.
             let mut overlay = lock(&overlay);
@@ -146,10 +167,10 @@ impl Stage {
         self.engine.get(key)
     }
 
-    /// The index ops of a write, and every data key it touches with its
-    /// versions after it.
+    /// The index ops of a write, every data key it touches with its
+    /// versions after it, and the vectors it changes (by user key).
     #[allow(clippy::type_complexity)]
-    fn index_ops(&mut self, ops: &[Op]) -> storage::Result<(Vec<Op>, Vec<(Vec<u8>, Siblings)>)> {
+    fn index_ops(&mut self, ops: &[Op]) -> storage::Result<(Vec<Op>, Vec<(Vec<u8>, Siblings)>, VectorChanges)> {
         // Each data key once, in order, with its versions before and after.
         let mut keys: Vec<(Vec<u8>, Option<Siblings>, Siblings)> = Vec::new();
         let mut at: HashMap<&[u8], usize> = HashMap::new();
@@ -168,6 +189,7 @@ impl Stage {
             }
         }
         let mut index_ops = Vec::new();
+        let mut vector_changes = Vec::new();
         let stats_before = self.stats;
         let stamp = self.stamp();
         for (stored, before, after) in &keys {
@@ -176,18 +198,19 @@ impl Stage {
                 continue;
             }
             let Some(key) = user_key(stored) else { continue };
-            let (was, is) = (Doc::of(&self.analyzer, before_value), Doc::of(&self.analyzer, after.value()));
-            self.stats.replace(was.as_ref(), is.as_ref());
-            for (posting_key, posting) in posting_changes(key, was.as_ref(), is.as_ref()) {
-                let value = posting.map(|p| postcard::to_stdvec(&p).expect("postcard encodes into a Vec"));
-                index_ops.push(Op { key: posting_key, version: stamp.version(value) });
+            let was = Derived::of(&self.analyzer, self.embedder.as_ref(), before_value);
+            let is = Derived::of(&self.analyzer, self.embedder.as_ref(), after.value());
+            self.stats.replace(was.doc.as_ref(), is.doc.as_ref());
+            is.ops_from(&was, key, stamp, &mut index_ops);
+            if is.vector != was.vector {
+                vector_changes.push((key.to_vec(), is.vector));
             }
         }
         if self.stats != stats_before {
             let value = postcard::to_stdvec(&self.stats).expect("postcard encodes into a Vec");
             index_ops.push(Op { key: stats_key(), version: stamp.version(Some(value)) });
         }
-        Ok((index_ops, keys.into_iter().map(|(key, _, after)| (key, after)).collect()))
+        Ok((index_ops, keys.into_iter().map(|(key, _, after)| (key, after)).collect(), vector_changes))
     }
 
     /// The stamp of this record's index ops: above the last one's, and at

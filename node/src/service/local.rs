@@ -14,8 +14,7 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 use super::causal::{CausalWrite, CausalWrites, VersionsRead};
 use super::reads::{Job, ReadHook, ReadJob, ReadPool, Task};
 use super::{Done, Entries, Store, StoreStatus, Timing};
-use crate::index::query::Match;
-use crate::index::Index;
+use crate::index::{Index, Search};
 use crate::stamping::NodeClock;
 use crate::storage::keys::data_key;
 use crate::storage::{self, Engine};
@@ -303,12 +302,12 @@ impl Store for LocalStore {
         self.write_causal_set(key, value, context, timing, Box::new(move |result| done(result.map(drop))));
     }
 
-    fn search_text(&self, query: String, k: u32, matching: Match, timing: Timing, done: Done<Vec<SearchHit>>) {
+    fn search(&self, search: Search, timing: Timing, done: Done<Vec<SearchHit>>) {
         if let Err(error) = self.clock.observe(timing.hlc_seen) {
             return done(Err(error));
         }
         let Some(index) = self.index.clone() else { return done(Err(not_indexed())) };
-        self.reads.jobs().submit(Job::Task(Box::new(TextSearch { index, query, k, matching, done })));
+        self.reads.jobs().submit(Job::Task(Box::new(Searching { index, search, done })));
     }
 
     fn status(&self) -> Result<StoreStatus, ServerError> {
@@ -330,18 +329,16 @@ pub fn not_indexed() -> ServerError {
     ServerError::new(ErrorKind::NotIndexed, "this node was started without indexing: start it with --index to search")
 }
 
-/// A full-text search, on a reader thread.
-struct TextSearch {
+/// A search, on a reader thread.
+struct Searching {
     index: Arc<Index>,
-    query: String,
-    k: u32,
-    matching: Match,
+    search: Search,
     done: Done<Vec<SearchHit>>,
 }
 
-impl Task for TextSearch {
+impl Task for Searching {
     fn run(self: Box<Self>, _: &Engine) {
-        (self.done)(self.index.search_text(&self.query, self.k, self.matching));
+        (self.done)(self.index.search(self.search));
     }
 
     fn cancel(self: Box<Self>, error: ServerError) {

@@ -28,6 +28,7 @@ use crate::clock::Clock;
 use crate::cluster::store::{ClusterStore, REPLICAS};
 use crate::config::Limits;
 use crate::index::query::Match;
+use crate::index::Search;
 use crate::stamping::NodeClock;
 
 /// Keys and values of one write; `None` deletes.
@@ -79,9 +80,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// covers; `done` once it is durable.
     fn write_causal(&self, key: Vec<u8>, value: Option<Vec<u8>>, context: Context, timing: Timing, done: Done<()>);
 
-    /// The `k` keys whose values best match the full-text query `query`,
-    /// best first, with their values (see [`crate::index`]).
-    fn search_text(&self, query: String, k: u32, matching: Match, timing: Timing, done: Done<Vec<SearchHit>>);
+    /// The hits of a search (full text or similar values), best first,
+    /// with their values (see [`crate::index`]).
+    fn search(&self, search: Search, timing: Timing, done: Done<Vec<SearchHit>>);
 
     /// Sizes for `status`.
     fn status(&self) -> Result<StoreStatus, ServerError>;
@@ -220,15 +221,15 @@ impl Service {
             Op::Ring => reply(self.ring()),
             Op::SearchText { query, k, all } => {
                 let matching = if all { Match::All } else { Match::Any };
-                self.store.search_text(
-                    query,
-                    k,
-                    matching,
-                    timing,
-                    Box::new(move |result| reply(result.map(Reply::Hits))),
-                )
+                self.search(Search::Text { query, k, matching }, timing, reply)
             }
+            Op::SearchSimilar { text, k } => self.search(Search::Similar { text, k }, timing, reply),
+            Op::SearchVector { vector, k } => self.search(Search::Vector { vector, k }, timing, reply),
         }
+    }
+
+    fn search(&self, search: Search, timing: Timing, reply: impl FnOnce(Result<Reply, ServerError>) + Send + 'static) {
+        self.store.search(search, timing, Box::new(move |result| reply(result.map(Reply::Hits))));
     }
 
     fn write(&self, entries: Entries, timing: Timing, reply: impl FnOnce(Result<Reply, ServerError>) + Send + 'static) {

@@ -4,6 +4,7 @@
 //! ```text
 //! data:   0x00 | token (u64, big-endian) | user key
 //! hints:  0x01 | ...        batch log: 0x02 | ...        postings: 0x03 | ...
+//! vectors: 0x04 | ...
 //! ```
 //!
 //! The engine orders keys by their bytes, so data is ordered by token: a
@@ -24,6 +25,7 @@ pub enum Keyspace {
     Hints = 1,
     BatchLog = 2,
     Postings = 3,
+    Vectors = 4,
 }
 
 /// Bytes before the user key in a data key.
