@@ -5,7 +5,8 @@
 //! writes through any node survive a kill, and the smart client fails over;
 //! concurrent writes through different coordinators leave the same
 //! versions on every replica; one client's writes through coordinators
-//! whose clocks disagree keep their order.
+//! whose clocks disagree keep their order; searches over four nodes find
+//! what one node finds.
 //!
 //! Clients made with `direct()` send every call to the node they connected
 //! to (that node coordinates); the others route by the ring.
@@ -454,4 +455,82 @@ fn hints_past_their_age_are_dropped_undelivered() {
     let own = direct(&nodes[2]).with_consistency(Consistency::One);
     let values = with_paused(&[&nodes[0], &nodes[1]], || own.get_many(&keys).unwrap());
     assert!(values.iter().all(Option::is_none), "n3 got none of them: {values:?}");
+}
+
+/// Sentences about a few subjects, made up of parts so that there are
+/// many distinct values.
+fn documents() -> Vec<(String, String)> {
+    let subjects = [
+        "the king and the queen",
+        "a french chef in paris",
+        "the football team",
+        "a programmer at her computer",
+        "the river in the forest",
+        "an old royal palace",
+        "wine from bordeaux",
+        "the striker and the goalkeeper",
+    ];
+    let verbs = ["watched", "remembered", "talked about", "painted"];
+    let objects = ["the throne", "the eiffel tower", "the championship", "the software", "the lake", "the harvest"];
+    let mut docs = Vec::new();
+    for (i, subject) in subjects.iter().enumerate() {
+        for (j, verb) in verbs.iter().enumerate() {
+            for (l, object) in objects.iter().enumerate() {
+                docs.push((format!("doc-{i}-{j}-{l}"), format!("{subject} {verb} {object}")));
+            }
+        }
+    }
+    docs
+}
+
+fn keys_and_scores(hits: &[quiver_client::SearchHit]) -> Vec<(String, f64)> {
+    hits.iter().map(|h| (String::from_utf8_lossy(&h.key).into_owned(), h.score)).collect()
+}
+
+/// Four nodes (each range on three of them, so a search needs parts from
+/// other nodes) against one node, over the same values: similar values
+/// come back alike, key for key and score for score; full-text searches
+/// find the same keys (their scores use each node's own term statistics).
+#[test]
+fn cluster_searches_find_what_a_single_node_finds_over_the_same_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let specs = cluster(dir.path(), 4);
+    let nodes: Vec<NodeProcess> = specs.iter().map(|spec| start(spec, &["--index"])).collect();
+    let single =
+        NodeProcess::start(&NodeSpec::new(env!("CARGO_BIN_EXE_quiverd"), &dir.path().join("single")).args(["--index"]))
+            .unwrap();
+    let cluster = direct(&nodes[0]).with_consistency(Consistency::All);
+    wait_for(&cluster, "every peer up", |s| s.peers.len() == 3 && s.peers.iter().all(|p| p.up));
+    let alone = Client::connect([single.addr.clone()]).unwrap();
+    let docs = documents();
+    for (key, value) in &docs {
+        cluster.set(key, value).unwrap();
+    }
+    alone.bulk_set(docs.iter().map(|(k, v)| (k.as_str(), v.as_str()))).unwrap();
+
+    for text in ["king", "paris", "a goal in the match", "computers"] {
+        let (in_cluster, on_one) = (cluster.search_similar(text, 10).unwrap(), alone.search_similar(text, 10).unwrap());
+        let (in_cluster, on_one) = (keys_and_scores(&in_cluster), keys_and_scores(&on_one));
+        assert_eq!(in_cluster.len(), 10, "{text}");
+        for ((key, score), (one_key, one_score)) in in_cluster.iter().zip(&on_one) {
+            assert!((score - one_score).abs() < 1e-5, "{text}: {in_cluster:?} vs {on_one:?}");
+            if key != one_key {
+                assert!((score - one_score).abs() < 1e-6, "{text}: ties may come in either order");
+            }
+        }
+    }
+    for query in ["king", "\"royal palace\"", "bordeaux lake", "champ*"] {
+        let sorted = |hits: Vec<quiver_client::SearchHit>| {
+            let mut keys: Vec<Vec<u8>> = hits.into_iter().map(|h| h.key).collect();
+            keys.sort();
+            keys
+        };
+        let in_cluster = sorted(cluster.search_text(query, 1000).unwrap());
+        assert!(!in_cluster.is_empty(), "{query}");
+        assert_eq!(in_cluster, sorted(alone.search_text(query, 1000).unwrap()), "{query}");
+    }
+    // Each node answered its part: a search through another coordinator
+    // finds the same.
+    let through_n3 = direct(&nodes[2]).search_text("king", 1000).unwrap();
+    assert_eq!(through_n3.len(), cluster.search_text("king", 1000).unwrap().len());
 }

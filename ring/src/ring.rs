@@ -56,6 +56,31 @@ pub struct RingView {
     pub members: Vec<Member>,
 }
 
+/// The tokens after `after` up to `upto` (inclusive), clockwise: the keys
+/// one token of the ring owns. `after == upto` is the whole ring (a ring of
+/// one token).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRange {
+    pub after: u64,
+    pub upto: u64,
+}
+
+impl TokenRange {
+    /// Whether `token` is in the range.
+    pub fn contains(&self, token: u64) -> bool {
+        match self.after.cmp(&self.upto) {
+            std::cmp::Ordering::Less => self.after < token && token <= self.upto,
+            std::cmp::Ordering::Greater => token > self.after || token <= self.upto,
+            std::cmp::Ordering::Equal => true,
+        }
+    }
+
+    /// Whether `key`'s token is in the range.
+    pub fn holds(&self, key: &[u8]) -> bool {
+        self.contains(key_token(key))
+    }
+}
+
 /// A ring computed from a [`RingView`]: every token, sorted.
 #[derive(Clone, Debug)]
 pub struct Ring {
@@ -107,6 +132,23 @@ impl Ring {
         list
     }
 
+    /// Every range of the ring (each token's, clockwise from the token
+    /// before it) with its `n` replicas: together they cover every token
+    /// once.
+    pub fn ranges(&self, n: usize) -> Vec<(TokenRange, Vec<NodeId>)> {
+        let Some(&(last, _)) = self.tokens.last() else { return Vec::new() };
+        let mut ranges = Vec::with_capacity(self.tokens.len());
+        let mut previous = last;
+        for &(token, _) in &self.tokens {
+            // Two members on one token: the second owns nothing.
+            if token != previous || ranges.is_empty() {
+                ranges.push((TokenRange { after: previous, upto: token }, self.preference_list_of_token(token, n)));
+            }
+            previous = token;
+        }
+        ranges
+    }
+
     /// The nodes that hold `key`: its preference list of `n` nodes.
     pub fn preference_list(&self, key: &[u8], n: usize) -> Vec<NodeId> {
         self.preference_list_of_token(key_token(key), n)
@@ -143,6 +185,23 @@ mod tests {
 
     fn member(id: u64) -> Member {
         Member { id: NodeId(id), name: format!("n{id}"), client_addr: String::new(), peer_addr: String::new() }
+    }
+
+    #[test]
+    fn every_key_is_in_exactly_one_range_whose_replicas_are_its_preference_list() {
+        let ring = Ring::new(RingView { epoch: 1, members: (1..=4).map(member).collect() });
+        let ranges = ring.ranges(3);
+        assert_eq!(ranges.len(), 4 * TOKENS_PER_NODE as usize);
+        for i in 0..2000u32 {
+            let key = i.to_le_bytes();
+            let holding: Vec<_> = ranges.iter().filter(|(range, _)| range.holds(&key)).collect();
+            assert_eq!(holding.len(), 1, "key {i}");
+            assert_eq!(holding[0].1, ring.preference_list(&key, 3), "key {i}");
+        }
+        let whole = TokenRange { after: 5, upto: 5 };
+        assert!(whole.contains(0) && whole.contains(u64::MAX));
+        let wrapping = TokenRange { after: u64::MAX - 1, upto: 1 };
+        assert!(wrapping.contains(u64::MAX) && wrapping.contains(0) && wrapping.contains(1) && !wrapping.contains(2));
     }
 
     #[test]

@@ -37,7 +37,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use quiver_ring::ring::{Member, Ring, RingView};
+use quiver_ring::ring::{Member, Ring, RingView, TokenRange};
 use quiver_ring::wire::{self, ErrorKind, RingInfo, RingMember, SearchHit, ServerError};
 use quiver_ring::{Context, Hlc, NodeId, Siblings};
 
@@ -397,7 +397,10 @@ impl ClusterStore {
                 PeerRequest::Read { key } => {
                     self.local.read_versions(key, REPLICA_READ, Box::new(move |r| answer(r.map(PeerReply::Found))))
                 }
-                PeerRequest::Ping { .. } | PeerRequest::LogBatch { .. } | PeerRequest::BatchDone { .. } => {}
+                PeerRequest::Ping { .. }
+                | PeerRequest::LogBatch { .. }
+                | PeerRequest::BatchDone { .. }
+                | PeerRequest::Search { .. } => {}
             }
             return;
         }
@@ -452,6 +455,30 @@ impl ClusterStore {
     }
 
     /// Reads `key` from its replicas: the merge of the first R answers.
+    /// Node `node`'s hits for `search` among its keys in `ranges`.
+    async fn search_part(
+        self: &Arc<Self>,
+        node: NodeId,
+        search: Search,
+        ranges: Vec<TokenRange>,
+    ) -> Result<Vec<SearchHit>, ServerError> {
+        if node == self.me {
+            let (sender, receiver) = tokio::sync::oneshot::channel();
+            let done: Done<Vec<SearchHit>> = Box::new(move |result| {
+                let _ = sender.send(result);
+            });
+            self.local.search_within(search, Some(ranges), done);
+            return receiver.await.unwrap_or_else(|_| Err(ServerError::new(ErrorKind::ShuttingDown, "stopping")));
+        }
+        let link = self.membership.link(node)?;
+        match link.call(PeerRequest::Search { search, ranges }, OP_TIMEOUT).await {
+            Ok(PeerReply::Hits(hits)) => Ok(hits),
+            Ok(PeerReply::Failed(error)) => Err(error),
+            Ok(other) => Err(ServerError::new(ErrorKind::Internal, format!("a search part answered {other:?}"))),
+            Err(error) => Err(ServerError::new(ErrorKind::Unavailable, format!("a search part: {error}"))),
+        }
+    }
+
     fn read_key(self: &Arc<Self>, key: Vec<u8>, consistency: Consistency, done: Done<Option<Siblings>>) {
         let ring = match self.ring() {
             Ok(ring) => ring,
@@ -637,8 +664,68 @@ impl Store for Arc<ClusterStore> {
         self.local.write_causal_set(key, value, context, timing, Box::new(replicate));
     }
 
+    /// Scatter-gather: each token range is searched on one of its
+    /// replicas (this node where it is one, else the first that is up), so
+    /// every key is looked at once; the hits are merged, and the best `k`
+    /// are checked against the keys' current values (read at the request's
+    /// consistency): a hit whose replica was behind is left out.
     fn search(&self, search: Search, timing: Timing, done: Done<Vec<SearchHit>>) {
-        self.local.search(search, timing, done);
+        if let Err(error) = self.clock.observe(timing.hlc_seen) {
+            return done(Err(error));
+        }
+        let ring = match self.ring() {
+            Ok(ring) => ring,
+            Err(error) => return done(Err(error)),
+        };
+        let down = self.membership.down();
+        let mut parts: BTreeMap<NodeId, Vec<TokenRange>> = BTreeMap::new();
+        for (range, replicas) in ring.ranges(REPLICAS) {
+            let chosen = match replicas.contains(&self.me) {
+                true => Some(self.me),
+                false => replicas.iter().find(|id| !down.contains(id)).copied(),
+            };
+            let Some(node) = chosen else {
+                let message = "every replica of a part of the ring is down: a search would miss its keys";
+                return done(Err(ServerError::new(ErrorKind::Unavailable, message)));
+            };
+            parts.entry(node).or_default().push(range);
+        }
+        let this = self.clone();
+        self.runtime.spawn(async move {
+            let k = search.k() as usize;
+            // Every part asked at once, then awaited in turn.
+            let asks: Vec<_> = parts
+                .into_iter()
+                .map(|(node, ranges)| {
+                    let (this, search) = (this.clone(), search.clone());
+                    tokio::spawn(async move { this.search_part(node, search, ranges).await })
+                })
+                .collect();
+            let mut hits = Vec::new();
+            for ask in asks {
+                let stopped = |_| Err(ServerError::new(ErrorKind::ShuttingDown, "the node is stopping"));
+                match ask.await.unwrap_or_else(stopped) {
+                    Ok(part) => hits.extend(part),
+                    Err(error) => return done(Err(error)),
+                }
+            }
+            hits.sort_by(|a, b| b.score.total_cmp(&a.score).then_with(|| a.key.cmp(&b.key)));
+            hits.dedup_by(|later, first| later.key == first.key);
+            hits.truncate(k);
+            let keys: Vec<Vec<u8>> = hits.iter().map(|hit| hit.key.clone()).collect();
+            let (sender, receiver) = tokio::sync::oneshot::channel();
+            let read_done: Done<Vec<Option<Vec<u8>>>> = Box::new(move |result| {
+                let _ = sender.send(result);
+            });
+            this.read(keys, timing, usize::MAX, read_done);
+            let current = match receiver.await {
+                Ok(Ok(values)) => values,
+                Ok(Err(error)) => return done(Err(error)),
+                Err(_) => return done(Err(ServerError::new(ErrorKind::ShuttingDown, "the node is stopping"))),
+            };
+            let fresh = hits.into_iter().zip(current).filter(|(hit, now)| now.as_deref() == Some(hit.value.as_slice()));
+            done(Ok(fresh.map(|(hit, _)| hit).collect()))
+        });
     }
 
     fn status(&self) -> Result<StoreStatus, ServerError> {
@@ -885,6 +972,10 @@ pub fn check_peer_request(limits: &wire::Limits, request: &PeerRequest) -> Resul
         PeerRequest::BatchDone { .. } => Ok(()),
         PeerRequest::Write { sets, hints } => check_sets(limits, sets.iter().chain(hints.iter().flat_map(|h| &h.sets))),
         PeerRequest::LogBatch { sets, .. } => check_sets(limits, sets.iter()),
+        PeerRequest::Search { search: Search::Text { query: text, k, .. } | Search::Similar { text, k }, .. } => {
+            wire::check_search(text, *k)
+        }
+        PeerRequest::Search { search: Search::Vector { vector, k }, .. } => wire::check_vector_search(vector, 0, *k),
     }
 }
 
@@ -930,6 +1021,11 @@ impl crate::net::peer::PeerHandler for ReplicaHandler {
                 key,
                 REPLICA_READ,
                 Box::new(move |r| reply(answer(r.map(PeerReply::Found)))),
+            ),
+            PeerRequest::Search { search, ranges } => self.data.local.search_within(
+                search,
+                Some(ranges),
+                Box::new(move |r| reply(answer(r.map(PeerReply::Hits)))),
             ),
         }
     }

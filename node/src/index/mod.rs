@@ -32,6 +32,7 @@ mod tests;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use quiver_ring::ring::TokenRange;
 use quiver_ring::wire::{ErrorKind, SearchHit, ServerError};
 use quiver_ring::Siblings;
 
@@ -96,7 +97,7 @@ impl Derived {
 }
 
 /// A search, of any kind.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Search {
     /// Full text (BM25).
     Text { query: String, k: u32, matching: Match },
@@ -166,47 +167,60 @@ impl Index {
 
     /// Runs `search` (reads the engine: call it on a reader thread).
     pub fn search(&self, search: Search) -> Result<Vec<SearchHit>, ServerError> {
+        self.search_within(search, None)
+    }
+
+    /// Runs `search` over the keys in `ranges` only (`None`: every key).
+    pub fn search_within(&self, search: Search, ranges: Option<&[TokenRange]>) -> Result<Vec<SearchHit>, ServerError> {
+        let keep = |key: &[u8]| ranges.is_none_or(|ranges| ranges.iter().any(|range| range.holds(key)));
         match search {
-            Search::Text { query, k, matching } => self.search_text(&query, k, matching),
-            Search::Similar { text, k } => self.search_similar(&text, k),
-            Search::Vector { vector, k } => self.search_vector(vector, k),
+            Search::Text { query, k, matching } => {
+                quiver_ring::wire::check_search(&query, k)?;
+                let query = Query::parse(&self.analyzer, &query, matching)?;
+                let scored = text::search(&self.engine, &query, k as usize, &keep).map_err(storage_error)?;
+                let hits = text::with_values(&self.engine, scored).map_err(storage_error)?;
+                Ok(hits.into_iter().map(|(s, value)| SearchHit { key: s.key, score: s.score, value }).collect())
+            }
+            Search::Similar { text, k } => {
+                quiver_ring::wire::check_search(&text, k)?;
+                let vector = self.embedder.embed(&text).ok_or_else(|| {
+                    let message = format!("no word of {text:?} is in the embedder's vocabulary");
+                    ServerError::new(ErrorKind::BadQuery, message)
+                })?;
+                self.nearest(&vector, k, &keep)
+            }
+            Search::Vector { vector, k } => {
+                quiver_ring::wire::check_vector_search(&vector, self.embedder.dim(), k)?;
+                let bad = || ServerError::new(ErrorKind::BadQuery, "the query vector has no direction (all zeros)");
+                self.nearest(&embed::unit(vector).ok_or_else(bad)?, k, &keep)
+            }
         }
     }
 
     /// The `k` best documents for the full-text query `text`, with their
-    /// current values. Reads the engine: call it on a reader thread.
+    /// current values.
     pub fn search_text(&self, text: &str, k: u32, matching: Match) -> Result<Vec<SearchHit>, ServerError> {
-        quiver_ring::wire::check_search(text, k)?;
-        let query = Query::parse(&self.analyzer, text, matching)?;
-        let scored = text::search(&self.engine, &query, k as usize).map_err(storage_error)?;
-        let hits = text::with_values(&self.engine, scored).map_err(storage_error)?;
-        Ok(hits.into_iter().map(|(scored, value)| SearchHit { key: scored.key, score: scored.score, value }).collect())
+        self.search(Search::Text { query: text.to_owned(), k, matching })
     }
 
     /// The `k` values about the same things as `text` (nearest by the
     /// embedder's vectors), with their cosine similarity.
     pub fn search_similar(&self, text: &str, k: u32) -> Result<Vec<SearchHit>, ServerError> {
-        quiver_ring::wire::check_search(text, k)?;
-        let vector = self.embedder.embed(text).ok_or_else(|| {
-            ServerError::new(ErrorKind::BadQuery, format!("no word of {text:?} is in the embedder's vocabulary"))
-        })?;
-        self.nearest(&vector, k)
+        self.search(Search::Similar { text: text.to_owned(), k })
     }
 
     /// The `k` values whose vectors are nearest `vector` (any length but
     /// zero; the index's dimension), with their cosine similarity.
     pub fn search_vector(&self, vector: Vec<f32>, k: u32) -> Result<Vec<SearchHit>, ServerError> {
-        quiver_ring::wire::check_vector_search(&vector, self.embedder.dim(), k)?;
-        let bad = || ServerError::new(ErrorKind::BadQuery, "the query vector has no direction (all zeros)");
-        self.nearest(&embed::unit(vector).ok_or_else(bad)?, k)
+        self.search(Search::Vector { vector, k })
     }
 
-    fn nearest(&self, vector: &[f32], k: u32) -> Result<Vec<SearchHit>, ServerError> {
+    fn nearest(&self, vector: &[f32], k: u32, keep: &dyn Fn(&[u8]) -> bool) -> Result<Vec<SearchHit>, ServerError> {
         // The graph takes writes a moment after they are durable: wait for
         // those acknowledged before this search, unless the graph is more
         // than a second behind (a heavy load), as a search engine's refresh.
         self.vectors.sync_within(Some(GRAPH_WAIT_MAX));
-        let near = self.vectors.search(vector, k as usize).map_err(storage_error)?;
+        let near = self.vectors.search(vector, k as usize, keep).map_err(storage_error)?;
         let mut hits = Vec::with_capacity(near.len());
         for near in near {
             if let Some(value) =

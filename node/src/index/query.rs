@@ -21,7 +21,7 @@ use super::analyzer::Analyzer;
 pub const CLAUSES_MAX: usize = 64;
 
 /// Whether a document must match every clause or one is enough.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Match {
     #[default]
     Any,

@@ -320,8 +320,9 @@ fn three_word_docs(seed: u64, count: usize) -> Vec<String> {
 fn recall_at_10(index: &Index, queries: &[Vec<f32>]) -> f64 {
     let mut found = 0;
     for query in queries {
-        let exact: Vec<Vec<u8>> = index.vectors().search_exact(query, 10).unwrap().into_iter().map(|n| n.key).collect();
-        let graph = index.vectors().search(query, 10).unwrap();
+        let exact: Vec<Vec<u8>> =
+            index.vectors().search_exact(query, 10, &|_| true).unwrap().into_iter().map(|n| n.key).collect();
+        let graph = index.vectors().search(query, 10, &|_| true).unwrap();
         found += graph.iter().filter(|n| exact.contains(&n.key)).count();
     }
     found as f64 / (queries.len() * 10) as f64

@@ -302,8 +302,10 @@ fn phrase_matches(terms: &[(u32, Postings)]) -> HashMap<Vec<u8>, ()> {
     matched
 }
 
-/// The `k` best documents for `query`, best first (ties by key).
-pub fn search(engine: &Engine, query: &Query, k: usize) -> Result<Vec<Scored>> {
+/// The `k` best documents for `query` among the keys `keep` accepts, best
+/// first (ties by key). Term statistics are this node's, over all of its
+/// documents.
+pub fn search(engine: &Engine, query: &Query, k: usize, keep: &dyn Fn(&[u8]) -> bool) -> Result<Vec<Scored>> {
     let stats = read_stats(engine)?;
     let mut total: HashMap<Vec<u8>, (f64, usize)> = HashMap::new();
     for clause in &query.clauses {
@@ -319,7 +321,7 @@ pub fn search(engine: &Engine, query: &Query, k: usize) -> Result<Vec<Scored>> {
     };
     let mut scored: Vec<Scored> = total
         .into_iter()
-        .filter(|(_, (_, clauses))| *clauses >= needed)
+        .filter(|(key, (_, clauses))| *clauses >= needed && keep(key))
         .map(|(key, (score, _))| Scored { key, score })
         .collect();
     scored.sort_by(|a, b| b.score.total_cmp(&a.score).then_with(|| a.key.cmp(&b.key)));

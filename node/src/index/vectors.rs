@@ -123,10 +123,6 @@ impl Points {
             self.ids.insert(key, id);
         }
     }
-
-    fn live(&self, id: usize) -> bool {
-        self.keys.get(id).is_some_and(Option::is_some)
-    }
 }
 
 /// The graph and its points, once built.
@@ -216,12 +212,12 @@ impl VectorIndex {
     }
 
     /// The `k` keys whose vectors are nearest `query` (unit length), nearest
-    /// first.
-    pub fn search(&self, query: &[f32], k: usize) -> storage::Result<Vec<Near>> {
+    /// first, among those `keep` accepts.
+    pub fn search(&self, query: &[f32], k: usize, keep: &dyn Fn(&[u8]) -> bool) -> storage::Result<Vec<Near>> {
         {
             let built = read(&self.built);
             if let Some(Built { graph, points }) = built.as_ref() {
-                let filter = |id: &usize| points.live(*id);
+                let filter = |id: &usize| points.keys.get(*id).is_some_and(|key| key.as_deref().is_some_and(keep));
                 let found = graph.search_filter(query, k, EF_SEARCH_MIN.max(2 * k), Some(&filter));
                 return Ok(found
                     .into_iter()
@@ -232,15 +228,17 @@ impl VectorIndex {
                     .collect());
             }
         }
-        self.search_exact(query, k)
+        self.search_exact(query, k, keep)
     }
 
     /// The same by comparing `query` with every stored vector.
-    pub fn search_exact(&self, query: &[f32], k: usize) -> storage::Result<Vec<Near>> {
+    pub fn search_exact(&self, query: &[f32], k: usize, keep: &dyn Fn(&[u8]) -> bool) -> storage::Result<Vec<Near>> {
         let mut all = Vec::new();
         for (key, vector) in stored_vectors(&self.engine, self.dim) {
-            let (key, vector) = (key?, vector);
-            all.push(Near { similarity: similarity(query, &vector), key });
+            let key = key?;
+            if keep(&key) {
+                all.push(Near { similarity: similarity(query, &vector), key });
+            }
         }
         all.sort_by(|a, b| b.similarity.total_cmp(&a.similarity).then_with(|| a.key.cmp(&b.key)));
         all.truncate(k);

@@ -25,13 +25,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use quiver_ring::wire::ServerError;
+use quiver_ring::ring::TokenRange;
+use quiver_ring::wire::{SearchHit, ServerError};
 use quiver_ring::{Hlc, NodeId, Siblings};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, oneshot};
 
 use super::tls::{NodeTls, TlsError};
+use crate::index::Search;
 use crate::lock;
 
 /// The largest peer frame: a full bulk set and its framing.
@@ -43,7 +45,7 @@ const KEEP_ALIVE: Duration = Duration::from_secs(2);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What one node asks another.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum PeerRequest {
     /// A heartbeat, carrying the sender's clock.
     Ping { from: NodeId, hlc: Hlc },
@@ -57,6 +59,9 @@ pub enum PeerRequest {
     LogBatch { coordinator: NodeId, id: Hlc, sets: Vec<(Vec<u8>, Siblings)> },
     /// The bulk set `(coordinator, id)` is applied: remove it from the log.
     BatchDone { coordinator: NodeId, id: Hlc },
+    /// This node's part of a cluster-wide search: its hits among its keys
+    /// in `ranges`.
+    Search { search: Search, ranges: Vec<TokenRange> },
 }
 
 /// Sibling sets held for `owner`, a replica that is down, until it is
@@ -76,7 +81,7 @@ pub struct KnownMember {
 }
 
 /// The answer to a [`PeerRequest`].
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum PeerReply {
     /// The answer to a heartbeat: the node, its clock and its wall clock,
     /// its key count, and the members it knows by name (itself included:
@@ -92,6 +97,8 @@ pub enum PeerReply {
     /// The sets are durable here.
     Written,
     Found(Option<Siblings>),
+    /// A search's hits, best first.
+    Hits(Vec<SearchHit>),
     /// The request failed on the replica.
     Failed(ServerError),
 }

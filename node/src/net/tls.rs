@@ -28,7 +28,7 @@ pub const CA_CERT: &str = "ca.pem";
 pub const CA_KEY: &str = "ca.key";
 
 /// The ALPN protocol of peer links.
-pub const ALPN: &[u8] = b"quiver-peer/2";
+pub const ALPN: &[u8] = b"quiver-peer/3";
 
 /// The CA's subject: the same every time, so a node certificate made later
 /// names the issuer its CA certificate has.

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use quiver_ring::rand::{threshold, AtomicSplitMix64};
+use quiver_ring::ring::TokenRange;
 use quiver_ring::wire::{ErrorKind, SearchHit, ServerError};
 use quiver_ring::{Context, Hlc, Siblings};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
@@ -145,6 +146,13 @@ impl LocalStore {
     /// The node's index, if it was started with one.
     pub fn index(&self) -> Option<&Arc<Index>> {
         self.index.as_ref()
+    }
+
+    /// Runs `search` on a reader thread over this node's keys in `ranges`
+    /// (`None`: all of them): a coordinator's part of a search.
+    pub fn search_within(&self, search: Search, ranges: Option<Vec<TokenRange>>, done: Done<Vec<SearchHit>>) {
+        let Some(index) = self.index.clone() else { return done(Err(not_indexed())) };
+        self.reads.jobs().submit(Job::Task(Box::new(Searching { index, search, ranges, done })));
     }
 
     /// Test-only: see [`WriteHook`].
@@ -306,8 +314,7 @@ impl Store for LocalStore {
         if let Err(error) = self.clock.observe(timing.hlc_seen) {
             return done(Err(error));
         }
-        let Some(index) = self.index.clone() else { return done(Err(not_indexed())) };
-        self.reads.jobs().submit(Job::Task(Box::new(Searching { index, search, done })));
+        self.search_within(search, None, done);
     }
 
     fn status(&self) -> Result<StoreStatus, ServerError> {
@@ -333,12 +340,13 @@ pub fn not_indexed() -> ServerError {
 struct Searching {
     index: Arc<Index>,
     search: Search,
+    ranges: Option<Vec<TokenRange>>,
     done: Done<Vec<SearchHit>>,
 }
 
 impl Task for Searching {
     fn run(self: Box<Self>, _: &Engine) {
-        (self.done)(self.index.search(self.search));
+        (self.done)(self.index.search_within(self.search, self.ranges.as_deref()));
     }
 
     fn cancel(self: Box<Self>, error: ServerError) {
