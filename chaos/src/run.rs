@@ -529,6 +529,11 @@ pub fn run(mode: &str, settings: Settings, workload: Arc<dyn Workload>) -> Resul
     if !clean_exits {
         violations.push("a quiverd did not exit cleanly on SIGTERM".into());
     }
+    if ctx.settings.node_args.iter().any(|arg| arg == "--index") {
+        for spec in &ctx.specs {
+            violations.extend(index_mismatches(spec, &ctx.settings.node_args));
+        }
+    }
 
     let c = &ctx.counters;
     let count = violations.len();
@@ -547,6 +552,26 @@ pub fn run(mode: &str, settings: Settings, workload: Arc<dyn Workload>) -> Resul
         violation_samples: violations,
         ok: count == 0,
     })
+}
+
+/// Runs `quiverd --check-index` on a stopped node's data: whether the
+/// index (postings and vectors) matches every key's current value after all
+/// the kills. Each line it prints about a difference is a violation.
+fn index_mismatches(spec: &NodeSpec, node_args: &[String]) -> Vec<String> {
+    let dir = spec.data_dir.display().to_string();
+    let output = std::process::Command::new(&spec.quiverd)
+        .args(["--check-index", "--data-dir", &dir])
+        .args(node_args.iter().filter(|arg| *arg != "--index"))
+        .output();
+    match output {
+        Ok(output) if output.status.success() => Vec::new(),
+        Ok(output) => {
+            let printed =
+                String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+            printed.lines().map(|line| format!("INDEX {dir}: {line}")).collect()
+        }
+        Err(error) => vec![format!("INDEX {dir}: cannot run quiverd --check-index: {error}")],
+    }
 }
 
 fn killer(ctx: &Context) -> Result<(), String> {

@@ -1,6 +1,6 @@
 //! Short chaos runs against real `quiverd` processes, as CI runs them: each
 //! subcommand with at least 10 SIGKILLs (the skip-write fault on in one), on
-//! one node and on a cluster of three, isolation also without kills, and
+//! one node and on a cluster of three, with indexing on and its check, isolation also without kills, and
 //! proof that the checker reports losses when a node acknowledges writes it
 //! never made.
 
@@ -65,6 +65,19 @@ fn bulk_atomicity_under_sigkill_with_skip_write_fault() {
     let args = ["bulk-atomicity", "--duration", "20s", "--seed", "12", "--min-kills", "10", "--writers", "2"];
     let (code, report) = chaos(&[&args[..], &["--debug-skip-write-probability", "0.05"]].concat(), false);
     assert_clean(code, &report, 10);
+}
+
+/// Indexing on, one node and three: after the kills, every node's
+/// postings and vectors match its current values (`quiverd --check-index`
+/// at the end of the run reports any difference as a violation).
+#[test]
+fn indexes_match_the_data_after_sigkills() {
+    let args = ["durability", "--duration", "15s", "--seed", "14", "--min-kills", "8", "--node-arg=--index"];
+    let (code, report) = chaos(&args, false);
+    assert_clean(code, &report, 8);
+    let args = ["bulk-atomicity", "--nodes", "3", "--duration", "15s", "--seed", "24", "--min-kills", "6"];
+    let (code, report) = chaos(&[&args[..], &["--writers", "2", "--node-arg=--index"]].concat(), false);
+    assert_clean(code, &report, 6);
 }
 
 #[test]
