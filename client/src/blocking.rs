@@ -111,6 +111,11 @@ impl Client {
         self.runtime.block_on(self.inner.search_text_all(query, k))
     }
 
+    /// See [`crate::Client::search_text_with`].
+    pub fn search_text_with(&self, query: &str, k: u32, options: crate::TextSearch) -> Result<Vec<crate::SearchHit>> {
+        self.runtime.block_on(self.inner.search_text_with(query, k, options))
+    }
+
     /// See [`crate::Client::search_similar`].
     pub fn search_similar(&self, text: &str, k: u32) -> Result<Vec<crate::SearchHit>> {
         self.runtime.block_on(self.inner.search_similar(text, k))

@@ -43,6 +43,18 @@ pub use quiver_ring::wire::{
 };
 use quiver_ring::wire::{Op, Reply};
 pub use quiver_ring::Hlc;
+
+/// Options of a full-text search ([`Client::search_text_with`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TextSearch {
+    /// A value must match every word, phrase and prefix, not just one.
+    pub all: bool,
+    /// In a cluster, weigh terms (BM25's idf and average length) by
+    /// statistics over the whole cluster's values, gathered in one more
+    /// round trip, instead of each node's own: scores then equal one
+    /// node's over the same data, whatever the number of nodes.
+    pub global_stats: bool,
+}
 use tokio::sync::Mutex;
 
 use connection::Connection;
@@ -412,13 +424,19 @@ impl Client {
     /// when it holds any of the query's words, `"quoted phrases"` or
     /// `prefix*`es. Needs nodes started with `--index`; `k` is 1..=1000.
     pub async fn search_text(&self, query: &str, k: u32) -> Result<Vec<SearchHit>> {
-        self.search(query, k, false).await
+        self.search_text_with(query, k, TextSearch::default()).await
     }
 
     /// [`Client::search_text`], where a value must match every word,
     /// phrase and prefix of the query.
     pub async fn search_text_all(&self, query: &str, k: u32) -> Result<Vec<SearchHit>> {
-        self.search(query, k, true).await
+        self.search_text_with(query, k, TextSearch { all: true, ..TextSearch::default() }).await
+    }
+
+    /// [`Client::search_text`] with options.
+    pub async fn search_text_with(&self, query: &str, k: u32, options: TextSearch) -> Result<Vec<SearchHit>> {
+        let TextSearch { all, global_stats } = options;
+        self.hits(Op::SearchText { query: query.to_owned(), k, all, global_stats }).await
     }
 
     /// The `k` values about the same things as `text`, nearest first, with
@@ -433,10 +451,6 @@ impl Client {
     /// embedding dimension, 50 by default), nearest first.
     pub async fn search_vector(&self, vector: &[f32], k: u32) -> Result<Vec<SearchHit>> {
         self.hits(Op::SearchVector { vector: vector.to_vec(), k }).await
-    }
-
-    async fn search(&self, query: &str, k: u32, all: bool) -> Result<Vec<SearchHit>> {
-        self.hits(Op::SearchText { query: query.to_owned(), k, all }).await
     }
 
     async fn hits(&self, op: Op) -> Result<Vec<SearchHit>> {

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use quiver_chaos::node::{cluster_specs, NodeProcess, NodeSpec};
 use quiver_client::blocking::Client;
-use quiver_client::{Consistency, ErrorKind, NodeStatus};
+use quiver_client::{Consistency, ErrorKind, NodeStatus, TextSearch};
 use quiver_ring::ring::{Member, Ring, RingView};
 use quiver_ring::NodeId;
 
@@ -490,7 +490,8 @@ fn keys_and_scores(hits: &[quiver_client::SearchHit]) -> Vec<(String, f64)> {
 /// Four nodes (each range on three of them, so a search needs parts from
 /// other nodes) against one node, over the same values: similar values
 /// come back alike, key for key and score for score; full-text searches
-/// find the same keys (their scores use each node's own term statistics).
+/// find the same keys, and with the cluster's term statistics
+/// (`global_stats`) the same scores too (with each node's own they differ).
 #[test]
 fn cluster_searches_find_what_a_single_node_finds_over_the_same_data() {
     let dir = tempfile::tempdir().unwrap();
@@ -519,7 +520,10 @@ fn cluster_searches_find_what_a_single_node_finds_over_the_same_data() {
             }
         }
     }
+    let mut local_statistics_differ = false;
     for query in ["king", "\"royal palace\"", "bordeaux lake", "champ*"] {
+        let own = |client: &Client| keys_and_scores(&client.search_text(query, 1).unwrap());
+        local_statistics_differ |= (own(&cluster)[0].1 - own(&alone)[0].1).abs() > 1e-9;
         let sorted = |hits: Vec<quiver_client::SearchHit>| {
             let mut keys: Vec<Vec<u8>> = hits.into_iter().map(|h| h.key).collect();
             keys.sort();
@@ -528,7 +532,18 @@ fn cluster_searches_find_what_a_single_node_finds_over_the_same_data() {
         let in_cluster = sorted(cluster.search_text(query, 1000).unwrap());
         assert!(!in_cluster.is_empty(), "{query}");
         assert_eq!(in_cluster, sorted(alone.search_text(query, 1000).unwrap()), "{query}");
+        // With the cluster's own term statistics, the scores are one node's.
+        let global = TextSearch { global_stats: true, ..TextSearch::default() };
+        let (in_cluster, on_one) =
+            (cluster.search_text_with(query, 20, global).unwrap(), alone.search_text_with(query, 20, global).unwrap());
+        let (in_cluster, on_one) = (keys_and_scores(&in_cluster), keys_and_scores(&on_one));
+        assert_eq!(in_cluster.len(), on_one.len(), "{query}");
+        for ((key, score), (one_key, one_score)) in in_cluster.iter().zip(&on_one) {
+            assert!((score - one_score).abs() < 1e-9, "{query}: {in_cluster:?} vs {on_one:?}");
+            assert!(key == one_key || (score - one_score).abs() < 1e-12, "{query}: ties only");
+        }
     }
+    assert!(local_statistics_differ, "each node's own statistics score differently from one node's");
     // Each node answered its part: a search through another coordinator
     // finds the same.
     let through_n3 = direct(&nodes[2]).search_text("king", 1000).unwrap();

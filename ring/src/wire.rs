@@ -173,10 +173,13 @@ pub enum Op {
     /// Full-text search: the `k` keys whose values best match `query`
     /// (BM25), best first; answered with [`Reply::Hits`]. `all`: a value
     /// must match every word, phrase and prefix of the query, not just one.
+    /// `global_stats`: in a cluster, weigh terms by statistics over every
+    /// node's keys (one more round trip) rather than each node's own.
     SearchText {
         query: String,
         k: u32,
         all: bool,
+        global_stats: bool,
     },
     /// The `k` values about the same things as `text`, nearest first by
     /// the node's embedder (cosine similarity); answered with
@@ -871,7 +874,10 @@ mod tests {
             ),
             (request(Op::SetWithContext { key: key(), value: None, context: token.clone() }), "010209016b0001ab0300"),
             (request(Op::Ring), "01020a0300"),
-            (request(Op::SearchText { query: "q".into(), k: 2, all: true }), "01020b017102010300"),
+            (
+                request(Op::SearchText { query: "q".into(), k: 2, all: true, global_stats: false }),
+                "01020b01710201000300",
+            ),
             (request(Op::SearchSimilar { text: "q".into(), k: 2 }), "01020c0171020300"),
             (request(Op::SearchVector { vector: vec![1.0], k: 2 }), "01020d010000803f020300"),
         ];

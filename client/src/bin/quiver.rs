@@ -88,6 +88,10 @@ enum Command {
         /// A value must match every word, phrase and prefix, not just one.
         #[arg(long)]
         all: bool,
+        /// In a cluster, score with term statistics over every node's values
+        /// (one more round trip) instead of each node's own.
+        #[arg(long)]
+        global_stats: bool,
         /// The hits as a JSON array of {key, score, value} (for scripts).
         #[arg(long)]
         json: bool,
@@ -345,9 +349,9 @@ fn run(args: Args) -> Result<ExitCode, String> {
             let summary = load::load(&client, &file, batch)?;
             writeln!(out, "{summary}").map_err(|e| e.to_string())?;
         }
-        Command::Search { query, k, all, json } => {
-            let hits = if all { client.search_text_all(&query, k) } else { client.search_text(&query, k) };
-            print_hits(&mut out, &hits.map_err(failed)?, json)?;
+        Command::Search { query, k, all, global_stats, json } => {
+            let options = quiver_client::TextSearch { all, global_stats };
+            print_hits(&mut out, &client.search_text_with(&query, k, options).map_err(failed)?, json)?;
         }
         Command::Similar { text, k, vector: false, json } => {
             print_hits(&mut out, &client.search_similar(&text, k).map_err(failed)?, json)?;

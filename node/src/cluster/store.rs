@@ -46,6 +46,8 @@ use super::hints::HintStore;
 use super::membership::Membership;
 use super::quorum::{Consistency, DataMessage, Hinted, OpId, Outcome, Placement, Quorum};
 use crate::clock::Clock;
+use crate::index::query::Match;
+use crate::index::text::TermStats;
 use crate::index::Search;
 use crate::lock;
 use crate::net::peer::{PeerError, PeerReply, PeerRequest};
@@ -120,6 +122,11 @@ impl std::fmt::Debug for ClusterStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "ClusterStore({}, {} operations in flight)", self.name, lock(&self.coordinating).quorum.in_flight())
     }
+}
+
+/// The error of a request cut short because the node is stopping.
+fn stopping() -> ServerError {
+    ServerError::new(ErrorKind::ShuttingDown, "the node is stopping")
 }
 
 fn unavailable(answered: usize, needed: usize, asked: usize, what: &str) -> ServerError {
@@ -400,7 +407,8 @@ impl ClusterStore {
                 PeerRequest::Ping { .. }
                 | PeerRequest::LogBatch { .. }
                 | PeerRequest::BatchDone { .. }
-                | PeerRequest::Search { .. } => {}
+                | PeerRequest::Search { .. }
+                | PeerRequest::TermStats { .. } => {}
             }
             return;
         }
@@ -455,6 +463,46 @@ impl ClusterStore {
     }
 
     /// Reads `key` from its replicas: the merge of the first R answers.
+    /// The statistics of a full-text query's terms over the whole cluster:
+    /// each node's over the keys of the ranges it was given, added up.
+    async fn term_stats(
+        self: &Arc<Self>,
+        query: &str,
+        matching: Match,
+        parts: &BTreeMap<NodeId, Vec<TokenRange>>,
+    ) -> Result<TermStats, ServerError> {
+        let asks: Vec<_> = parts
+            .iter()
+            .map(|(&node, ranges)| {
+                let (this, query, ranges) = (self.clone(), query.to_owned(), ranges.clone());
+                tokio::spawn(async move {
+                    if node == this.me {
+                        let (sender, receiver) = tokio::sync::oneshot::channel();
+                        let done: Done<TermStats> = Box::new(move |result| {
+                            let _ = sender.send(result);
+                        });
+                        this.local.term_stats_within(query, matching, ranges, done);
+                        return receiver.await.unwrap_or_else(|_| Err(stopping()));
+                    }
+                    let link = this.membership.link(node)?;
+                    match link.call(PeerRequest::TermStats { query, matching, ranges }, OP_TIMEOUT).await {
+                        Ok(PeerReply::TermStats(stats)) => Ok(stats),
+                        Ok(PeerReply::Failed(error)) => Err(error),
+                        Ok(other) => Err(ServerError::new(ErrorKind::Internal, format!("term statistics: {other:?}"))),
+                        Err(error) => {
+                            Err(ServerError::new(ErrorKind::Unavailable, format!("term statistics: {error}")))
+                        }
+                    }
+                })
+            })
+            .collect();
+        let mut total = TermStats::default();
+        for ask in asks {
+            total.add(ask.await.unwrap_or_else(|_| Err(stopping()))?);
+        }
+        Ok(total)
+    }
+
     /// Node `node`'s hits for `search` among its keys in `ranges`.
     async fn search_part(
         self: &Arc<Self>,
@@ -468,7 +516,7 @@ impl ClusterStore {
                 let _ = sender.send(result);
             });
             self.local.search_within(search, Some(ranges), done);
-            return receiver.await.unwrap_or_else(|_| Err(ServerError::new(ErrorKind::ShuttingDown, "stopping")));
+            return receiver.await.unwrap_or_else(|_| Err(stopping()));
         }
         let link = self.membership.link(node)?;
         match link.call(PeerRequest::Search { search, ranges }, OP_TIMEOUT).await {
@@ -692,6 +740,13 @@ impl Store for Arc<ClusterStore> {
         }
         let this = self.clone();
         self.runtime.spawn(async move {
+            let mut search = search;
+            if let Search::Text { query, matching, global: true, stats, .. } = &mut search {
+                match this.term_stats(query, *matching, &parts).await {
+                    Ok(gathered) => *stats = Some(gathered),
+                    Err(error) => return done(Err(error)),
+                }
+            }
             let k = search.k() as usize;
             // Every part asked at once, then awaited in turn.
             let asks: Vec<_> = parts
@@ -703,8 +758,7 @@ impl Store for Arc<ClusterStore> {
                 .collect();
             let mut hits = Vec::new();
             for ask in asks {
-                let stopped = |_| Err(ServerError::new(ErrorKind::ShuttingDown, "the node is stopping"));
-                match ask.await.unwrap_or_else(stopped) {
+                match ask.await.unwrap_or_else(|_| Err(stopping())) {
                     Ok(part) => hits.extend(part),
                     Err(error) => return done(Err(error)),
                 }
@@ -721,7 +775,7 @@ impl Store for Arc<ClusterStore> {
             let current = match receiver.await {
                 Ok(Ok(values)) => values,
                 Ok(Err(error)) => return done(Err(error)),
-                Err(_) => return done(Err(ServerError::new(ErrorKind::ShuttingDown, "the node is stopping"))),
+                Err(_) => return done(Err(stopping())),
             };
             let fresh = hits.into_iter().zip(current).filter(|(hit, now)| now.as_deref() == Some(hit.value.as_slice()));
             done(Ok(fresh.map(|(hit, _)| hit).collect()))
@@ -976,6 +1030,7 @@ pub fn check_peer_request(limits: &wire::Limits, request: &PeerRequest) -> Resul
             wire::check_search(text, *k)
         }
         PeerRequest::Search { search: Search::Vector { vector, k }, .. } => wire::check_vector_search(vector, 0, *k),
+        PeerRequest::TermStats { query, .. } => wire::check_search(query, 1),
     }
 }
 
@@ -1026,6 +1081,12 @@ impl crate::net::peer::PeerHandler for ReplicaHandler {
                 search,
                 Some(ranges),
                 Box::new(move |r| reply(answer(r.map(PeerReply::Hits)))),
+            ),
+            PeerRequest::TermStats { query, matching, ranges } => self.data.local.term_stats_within(
+                query,
+                matching,
+                ranges,
+                Box::new(move |r| reply(answer(r.map(PeerReply::TermStats)))),
             ),
         }
     }

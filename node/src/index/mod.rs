@@ -42,17 +42,18 @@ use crate::storage::{self, Engine, Op};
 use analyzer::Analyzer;
 use embed::Embedder;
 use query::{Match, Query};
-use text::{posting_changes, Doc, Stats};
+use text::{posting_changes, Doc, Stats, TermStats};
 use vectors::VectorIndex;
 use writer::{Done, IndexStamp, Writer};
 
 /// The index format: a node whose stored index has another rebuilds it.
 /// 1: postings with positions and document lengths, stats. 2: vectors.
-const FORMAT: u32 = 2;
+/// 3: document lengths by token.
+const FORMAT: u32 = 3;
 
-/// How long a similarity search waits for the graph to take the writes
-/// acknowledged before it.
-const GRAPH_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long a similarity search waits (on a reader thread) for the graph to
+/// take the writes acknowledged before it, when few are queued.
+const GRAPH_WAIT_MAX: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Documents indexed per record while rebuilding.
 const REBUILD_DOCS_PER_RECORD: usize = 1000;
@@ -89,6 +90,11 @@ impl Derived {
             let value = posting.map(|p| postcard::to_stdvec(&p).expect("postcard encodes into a Vec"));
             ops.push(Op { key: posting_key, version: stamp.version(value) });
         }
+        let (was, is) = (before.doc.as_ref().map(|d| d.words), self.doc.as_ref().map(|d| d.words));
+        if was != is {
+            let value = is.map(|words| postcard::to_stdvec(&words).expect("postcard encodes into a Vec"));
+            ops.push(Op { key: text::length_key(key), version: stamp.version(value) });
+        }
         if self.vector != before.vector {
             let value = self.vector.as_deref().map(vectors::encode);
             ops.push(Op { key: vectors::vector_key(key), version: stamp.version(value) });
@@ -99,8 +105,10 @@ impl Derived {
 /// A search, of any kind.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Search {
-    /// Full text (BM25).
-    Text { query: String, k: u32, matching: Match },
+    /// Full text (BM25). `global`: weigh terms by the whole cluster's
+    /// statistics, which the coordinator gathers first and passes on in
+    /// `stats` (`None`: each node's own).
+    Text { query: String, k: u32, matching: Match, global: bool, stats: Option<TermStats> },
     /// Values about the same things as `text` (embeddings).
     Similar { text: String, k: u32 },
     /// Values whose vectors are nearest `vector`.
@@ -174,10 +182,11 @@ impl Index {
     pub fn search_within(&self, search: Search, ranges: Option<&[TokenRange]>) -> Result<Vec<SearchHit>, ServerError> {
         let keep = |key: &[u8]| ranges.is_none_or(|ranges| ranges.iter().any(|range| range.holds(key)));
         match search {
-            Search::Text { query, k, matching } => {
+            Search::Text { query, k, matching, stats, .. } => {
                 quiver_ring::wire::check_search(&query, k)?;
                 let query = Query::parse(&self.analyzer, &query, matching)?;
-                let scored = text::search(&self.engine, &query, k as usize, &keep).map_err(storage_error)?;
+                let scored =
+                    text::search(&self.engine, &query, k as usize, &keep, stats.as_ref()).map_err(storage_error)?;
                 let hits = text::with_values(&self.engine, scored).map_err(storage_error)?;
                 Ok(hits.into_iter().map(|(s, value)| SearchHit { key: s.key, score: s.score, value }).collect())
             }
@@ -200,7 +209,22 @@ impl Index {
     /// The `k` best documents for the full-text query `text`, with their
     /// current values.
     pub fn search_text(&self, text: &str, k: u32, matching: Match) -> Result<Vec<SearchHit>, ServerError> {
-        self.search(Search::Text { query: text.to_owned(), k, matching })
+        self.search(Search::Text { query: text.to_owned(), k, matching, global: false, stats: None })
+    }
+
+    /// The statistics of the terms of the full-text query `text` over this
+    /// node's keys in `ranges` (`None`: all of them): its part of a search
+    /// with cluster-wide statistics.
+    pub fn term_stats_within(
+        &self,
+        text: &str,
+        matching: Match,
+        ranges: Option<&[TokenRange]>,
+    ) -> Result<TermStats, ServerError> {
+        quiver_ring::wire::check_search(text, 1)?;
+        let query = Query::parse(&self.analyzer, text, matching)?;
+        let keep = |key: &[u8]| ranges.is_none_or(|ranges| ranges.iter().any(|range| range.holds(key)));
+        text::term_stats(&self.engine, &query, ranges, &keep).map_err(storage_error)
     }
 
     /// The `k` values about the same things as `text` (nearest by the
@@ -216,9 +240,9 @@ impl Index {
     }
 
     fn nearest(&self, vector: &[f32], k: u32, keep: &dyn Fn(&[u8]) -> bool) -> Result<Vec<SearchHit>, ServerError> {
-        // The graph takes writes a moment after they are durable: wait for
-        // those acknowledged before this search, unless the graph is more
-        // than a second behind (a heavy load), as a search engine's refresh.
+        // The graph takes writes a moment after they are durable: wait a
+        // little for those acknowledged before this search, unless the
+        // graph is far behind (a heavy load), as a search engine's refresh.
         self.vectors.sync_within(Some(GRAPH_WAIT_MAX));
         let near = self.vectors.search(vector, k as usize, keep).map_err(storage_error)?;
         let mut hits = Vec::with_capacity(near.len());

@@ -4,6 +4,7 @@
 //! ```text
 //! posting: 0x03 | 'p' | term | 0x00 | user key  ->  postcard(Posting { words, positions })
 //! stats:   0x03 | 's'                           ->  postcard(Stats { docs, words })
+//! length:  0x03 | 'd' | token (u64, BE) | user key  ->  postcard(u32 terms)
 //! ```
 //!
 //! A document is a key's current value (what `get` returns), when it is
@@ -13,7 +14,10 @@
 //! read per hit). A term's postings are one contiguous range of keys, in
 //! key order, so a query reads each of its terms with one scan, and a
 //! prefix query reads every term that starts with the prefix the same way.
-//! The stats key holds the number of documents and their total length.
+//! The stats key holds the number of documents and their total length; each
+//! document's length is also kept by its key's ring token, so that the
+//! documents of any token range can be counted (cluster-wide statistics,
+//! [`TermStats`]).
 //!
 //! The postings of a key change in the same WAL record as its value (see
 //! [`super::writer`]), so after any crash they match the data.
@@ -31,6 +35,7 @@ use super::analyzer::Analyzer;
 use super::query::{Clause, Match, Query};
 use crate::storage::keys::{data_key, Keyspace};
 use crate::storage::{Engine, Result};
+use quiver_ring::ring::{key_token, TokenRange};
 
 /// BM25's term-frequency saturation.
 pub const K1: f64 = 1.2;
@@ -44,6 +49,7 @@ pub const PREFIX_TERMS_MAX: usize = 128;
 
 const POSTING: u8 = b'p';
 const STATS: u8 = b's';
+const LENGTH: u8 = b'd';
 
 /// What a posting holds.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,6 +90,49 @@ impl Stats {
             self.words += u64::from(doc.words);
         }
     }
+}
+
+/// The key of a document's length, in terms: ordered by the key's ring
+/// token, so the documents of a token range are one contiguous scan.
+pub fn length_key(key: &[u8]) -> Vec<u8> {
+    let mut stored = Vec::with_capacity(10 + key.len());
+    stored.extend_from_slice(&[Keyspace::Postings as u8, LENGTH]);
+    stored.extend_from_slice(&key_token(key).to_be_bytes());
+    stored.extend_from_slice(key);
+    stored
+}
+
+/// The first length key at token `token` (past the last token: the end of
+/// the length keys).
+fn length_bound(token: u128) -> Vec<u8> {
+    match u64::try_from(token) {
+        Ok(token) => [&[Keyspace::Postings as u8, LENGTH][..], &token.to_be_bytes()].concat(),
+        Err(_) => vec![Keyspace::Postings as u8, LENGTH + 1],
+    }
+}
+
+/// The documents and words of the documents whose tokens are in `ranges`.
+pub fn range_stats(engine: &Engine, ranges: &[TokenRange]) -> Result<Stats> {
+    let mut stats = Stats::default();
+    for range in ranges {
+        let (after, upto) = (u128::from(range.after), u128::from(range.upto));
+        // Token bounds, start inclusive and end exclusive: a range that
+        // wraps past the last token is two scans.
+        let spans = match after.cmp(&upto) {
+            std::cmp::Ordering::Less => vec![(after + 1, upto + 1)],
+            std::cmp::Ordering::Greater => vec![(after + 1, 1 << 64), (0, upto + 1)],
+            std::cmp::Ordering::Equal => vec![(0, 1 << 64)],
+        };
+        for (start, end) in spans {
+            for entry in engine.scan(&length_bound(start), Some(&length_bound(end))) {
+                let (_, siblings) = entry?;
+                let Some(words) = siblings.value().and_then(|v| postcard::from_bytes::<u32>(v).ok()) else { continue };
+                stats.docs += 1;
+                stats.words += u64::from(words);
+            }
+        }
+    }
+    Ok(stats)
 }
 
 /// The key of the stats.
@@ -242,26 +291,22 @@ pub struct Scored {
     pub score: f64,
 }
 
-/// The scores one clause gives the documents it matches.
-fn clause_scores(engine: &Engine, clause: &Clause, stats: &Stats) -> Result<HashMap<Vec<u8>, f64>> {
-    let average = stats.average_words();
-    let mut scores: HashMap<Vec<u8>, f64> = HashMap::new();
-    let mut add = |postings: &Postings, filter: &dyn Fn(&[u8]) -> bool| {
-        let weight = idf(stats.docs, postings.len() as u64);
-        for (key, posting) in postings {
-            if filter(key) {
-                *scores.entry(key.clone()).or_default() +=
-                    bm25(weight, posting.positions.len() as u32, posting.words, average);
-            }
+/// The postings a clause reads, by term: a term's, a prefix's terms', or
+/// a phrase's terms' (with the documents where the phrase stands).
+struct ClausePostings {
+    terms: Vec<(String, Postings)>,
+    /// For a phrase: the documents that hold it (others score nothing).
+    phrase: Option<HashMap<Vec<u8>, ()>>,
+}
+
+fn clause_postings(engine: &Engine, clause: &Clause) -> Result<ClausePostings> {
+    Ok(match clause {
+        Clause::Term(term) => {
+            ClausePostings { terms: vec![(term.clone(), term_postings(engine, term)?)], phrase: None }
         }
-    };
-    match clause {
-        Clause::Term(term) => add(&term_postings(engine, term)?, &|_| true),
         Clause::Prefix(prefix) => {
             let (start, end) = prefix_range(prefix);
-            for (_, postings) in postings_in(engine, &start, &end, PREFIX_TERMS_MAX)? {
-                add(&postings, &|_| true);
-            }
+            ClausePostings { terms: postings_in(engine, &start, &end, PREFIX_TERMS_MAX)?, phrase: None }
         }
         Clause::Phrase(words) => {
             let postings: Vec<(u32, Postings)> = words
@@ -269,8 +314,67 @@ fn clause_scores(engine: &Engine, clause: &Clause, stats: &Stats) -> Result<Hash
                 .map(|(term, offset)| Ok((*offset, term_postings(engine, term)?)))
                 .collect::<Result<_>>()?;
             let matched = phrase_matches(&postings);
-            for (_, term_postings) in &postings {
-                add(term_postings, &|key| matched.contains_key(key));
+            let terms = words.iter().map(|(term, _)| term.clone()).zip(postings.into_iter().map(|(_, p)| p)).collect();
+            ClausePostings { terms, phrase: Some(matched) }
+        }
+    })
+}
+
+/// The statistics BM25 weighs terms by: this node's own (`df` empty), or
+/// the whole cluster's, gathered from every node for the query's terms.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TermStats {
+    pub docs: u64,
+    pub words: u64,
+    /// Documents holding each term (terms not here: counted locally).
+    pub df: BTreeMap<String, u64>,
+}
+
+impl TermStats {
+    /// Adds another node's statistics (over other keys) to these.
+    pub fn add(&mut self, other: TermStats) {
+        self.docs += other.docs;
+        self.words += other.words;
+        for (term, df) in other.df {
+            *self.df.entry(term).or_default() += df;
+        }
+    }
+}
+
+/// The statistics of `query`'s terms over the documents `keep` accepts,
+/// which are those of the token `ranges` (`None`: every document here).
+pub fn term_stats(
+    engine: &Engine,
+    query: &Query,
+    ranges: Option<&[TokenRange]>,
+    keep: &dyn Fn(&[u8]) -> bool,
+) -> Result<TermStats> {
+    let totals = match ranges {
+        Some(ranges) => range_stats(engine, ranges)?,
+        None => read_stats(engine)?,
+    };
+    let mut stats = TermStats { docs: totals.docs, words: totals.words, df: BTreeMap::new() };
+    for clause in &query.clauses {
+        for (term, postings) in clause_postings(engine, clause)?.terms {
+            let df = postings.iter().filter(|(key, _)| keep(key)).count() as u64;
+            stats.df.insert(term, df);
+        }
+    }
+    Ok(stats)
+}
+
+/// The scores one clause gives the documents it matches.
+fn clause_scores(engine: &Engine, clause: &Clause, stats: &TermStats) -> Result<HashMap<Vec<u8>, f64>> {
+    let average = Stats { docs: stats.docs, words: stats.words }.average_words();
+    let mut scores: HashMap<Vec<u8>, f64> = HashMap::new();
+    let ClausePostings { terms, phrase } = clause_postings(engine, clause)?;
+    for (term, postings) in &terms {
+        let df = stats.df.get(term).copied().unwrap_or(postings.len() as u64);
+        let weight = idf(stats.docs, df);
+        for (key, posting) in postings {
+            if phrase.as_ref().is_none_or(|matched| matched.contains_key(key)) {
+                *scores.entry(key.clone()).or_default() +=
+                    bm25(weight, posting.positions.len() as u32, posting.words, average);
             }
         }
     }
@@ -303,10 +407,22 @@ fn phrase_matches(terms: &[(u32, Postings)]) -> HashMap<Vec<u8>, ()> {
 }
 
 /// The `k` best documents for `query` among the keys `keep` accepts, best
-/// first (ties by key). Term statistics are this node's, over all of its
-/// documents.
-pub fn search(engine: &Engine, query: &Query, k: usize, keep: &dyn Fn(&[u8]) -> bool) -> Result<Vec<Scored>> {
-    let stats = read_stats(engine)?;
+/// first (ties by key). Terms are weighed by `stats` if given (the
+/// cluster's), else by this node's own statistics over all its documents.
+pub fn search(
+    engine: &Engine,
+    query: &Query,
+    k: usize,
+    keep: &dyn Fn(&[u8]) -> bool,
+    stats: Option<&TermStats>,
+) -> Result<Vec<Scored>> {
+    let stats = match stats {
+        Some(stats) => stats.clone(),
+        None => {
+            let own = read_stats(engine)?;
+            TermStats { docs: own.docs, words: own.words, df: BTreeMap::new() }
+        }
+    };
     let mut total: HashMap<Vec<u8>, (f64, usize)> = HashMap::new();
     for clause in &query.clauses {
         for (key, score) in clause_scores(engine, clause, &stats)? {

@@ -27,6 +27,7 @@
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
@@ -41,8 +42,18 @@ use crate::storage::{self, Engine};
 
 /// Graph links per point and layer (HNSW's M).
 const LINKS: usize = 16;
-/// Candidates kept while inserting (HNSW's efConstruction).
-const EF_CONSTRUCTION: usize = 200;
+/// Candidates kept while inserting (HNSW's efConstruction): 100 keeps
+/// recall@10 above 0.95 here (the tests measure it) at half the insert cost
+/// of 200.
+const EF_CONSTRUCTION: usize = 100;
+/// The graph's thread runs at this nice level: inserting points is the
+/// heaviest work indexing adds, and it must yield to the write path (a
+/// write is acknowledged without waiting for the graph).
+const NICE: i32 = 10;
+/// A similarity search waits for the graph to take what was written before
+/// it only while fewer changes than this are queued (else it searches the
+/// graph as it is).
+const SYNC_BACKLOG_MAX: usize = 1000;
 /// Candidates kept while searching, at least (HNSW's ef); more for a large k.
 const EF_SEARCH_MIN: usize = 100;
 /// Changes applied at once, at most.
@@ -150,6 +161,8 @@ enum Change {
 /// The embedding index of one node.
 pub struct VectorIndex {
     dim: usize,
+    /// Changes queued and not yet in the graph.
+    pending: Arc<AtomicUsize>,
     engine: Arc<Engine>,
     built: Arc<RwLock<Option<Built>>>,
     changes: Mutex<Option<mpsc::Sender<Change>>>,
@@ -168,11 +181,15 @@ impl VectorIndex {
     pub fn start(engine: Arc<Engine>, dim: usize) -> std::io::Result<VectorIndex> {
         let (sender, receiver) = mpsc::channel();
         let built: Arc<RwLock<Option<Built>>> = Arc::default();
-        let (thread_engine, thread_built) = (engine.clone(), built.clone());
-        let thread = std::thread::Builder::new()
-            .name("quiver-vectors".into())
-            .spawn(move || maintain(&thread_engine, dim, &thread_built, &receiver))?;
-        Ok(VectorIndex { dim, engine, built, changes: Mutex::new(Some(sender)), thread: Mutex::new(Some(thread)) })
+        let pending = Arc::new(AtomicUsize::new(0));
+        let (thread_engine, thread_built, thread_pending) = (engine.clone(), built.clone(), pending.clone());
+        let thread = std::thread::Builder::new().name("quiver-vectors".into()).spawn(move || {
+            // Best effort: at the default priority the graph still works.
+            let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), NICE);
+            maintain(&thread_engine, dim, &thread_built, &receiver, &thread_pending)
+        })?;
+        let changes = Mutex::new(Some(sender));
+        Ok(VectorIndex { dim, pending, engine, built, changes, thread: Mutex::new(Some(thread)) })
     }
 
     /// The vectors' dimension.
@@ -183,6 +200,7 @@ impl VectorIndex {
     /// `key`'s vector is now `vector` (durably): queued for the graph.
     pub fn changed(&self, key: Vec<u8>, vector: Option<Vec<f32>>) {
         if let Some(sender) = lock(&self.changes).as_ref() {
+            self.pending.fetch_add(1, Ordering::Relaxed);
             let _ = sender.send(Change::Vector { key, vector });
         }
     }
@@ -193,8 +211,13 @@ impl VectorIndex {
         self.sync_within(None)
     }
 
-    /// [`VectorIndex::sync`], giving up after `limit` (false then).
+    /// [`VectorIndex::sync`], giving up after `limit` (false then), or at
+    /// once when more than [`SYNC_BACKLOG_MAX`] changes are queued (the
+    /// graph is far behind: a heavy load).
     pub fn sync_within(&self, limit: Option<std::time::Duration>) -> bool {
+        if limit.is_some() && self.pending.load(Ordering::Relaxed) > SYNC_BACKLOG_MAX {
+            return false;
+        }
         let (sender, receiver) = mpsc::channel();
         match lock(&self.changes).as_ref() {
             Some(changes) if changes.send(Change::Sync(sender)).is_ok() => {}
@@ -300,7 +323,13 @@ fn build(engine: &Engine, dim: usize) -> storage::Result<Built> {
 /// The `quiver-vectors` thread: builds the graph, then applies changes in
 /// batches (every change queued, up to [`BATCH_MAX`]: their points are
 /// inserted in parallel), rebuilding when too many points are dead.
-fn maintain(engine: &Engine, dim: usize, built: &RwLock<Option<Built>>, changes: &mpsc::Receiver<Change>) {
+fn maintain(
+    engine: &Engine,
+    dim: usize,
+    built: &RwLock<Option<Built>>,
+    changes: &mpsc::Receiver<Change>,
+    pending: &AtomicUsize,
+) {
     match build(engine, dim) {
         Ok(first) => *write(built) = Some(first),
         Err(error) => {
@@ -313,6 +342,7 @@ fn maintain(engine: &Engine, dim: usize, built: &RwLock<Option<Built>>, changes:
             std::iter::once(first).chain(std::iter::from_fn(|| changes.try_recv().ok()).take(BATCH_MAX)).collect();
         let mut synced = Vec::new();
         let mut vectors = Vec::new();
+        let applied = batch.iter().filter(|change| matches!(change, Change::Vector { .. })).count();
         for change in batch {
             match change {
                 Change::Vector { key, vector } => vectors.push((key, vector)),
@@ -351,6 +381,7 @@ fn maintain(engine: &Engine, dim: usize, built: &RwLock<Option<Built>>, changes:
                 Err(error) => tracing::error!(%error, "cannot rebuild the vector index"),
             }
         }
+        pending.fetch_sub(applied, Ordering::Relaxed);
         for answer in synced {
             let _ = answer.send(());
         }

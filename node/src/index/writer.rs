@@ -40,6 +40,10 @@ pub type Done = Box<dyn FnOnce(storage::Result<u64>) + Send>;
 
 struct Submit {
     ops: Vec<Op>,
+    /// What each op's value puts in the index (`None` for an op of another
+    /// keyspace): worked out by the caller, in parallel with other writes,
+    /// since it depends on the value alone.
+    derived: Vec<Option<Derived>>,
     done: Done,
 }
 
@@ -53,6 +57,8 @@ type VectorChanges = Vec<(Vec<u8>, Option<Vec<f32>>)>;
 /// The handle callers write through.
 #[derive(Debug)]
 pub struct Writer {
+    analyzer: Arc<Analyzer>,
+    embedder: Arc<dyn Embedder>,
     sender: Mutex<Option<mpsc::Sender<Submit>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -70,20 +76,37 @@ impl Writer {
         let (sender, receiver) = mpsc::channel();
         let last_hlc = engine.max_hlc();
         let overlay = Overlay::default();
-        let mut stage = Stage { engine, analyzer, embedder, vectors, overlay, stats, last_hlc, writes: 0 };
+        let (stage_analyzer, stage_embedder) = (analyzer.clone(), embedder.clone());
+        let mut stage = Stage {
+            engine,
+            analyzer: stage_analyzer,
+            embedder: stage_embedder,
+            vectors,
+            overlay,
+            stats,
+            last_hlc,
+            writes: 0,
+        };
         let thread = std::thread::Builder::new().name("quiver-index".into()).spawn(move || {
             for submit in receiver {
                 stage.write(submit);
             }
         })?;
-        Ok(Writer { sender: Mutex::new(Some(sender)), thread: Mutex::new(Some(thread)) })
+        Ok(Writer { analyzer, embedder, sender: Mutex::new(Some(sender)), thread: Mutex::new(Some(thread)) })
     }
 
     /// Writes `ops` as one record with their index changes (see
     /// [`Engine::write_then`]).
     pub fn write_then(&self, ops: Vec<Op>, done: Done) {
+        let derived = ops
+            .iter()
+            .map(|op| {
+                let value = op.version.value.as_deref();
+                user_key(&op.key).map(|_| Derived::of(&self.analyzer, self.embedder.as_ref(), value))
+            })
+            .collect();
         let refused = match lock(&self.sender).as_ref() {
-            Some(sender) => sender.send(Submit { ops, done }).err().map(|error| error.0.done),
+            Some(sender) => sender.send(Submit { ops, derived, done }).err().map(|error| error.0.done),
             None => Some(done),
         };
         if let Some(done) = refused {
@@ -121,10 +144,10 @@ struct Stage {
 }
 
 impl Stage {
-    fn write(&mut self, Submit { mut ops, done }: Submit) {
+    fn write(&mut self, Submit { mut ops, mut derived, done }: Submit) {
         self.writes += 1;
         let write = self.writes;
-        let (changed, vector_changes) = match self.index_ops(&ops) {
+        let (changed, vector_changes) = match self.index_ops(&ops, &mut derived) {
             Ok((index_ops, changed, vector_changes)) => {
                 ops.extend(index_ops);
                 (changed, vector_changes)
@@ -170,7 +193,11 @@ impl Stage {
     /// The index ops of a write, every data key it touches with its
     /// versions after it, and the vectors it changes (by user key).
     #[allow(clippy::type_complexity)]
-    fn index_ops(&mut self, ops: &[Op]) -> storage::Result<(Vec<Op>, Vec<(Vec<u8>, Siblings)>, VectorChanges)> {
+    fn index_ops(
+        &mut self,
+        ops: &[Op],
+        derived: &mut [Option<Derived>],
+    ) -> storage::Result<(Vec<Op>, Vec<(Vec<u8>, Siblings)>, VectorChanges)> {
         // Each data key once, in order, with its versions before and after.
         let mut keys: Vec<(Vec<u8>, Option<Siblings>, Siblings)> = Vec::new();
         let mut at: HashMap<&[u8], usize> = HashMap::new();
@@ -199,7 +226,14 @@ impl Stage {
             }
             let Some(key) = user_key(stored) else { continue };
             let was = Derived::of(&self.analyzer, self.embedder.as_ref(), before_value);
-            let is = Derived::of(&self.analyzer, self.embedder.as_ref(), after.value());
+            // The new value is one of this write's: its index entries were
+            // worked out already.
+            let made = ops
+                .iter()
+                .zip(derived.iter_mut())
+                .find(|(op, _)| op.key == *stored && op.version.value.as_deref() == after.value())
+                .and_then(|(_, made)| made.take());
+            let is = made.unwrap_or_else(|| Derived::of(&self.analyzer, self.embedder.as_ref(), after.value()));
             self.stats.replace(was.doc.as_ref(), is.doc.as_ref());
             is.ops_from(&was, key, stamp, &mut index_ops);
             if is.vector != was.vector {

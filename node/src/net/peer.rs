@@ -33,6 +33,8 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, oneshot};
 
 use super::tls::{NodeTls, TlsError};
+use crate::index::query::Match;
+use crate::index::text::TermStats;
 use crate::index::Search;
 use crate::lock;
 
@@ -62,6 +64,9 @@ pub enum PeerRequest {
     /// This node's part of a cluster-wide search: its hits among its keys
     /// in `ranges`.
     Search { search: Search, ranges: Vec<TokenRange> },
+    /// This node's statistics of a full-text query's terms over its keys in
+    /// `ranges` (the first round of a search with cluster-wide statistics).
+    TermStats { query: String, matching: Match, ranges: Vec<TokenRange> },
 }
 
 /// Sibling sets held for `owner`, a replica that is down, until it is
@@ -99,6 +104,7 @@ pub enum PeerReply {
     Found(Option<Siblings>),
     /// A search's hits, best first.
     Hits(Vec<SearchHit>),
+    TermStats(TermStats),
     /// The request failed on the replica.
     Failed(ServerError),
 }

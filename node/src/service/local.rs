@@ -15,6 +15,8 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 use super::causal::{CausalWrite, CausalWrites, VersionsRead};
 use super::reads::{Job, ReadHook, ReadJob, ReadPool, Task};
 use super::{Done, Entries, Store, StoreStatus, Timing};
+use crate::index::query::Match;
+use crate::index::text::TermStats;
 use crate::index::{Index, Search};
 use crate::stamping::NodeClock;
 use crate::storage::keys::data_key;
@@ -153,6 +155,15 @@ impl LocalStore {
     pub fn search_within(&self, search: Search, ranges: Option<Vec<TokenRange>>, done: Done<Vec<SearchHit>>) {
         let Some(index) = self.index.clone() else { return done(Err(not_indexed())) };
         self.reads.jobs().submit(Job::Task(Box::new(Searching { index, search, ranges, done })));
+    }
+
+    /// The statistics of a full-text query's terms over this node's keys in
+    /// `ranges`, on a reader thread: a coordinator's first round of a
+    /// search with cluster-wide statistics.
+    pub fn term_stats_within(&self, query: String, matching: Match, ranges: Vec<TokenRange>, done: Done<TermStats>) {
+        let Some(index) = self.index.clone() else { return done(Err(not_indexed())) };
+        let task = move || index.term_stats_within(&query, matching, Some(&ranges));
+        self.reads.jobs().submit(Job::Task(Box::new(Closure { run: Box::new(task), done })));
     }
 
     /// Test-only: see [`WriteHook`].
@@ -347,6 +358,22 @@ struct Searching {
 impl Task for Searching {
     fn run(self: Box<Self>, _: &Engine) {
         (self.done)(self.index.search_within(self.search, self.ranges.as_deref()));
+    }
+
+    fn cancel(self: Box<Self>, error: ServerError) {
+        (self.done)(Err(error));
+    }
+}
+
+/// Work for a reader thread given as a closure, and whom to tell.
+struct Closure<T> {
+    run: Box<dyn FnOnce() -> Result<T, ServerError> + Send>,
+    done: Done<T>,
+}
+
+impl<T: Send + 'static> Task for Closure<T> {
+    fn run(self: Box<Self>, _: &Engine) {
+        (self.done)((self.run)());
     }
 
     fn cancel(self: Box<Self>, error: ServerError) {

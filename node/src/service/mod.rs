@@ -219,9 +219,9 @@ impl Service {
             Op::Shutdown { token } => reply(self.shutdown(&token)),
             Op::Hello { protocol } => reply(self.hello(protocol)),
             Op::Ring => reply(self.ring()),
-            Op::SearchText { query, k, all } => {
+            Op::SearchText { query, k, all, global_stats } => {
                 let matching = if all { Match::All } else { Match::Any };
-                self.search(Search::Text { query, k, matching }, timing, reply)
+                self.search(Search::Text { query, k, matching, global: global_stats, stats: None }, timing, reply)
             }
             Op::SearchSimilar { text, k } => self.search(Search::Similar { text, k }, timing, reply),
             Op::SearchVector { vector, k } => self.search(Search::Vector { vector, k }, timing, reply),
