@@ -65,6 +65,56 @@ fn marker_key() -> Vec<u8> {
     vec![Keyspace::Postings as u8, b'm']
 }
 
+/// A thread fed by a channel (the index stage, the graph's thread). It is
+/// stopped by closing the channel, so it finishes what was queued, and
+/// joining it: when asked, or when dropped.
+pub(crate) struct Worker<T> {
+    sender: std::sync::Mutex<Option<std::sync::mpsc::Sender<T>>>,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl<T: Send + 'static> Worker<T> {
+    /// Starts thread `name` running `body` over what is sent.
+    pub fn spawn(
+        name: &str,
+        body: impl FnOnce(std::sync::mpsc::Receiver<T>) + Send + 'static,
+    ) -> std::io::Result<Worker<T>> {
+        let (sender, receiver) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new().name(name.to_owned()).spawn(move || body(receiver))?;
+        Ok(Worker { sender: std::sync::Mutex::new(Some(sender)), thread: std::sync::Mutex::new(Some(thread)) })
+    }
+}
+
+impl<T> Worker<T> {
+    /// Queues `item`, or gives it back if the thread has stopped.
+    pub fn send(&self, item: T) -> Result<(), T> {
+        match crate::lock(&self.sender).as_ref() {
+            Some(sender) => sender.send(item).map_err(|error| error.0),
+            None => Err(item),
+        }
+    }
+
+    /// Closes the channel and waits for the thread to finish.
+    pub fn stop(&self) {
+        crate::lock(&self.sender).take();
+        if let Some(thread) = crate::lock(&self.thread).take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl<T> Drop for Worker<T> {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl<T> std::fmt::Debug for Worker<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Worker")
+    }
+}
+
 /// The marker's value for an index made by `embedder`.
 fn marker(embedder: &dyn Embedder) -> Vec<u8> {
     postcard::to_stdvec(&(FORMAT, embedder.fingerprint())).expect("postcard encodes into a Vec")

@@ -29,14 +29,13 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, RwLock};
-use std::thread::JoinHandle;
+use std::sync::{Arc, RwLock};
 
 use hnsw_rs::anndists::dist::distances::Distance;
 use hnsw_rs::hnsw::Hnsw;
 
 use super::embed::similarity;
-use crate::lock;
+use super::Worker;
 use crate::storage::keys::Keyspace;
 use crate::storage::{self, Engine};
 
@@ -165,8 +164,7 @@ pub struct VectorIndex {
     pending: Arc<AtomicUsize>,
     engine: Arc<Engine>,
     built: Arc<RwLock<Option<Built>>>,
-    changes: Mutex<Option<mpsc::Sender<Change>>>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    changes: Worker<Change>,
 }
 
 impl std::fmt::Debug for VectorIndex {
@@ -179,17 +177,15 @@ impl VectorIndex {
     /// Starts the index over the vectors stored in `engine`: the graph is
     /// built in the background.
     pub fn start(engine: Arc<Engine>, dim: usize) -> std::io::Result<VectorIndex> {
-        let (sender, receiver) = mpsc::channel();
         let built: Arc<RwLock<Option<Built>>> = Arc::default();
         let pending = Arc::new(AtomicUsize::new(0));
         let (thread_engine, thread_built, thread_pending) = (engine.clone(), built.clone(), pending.clone());
-        let thread = std::thread::Builder::new().name("quiver-vectors".into()).spawn(move || {
+        let changes = Worker::spawn("quiver-vectors", move |changes: mpsc::Receiver<Change>| {
             // Best effort: at the default priority the graph still works.
             let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), NICE);
-            maintain(&thread_engine, dim, &thread_built, &receiver, &thread_pending)
+            maintain(&thread_engine, dim, &thread_built, &changes, &thread_pending)
         })?;
-        let changes = Mutex::new(Some(sender));
-        Ok(VectorIndex { dim, pending, engine, built, changes, thread: Mutex::new(Some(thread)) })
+        Ok(VectorIndex { dim, pending, engine, built, changes })
     }
 
     /// The vectors' dimension.
@@ -199,9 +195,9 @@ impl VectorIndex {
 
     /// `key`'s vector is now `vector` (durably): queued for the graph.
     pub fn changed(&self, key: Vec<u8>, vector: Option<Vec<f32>>) {
-        if let Some(sender) = lock(&self.changes).as_ref() {
-            self.pending.fetch_add(1, Ordering::Relaxed);
-            let _ = sender.send(Change::Vector { key, vector });
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        if self.changes.send(Change::Vector { key, vector }).is_err() {
+            self.pending.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
@@ -219,9 +215,8 @@ impl VectorIndex {
             return false;
         }
         let (sender, receiver) = mpsc::channel();
-        match lock(&self.changes).as_ref() {
-            Some(changes) if changes.send(Change::Sync(sender)).is_ok() => {}
-            _ => return false,
+        if self.changes.send(Change::Sync(sender)).is_err() {
+            return false;
         }
         match limit {
             Some(limit) => receiver.recv_timeout(limit).is_ok(),
@@ -270,16 +265,7 @@ impl VectorIndex {
 
     /// Stops the thread (changes queued so far are applied first).
     pub fn stop(&self) {
-        lock(&self.changes).take();
-        if let Some(thread) = lock(&self.thread).take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-impl Drop for VectorIndex {
-    fn drop(&mut self) {
-        self.stop();
+        self.changes.stop();
     }
 }
 

@@ -22,7 +22,6 @@
 use std::collections::HashMap;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 use quiver_ring::{BatchId, Hlc, NodeId, Siblings, Version};
 
@@ -30,7 +29,7 @@ use super::analyzer::Analyzer;
 use super::embed::Embedder;
 use super::text::{stats_key, Stats};
 use super::vectors::VectorIndex;
-use super::Derived;
+use super::{Derived, Worker};
 use crate::lock;
 use crate::storage::keys::user_key;
 use crate::storage::{self, Engine, Op};
@@ -59,8 +58,7 @@ type VectorChanges = Vec<(Vec<u8>, Option<Vec<f32>>)>;
 pub struct Writer {
     analyzer: Arc<Analyzer>,
     embedder: Arc<dyn Embedder>,
-    sender: Mutex<Option<mpsc::Sender<Submit>>>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    stage: Worker<Submit>,
 }
 
 impl Writer {
@@ -73,7 +71,6 @@ impl Writer {
         vectors: Arc<VectorIndex>,
         stats: Stats,
     ) -> std::io::Result<Writer> {
-        let (sender, receiver) = mpsc::channel();
         let last_hlc = engine.max_hlc();
         let overlay = Overlay::default();
         let (stage_analyzer, stage_embedder) = (analyzer.clone(), embedder.clone());
@@ -87,12 +84,12 @@ impl Writer {
             last_hlc,
             writes: 0,
         };
-        let thread = std::thread::Builder::new().name("quiver-index".into()).spawn(move || {
-            for submit in receiver {
+        let stage = Worker::spawn("quiver-index", move |submits: mpsc::Receiver<Submit>| {
+            for submit in submits {
                 stage.write(submit);
             }
         })?;
-        Ok(Writer { analyzer, embedder, sender: Mutex::new(Some(sender)), thread: Mutex::new(Some(thread)) })
+        Ok(Writer { analyzer, embedder, stage })
     }
 
     /// Writes `ops` as one record with their index changes (see
@@ -105,27 +102,14 @@ impl Writer {
                 user_key(&op.key).map(|_| Derived::of(&self.analyzer, self.embedder.as_ref(), value))
             })
             .collect();
-        let refused = match lock(&self.sender).as_ref() {
-            Some(sender) => sender.send(Submit { ops, derived, done }).err().map(|error| error.0.done),
-            None => Some(done),
-        };
-        if let Some(done) = refused {
-            done(Err(storage::Error::Closed));
+        if let Err(refused) = self.stage.send(Submit { ops, derived, done }) {
+            (refused.done)(Err(storage::Error::Closed));
         }
     }
 
     /// Stops the stage once the writes queued so far are handed on.
     pub fn stop(&self) {
-        lock(&self.sender).take();
-        if let Some(thread) = lock(&self.thread).take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-impl Drop for Writer {
-    fn drop(&mut self) {
-        self.stop();
+        self.stage.stop();
     }
 }
 
