@@ -116,6 +116,11 @@ impl Client {
         self.runtime.block_on(self.inner.search_text_with(query, k, options))
     }
 
+    /// See [`crate::Client::set_with_vector`].
+    pub fn set_with_vector(&self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>, vector: &[f32]) -> Result<()> {
+        self.runtime.block_on(self.inner.set_with_vector(key, value, vector))
+    }
+
     /// See [`crate::Client::search_similar`].
     pub fn search_similar(&self, text: &str, k: u32) -> Result<Vec<crate::SearchHit>> {
         self.runtime.block_on(self.inner.search_similar(text, k))

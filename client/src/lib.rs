@@ -358,6 +358,16 @@ impl Client {
         self.call_done(key, Op::Set { key: key.to_vec(), value: value.as_ref().to_vec() }, false).await
     }
 
+    /// Stores `value` under `key` with its own vector (of the nodes'
+    /// embedding dimension, 50 by default): similarity searches find the
+    /// value at `vector` rather than at its text's embedding, until a later
+    /// write of `key` without one. Returns once durable.
+    pub async fn set_with_vector(&self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>, vector: &[f32]) -> Result<()> {
+        let (key, value) = (key.as_ref().to_vec(), value.as_ref().to_vec());
+        let first = key.clone();
+        self.call_done(&first, Op::SetWithVector { key, value, vector: vector.to_vec() }, false).await
+    }
+
     /// Deletes `key`. Returns once the delete is durable. Deleting an absent
     /// key succeeds.
     pub async fn delete(&self, key: impl AsRef<[u8]>) -> Result<()> {

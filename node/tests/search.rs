@@ -83,6 +83,15 @@ fn search_finds_current_values_and_the_index_survives_sigkill() {
     assert_eq!(hit_keys(&client.search_similar("river", 1).unwrap()), ["paris"], "the Seine is a river");
     let vector = client.search_vector(&[0.1; 50], 3).unwrap();
     assert_eq!(vector.len(), 3);
+    let mut axis = [0.0f32; 50];
+    axis[7] = -2.0;
+    client.set_with_vector("own", [0xff, 0x00, 0x10], &axis).unwrap();
+    let nearest = client.search_vector(&axis, 1).unwrap();
+    assert_eq!((nearest[0].key.as_slice(), nearest[0].value.as_slice()), (&b"own"[..], &[0xff, 0x00, 0x10][..]));
+    let error = client.set_with_vector("own", "v", &[1.0; 3]).unwrap_err();
+    assert_eq!(error.kind(), Some(ErrorKind::BadQuery), "{error}");
+    let error = client.get(quiver_ring::ring::vector_key_of(b"own")).unwrap_err();
+    assert_eq!(error.kind(), Some(ErrorKind::ReservedKey), "{error}");
 }
 
 #[test]

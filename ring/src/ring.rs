@@ -27,9 +27,25 @@ use crate::version::NodeId;
 /// Points on the ring per node.
 pub const TOKENS_PER_NODE: u32 = 256;
 
-/// The ring position of `key`.
+/// Keys that start with this are a node's own: the vector written with a
+/// key's value is stored under this prefix and the key (see
+/// [`vector_key_of`]). Clients cannot use such keys.
+pub const VECTOR_KEY_PREFIX: &[u8] = b"\xff\xfevector\x00";
+
+/// The key that holds the vector written with `key`'s value.
+pub fn vector_key_of(key: &[u8]) -> Vec<u8> {
+    [VECTOR_KEY_PREFIX, key].concat()
+}
+
+/// The key whose vector `key` holds, if it is a vector key.
+pub fn vector_key_base(key: &[u8]) -> Option<&[u8]> {
+    key.strip_prefix(VECTOR_KEY_PREFIX)
+}
+
+/// The ring position of `key`. A vector key has its base key's, so that it
+/// lives on the same replicas, in the same token range.
 pub fn key_token(key: &[u8]) -> u64 {
-    xxh3_64(key)
+    xxh3_64(vector_key_base(key).unwrap_or(key))
 }
 
 /// The `i`th token of `node`.
@@ -202,6 +218,18 @@ mod tests {
         assert!(whole.contains(0) && whole.contains(u64::MAX));
         let wrapping = TokenRange { after: u64::MAX - 1, upto: 1 };
         assert!(wrapping.contains(u64::MAX) && wrapping.contains(0) && wrapping.contains(1) && !wrapping.contains(2));
+    }
+
+    #[test]
+    fn a_vector_key_lives_where_its_key_does() {
+        let ring = Ring::new(RingView { epoch: 1, members: (1..=5).map(member).collect() });
+        for i in 0..100u32 {
+            let key = i.to_le_bytes();
+            assert_eq!(key_token(&vector_key_of(&key)), key_token(&key));
+            assert_eq!(ring.preference_list(&vector_key_of(&key), 3), ring.preference_list(&key, 3));
+            assert_eq!(vector_key_base(&vector_key_of(&key)), Some(&key[..]));
+        }
+        assert_eq!(vector_key_base(b"plain"), None);
     }
 
     #[test]

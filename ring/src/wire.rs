@@ -52,7 +52,8 @@ pub const ADMIN_TOKEN_FILE: &str = "ADMIN_TOKEN";
 /// requests carry a token. 3: typed timestamps, write deadlines, versions
 /// and contexts (`GetVersions`, `SetWithContext`). 4: `Ring`, the ring in
 /// `status`. 5: consistency `Any`, hinted handoff in `status`. 6: full-text
-/// search (`SearchText`), similar values (`SearchSimilar`, `SearchVector`).
+/// search (`SearchText`), similar values (`SearchSimilar`, `SearchVector`),
+/// values with their own vectors (`SetWithVector`).
 pub const PROTOCOL_VERSION: u32 = 6;
 
 /// A client's request.
@@ -193,6 +194,17 @@ pub enum Op {
     SearchVector {
         vector: Vec<f32>,
         k: u32,
+    },
+    /// A `Set` whose value is found by similarity search at `vector` (of
+    /// the index's dimension) rather than at its text's embedding; a later
+    /// write without a vector goes back to the text's. Answered with
+    /// [`Reply::Done`].
+    SetWithVector {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+        vector: Vec<f32>,
     },
 }
 
@@ -359,20 +371,29 @@ pub fn check_search(query: &str, k: u32) -> Result<(), ServerError> {
 /// Most components a query vector may have.
 pub const VECTOR_DIM_MAX: usize = 4096;
 
-/// Checks a vector search: `k` in range, and a query vector of `dim`
-/// finite components (`dim` 0: any dimension up to [`VECTOR_DIM_MAX`],
-/// what a client checks before it knows the index's).
+/// Checks a vector search: `k` in range, and a query vector as
+/// [`check_vector`] wants it.
 pub fn check_vector_search(vector: &[f32], dim: usize, k: u32) -> Result<(), ServerError> {
-    let bad = |message: String| Err(ServerError::new(ErrorKind::BadQuery, message));
     if k == 0 || k > SEARCH_K_MAX {
-        return bad(format!("k = {k}: ask for 1 to {SEARCH_K_MAX} results"));
+        return Err(ServerError::new(ErrorKind::BadQuery, format!("k = {k}: ask for 1 to {SEARCH_K_MAX} results")));
     }
+    check_vector(vector, dim)
+}
+
+/// Checks a vector: `dim` finite components, not all zero (`dim` 0: any
+/// dimension up to [`VECTOR_DIM_MAX`], what a client checks before it knows
+/// the index's).
+pub fn check_vector(vector: &[f32], dim: usize) -> Result<(), ServerError> {
+    let bad = |message: String| Err(ServerError::new(ErrorKind::BadQuery, message));
     if vector.is_empty() || vector.len() > VECTOR_DIM_MAX || (dim != 0 && vector.len() != dim) {
         let want = if dim == 0 { format!("1 to {VECTOR_DIM_MAX}") } else { dim.to_string() };
-        return bad(format!("the query vector has {} dimensions; the index's vectors have {want}", vector.len()));
+        return bad(format!("the vector has {} dimensions; the index's vectors have {want}", vector.len()));
     }
     if vector.iter().any(|x| !x.is_finite()) {
-        return bad("the query vector has a component that is not a finite number".into());
+        return bad("the vector has a component that is not a finite number".into());
+    }
+    if vector.iter().all(|x| *x == 0.0) {
+        return bad("the vector has no direction (all zeros)".into());
     }
     Ok(())
 }
@@ -407,6 +428,8 @@ impl Default for Limits {
 impl Limits {
     /// A key must be 1..=`key_bytes_max` bytes.
     pub fn check_key(&self, key: &[u8]) -> Result<(), ServerError> {
+        // A vector key is its base key's, and as long as it may be.
+        let key = crate::ring::vector_key_base(key).unwrap_or(key);
         if key.is_empty() {
             return Err(ServerError::new(ErrorKind::EmptyKey, "keys must be at least one byte"));
         }
@@ -417,6 +440,18 @@ impl Limits {
             ));
         }
         Ok(())
+    }
+
+    /// A client's key: [`Limits::check_key`], and not one of the keys a node
+    /// keeps for itself ([`crate::ring::VECTOR_KEY_PREFIX`]).
+    pub fn check_user_key(&self, key: &[u8]) -> Result<(), ServerError> {
+        if key.starts_with(crate::ring::VECTOR_KEY_PREFIX) {
+            return Err(ServerError::new(
+                ErrorKind::ReservedKey,
+                "keys starting with the bytes ff fe 'vector' 00 are kept for the vectors written with values",
+            ));
+        }
+        self.check_key(key)
     }
 
     /// A value must be at most `value_bytes_max` bytes.
@@ -445,18 +480,18 @@ impl Limits {
     /// checks before it acts on a request.
     pub fn check(&self, op: &Op) -> Result<(), ServerError> {
         match op {
-            Op::Get { key } | Op::Delete { key } | Op::GetVersions { key } => self.check_key(key),
+            Op::Get { key } | Op::Delete { key } | Op::GetVersions { key } => self.check_user_key(key),
             Op::SetWithContext { key, value, .. } => {
-                self.check_key(key)?;
+                self.check_user_key(key)?;
                 value.as_deref().map_or(Ok(()), |value| self.check_value(value))
             }
             Op::Set { key, value } => {
-                self.check_key(key)?;
+                self.check_user_key(key)?;
                 self.check_value(value)
             }
             Op::GetMany { keys } => {
                 self.check_count(keys.len(), "get_many")?;
-                keys.iter().try_for_each(|key| self.check_key(key))
+                keys.iter().try_for_each(|key| self.check_user_key(key))
             }
             Op::BulkSet { entries } => {
                 self.check_count(entries.len(), "bulk set")?;
@@ -468,12 +503,17 @@ impl Limits {
                     ));
                 }
                 entries.iter().try_for_each(|(key, value)| {
-                    self.check_key(key)?;
+                    self.check_user_key(key)?;
                     self.check_value(value)
                 })
             }
             Op::SearchText { query, k, .. } | Op::SearchSimilar { text: query, k } => check_search(query, *k),
             Op::SearchVector { vector, k } => check_vector_search(vector, 0, *k),
+            Op::SetWithVector { key, value, vector } => {
+                self.check_user_key(key)?;
+                self.check_value(value)?;
+                check_vector(vector, 0)
+            }
             Op::Status | Op::Shutdown { .. } | Op::Hello { .. } | Op::Ring => Ok(()),
         }
     }
@@ -618,6 +658,8 @@ pub enum ErrorKind {
     BadQuery,
     /// A search on a node started without indexing (`--index`).
     NotIndexed,
+    /// A key that starts with the bytes a node keeps for itself.
+    ReservedKey,
 }
 
 impl ErrorKind {
@@ -880,6 +922,10 @@ mod tests {
             ),
             (request(Op::SearchSimilar { text: "q".into(), k: 2 }), "01020c0171020300"),
             (request(Op::SearchVector { vector: vec![1.0], k: 2 }), "01020d010000803f020300"),
+            (
+                request(Op::SetWithVector { key: key(), value: b"v".to_vec(), vector: vec![1.0] }),
+                "01020e016b0176010000803f0300",
+            ),
         ];
         let response = |result: Result<Reply, ServerError>| Response { id: 1, hlc: Hlc(2), result };
         let limits =
@@ -976,6 +1022,7 @@ mod tests {
             (ErrorKind::InvalidContext, "11"),
             (ErrorKind::BadQuery, "12"),
             (ErrorKind::NotIndexed, "13"),
+            (ErrorKind::ReservedKey, "14"),
         ];
         let mut wrong = Vec::new();
         for (message, want) in &requests {

@@ -42,8 +42,12 @@ enum Command {
         value: String,
         /// A causal write: replaces exactly the versions this context (from
         /// `quiver versions KEY`) covers; others stay as siblings.
-        #[arg(long, value_name = "TOKEN")]
+        #[arg(long, value_name = "TOKEN", conflicts_with = "vector")]
         context: Option<String>,
+        /// The value's own vector for similarity search ("0.1,0.2,..."),
+        /// instead of its text's embedding (nodes started with --index).
+        #[arg(long, value_name = "NUMBERS")]
+        vector: Option<String>,
     },
     /// Prints the value of KEY; exits with status 1 if it is absent.
     Get { key: String },
@@ -214,6 +218,14 @@ fn parse_entries(args: &[String], file: Option<&str>) -> Result<Vec<(String, Str
     Ok(entries)
 }
 
+/// A vector given as numbers separated by commas or spaces.
+fn parse_vector(text: &str) -> Result<Vec<f32>, String> {
+    text.split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|part| !part.is_empty())
+        .map(|part| part.parse::<f32>().map_err(|_| format!("{part:?} in the vector is not a number")))
+        .collect()
+}
+
 /// Prints search hits: numbered, with score, key and value; or as JSON.
 fn print_hits(out: &mut impl Write, hits: &[quiver_client::SearchHit], json: bool) -> Result<(), String> {
     let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
@@ -294,10 +306,11 @@ fn run(args: Args) -> Result<ExitCode, String> {
     let failed = |e: quiver_client::Error| e.to_string();
     let mut out = std::io::stdout().lock();
     match args.command {
-        Command::Set { key, value, .. } => {
-            match &context {
-                Some(context) => client.set_with_context(key, value, context),
-                None => client.set(key, value),
+        Command::Set { key, value, vector, .. } => {
+            match (&context, vector) {
+                (Some(context), _) => client.set_with_context(key, value, context),
+                (None, Some(vector)) => client.set_with_vector(key, value, &parse_vector(&vector)?),
+                (None, None) => client.set(key, value),
             }
             .map_err(failed)?;
             writeln!(out, "OK").map_err(|e| e.to_string())?;
@@ -357,12 +370,7 @@ fn run(args: Args) -> Result<ExitCode, String> {
             print_hits(&mut out, &client.search_similar(&text, k).map_err(failed)?, json)?;
         }
         Command::Similar { text, k, vector: true, json } => {
-            let vector = text
-                .split(|c: char| c == ',' || c.is_whitespace())
-                .filter(|part| !part.is_empty())
-                .map(|part| part.parse::<f32>().map_err(|_| format!("{part:?} in the vector is not a number")))
-                .collect::<Result<Vec<f32>, String>>()?;
-            print_hits(&mut out, &client.search_vector(&vector, k).map_err(failed)?, json)?;
+            print_hits(&mut out, &client.search_vector(&parse_vector(&text)?, k).map_err(failed)?, json)?;
         }
         Command::Status { json: true } => {
             let s = client.status().map_err(failed)?;

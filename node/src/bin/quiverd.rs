@@ -389,6 +389,9 @@ async fn run(config: Config) -> Result<(), String> {
     if let Some(cluster) = cluster {
         service = service.with_cluster(cluster);
     }
+    if let Some(index) = &index {
+        service = service.with_vector_dim(index.embedder().dim());
+    }
     let service = Arc::new(service);
 
     let stop = service.shutdown_requested();

@@ -32,7 +32,7 @@ mod tests;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use quiver_ring::ring::TokenRange;
+use quiver_ring::ring::{vector_key_base, vector_key_of, TokenRange};
 use quiver_ring::wire::{ErrorKind, SearchHit, ServerError};
 use quiver_ring::Siblings;
 
@@ -48,12 +48,8 @@ use writer::{Done, IndexStamp, Writer};
 
 /// The index format: a node whose stored index has another rebuilds it.
 /// 1: postings with positions and document lengths, stats. 2: vectors.
-/// 3: document lengths by token.
+/// 3: document lengths by token, vectors written with values.
 const FORMAT: u32 = 3;
-
-/// How long a similarity search waits (on a reader thread) for the graph to
-/// take the writes acknowledged before it, when few are queued.
-const GRAPH_WAIT_MAX: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Documents indexed per record while rebuilding.
 const REBUILD_DOCS_PER_RECORD: usize = 1000;
@@ -118,6 +114,29 @@ impl<T> std::fmt::Debug for Worker<T> {
 /// The marker's value for an index made by `embedder`.
 fn marker(embedder: &dyn Embedder) -> Vec<u8> {
     postcard::to_stdvec(&(FORMAT, embedder.fingerprint())).expect("postcard encodes into a Vec")
+}
+
+/// The stored key a data key's index entries belong to: its own, or for a
+/// vector key, its base key's.
+pub(crate) fn base_of(stored: &[u8]) -> Vec<u8> {
+    match user_key(stored).and_then(vector_key_base) {
+        Some(base) => data_key(base),
+        None => stored.to_vec(),
+    }
+}
+
+/// The vector written with a key's current value, if there is one: the
+/// winner of its vector key, when it was written together with the key's
+/// winning value (the same stamp), is a vector of `dim` components, and the
+/// value is not deleted. A later write of the key without a vector leaves
+/// an older vector key behind, which then no longer counts.
+pub(crate) fn supplied_vector(dim: usize, vector: Option<&Siblings>, base: Option<&Siblings>) -> Option<Vec<f32>> {
+    let (vector, base) = (vector?.winner()?, base?.winner()?);
+    base.value.as_ref()?;
+    if vector.order() != base.order() {
+        return None;
+    }
+    embed::unit(vectors::decode(vector.value.as_deref()?, dim)?)
 }
 
 /// What the index holds of one value: its document (terms) and its vector.
@@ -290,10 +309,6 @@ impl Index {
     }
 
     fn nearest(&self, vector: &[f32], k: u32, keep: &dyn Fn(&[u8]) -> bool) -> Result<Vec<SearchHit>, ServerError> {
-        // The graph takes writes a moment after they are durable: wait a
-        // little for those acknowledged before this search, unless the
-        // graph is far behind (a heavy load), as a search engine's refresh.
-        self.vectors.sync_within(Some(GRAPH_WAIT_MAX));
         let near = self.vectors.search(vector, k as usize, keep).map_err(storage_error)?;
         let mut hits = Vec::with_capacity(near.len());
         for near in near {
@@ -347,8 +362,8 @@ pub fn verify(engine: &Engine, embedder: &dyn Embedder, report_max: usize) -> st
     let stamp = IndexStamp(quiver_ring::Hlc::ZERO);
     for entry in engine.scan(&keyspace_start(Keyspace::Data), Some(&keyspace_start(Keyspace::Hints))) {
         let (stored, siblings) = entry?;
-        let Some(key) = user_key(&stored) else { continue };
-        let derived = Derived::of(&analyzer, embedder, siblings.value());
+        let Some(key) = user_key(&stored).filter(|key| vector_key_base(key).is_none()) else { continue };
+        let derived = derive_stored(engine, &analyzer, embedder, key, &siblings)?;
         stats.replace(None, derived.doc.as_ref());
         let mut ops = Vec::new();
         derived.ops_from(&Derived::default(), key, stamp, &mut ops);
@@ -378,6 +393,23 @@ pub fn verify(engine: &Engine, embedder: &dyn Embedder, report_max: usize) -> st
     }
     wrong.truncate(report_max);
     Ok(wrong)
+}
+
+/// What the index holds of the stored key `key` with versions `siblings`:
+/// its value's terms, and the vector written with it or else its text's.
+fn derive_stored(
+    engine: &Engine,
+    analyzer: &Analyzer,
+    embedder: &dyn Embedder,
+    key: &[u8],
+    siblings: &Siblings,
+) -> storage::Result<Derived> {
+    let mut derived = Derived::of(analyzer, embedder, siblings.value());
+    let companion = engine.get(&data_key(&vector_key_of(key)))?;
+    if let Some(vector) = supplied_vector(embedder.dim(), companion.as_ref(), Some(siblings)) {
+        derived.vector = Some(vector);
+    }
+    Ok(derived)
 }
 
 /// Rebuilds the index from the data: deletes every index key, indexes
@@ -412,8 +444,8 @@ fn rebuild(engine: &Engine, analyzer: &Analyzer, embedder: &dyn Embedder) -> sto
     loop {
         let entry = data.next().transpose()?;
         if let Some((stored, siblings)) = &entry {
-            if let Some(key) = user_key(stored) {
-                let derived = Derived::of(analyzer, embedder, siblings.value());
+            if let Some(key) = user_key(stored).filter(|key| vector_key_base(key).is_none()) {
+                let derived = derive_stored(engine, analyzer, embedder, key, siblings)?;
                 stats.replace(None, derived.doc.as_ref());
                 derived.ops_from(&Derived::default(), key, stamp, &mut ops);
                 docs += 1;

@@ -442,3 +442,33 @@ fn vector_searches_say_what_is_wrong() {
     assert_eq!(index.search_similar("qwzxv", 10).unwrap_err().kind, ErrorKind::BadQuery);
     assert_eq!(index.search_similar("dog", 1).unwrap()[0].key, b"d4", "the one-word document about a dog");
 }
+
+/// A value written with its own vector is found at that vector, by the
+/// graph and by `verify` and a rebuild alike, until a write of the key
+/// without one brings back its text's embedding.
+#[test]
+fn a_vector_written_with_a_value_is_found_there_until_a_write_without_one() {
+    let (_sim, index, mut writes) = corpus();
+    let mut axis = vec![0.0f32; 50];
+    axis[0] = 1.0;
+    let stamp = writes.stamper.next(crate::now_ms()).unwrap();
+    let vector_key = data_key(&quiver_ring::ring::vector_key_of(b"d9"));
+    write(
+        &index,
+        vec![
+            Op { key: data_key(b"d9"), version: stamp.blind(Some(b"plain words".to_vec())) },
+            Op { key: vector_key, version: stamp.blind(Some(vectors::encode(&axis))) },
+        ],
+    )
+    .unwrap();
+    let nearest = index.search_vector(axis.clone(), 1).unwrap();
+    assert_eq!((nearest[0].key.as_slice(), nearest[0].value.as_slice()), (&b"d9"[..], &b"plain words"[..]));
+    assert!((nearest[0].score - 1.0).abs() < 1e-5, "{}", nearest[0].score);
+    assert_eq!(keys(&index, "plain", Match::Any), ["d9"], "its text is indexed as any other");
+    assert_eq!(check(&index.engine), Vec::<String>::new());
+
+    set(&index, &mut writes, "d9", Some("plain words again"));
+    let nearest = index.search_vector(axis.clone(), 1).unwrap();
+    assert!(nearest[0].key != b"d9" || nearest[0].score < 0.9, "back to its text's embedding: {nearest:?}");
+    assert_eq!(check(&index.engine), Vec::<String>::new());
+}

@@ -18,24 +18,26 @@
 //!   stored vectors; then inserts each change as a new point and marks
 //!   the key's old point dead; when dead points pass a quarter of the live
 //!   ones, builds a new graph from the stored vectors and swaps it in.
-//! - Hands on: nothing; searches read the graph under a read lock. Until
-//!   the first graph is built, searches compare the query with every
-//!   stored vector instead (exact, slower).
+//! - Hands on: nothing; searches read the graph under a read lock, and
+//!   compare the query directly with the vectors of changes not yet in the
+//!   graph (kept aside until they are), so a search sees every write
+//!   acknowledged before it. Until the first graph is built, searches
+//!   compare the query with every stored vector instead (exact, slower).
 //!
 //! Stored vectors are read back from disk: nothing here panics on bytes
 //! that do not decode.
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use hnsw_rs::anndists::dist::distances::Distance;
 use hnsw_rs::hnsw::Hnsw;
 
 use super::embed::similarity;
 use super::Worker;
+use crate::lock;
 use crate::storage::keys::Keyspace;
 use crate::storage::{self, Engine};
 
@@ -49,10 +51,6 @@ const EF_CONSTRUCTION: usize = 100;
 /// heaviest work indexing adds, and it must yield to the write path (a
 /// write is acknowledged without waiting for the graph).
 const NICE: i32 = 10;
-/// A similarity search waits for the graph to take what was written before
-/// it only while fewer changes than this are queued (else it searches the
-/// graph as it is).
-const SYNC_BACKLOG_MAX: usize = 1000;
 /// Candidates kept while searching, at least (HNSW's ef); more for a large k.
 const EF_SEARCH_MIN: usize = 100;
 /// Changes applied at once, at most.
@@ -149,10 +147,18 @@ pub struct Near {
     pub similarity: f32,
 }
 
+/// Vector changes durable but not yet in the graph, by key: the latest
+/// change's number and vector (`None`: the key has none now).
+#[derive(Default)]
+struct Pending {
+    keys: HashMap<Vec<u8>, (u64, Option<Vec<f32>>)>,
+    seq: u64,
+}
+
 /// What the `quiver-vectors` thread receives.
 enum Change {
-    /// A durable change of a key's vector.
-    Vector { key: Vec<u8>, vector: Option<Vec<f32>> },
+    /// A durable change of a key's vector, the `seq`th.
+    Vector { key: Vec<u8>, vector: Option<Vec<f32>>, seq: u64 },
     /// Answered once every change before it is in the graph.
     Sync(mpsc::Sender<()>),
 }
@@ -160,8 +166,9 @@ enum Change {
 /// The embedding index of one node.
 pub struct VectorIndex {
     dim: usize,
-    /// Changes queued and not yet in the graph.
-    pending: Arc<AtomicUsize>,
+    /// Changes durable but not yet in the graph: searches take them from
+    /// here (see [`Pending`]).
+    pending: Arc<Mutex<Pending>>,
     engine: Arc<Engine>,
     built: Arc<RwLock<Option<Built>>>,
     changes: Worker<Change>,
@@ -178,7 +185,7 @@ impl VectorIndex {
     /// built in the background.
     pub fn start(engine: Arc<Engine>, dim: usize) -> std::io::Result<VectorIndex> {
         let built: Arc<RwLock<Option<Built>>> = Arc::default();
-        let pending = Arc::new(AtomicUsize::new(0));
+        let pending: Arc<Mutex<Pending>> = Arc::default();
         let (thread_engine, thread_built, thread_pending) = (engine.clone(), built.clone(), pending.clone());
         let changes = Worker::spawn("quiver-vectors", move |changes: mpsc::Receiver<Change>| {
             // Best effort: at the default priority the graph still works.
@@ -195,33 +202,21 @@ impl VectorIndex {
 
     /// `key`'s vector is now `vector` (durably): queued for the graph.
     pub fn changed(&self, key: Vec<u8>, vector: Option<Vec<f32>>) {
-        self.pending.fetch_add(1, Ordering::Relaxed);
-        if self.changes.send(Change::Vector { key, vector }).is_err() {
-            self.pending.fetch_sub(1, Ordering::Relaxed);
-        }
+        let seq = {
+            let mut pending = lock(&self.pending);
+            pending.seq += 1;
+            let seq = pending.seq;
+            pending.keys.insert(key.clone(), (seq, vector.clone()));
+            seq
+        };
+        let _ = self.changes.send(Change::Vector { key, vector, seq });
     }
 
     /// Waits until the graph is built and holds every change queued before
     /// this call (false if the thread has stopped).
     pub fn sync(&self) -> bool {
-        self.sync_within(None)
-    }
-
-    /// [`VectorIndex::sync`], giving up after `limit` (false then), or at
-    /// once when more than [`SYNC_BACKLOG_MAX`] changes are queued (the
-    /// graph is far behind: a heavy load).
-    pub fn sync_within(&self, limit: Option<std::time::Duration>) -> bool {
-        if limit.is_some() && self.pending.load(Ordering::Relaxed) > SYNC_BACKLOG_MAX {
-            return false;
-        }
         let (sender, receiver) = mpsc::channel();
-        if self.changes.send(Change::Sync(sender)).is_err() {
-            return false;
-        }
-        match limit {
-            Some(limit) => receiver.recv_timeout(limit).is_ok(),
-            None => receiver.recv().is_ok(),
-        }
+        self.changes.send(Change::Sync(sender)).is_ok() && receiver.recv().is_ok()
     }
 
     /// Whether the graph is built (else searches compare every vector).
@@ -230,20 +225,35 @@ impl VectorIndex {
     }
 
     /// The `k` keys whose vectors are nearest `query` (unit length), nearest
-    /// first, among those `keep` accepts.
+    /// first, among those `keep` accepts: from the graph, and for the keys
+    /// whose latest vector the graph does not have yet, by comparing with
+    /// it directly, so a search finds every write acknowledged before it.
     pub fn search(&self, query: &[f32], k: usize, keep: &dyn Fn(&[u8]) -> bool) -> storage::Result<Vec<Near>> {
         {
+            // The graph's points and the pending changes change together,
+            // under the write lock of `built`: a change is in one or the
+            // other.
             let built = read(&self.built);
             if let Some(Built { graph, points }) = built.as_ref() {
-                let filter = |id: &usize| points.keys.get(*id).is_some_and(|key| key.as_deref().is_some_and(keep));
+                let pending = lock(&self.pending);
+                let current = |key: &[u8]| keep(key) && !pending.keys.contains_key(key);
+                let filter = |id: &usize| points.keys.get(*id).is_some_and(|key| key.as_deref().is_some_and(current));
                 let found = graph.search_filter(query, k, EF_SEARCH_MIN.max(2 * k), Some(&filter));
-                return Ok(found
+                let mut near: Vec<Near> = found
                     .into_iter()
                     .filter_map(|n| {
                         let key = points.keys.get(n.d_id)?.clone()?;
                         Some(Near { key, similarity: 1.0 - n.distance })
                     })
-                    .collect());
+                    .collect();
+                for (key, (_, vector)) in &pending.keys {
+                    if let Some(vector) = vector.as_ref().filter(|_| keep(key)) {
+                        near.push(Near { key: key.clone(), similarity: similarity(query, vector) });
+                    }
+                }
+                near.sort_by(|a, b| b.similarity.total_cmp(&a.similarity).then_with(|| a.key.cmp(&b.key)));
+                near.truncate(k);
+                return Ok(near);
             }
         }
         self.search_exact(query, k, keep)
@@ -314,7 +324,7 @@ fn maintain(
     dim: usize,
     built: &RwLock<Option<Built>>,
     changes: &mpsc::Receiver<Change>,
-    pending: &AtomicUsize,
+    pending: &Mutex<Pending>,
 ) {
     match build(engine, dim) {
         Ok(first) => *write(built) = Some(first),
@@ -328,10 +338,9 @@ fn maintain(
             std::iter::once(first).chain(std::iter::from_fn(|| changes.try_recv().ok()).take(BATCH_MAX)).collect();
         let mut synced = Vec::new();
         let mut vectors = Vec::new();
-        let applied = batch.iter().filter(|change| matches!(change, Change::Vector { .. })).count();
         for change in batch {
             match change {
-                Change::Vector { key, vector } => vectors.push((key, vector)),
+                Change::Vector { key, vector, seq } => vectors.push((key, vector, seq)),
                 Change::Sync(answer) => synced.push(answer),
             }
         }
@@ -343,7 +352,7 @@ fn maintain(
                 Some(Built { graph, points }) => {
                     let first_id = points.keys.len();
                     let new: Vec<(&Vec<f32>, usize)> =
-                        vectors.iter().filter_map(|(_, v)| v.as_ref()).zip(first_id..).collect();
+                        vectors.iter().filter_map(|(_, v, _)| v.as_ref()).zip(first_id..).collect();
                     graph.parallel_insert(&new);
                     first_id
                 }
@@ -352,13 +361,19 @@ fn maintain(
             let mut guard = write(built);
             let Some(Built { points, .. }) = guard.as_mut() else { return };
             let mut next = first_id;
-            for (key, vector) in vectors {
+            let mut pending = lock(pending);
+            for (key, vector, seq) in vectors {
+                // In the graph now, unless a later change is pending.
+                if pending.keys.get(&key).is_some_and(|(latest, _)| *latest == seq) {
+                    pending.keys.remove(&key);
+                }
                 let id = vector.map(|_| {
                     next += 1;
                     next - 1
                 });
                 points.set(key, id);
             }
+            drop(pending);
             points.dead > DEAD_MIN.max(points.ids.len() / 4)
         };
         if rebuild {
@@ -367,7 +382,6 @@ fn maintain(
                 Err(error) => tracing::error!(%error, "cannot rebuild the vector index"),
             }
         }
-        pending.fetch_sub(applied, Ordering::Relaxed);
         for answer in synced {
             let _ = answer.send(());
         }

@@ -29,10 +29,11 @@ use super::analyzer::Analyzer;
 use super::embed::Embedder;
 use super::text::{stats_key, Stats};
 use super::vectors::VectorIndex;
-use super::{Derived, Worker};
+use super::{base_of, supplied_vector, Derived, Worker};
 use crate::lock;
-use crate::storage::keys::user_key;
+use crate::storage::keys::{data_key, user_key};
 use crate::storage::{self, Engine, Op};
+use quiver_ring::ring::vector_key_of;
 
 /// Called once with a write's outcome (as [`Engine::write_then`]'s).
 pub type Done = Box<dyn FnOnce(storage::Result<u64>) + Send>;
@@ -165,6 +166,22 @@ impl Stage {
         });
     }
 
+    /// `stored`'s versions before and after this write: from `keys` if the
+    /// write touches it, else its current ones, unchanged.
+    #[allow(clippy::type_complexity)]
+    fn state(
+        &self,
+        keys: &[(Vec<u8>, Option<Siblings>, Siblings)],
+        at: &HashMap<&[u8], usize>,
+        stored: &[u8],
+    ) -> storage::Result<(Option<Siblings>, Option<Siblings>)> {
+        if let Some((_, before, after)) = at.get(stored).and_then(|&i| keys.get(i)) {
+            return Ok((before.clone(), Some(after.clone())));
+        }
+        let current = self.current(stored)?;
+        Ok((current.clone(), current))
+    }
+
     /// The key's versions before this write: the overlay's, else the
     /// engine's.
     fn current(&self, key: &[u8]) -> storage::Result<Option<Siblings>> {
@@ -203,21 +220,44 @@ impl Stage {
         let mut vector_changes = Vec::new();
         let stats_before = self.stats;
         let stamp = self.stamp();
-        for (stored, before, after) in &keys {
-            let before_value = before.as_ref().and_then(Siblings::value);
-            if before_value == after.value() {
+        // Each key whose index entries may change, once: a key written, or
+        // whose vector key was (the vector written with its value).
+        let mut bases: Vec<Vec<u8>> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for (stored, _, _) in &keys {
+            let base = base_of(stored);
+            if seen.insert(base.clone()) {
+                bases.push(base);
+            }
+        }
+        for base in bases {
+            let Some(key) = user_key(&base) else { continue };
+            let companion = data_key(&vector_key_of(key));
+            let (base_before, base_after) = self.state(&keys, &at, &base)?;
+            let (vector_before, vector_after) = self.state(&keys, &at, &companion)?;
+            let dim = self.embedder.dim();
+            let supplied_before = supplied_vector(dim, vector_before.as_ref(), base_before.as_ref());
+            let supplied_after = supplied_vector(dim, vector_after.as_ref(), base_after.as_ref());
+            let (before_value, after_value) =
+                (base_before.as_ref().and_then(Siblings::value), base_after.as_ref().and_then(Siblings::value));
+            if before_value == after_value && supplied_before == supplied_after {
                 continue;
             }
-            let Some(key) = user_key(stored) else { continue };
-            let was = Derived::of(&self.analyzer, self.embedder.as_ref(), before_value);
+            let mut was = Derived::of(&self.analyzer, self.embedder.as_ref(), before_value);
             // The new value is one of this write's: its index entries were
             // worked out already.
             let made = ops
                 .iter()
                 .zip(derived.iter_mut())
-                .find(|(op, _)| op.key == *stored && op.version.value.as_deref() == after.value())
+                .find(|(op, _)| op.key == base && op.version.value.as_deref() == after_value)
                 .and_then(|(_, made)| made.take());
-            let is = made.unwrap_or_else(|| Derived::of(&self.analyzer, self.embedder.as_ref(), after.value()));
+            let mut is = made.unwrap_or_else(|| Derived::of(&self.analyzer, self.embedder.as_ref(), after_value));
+            if supplied_before.is_some() {
+                was.vector = supplied_before;
+            }
+            if supplied_after.is_some() {
+                is.vector = supplied_after;
+            }
             self.stats.replace(was.doc.as_ref(), is.doc.as_ref());
             is.ops_from(&was, key, stamp, &mut index_ops);
             if is.vector != was.vector {

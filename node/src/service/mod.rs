@@ -109,6 +109,9 @@ pub struct Service {
     /// The node's cluster store (the same as `store`), when it is part of
     /// a cluster: its name, peers and ring, for `status` and `Ring`.
     cluster: Option<Arc<ClusterStore>>,
+    /// The dimension of this node's index's vectors, which a vector written
+    /// with a value must have (`None`: no index here to say).
+    vector_dim: Option<usize>,
     shutdown: watch::Sender<bool>,
 }
 
@@ -145,11 +148,19 @@ impl Service {
             peer_addr,
             admin_token,
             cluster: None,
+            vector_dim: None,
             shutdown,
         }
     }
 
     /// This front for a node of a cluster: `cluster` is also its store.
+    /// Vectors written with values must have `dim` components (the
+    /// dimension of this node's index).
+    pub fn with_vector_dim(mut self, dim: usize) -> Service {
+        self.vector_dim = Some(dim);
+        self
+    }
+
     pub fn with_cluster(mut self, cluster: Arc<ClusterStore>) -> Service {
         self.cluster = Some(cluster);
         self
@@ -225,6 +236,16 @@ impl Service {
             }
             Op::SearchSimilar { text, k } => self.search(Search::Similar { text, k }, timing, reply),
             Op::SearchVector { vector, k } => self.search(Search::Vector { vector, k }, timing, reply),
+            Op::SetWithVector { key, value, vector } => {
+                if let Err(error) = wire::check_vector(&vector, self.vector_dim.unwrap_or(0)) {
+                    return reply(Err(error));
+                }
+                // The vector is a key of its own beside the value, written
+                // with it as one unit (the same stamp): see `index`.
+                let vector_key = quiver_ring::ring::vector_key_of(&key);
+                let entries = vec![(key, Some(value)), (vector_key, Some(crate::index::vectors::encode(&vector)))];
+                self.write(entries, timing, reply)
+            }
         }
     }
 
