@@ -132,7 +132,15 @@ async fn main() {
         let entries: Vec<(&str, String)> = keys.iter().zip(first..).map(|(k, n)| (k, texts.value(n))).collect();
         client.bulk_set(entries).await.expect("load the corpus");
     }
-    eprintln!("{docs} values loaded and indexed");
+    // Queries measure the steady state: the similarity graph has every
+    // value (while it catches up, searches compare the newest one by one).
+    let waited = std::time::Instant::now();
+    while client.status().await.expect("status").graph_backlog > 0 {
+        assert!(waited.elapsed() < std::time::Duration::from_secs(600), "the graph never caught up");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    eprintln!("the graph caught up in {:.1} s", waited.elapsed().as_secs_f64());
+    eprintln!("{docs} values loaded and indexed, the graph caught up");
     let queries: [(&str, MakeQuery); 4] = [
         ("text: one word", Arc::new(|t, rng| (t.word(rng).to_owned(), false))),
         ("text: two words, any", Arc::new(|t, rng| (format!("{} {}", t.word(rng), t.word(rng)), false))),

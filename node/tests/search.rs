@@ -99,6 +99,7 @@ fn searches_say_what_is_wrong() {
     let dir = tempfile::tempdir().unwrap();
     let node = start_node(dir.path(), &[]);
     let client = Client::connect([node.addr.clone()]).unwrap();
+    assert!(!client.status().unwrap().indexed);
     let error = client.search_text("france", 10).unwrap_err();
     assert_eq!(error.kind(), Some(ErrorKind::NotIndexed), "{error}");
     assert!(error.to_string().contains("--index"), "{error}");
@@ -106,6 +107,7 @@ fn searches_say_what_is_wrong() {
 
     let node = start_node(dir.path(), &["--index"]);
     let client = Client::connect([node.addr.clone()]).unwrap();
+    assert!(client.status().unwrap().indexed);
     for (query, k) in [("", 10), ("the of and", 10), ("\"open", 10), ("france", 0), ("france", 1001)] {
         let error = client.search_text(query, k).unwrap_err();
         assert_eq!(error.kind(), Some(ErrorKind::BadQuery), "{query:?} k={k}: {error}");

@@ -564,6 +564,11 @@ pub struct NodeStatus {
     /// Bulk sets in this node's batch log, not yet known applied on their
     /// replicas.
     pub batches_pending: u64,
+    /// Whether the node indexes its values (`--index`), and the vectors
+    /// written but not yet in its similarity graph (searches still find
+    /// them, comparing them one by one: slower while this is large).
+    pub indexed: bool,
+    pub graph_backlog: u64,
 }
 
 /// A member of the ring as `status` shows it.
@@ -963,6 +968,8 @@ mod tests {
             }],
             hints_dropped: 12,
             batches_pending: 13,
+            indexed: true,
+            graph_backlog: 14,
         };
         let ring = RingInfo {
             replicas: 3,
@@ -990,7 +997,7 @@ mod tests {
             (response(Ok(Reply::Done)), "01020002"),
             (
                 response(Ok(Reply::Status(status))),
-                "01020003010161016201760203040501017206016e01017001710107016301010801030301016e010109000a0b0c0d",
+                "01020003010161016201760203040501017206016e01017001710107016301010801030301016e010109000a0b0c0d010e",
             ),
             (response(Ok(Reply::Hello(NodeInfo { protocol: 4, node_id: 9, limits }))), "0102000404090102030405"),
             (response(Ok(Reply::Versions(versions))), "010200050201017607000801ab"),

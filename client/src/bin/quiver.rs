@@ -419,6 +419,10 @@ fn run(args: Args) -> Result<ExitCode, String> {
                 writeln!(out, "  {:<12} {:<4} share {share:>5.1} %  {keys}{hints}", member.name, state)
                     .map_err(|e| e.to_string())?;
             }
+            if s.indexed {
+                writeln!(out, "index:         on; vectors not yet in the similarity graph: {}", s.graph_backlog)
+                    .map_err(|e| e.to_string())?;
+            }
             if s.batches_pending > 0 {
                 writeln!(out, "bulk sets in the batch log, not yet known applied: {}", s.batches_pending)
                     .map_err(|e| e.to_string())?;

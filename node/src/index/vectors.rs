@@ -219,6 +219,11 @@ impl VectorIndex {
         self.changes.send(Change::Sync(sender)).is_ok() && receiver.recv().is_ok()
     }
 
+    /// Vector changes durable but not yet in the graph (the latest per key).
+    pub fn backlog(&self) -> usize {
+        lock(&self.pending).keys.len()
+    }
+
     /// Whether the graph is built (else searches compare every vector).
     pub fn is_built(&self) -> bool {
         read(&self.built).is_some()

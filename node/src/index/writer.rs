@@ -51,6 +51,22 @@ struct Submit {
 /// key's versions once it is applied.
 type Overlay = Arc<Mutex<HashMap<Vec<u8>, (u64, Siblings)>>>;
 
+/// A key's versions before and after a write (borrowed from the write's
+/// own when it touches the key).
+enum State<'a> {
+    Written { before: Option<&'a Siblings>, after: &'a Siblings },
+    Unchanged(Option<Siblings>),
+}
+
+impl State<'_> {
+    fn both(&self) -> (Option<&Siblings>, Option<&Siblings>) {
+        match self {
+            State::Written { before, after } => (*before, Some(*after)),
+            State::Unchanged(current) => (current.as_ref(), current.as_ref()),
+        }
+    }
+}
+
 /// Vectors a write changes: user key and new vector (`None`: none now).
 type VectorChanges = Vec<(Vec<u8>, Option<Vec<f32>>)>;
 
@@ -168,18 +184,16 @@ impl Stage {
 
     /// `stored`'s versions before and after this write: from `keys` if the
     /// write touches it, else its current ones, unchanged.
-    #[allow(clippy::type_complexity)]
-    fn state(
+    fn state<'a>(
         &self,
-        keys: &[(Vec<u8>, Option<Siblings>, Siblings)],
+        keys: &'a [(Vec<u8>, Option<Siblings>, Siblings)],
         at: &HashMap<&[u8], usize>,
         stored: &[u8],
-    ) -> storage::Result<(Option<Siblings>, Option<Siblings>)> {
+    ) -> storage::Result<State<'a>> {
         if let Some((_, before, after)) = at.get(stored).and_then(|&i| keys.get(i)) {
-            return Ok((before.clone(), Some(after.clone())));
+            return Ok(State::Written { before: before.as_ref(), after });
         }
-        let current = self.current(stored)?;
-        Ok((current.clone(), current))
+        Ok(State::Unchanged(self.current(stored)?))
     }
 
     /// The key's versions before this write: the overlay's, else the
@@ -233,13 +247,20 @@ impl Stage {
         for base in bases {
             let Some(key) = user_key(&base) else { continue };
             let companion = data_key(&vector_key_of(key));
-            let (base_before, base_after) = self.state(&keys, &at, &base)?;
-            let (vector_before, vector_after) = self.state(&keys, &at, &companion)?;
+            let base_state = self.state(&keys, &at, &base)?;
+            let (base_before, base_after) = base_state.both();
+            // A new key has no vector key of its own but one this write
+            // brings: no need to read one.
+            let vector_state = match base_before.is_some() || at.contains_key(companion.as_slice()) {
+                true => self.state(&keys, &at, &companion)?,
+                false => State::Unchanged(None),
+            };
+            let (vector_before, vector_after) = vector_state.both();
             let dim = self.embedder.dim();
-            let supplied_before = supplied_vector(dim, vector_before.as_ref(), base_before.as_ref());
-            let supplied_after = supplied_vector(dim, vector_after.as_ref(), base_after.as_ref());
+            let supplied_before = supplied_vector(dim, vector_before, base_before);
+            let supplied_after = supplied_vector(dim, vector_after, base_after);
             let (before_value, after_value) =
-                (base_before.as_ref().and_then(Siblings::value), base_after.as_ref().and_then(Siblings::value));
+                (base_before.and_then(Siblings::value), base_after.and_then(Siblings::value));
             if before_value == after_value && supplied_before == supplied_after {
                 continue;
             }

@@ -334,6 +334,7 @@ impl Store for LocalStore {
             keys: stats.table_entries + stats.memtable_entries as u64,
             bytes_on_disk: self.engine.disk_bytes().map_err(storage_error)?,
             too_many_siblings_refused: self.causal.too_many_siblings_refused(),
+            graph_backlog: self.index.as_ref().map(|index| index.vectors().backlog() as u64),
         })
     }
 

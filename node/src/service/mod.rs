@@ -47,6 +47,9 @@ pub struct StoreStatus {
     pub bytes_on_disk: u64,
     /// Causal writes refused for leaving too many siblings.
     pub too_many_siblings_refused: u64,
+    /// `Some`: the node indexes its values, and this many vector changes
+    /// are not yet in its similarity graph.
+    pub graph_backlog: Option<u64>,
 }
 
 /// What a request carries besides its operation: the highest timestamp
@@ -290,6 +293,8 @@ impl Service {
             ring: self.cluster.as_ref().map(|c| c.ring_members()).unwrap_or_default(),
             hints_dropped: self.cluster.as_ref().map_or(0, |c| c.hints().dropped()),
             batches_pending: self.cluster.as_ref().map_or(0, |c| c.batches().pending()),
+            indexed: store.graph_backlog.is_some(),
+            graph_backlog: store.graph_backlog.unwrap_or(0),
         }))
     }
 
