@@ -545,11 +545,10 @@ fn cluster_searches_find_what_a_single_node_finds_over_the_same_data() {
     }
     assert!(local_statistics_differ, "each node's own statistics score differently from one node's");
     // A value written with its own vector, found at it through any node.
-    let mut axis = vec![0.0f32; 50];
-    axis[3] = 1.0;
-    cluster.set_with_vector("own", "no matter", &axis).unwrap();
+    let volcano = quiver_node::index::embed::WordVectors::shipped().unwrap().word("volcano").unwrap().to_vec();
+    cluster.set_with_vector("own", "no matter", &volcano).unwrap();
     for node in &nodes {
-        let nearest = direct(node).search_vector(&axis, 1).unwrap();
+        let nearest = direct(node).search_vector(&volcano, 1).unwrap();
         assert_eq!(nearest[0].key, b"own", "through {}: {nearest:?}", node.addr);
     }
     // Each node answered its part: a search through another coordinator

@@ -45,11 +45,15 @@ fn search_finds_current_values_and_the_index_survives_sigkill() {
 
     // Writers overwrite keys until the node is killed under them.
     let stop = Arc::new(AtomicBool::new(false));
-    let writers: Vec<_> = (0..4)
-        .map(|w| {
-            let (addr, stop) = (node.addr.clone(), stop.clone());
+    // Connected before any starts: the kill may come before a late one
+    // would have connected.
+    let clients: Vec<Client> = (0..4).map(|_| Client::connect([node.addr.clone()]).unwrap()).collect();
+    let writers: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(w, client)| {
+            let stop = stop.clone();
             std::thread::spawn(move || {
-                let client = Client::connect([addr]).unwrap();
                 let mut i = 0u64;
                 while !stop.load(Ordering::Relaxed)
                     && client.set(format!("w{w}-{}", i % 50), format!("word{i} shared")).is_ok()
@@ -83,10 +87,11 @@ fn search_finds_current_values_and_the_index_survives_sigkill() {
     assert_eq!(hit_keys(&client.search_similar("river", 1).unwrap()), ["paris"], "the Seine is a river");
     let vector = client.search_vector(&[0.1; 50], 3).unwrap();
     assert_eq!(vector.len(), 3);
-    let mut axis = [0.0f32; 50];
-    axis[7] = -2.0;
-    client.set_with_vector("own", [0xff, 0x00, 0x10], &axis).unwrap();
-    let nearest = client.search_vector(&axis, 1).unwrap();
+    // A vector from the same space as the values' (an outlier far from
+    // every point may not be reachable through the graph's links).
+    let volcano = quiver_node::index::embed::WordVectors::shipped().unwrap().word("volcano").unwrap().to_vec();
+    client.set_with_vector("own", [0xff, 0x00, 0x10], &volcano).unwrap();
+    let nearest = client.search_vector(&volcano, 1).unwrap();
     assert_eq!((nearest[0].key.as_slice(), nearest[0].value.as_slice()), (&b"own"[..], &[0xff, 0x00, 0x10][..]));
     let error = client.set_with_vector("own", "v", &[1.0; 3]).unwrap_err();
     assert_eq!(error.kind(), Some(ErrorKind::BadQuery), "{error}");

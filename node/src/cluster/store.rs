@@ -462,7 +462,6 @@ impl ClusterStore {
         }
     }
 
-    /// Reads `key` from its replicas: the merge of the first R answers.
     /// The statistics of a full-text query's terms over the whole cluster:
     /// each node's over the keys of the ranges it was given, added up.
     async fn term_stats(
@@ -527,6 +526,7 @@ impl ClusterStore {
         }
     }
 
+    /// Reads `key` from its replicas: the merge of the first R answers.
     fn read_key(self: &Arc<Self>, key: Vec<u8>, consistency: Consistency, done: Done<Option<Siblings>>) {
         let ring = match self.ring() {
             Ok(ring) => ring,

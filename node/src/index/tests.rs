@@ -449,8 +449,9 @@ fn vector_searches_say_what_is_wrong() {
 #[test]
 fn a_vector_written_with_a_value_is_found_there_until_a_write_without_one() {
     let (_sim, index, mut writes) = corpus();
-    let mut axis = vec![0.0f32; 50];
-    axis[0] = 1.0;
+    // A vector from the same space as the values' (an outlier far from
+    // every point may not be reachable through the graph's links).
+    let axis = glove().word("volcano").unwrap().to_vec();
     let stamp = writes.stamper.next(crate::now_ms()).unwrap();
     let vector_key = data_key(&quiver_ring::ring::vector_key_of(b"d9"));
     write(

@@ -156,7 +156,6 @@ impl Service {
         }
     }
 
-    /// This front for a node of a cluster: `cluster` is also its store.
     /// Vectors written with values must have `dim` components (the
     /// dimension of this node's index).
     pub fn with_vector_dim(mut self, dim: usize) -> Service {
@@ -164,6 +163,7 @@ impl Service {
         self
     }
 
+    /// This front for a node of a cluster: `cluster` is also its store.
     pub fn with_cluster(mut self, cluster: Arc<ClusterStore>) -> Service {
         self.cluster = Some(cluster);
         self
