@@ -53,6 +53,11 @@ const EF_CONSTRUCTION: usize = 100;
 const NICE: i32 = 10;
 /// Candidates kept while searching, at least (HNSW's ef); more for a large k.
 const EF_SEARCH_MIN: usize = 100;
+/// Below this many points, a search compares the query with every stored
+/// vector: exact, and cheap at that size. A graph of few points, or of many
+/// equal ones, can leave a point in no other point's links, where a graph
+/// search never reaches it.
+const EXACT_BELOW: usize = 2000;
 /// Changes applied at once, at most.
 const BATCH_MAX: usize = 4096;
 /// Dead points tolerated before the graph is rebuilt: this many, or a
@@ -234,6 +239,10 @@ impl VectorIndex {
     /// whose latest vector the graph does not have yet, by comparing with
     /// it directly, so a search finds every write acknowledged before it.
     pub fn search(&self, query: &[f32], k: usize, keep: &dyn Fn(&[u8]) -> bool) -> storage::Result<Vec<Near>> {
+        let small = read(&self.built).as_ref().is_none_or(|built| built.points.ids.len() < EXACT_BELOW);
+        if small {
+            return self.search_exact(query, k, keep);
+        }
         {
             // The graph's points and the pending changes change together,
             // under the write lock of `built`: a change is in one or the
