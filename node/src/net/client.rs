@@ -8,6 +8,12 @@
 //! and answers go out in any order. The writer drains every answer queued so
 //! far into one `write`.
 //!
+//! While the reader works through frames it already has, answers are held
+//! back (corked, see [`Outbox`]) and handed to the writer together when the
+//! reader must wait for the socket again: the pipelined `get`s of one read
+//! are answered in one `write`, as a single-threaded server would, instead
+//! of waking the writer for the first and sending the rest a few at a time.
+//!
 //! The first request of a connection must be `Hello` of this protocol
 //! version; anything else is answered with `UnsupportedProtocol` and the
 //! connection is closed. A `Hello` of another version that does not decode
@@ -25,6 +31,7 @@
 // make it panic. Where an index is safe by construction, a comment says why.
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use quiver_ring::wire::{self, ErrorKind, Op, Request, Response, ServerError};
@@ -78,28 +85,36 @@ async fn connection(stream: TcpStream, service: Arc<Service>, mut stop: watch::R
     let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, reader);
     let (responses, queue) = mpsc::unbounded_channel::<Response>();
     let writer = tokio::spawn(write_responses(writer, queue, service.limits().frame_bytes_max));
+    let outbox = Outbox::new(responses);
     let in_flight = Arc::new(Semaphore::new(service.limits().requests_in_flight_max));
     let frame_max = service.limits().frame_bytes_max;
     let mut greeted = false;
     loop {
         let mut header = [0u8; wire::LEN_BYTES];
+        if reader.buffer().len() < wire::LEN_BYTES {
+            outbox.uncork();
+        }
         tokio::select! {
             read = reader.read_exact(&mut header) => if read.is_err() { break },
             _ = stop.wait_for(|&stop| stop) => break,
         }
+        outbox.cork();
         let len = wire::frame_len(header);
         if len > frame_max {
             let error = ServerError::new(
                 ErrorKind::FrameTooLarge,
                 format!("frame of {len} bytes exceeds the limit of {frame_max} bytes"),
             );
-            let _ = responses.send(Response { id: 0, hlc: service.hlc(), result: Err(error) });
+            outbox.send(Response { id: 0, hlc: service.hlc(), result: Err(error) });
             break;
         }
         // Grown as the bytes arrive, so a header that announces a large
         // body and then stalls costs no memory. Also raced against
         // shutdown: a client that sends half a frame and stalls must not
         // keep the node from stopping.
+        if reader.buffer().len() < len {
+            outbox.uncork();
+        }
         let mut body = Vec::with_capacity(len.min(READ_BUFFER_BYTES));
         let mut limited = (&mut reader).take(len as u64);
         tokio::select! {
@@ -116,7 +131,7 @@ async fn connection(stream: TcpStream, service: Arc<Service>, mut stop: watch::R
                     _ => ServerError::new(ErrorKind::Malformed, format!("request does not decode: {e}")),
                 };
                 let id = wire::peek_id(&body).unwrap_or(0);
-                let _ = responses.send(Response { id, hlc: service.hlc(), result: Err(error) });
+                outbox.send(Response { id, hlc: service.hlc(), result: Err(error) });
                 break;
             }
         };
@@ -133,25 +148,94 @@ async fn connection(stream: TcpStream, service: Arc<Service>, mut stop: watch::R
                 )),
             };
             if let Some(error) = error {
-                let _ = responses.send(Response { id: request.id, hlc: service.hlc(), result: Err(error) });
+                outbox.send(Response { id: request.id, hlc: service.hlc(), result: Err(error) });
                 break;
             }
             greeted = true;
         }
-        let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
+        let permit = match in_flight.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                outbox.uncork();
+                let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
+                permit
+            }
+        };
         // The answer is queued by whichever thread finishes the request
-        // (a reader thread, the engine's), with no task in between.
-        let (answering, responses, id) = (service.clone(), responses.clone(), request.id);
+        // (this task, a reader thread, the engine's), with no task between.
+        let (answering, outbox, id) = (service.clone(), outbox.clone(), request.id);
         let timing =
             Timing { hlc_seen: request.hlc_seen, deadline: request.deadline, consistency: request.consistency };
         service.start(timing, request.op, move |result| {
-            let _ = responses.send(Response { id, hlc: answering.hlc(), result });
+            outbox.send(Response { id, hlc: answering.hlc(), result });
             drop(permit);
         });
     }
-    // The writer ends once every in-flight request has answered.
-    drop(responses);
+    // The writer ends once every in-flight request has answered (each
+    // holds a clone of the outbox, and with it the channel's sender).
+    outbox.uncork();
+    drop(outbox);
     let _ = writer.await;
+}
+
+/// Where a connection's answers go on their way to its writer task.
+///
+/// Corked, it holds them; [`Outbox::uncork`] hands what it holds to the
+/// writer and lets later answers through until the reader corks it again
+/// (when it next has frames in hand). An answer is never held past the
+/// reader's next wait: the reader uncorks before every wait.
+#[derive(Clone)]
+struct Outbox(Arc<OutboxInner>);
+
+struct OutboxInner {
+    responses: mpsc::UnboundedSender<Response>,
+    /// `Some` while corked: the answers held back, in the order they came.
+    held: std::sync::Mutex<Option<Vec<Response>>>,
+    /// Whether `held` is `Some`; only the reader task changes it, so it
+    /// reads it without the lock to skip taking it twice per frame.
+    corked: std::sync::atomic::AtomicBool,
+}
+
+impl Outbox {
+    fn new(responses: mpsc::UnboundedSender<Response>) -> Outbox {
+        Outbox(Arc::new(OutboxInner {
+            responses,
+            held: std::sync::Mutex::new(None),
+            corked: std::sync::atomic::AtomicBool::new(false),
+        }))
+    }
+
+    /// Holds `response` while corked, else hands it to the writer.
+    fn send(&self, response: Response) {
+        let mut held = crate::lock(&self.0.held);
+        match held.as_mut() {
+            Some(held) => held.push(response),
+            None => {
+                drop(held);
+                // Fails only once the writer has gone (the client left).
+                let _ = self.0.responses.send(response);
+            }
+        }
+    }
+
+    /// Hands every held answer to the writer; later answers go straight
+    /// through until [`Outbox::cork`].
+    fn uncork(&self) {
+        if !self.0.corked.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        let held = crate::lock(&self.0.held).take();
+        for response in held.into_iter().flatten() {
+            let _ = self.0.responses.send(response);
+        }
+    }
+
+    /// Holds answers from now on (the reader has frames in hand).
+    fn cork(&self) {
+        if !self.0.corked.swap(true, Ordering::Relaxed) {
+            *crate::lock(&self.0.held) = Some(Vec::new());
+        }
+    }
 }
 
 /// The answer to a `Hello` of another protocol version.
@@ -202,6 +286,32 @@ mod tests {
     use super::*;
     use quiver_ring::wire::Reply;
     use quiver_ring::Hlc;
+
+    #[test]
+    fn a_corked_outbox_holds_answers_until_uncorked_then_lets_them_through() {
+        let (sender, mut queue) = mpsc::unbounded_channel();
+        let outbox = Outbox::new(sender);
+        let answer = |id| Response { id, hlc: Hlc(1), result: Ok(Reply::Done) };
+        // Not corked at first: straight through.
+        outbox.send(answer(1));
+        assert_eq!(queue.try_recv().map(|r| r.id), Ok(1));
+        // Corked: held, from this task or another thread.
+        outbox.cork();
+        outbox.send(answer(2));
+        let other = outbox.clone();
+        std::thread::spawn(move || other.send(answer(3))).join().unwrap();
+        assert!(queue.try_recv().is_err(), "a corked outbox let an answer through");
+        // Corking twice keeps what is held.
+        outbox.cork();
+        outbox.uncork();
+        assert_eq!(queue.try_recv().map(|r| r.id), Ok(2));
+        assert_eq!(queue.try_recv().map(|r| r.id), Ok(3));
+        outbox.send(answer(4));
+        assert_eq!(queue.try_recv().map(|r| r.id), Ok(4));
+        // The writer's channel closes once the last outbox is gone.
+        drop(outbox);
+        assert!(matches!(queue.try_recv(), Err(mpsc::error::TryRecvError::Disconnected)));
+    }
 
     #[test]
     fn an_answer_over_the_frame_limit_becomes_a_response_too_large_error_for_its_request() {
