@@ -10,31 +10,62 @@
 //! `QUIVER_SIM_SEED=N` replays one history, `QUIVER_SIM_HISTORIES=N` runs
 //! more.
 //!
+//! Searches run as a cluster's do (`quiver_node::cluster::scatter`): the
+//! coordinator plans which node searches which token ranges, each part
+//! answers over the same network, the merged hits are checked against
+//! quorum reads of their keys. Here a search looks for a digit in the
+//! values, scored by how often it occurs.
+//!
 //! Checked: a quorum read that starts after a quorum write was acknowledged
 //! returns that write or a later one (R + W > N); an operation that cannot
 //! reach its quorum before its deadline fails as unavailable, with the
 //! counts, and never hangs; once every message is delivered and replicas
 //! exchange what they hold, all replicas of a key hold the same siblings,
 //! and every acknowledged causal write is among them or made obsolete by
-//! one of them (a later write whose context covered it).
+//! one of them (a later write whose context covered it). A search answers
+//! at most k hits, one per key, best first, none older than a write of its
+//! key acknowledged before the search began, or fails as unavailable by
+//! its deadline; after convergence a search through any node returns
+//! exactly the best k over every key.
 
 use std::collections::BTreeMap;
 
 use quiver_node::cluster::quorum::{
     replica_handle, Consistency, DataMessage, Hinted, OpId, Outcome, Placement, Quorum, ReplicaStore,
 };
+use quiver_node::cluster::scatter;
 use quiver_ring::rand::SplitMix64;
-use quiver_ring::ring::{Member, Ring, RingView};
+use quiver_ring::ring::{Member, Ring, RingView, TokenRange};
+use quiver_ring::wire::SearchHit;
 use quiver_ring::{Context, Hlc, NodeId, Order, Siblings, Stamper, Version};
 
 const NODES: u64 = 5;
 const N: usize = 3;
 const KEYS: u64 = 6;
 const DEADLINE_MS: u64 = 40;
+/// Hits a search asks for: fewer than the keys, so the cut matters.
+const SEARCH_K: usize = 3;
 
 /// A replica's sets, and the hints it holds for others.
 #[derive(Default)]
 struct MapStore(BTreeMap<Vec<u8>, Siblings>, Vec<Hinted>);
+
+impl MapStore {
+    /// This replica's hits for the digit `digit` among its keys in
+    /// `ranges`: each key's winning value, scored by how often the digit
+    /// occurs in it.
+    fn search(&self, digit: u8, ranges: &[TokenRange]) -> Vec<SearchHit> {
+        let in_ranges = |key: &[u8]| ranges.iter().any(|range| range.holds(key));
+        let winners = self.0.iter().filter(|(key, _)| in_ranges(key));
+        let winners = winners.filter_map(|(key, set)| Some((key, set.winner()?.value.clone()?)));
+        winners
+            .filter_map(|(key, value)| {
+                let score = value.iter().filter(|&&b| b == digit).count();
+                (score > 0).then(|| SearchHit { key: key.clone(), score: score as f64, value })
+            })
+            .collect()
+    }
+}
 
 impl ReplicaStore for MapStore {
     fn merge(&mut self, sets: Vec<(Vec<u8>, Siblings)>, hints: Vec<Hinted>) {
@@ -55,6 +86,30 @@ struct Node {
     stamper: Stamper,
     /// Operations this node coordinates: what each was.
     ops: BTreeMap<OpId, Op>,
+    /// Searches this node coordinates, by number.
+    searches: BTreeMap<u64, Search>,
+}
+
+/// A search in progress at its coordinator.
+struct Search {
+    digit: u8,
+    deadline: u64,
+    /// Parts not answered yet, then hits whose keys are being read.
+    waiting: usize,
+    /// The parts' hits, then the merged best k.
+    hits: Vec<SearchHit>,
+    /// Per merged hit, the value a quorum read found (once all answered).
+    current: Vec<Option<Option<Vec<u8>>>>,
+    /// Per key, the highest order acknowledged before the search began.
+    acked_before: BTreeMap<Vec<u8>, Order>,
+    checking: bool,
+}
+
+/// What travels besides the quorum logic's messages: search parts.
+enum Message {
+    Data(DataMessage),
+    SearchPart { search: u64, digit: u8, ranges: Vec<TokenRange> },
+    SearchHits { search: u64, hits: Vec<SearchHit> },
 }
 
 #[derive(Clone, Debug)]
@@ -74,13 +129,18 @@ enum Op {
         key: Vec<u8>,
         acked_before: Option<Order>,
     },
+    /// A read of a search's `hit`-th merged hit.
+    SearchRead {
+        search: u64,
+        hit: usize,
+    },
 }
 
 struct InFlight {
     at: u64,
     from: NodeId,
     to: NodeId,
-    message: DataMessage,
+    message: Message,
 }
 
 struct Sim {
@@ -101,6 +161,11 @@ struct Sim {
     contexts: BTreeMap<Vec<u8>, Context>,
     unavailable: usize,
     reads_checked: usize,
+    /// Every value written, and its version's order.
+    written: BTreeMap<Vec<u8>, Order>,
+    next_search: u64,
+    searches_checked: usize,
+    searches_unavailable: usize,
     seed: u64,
 }
 
@@ -121,6 +186,7 @@ impl Sim {
                     store: MapStore::default(),
                     stamper: Stamper::new(NodeId(id), Hlc::ZERO, u64::MAX),
                     ops: BTreeMap::new(),
+                    searches: BTreeMap::new(),
                 };
                 (NodeId(id), node)
             })
@@ -139,11 +205,20 @@ impl Sim {
             contexts: BTreeMap::new(),
             unavailable: 0,
             reads_checked: 0,
+            written: BTreeMap::new(),
+            next_search: 0,
+            searches_checked: 0,
+            searches_unavailable: 0,
             seed,
         }
     }
 
     fn send(&mut self, from: NodeId, messages: Vec<(NodeId, DataMessage)>) {
+        let messages = messages.into_iter().map(|(to, message)| (to, Message::Data(message))).collect();
+        self.send_messages(from, messages);
+    }
+
+    fn send_messages(&mut self, from: NodeId, messages: Vec<(NodeId, Message)>) {
         for (to, message) in messages {
             let delay = self.rng.between(0, 15);
             let flight = InFlight { at: self.now + delay, from, to, message };
@@ -180,6 +255,24 @@ impl Sim {
                 }
                 self.reads_checked += 1;
             }
+            (Op::SearchRead { search, hit }, outcome) => {
+                let Some(node) = self.nodes.get_mut(&coordinator) else { return };
+                let Some(running) = node.searches.get_mut(&search) else { return };
+                let found = match outcome {
+                    Outcome::Read(found) => found,
+                    Outcome::Unavailable { .. } => {
+                        node.searches.remove(&search);
+                        self.searches_unavailable += 1;
+                        return;
+                    }
+                    other => panic!("seed {seed}: a search's read ended as {other:?}"),
+                };
+                running.current[hit] = Some(found.as_ref().and_then(Siblings::winner).and_then(|v| v.value.clone()));
+                running.waiting -= 1;
+                if running.waiting == 0 {
+                    self.search_done(coordinator, search);
+                }
+            }
             (_, Outcome::Unavailable { answered, needed, asked }) => {
                 assert!(answered < needed && needed <= asked, "seed {seed}: unavailable with {answered} of {needed}");
                 self.unavailable += 1;
@@ -211,6 +304,12 @@ impl Sim {
             let Some(node) = self.nodes.get_mut(&id) else { continue };
             let expired = node.quorum.expire(self.now);
             let repairs = node.quorum.take_repairs();
+            // A search whose parts have not all answered by its deadline
+            // fails (its reads end through the quorum logic's deadline).
+            let now = self.now;
+            let before = node.searches.len();
+            node.searches.retain(|_, search| search.checking || search.deadline >= now);
+            self.searches_unavailable += before - node.searches.len();
             self.send(id, repairs);
             for (op, outcome) in expired {
                 self.finish(id, op, outcome);
@@ -229,7 +328,15 @@ impl Sim {
             return;
         }
         let Some(node) = self.nodes.get_mut(&flight.to) else { return };
-        match flight.message {
+        let message = match flight.message {
+            Message::Data(message) => message,
+            Message::SearchPart { search, digit, ranges } => {
+                let hits = node.store.search(digit, &ranges);
+                return self.send_messages(flight.to, vec![(flight.from, Message::SearchHits { search, hits })]);
+            }
+            Message::SearchHits { search, hits } => return self.search_part_answered(flight.to, search, hits),
+        };
+        match message {
             message @ (DataMessage::Write { .. } | DataMessage::Read { .. }) => {
                 if let DataMessage::Write { sets, .. } = &message {
                     // A replica's clock adopts what it receives.
@@ -259,6 +366,9 @@ impl Sim {
         let deadline = self.now + DEADLINE_MS;
         let now = self.now;
         let acked_before = self.acked.get(&key).copied();
+        if self.rng.chance(0.1) {
+            return self.start_search(coordinator);
+        }
         match self.rng.between(0, 4) {
             0 | 1 => {
                 // Some writes at `any`: a hint may be all that holds them.
@@ -268,6 +378,7 @@ impl Sim {
                 let stamp = node.stamper.next(now).expect("a test clock never refuses");
                 let version = stamp.blind(Some(format!("{}", stamp.hlc).into_bytes()));
                 let order = version.order();
+                self.written.insert(version.value.clone().unwrap_or_default(), order);
                 let (op, messages) = node.quorum.start_write(
                     vec![(key.clone(), Siblings::one(version))],
                     vec![placement],
@@ -301,6 +412,7 @@ impl Sim {
         node.stamper.observe(context.max_hlc, now).expect("a test clock never refuses");
         let stamp = node.stamper.next(now).expect("a test clock never refuses");
         let version = stamp.causal(context, Some(format!("causal {}", stamp.hlc).into_bytes()));
+        self.written.insert(version.value.clone().unwrap_or_default(), version.order());
         let mut set = node.store.get(&key).unwrap_or_default();
         set.merge(Siblings::one(version.clone()));
         node.store.merge(vec![(key.clone(), set.clone())], vec![]);
@@ -317,6 +429,119 @@ impl Sim {
         self.send(coordinator, messages);
         if let Some(outcome) = done {
             self.finish(coordinator, op, outcome);
+        }
+    }
+
+    /// A search for a random digit through `coordinator`: its plan (as a
+    /// coordinator that knows which node is down sees it) sends each part
+    /// over the network, its own too (the real one calls itself directly;
+    /// here it only takes a message's delay).
+    fn start_search(&mut self, coordinator: NodeId) {
+        let digit = b'0' + self.rng.between(0, 9) as u8;
+        let down: Vec<NodeId> = self.down.into_iter().collect();
+        let parts = match scatter::plan(&self.ring, N, coordinator, &down) {
+            Ok(parts) => parts,
+            Err(_) => {
+                self.searches_unavailable += 1;
+                return;
+            }
+        };
+        let search = self.next_search;
+        self.next_search += 1;
+        let running = Search {
+            digit,
+            deadline: self.now + DEADLINE_MS,
+            waiting: parts.len(),
+            hits: Vec::new(),
+            current: Vec::new(),
+            acked_before: self.acked.clone(),
+            checking: false,
+        };
+        let Some(node) = self.nodes.get_mut(&coordinator) else { return };
+        node.searches.insert(search, running);
+        let asks = parts.into_iter().map(|(to, ranges)| (to, Message::SearchPart { search, digit, ranges }));
+        self.send_messages(coordinator, asks.collect());
+    }
+
+    /// A part's hits arrived; with the last part, the best k are merged and
+    /// their keys read at quorum.
+    fn search_part_answered(&mut self, coordinator: NodeId, search: u64, hits: Vec<SearchHit>) {
+        let Some(node) = self.nodes.get_mut(&coordinator) else { return };
+        // One that ended (its deadline passed) is answered no more.
+        let Some(running) = node.searches.get_mut(&search) else { return };
+        running.hits.extend(hits);
+        running.waiting -= 1;
+        if running.waiting > 0 {
+            return;
+        }
+        running.hits = scatter::merge([std::mem::take(&mut running.hits)], SEARCH_K);
+        running.current = vec![None; running.hits.len()];
+        running.waiting = running.hits.len();
+        running.checking = true;
+        if running.hits.is_empty() {
+            return self.search_done(coordinator, search);
+        }
+        // The reads share the search's deadline, as a request's do.
+        let deadline = running.deadline;
+        let keys: Vec<Vec<u8>> = running.hits.iter().map(|hit| hit.key.clone()).collect();
+        for (hit, key) in keys.into_iter().enumerate() {
+            let replicas = self.ring.preference_list(&key, N);
+            let node = self.nodes.get_mut(&coordinator).expect("the coordinator is a node");
+            let (op, messages) = node.quorum.start_read(&key, &replicas, Consistency::Quorum, deadline);
+            node.ops.insert(op, Op::SearchRead { search, hit });
+            self.send(coordinator, messages);
+        }
+    }
+
+    /// Every read of a search's hits answered: the hits whose value is
+    /// current are its answer, checked here.
+    fn search_done(&mut self, coordinator: NodeId, search: u64) {
+        let seed = self.seed;
+        let Some(running) = self.nodes.get_mut(&coordinator).and_then(|node| node.searches.remove(&search)) else {
+            return;
+        };
+        let current = running.current.into_iter().map(|found| found.expect("every read answered")).collect();
+        let answer = scatter::keep_current(running.hits, current);
+        assert!(answer.len() <= SEARCH_K, "seed {seed}: {} hits of {SEARCH_K} asked", answer.len());
+        for (i, hit) in answer.iter().enumerate() {
+            assert!(hit.value.contains(&running.digit), "seed {seed}: a hit without the digit: {hit:?}");
+            assert!(answer[..i].iter().all(|h| h.key != hit.key), "seed {seed}: a key twice in one answer");
+            assert!(answer[..i].iter().all(|h| h.score >= hit.score), "seed {seed}: hits out of order");
+            let order = self.written.get(&hit.value).expect("every value was written");
+            if let Some(acked) = running.acked_before.get(&hit.key) {
+                assert!(
+                    order >= acked,
+                    "seed {seed}: a search returned {:?} of {:?}, older than a write acknowledged before it",
+                    hit.value,
+                    hit.key
+                );
+            }
+        }
+        self.searches_checked += 1;
+    }
+
+    /// Once every replica holds the same: a search through each node
+    /// returns exactly the best k over every key's value.
+    fn search_converged(&mut self) {
+        for digit in b'0'..=b'9' {
+            let mut expected: Vec<(Vec<u8>, usize)> = (0..KEYS)
+                .filter_map(|k| {
+                    let key = format!("key-{k}").into_bytes();
+                    let replica = self.ring.preference_list(&key, N)[0];
+                    let value = self.nodes[&replica].store.get(&key)?.winner()?.value.clone()?;
+                    let score = value.iter().filter(|&&b| b == digit).count();
+                    (score > 0).then_some((key, score))
+                })
+                .collect();
+            expected.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+            expected.truncate(SEARCH_K);
+            for coordinator in self.nodes.keys().copied().collect::<Vec<_>>() {
+                let parts = scatter::plan(&self.ring, N, coordinator, &[]).expect("every node is up");
+                let answers = parts.iter().map(|(node, ranges)| self.nodes[node].store.search(digit, ranges));
+                let got: Vec<(Vec<u8>, usize)> =
+                    scatter::merge(answers, SEARCH_K).into_iter().map(|hit| (hit.key, hit.score as usize)).collect();
+                assert_eq!(got, expected, "seed {}: search for {} through {coordinator:?}", self.seed, digit as char);
+            }
         }
     }
 
@@ -343,7 +568,8 @@ impl Sim {
             self.nodes.get_mut(&owner).expect("a hint's owner is a node").store.merge(sets, vec![]);
         }
         for flight in rest {
-            if let (DataMessage::Write { sets, .. }, Some(node)) = (flight.message, self.nodes.get_mut(&flight.to)) {
+            let Message::Data(message) = flight.message else { continue };
+            if let (DataMessage::Write { sets, .. }, Some(node)) = (message, self.nodes.get_mut(&flight.to)) {
                 node.store.merge(sets, vec![]);
             }
         }
@@ -390,9 +616,18 @@ impl Sim {
     }
 }
 
-/// One history: reads checked, operations unavailable, causal writes
-/// acknowledged.
-fn run(seed: u64) -> (usize, usize, usize) {
+/// What one history checked.
+#[derive(Default)]
+struct Checked {
+    reads: usize,
+    unavailable: usize,
+    causal: usize,
+    searches: usize,
+    searches_unavailable: usize,
+}
+
+/// One history.
+fn run(seed: u64) -> Checked {
     let mut sim = Sim::new(seed);
     for step in 0..3_000 {
         if step == 1_000 {
@@ -405,10 +640,17 @@ fn run(seed: u64) -> (usize, usize, usize) {
     for _ in 0..=DEADLINE_MS + 1 {
         sim.step(false);
     }
-    let left: usize = sim.nodes.values().map(|n| n.quorum.in_flight()).sum();
+    let left: usize = sim.nodes.values().map(|n| n.quorum.in_flight() + n.searches.len()).sum();
     assert_eq!(left, 0, "seed {seed}: operations never ended");
     sim.converge();
-    (sim.reads_checked, sim.unavailable, sim.causal_acked.len())
+    sim.search_converged();
+    Checked {
+        reads: sim.reads_checked,
+        unavailable: sim.unavailable,
+        causal: sim.causal_acked.len(),
+        searches: sim.searches_checked,
+        searches_unavailable: sim.searches_unavailable,
+    }
 }
 
 #[test]
@@ -420,16 +662,20 @@ fn quorum_reads_see_acknowledged_writes_and_replicas_converge() {
             (0..histories).collect()
         }
     };
-    let (mut reads, mut unavailable, mut causal) = (0, 0, 0);
+    let mut total = Checked::default();
     for seed in seeds {
-        let (r, u, c) = run(seed);
-        reads += r;
-        unavailable += u;
-        causal += c;
+        let one = run(seed);
+        total.reads += one.reads;
+        total.unavailable += one.unavailable;
+        total.causal += one.causal;
+        total.searches += one.searches;
+        total.searches_unavailable += one.searches_unavailable;
     }
-    assert!(reads > 0, "some reads completed and were checked");
-    assert!(unavailable > 0, "some operations hit their deadline (messages dropped, a node down)");
-    assert!(causal > 0, "some causal writes were acknowledged and checked");
+    assert!(total.reads > 0, "some reads completed and were checked");
+    assert!(total.unavailable > 0, "some operations hit their deadline (messages dropped, a node down)");
+    assert!(total.causal > 0, "some causal writes were acknowledged and checked");
+    assert!(total.searches > 0, "some searches completed and were checked");
+    assert!(total.searches_unavailable > 0, "some searches lost a part and failed by their deadline");
 }
 
 /// With two of a key's three replicas down, a quorum write is unavailable

@@ -11,6 +11,8 @@
 //!   cluster: writes to N replicas acknowledged at W, reads at R with read
 //!   repair, over the peer links and the node's own engine; and the replica
 //!   side.
+//! - [`scatter`]: a cluster-wide search without I/O: which node searches
+//!   which token ranges, merging their hits, leaving out stale ones.
 //! - [`hints`]: the hints a node holds for replicas that are down (sloppy
 //!   quorum, hinted handoff); [`batchlog`]: bulk sets logged on two nodes
 //!   before they are applied; both kept in a [`setlog`].
@@ -19,5 +21,6 @@ pub mod batchlog;
 pub mod hints;
 pub mod membership;
 pub mod quorum;
+pub mod scatter;
 pub mod setlog;
 pub mod store;

@@ -45,6 +45,7 @@ use super::batchlog::{self, BatchLog};
 use super::hints::HintStore;
 use super::membership::Membership;
 use super::quorum::{Consistency, DataMessage, Hinted, OpId, Outcome, Placement, Quorum};
+use super::scatter;
 use crate::clock::Clock;
 use crate::index::query::Match;
 use crate::index::text::TermStats;
@@ -725,19 +726,10 @@ impl Store for Arc<ClusterStore> {
             Ok(ring) => ring,
             Err(error) => return done(Err(error)),
         };
-        let down = self.membership.down();
-        let mut parts: BTreeMap<NodeId, Vec<TokenRange>> = BTreeMap::new();
-        for (range, replicas) in ring.ranges(REPLICAS) {
-            let chosen = match replicas.contains(&self.me) {
-                true => Some(self.me),
-                false => replicas.iter().find(|id| !down.contains(id)).copied(),
-            };
-            let Some(node) = chosen else {
-                let message = "every replica of a part of the ring is down: a search would miss its keys";
-                return done(Err(ServerError::new(ErrorKind::Unavailable, message)));
-            };
-            parts.entry(node).or_default().push(range);
-        }
+        let parts = match scatter::plan(&ring, REPLICAS, self.me, &self.membership.down()) {
+            Ok(parts) => parts,
+            Err(error) => return done(Err(error)),
+        };
         let this = self.clone();
         self.runtime.spawn(async move {
             let mut search = search;
@@ -756,16 +748,14 @@ impl Store for Arc<ClusterStore> {
                     tokio::spawn(async move { this.search_part(node, search, ranges).await })
                 })
                 .collect();
-            let mut hits = Vec::new();
+            let mut parts = Vec::new();
             for ask in asks {
                 match ask.await.unwrap_or_else(|_| Err(stopping())) {
-                    Ok(part) => hits.extend(part),
+                    Ok(part) => parts.push(part),
                     Err(error) => return done(Err(error)),
                 }
             }
-            hits.sort_by(|a, b| b.score.total_cmp(&a.score).then_with(|| a.key.cmp(&b.key)));
-            hits.dedup_by(|later, first| later.key == first.key);
-            hits.truncate(k);
+            let hits = scatter::merge(parts, k);
             let keys: Vec<Vec<u8>> = hits.iter().map(|hit| hit.key.clone()).collect();
             let (sender, receiver) = tokio::sync::oneshot::channel();
             let read_done: Done<Vec<Option<Vec<u8>>>> = Box::new(move |result| {
@@ -777,8 +767,7 @@ impl Store for Arc<ClusterStore> {
                 Ok(Err(error)) => return done(Err(error)),
                 Err(_) => return done(Err(stopping())),
             };
-            let fresh = hits.into_iter().zip(current).filter(|(hit, now)| now.as_deref() == Some(hit.value.as_slice()));
-            done(Ok(fresh.map(|(hit, _)| hit).collect()))
+            done(Ok(scatter::keep_current(hits, current)))
         });
     }
 
