@@ -26,7 +26,17 @@
 //! and the same disk, so this shows the cost of replication, not the
 //! capacity of three machines.
 //!
-//! Set `QUIVER_BENCH_ETCD=0` to leave etcd out.
+//! A fourth setup bounds what any three-replica design could do here: three
+//! `quiverd` nodes that know nothing of each other, and the client writes
+//! every key to all three itself, counting it acknowledged once two have it
+//! durable ("client fan-out"). It does the work a cluster write cannot do
+//! without (three durable writes in three processes, three request/answer
+//! exchanges, one of them the client's) over the cheapest path there is
+//! (the client protocol, one pipelined TCP connection per node), and none
+//! of the coordination: the cluster's figure cannot pass it on this machine.
+//!
+//! `QUIVER_BENCH_SETUPS=single,cluster,fanout,etcd` picks setups (all by
+//! default); `QUIVER_BENCH_ETCD=0` leaves etcd out.
 //!
 //! Output: a markdown table on stdout, `target/quiver-bench/cluster_throughput.csv`
 //! and `target/quiver-bench/cluster_throughput.svg`.
@@ -84,21 +94,24 @@ impl Workload {
     }
 }
 
-/// What is measured: one node alone, three in a cluster, or etcd.
+/// What is measured: one node alone, three in a cluster, three alone that
+/// the client writes to (the ceiling), or etcd.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Setup {
     Single,
     Cluster,
+    Fanout,
     Etcd,
 }
 
 impl Setup {
-    const ALL: [Setup; 3] = [Setup::Single, Setup::Cluster, Setup::Etcd];
+    const ALL: [Setup; 4] = [Setup::Single, Setup::Cluster, Setup::Fanout, Setup::Etcd];
 
     fn name(self) -> &'static str {
         match self {
             Setup::Single => "1 node",
             Setup::Cluster => "3 nodes, N=3 W=2",
+            Setup::Fanout => "client fan-out to 3 nodes, W=2",
             Setup::Etcd => "etcd, 3 members",
         }
     }
@@ -107,6 +120,7 @@ impl Setup {
         match self {
             Setup::Single => "single",
             Setup::Cluster => "cluster",
+            Setup::Fanout => "fanout",
             Setup::Etcd => "etcd",
         }
     }
@@ -122,8 +136,49 @@ struct Servers {
 /// How the bench talks to a setup.
 enum Conn {
     Quiver(Client),
+    /// One client per node; every write goes to all of them.
+    Fanout(Fanout),
     /// One client per etcd member; task `t` uses member `t % 3`.
     Etcd(Vec<Etcd>),
+}
+
+/// Writes to every node and answers once two have it; the third write goes
+/// on behind the answer, as a cluster's third replica write does.
+struct Fanout {
+    nodes: Vec<Arc<Client>>,
+    /// Bounds the writes still running behind an answer, so a slower node
+    /// cannot collect an ever longer queue.
+    behind: Arc<tokio::sync::Semaphore>,
+}
+
+/// Writes acknowledged by this many nodes count as acknowledged.
+const FANOUT_W: usize = 2;
+
+impl Fanout {
+    /// Runs `write` against every node; returns once `FANOUT_W` succeeded.
+    async fn write<F, Fut>(&self, write: F)
+    where
+        F: Fn(Arc<Client>) -> Fut,
+        Fut: std::future::Future<Output = Result<(), quiver_client::Error>> + Send + 'static,
+    {
+        let permit = self.behind.clone().acquire_owned().await.expect("the semaphore is never closed");
+        let (done, mut answers) = tokio::sync::mpsc::unbounded_channel();
+        for node in &self.nodes {
+            let (write, done) = (write(node.clone()), done.clone());
+            tokio::spawn(async move {
+                let _ = done.send(write.await);
+            });
+        }
+        drop(done);
+        for _ in 0..FANOUT_W {
+            answers.recv().await.expect("every write answers").expect("fan-out write");
+        }
+        // The permit goes with the last write still running.
+        tokio::spawn(async move {
+            while answers.recv().await.is_some() {}
+            drop(permit);
+        });
+    }
 }
 
 /// Starts `setup` on fresh directories and returns it with its client.
@@ -135,6 +190,20 @@ async fn start(setup: Setup, quiverd: &Path) -> Result<(Servers, Conn), String> 
             vec![NodeProcess::start(&spec).map_err(|e| format!("start quiverd: {e}"))?]
         }
         Setup::Cluster => start_cluster(dir.path(), quiverd)?,
+        Setup::Fanout => {
+            let mut nodes = Vec::new();
+            let mut clients = Vec::new();
+            for n in 1..=3 {
+                let spec = NodeSpec::new(quiverd, &dir.path().join(format!("n{n}")));
+                let node = NodeProcess::start(&spec).map_err(|e| format!("start quiverd: {e}"))?;
+                clients.push(Arc::new(Client::connect([node.addr.clone()]).await.map_err(|e| e.to_string())?));
+                nodes.push(node);
+            }
+            // Two answers per write per task in flight, the third behind.
+            let behind = Arc::new(tokio::sync::Semaphore::new(2 * Workload::Set64.in_flight() as usize));
+            let fanout = Fanout { nodes: clients, behind };
+            return Ok((Servers { _nodes: nodes, _etcd: None, _dir: dir }, Conn::Fanout(fanout)));
+        }
         Setup::Etcd => {
             let etcd = EtcdCluster::start(dir.path(), ETCD_BASE_PORT, 1000)?;
             let clients = etcd.ready().await?;
@@ -177,6 +246,16 @@ async fn measure(conn: &Arc<Conn>, workload: Workload, seconds: u64, run: u64, v
                     client.set(format!("set-{run}-{task}-{i}"), value).await.expect("set");
                     1
                 }
+                (Workload::Set64, Conn::Fanout(fanout)) => {
+                    let (key, value) = (format!("set-{run}-{task}-{i}"), value.to_vec());
+                    fanout
+                        .write(|node| {
+                            let (key, value) = (key.clone(), value.clone());
+                            async move { node.set(key, value).await }
+                        })
+                        .await;
+                    1
+                }
                 (Workload::Set64, Conn::Etcd(members)) => {
                     let member = &members[task as usize % members.len()];
                     member.put(format!("set-{run}-{task}-{i}").as_bytes(), value).await.expect("etcd put");
@@ -187,6 +266,16 @@ async fn measure(conn: &Arc<Conn>, workload: Workload, seconds: u64, run: u64, v
                     match conn {
                         Conn::Quiver(client) => {
                             client.bulk_set(batch.iter().map(|key| (key, value))).await.expect("bulk_set")
+                        }
+                        Conn::Fanout(fanout) => {
+                            let entries: Arc<Vec<(String, Vec<u8>)>> =
+                                Arc::new(batch.iter().map(|key| (key.to_owned(), value.to_vec())).collect());
+                            fanout
+                                .write(|node| {
+                                    let entries = entries.clone();
+                                    async move { node.bulk_set(entries.iter().map(|(k, v)| (k, v))).await }
+                                })
+                                .await;
                         }
                         Conn::Etcd(members) => {
                             let member = &members[task as usize % members.len()];
@@ -214,10 +303,10 @@ fn report(rows: &[Row], runs: u64, seconds: u64, value_bytes: usize) -> std::io:
         std::thread::available_parallelism().map_or(0, usize::from)
     );
     println!(
-        "| workload | 1 node keys/s | p50 / p99 ms | 3 nodes keys/s | p50 / p99 ms | etcd, 3 members keys/s | p50 / \
-         p99 ms | 3 nodes / 1 node | Quiver 3 nodes / etcd |"
+        "| workload | 1 node keys/s | p50 / p99 ms | 3 nodes keys/s | p50 / p99 ms | client fan-out keys/s | p50 / \
+         p99 ms | etcd, 3 members keys/s | p50 / p99 ms | 3 nodes / 1 node | Quiver 3 nodes / etcd | fan-out / etcd |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut csv = String::from("setup,workload,keys_per_s,p50_ms,p99_ms\n");
     for (setup, workload, f) in rows {
         csv += &format!("{},{},{:.0},{:.3},{:.3}\n", setup.short(), workload.short(), f.keys_per_s, f.p50_ms, f.p99_ms);
@@ -232,13 +321,15 @@ fn report(rows: &[Row], runs: u64, seconds: u64, value_bytes: usize) -> std::io:
         _ => "-".into(),
     };
     for w in Workload::ALL {
-        let (single, cluster, etcd) = (find(Setup::Single, w), find(Setup::Cluster, w), find(Setup::Etcd, w));
-        let ((s_rate, s_lat), (c_rate, c_lat), (e_rate, e_lat)) = (cell(single), cell(cluster), cell(etcd));
+        let [single, cluster, fanout, etcd] = Setup::ALL.map(|setup| find(setup, w));
+        let ((s_rate, s_lat), (c_rate, c_lat)) = (cell(single), cell(cluster));
+        let ((f_rate, f_lat), (e_rate, e_lat)) = (cell(fanout), cell(etcd));
         println!(
-            "| {} | {s_rate} | {s_lat} | {c_rate} | {c_lat} | {e_rate} | {e_lat} | {} | {} |",
+            "| {} | {s_rate} | {s_lat} | {c_rate} | {c_lat} | {f_rate} | {f_lat} | {e_rate} | {e_lat} | {} | {} | {} |",
             w.name(),
             ratio(cluster, single),
-            ratio(cluster, etcd)
+            ratio(cluster, etcd),
+            ratio(fanout, etcd)
         );
     }
     std::fs::write(out.join("cluster_throughput.csv"), csv)?;
@@ -254,7 +345,7 @@ fn plot(rows: &[Row], path: &Path) -> Result<(), String> {
     root.fill(&WHITE).map_err(|e| e.to_string())?;
     let max_y = rows.iter().map(|r| r.2.keys_per_s).fold(1.0, f64::max) * 1.5;
     let mut chart = ChartBuilder::on(&root)
-        .caption("Durable write throughput: one node, a three-node cluster, etcd", ("sans-serif", 20))
+        .caption("Durable write throughput: one node, a three-node cluster, its ceiling, etcd", ("sans-serif", 20))
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(80)
@@ -270,7 +361,8 @@ fn plot(rows: &[Row], path: &Path) -> Result<(), String> {
         .y_label_formatter(&|y| format!("{:.0}k", y / 1000.0))
         .draw()
         .map_err(|e| e.to_string())?;
-    for (setup, color) in [(Setup::Single, BLUE), (Setup::Cluster, RED), (Setup::Etcd, GREEN)] {
+    for (setup, color) in [(Setup::Single, BLUE), (Setup::Cluster, RED), (Setup::Fanout, MAGENTA), (Setup::Etcd, GREEN)]
+    {
         let points: Vec<(f64, f64)> = Workload::ALL
             .iter()
             .enumerate()
@@ -304,12 +396,17 @@ async fn bench() {
     let value_bytes = env_or("QUIVER_BENCH_VALUE_BYTES", 100) as usize;
     let value = Arc::new(vec![b'v'; value_bytes]);
     let quiverd: PathBuf = std::env::var("QUIVER_BENCH_QUIVERD").map(PathBuf::from).unwrap_or_else(|_| build_quiverd());
-    let with_etcd = env_or("QUIVER_BENCH_ETCD", 1) != 0;
+    let wanted = std::env::var("QUIVER_BENCH_SETUPS").unwrap_or_default();
+    let included = |setup: &Setup| {
+        let asked = wanted.is_empty() || wanted.split(',').any(|s| s.trim() == setup.short());
+        asked && (*setup != Setup::Etcd || env_or("QUIVER_BENCH_ETCD", 1) != 0)
+    };
+    let with_etcd = included(&Setup::Etcd);
     if with_etcd {
         run_setup_script("benches/setup-etcd.sh").expect("etcd");
     }
     let mut rows = Vec::new();
-    for setup in Setup::ALL.into_iter().filter(|&s| with_etcd || s != Setup::Etcd) {
+    for setup in Setup::ALL.into_iter().filter(included) {
         for workload in Workload::ALL {
             let (servers, conn) = match start(setup, &quiverd).await {
                 Ok(started) => started,
