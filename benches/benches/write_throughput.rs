@@ -28,6 +28,9 @@
 //! and `target/quiver-bench/write_throughput.svg`.
 //!
 //! `QUIVER_BENCH_MIN_KEYS` skips the smaller sizes (`=1000000`: only 1M).
+//! `QUIVER_BENCH_WARM=1` reads every stored key once before `get` is
+//! measured (both systems), so the runs show a warmed server rather than
+//! one whose caches fill as the runs go.
 //!
 //! Run: `cargo bench -p quiver-benches --bench write_throughput`
 
@@ -71,6 +74,18 @@ impl Conn {
         match self {
             Conn::Quiver(c) => c.bulk_set(entries).await.expect("quiver bulk_set"),
             Conn::Redis(c) => c.mset::<_, _, ()>(&entries).await.expect("redis mset"),
+        }
+    }
+
+    /// Reads `keys` in one request (MGET for Redis); how many were found.
+    async fn get_many(&mut self, keys: &Keys) -> usize {
+        match self {
+            Conn::Quiver(c) => c.get_many(keys.iter()).await.expect("quiver get_many").iter().flatten().count(),
+            Conn::Redis(c) => {
+                let keys: Vec<&str> = keys.iter().collect();
+                let found: Vec<Option<Vec<u8>>> = c.mget(&keys).await.expect("redis mget");
+                found.iter().flatten().count()
+            }
         }
     }
 
@@ -162,6 +177,21 @@ async fn measure(conn: &Conn, workload: Workload, seconds: u64, run: u64, stored
 }
 
 /// Loads keys `pre-{from..to}` in 1000-key bulk sets, 4 in flight.
+/// Whether `get` is measured warm (`QUIVER_BENCH_WARM=1`): after every
+/// stored key was read once, so a server's caches hold what they can.
+fn warm_reads() -> bool {
+    env_or("QUIVER_BENCH_WARM", 0) != 0
+}
+
+/// Reads every stored key once, 1000 at a time.
+async fn warm(conn: &Conn, stored: u64) {
+    let mut conn = conn.clone();
+    for start in (0..stored).step_by(1000) {
+        let keys = Keys::new("pre-", start..(start + 1000).min(stored), 12);
+        assert_eq!(conn.get_many(&keys).await as u64, keys.len(), "a pre-loaded key is missing");
+    }
+}
+
 async fn load(conn: &Conn, from: u64, to: u64, value: &Arc<Vec<u8>>, label: &str) {
     if to <= from {
         return;
@@ -297,6 +327,9 @@ async fn bench_system(system: &System, sizes: &[u64], runs: u64, seconds: u64, v
                 }
             };
             load(&conn, 0, stored, value, &format!("{name} to {stored} keys")).await;
+            if workload == Workload::Get64 && warm_reads() {
+                warm(&conn, stored).await;
+            }
             let mut figures = Vec::new();
             for run in 0..runs {
                 figures.push(measure(&conn, workload, seconds, run, stored, value).await);

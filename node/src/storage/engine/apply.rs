@@ -88,6 +88,7 @@ impl Inner {
             frozen,
             tables: levels.tables.clone(),
             tables_generation: levels.tables_generation,
+            changes: levels.changes.clone(),
         });
         drop(levels);
         self.wake_background(false);

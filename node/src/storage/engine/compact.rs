@@ -18,7 +18,7 @@ use std::sync::Arc;
 use quiver_ring::Siblings;
 
 use super::recovery::sort_newest_first;
-use super::{write, Inner, Levels};
+use super::{write, Inner, TablesChange};
 use crate::storage::compaction::{self, Policy, RunSize};
 use crate::storage::error::{IoContext, Result};
 use crate::storage::keys::Keyspace;
@@ -78,7 +78,7 @@ impl Inner {
         let (inputs, outside): (Vec<Arc<Table>>, Vec<Arc<Table>>) =
             tables.into_iter().partition(|t| runs.contains(&t.run()));
         let ids: Vec<u64> = inputs.iter().map(|t| t.id()).collect();
-        let outputs = self.merge_tables(&inputs, &outside)?;
+        let (outputs, dropped) = self.merge_tables(&inputs, &outside)?;
         let committed = {
             let mut manifest = lock(&self.manifest);
             let added = outputs
@@ -92,12 +92,8 @@ impl Inner {
                     levels.tables.iter().filter(|t| !ids.contains(&t.id())).cloned().collect();
                 tables.extend(outputs.iter().cloned());
                 sort_newest_first(&mut tables);
-                *levels = Arc::new(Levels {
-                    active: levels.active.clone(),
-                    frozen: levels.frozen.clone(),
-                    tables,
-                    tables_generation: levels.tables_generation + 1,
-                });
+                let change = if dropped { TablesChange::Dropped } else { TablesChange::Kept };
+                *levels = Arc::new(levels.changed(levels.frozen.clone(), tables, change));
             }
             committed
         };
@@ -111,19 +107,21 @@ impl Inner {
         Ok(true)
     }
 
-    /// Merges `inputs` into new verified tables. Tombstones may be dropped
-    /// only when no table in `outside` can hold an older version of the key.
+    /// Merges `inputs` into new verified tables, and says whether it left
+    /// any key out. Tombstones may be dropped only when no table in
+    /// `outside` can hold an older version of the key.
     ///
     /// A key held by one input only, in a table without tombstones, is
     /// copied as stored: nothing to merge and nothing to drop, so its bytes
     /// are not decoded and encoded again.
-    fn merge_tables(&self, inputs: &[Arc<Table>], outside: &[Arc<Table>]) -> Result<Vec<Arc<Table>>> {
+    fn merge_tables(&self, inputs: &[Arc<Table>], outside: &[Arc<Table>]) -> Result<(Vec<Arc<Table>>, bool)> {
         let min_seq = inputs.iter().map(|t| t.props().min_seq).min().unwrap_or(0);
         let max_seq = inputs.iter().map(|t| t.props().max_seq).max().unwrap_or(0);
         let horizon_ms = now_ms().saturating_sub(self.opts.tombstone_grace_ms);
         let new_builder = || self.table_builder(min_seq, max_seq);
         let mut outputs: Vec<Arc<Table>> = Vec::new();
         let mut builder = new_builder();
+        let mut dropped = false;
         // Writes the builder's table as the next file of this merge's run
         // (the first file's id names the run) and starts a new one in the
         // buffer it leaves.
@@ -165,7 +163,9 @@ impl Inner {
                     for &i in &holders {
                         merged.merge(scans[i].table().decode_value(stored(i))?);
                     }
-                    if !droppable(key, &merged, horizon_ms, outside) {
+                    if droppable(key, &merged, horizon_ms, outside) {
+                        dropped = true;
+                    } else {
                         builder.add(key, &merged);
                     }
                 }
@@ -182,7 +182,7 @@ impl Inner {
             Ok(())
         })();
         match result {
-            Ok(()) => Ok(outputs),
+            Ok(()) => Ok((outputs, dropped)),
             Err(e) => {
                 for table in &outputs {
                     let _ = self.fs.remove(table.path());

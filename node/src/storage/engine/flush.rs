@@ -21,7 +21,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use super::recovery::open_table;
-use super::{read, write, Inner, Levels};
+use super::{read, write, Inner, TablesChange};
 use crate::lock;
 use crate::storage::error::{Error, IoContext, Result};
 use crate::storage::manifest::{Edit, TableMeta};
@@ -216,15 +216,15 @@ impl Inner {
             let mut levels = write(&self.levels);
             let frozen = levels.frozen.iter().filter(|m| !Arc::ptr_eq(m, memtable)).cloned().collect();
             let mut tables = levels.tables.clone();
-            if let Some((table, _)) = table {
-                tables.insert(0, table);
-            }
-            *levels = Arc::new(Levels {
-                active: levels.active.clone(),
-                frozen,
-                tables,
-                tables_generation: levels.tables_generation + 1,
-            });
+            let change = match table {
+                Some((table, _)) => {
+                    let filter = table.key_filter();
+                    tables.insert(0, table);
+                    TablesChange::Flushed(filter)
+                }
+                None => TablesChange::Kept,
+            };
+            *levels = Arc::new(levels.changed(frozen, tables, change));
         }
         self.counters.flushes.fetch_add(1, Ordering::Relaxed);
         self.wake_background(true);

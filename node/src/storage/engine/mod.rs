@@ -29,6 +29,7 @@ mod recovery;
 #[cfg(test)]
 mod tests;
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
@@ -44,7 +45,7 @@ use crate::storage::disk::{Fs, RealFs, SkipWriteFs};
 use crate::storage::error::{Error, IoContext, Result};
 use crate::storage::manifest::Manifest;
 use crate::storage::memtable::Memtable;
-use crate::storage::sstable::Table;
+use crate::storage::sstable::{KeyFilter, Table};
 use crate::storage::wal::{self, SegmentInfo};
 use crate::storage::{EncodedOps, Op};
 use crate::{lock, now_ms};
@@ -167,12 +168,69 @@ struct Levels {
     tables: Vec<Arc<Table>>,
     /// Which set of tables this is: one more each time the tables change
     /// (a flush adds one, a compaction replaces some). The value cache
-    /// keeps what it read from tables under this number, and an entry of
-    /// another number is not used.
+    /// keeps what it read from tables under this number; an entry of an
+    /// older number is used only if [`Levels::changes`] shows that no
+    /// change since could have changed what the tables hold of its key.
     tables_generation: u64,
+    /// The last few changes of the tables, oldest first, each with the
+    /// generation it made.
+    changes: Arc<VecDeque<(u64, TablesChange)>>,
+}
+
+/// How many changes of the tables [`Levels::changes`] remembers: a cached
+/// read older than that is read again.
+const CHANGES_KEPT: usize = 16;
+
+/// One change of the tables, as the value cache sees it.
+#[derive(Clone, Debug)]
+pub(super) enum TablesChange {
+    /// A flush added a table: a key it may hold may have new versions.
+    Flushed(KeyFilter),
+    /// A change that left every key's merged versions as they were: a
+    /// compaction that dropped only what merging drops anyway, or a flush
+    /// of an empty memtable.
+    Kept,
+    /// A compaction that dropped keys (tombstones past their grace).
+    Dropped,
 }
 
 impl Levels {
+    /// These levels after one more change of the tables, now `tables`.
+    fn changed(&self, frozen: Vec<Arc<RwLock<Memtable>>>, tables: Vec<Arc<Table>>, change: TablesChange) -> Levels {
+        let generation = self.tables_generation + 1;
+        let mut changes = VecDeque::clone(&self.changes);
+        if changes.len() == CHANGES_KEPT {
+            changes.pop_front();
+        }
+        changes.push_back((generation, change));
+        Levels {
+            active: self.active.clone(),
+            frozen,
+            tables,
+            tables_generation: generation,
+            changes: Arc::new(changes),
+        }
+    }
+
+    /// Whether what the tables of generation `generation` held of `key` is
+    /// still what these tables hold of it.
+    fn unchanged_since(&self, generation: u64, key: &[u8]) -> bool {
+        if generation == self.tables_generation {
+            return true;
+        }
+        // Every change after `generation` must be remembered, and none may
+        // have touched `key`.
+        let mut after = self.changes.iter().skip_while(|(made, _)| *made <= generation).peekable();
+        if after.peek().is_none_or(|(made, _)| *made != generation + 1) {
+            return false;
+        }
+        after.all(|(_, change)| match change {
+            TablesChange::Flushed(filter) => !filter.may_hold(key),
+            TablesChange::Kept => true,
+            TablesChange::Dropped => false,
+        })
+    }
+
     /// The versions of `key` in the memtables merged with `in_tables`, what
     /// the tables hold of it.
     fn with_memtables(&self, key: &[u8], in_tables: &Option<Siblings>) -> Option<Siblings> {
@@ -417,7 +475,7 @@ impl Engine {
     /// for exactly those tables.
     fn cached_in_tables(&self, levels: &Levels, key: &[u8]) -> Option<Arc<Option<Siblings>>> {
         let (generation, found) = self.inner.value_cache.as_ref()?.get(key)?;
-        (generation == levels.tables_generation).then_some(found)
+        levels.unchanged_since(generation, key).then_some(found)
     }
 
     /// Every key `>= start` (and `< end`, if given) with its merged versions,

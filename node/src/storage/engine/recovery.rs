@@ -61,6 +61,7 @@ pub(super) fn open(fs: Arc<dyn Fs>, dir: &Path, opts: Options) -> Result<Recover
             frozen: Vec::new(),
             tables,
             tables_generation: 0,
+            changes: Arc::default(),
         })),
         value_cache: (opts.value_cache_bytes > 0).then(|| ClockCache::new(opts.value_cache_bytes)),
         queue: Mutex::default(),

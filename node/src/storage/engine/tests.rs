@@ -189,6 +189,19 @@ fn op(stamper: &mut Stamper, key: &[u8], value: &[u8]) -> Op {
     }
 }
 
+/// A delete of `key`: a blind tombstone.
+fn delete(stamper: &mut Stamper, key: &[u8]) -> Op {
+    Op { key: key.to_vec(), version: stamper.next(now_ms()).expect("a test clock never refuses").blind(None) }
+}
+
+/// An engine with compaction only when asked and tombstones droppable at
+/// once, and a stamper for its writes.
+fn engine_compacting_on_demand() -> (Engine, Arc<Gate>, SimFs, PathBuf, Stamper) {
+    let opts = Options { background_compaction: false, tombstone_grace_ms: 0, ..Options::default() };
+    let (engine, gate, sim, dir) = gated_engine(opts);
+    (engine, gate, sim, dir, Stamper::new(NodeId(1), Hlc(0), u64::MAX))
+}
+
 fn value_of(engine: &Engine, key: &[u8]) -> Option<Vec<u8>> {
     engine.get(key).unwrap().and_then(|s| s.value().map(<[u8]>::to_vec))
 }
@@ -280,13 +293,58 @@ fn a_read_is_in_memory_only_when_no_table_may_hold_its_key() {
     assert_eq!(value_of(&engine, b"b-flushed").as_deref(), Some(&b"3"[..]));
 }
 
+/// A cached read survives the changes of the tables that cannot have
+/// changed its key: a flush of other keys, a compaction that dropped
+/// nothing. A flush that may hold the key, a compaction that dropped keys,
+/// or more changes than the engine remembers, and it is read again.
+#[test]
+fn a_cached_read_outlives_flushes_of_other_keys_and_compactions_that_keep_every_key() {
+    let (engine, _gate, _sim, _dir, mut stamper) = engine_compacting_on_demand();
+    let in_memory = |engine: &Engine| engine.value_in_memory(b"k");
+    engine.write_blocking(vec![op(&mut stamper, b"k", b"1")]).unwrap();
+    engine.flush().unwrap();
+    assert_eq!(value_of(&engine, b"k").as_deref(), Some(&b"1"[..]));
+    assert_eq!(in_memory(&engine), Some(Some(b"1".to_vec())), "the read is cached");
+
+    // Flushes of keys outside `k`'s table key range, then a compaction of
+    // everything that drops nothing: still answered from memory.
+    for other in [&b"x1"[..], b"x2", b"x3"] {
+        engine.write_blocking(vec![op(&mut stamper, other, b"other")]).unwrap();
+        engine.flush().unwrap();
+    }
+    assert_eq!(in_memory(&engine), Some(Some(b"1".to_vec())), "a flush of other keys dropped the cached read");
+    engine.compact().unwrap();
+    assert_eq!(in_memory(&engine), Some(Some(b"1".to_vec())), "a compaction that kept every key dropped it");
+
+    // A flush that holds `k`: read again, and the new version is seen.
+    engine.write_blocking(vec![op(&mut stamper, b"k", b"2")]).unwrap();
+    engine.flush().unwrap();
+    assert_eq!(in_memory(&engine), None, "a read cached before a flush of its key answered");
+    assert_eq!(value_of(&engine, b"k").as_deref(), Some(&b"2"[..]));
+    assert_eq!(in_memory(&engine), Some(Some(b"2".to_vec())));
+
+    // A compaction that drops a deleted key: every cached read goes.
+    engine.write_blocking(vec![delete(&mut stamper, b"x1")]).unwrap();
+    engine.flush().unwrap();
+    assert_eq!(value_of(&engine, b"k").as_deref(), Some(&b"2"[..]));
+    assert!(in_memory(&engine).is_some());
+    engine.compact().unwrap();
+    assert_eq!(in_memory(&engine), None, "a read cached before a compaction that dropped keys answered");
+    assert_eq!(value_of(&engine, b"k").as_deref(), Some(&b"2"[..]));
+
+    // More changes than remembered: read again.
+    for i in 0..=CHANGES_KEPT {
+        engine.write_blocking(vec![op(&mut stamper, format!("y{i}").as_bytes(), b"other")]).unwrap();
+        engine.flush().unwrap();
+    }
+    assert_eq!(in_memory(&engine), None, "a read cached before more changes than are remembered answered");
+}
+
 /// The value cache answers only for the tables it read: once a flush or a
 /// compaction changes them, what it kept is not used.
 #[test]
 fn the_value_cache_never_answers_for_tables_that_changed() {
-    let opts = Options { background_compaction: false, tombstone_grace_ms: 0, ..Options::default() };
-    let (engine, _gate, _sim, _dir) = gated_engine(opts);
-    let mut stamper = Stamper::new(NodeId(1), Hlc(0), u64::MAX);
+    let (engine, _gate, _sim, _dir, mut stamper) = engine_compacting_on_demand();
     let in_memory = |engine: &Engine| engine.value_in_memory(b"k");
     engine.write_blocking(vec![op(&mut stamper, b"k", b"1")]).unwrap();
     engine.flush().unwrap();
@@ -303,12 +361,7 @@ fn the_value_cache_never_answers_for_tables_that_changed() {
     assert_eq!(value_of(&engine, b"k").as_deref(), Some(&b"2"[..]));
 
     // Deleted, flushed and compacted away: absent, cached or not.
-    engine
-        .write_blocking(vec![Op {
-            key: b"k".to_vec(),
-            version: stamper.next(now_ms()).expect("a test clock never refuses").blind(None),
-        }])
-        .unwrap();
+    engine.write_blocking(vec![delete(&mut stamper, b"k")]).unwrap();
     engine.flush().unwrap();
     assert_eq!(value_of(&engine, b"k"), None);
     engine.compact().unwrap();

@@ -26,7 +26,7 @@ mod writer;
 
 pub use block::Block;
 pub use bloom::Bloom;
-pub use reader::{Table, TableIter, TableScan};
+pub use reader::{KeyFilter, Table, TableIter, TableScan};
 pub use writer::TableBuilder;
 
 use serde::{Deserialize, Serialize};

@@ -51,10 +51,29 @@ pub struct Table {
     /// entries' keys themselves, each behind its own pointer, missed the
     /// cache at nearly every step.
     index_prefixes: Vec<u128>,
-    bloom: Bloom,
+    filter: KeyFilter,
     props: Props,
     /// Where point reads keep the blocks they read (none: read each time).
     cache: Option<Arc<BlockCache>>,
+}
+
+/// What a table says from memory about the keys it may hold: its key range
+/// and bloom filter. Cheap to clone, and holding one keeps no file open
+/// (the engine keeps those of recent flushes to tell which cached reads a
+/// flush left as they were).
+#[derive(Clone, Debug)]
+pub struct KeyFilter {
+    smallest: Arc<[u8]>,
+    largest: Arc<[u8]>,
+    bloom: Arc<Bloom>,
+}
+
+impl KeyFilter {
+    /// Whether `key` may be in the table: in its key range (of the tables
+    /// of one run, only one can match), then allowed by its bloom filter.
+    pub fn may_hold(&self, key: &[u8]) -> bool {
+        key >= &*self.smallest && key <= &*self.largest && self.bloom.may_contain(key_hash(key))
+    }
 }
 
 struct Cursor<'a>(&'a [u8]);
@@ -131,7 +150,11 @@ impl Table {
             size,
             index,
             index_prefixes,
-            bloom,
+            filter: KeyFilter {
+                smallest: props.smallest_key.as_slice().into(),
+                largest: props.largest_key.as_slice().into(),
+                bloom: Arc::new(bloom),
+            },
             props,
             cache: None,
         })
@@ -176,16 +199,20 @@ impl Table {
         &self.path
     }
 
-    /// Whether the bloom filter allows `key` to be here.
-    /// Whether `key` may be in this table, from memory alone: its key range
-    /// (of the tables of one run, only one can match), then its bloom
-    /// filter.
+    /// Whether `key` may be in this table, from memory alone
+    /// ([`KeyFilter::may_hold`]).
     pub fn may_hold(&self, key: &[u8]) -> bool {
-        key >= self.props.smallest_key.as_slice() && key <= self.props.largest_key.as_slice() && self.may_contain(key)
+        self.filter.may_hold(key)
     }
 
+    /// Whether the bloom filter allows `key` to be here.
     pub fn may_contain(&self, key: &[u8]) -> bool {
-        self.bloom.may_contain(key_hash(key))
+        self.filter.bloom.may_contain(key_hash(key))
+    }
+
+    /// The table's key range and bloom filter, apart from the table.
+    pub fn key_filter(&self) -> KeyFilter {
+        self.filter.clone()
     }
 
     fn read_block(&self, entry: &IndexEntry) -> Result<Block> {
