@@ -39,7 +39,9 @@
 //! default); `QUIVER_BENCH_ETCD=0` leaves etcd out.
 //!
 //! Output: a markdown table on stdout, `target/quiver-bench/cluster_throughput.csv`
-//! and `target/quiver-bench/cluster_throughput.svg`.
+//! and `target/quiver-bench/cluster_throughput.svg`. `QUIVER_BENCH_PLOT_ONLY=1`
+//! prints the table and draws the plot again from that CSV, measuring
+//! nothing.
 //!
 //! Run: `cargo bench -p quiver-benches --bench cluster_throughput`
 
@@ -390,10 +392,35 @@ fn main() {
     runtime.expect("the client runtime").block_on(bench());
 }
 
+/// The rows of a CSV that [`report`] wrote.
+fn read_csv(path: &Path) -> Result<Vec<Row>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut rows = Vec::new();
+    for line in text.lines().skip(1) {
+        let fields: Vec<&str> = line.split(',').collect();
+        let [setup, workload, keys_per_s, p50_ms, p99_ms] = fields[..] else {
+            return Err(format!("bad CSV line {line:?}"));
+        };
+        let setup = Setup::ALL.into_iter().find(|s| s.short() == setup).ok_or(format!("unknown setup {setup:?}"))?;
+        let workload = Workload::ALL
+            .into_iter()
+            .find(|w| w.short() == workload)
+            .ok_or(format!("unknown workload {workload:?}"))?;
+        let number = |s: &str| s.parse::<f64>().map_err(|e| format!("{s:?}: {e}"));
+        let figure = Figure { keys_per_s: number(keys_per_s)?, p50_ms: number(p50_ms)?, p99_ms: number(p99_ms)? };
+        rows.push((setup, workload, figure));
+    }
+    Ok(rows)
+}
+
 async fn bench() {
     let runs = env_or("QUIVER_BENCH_RUNS", 3).max(1);
     let seconds = env_or("QUIVER_BENCH_SECONDS", 5).max(1);
     let value_bytes = env_or("QUIVER_BENCH_VALUE_BYTES", 100) as usize;
+    if env_or("QUIVER_BENCH_PLOT_ONLY", 0) != 0 {
+        let rows = read_csv(&workspace().join("target/quiver-bench/cluster_throughput.csv")).expect("read the CSV");
+        return report(&rows, runs, seconds, value_bytes).expect("write the report");
+    }
     let value = Arc::new(vec![b'v'; value_bytes]);
     let quiverd: PathBuf = std::env::var("QUIVER_BENCH_QUIVERD").map(PathBuf::from).unwrap_or_else(|_| build_quiverd());
     let wanted = std::env::var("QUIVER_BENCH_SETUPS").unwrap_or_default();
