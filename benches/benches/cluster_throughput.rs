@@ -201,7 +201,8 @@ async fn start(setup: Setup, quiverd: &Path) -> Result<(Servers, Conn), String> 
                 clients.push(Arc::new(Client::connect([node.addr.clone()]).await.map_err(|e| e.to_string())?));
                 nodes.push(node);
             }
-            // Two answers per write per task in flight, the third behind.
+            // A write holds a permit until its third node answered: each
+            // task can have a write behind it, not a growing queue.
             let behind = Arc::new(tokio::sync::Semaphore::new(2 * Workload::Set64.in_flight() as usize));
             let fanout = Fanout { nodes: clients, behind };
             return Ok((Servers { _nodes: nodes, _etcd: None, _dir: dir }, Conn::Fanout(fanout)));
