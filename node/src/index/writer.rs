@@ -33,7 +33,7 @@ use super::{base_of, supplied_vector, Derived, Worker};
 use crate::lock;
 use crate::storage::keys::{data_key, user_key};
 use crate::storage::{self, Engine, Op};
-use quiver_ring::ring::vector_key_of;
+use quiver_ring::ring::{vector_key_base, vector_key_of};
 
 /// Called once with a write's outcome (as [`Engine::write_then`]'s).
 pub type Done = Box<dyn FnOnce(storage::Result<u64>) + Send>;
@@ -116,7 +116,10 @@ impl Writer {
             .iter()
             .map(|op| {
                 let value = op.version.value.as_deref();
-                user_key(&op.key).map(|_| Derived::of(&self.analyzer, self.embedder.as_ref(), value))
+                // A vector key's own value is a vector, not text: nothing
+                // to analyse (its base key's entries use it as it is).
+                let text_key = user_key(&op.key).filter(|key| vector_key_base(key).is_none());
+                text_key.map(|_| Derived::of(&self.analyzer, self.embedder.as_ref(), value))
             })
             .collect();
         if let Err(refused) = self.stage.send(Submit { ops, derived, done }) {

@@ -129,6 +129,18 @@ impl<K: Hash + Eq + Clone, V: Clone> ClockCache<K, V> {
         shard.bytes += bytes;
     }
 
+    /// Replaces the value of `key`, if it is cached, by `value` (of the
+    /// same size): no allocation, nothing evicted.
+    pub fn replace<Q>(&self, key: &Q, value: V)
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        if let Some(entry) = lock(self.shard(key)).entries.get_mut(key) {
+            entry.value = value;
+        }
+    }
+
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         self.shards.iter().map(|shard| lock(shard).bytes).sum()

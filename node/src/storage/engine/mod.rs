@@ -474,8 +474,20 @@ impl Engine {
     /// What the tables of `levels` hold of `key`, if the value cache has it
     /// for exactly those tables.
     fn cached_in_tables(&self, levels: &Levels, key: &[u8]) -> Option<Arc<Option<Siblings>>> {
-        let (generation, found) = self.inner.value_cache.as_ref()?.get(key)?;
-        levels.unchanged_since(generation, key).then_some(found)
+        let cache = self.inner.value_cache.as_ref()?;
+        let (generation, found) = cache.get(key)?;
+        if generation == levels.tables_generation {
+            return Some(found);
+        }
+        if !levels.unchanged_since(generation, key) {
+            return None;
+        }
+        // Still what these tables hold: kept under their generation, it
+        // outlives the changes remembered. (Should another thread have
+        // cached a newer read meanwhile, this one, under an older
+        // generation than that read's, is checked again next time.)
+        cache.replace(key, (levels.tables_generation, found.clone()));
+        Some(found)
     }
 
     /// Every key `>= start` (and `< end`, if given) with its merged versions,

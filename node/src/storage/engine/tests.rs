@@ -295,8 +295,9 @@ fn a_read_is_in_memory_only_when_no_table_may_hold_its_key() {
 
 /// A cached read survives the changes of the tables that cannot have
 /// changed its key: a flush of other keys, a compaction that dropped
-/// nothing. A flush that may hold the key, a compaction that dropped keys,
-/// or more changes than the engine remembers, and it is read again.
+/// nothing; a hit keeps it under the newer tables. A flush that may hold
+/// the key, a compaction that dropped keys, or more changes than the
+/// engine remembers since its last hit, and it is read again.
 #[test]
 fn a_cached_read_outlives_flushes_of_other_keys_and_compactions_that_keep_every_key() {
     let (engine, _gate, _sim, _dir, mut stamper) = engine_compacting_on_demand();
@@ -332,11 +333,20 @@ fn a_cached_read_outlives_flushes_of_other_keys_and_compactions_that_keep_every_
     assert_eq!(in_memory(&engine), None, "a read cached before a compaction that dropped keys answered");
     assert_eq!(value_of(&engine, b"k").as_deref(), Some(&b"2"[..]));
 
-    // More changes than remembered: read again.
-    for i in 0..=CHANGES_KEPT {
-        engine.write_blocking(vec![op(&mut stamper, format!("y{i}").as_bytes(), b"other")]).unwrap();
-        engine.flush().unwrap();
-    }
+    // More changes than remembered in all, but a hit halfway: the hit
+    // keeps the entry under the newer tables, and it is still used.
+    let flush_others = |stamper: &mut Stamper, from: usize, to: usize| {
+        for i in from..to {
+            engine.write_blocking(vec![op(stamper, format!("y{i}").as_bytes(), b"other")]).unwrap();
+            engine.flush().unwrap();
+        }
+    };
+    flush_others(&mut stamper, 0, CHANGES_KEPT / 2);
+    assert_eq!(in_memory(&engine), Some(Some(b"2".to_vec())));
+    flush_others(&mut stamper, CHANGES_KEPT / 2, CHANGES_KEPT + 2);
+    assert_eq!(in_memory(&engine), Some(Some(b"2".to_vec())), "a hit did not keep the entry");
+    // More changes than remembered since the last hit: read again.
+    flush_others(&mut stamper, CHANGES_KEPT + 2, 2 * CHANGES_KEPT + 3);
     assert_eq!(in_memory(&engine), None, "a read cached before more changes than are remembered answered");
 }
 
