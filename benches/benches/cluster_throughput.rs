@@ -407,8 +407,7 @@ fn read_csv(path: &Path) -> Result<Vec<Row>, String> {
             .into_iter()
             .find(|w| w.short() == workload)
             .ok_or(format!("unknown workload {workload:?}"))?;
-        let number = |s: &str| s.parse::<f64>().map_err(|e| format!("{s:?}: {e}"));
-        let figure = Figure { keys_per_s: number(keys_per_s)?, p50_ms: number(p50_ms)?, p99_ms: number(p99_ms)? };
+        let figure = Figure::from_csv(keys_per_s, p50_ms, p99_ms)?;
         rows.push((setup, workload, figure));
     }
     Ok(rows)

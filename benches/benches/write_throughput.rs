@@ -454,9 +454,9 @@ fn read_csv(path: &Path) -> Result<Vec<Row>, String> {
             .into_iter()
             .find(|w| w.short() == workload)
             .ok_or(format!("unknown workload {workload:?}"))?;
-        let number = |s: &str| s.parse::<f64>().map_err(|e| format!("{s:?}: {e}"));
-        let figure = Figure { keys_per_s: number(keys_per_s)?, p50_ms: number(p50_ms)?, p99_ms: number(p99_ms)? };
-        rows.push((system, number(stored)? as u64, workload, figure));
+        let figure = Figure::from_csv(keys_per_s, p50_ms, p99_ms)?;
+        let stored = stored.parse::<u64>().map_err(|e| format!("{stored:?}: {e}"))?;
+        rows.push((system, stored, workload, figure));
     }
     Ok(rows)
 }

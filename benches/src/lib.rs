@@ -107,6 +107,13 @@ impl Figure {
         };
         Figure { keys_per_s: keys as f64 / elapsed.as_secs_f64(), p50_ms: at(0.50), p99_ms: at(0.99) }
     }
+
+    /// The figure of a benchmark CSV line's last three fields (keys/s, p50
+    /// and p99 in ms), as the benches write them.
+    pub fn from_csv(keys_per_s: &str, p50_ms: &str, p99_ms: &str) -> Result<Figure, String> {
+        let number = |s: &str| s.parse::<f64>().map_err(|e| format!("{s:?}: {e}"));
+        Ok(Figure { keys_per_s: number(keys_per_s)?, p50_ms: number(p50_ms)?, p99_ms: number(p99_ms)? })
+    }
 }
 
 /// The run with the median throughput.
