@@ -477,22 +477,14 @@ impl ClusterStore {
                 let (this, query, ranges) = (self.clone(), query.to_owned(), ranges.clone());
                 tokio::spawn(async move {
                     if node == this.me {
-                        let (sender, receiver) = tokio::sync::oneshot::channel();
-                        let done: Done<TermStats> = Box::new(move |result| {
-                            let _ = sender.send(result);
-                        });
-                        this.local.term_stats_within(query, matching, ranges, done);
-                        return receiver.await.unwrap_or_else(|_| Err(stopping()));
+                        return answer_of(|done| this.local.term_stats_within(query, matching, ranges, done)).await;
                     }
                     let link = this.membership.link(node)?;
-                    match link.call(PeerRequest::TermStats { query, matching, ranges }, OP_TIMEOUT).await {
-                        Ok(PeerReply::TermStats(stats)) => Ok(stats),
-                        Ok(PeerReply::Failed(error)) => Err(error),
-                        Ok(other) => Err(ServerError::new(ErrorKind::Internal, format!("term statistics: {other:?}"))),
-                        Err(error) => {
-                            Err(ServerError::new(ErrorKind::Unavailable, format!("term statistics: {error}")))
-                        }
-                    }
+                    let reply = link.call(PeerRequest::TermStats { query, matching, ranges }, OP_TIMEOUT).await;
+                    reply_of(reply, "term statistics", |reply| match reply {
+                        PeerReply::TermStats(stats) => Ok(stats),
+                        other => Err(other),
+                    })
                 })
             })
             .collect();
@@ -511,20 +503,14 @@ impl ClusterStore {
         ranges: Vec<TokenRange>,
     ) -> Result<Vec<SearchHit>, ServerError> {
         if node == self.me {
-            let (sender, receiver) = tokio::sync::oneshot::channel();
-            let done: Done<Vec<SearchHit>> = Box::new(move |result| {
-                let _ = sender.send(result);
-            });
-            self.local.search_within(search, Some(ranges), done);
-            return receiver.await.unwrap_or_else(|_| Err(stopping()));
+            return answer_of(|done| self.local.search_within(search, Some(ranges), done)).await;
         }
         let link = self.membership.link(node)?;
-        match link.call(PeerRequest::Search { search, ranges }, OP_TIMEOUT).await {
-            Ok(PeerReply::Hits(hits)) => Ok(hits),
-            Ok(PeerReply::Failed(error)) => Err(error),
-            Ok(other) => Err(ServerError::new(ErrorKind::Internal, format!("a search part answered {other:?}"))),
-            Err(error) => Err(ServerError::new(ErrorKind::Unavailable, format!("a search part: {error}"))),
-        }
+        let reply = link.call(PeerRequest::Search { search, ranges }, OP_TIMEOUT).await;
+        reply_of(reply, "a search part", |reply| match reply {
+            PeerReply::Hits(hits) => Ok(hits),
+            other => Err(other),
+        })
     }
 
     /// Reads `key` from its replicas: the merge of the first R answers.
@@ -757,17 +743,10 @@ impl Store for Arc<ClusterStore> {
             }
             let hits = scatter::merge(parts, k);
             let keys: Vec<Vec<u8>> = hits.iter().map(|hit| hit.key.clone()).collect();
-            let (sender, receiver) = tokio::sync::oneshot::channel();
-            let read_done: Done<Vec<Option<Vec<u8>>>> = Box::new(move |result| {
-                let _ = sender.send(result);
-            });
-            this.read(keys, timing, usize::MAX, read_done);
-            let current = match receiver.await {
-                Ok(Ok(values)) => values,
-                Ok(Err(error)) => return done(Err(error)),
-                Err(_) => return done(Err(stopping())),
-            };
-            done(Ok(scatter::keep_current(hits, current)))
+            match answer_of(|read_done| this.read(keys, timing, usize::MAX, read_done)).await {
+                Ok(current) => done(Ok(scatter::keep_current(hits, current))),
+                Err(error) => done(Err(error)),
+            }
         });
     }
 
@@ -887,16 +866,8 @@ impl ClusterStore {
             let (coordinator, id) = (batch.node, batch.seq);
             if id.physical_ms() >= too_old_ms {
                 let placements = self.placements(&ring, batch.sets.iter().map(|(key, _)| key.as_slice()), None);
-                let (sent, written) = tokio::sync::oneshot::channel();
-                let done: Done<()> = Box::new(move |result| {
-                    let _ = sent.send(result);
-                });
-                self.write_sets(batch.sets, placements, Consistency::Quorum, done);
-                match written.await {
-                    Ok(Ok(())) => tracing::info!(coordinator = coordinator.0, %id, "replayed a bulk set"),
-                    Ok(Err(error)) => return Err(error),
-                    Err(_) => return Err(ServerError::new(ErrorKind::ShuttingDown, "the store closed")),
-                }
+                answer_of(|done| self.write_sets(batch.sets, placements, Consistency::Quorum, done)).await?;
+                tracing::info!(coordinator = coordinator.0, %id, "replayed a bulk set");
             } else {
                 tracing::error!(coordinator = coordinator.0, %id, "a bulk set older than half of gc_grace was never applied; it is dropped");
             }
@@ -943,14 +914,38 @@ async fn off_worker<T: Send + 'static>(
     joined.map_err(|e| ServerError::new(ErrorKind::Internal, e.to_string()))?.map_err(crate::service::storage_error)
 }
 
-/// A peer's answer to a request that writes: `Ok` once it has it durable.
-fn written(reply: Result<PeerReply, PeerError>, what: &str) -> Result<(), ServerError> {
+/// Starts work that answers through a [`Done`] (this node's store) and
+/// waits for its answer; `ShuttingDown` if the work is dropped unanswered.
+async fn answer_of<T: Send + 'static>(start: impl FnOnce(Done<T>)) -> Result<T, ServerError> {
+    let (sender, receiver) = tokio::sync::oneshot::channel();
+    start(Box::new(move |result| {
+        let _ = sender.send(result);
+    }));
+    receiver.await.unwrap_or_else(|_| Err(stopping()))
+}
+
+/// A peer's answer to a request for `what`: what `pick` takes from it. A
+/// peer's refusal is its error; another answer than `pick` takes is an
+/// internal error, no answer at all `Unavailable`.
+fn reply_of<T>(
+    reply: Result<PeerReply, PeerError>,
+    what: &str,
+    pick: impl FnOnce(PeerReply) -> Result<T, PeerReply>,
+) -> Result<T, ServerError> {
     match reply {
-        Ok(PeerReply::Written) => Ok(()),
         Ok(PeerReply::Failed(error)) => Err(error),
-        Ok(other) => Err(ServerError::new(ErrorKind::Internal, format!("{what}: the peer answered {other:?}"))),
+        Ok(reply) => pick(reply)
+            .map_err(|other| ServerError::new(ErrorKind::Internal, format!("{what}: the peer answered {other:?}"))),
         Err(error) => Err(ServerError::new(ErrorKind::Unavailable, format!("{what}: {error}"))),
     }
+}
+
+/// A peer's answer to a request that writes: `Ok` once it has it durable.
+fn written(reply: Result<PeerReply, PeerError>, what: &str) -> Result<(), ServerError> {
+    reply_of(reply, what, |reply| match reply {
+        PeerReply::Written => Ok(()),
+        other => Err(other),
+    })
 }
 
 /// A node's part of a write: the sets it replicates and the hints it

@@ -139,6 +139,11 @@ pub(crate) fn supplied_vector(dim: usize, vector: Option<&Siblings>, base: Optio
     embed::unit(vectors::decode(vector.value.as_deref()?, dim)?)
 }
 
+/// Whether a user key is in one of `ranges` (`None`: every key is).
+fn in_ranges(ranges: Option<&[TokenRange]>) -> impl Fn(&[u8]) -> bool + '_ {
+    move |key| ranges.is_none_or(|ranges| ranges.iter().any(|range| range.holds(key)))
+}
+
 /// What the index holds of one value: its document (terms) and its vector.
 #[derive(Debug, Default, PartialEq)]
 pub struct Derived {
@@ -151,6 +156,15 @@ impl Derived {
     pub fn of(analyzer: &Analyzer, embedder: &dyn Embedder, value: Option<&[u8]>) -> Derived {
         let Some(text) = value.and_then(|v| std::str::from_utf8(v).ok()) else { return Derived::default() };
         Derived { doc: Doc::of(analyzer, value), vector: embedder.embed(text) }
+    }
+
+    /// These entries with the vector written with the value, if there is
+    /// one ([`supplied_vector`]), in place of the text's.
+    pub fn with_supplied(mut self, supplied: Option<Vec<f32>>) -> Derived {
+        if supplied.is_some() {
+            self.vector = supplied;
+        }
+        self
     }
 
     /// The ops that take `key`'s index entries from `before` to `self`.
@@ -249,7 +263,7 @@ impl Index {
 
     /// Runs `search` over the keys in `ranges` only (`None`: every key).
     pub fn search_within(&self, search: Search, ranges: Option<&[TokenRange]>) -> Result<Vec<SearchHit>, ServerError> {
-        let keep = |key: &[u8]| ranges.is_none_or(|ranges| ranges.iter().any(|range| range.holds(key)));
+        let keep = in_ranges(ranges);
         match search {
             Search::Text { query, k, matching, stats, .. } => {
                 quiver_ring::wire::check_search(&query, k)?;
@@ -292,8 +306,7 @@ impl Index {
     ) -> Result<TermStats, ServerError> {
         quiver_ring::wire::check_search(text, 1)?;
         let query = Query::parse(&self.analyzer, text, matching)?;
-        let keep = |key: &[u8]| ranges.is_none_or(|ranges| ranges.iter().any(|range| range.holds(key)));
-        text::term_stats(&self.engine, &query, ranges, &keep).map_err(storage_error)
+        text::term_stats(&self.engine, &query, ranges, &in_ranges(ranges)).map_err(storage_error)
     }
 
     /// The `k` values about the same things as `text` (nearest by the
@@ -404,12 +417,9 @@ fn derive_stored(
     key: &[u8],
     siblings: &Siblings,
 ) -> storage::Result<Derived> {
-    let mut derived = Derived::of(analyzer, embedder, siblings.value());
     let companion = engine.get(&data_key(&vector_key_of(key)))?;
-    if let Some(vector) = supplied_vector(embedder.dim(), companion.as_ref(), Some(siblings)) {
-        derived.vector = Some(vector);
-    }
-    Ok(derived)
+    let supplied = supplied_vector(embedder.dim(), companion.as_ref(), Some(siblings));
+    Ok(Derived::of(analyzer, embedder, siblings.value()).with_supplied(supplied))
 }
 
 /// Rebuilds the index from the data: deletes every index key, indexes

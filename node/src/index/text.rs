@@ -330,6 +330,13 @@ pub struct TermStats {
     pub df: BTreeMap<String, u64>,
 }
 
+impl From<Stats> for TermStats {
+    /// Totals alone: every term's document count is counted locally.
+    fn from(totals: Stats) -> TermStats {
+        TermStats { docs: totals.docs, words: totals.words, df: BTreeMap::new() }
+    }
+}
+
 impl TermStats {
     /// Adds another node's statistics (over other keys) to these.
     pub fn add(&mut self, other: TermStats) {
@@ -353,7 +360,7 @@ pub fn term_stats(
         Some(ranges) => range_stats(engine, ranges)?,
         None => read_stats(engine)?,
     };
-    let mut stats = TermStats { docs: totals.docs, words: totals.words, df: BTreeMap::new() };
+    let mut stats = TermStats::from(totals);
     for clause in &query.clauses {
         for (term, postings) in clause_postings(engine, clause)?.terms {
             let df = postings.iter().filter(|(key, _)| keep(key)).count() as u64;
@@ -418,10 +425,7 @@ pub fn search(
 ) -> Result<Vec<Scored>> {
     let stats = match stats {
         Some(stats) => stats.clone(),
-        None => {
-            let own = read_stats(engine)?;
-            TermStats { docs: own.docs, words: own.words, df: BTreeMap::new() }
-        }
+        None => TermStats::from(read_stats(engine)?),
     };
     let mut total: HashMap<Vec<u8>, (f64, usize)> = HashMap::new();
     for clause in &query.clauses {

@@ -267,7 +267,7 @@ impl Stage {
             if before_value == after_value && supplied_before == supplied_after {
                 continue;
             }
-            let mut was = Derived::of(&self.analyzer, self.embedder.as_ref(), before_value);
+            let was = Derived::of(&self.analyzer, self.embedder.as_ref(), before_value).with_supplied(supplied_before);
             // The new value is one of this write's: its index entries were
             // worked out already.
             let made = ops
@@ -275,13 +275,9 @@ impl Stage {
                 .zip(derived.iter_mut())
                 .find(|(op, _)| op.key == base && op.version.value.as_deref() == after_value)
                 .and_then(|(_, made)| made.take());
-            let mut is = made.unwrap_or_else(|| Derived::of(&self.analyzer, self.embedder.as_ref(), after_value));
-            if supplied_before.is_some() {
-                was.vector = supplied_before;
-            }
-            if supplied_after.is_some() {
-                is.vector = supplied_after;
-            }
+            let is = made
+                .unwrap_or_else(|| Derived::of(&self.analyzer, self.embedder.as_ref(), after_value))
+                .with_supplied(supplied_after);
             self.stats.replace(was.doc.as_ref(), is.doc.as_ref());
             is.ops_from(&was, key, stamp, &mut index_ops);
             if is.vector != was.vector {
