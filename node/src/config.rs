@@ -30,6 +30,7 @@
 //! wal_segment_bytes = 67108864
 //! block_cache_bytes = 0
 //! value_cache_bytes = 268435456
+//! warm_value_cache = true   # flushes put what they wrote in the value cache's free room
 //! read_threads = 0          # 0: one per core, at least 2
 //! repair = false
 //! ```
@@ -117,6 +118,10 @@ pub struct Storage {
     pub block_cache_bytes: usize,
     /// Memory for the cache of what reads found in the tables (0: none).
     pub value_cache_bytes: usize,
+    /// Whether a flush puts what it wrote into the value cache's free room
+    /// (never evicting what reads put there), so that a key just written
+    /// is read from memory after its flush too.
+    pub warm_value_cache: bool,
     /// Threads that serve reads (0: one per core, at least 2).
     pub read_threads: usize,
     /// Open a damaged WAL or manifest by keeping its valid prefix.
@@ -183,6 +188,7 @@ impl Default for Storage {
             wal_segment_bytes: engine.wal_segment_bytes,
             block_cache_bytes: engine.block_cache_bytes,
             value_cache_bytes: engine.value_cache_bytes,
+            warm_value_cache: engine.warm_value_cache_on_flush,
             read_threads: 0,
             repair: false,
         }
@@ -279,6 +285,7 @@ impl Config {
             wal_segment_bytes: self.storage.wal_segment_bytes,
             block_cache_bytes: self.storage.block_cache_bytes,
             value_cache_bytes: self.storage.value_cache_bytes,
+            warm_value_cache_on_flush: self.storage.warm_value_cache,
             record_bytes_max: self.limits.frame_bytes_max.max(self.limits.bulk_bytes_max * 2),
             repair: self.storage.repair,
             debug_skip_write_probability: self.debug_skip_write_probability,

@@ -62,10 +62,10 @@ fn check(engine: &Engine, model: &BTreeMap<Vec<u8>, Vec<u8>>) -> Result<(), Test
     Ok(())
 }
 
-fn run(actions: Vec<Action>) -> Result<(), TestCaseError> {
+fn run(actions: Vec<Action>, opts: Options) -> Result<(), TestCaseError> {
     let dir = Path::new("/db");
     let mut fs = SimFs::new();
-    let mut engine = Engine::open_with(Arc::new(fs.clone()), dir, tiny_options()).unwrap();
+    let mut engine = Engine::open_with(Arc::new(fs.clone()), dir, opts.clone()).unwrap();
     let mut writer = Writer::new(engine.max_hlc());
     let mut model = BTreeMap::new();
     for action in actions {
@@ -95,13 +95,13 @@ fn run(actions: Vec<Action>) -> Result<(), TestCaseError> {
             Action::Compact => engine.compact().unwrap(),
             Action::Reopen => {
                 engine.close().unwrap();
-                engine = Engine::open_with(Arc::new(fs.clone()), dir, tiny_options()).unwrap();
+                engine = Engine::open_with(Arc::new(fs.clone()), dir, opts.clone()).unwrap();
             }
             Action::Crash => {
                 let survived = fs.crash();
                 drop(engine);
                 fs = survived;
-                engine = Engine::open_with(Arc::new(fs.clone()), dir, tiny_options()).unwrap();
+                engine = Engine::open_with(Arc::new(fs.clone()), dir, opts.clone()).unwrap();
             }
         }
         check(&engine, &model)?;
@@ -112,9 +112,16 @@ fn run(actions: Vec<Action>) -> Result<(), TestCaseError> {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
+    /// With the value cache warmed by flushes or not, and small enough that
+    /// it is always full (the model's reads fill it) or large enough that
+    /// a flush always finds room.
     #[test]
-    fn engine_matches_model(actions in proptest::collection::vec(action(), 1..120)) {
-        run(actions)?;
+    fn engine_matches_model(
+        actions in proptest::collection::vec(action(), 1..120),
+        warm_value_cache_on_flush in any::<bool>(),
+        value_cache_bytes in prop_oneof![Just(16 << 10), Just(1 << 20)],
+    ) {
+        run(actions, Options { warm_value_cache_on_flush, value_cache_bytes, ..tiny_options() })?;
     }
 }
 
@@ -122,21 +129,24 @@ proptest! {
 /// compaction that leaves out the older table holding the value.
 #[test]
 fn tombstone_survives_partial_compaction() {
-    run(vec![
-        Action::Set(1, 1),
-        Action::Flush,
-        Action::Delete(1),
-        Action::Flush,
-        Action::Set(2, 2),
-        Action::Flush,
-        Action::Crash,
-    ])
+    run(
+        vec![
+            Action::Set(1, 1),
+            Action::Flush,
+            Action::Delete(1),
+            Action::Flush,
+            Action::Set(2, 2),
+            Action::Flush,
+            Action::Crash,
+        ],
+        tiny_options(),
+    )
     .unwrap();
 }
 
 #[test]
 fn crash_right_after_writes_keeps_them() {
-    run((0..200).map(|i| Action::Set((i % 256) as u8, i)).chain([Action::Crash]).collect()).unwrap();
+    run((0..200).map(|i| Action::Set((i % 256) as u8, i)).chain([Action::Crash]).collect(), tiny_options()).unwrap();
 }
 
 /// Regression: a major compaction splits its output into several files of

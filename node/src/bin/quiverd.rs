@@ -74,6 +74,10 @@ struct Args {
     /// read it answers reads no file [default: 256 MiB; 0: off].
     #[arg(long)]
     value_cache_bytes: Option<usize>,
+    /// Whether a flush puts what it wrote into the value cache's free room
+    /// [default: true].
+    #[arg(long)]
+    warm_value_cache: Option<bool>,
     /// Threads that serve reads [default: one per core, at least 2].
     #[arg(long)]
     read_threads: Option<usize>,
@@ -193,6 +197,9 @@ impl Args {
         }
         if let Some(v) = self.value_cache_bytes {
             config.storage.value_cache_bytes = v
+        }
+        if let Some(v) = self.warm_value_cache {
+            config.storage.warm_value_cache = v
         }
         if let Some(v) = self.read_threads {
             config.storage.read_threads = v
@@ -482,6 +489,7 @@ mod tests {
             "--wal-segment-bytes=70",
             "--read-threads=3",
             "--value-cache-bytes=80",
+            "--warm-value-cache=false",
             "--repair",
             "--debug-skip-write-probability=0.5",
             "--name=n1",
@@ -504,6 +512,7 @@ mod tests {
         assert_eq!((config.storage.memtable_bytes_max, config.storage.wal_segment_bytes), (60, 70));
         assert_eq!(config.read_threads(), 3);
         assert_eq!(config.storage.value_cache_bytes, 80);
+        assert!(!config.storage.warm_value_cache);
         assert!(config.storage.repair);
         assert_eq!(config.debug_skip_write_probability, 0.5);
         assert_eq!(

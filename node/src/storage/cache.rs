@@ -10,10 +10,12 @@
 //! into shards by key hash, each under its own mutex, so concurrent readers
 //! rarely wait for each other.
 
-use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, Hash};
+use std::borrow::Borrow;
+use std::collections::VecDeque;
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex};
 
+use hashbrown::HashTable;
 use xxhash_rust::xxh3::Xxh3DefaultBuilder;
 
 use super::sstable::Block;
@@ -23,45 +25,53 @@ use crate::lock;
 const SHARDS: usize = 8;
 
 #[derive(Debug)]
-struct Entry<V> {
+struct Entry<K, V> {
+    key: K,
     value: V,
+    hash: u64,
     bytes: usize,
     referenced: bool,
 }
 
 #[derive(Debug)]
 struct Shard<K, V> {
-    entries: HashMap<K, Entry<V>, Xxh3DefaultBuilder>,
-    /// Every key in `entries`, in the order the clock hand visits them.
-    clock: VecDeque<K>,
+    entries: HashTable<Entry<K, V>>,
+    /// The hash of every entry, in the order the clock hand visits them.
+    /// Hashes rather than keys: a key replaced with an equal one (a value
+    /// cache entry carries its value) leaves nothing behind here, and a
+    /// place is 8 bytes.
+    clock: VecDeque<u64>,
     bytes: usize,
 }
 
 impl<K, V> Default for Shard<K, V> {
     fn default() -> Shard<K, V> {
-        Shard { entries: HashMap::with_hasher(Xxh3DefaultBuilder), clock: VecDeque::new(), bytes: 0 }
+        Shard { entries: HashTable::new(), clock: VecDeque::new(), bytes: 0 }
     }
 }
 
-impl<K: Hash + Eq + Clone, V> Shard<K, V> {
-    /// Evicts until the shard holds at most `budget` bytes.
+impl<K, V> Shard<K, V> {
+    /// Evicts until the shard holds at most `budget` bytes. Should two
+    /// entries share a hash, each of their two places evicts one of them.
     fn evict_to(&mut self, budget: usize) {
         while self.bytes > budget {
-            let Some(key) = self.clock.pop_front() else { break };
-            match self.entries.get_mut(&key) {
-                Some(entry) if entry.referenced => {
-                    entry.referenced = false;
-                    self.clock.push_back(key);
-                }
-                Some(_) => {
-                    if let Some(entry) = self.entries.remove(&key) {
-                        self.bytes -= entry.bytes;
-                    }
-                }
-                // The clock holds only cached keys; nothing to do otherwise.
-                None => {}
+            let Some(hash) = self.clock.pop_front() else { break };
+            let Ok(entry) = self.entries.find_entry(hash, |entry| entry.hash == hash) else { continue };
+            if entry.get().referenced {
+                entry.into_mut().referenced = false;
+                self.clock.push_back(hash);
+            } else {
+                self.bytes -= entry.remove().0.bytes;
             }
         }
+    }
+
+    fn find_mut<Q>(&mut self, hash: u64, key: &Q) -> Option<&mut Entry<K, V>>
+    where
+        K: Borrow<Q>,
+        Q: Eq + ?Sized,
+    {
+        self.entries.find_mut(hash, |entry| entry.hash == hash && entry.key.borrow() == key)
     }
 }
 
@@ -85,38 +95,52 @@ impl<K: Hash + Eq + Clone, V: Clone> ClockCache<K, V> {
         ClockCache { shards: Default::default(), shard_bytes_max: bytes_max / SHARDS, hasher: Xxh3DefaultBuilder }
     }
 
-    fn shard<Q: Hash + ?Sized>(&self, key: &Q) -> &Mutex<Shard<K, V>> {
-        let at = self.hasher.hash_one(key) as usize % SHARDS;
+    /// The key's hash and its shard. The shard is chosen by high bits: the
+    /// table inside it places entries by the low ones.
+    fn shard<Q: Hash + ?Sized>(&self, key: &Q) -> (u64, &Mutex<Shard<K, V>>) {
+        let hash = self.hasher.hash_one(key);
+        let at = (hash >> 48) as usize % SHARDS;
         // `at < SHARDS`, the array's length.
         #[allow(clippy::indexing_slicing)]
-        &self.shards[at]
+        (hash, &self.shards[at])
     }
 
     /// The value of `key`, if cached.
     pub fn get<Q>(&self, key: &Q) -> Option<V>
     where
-        K: std::borrow::Borrow<Q>,
+        K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let mut shard = lock(self.shard(key));
-        let entry = shard.entries.get_mut(key)?;
+        self.get_with_key(key).map(|(_, value)| value)
+    }
+
+    /// The key as cached and its value, if cached.
+    pub fn get_with_key<Q>(&self, key: &Q) -> Option<(K, V)>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let (hash, shard) = self.shard(key);
+        let mut shard = lock(shard);
+        let entry = shard.find_mut(hash, key)?;
         entry.referenced = true;
-        Some(entry.value.clone())
+        Some((entry.key.clone(), entry.value.clone()))
     }
 
     /// Keeps `value` (of about `bytes` bytes) under `key`, replacing what
-    /// was there, and evicts others to stay within the budget. Every cached
-    /// key has exactly one place in the clock: a replaced entry keeps its
-    /// own, and a new key gets one only once the hand has made room (the
-    /// hand drops a place whose key is not cached).
+    /// was there (key and value: an equal key may carry more), and evicts
+    /// others to stay within the budget. Every cached entry has exactly one
+    /// place in the clock: a replaced entry keeps its own, and a new one
+    /// gets one only once the hand has made room.
     pub fn insert(&self, key: K, value: V, bytes: usize) {
         if bytes > self.shard_bytes_max {
             return;
         }
-        let mut shard = lock(self.shard(&key));
-        if let Some(entry) = shard.entries.get_mut(&key) {
+        let (hash, shard) = self.shard(&key);
+        let mut shard = lock(shard);
+        if let Some(entry) = shard.find_mut(hash, &key) {
             let old = std::mem::replace(&mut entry.bytes, bytes);
-            entry.value = value;
+            (entry.key, entry.value) = (key, value);
             shard.bytes = shard.bytes - old + bytes;
             // This may evict the entry just replaced: then it is gone
             // entirely, from the entries and from the clock.
@@ -124,19 +148,48 @@ impl<K: Hash + Eq + Clone, V: Clone> ClockCache<K, V> {
             return;
         }
         shard.evict_to(self.shard_bytes_max - bytes);
-        shard.entries.insert(key.clone(), Entry { value, bytes, referenced: false });
-        shard.clock.push_back(key);
+        shard.entries.insert_unique(hash, Entry { key, value, hash, bytes, referenced: false }, |entry| entry.hash);
+        shard.clock.push_back(hash);
         shard.bytes += bytes;
+    }
+
+    /// Keeps `value` (of about `bytes` bytes) under `key` only if that
+    /// evicts nothing: in room the shard has free, or in place of what
+    /// `key` held if the new value fits there. Whether it was kept.
+    pub fn insert_into_room(&self, key: K, value: V, bytes: usize) -> bool {
+        let (hash, shard) = self.shard(&key);
+        let mut shard = lock(shard);
+        let shard = &mut *shard;
+        match shard.entries.entry(hash, |entry| entry.hash == hash && entry.key == key, |entry| entry.hash) {
+            hashbrown::hash_table::Entry::Occupied(mut held) => {
+                let entry = held.get_mut();
+                if shard.bytes - entry.bytes + bytes > self.shard_bytes_max {
+                    return false;
+                }
+                shard.bytes = shard.bytes - entry.bytes + bytes;
+                (entry.key, entry.value, entry.bytes) = (key, value, bytes);
+            }
+            hashbrown::hash_table::Entry::Vacant(vacant) => {
+                if shard.bytes + bytes > self.shard_bytes_max {
+                    return false;
+                }
+                shard.bytes += bytes;
+                vacant.insert(Entry { key, value, hash, bytes, referenced: false });
+                shard.clock.push_back(hash);
+            }
+        }
+        true
     }
 
     /// Replaces the value of `key`, if it is cached, by `value` (of the
     /// same size): no allocation, nothing evicted.
     pub fn replace<Q>(&self, key: &Q, value: V)
     where
-        K: std::borrow::Borrow<Q>,
+        K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        if let Some(entry) = lock(self.shard(key)).entries.get_mut(key) {
+        let (hash, shard) = self.shard(key);
+        if let Some(entry) = lock(shard).find_mut(hash, key) {
             entry.value = value;
         }
     }
@@ -154,6 +207,73 @@ impl<K: Hash + Eq + Clone, V: Clone> ClockCache<K, V> {
     /// Whether nothing is held.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// A key and the bytes kept for it, in one allocation: the key's length
+/// (two bytes, little-endian), the key, the bytes. The value cache's entry:
+/// it hashes and compares as its key, so the cache finds it by the key
+/// alone, and a hit reads one allocation, the key and what it caches side
+/// by side.
+#[derive(Clone, Debug)]
+pub struct KeyedBytes(Arc<[u8]>);
+
+impl KeyedBytes {
+    /// `key` and the bytes `write` appends. `None` for a key longer than
+    /// 65,535 bytes (longer than any key the store takes).
+    pub fn new(key: &[u8], write: impl FnOnce(&mut Vec<u8>)) -> Option<KeyedBytes> {
+        let len = u16::try_from(key.len()).ok()?;
+        let mut all = Vec::with_capacity(2 + key.len() + 128);
+        all.extend_from_slice(&len.to_le_bytes());
+        all.extend_from_slice(key);
+        write(&mut all);
+        Some(KeyedBytes(Arc::from(all)))
+    }
+
+    fn split(&self) -> (&[u8], &[u8]) {
+        // `new` wrote a length that fits; an empty split is never made.
+        let len = self.0.first_chunk::<2>().map_or(0, |len| usize::from(u16::from_le_bytes(*len)));
+        self.0.get(2..).and_then(|rest| rest.split_at_checked(len)).unwrap_or_default()
+    }
+
+    pub fn key(&self) -> &[u8] {
+        self.split().0
+    }
+
+    /// The bytes kept for the key.
+    pub fn bytes(&self) -> &[u8] {
+        self.split().1
+    }
+
+    /// Bytes in the allocation, not counting its reference counts.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether it holds no key and no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.0.len() <= 2
+    }
+}
+
+impl Hash for KeyedBytes {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // As `[u8]` hashes, which `Borrow` requires.
+        self.key().hash(state)
+    }
+}
+
+impl PartialEq for KeyedBytes {
+    fn eq(&self, other: &KeyedBytes) -> bool {
+        self.key() == other.key()
+    }
+}
+
+impl Eq for KeyedBytes {}
+
+impl Borrow<[u8]> for KeyedBytes {
+    fn borrow(&self) -> &[u8] {
+        self.key()
     }
 }
 
@@ -234,6 +354,48 @@ mod tests {
         assert!(cache.bytes() <= SHARDS * 1000);
     }
 
+    #[test]
+    fn keyed_bytes_are_found_by_their_key_alone() {
+        let cache: ClockCache<KeyedBytes, u64> = ClockCache::new(1 << 20);
+        for i in 0..100u64 {
+            let key = format!("key-{i}");
+            let entry = KeyedBytes::new(key.as_bytes(), |out| out.extend_from_slice(&i.to_le_bytes())).unwrap();
+            assert_eq!((entry.key(), entry.bytes()), (key.as_bytes(), &i.to_le_bytes()[..]));
+            cache.insert(entry, i, 100);
+        }
+        for i in 0..100u64 {
+            let (entry, value) = cache.get_with_key(format!("key-{i}").as_bytes()).unwrap();
+            assert_eq!((entry.bytes(), value), (&i.to_le_bytes()[..], i));
+        }
+        assert!(cache.get_with_key(&b"key-100"[..]).is_none());
+        let empty = KeyedBytes::new(b"", |_| {}).unwrap();
+        assert_eq!((empty.key(), empty.bytes(), empty.is_empty()), (&b""[..], &b""[..], true));
+        assert!(KeyedBytes::new(&vec![0; 1 << 16], |_| {}).is_none());
+    }
+
+    #[test]
+    fn an_insert_into_room_evicts_nothing() {
+        let cache: ClockCache<u32, u32> = ClockCache::new(SHARDS * 1000);
+        let mut kept = Vec::new();
+        for key in 0..200u32 {
+            if cache.insert_into_room(key, key, 100) {
+                kept.push(key);
+            }
+        }
+        // Ten entries of 100 bytes fill each shard's 1000; none went.
+        assert_eq!(kept.len(), SHARDS * 10);
+        assert!(kept.iter().all(|key| cache.get(key) == Some(*key)), "an insert into room evicted an entry");
+        // In place of a held key: kept if it fits where the old value was.
+        assert!(cache.insert_into_room(kept[0], 7, 100));
+        assert!(!cache.insert_into_room(kept[0], 8, 101));
+        assert_eq!(cache.get(&kept[0]), Some(7));
+        assert_eq!(cache.bytes(), SHARDS * 1000);
+        for shard in &cache.shards {
+            let shard = lock(shard);
+            assert_eq!(shard.clock.len(), shard.entries.len(), "each cached key has one place in the clock");
+        }
+    }
+
     /// Hits set the second-chance bits, so the hand goes round more than
     /// once while it makes room: the budget holds whatever the mix.
     #[test]
@@ -252,7 +414,7 @@ mod tests {
         for shard in &cache.shards {
             let shard = lock(shard);
             assert_eq!(shard.clock.len(), shard.entries.len(), "each cached key has one place in the clock");
-            assert_eq!(shard.bytes, shard.entries.values().map(|e| e.bytes).sum::<usize>());
+            assert_eq!(shard.bytes, shard.entries.iter().map(|e| e.bytes).sum::<usize>());
         }
     }
 }

@@ -365,6 +365,11 @@ impl Memtable {
         order.into_iter().map(|k| self.entry(slots[k.index as usize])).collect()
     }
 
+    /// All entries, in no particular order.
+    pub fn entries(&self) -> impl Iterator<Item = EntryRef<'_>> {
+        self.slots.iter().map(|slot| self.entry(slot))
+    }
+
     /// All entries, sorted by key.
     pub fn sorted(&self) -> Vec<EntryRef<'_>> {
         self.sorted_range(&[], Bound::Unbounded)

@@ -39,7 +39,7 @@ use std::time::Duration;
 use quiver_ring::{Hlc, Siblings};
 use tokio::sync::oneshot;
 
-use crate::storage::cache::{BlockCache, ClockCache};
+use crate::storage::cache::{BlockCache, ClockCache, KeyedBytes};
 use crate::storage::compaction::{merge_siblings, EntryIter, MergeIter};
 use crate::storage::disk::{Fs, RealFs, SkipWriteFs};
 use crate::storage::error::{Error, IoContext, Result};
@@ -80,6 +80,11 @@ pub struct Options {
     /// flush or compaction). A read of a key found there reads no file.
     /// 0: no value cache.
     pub value_cache_bytes: usize,
+    /// Whether a flush puts what it wrote into the value cache, in room the
+    /// cache has free (it never evicts what reads put there), so that the
+    /// first read of a key just flushed reads no file, as it read none while
+    /// the key was in the memtable.
+    pub warm_value_cache_on_flush: bool,
     /// Budget of the cache of data blocks that point reads found (0, the
     /// default: no cache; every read then reads its block from the page
     /// cache with `pread`). It pays only when the blocks read fit: `get` at
@@ -122,6 +127,7 @@ impl Default for Options {
             block_bytes: 4096,
             block_cache_bytes: 0,
             value_cache_bytes: 256 << 20,
+            warm_value_cache_on_flush: true,
             bloom_bits_per_key: 10,
             table_bytes_target: 64 << 20,
             compaction_min_tables: 8,
@@ -233,12 +239,24 @@ impl Levels {
 
     /// The versions of `key` in the memtables merged with `in_tables`, what
     /// the tables hold of it.
-    fn with_memtables(&self, key: &[u8], in_tables: &Option<Siblings>) -> Option<Siblings> {
+    fn with_memtables(&self, key: &[u8], in_tables: Option<Siblings>) -> Option<Siblings> {
         let mut found = self.in_memtables(key);
         if let Some(siblings) = in_tables {
-            merge_into(&mut found, siblings.clone());
+            merge_into(&mut found, siblings);
         }
         found
+    }
+
+    /// The versions of `key` in the tables, merged (a file read for each
+    /// table whose key range and bloom filter admit the key).
+    fn in_tables(&self, key: &[u8]) -> Result<Option<Siblings>> {
+        let mut found = None;
+        for table in &self.tables {
+            if let Some(siblings) = table.get(key)? {
+                merge_into(&mut found, siblings);
+            }
+        }
+        Ok(found)
     }
 
     /// The versions of `key` in the memtables, merged.
@@ -253,23 +271,47 @@ impl Levels {
     }
 }
 
-/// The value cache: per key, the generation of the tables it was read from
-/// and what they held of it.
-type ValueCache = ClockCache<Arc<[u8]>, (u64, Arc<Option<Siblings>>)>;
+/// The value cache: per key, what the tables held of it, encoded (see
+/// [`cache_entry`]) beside the key in one allocation, and the generation of
+/// the tables it was read from.
+type ValueCache = ClockCache<KeyedBytes, u64>;
+
+/// A value cache entry for `key`, whose versions in the tables are `found`
+/// encoded as a table stores them (`postcard(Siblings)`; no bytes: none),
+/// with the bytes it takes in memory. A hit reads one allocation and
+/// decodes it, where a tree of versions would be several allocations, each
+/// likely a cache miss in a cache this large; and an entry takes about
+/// two-thirds of the memory (~240 bytes for a 100-byte value).
+fn cache_entry(key: &[u8], found: &Option<Siblings>) -> Option<(KeyedBytes, usize)> {
+    let encoded = match found {
+        Some(siblings) => postcard::to_allocvec(siblings).ok()?,
+        None => Vec::new(),
+    };
+    keyed_entry(key, &encoded)
+}
+
+/// A value cache entry for `key` from versions already encoded, with the
+/// bytes it takes in memory.
+fn keyed_entry(key: &[u8], encoded: &[u8]) -> Option<(KeyedBytes, usize)> {
+    let entry = KeyedBytes::new(key, |out| out.extend_from_slice(encoded))?;
+    let bytes = cached_bytes(&entry);
+    Some((entry, bytes))
+}
 
 /// About the bytes a value cache entry takes in memory: its slots in the
-/// map and the clock, the key (shared by both), the `Arc`, and each version
-/// with its value and, for a causal one, its context.
-fn cached_bytes(key: &[u8], found: &Option<Siblings>) -> usize {
-    const ENTRY: usize = 136;
-    let version = |v: &quiver_ring::Version| {
-        let causal = v
-            .causal
-            .as_ref()
-            .map_or(0, |c| std::mem::size_of::<quiver_ring::Causal>() + 16 * c.context.vv.dots().count());
-        std::mem::size_of::<quiver_ring::Version>() + v.value.as_ref().map_or(0, Vec::len) + causal
-    };
-    ENTRY + key.len() + found.as_ref().map_or(0, |s| s.versions().iter().map(version).sum())
+/// map (with the map's spare room) and in the clock, the allocation's
+/// reference counts and the allocator's rounding, and the allocation.
+fn cached_bytes(entry: &KeyedBytes) -> usize {
+    const ENTRY: usize = 96;
+    ENTRY + entry.len()
+}
+
+/// What a value cache entry says the tables hold of its key.
+fn cached_versions(entry: &KeyedBytes) -> Option<Option<Siblings>> {
+    match entry.bytes() {
+        [] => Some(None),
+        encoded => postcard::from_bytes(encoded).ok().map(Some),
+    }
 }
 
 /// Adds `siblings` to what was `found` so far (the merge does not depend on
@@ -317,6 +359,10 @@ struct Inner {
     background: Mutex<Background>,
     background_cv: Condvar,
     compaction_lock: Mutex<()>,
+    /// Held by the flush writer from a flush's manifest edit until its
+    /// table is in and the value cache warmed, so that [`Engine::flush`]
+    /// returns once everything the flush does is visible.
+    flush_lock: Mutex<()>,
     /// Table buffers kept between flushes and between compaction outputs.
     table_buffers: Mutex<Vec<Vec<u8>>>,
     /// A flushed memtable, emptied, that the next rotation makes active.
@@ -426,68 +472,59 @@ impl Engine {
         let in_tables = match self.cached_in_tables(&levels, key) {
             Some(cached) => cached,
             None => {
-                let mut found = None;
-                for table in &levels.tables {
-                    if let Some(siblings) = table.get(key)? {
-                        merge_into(&mut found, siblings);
-                    }
-                }
-                let found = Arc::new(found);
-                if let Some(cache) = &self.inner.value_cache {
-                    let bytes = cached_bytes(key, &found);
-                    cache.insert(Arc::from(key), (levels.tables_generation, found.clone()), bytes);
+                let found = levels.in_tables(key)?;
+                let entry = self.inner.value_cache.as_ref().zip(cache_entry(key, &found));
+                if let Some((cache, (entry, bytes))) = entry {
+                    cache.insert(entry, levels.tables_generation, bytes);
                 }
                 found
             }
         };
-        Ok(levels.with_memtables(key, &in_tables))
+        Ok(levels.with_memtables(key, in_tables))
     }
 
     /// The value [`Engine::get`] would return for `key` (its winning
     /// version's), when it needs no file read: when the value cache holds
     /// what the current tables have of `key`, or no table may hold it (by
     /// its key range and bloom filter), the answer comes from memory.
-    /// `None` when a table would have to be read. Copies no version but the
-    /// winner: the winner of a merge is the highest `(hlc, origin)` of
-    /// either side, since nothing dominates the highest.
+    /// `None` when a table would have to be read. The winner of a merge is
+    /// the highest `(hlc, origin)` of either side, since nothing dominates
+    /// the highest: no merge is made.
     pub fn value_in_memory(&self, key: &[u8]) -> Option<Option<Vec<u8>>> {
         let levels = self.inner.levels();
         let in_tables = match levels.tables.is_empty() {
             // No table: nothing cached, nothing to look up.
-            true => Arc::new(None),
+            true => None,
             false => match self.cached_in_tables(&levels, key) {
                 Some(cached) => cached,
                 None if levels.tables.iter().any(|table| table.may_hold(key)) => return None,
-                None => Arc::new(None),
+                None => None,
             },
         };
-        let in_memtables = levels.in_memtables(key);
-        let from_tables = in_tables.as_ref().as_ref().and_then(Siblings::winner);
-        let from_memtables = in_memtables.as_ref().and_then(Siblings::winner);
-        let winner = match (from_memtables, from_tables) {
+        let winner_of = |found: Option<Siblings>| found.and_then(|s| s.into_versions().pop());
+        let winner = match (winner_of(levels.in_memtables(key)), winner_of(in_tables)) {
             (Some(m), Some(t)) => Some(if m.order() > t.order() { m } else { t }),
             (m, t) => m.or(t),
         };
-        Some(winner.and_then(|v| v.value.clone()))
+        Some(winner.and_then(|v| v.value))
     }
 
     /// What the tables of `levels` hold of `key`, if the value cache has it
     /// for exactly those tables.
-    fn cached_in_tables(&self, levels: &Levels, key: &[u8]) -> Option<Arc<Option<Siblings>>> {
+    fn cached_in_tables(&self, levels: &Levels, key: &[u8]) -> Option<Option<Siblings>> {
         let cache = self.inner.value_cache.as_ref()?;
-        let (generation, found) = cache.get(key)?;
-        if generation == levels.tables_generation {
-            return Some(found);
+        let (entry, generation) = cache.get_with_key(key)?;
+        if generation != levels.tables_generation {
+            if !levels.unchanged_since(generation, key) {
+                return None;
+            }
+            // Still what these tables hold: kept under their generation, it
+            // outlives the changes remembered. (Should another thread have
+            // cached a newer read meanwhile, this one, under an older
+            // generation than that read's, is checked again next time.)
+            cache.replace(key, levels.tables_generation);
         }
-        if !levels.unchanged_since(generation, key) {
-            return None;
-        }
-        // Still what these tables hold: kept under their generation, it
-        // outlives the changes remembered. (Should another thread have
-        // cached a newer read meanwhile, this one, under an older
-        // generation than that read's, is checked again next time.)
-        cache.replace(key, (levels.tables_generation, found.clone()));
-        Some(found)
+        cached_versions(&entry)
     }
 
     /// Every key `>= start` (and `< end`, if given) with its merged versions,
@@ -524,7 +561,9 @@ impl Engine {
         let (done, receiver) = oneshot::channel();
         self.inner.submit(Request::Rotate { done }).map_err(|_| Error::Closed)?;
         let seq = receiver.blocking_recv().unwrap_or(Err(Error::Closed))?;
-        self.inner.wait_flushed(seq)
+        self.inner.wait_flushed(seq)?;
+        drop(lock(&self.inner.flush_lock));
+        Ok(())
     }
 
     /// Merges every table into one (a major compaction), dropping shadowed

@@ -71,6 +71,7 @@ pub(super) fn open(fs: Arc<dyn Fs>, dir: &Path, opts: Options) -> Result<Recover
         background: Mutex::default(),
         background_cv: Condvar::new(),
         compaction_lock: Mutex::new(()),
+        flush_lock: Mutex::new(()),
         table_buffers: Mutex::default(),
         spare_memtable: Mutex::default(),
         failed: Mutex::new(None),

@@ -195,9 +195,15 @@ fn delete(stamper: &mut Stamper, key: &[u8]) -> Op {
 }
 
 /// An engine with compaction only when asked and tombstones droppable at
-/// once, and a stamper for its writes.
+/// once, whose value cache holds only what reads put there, and a stamper
+/// for its writes.
 fn engine_compacting_on_demand() -> (Engine, Arc<Gate>, SimFs, PathBuf, Stamper) {
-    let opts = Options { background_compaction: false, tombstone_grace_ms: 0, ..Options::default() };
+    engine_compacting_on_demand_with(Options { warm_value_cache_on_flush: false, ..Options::default() })
+}
+
+/// [`engine_compacting_on_demand`] with `opts` otherwise.
+fn engine_compacting_on_demand_with(opts: Options) -> (Engine, Arc<Gate>, SimFs, PathBuf, Stamper) {
+    let opts = Options { background_compaction: false, tombstone_grace_ms: 0, ..opts };
     let (engine, gate, sim, dir) = gated_engine(opts);
     (engine, gate, sim, dir, Stamper::new(NodeId(1), Hlc(0), u64::MAX))
 }
@@ -277,7 +283,8 @@ fn a_frozen_memtable_and_its_wal_stay_until_its_tables_manifest_edit_is_durable(
 /// one that a table may answer is not (it needs a file read).
 #[test]
 fn a_read_is_in_memory_only_when_no_table_may_hold_its_key() {
-    let (engine, _gate, _sim, _dir) = gated_engine(Options { background_compaction: false, ..Options::default() });
+    let opts = Options { background_compaction: false, warm_value_cache_on_flush: false, ..Options::default() };
+    let (engine, _gate, _sim, _dir) = gated_engine(opts);
     let mut stamper = Stamper::new(NodeId(1), Hlc(0), u64::MAX);
     engine.write_blocking(vec![op(&mut stamper, b"b-flushed", b"1")]).unwrap();
     engine.flush().unwrap();
@@ -348,6 +355,61 @@ fn a_cached_read_outlives_flushes_of_other_keys_and_compactions_that_keep_every_
     // More changes than remembered since the last hit: read again.
     flush_others(&mut stamper, CHANGES_KEPT + 2, 2 * CHANGES_KEPT + 3);
     assert_eq!(in_memory(&engine), None, "a read cached before more changes than are remembered answered");
+}
+
+/// A flush puts what it wrote into the value cache, so that a key just
+/// flushed is answered from memory: alone when no older table may hold it,
+/// merged with what the cache held of the older tables, or else with what
+/// they hold, when they may. It takes only free room: what reads cached
+/// stays.
+#[test]
+fn a_flush_warms_the_value_cache_in_free_room_only() {
+    let (engine, _gate, _sim, _dir, mut stamper) = engine_compacting_on_demand_with(Options::default());
+    engine.write_blocking(vec![op(&mut stamper, b"k", b"1")]).unwrap();
+    engine.flush().unwrap();
+    assert_eq!(engine.value_in_memory(b"k"), Some(Some(b"1".to_vec())), "a key just flushed needs a table read");
+    // Flushed again over the older table: merged with what was cached.
+    engine.write_blocking(vec![op(&mut stamper, b"k", b"2")]).unwrap();
+    engine.flush().unwrap();
+    assert_eq!(engine.value_in_memory(b"k"), Some(Some(b"2".to_vec())));
+    // A version from a node whose clock is an hour ahead: it wins over
+    // every later write of this node.
+    let ahead = Stamper::new(NodeId(2), Hlc(0), u64::MAX).next(now_ms() + 3_600_000).unwrap();
+    engine.write_blocking(vec![Op { key: b"k".to_vec(), version: ahead.blind(Some(b"ahead".to_vec())) }]).unwrap();
+    engine.flush().unwrap();
+    assert_eq!(engine.value_in_memory(b"k"), Some(Some(b"ahead".to_vec())));
+    // A compaction that dropped a key: the cache knows nothing of the
+    // tables any more; a flush of `k` merges the older tables' versions,
+    // read from them.
+    engine.write_blocking(vec![delete(&mut stamper, b"x")]).unwrap();
+    engine.flush().unwrap();
+    engine.compact().unwrap();
+    assert_eq!(engine.value_in_memory(b"k"), None, "a compaction that dropped a key kept the cache");
+    engine.write_blocking(vec![op(&mut stamper, b"k", b"3")]).unwrap();
+    engine.flush().unwrap();
+    assert_eq!(engine.value_in_memory(b"k"), Some(Some(b"ahead".to_vec())), "the older tables' versions were left out");
+    assert_eq!(value_of(&engine, b"k").as_deref(), Some(&b"ahead"[..]));
+
+    // A cache full of reads (400 keys, room for about 200): a flush of other
+    // keys takes no room from them.
+    let one = Some(Siblings::one(op(&mut stamper, b"a-000", b"v").version));
+    let (_, entry_bytes) = cache_entry(b"a-000", &one).unwrap();
+    let opts = Options { value_cache_bytes: 200 * entry_bytes, ..Options::default() };
+    let (engine, _gate, _sim, _dir, mut stamper) = engine_compacting_on_demand_with(opts);
+    let keys = |prefix: &str| (0..400).map(|i| format!("{prefix}-{i:03}").into_bytes()).collect::<Vec<_>>();
+    engine.write_blocking(keys("a").iter().map(|key| op(&mut stamper, key, b"v")).collect()).unwrap();
+    engine.flush().unwrap();
+    for key in keys("a") {
+        assert_eq!(value_of(&engine, &key).as_deref(), Some(&b"v"[..]));
+    }
+    let held: Vec<Vec<u8>> = keys("a").into_iter().filter(|key| engine.value_in_memory(key).is_some()).collect();
+    assert!((100..400).contains(&held.len()), "{} of 400 reads cached", held.len());
+    engine.write_blocking(keys("z").iter().map(|key| op(&mut stamper, key, b"v")).collect()).unwrap();
+    engine.flush().unwrap();
+    for key in &held {
+        assert!(engine.value_in_memory(key).is_some(), "a flush pushed a cached read out");
+    }
+    assert!(keys("z").iter().all(|key| engine.value_in_memory(key).is_none()), "a full cache took flushed keys");
 }
 
 /// The value cache answers only for the tables it read: once a flush or a
