@@ -260,9 +260,9 @@ impl Inner {
         const KEYS_PER_LOOK: usize = 1024;
         let Some(cache) = &self.value_cache else { return };
         let memtable = read(memtable);
+        let writes_nearly_held = || self.levels().frozen.len() + 1 >= self.opts.frozen_memtables_max;
         let mut refused = 0;
         for (i, entry) in memtable.entries().enumerate() {
-            let writes_nearly_held = || self.levels().frozen.len() + 1 >= self.opts.frozen_memtables_max;
             if refused == REFUSED_MAX || (i % KEYS_PER_LOOK == 0 && writes_nearly_held()) {
                 return;
             }
