@@ -181,15 +181,16 @@ impl<K: Hash + Eq + Clone, V: Clone> ClockCache<K, V> {
         true
     }
 
-    /// Replaces the value of `key`, if it is cached, by `value` (of the
-    /// same size): no allocation, nothing evicted.
-    pub fn replace<Q>(&self, key: &Q, value: V)
+    /// Replaces the value of `key`, if it is cached and `held` says yes to
+    /// the key as cached, by `value` (of the same size): no allocation,
+    /// nothing evicted.
+    pub fn replace_if<Q>(&self, key: &Q, value: V, held: impl FnOnce(&K) -> bool)
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
         let (hash, shard) = self.shard(key);
-        if let Some(entry) = lock(shard).find_mut(hash, key) {
+        if let Some(entry) = lock(shard).find_mut(hash, key).filter(|entry| held(&entry.key)) {
             entry.value = value;
         }
     }
@@ -243,6 +244,11 @@ impl KeyedBytes {
     /// The bytes kept for the key.
     pub fn bytes(&self) -> &[u8] {
         self.split().1
+    }
+
+    /// Whether `other` is this very entry (not merely one of the same key).
+    pub fn is(&self, other: &KeyedBytes) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
     }
 
     /// Bytes in the allocation, not counting its reference counts.
@@ -368,6 +374,15 @@ mod tests {
             assert_eq!((entry.bytes(), value), (&i.to_le_bytes()[..], i));
         }
         assert!(cache.get_with_key(&b"key-100"[..]).is_none());
+        // A value replaced only for the very entry it was read with: not
+        // for another entry of the same key cached meanwhile.
+        let (read, _) = cache.get_with_key(&b"key-1"[..]).unwrap();
+        let newer = KeyedBytes::new(b"key-1", |out| out.push(9)).unwrap();
+        cache.insert(newer.clone(), 50, 100);
+        cache.replace_if(&b"key-1"[..], 7, |held| held.is(&read));
+        assert_eq!(cache.get(&b"key-1"[..]), Some(50), "the newer entry took the older one's value");
+        cache.replace_if(&b"key-1"[..], 51, |held| held.is(&newer));
+        assert_eq!(cache.get(&b"key-1"[..]), Some(51));
         let empty = KeyedBytes::new(b"", |_| {}).unwrap();
         assert_eq!((empty.key(), empty.bytes(), empty.is_empty()), (&b""[..], &b""[..], true));
         assert!(KeyedBytes::new(&vec![0; 1 << 16], |_| {}).is_none());

@@ -519,10 +519,10 @@ impl Engine {
                 return None;
             }
             // Still what these tables hold: kept under their generation, it
-            // outlives the changes remembered. (Should another thread have
-            // cached a newer read meanwhile, this one, under an older
-            // generation than that read's, is checked again next time.)
-            cache.replace(key, levels.tables_generation);
+            // outlives the changes remembered. Only this very entry: one
+            // another thread cached meanwhile (a newer read, a flush's
+            // warm) keeps its own generation.
+            cache.replace_if(key, levels.tables_generation, |held| held.is(&entry));
         }
         cached_versions(&entry)
     }
