@@ -220,14 +220,14 @@ impl<K: Hash + Eq + Clone, V: Clone> ClockCache<K, V> {
 pub struct KeyedBytes(Arc<[u8]>);
 
 impl KeyedBytes {
-    /// `key` and the bytes `write` appends. `None` for a key longer than
-    /// 65,535 bytes (longer than any key the store takes).
-    pub fn new(key: &[u8], write: impl FnOnce(&mut Vec<u8>)) -> Option<KeyedBytes> {
+    /// `key` and `bytes`. `None` for a key longer than 65,535 bytes
+    /// (longer than any key the store takes).
+    pub fn new(key: &[u8], bytes: &[u8]) -> Option<KeyedBytes> {
         let len = u16::try_from(key.len()).ok()?;
-        let mut all = Vec::with_capacity(2 + key.len() + 128);
+        let mut all = Vec::with_capacity(2 + key.len() + bytes.len());
         all.extend_from_slice(&len.to_le_bytes());
         all.extend_from_slice(key);
-        write(&mut all);
+        all.extend_from_slice(bytes);
         Some(KeyedBytes(Arc::from(all)))
     }
 
@@ -365,7 +365,7 @@ mod tests {
         let cache: ClockCache<KeyedBytes, u64> = ClockCache::new(1 << 20);
         for i in 0..100u64 {
             let key = format!("key-{i}");
-            let entry = KeyedBytes::new(key.as_bytes(), |out| out.extend_from_slice(&i.to_le_bytes())).unwrap();
+            let entry = KeyedBytes::new(key.as_bytes(), &i.to_le_bytes()).unwrap();
             assert_eq!((entry.key(), entry.bytes()), (key.as_bytes(), &i.to_le_bytes()[..]));
             cache.insert(entry, i, 100);
         }
@@ -377,15 +377,15 @@ mod tests {
         // A value replaced only for the very entry it was read with: not
         // for another entry of the same key cached meanwhile.
         let (read, _) = cache.get_with_key(&b"key-1"[..]).unwrap();
-        let newer = KeyedBytes::new(b"key-1", |out| out.push(9)).unwrap();
+        let newer = KeyedBytes::new(b"key-1", &[9]).unwrap();
         cache.insert(newer.clone(), 50, 100);
         cache.replace_if(&b"key-1"[..], 7, |held| held.is(&read));
         assert_eq!(cache.get(&b"key-1"[..]), Some(50), "the newer entry took the older one's value");
         cache.replace_if(&b"key-1"[..], 51, |held| held.is(&newer));
         assert_eq!(cache.get(&b"key-1"[..]), Some(51));
-        let empty = KeyedBytes::new(b"", |_| {}).unwrap();
+        let empty = KeyedBytes::new(b"", b"").unwrap();
         assert_eq!((empty.key(), empty.bytes(), empty.is_empty()), (&b""[..], &b""[..], true));
-        assert!(KeyedBytes::new(&vec![0; 1 << 16], |_| {}).is_none());
+        assert!(KeyedBytes::new(&vec![0; 1 << 16], b"").is_none());
     }
 
     #[test]

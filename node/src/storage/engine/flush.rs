@@ -266,7 +266,7 @@ impl Inner {
             if refused == REFUSED_MAX || (i % KEYS_PER_LOOK == 0 && writes_nearly_held()) {
                 return;
             }
-            let entry = match before.tables.iter().any(|table| table.may_hold(entry.key)) {
+            let entry = match before.tables_may_hold(entry.key) {
                 false => keyed_entry(entry.key, entry.value),
                 true => {
                     let cached = cache

@@ -247,6 +247,12 @@ impl Levels {
         found
     }
 
+    /// Whether a table may hold `key`, by its key range and bloom filter
+    /// (in memory, no file read).
+    fn tables_may_hold(&self, key: &[u8]) -> bool {
+        self.tables.iter().any(|table| table.may_hold(key))
+    }
+
     /// The versions of `key` in the tables, merged (a file read for each
     /// table whose key range and bloom filter admit the key).
     fn in_tables(&self, key: &[u8]) -> Result<Option<Siblings>> {
@@ -293,7 +299,7 @@ fn cache_entry(key: &[u8], found: &Option<Siblings>) -> Option<(KeyedBytes, usiz
 /// A value cache entry for `key` from versions already encoded, with the
 /// bytes it takes in memory.
 fn keyed_entry(key: &[u8], encoded: &[u8]) -> Option<(KeyedBytes, usize)> {
-    let entry = KeyedBytes::new(key, |out| out.extend_from_slice(encoded))?;
+    let entry = KeyedBytes::new(key, encoded)?;
     let bytes = cached_bytes(&entry);
     Some((entry, bytes))
 }
@@ -497,7 +503,7 @@ impl Engine {
             true => None,
             false => match self.cached_in_tables(&levels, key) {
                 Some(cached) => cached,
-                None if levels.tables.iter().any(|table| table.may_hold(key)) => return None,
+                None if levels.tables_may_hold(key) => return None,
                 None => None,
             },
         };
