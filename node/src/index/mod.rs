@@ -152,10 +152,18 @@ pub struct Derived {
 }
 
 impl Derived {
-    /// What a value (`None`: absent or deleted) puts in the index.
-    pub fn of(analyzer: &Analyzer, embedder: &dyn Embedder, value: Option<&[u8]>) -> Derived {
-        let Some(text) = value.and_then(|v| std::str::from_utf8(v).ok()) else { return Derived::default() };
-        Derived { doc: Doc::of(analyzer, value), vector: embedder.embed(text) }
+    /// What a value (`None`: absent or deleted) puts in the index, with
+    /// the vector written with it if there is one ([`supplied_vector`]),
+    /// else its text's (the text is embedded only then).
+    pub fn of(
+        analyzer: &Analyzer,
+        embedder: &dyn Embedder,
+        value: Option<&[u8]>,
+        supplied: Option<Vec<f32>>,
+    ) -> Derived {
+        let text = value.and_then(|v| std::str::from_utf8(v).ok());
+        let vector = supplied.or_else(|| text.and_then(|text| embedder.embed(text)));
+        Derived { doc: Doc::of(analyzer, value), vector }
     }
 
     /// These entries with the vector written with the value, if there is
@@ -419,7 +427,7 @@ fn derive_stored(
 ) -> storage::Result<Derived> {
     let companion = engine.get(&data_key(&vector_key_of(key)))?;
     let supplied = supplied_vector(embedder.dim(), companion.as_ref(), Some(siblings));
-    Ok(Derived::of(analyzer, embedder, siblings.value()).with_supplied(supplied))
+    Ok(Derived::of(analyzer, embedder, siblings.value(), supplied))
 }
 
 /// Rebuilds the index from the data: deletes every index key, indexes

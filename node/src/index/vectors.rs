@@ -239,38 +239,34 @@ impl VectorIndex {
     /// whose latest vector the graph does not have yet, by comparing with
     /// it directly, so a search finds every write acknowledged before it.
     pub fn search(&self, query: &[f32], k: usize, keep: &dyn Fn(&[u8]) -> bool) -> storage::Result<Vec<Near>> {
-        let small = read(&self.built).as_ref().is_none_or(|built| built.points.ids.len() < EXACT_BELOW);
-        if small {
+        // The graph's points and the pending changes change together,
+        // under the write lock of `built`: a change is in one or the other.
+        let built = read(&self.built);
+        let Some(Built { graph, points }) = built.as_ref().filter(|built| built.points.ids.len() >= EXACT_BELOW) else {
+            // Few vectors, or no graph yet: compared one by one, without
+            // holding up the graph's builder meanwhile.
+            drop(built);
             return self.search_exact(query, k, keep);
-        }
-        {
-            // The graph's points and the pending changes change together,
-            // under the write lock of `built`: a change is in one or the
-            // other.
-            let built = read(&self.built);
-            if let Some(Built { graph, points }) = built.as_ref() {
-                let pending = lock(&self.pending);
-                let current = |key: &[u8]| keep(key) && !pending.keys.contains_key(key);
-                let filter = |id: &usize| points.keys.get(*id).is_some_and(|key| key.as_deref().is_some_and(current));
-                let found = graph.search_filter(query, k, EF_SEARCH_MIN.max(2 * k), Some(&filter));
-                let mut near: Vec<Near> = found
-                    .into_iter()
-                    .filter_map(|n| {
-                        let key = points.keys.get(n.d_id)?.clone()?;
-                        Some(Near { key, similarity: 1.0 - n.distance })
-                    })
-                    .collect();
-                for (key, (_, vector)) in &pending.keys {
-                    if let Some(vector) = vector.as_ref().filter(|_| keep(key)) {
-                        near.push(Near { key: key.clone(), similarity: similarity(query, vector) });
-                    }
-                }
-                near.sort_by(|a, b| b.similarity.total_cmp(&a.similarity).then_with(|| a.key.cmp(&b.key)));
-                near.truncate(k);
-                return Ok(near);
+        };
+        let pending = lock(&self.pending);
+        let current = |key: &[u8]| keep(key) && !pending.keys.contains_key(key);
+        let filter = |id: &usize| points.keys.get(*id).is_some_and(|key| key.as_deref().is_some_and(current));
+        let found = graph.search_filter(query, k, EF_SEARCH_MIN.max(2 * k), Some(&filter));
+        let mut near: Vec<Near> = found
+            .into_iter()
+            .filter_map(|n| {
+                let key = points.keys.get(n.d_id)?.clone()?;
+                Some(Near { key, similarity: 1.0 - n.distance })
+            })
+            .collect();
+        for (key, (_, vector)) in &pending.keys {
+            if let Some(vector) = vector.as_ref().filter(|_| keep(key)) {
+                near.push(Near { key: key.clone(), similarity: similarity(query, vector) });
             }
         }
-        self.search_exact(query, k, keep)
+        near.sort_by(|a, b| b.similarity.total_cmp(&a.similarity).then_with(|| a.key.cmp(&b.key)));
+        near.truncate(k);
+        Ok(near)
     }
 
     /// The same by comparing `query` with every stored vector.

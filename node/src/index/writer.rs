@@ -119,7 +119,7 @@ impl Writer {
                 // A vector key's own value is a vector, not text: nothing
                 // to analyse (its base key's entries use it as it is).
                 let text_key = user_key(&op.key).filter(|key| vector_key_base(key).is_none());
-                text_key.map(|_| Derived::of(&self.analyzer, self.embedder.as_ref(), value))
+                text_key.map(|_| Derived::of(&self.analyzer, self.embedder.as_ref(), value, None))
             })
             .collect();
         if let Err(refused) = self.stage.send(Submit { ops, derived, done }) {
@@ -267,7 +267,7 @@ impl Stage {
             if before_value == after_value && supplied_before == supplied_after {
                 continue;
             }
-            let was = Derived::of(&self.analyzer, self.embedder.as_ref(), before_value).with_supplied(supplied_before);
+            let was = Derived::of(&self.analyzer, self.embedder.as_ref(), before_value, supplied_before);
             // The new value is one of this write's: its index entries were
             // worked out already.
             let made = ops
@@ -275,9 +275,10 @@ impl Stage {
                 .zip(derived.iter_mut())
                 .find(|(op, _)| op.key == base && op.version.value.as_deref() == after_value)
                 .and_then(|(_, made)| made.take());
-            let is = made
-                .unwrap_or_else(|| Derived::of(&self.analyzer, self.embedder.as_ref(), after_value))
-                .with_supplied(supplied_after);
+            let is = match made {
+                Some(made) => made.with_supplied(supplied_after),
+                None => Derived::of(&self.analyzer, self.embedder.as_ref(), after_value, supplied_after),
+            };
             self.stats.replace(was.doc.as_ref(), is.doc.as_ref());
             is.ops_from(&was, key, stamp, &mut index_ops);
             if is.vector != was.vector {

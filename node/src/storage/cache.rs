@@ -114,8 +114,27 @@ impl<K: Hash + Eq + Clone, V: Clone> ClockCache<K, V> {
         self.get_with_key(key).map(|(_, value)| value)
     }
 
-    /// The key as cached and its value, if cached.
+    /// The key as cached and its value, if cached; the entry counts as
+    /// read (the clock hand passes it over once).
     pub fn get_with_key<Q>(&self, key: &Q) -> Option<(K, V)>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.look_up(key, true)
+    }
+
+    /// [`ClockCache::get_with_key`] for a look that is not a read (a
+    /// flush's warm): the entry's place in the clock is left as it was.
+    pub fn peek_with_key<Q>(&self, key: &Q) -> Option<(K, V)>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.look_up(key, false)
+    }
+
+    fn look_up<Q>(&self, key: &Q, read: bool) -> Option<(K, V)>
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
@@ -123,7 +142,7 @@ impl<K: Hash + Eq + Clone, V: Clone> ClockCache<K, V> {
         let (hash, shard) = self.shard(key);
         let mut shard = lock(shard);
         let entry = shard.find_mut(hash, key)?;
-        entry.referenced = true;
+        entry.referenced |= read;
         Some((entry.key.clone(), entry.value.clone()))
     }
 
@@ -335,6 +354,20 @@ mod tests {
             assert!(cache.bytes() <= SHARDS * (4 * size + size / 2), "over budget after {i} inserts");
         }
         assert!(cache.len() >= SHARDS * 3, "the budget is used: {} blocks", cache.len());
+    }
+
+    #[test]
+    fn a_peek_is_not_a_read() {
+        let size = block(b"k", 1000).size();
+        let cache = BlockCache::new(SHARDS * (4 * size + size / 2));
+        let looked_at = (0u64, 0u64);
+        insert(&cache, looked_at.0, looked_at.1, block(b"looked at", 1000));
+        let mut inserts = 0;
+        while cache.peek_with_key(&looked_at).is_some() {
+            inserts += 1;
+            assert!(inserts < 2000, "an entry only peeked at stays as if read");
+            insert(&cache, inserts, inserts * 4096, block(b"k", 1000));
+        }
     }
 
     #[test]

@@ -269,8 +269,9 @@ impl Inner {
             let entry = match before.tables_may_hold(entry.key) {
                 false => keyed_entry(entry.key, entry.value),
                 true => {
+                    // Not a read: what reads keep is theirs to decide.
                     let cached = cache
-                        .get_with_key(entry.key)
+                        .peek_with_key(entry.key)
                         .filter(|(_, generation)| before.unchanged_since(*generation, entry.key))
                         .and_then(|(cached, _)| cached_versions(&cached));
                     let Some(mut found) = cached.or_else(|| before.in_tables(entry.key).ok()) else { continue };
