@@ -269,6 +269,9 @@ impl Outbox {
         let mut written = 0;
         let failed = loop {
             match self.0.socket.try_write(bytes.get(written..).unwrap_or_default()) {
+                // A socket that takes nothing of a non-empty buffer is
+                // broken; looping on it would spin.
+                Ok(0) => break true,
                 Ok(n) => {
                     written += n;
                     if written == bytes.len() {
@@ -364,6 +367,7 @@ impl Outbox {
         while !bytes.is_empty() {
             self.0.socket.writable().await?;
             match self.0.socket.try_write(bytes) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
                 Ok(n) => bytes = bytes.get(n..).unwrap_or_default(),
                 Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(error) => return Err(error),
