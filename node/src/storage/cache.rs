@@ -341,27 +341,32 @@ mod tests {
         assert_eq!(cache.len(), 3);
     }
 
+    /// A cache with room for about four blocks of 1000 bytes per shard,
+    /// holding one such block at `(0, 0)`, and its budget.
+    fn four_blocks_per_shard_with_one_at_zero(name: &[u8]) -> (BlockCache, usize) {
+        let size = block(b"k", 1000).size();
+        let budget = SHARDS * (4 * size + size / 2);
+        let cache = BlockCache::new(budget);
+        insert(&cache, 0, 0, block(name, 1000));
+        (cache, budget)
+    }
+
     #[test]
     fn stays_within_its_budget_and_keeps_what_is_read_again() {
-        let size = block(b"k", 1000).size();
-        // Room for about four blocks per shard.
-        let cache = BlockCache::new(SHARDS * (4 * size + size / 2));
+        let (cache, budget) = four_blocks_per_shard_with_one_at_zero(b"hot");
         let hot = (0u64, 0u64);
-        insert(&cache, hot.0, hot.1, block(b"hot", 1000));
         for i in 1..2000u64 {
             cache.get(&hot).expect("a block read between every insert stays");
             insert(&cache, i, i * 4096, block(b"k", 1000));
-            assert!(cache.bytes() <= SHARDS * (4 * size + size / 2), "over budget after {i} inserts");
+            assert!(cache.bytes() <= budget, "over budget after {i} inserts");
         }
         assert!(cache.len() >= SHARDS * 3, "the budget is used: {} blocks", cache.len());
     }
 
     #[test]
     fn a_peek_is_not_a_read() {
-        let size = block(b"k", 1000).size();
-        let cache = BlockCache::new(SHARDS * (4 * size + size / 2));
+        let (cache, _) = four_blocks_per_shard_with_one_at_zero(b"looked at");
         let looked_at = (0u64, 0u64);
-        insert(&cache, looked_at.0, looked_at.1, block(b"looked at", 1000));
         let mut inserts = 0;
         while cache.peek_with_key(&looked_at).is_some() {
             inserts += 1;
