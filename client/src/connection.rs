@@ -27,6 +27,7 @@ use crate::error::{Error, Result};
 use crate::lock;
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>>;
+type ClosedWith = Arc<Mutex<Option<wire::ServerError>>>;
 
 /// A live connection.
 #[derive(Debug)]
@@ -36,6 +37,9 @@ pub(crate) struct Connection {
     pending: Pending,
     next_id: AtomicU64,
     broken: Arc<AtomicBool>,
+    /// The error the node closed the connection with, if it said one (too
+    /// many connections, a frame it could not read).
+    closed_with: ClosedWith,
     /// Largest timestamp seen in any answer on any connection.
     hlc: Arc<AtomicU64>,
     /// What the node said in the handshake.
@@ -65,14 +69,22 @@ impl Connection {
         let (requests, queue) = mpsc::unbounded_channel();
         let pending: Pending = Arc::default();
         let broken = Arc::new(AtomicBool::new(false));
+        let closed_with = ClosedWith::default();
         tokio::spawn(write_requests(writer, queue, broken.clone()));
-        tokio::spawn(read_responses(reader, pending.clone(), broken.clone(), hlc.clone()));
+        let reading = Reading {
+            pending: pending.clone(),
+            broken: broken.clone(),
+            closed_with: closed_with.clone(),
+            hlc: hlc.clone(),
+        };
+        tokio::spawn(read_responses(reader, reading));
         Ok(Connection {
             addr: addr.to_owned(),
             requests,
             pending,
             next_id: AtomicU64::new(1),
             broken,
+            closed_with,
             hlc,
             // Until the node answers: the defaults, which the handshake
             // itself is far within.
@@ -119,7 +131,11 @@ impl Connection {
         }
         let (done, answer) = oneshot::channel();
         lock(&self.pending).insert(id, done);
-        let lost = |reason: &str| Error::ConnectionLost { addr: self.addr.clone(), reason: reason.to_owned() };
+        // The node's own word on why it closed, when it said one.
+        let lost = |reason: &str| match lock(&self.closed_with).clone() {
+            Some(error) => Error::Server { kind: error.kind, message: error.message },
+            None => Error::ConnectionLost { addr: self.addr.clone(), reason: reason.to_owned() },
+        };
         if self.is_broken() || self.requests.send(frame).is_err() {
             lock(&self.pending).remove(&id);
             return Err(lost("connection closed"));
@@ -178,7 +194,16 @@ async fn write_requests(
     let _ = writer.shutdown().await;
 }
 
-async fn read_responses(reader: OwnedReadHalf, pending: Pending, broken: Arc<AtomicBool>, hlc: Arc<AtomicU64>) {
+/// What the task that reads a connection's answers shares with it.
+struct Reading {
+    pending: Pending,
+    broken: Arc<AtomicBool>,
+    closed_with: ClosedWith,
+    hlc: Arc<AtomicU64>,
+}
+
+async fn read_responses(reader: OwnedReadHalf, reading: Reading) {
+    let Reading { pending, broken, closed_with, hlc } = reading;
     // Buffered: one read syscall brings in every answer that has arrived.
     let mut reader = BufReader::with_capacity(64 << 10, reader);
     loop {
@@ -199,8 +224,12 @@ async fn read_responses(reader: OwnedReadHalf, pending: Pending, broken: Arc<Ato
         if let Some(done) = lock(&pending).remove(&response.id) {
             let _ = done.send(response);
         } else if response.id == 0 {
-            // A connection-level error (oversized or malformed frame): the
-            // node closes the connection after it.
+            // A connection-level error (too many connections, an oversized
+            // or malformed frame): the node closes the connection after it,
+            // and every call waiting, or made from now on, gets it.
+            if let Err(error) = response.result {
+                *lock(&closed_with) = Some(error);
+            }
             break;
         }
     }

@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 pub use error::{Error, Result};
 pub use quiver_ring::wire::{
-    Consistency, ContextToken, ErrorKind, Limits, NodeStatus, SearchHit, VersionInfo, Versions,
+    BudgetInfo, Consistency, ContextToken, ErrorKind, Limits, NodeStatus, SearchHit, VersionInfo, Versions,
 };
 use quiver_ring::wire::{Op, Reply};
 pub use quiver_ring::Hlc;
@@ -104,7 +104,12 @@ fn fails_over(error: &Error, causal: bool) -> bool {
         Error::ConnectionLost { .. } | Error::Timeout { .. } => !causal,
         Error::Server { kind, .. } => matches!(
             kind,
-            ErrorKind::ShuttingDown | ErrorKind::NotReplica | ErrorKind::StorageFailed | ErrorKind::ClockSkew
+            ErrorKind::ShuttingDown
+                | ErrorKind::NotReplica
+                | ErrorKind::StorageFailed
+                | ErrorKind::ClockSkew
+                | ErrorKind::TooManyConnections
+                | ErrorKind::DiskFull
         ),
         Error::Protocol(_) => false,
     }
@@ -473,7 +478,7 @@ impl Client {
     /// The node's id, addresses, key count, bytes on disk and uptime.
     pub async fn status(&self) -> Result<NodeStatus> {
         match self.call(Op::Status).await? {
-            Reply::Status(status) => Ok(status),
+            Reply::Status(status) => Ok(*status),
             other => Err(Error::Protocol(format!("expected a status, got {other:?}"))),
         }
     }

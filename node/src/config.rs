@@ -24,6 +24,11 @@
 //! bulk_bytes_max = 67108864
 //! frame_bytes_max = 75497472
 //! requests_in_flight_max = 4096
+//! connections_max = 4096            # more client connections are refused (TooManyConnections)
+//! connection_answer_bytes_max = 33554432  # answers not yet written; past it the node stops reading
+//! idle_timeout_secs = 300           # a connection with nothing to do, or whose client stopped reading
+//! hello_timeout_ms = 5000           # a connection must open with Hello within this
+//! shutdown_grace_ms = 5000          # at shutdown, answers a client does not read are dropped after this
 //!
 //! [storage]
 //! memtable_bytes_max = 67108864
@@ -33,6 +38,8 @@
 //! warm_value_cache = true   # flushes put what they wrote in the value cache's free room
 //! read_threads = 0          # 0: one per core, at least 2
 //! repair = false
+//! disk_reserve_bytes = 1073741824   # below it client writes get DiskFull (default: max(1 GiB, 5 %))
+//! disk_reserve_peer_bytes = 268435456  # below it peers' writes too (default: a quarter of the above)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -106,6 +113,22 @@ pub struct Limits {
     pub frame_bytes_max: usize,
     /// Requests one connection may have in flight; more wait.
     pub requests_in_flight_max: usize,
+    /// Client connections served at once; one more is refused with
+    /// `TooManyConnections`.
+    pub connections_max: usize,
+    /// Bytes of answers a connection may have waiting to be written: past
+    /// it the node reads no more of that connection's requests until its
+    /// client has read enough (backpressure, no error).
+    pub connection_answer_bytes_max: usize,
+    /// A connection with nothing in flight that sends nothing for this
+    /// long, or whose client takes no answer byte for this long, is closed
+    /// (0: never).
+    pub idle_timeout_secs: u64,
+    /// A connection that has not sent its `Hello` within this is closed.
+    pub hello_timeout_ms: u64,
+    /// At shutdown, a connection whose client does not take its last
+    /// answers is dropped after this.
+    pub shutdown_grace_ms: u64,
 }
 
 /// Storage engine knobs exposed to operators.
@@ -126,6 +149,13 @@ pub struct Storage {
     pub read_threads: usize,
     /// Open a damaged WAL or manifest by keeping its valid prefix.
     pub repair: bool,
+    /// Below this many free bytes on the data directory's file system,
+    /// client writes get `DiskFull` (reads go on). Unset: the larger of
+    /// 1 GiB and 5 % of the volume.
+    pub disk_reserve_bytes: Option<u64>,
+    /// Below this, other nodes' writes (replication, hints, repair) are
+    /// refused too. Unset: a quarter of `disk_reserve_bytes`.
+    pub disk_reserve_peer_bytes: Option<u64>,
 }
 
 impl Default for Config {
@@ -163,11 +193,21 @@ impl Default for Limits {
             bulk_bytes_max: wire.bulk_bytes_max as usize,
             frame_bytes_max: wire.frame_bytes_max as usize,
             requests_in_flight_max: 4096,
+            connections_max: 4096,
+            connection_answer_bytes_max: 32 << 20,
+            idle_timeout_secs: 300,
+            hello_timeout_ms: 5000,
+            shutdown_grace_ms: 5000,
         }
     }
 }
 
 impl Limits {
+    /// How long a connection may do nothing (`None`: for ever).
+    pub fn idle_timeout(&self) -> Option<std::time::Duration> {
+        (self.idle_timeout_secs > 0).then(|| std::time::Duration::from_secs(self.idle_timeout_secs))
+    }
+
     /// The limits a client learns when it connects.
     pub fn wire(&self) -> quiver_ring::wire::Limits {
         quiver_ring::wire::Limits {
@@ -191,6 +231,8 @@ impl Default for Storage {
             warm_value_cache: engine.warm_value_cache_on_flush,
             read_threads: 0,
             repair: false,
+            disk_reserve_bytes: None,
+            disk_reserve_peer_bytes: None,
         }
     }
 }
@@ -235,8 +277,18 @@ impl Config {
             ));
         }
         let l = &self.limits;
-        if l.key_bytes_max == 0 || l.requests_in_flight_max == 0 || l.bulk_entries_max == 0 {
-            return invalid("key_bytes_max, bulk_entries_max and requests_in_flight_max must be at least 1".into());
+        if l.key_bytes_max == 0
+            || l.requests_in_flight_max == 0
+            || l.bulk_entries_max == 0
+            || l.connections_max == 0
+            || l.connection_answer_bytes_max == 0
+            || l.hello_timeout_ms == 0
+        {
+            return invalid(
+                "key_bytes_max, bulk_entries_max, requests_in_flight_max, connections_max, \
+                 connection_answer_bytes_max and hello_timeout_ms must be at least 1"
+                    .into(),
+            );
         }
         if l.frame_bytes_max > u32::MAX as usize {
             return invalid(format!("frame_bytes_max {} does not fit the 4-byte frame length", l.frame_bytes_max));

@@ -5,6 +5,8 @@
 //! - `ADMIN_TOKEN`: 32 hex digits from the system's random source, readable
 //!   by its owner only. Admin requests (`shutdown`) must carry it; `quiver
 //!   shutdown --data-dir DIR` reads it from there.
+//! - `CONTEXT_SECRET`: 64 hex digits from the same source, owner-only: the
+//!   secret that seals a single node's context tokens (`service::token`).
 //!
 //! And `LOCK`, empty, which the process using the directory holds an
 //! exclusive `flock` on: a second `quiverd` (or `quiverd --check-index`) on
@@ -17,13 +19,20 @@ use std::path::Path;
 use quiver_ring::NodeId;
 
 const NODE_ID_FILE: &str = "NODE_ID";
+
+/// The secret that seals a single node's context tokens (a node of a
+/// cluster uses the cluster's, beside its certificate).
+pub const CONTEXT_SECRET_FILE: &str = "CONTEXT_SECRET";
 pub use quiver_ring::wire::ADMIN_TOKEN_FILE;
 
 /// Locks the data directory `dir` for this process, or says that another
 /// holds it. The lock lasts as long as the returned file is open.
 pub fn lock_data_dir(dir: &Path) -> std::io::Result<std::fs::File> {
     let path = dir.join("LOCK");
-    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(&path)?
+    };
     match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
         Ok(()) => Ok(file),
         Err(rustix::io::Errno::WOULDBLOCK) => Err(std::io::Error::new(
@@ -32,6 +41,15 @@ pub fn lock_data_dir(dir: &Path) -> std::io::Result<std::fs::File> {
         )),
         Err(error) => Err(error.into()),
     }
+}
+
+/// Makes the data directory `dir` (and its parents) if need be, and
+/// makes it owner-only (`0700`), whoever made it: the node's files in it
+/// are its users' data and its secrets.
+pub fn make_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
 /// Reads the node's id from `DIR/NODE_ID`, or makes one and stores it
@@ -86,20 +104,31 @@ pub fn same_token(given: &str, expected: &str) -> bool {
 
 /// 16 bytes from the system's random source.
 fn random_bytes() -> std::io::Result<[u8; 16]> {
-    let mut bytes = [0u8; 16];
+    random_array()
+}
+
+/// `N` bytes from the system's random source.
+pub(crate) fn random_array<const N: usize>() -> std::io::Result<[u8; N]> {
+    let mut bytes = [0u8; N];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
     Ok(bytes)
 }
 
-/// Writes `name` in `dir` whole or not at all: a temporary file (owner-only),
-/// synced, renamed, and the directory synced.
+/// Writes `name` in `dir` whole or not at all: a temporary file of a fresh
+/// random name, created exclusively (`O_EXCL`: never a file or link someone
+/// put there first) and owner-only, synced, renamed over `name`, and the
+/// directory synced.
 pub(crate) fn write_new_file(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
-    let tmp = dir.join(format!("{name}.tmp"));
-    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, dir.join(name))?;
+    let suffix: String = random_array::<8>()?.iter().map(|b| format!("{b:02x}")).collect();
+    let tmp = dir.join(format!("{name}.{suffix}.tmp"));
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+    let written =
+        file.write_all(bytes).and_then(|()| file.sync_all()).and_then(|()| std::fs::rename(&tmp, dir.join(name)));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
     std::fs::File::open(dir)?.sync_all()
 }
 

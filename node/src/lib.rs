@@ -17,6 +17,8 @@
 pub mod clock;
 pub mod cluster;
 pub mod config;
+pub mod disk_space;
+pub mod fuzzing;
 pub mod identity;
 pub mod index;
 pub mod net;

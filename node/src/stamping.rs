@@ -134,6 +134,13 @@ impl NodeClock {
         lock(&self.state).stamper.check(seen, self.wall.now_ms()).map_err(clock_error)
     }
 
+    /// The latest timestamp this node accepts from elsewhere now: the wall
+    /// clock plus the maximum offset, or what the clock has already passed.
+    pub fn latest_accepted(&self) -> Hlc {
+        let past = self.wall.now_ms().saturating_add(self.max_offset_ms).saturating_add(1);
+        Hlc(Hlc::from_physical_ms(past).0.saturating_sub(1)).max(self.last())
+    }
+
     /// Adopts a timestamp from elsewhere, unless it is too far ahead.
     pub fn observe(&self, seen: Hlc) -> Result<(), ServerError> {
         // The clock only rises: what it has passed needs no lock.

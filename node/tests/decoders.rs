@@ -14,7 +14,6 @@ use quiver_node::storage::manifest::Manifest;
 use quiver_node::storage::sstable::{Table, TableBuilder, TableScan};
 use quiver_node::storage::Error;
 use quiver_node::storage::{frame, wal, Engine, Options};
-use quiver_ring::wire::{self, Request, Response};
 use quiver_ring::{Hlc, Siblings};
 
 const DIR: &str = "/db";
@@ -36,28 +35,7 @@ fn table_bytes(n: u32) -> Vec<u8> {
 
 /// Opens, verifies, reads and scans a table file; errors are fine.
 fn exercise_table(bytes: Vec<u8>) {
-    let fs = SimFs::new();
-    let path = Path::new(DIR).join("0000000000000001.sst");
-    fs.put(&path, bytes);
-    if let Ok(table) = Table::open(&fs, &path, 1) {
-        let _ = table.verify();
-        for i in (0..200u32).step_by(7) {
-            let _ = table.get(format!("key-{i:05}").as_bytes());
-        }
-        let table = Arc::new(table);
-        for item in table.iter_from(b"").take(1000) {
-            if item.is_err() {
-                break;
-            }
-        }
-        if let Ok(mut scan) = TableScan::new(table) {
-            for _ in 0..1000 {
-                if scan.head().is_none() || scan.advance().is_err() {
-                    break;
-                }
-            }
-        }
-    }
+    quiver_node::fuzzing::sstable(&bytes);
 }
 
 /// A WAL segment holding a few valid records.
@@ -145,9 +123,9 @@ proptest! {
 
     #[test]
     fn random_bytes_as_wire_frames(body in proptest::collection::vec(any::<u8>(), 0..200)) {
-        let _ = postcard::from_bytes::<Request>(&body);
-        let _ = postcard::from_bytes::<Response>(&body);
-        let _ = wire::peek_id(&body);
+        quiver_node::fuzzing::client_request(&body);
+        quiver_node::fuzzing::peer_message(&body);
+        quiver_node::fuzzing::context_token(&body);
     }
 }
 

@@ -263,3 +263,192 @@ fn stray_and_hostile_frames_stop_nothing_and_lose_nothing() {
     }
     assert_eq!(client.get("after").unwrap().as_deref(), Some(&b"the storm"[..]));
 }
+
+/// A node's bound as its `status` shows it.
+fn budget(addr: &str, name: &str) -> wire::BudgetInfo {
+    let status = Client::connect([addr.to_owned()]).unwrap().status().unwrap();
+    status.budgets.into_iter().find(|b| b.name == name).unwrap_or_else(|| panic!("no budget {name} in status"))
+}
+
+/// Waits (a bound of a minute, not a pace) until `ready` holds.
+fn await_condition(what: &str, mut ready: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !ready() {
+        assert!(std::time::Instant::now() < deadline, "{what} did not happen within a minute");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The process's resident memory, in bytes.
+fn resident_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+}
+
+/// A connection that pipelines `gets` reads of the key `big` and reads
+/// none of the answers, once the node has stopped reading it.
+fn a_client_that_reads_nothing(addr: &str, gets: u64) -> Raw {
+    let mut hog = Raw::connect(addr);
+    let mut frames = Vec::new();
+    for id in 0..gets {
+        wire::encode_frame(&mut frames, &request(id, Op::Get { key: b"big".to_vec() }), usize::MAX).unwrap();
+    }
+    hog.0.write_all(&frames).unwrap();
+    await_condition("the connection's pause", || budget(addr, "connection_answer_bytes_max").used == 1);
+    hog
+}
+
+/// A client pipelines `get`s of a 4 MiB value and never reads an answer.
+/// Before answers had a budget, the node read every request and kept every
+/// answer, 4 MiB each (a gigabyte here); now it stops reading that
+/// connection once 8 MiB wait, serves every other client meanwhile, and
+/// closes the connection once its client has read nothing for the idle
+/// timeout.
+#[test]
+fn a_client_that_never_reads_holds_at_most_its_answer_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let budget_bytes = 8 << 20;
+    let node = start_node(
+        dir.path(),
+        &["--connection-answer-bytes-max", &budget_bytes.to_string(), "--idle-timeout-secs", "3"],
+    );
+    let client = Client::connect([node.addr.clone()]).unwrap();
+    let big = vec![7u8; 4 << 20];
+    client.set("big", &big).unwrap();
+    assert_eq!(client.get("big").unwrap().map(|v| v.len()), Some(big.len()));
+    let before = resident_bytes(node.pid());
+
+    let mut hog = a_client_that_reads_nothing(&node.addr, 250);
+
+    // Everyone else is served meanwhile.
+    client.set("other", "served").unwrap();
+    assert_eq!(client.get("other").unwrap().as_deref(), Some(&b"served"[..]));
+    assert_eq!(client.get("big").unwrap().map(|v| v.len()), Some(big.len()));
+    let grown = resident_bytes(node.pid()).saturating_sub(before);
+    // The budget, the few answers the socket's buffers took, and room for
+    // the allocator: far below the gigabyte that 250 answers are.
+    assert!(grown < 160 << 20, "the node grew by {} MiB for a client that reads nothing", grown >> 20);
+
+    // The idle timeout ends it: the writer gives up on a client that has
+    // read nothing for that long, and the connection closes with most of
+    // its answers never sent (what the kernel's buffers took arrives, then
+    // the end).
+    await_condition("the hog's pause to end", || budget(&node.addr, "connection_answer_bytes_max").used == 0);
+    assert!(budget(&node.addr, "idle_timeout_ms").reached >= 1);
+    let mut received = Vec::new();
+    hog.0.read_to_end(&mut received).unwrap();
+    assert!(
+        received.len() < 20 * big.len(),
+        "{} answers were sent to a client that read nothing",
+        received.len() / big.len()
+    );
+}
+
+/// Past `connections_max`, a new connection is refused with
+/// `TooManyConnections` (counted in `status`), the connections already open
+/// are served, and once one closes a new one is taken again.
+#[test]
+fn connections_past_the_limit_are_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path(), &["--connections-max", "3"]);
+    let first = Client::connect([node.addr.clone()]).unwrap();
+    let _second = Raw::connect(&node.addr);
+    let third = Raw::connect(&node.addr);
+    let refused = Client::connect([node.addr.clone()]).unwrap_err();
+    assert_eq!(refused.kind(), Some(ErrorKind::TooManyConnections), "{refused}");
+    assert!(refused.to_string().contains("connections_max"), "{refused}");
+    let of_first = |name: &str| first.status().unwrap().budgets.into_iter().find(|b| b.name == name).unwrap();
+    let connections = of_first("connections_max");
+    assert_eq!((connections.max, connections.used), (3, 3));
+    assert!(connections.reached >= 1);
+    first.set("still", "served").unwrap();
+    drop(third);
+    await_condition("a connection slot", || Client::connect([node.addr.clone()]).is_ok());
+    assert!(of_first("connections_max").reached >= 1);
+}
+
+/// A connection that sends no `Hello` in time, one that stops half-way
+/// through a frame, and one that says nothing for the idle timeout are
+/// closed, and counted.
+#[test]
+fn silent_and_stalled_connections_are_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path(), &["--hello-timeout-ms", "300", "--idle-timeout-secs", "1"]);
+    let mut silent = Raw::connect_without_hello(&node.addr);
+    assert!(silent.is_closed(), "a connection without Hello stays open");
+    let mut half = Raw::connect_without_hello(&node.addr);
+    half.0.write_all(&[0, 0]).unwrap();
+    assert!(half.is_closed(), "a connection that stopped half-way through a header stays open");
+    let mut idle = Raw::connect(&node.addr);
+    assert!(idle.is_closed(), "an idle connection stays open");
+    assert_eq!(budget(&node.addr, "hello_timeout_ms").reached, 2);
+    assert_eq!(budget(&node.addr, "idle_timeout_ms").reached, 1);
+}
+
+/// SIGTERM while a client reads none of its answers (and holds its
+/// connection open): the node drops that connection after the grace
+/// period, flushes and exits, and the data is there after a restart.
+#[test]
+fn shutdown_finishes_with_a_client_that_never_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--shutdown-grace-ms", "200", "--connection-answer-bytes-max", "4194304"];
+    let mut node = start_node(dir.path(), &args);
+    let client = Client::connect([node.addr.clone()]).unwrap();
+    client.set("big", vec![1u8; 4 << 20]).unwrap();
+    let hog = a_client_that_reads_nothing(&node.addr, 40);
+    let status = node.terminate_within(Duration::from_secs(60)).unwrap();
+    assert!(status.is_some_and(|s| s.success()), "quiverd did not stop with a client that reads nothing");
+    drop(hog);
+    let node = start_node(dir.path(), &[]);
+    let client = Client::connect([node.addr.clone()]).unwrap();
+    assert_eq!(client.get("big").unwrap().map(|v| v.len()), Some(4 << 20));
+}
+
+/// A `get_many` that announces a billion keys in a frame of a few bytes is
+/// refused before any is decoded, and the connection goes on. (Before, a
+/// frame of empty keys cost the node tens of times its own size.)
+#[test]
+fn a_list_longer_than_the_limit_is_refused_before_it_is_decoded() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path(), &[]);
+    let mut raw = Raw::connect(&node.addr);
+    // id 5, hlc 0, op GetMany (1), then 1,000,000,000 as a varint.
+    let body = [5, 0, 1, 0x80, 0x94, 0xeb, 0xdc, 0x03];
+    raw.0.write_all(&(body.len() as u32).to_be_bytes()).unwrap();
+    raw.0.write_all(&body).unwrap();
+    let answer = raw.answer();
+    assert_eq!((answer.id, kind(&answer)), (5, Some(ErrorKind::BulkTooLarge)), "{answer:?}");
+    assert!(answer.result.unwrap_err().message.contains("1000000000 entries"));
+    assert_eq!(raw.call(Op::Set { key: vec![1], value: vec![2] }).result, Ok(Reply::Done));
+}
+
+/// The data directory is its owner's alone, and so is every file in it.
+#[test]
+fn the_data_directory_and_its_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let node = start_node(&data, &["--memtable-bytes-max", "4096"]);
+    let client = Client::connect([node.addr.clone()]).unwrap();
+    for i in 0..200 {
+        client.set(format!("k{i}"), vec![b'v'; 100]).unwrap();
+    }
+    await_condition("a table", || {
+        std::fs::read_dir(&data).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().ends_with(".sst"))
+    });
+    let mode = |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&data), 0o700);
+    let mut seen = Vec::new();
+    for entry in std::fs::read_dir(&data).unwrap() {
+        let path = entry.unwrap().path();
+        assert_eq!(mode(&path), 0o600, "{}", path.display());
+        seen.push(path.file_name().unwrap().to_string_lossy().into_owned());
+    }
+    for name in ["NODE_ID", "ADMIN_TOKEN", "CONTEXT_SECRET", "LOCK", "MANIFEST"] {
+        assert!(seen.iter().any(|s| s == name), "{name} not among {seen:?}");
+    }
+    assert!(seen.iter().any(|s| s.ends_with(".wal")), "{seen:?}");
+}

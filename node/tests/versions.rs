@@ -86,6 +86,45 @@ fn a_context_read_for_another_key_is_refused() {
     assert_eq!(client.get("b").unwrap(), None, "nothing was written");
 }
 
+/// A client cannot make a context claim more than it read. Unsealed, a
+/// token with a floor at the end of time made every later write of its key
+/// acknowledged and lost (the key frozen for ever); now such a forged
+/// token, one sealed by another node, and one used with another key are
+/// each `InvalidContext`, write nothing, and the key takes writes as
+/// before. A node's own tokens still open after its restart.
+#[test]
+fn a_forged_or_foreign_context_token_is_refused_and_freezes_nothing() {
+    use quiver_ring::version::BatchId;
+    use quiver_ring::{Context, NodeId};
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = start_node(dir.path(), &[]);
+    let client = Client::connect([node.addr.clone()]).unwrap();
+    client.set("k", "v1").unwrap();
+    let end_of_time = (Hlc(u64::MAX), BatchId { node: NodeId(u64::MAX), counter: u64::MAX });
+    let claims = Context { floor: Some(end_of_time), ..Context::default() };
+    // What a token was before it was sealed: its key's hash and a context.
+    let key_hash = xxhash_rust::xxh3::xxh3_64_with_seed(b"k", 0x7175_6976_6572);
+    let forged = quiver_client::ContextToken(postcard::to_stdvec(&(key_hash, &claims)).unwrap());
+    let error = client.set_with_context("k", "frozen", &forged).unwrap_err();
+    assert_eq!(error.kind(), Some(ErrorKind::InvalidContext), "{error}");
+    client.set("k", "v2").unwrap();
+    assert_eq!(client.get("k").unwrap().as_deref(), Some(&b"v2"[..]), "a later write is seen");
+
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = start_node(other_dir.path(), &[]);
+    let foreign = Client::connect([other.addr.clone()]).unwrap().get_versions("k").unwrap().context;
+    let error = client.set_with_context("k", "foreign", &foreign).unwrap_err();
+    assert_eq!(error.kind(), Some(ErrorKind::InvalidContext), "{error}");
+    assert!(error.to_string().contains("not issued by this cluster"), "{error}");
+
+    let own = client.get_versions("k").unwrap().context;
+    node.terminate().unwrap();
+    let node = start_node(dir.path(), &[]);
+    let client = Client::connect([node.addr.clone()]).unwrap();
+    client.set_with_context("k", "after a restart", &own).unwrap();
+    assert_eq!(client.get("k").unwrap().as_deref(), Some(&b"after a restart"[..]));
+}
+
 /// At most [`SIBLINGS_MAX`] siblings: the causal write that would leave
 /// one more is refused (and counted in `status`); the merged context then
 /// resolves them all.

@@ -36,7 +36,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::Hlc;
 use crate::ring::RingView;
-use crate::version::Context;
 
 /// Bytes of the length prefix.
 pub const LEN_BYTES: usize = 4;
@@ -53,8 +52,9 @@ pub const ADMIN_TOKEN_FILE: &str = "ADMIN_TOKEN";
 /// and contexts (`GetVersions`, `SetWithContext`). 4: `Ring`, the ring in
 /// `status`. 5: consistency `Any`, hinted handoff in `status`. 6: full-text
 /// search (`SearchText`), similar values (`SearchSimilar`, `SearchVector`),
-/// values with their own vectors (`SetWithVector`).
-pub const PROTOCOL_VERSION: u32 = 6;
+/// values with their own vectors (`SetWithVector`). 7: the node's bounds
+/// in `status` (`budgets`), `TooManyConnections`, `DiskFull`.
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// A client's request.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -208,45 +208,14 @@ pub enum Op {
     },
 }
 
-/// A read's context as the client holds it: opaque bytes, printable as hex.
-/// It names its key (a hash of it), so a token used with another key is
-/// refused ([`ErrorKind::InvalidContext`]).
+/// A read's context as the client holds it: opaque bytes, printable as
+/// hex. The node that hands it out seals it for its key under the
+/// cluster's secret; a token used with another key, altered, or issued
+/// elsewhere is refused ([`ErrorKind::InvalidContext`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContextToken(#[serde(with = "serde_bytes")] pub Vec<u8>);
 
-/// What a context token holds.
-#[derive(Serialize, Deserialize)]
-struct TokenBody {
-    key_hash: u64,
-    context: Context,
-}
-
-/// The hash a token keeps of its key.
-fn key_hash(key: &[u8]) -> u64 {
-    xxhash_rust::xxh3::xxh3_64_with_seed(key, 0x7175_6976_6572)
-}
-
 impl ContextToken {
-    /// The token of `context`, read for `key`.
-    pub fn new(key: &[u8], context: &Context) -> ContextToken {
-        let body = TokenBody { key_hash: key_hash(key), context: context.clone() };
-        // postcard fails only on types it cannot encode; a context is not one.
-        ContextToken(postcard::to_stdvec(&body).unwrap_or_default())
-    }
-
-    /// The context, if this token was made for `key`.
-    pub fn open(&self, key: &[u8]) -> Result<Context, ServerError> {
-        let invalid = |why: String| ServerError::new(ErrorKind::InvalidContext, why);
-        let body: TokenBody =
-            postcard::from_bytes(&self.0).map_err(|e| invalid(format!("the context token does not decode: {e}")))?;
-        if body.key_hash != key_hash(key) {
-            return Err(invalid(
-                "this context token was read for another key; read this key's versions for its own context".into(),
-            ));
-        }
-        Ok(body.context)
-    }
-
     /// Lowercase hex, for printing and pasting.
     pub fn to_hex(&self) -> String {
         self.0.iter().map(|b| format!("{b:02x}")).collect()
@@ -308,7 +277,9 @@ pub enum Reply {
     Values(#[serde(with = "crate::bytes::optional_list")] Vec<Option<Vec<u8>>>),
     /// For writes: durable on disk (fsynced). For `Shutdown`: shutting down.
     Done,
-    Status(NodeStatus),
+    /// Boxed: it is far larger than the answers that come by the
+    /// hundred thousand.
+    Status(Box<NodeStatus>),
     /// For `Hello`.
     Hello(NodeInfo),
     /// For `GetVersions`.
@@ -476,6 +447,28 @@ impl Limits {
         Ok(())
     }
 
+    /// Refuses a request body whose `GetMany` or `BulkSet` announces more
+    /// entries than the limit, before it is decoded: an empty key costs
+    /// one byte of a frame and tens of bytes decoded, so a frame of such
+    /// lists would cost many times its size in memory. A body that does
+    /// not read that far is left to the decoder to refuse.
+    pub fn check_announced_entries(&self, body: &[u8]) -> Result<(), ServerError> {
+        const GET_MANY: u32 = 1;
+        const BULK_SET: u32 = 4;
+        let Ok(((_id, _hlc_seen, op), rest)) = postcard::take_from_bytes::<(u64, u64, u32)>(body) else {
+            return Ok(());
+        };
+        let what = match op {
+            GET_MANY => "get_many",
+            BULK_SET => "bulk set",
+            _ => return Ok(()),
+        };
+        match postcard::take_from_bytes::<u64>(rest) {
+            Ok((count, _)) => self.check_count(usize::try_from(count).unwrap_or(usize::MAX), what),
+            Err(_) => Ok(()),
+        }
+    }
+
     /// Checks `op` against every limit but the frame's: what the node
     /// checks before it acts on a request.
     pub fn check(&self, op: &Op) -> Result<(), ServerError> {
@@ -569,6 +562,26 @@ pub struct NodeStatus {
     /// them, comparing them one by one: slower while this is large).
     pub indexed: bool,
     pub graph_backlog: u64,
+    /// Every bound the node keeps (connections, bytes of answers not yet
+    /// written, free disk, ...): its setting, what is in use, and how
+    /// often it was reached.
+    pub budgets: Vec<BudgetInfo>,
+}
+
+/// One of a node's bounds as `status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BudgetInfo {
+    /// The setting's name, as in the configuration file.
+    pub name: String,
+    /// The bound (bytes, a count, or for a timeout its milliseconds).
+    pub max: u64,
+    /// What is in use now (0 for a timeout).
+    pub used: u64,
+    /// How often the bound was reached since the node started: what it
+    /// refused, paused, closed or dropped there.
+    pub reached: u64,
+    /// What happens at the bound, in a few words.
+    pub at_bound: String,
 }
 
 /// A member of the ring as `status` shows it.
@@ -665,6 +678,13 @@ pub enum ErrorKind {
     NotIndexed,
     /// A key that starts with the bytes a node keeps for itself.
     ReservedKey,
+    /// The node already serves as many client connections as it allows;
+    /// try again later, or another node.
+    TooManyConnections,
+    /// The node's disk is below its free-space reserve: it takes no client
+    /// writes until space comes back (reads go on). The message names the
+    /// free bytes.
+    DiskFull,
 }
 
 impl ErrorKind {
@@ -680,6 +700,8 @@ impl ErrorKind {
                 | ErrorKind::Unavailable
                 | ErrorKind::ClockSkew
                 | ErrorKind::NotReplica
+                | ErrorKind::TooManyConnections
+                | ErrorKind::DiskFull
         )
     }
 }
@@ -858,20 +880,36 @@ mod tests {
     }
 
     #[test]
-    fn a_context_token_opens_only_for_its_key_and_survives_hex() {
-        let mut context = Context { max_hlc: Hlc(42), ..Context::default() };
-        context.vv.add(crate::Dot { node: crate::NodeId(3), hlc: Hlc(40) });
-        let token = ContextToken::new(b"k", &context);
+    fn entries_announced_over_the_limit_are_refused_before_decoding() {
+        let limits = Limits { bulk_entries_max: 2, ..Limits::default() };
+        let body = |op: Op| {
+            postcard::to_stdvec(&Request { id: 1, hlc_seen: Hlc(2), op, deadline: Hlc(3), consistency: None }).unwrap()
+        };
+        let keys = |n: usize| (0..n).map(|i| vec![i as u8]).collect::<Vec<_>>();
+        assert!(limits.check_announced_entries(&body(Op::GetMany { keys: keys(2) })).is_ok());
+        let error = limits.check_announced_entries(&body(Op::GetMany { keys: keys(3) })).unwrap_err();
+        assert_eq!(error.kind, ErrorKind::BulkTooLarge);
+        let entries = keys(3).into_iter().map(|k| (k, vec![])).collect();
+        assert!(limits.check_announced_entries(&body(Op::BulkSet { entries })).is_err());
+        // Only the announced count is read: a body cut after it is refused too.
+        let mut cut = body(Op::GetMany { keys: keys(3) });
+        cut.truncate(cut.len() - 5);
+        assert!(limits.check_announced_entries(&cut).is_err());
+        // A count of 2^64 - 1 in a frame of a dozen bytes.
+        let huge = [1, 2, 1, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01];
+        assert!(limits.check_announced_entries(&huge).is_err());
+        assert!(limits.check_announced_entries(&body(Op::Get { key: vec![1] })).is_ok());
+        assert!(limits.check_announced_entries(&[]).is_ok());
+    }
+
+    #[test]
+    fn a_context_token_survives_hex() {
+        let token = ContextToken((0..=255).collect());
         let printed = token.to_hex();
         assert!(printed.bytes().all(|b| b.is_ascii_hexdigit()));
-        let parsed = ContextToken::from_hex(&printed).unwrap();
-        assert_eq!(parsed.open(b"k").unwrap(), context);
-        let error = parsed.open(b"other").unwrap_err();
-        assert_eq!(error.kind, ErrorKind::InvalidContext);
-        assert!(error.message.contains("another key"), "{}", error.message);
+        assert_eq!(ContextToken::from_hex(&printed).unwrap(), token);
         assert_eq!(ContextToken::from_hex("abc").unwrap_err().kind, ErrorKind::InvalidContext);
         assert_eq!(ContextToken::from_hex("zz").unwrap_err().kind, ErrorKind::InvalidContext);
-        assert_eq!(ContextToken(vec![0xff; 3]).open(b"k").unwrap_err().kind, ErrorKind::InvalidContext);
     }
 
     fn hex<T: Serialize>(message: &T) -> String {
@@ -970,6 +1008,7 @@ mod tests {
             batches_pending: 13,
             indexed: true,
             graph_backlog: 14,
+            budgets: vec![BudgetInfo { name: "c".into(), max: 15, used: 16, reached: 17, at_bound: "d".into() }],
         };
         let ring = RingInfo {
             replicas: 3,
@@ -996,8 +1035,9 @@ mod tests {
             (response(Ok(Reply::Values(vec![Some(b"v".to_vec()), None]))), "010200010201017600"),
             (response(Ok(Reply::Done)), "01020002"),
             (
-                response(Ok(Reply::Status(status))),
-                "01020003010161016201760203040501017206016e01017001710107016301010801030301016e010109000a0b0c0d010e",
+                response(Ok(Reply::Status(Box::new(status)))),
+                "01020003010161016201760203040501017206016e01017001710107016301010801030301016e010109000a0b0c0d010e\
+                 0101630f10110164",
             ),
             (response(Ok(Reply::Hello(NodeInfo { protocol: 4, node_id: 9, limits }))), "0102000404090102030405"),
             (response(Ok(Reply::Versions(versions))), "010200050201017607000801ab"),
@@ -1030,6 +1070,8 @@ mod tests {
             (ErrorKind::BadQuery, "12"),
             (ErrorKind::NotIndexed, "13"),
             (ErrorKind::ReservedKey, "14"),
+            (ErrorKind::TooManyConnections, "15"),
+            (ErrorKind::DiskFull, "16"),
         ];
         let mut wrong = Vec::new();
         for (message, want) in &requests {

@@ -155,7 +155,8 @@ enum Command {
 #[derive(Debug, Subcommand)]
 enum Certs {
     /// Makes a new cluster CA (ca.pem, and ca.key readable by its owner
-    /// only) in DIR. Refuses to replace one.
+    /// only) and the cluster's shared secret (cluster.secret, which every
+    /// node needs a copy of) in DIR. Refuses to replace a CA.
     InitCa {
         #[arg(long, value_name = "DIR")]
         dir: PathBuf,
@@ -167,6 +168,13 @@ enum Certs {
         name: String,
         #[arg(long, value_name = "IP")]
         ip: Vec<std::net::IpAddr>,
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+    },
+    /// Makes the cluster's shared secret (cluster.secret) in DIR, if it
+    /// has none: `init-ca` makes it too. It seals the context tokens of
+    /// `versions`; every node needs the same one.
+    Secret {
         #[arg(long, value_name = "DIR")]
         dir: PathBuf,
     },
@@ -271,6 +279,10 @@ fn certs(command: Certs) -> Result<ExitCode, String> {
         Certs::Node { name, ip, dir } => {
             tls::issue_node(&dir, &name, &ip).map_err(|e| e.to_string())?;
             writeln!(out, "node {name}: {}", dir.join(format!("{name}.pem")).display()).map_err(|e| e.to_string())?;
+        }
+        Certs::Secret { dir } => {
+            tls::init_cluster_secret(&dir).map_err(|e| e.to_string())?;
+            writeln!(out, "cluster secret: {}", dir.join(tls::CLUSTER_SECRET).display()).map_err(|e| e.to_string())?;
         }
     }
     Ok(ExitCode::SUCCESS)

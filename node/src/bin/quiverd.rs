@@ -9,12 +9,16 @@ use quiver_node::clock::{Clock, OffsetClock, SystemClock};
 use quiver_node::cluster::membership::Membership;
 use quiver_node::cluster::store::{ClusterStore, NodeData, ReplicaHandler};
 use quiver_node::config::Config;
-use quiver_node::identity::{load_or_create_admin_token, load_or_create_node_id, lock_data_dir};
+use quiver_node::disk_space::DiskSpace;
+use quiver_node::identity::{
+    load_or_create_admin_token, load_or_create_node_id, lock_data_dir, make_private_dir, CONTEXT_SECRET_FILE,
+};
 use quiver_node::index::Index;
 use quiver_node::net::client::serve;
 use quiver_node::net::peer::PeerEndpoint;
-use quiver_node::net::tls::NodeTls;
-use quiver_node::service::{LocalStore, Service, Store};
+use quiver_node::net::tls::{read_cluster_secret, NodeTls};
+use quiver_node::service::token::load_or_create_secret;
+use quiver_node::service::{LocalStore, Service, Store, TokenSeal};
 use quiver_node::stamping::NodeClock;
 use quiver_node::storage::Engine;
 use tokio::net::TcpListener;
@@ -60,6 +64,27 @@ struct Args {
     /// Longest request frame, in bytes [default: 72 MiB].
     #[arg(long)]
     frame_bytes_max: Option<usize>,
+    /// Client connections served at once; more are refused with
+    /// TooManyConnections [default: 4096].
+    #[arg(long)]
+    connections_max: Option<usize>,
+    /// Bytes of answers a connection may have waiting to be written; past
+    /// it the node stops reading that connection's requests until its
+    /// client reads [default: 32 MiB].
+    #[arg(long)]
+    connection_answer_bytes_max: Option<usize>,
+    /// Seconds after which a connection that does nothing, or whose client
+    /// reads none of its answers, is closed [default: 300; 0: never].
+    #[arg(long)]
+    idle_timeout_secs: Option<u64>,
+    /// Milliseconds within which a connection must send its Hello
+    /// [default: 5000].
+    #[arg(long)]
+    hello_timeout_ms: Option<u64>,
+    /// At shutdown, milliseconds after which a connection whose client does
+    /// not read its last answers is dropped [default: 5000].
+    #[arg(long)]
+    shutdown_grace_ms: Option<u64>,
     /// Memtable size before it is flushed, in bytes [default: 64 MiB].
     #[arg(long)]
     memtable_bytes_max: Option<usize>,
@@ -78,6 +103,15 @@ struct Args {
     /// [default: true].
     #[arg(long)]
     warm_value_cache: Option<bool>,
+    /// Below this many free bytes on the data's file system, client writes
+    /// get DiskFull (reads go on) [default: the larger of 1 GiB and 5 % of
+    /// the volume].
+    #[arg(long)]
+    disk_reserve_bytes: Option<u64>,
+    /// Below this many free bytes, other nodes' writes (replication, hints,
+    /// repair) are refused too [default: a quarter of disk_reserve_bytes].
+    #[arg(long)]
+    disk_reserve_peer_bytes: Option<u64>,
     /// Threads that serve reads [default: one per core, at least 2].
     #[arg(long)]
     read_threads: Option<usize>,
@@ -174,6 +208,21 @@ impl Args {
         if let Some(v) = self.frame_bytes_max {
             config.limits.frame_bytes_max = v
         }
+        if let Some(v) = self.connections_max {
+            config.limits.connections_max = v
+        }
+        if let Some(v) = self.connection_answer_bytes_max {
+            config.limits.connection_answer_bytes_max = v
+        }
+        if let Some(v) = self.idle_timeout_secs {
+            config.limits.idle_timeout_secs = v
+        }
+        if let Some(v) = self.hello_timeout_ms {
+            config.limits.hello_timeout_ms = v
+        }
+        if let Some(v) = self.shutdown_grace_ms {
+            config.limits.shutdown_grace_ms = v
+        }
         if let Some(v) = self.gc_grace_secs {
             config.gc_grace_secs = v
         }
@@ -200,6 +249,12 @@ impl Args {
         }
         if let Some(v) = self.warm_value_cache {
             config.storage.warm_value_cache = v
+        }
+        if let Some(v) = self.disk_reserve_bytes {
+            config.storage.disk_reserve_bytes = Some(v)
+        }
+        if let Some(v) = self.disk_reserve_peer_bytes {
+            config.storage.disk_reserve_peer_bytes = Some(v)
         }
         if let Some(v) = self.read_threads {
             config.storage.read_threads = v
@@ -305,10 +360,17 @@ fn check_index_of(config: &Config) -> Result<bool, String> {
 
 async fn run(config: Config) -> Result<(), String> {
     let dir = config.data_dir.clone();
-    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    make_private_dir(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    raise_open_files_limit(config.limits.connections_max);
     let _lock = lock_data_dir(&dir).map_err(|e| format!("locking {}: {e}", dir.display()))?;
     let node_id = load_or_create_node_id(&dir).map_err(|e| format!("node id in {}: {e}", dir.display()))?;
     let admin_token = load_or_create_admin_token(&dir).map_err(|e| format!("admin token in {}: {e}", dir.display()))?;
+    let seal = match &config.tls_dir {
+        Some(tls_dir) => read_cluster_secret(tls_dir).map_err(|e| format!("the cluster's secret: {e}"))?,
+        None => load_or_create_secret(&dir, CONTEXT_SECRET_FILE)
+            .map_err(|e| format!("the context secret in {}: {e}", dir.display()))?,
+    };
+    let seal = TokenSeal::new(&seal);
     let options = config.engine_options();
     let engine_dir = dir.clone();
     let engine = tokio::task::spawn_blocking(move || Engine::open(&engine_dir, options))
@@ -334,13 +396,18 @@ async fn run(config: Config) -> Result<(), String> {
     if let Some(refusal) = node_clock.refusal() {
         tracing::error!(%refusal, "the clock refuses to stamp writes");
     }
+    let disk = DiskSpace::new(&dir, config.storage.disk_reserve_bytes, config.storage.disk_reserve_peer_bytes)
+        .map_err(|e| format!("reading the free space of {}: {e}", dir.display()))?;
+    let disk = Arc::new(disk);
     let mut store = LocalStore::new(engine.clone(), node_clock.clone(), config.read_threads())
-        .map_err(|e| format!("starting the reader threads: {e}"))?;
+        .map_err(|e| format!("starting the reader threads: {e}"))?
+        .with_disk_space(disk.clone());
     let (index_engine, index_config) = (engine.clone(), config.clone());
     let index = tokio::task::spawn_blocking(move || match index_config.index {
         true => {
             let embedder = index_config.embedder()?;
             let index = Index::open(index_engine, embedder).map_err(|e| format!("opening the index: {e}"))?;
+            let index = index.with_hits_bytes_max(index_config.limits.frame_bytes_max);
             Ok(Some(Arc::new(index)))
         }
         false => Index::forget(&index_engine).map(|()| None).map_err(|e| format!("opening the index: {e}")),
@@ -390,9 +457,11 @@ async fn run(config: Config) -> Result<(), String> {
         node_id,
         config.limits.clone(),
         admin_token,
+        seal,
         client_addr.clone(),
         peer_addr.clone(),
     );
+    service = service.with_disk_space(disk);
     if let Some(cluster) = cluster {
         service = service.with_cluster(cluster);
     }
@@ -434,6 +503,35 @@ async fn run(config: Config) -> Result<(), String> {
         .map_err(|e| format!("closing: {e}"))?;
     tracing::info!("quiverd stopped");
     Ok(())
+}
+
+/// Raises the open-files limit to its hard limit: every client connection,
+/// peer link, WAL segment and table holds a descriptor, and running out of
+/// them should take thousands of connections, not the default 1,024. Says
+/// so in the log when `connections_max` does not fit under it.
+fn raise_open_files_limit(connections_max: usize) {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let raised = Rlimit { current: limit.maximum, maximum: limit.maximum };
+    let current = match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => limit.maximum,
+        Err(error) => {
+            tracing::warn!(%error, "could not raise the open-files limit");
+            limit.current
+        }
+    };
+    // Files, peer links and the listener need some beside the connections.
+    const OTHER_FILES: u64 = 256;
+    if let Some(current) = current {
+        if current < connections_max as u64 + OTHER_FILES {
+            tracing::warn!(
+                open_files_max = current,
+                connections_max,
+                "the open-files limit is below connections_max plus room for the node's own files: \
+                 connections past it fail to be accepted, and are retried"
+            );
+        }
+    }
 }
 
 /// Binds the peer endpoint with this node's certificate, answers peers'
@@ -499,6 +597,13 @@ mod tests {
             "--gc-grace-secs=100",
             "--hint-bytes-max=90",
             "--hint-age-max-secs=50",
+            "--connections-max=11",
+            "--connection-answer-bytes-max=12",
+            "--idle-timeout-secs=13",
+            "--hello-timeout-ms=14",
+            "--shutdown-grace-ms=15",
+            "--disk-reserve-bytes=16",
+            "--disk-reserve-peer-bytes=17",
         ])
         .unwrap();
         let config = args.into_config().unwrap();
@@ -521,6 +626,12 @@ mod tests {
         );
         assert_eq!(config.peers, ["n2=127.0.0.1:3", "n3=127.0.0.1:4"]);
         assert_eq!((config.gc_grace_secs, config.hint_bytes_max, config.hint_age_max_secs), (100, 90, 50));
+        assert_eq!(
+            (l.connections_max, l.connection_answer_bytes_max, l.idle_timeout_secs, l.hello_timeout_ms),
+            (11, 12, 13, 14)
+        );
+        assert_eq!(l.shutdown_grace_ms, 15);
+        assert_eq!((config.storage.disk_reserve_bytes, config.storage.disk_reserve_peer_bytes), (Some(16), Some(17)));
         assert_eq!(config.peer_configs().unwrap()[1].peer_addr, "127.0.0.1:4".parse().unwrap());
     }
 

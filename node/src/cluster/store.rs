@@ -538,12 +538,63 @@ impl ClusterStore {
     }
 }
 
-/// The answers of a multi-key read, gathered in order.
+/// The answers of a multi-key read, gathered in order as each key's
+/// replicas answer. Their bytes are counted as they come: once past what
+/// one response can carry the read ends with `ResponseTooLarge` and what
+/// was gathered is dropped, rather than holding every value until the last
+/// key answered.
 struct Gather {
     values: Vec<Option<Option<Vec<u8>>>>,
     left: usize,
-    failed: bool,
-    done: Option<Done<Vec<Option<Vec<u8>>>>>,
+    bytes: usize,
+    bytes_max: usize,
+    done: Option<Done<Values>>,
+}
+
+/// The values of a multi-key read, in key order.
+type Values = Vec<Option<Vec<u8>>>;
+
+/// A multi-key read that is over: its callback and what to call it with.
+type Over = Option<(Done<Values>, Result<Values, ServerError>)>;
+
+impl Gather {
+    fn new(keys: usize, bytes_max: usize, done: Done<Values>) -> Gather {
+        Gather { values: vec![None; keys], left: keys, bytes: 0, bytes_max, done: Some(done) }
+    }
+
+    /// Key `i`'s answer. Returns the callback to call and what to call it
+    /// with once the read is over (all keys answered, one failed, or the
+    /// values passed the limit); nothing before, and nothing after.
+    fn answer(&mut self, i: usize, result: Result<Option<Siblings>, ServerError>) -> Over {
+        self.done.as_ref()?;
+        let value = match result {
+            Ok(found) => found.and_then(Siblings::into_value),
+            Err(error) => return self.end(Err(error)),
+        };
+        self.bytes += value.as_ref().map_or(0, Vec::len);
+        if self.bytes > self.bytes_max {
+            let max = self.bytes_max;
+            return self.end(Err(ServerError::new(
+                ErrorKind::ResponseTooLarge,
+                format!("the values exceed the {max} bytes one response can carry; ask for fewer keys"),
+            )));
+        }
+        if let Some(slot) = self.values.get_mut(i) {
+            if slot.replace(value).is_none() {
+                self.left -= 1;
+            }
+        }
+        if self.left > 0 {
+            return None;
+        }
+        let values = self.values.drain(..).map(Option::flatten).collect();
+        self.end(Ok(values))
+    }
+
+    fn end(&mut self, result: Result<Values, ServerError>) -> Over {
+        self.values = Vec::new();
+        self.done.take().map(|done| (done, result))
+    }
 }
 
 impl Store for Arc<ClusterStore> {
@@ -597,12 +648,7 @@ impl Store for Arc<ClusterStore> {
         if keys.is_empty() {
             return done(Ok(Vec::new()));
         }
-        let gather = Arc::new(Mutex::new(Gather {
-            values: vec![None; keys.len()],
-            left: keys.len(),
-            failed: false,
-            done: Some(done),
-        }));
+        let gather = Arc::new(Mutex::new(Gather::new(keys.len(), response_bytes_max, done)));
         let consistency = timing.consistency.unwrap_or(self.consistency);
         for (i, key) in keys.into_iter().enumerate() {
             let gather = gather.clone();
@@ -610,37 +656,11 @@ impl Store for Arc<ClusterStore> {
                 key,
                 consistency,
                 Box::new(move |result| {
-                    let mut g = lock(&gather);
-                    match result {
-                        Ok(found) => {
-                            if let Some(slot) = g.values.get_mut(i) {
-                                *slot = Some(found.and_then(Siblings::into_value));
-                            }
-                            g.left -= 1;
-                        }
-                        Err(error) => {
-                            g.failed = true;
-                            if let Some(done) = g.done.take() {
-                                drop(g);
-                                return done(Err(error));
-                            }
-                            return;
-                        }
+                    // Called outside the lock: it may run anything.
+                    let over = lock(&gather).answer(i, result);
+                    if let Some((done, result)) = over {
+                        done(result);
                     }
-                    if g.left > 0 || g.failed {
-                        return;
-                    }
-                    let Some(done) = g.done.take() else { return };
-                    let values: Vec<Option<Vec<u8>>> = g.values.drain(..).map(Option::flatten).collect();
-                    drop(g);
-                    let bytes: usize = values.iter().map(|v| v.as_ref().map_or(0, Vec::len)).sum();
-                    if bytes > response_bytes_max {
-                        return done(Err(ServerError::new(
-                            ErrorKind::ResponseTooLarge,
-                            format!("the values exceed the {response_bytes_max} bytes one response can carry; ask for fewer keys"),
-                        )));
-                    }
-                    done(Ok(values));
                 }),
             );
         }
@@ -1045,6 +1065,9 @@ impl crate::net::peer::PeerHandler for ReplicaHandler {
                 apply_write(&self.data.local, &self.data.hints, sets, hints, done)
             }
             PeerRequest::LogBatch { coordinator, id, sets } => {
+                if let Err(error) = self.data.local.room_for_peers() {
+                    return reply(PeerReply::Failed(error));
+                }
                 let batches = self.data.batches.clone();
                 tokio::spawn(async move {
                     reply(answer(batches.log(coordinator, id, &sets).await.map(|()| PeerReply::Written)))
@@ -1105,5 +1128,40 @@ mod tests {
         assert_eq!(kind(PeerRequest::Write { sets: vec![], hints }), Some(ErrorKind::ValueTooLarge), "a hint too");
         assert_eq!(kind(PeerRequest::Read { key: vec![] }), Some(ErrorKind::EmptyKey));
         assert_eq!(kind(PeerRequest::Ping { from: NodeId(1), hlc: Hlc(1) }), None);
+    }
+
+    /// A multi-key read ends as soon as the values gathered pass the
+    /// limit, without waiting for the other keys, and calls back once;
+    /// under the limit it answers in key order once every key has.
+    #[test]
+    fn a_gathered_read_stops_once_its_values_pass_the_limit() {
+        type Answer = Result<Values, ServerError>;
+        let answered: Arc<Mutex<Vec<Answer>>> = Arc::default();
+        let done = |answered: &Arc<Mutex<Vec<Answer>>>| -> Done<Values> {
+            let answered = answered.clone();
+            Box::new(move |result| lock(&answered).push(result))
+        };
+        let found = |value: &[u8]| Ok(Some(set(b"k", value.to_vec()).1));
+        let finish = |over: Over| {
+            if let Some((done, result)) = over {
+                done(result);
+            }
+        };
+        let mut gather = Gather::new(100, 10, done(&answered));
+        finish(gather.answer(3, found(b"123456")));
+        assert!(lock(&answered).is_empty());
+        finish(gather.answer(7, found(b"12345")));
+        let error = lock(&answered)[0].clone().unwrap_err();
+        assert_eq!(error.kind, ErrorKind::ResponseTooLarge, "{error:?}");
+        assert!(gather.values.is_empty(), "what was gathered is dropped at once");
+        finish(gather.answer(8, found(b"1")));
+        assert_eq!(lock(&answered).len(), 1, "called back once");
+
+        let answered: Arc<Mutex<Vec<Answer>>> = Arc::default();
+        let mut gather = Gather::new(3, 10, done(&answered));
+        finish(gather.answer(2, found(b"c")));
+        finish(gather.answer(0, Ok(None)));
+        finish(gather.answer(1, found(b"b")));
+        assert_eq!(*lock(&answered), [Ok(vec![None, Some(b"b".to_vec()), Some(b"c".to_vec())])]);
     }
 }

@@ -223,6 +223,9 @@ pub struct Index {
     embedder: Arc<dyn Embedder>,
     vectors: Arc<VectorIndex>,
     writer: Writer,
+    /// The most bytes of values one search's hits may carry: past it the
+    /// search stops reading values and answers `ResponseTooLarge`.
+    hits_bytes_max: usize,
 }
 
 fn failed_to_start(error: std::io::Error) -> storage::Error {
@@ -244,7 +247,16 @@ impl Index {
         let vectors = Arc::new(VectorIndex::start(engine.clone(), embedder.dim()).map_err(failed_to_start)?);
         let writer = Writer::start(engine.clone(), analyzer.clone(), embedder.clone(), vectors.clone(), stats)
             .map_err(failed_to_start)?;
-        Ok(Index { engine, analyzer, embedder, vectors, writer })
+        let hits_bytes_max = quiver_ring::wire::FRAME_BYTES_MAX;
+        Ok(Index { engine, analyzer, embedder, vectors, writer, hits_bytes_max })
+    }
+
+    /// Hits of one search carry at most `bytes` of values (what one
+    /// response frame can carry); a search past it answers
+    /// `ResponseTooLarge`, having read no more values than that.
+    pub fn with_hits_bytes_max(mut self, bytes: usize) -> Index {
+        self.hits_bytes_max = bytes;
+        self
     }
 
     /// For a node started without indexing: forgets that the stored index
@@ -278,8 +290,7 @@ impl Index {
                 let query = Query::parse(&self.analyzer, &query, matching)?;
                 let scored =
                     text::search(&self.engine, &query, k as usize, &keep, stats.as_ref()).map_err(storage_error)?;
-                let hits = text::with_values(&self.engine, scored).map_err(storage_error)?;
-                Ok(hits.into_iter().map(|(s, value)| SearchHit { key: s.key, score: s.score, value }).collect())
+                self.with_values(scored.into_iter().map(|s| (s.key, s.score)))
             }
             Search::Similar { text, k } => {
                 quiver_ring::wire::check_search(&text, k)?;
@@ -331,13 +342,32 @@ impl Index {
 
     fn nearest(&self, vector: &[f32], k: u32, keep: &dyn Fn(&[u8]) -> bool) -> Result<Vec<SearchHit>, ServerError> {
         let near = self.vectors.search(vector, k as usize, keep).map_err(storage_error)?;
-        let mut hits = Vec::with_capacity(near.len());
-        for near in near {
-            if let Some(value) =
-                self.engine.get(&data_key(&near.key)).map_err(storage_error)?.and_then(Siblings::into_value)
-            {
-                hits.push(SearchHit { key: near.key, score: f64::from(near.similarity), value });
+        self.with_values(near.into_iter().map(|near| (near.key, f64::from(near.similarity))))
+    }
+
+    /// The hits of the keys found, best first, with each one's current
+    /// value (a key deleted since its postings or vector were read is left
+    /// out); `ResponseTooLarge` as soon as the values pass
+    /// `hits_bytes_max`, without reading further.
+    fn with_values(&self, found: impl Iterator<Item = (Vec<u8>, f64)>) -> Result<Vec<SearchHit>, ServerError> {
+        let mut hits = Vec::new();
+        let mut bytes = 0usize;
+        for (key, score) in found {
+            let Some(value) = self.engine.get(&data_key(&key)).map_err(storage_error)?.and_then(Siblings::into_value)
+            else {
+                continue;
+            };
+            bytes += key.len() + value.len();
+            if bytes > self.hits_bytes_max {
+                return Err(ServerError::new(
+                    ErrorKind::ResponseTooLarge,
+                    format!(
+                        "the hits' values exceed the {} bytes one response can carry; ask for fewer (k)",
+                        self.hits_bytes_max
+                    ),
+                ));
             }
+            hits.push(SearchHit { key, score, value });
         }
         Ok(hits)
     }

@@ -122,6 +122,21 @@ fn bm25_scores_equal_hand_computed_values() {
     assert_eq!(hits[0].value, b"The quick brown fox", "a hit carries its value");
 }
 
+/// A search reads values only up to what one answer can carry: past it,
+/// `ResponseTooLarge` (ask for fewer); under it, the hits as before.
+#[test]
+fn a_search_whose_values_pass_the_answer_limit_is_refused() {
+    let (_sim, index, _) = corpus();
+    // "fox": d1 (2 + 19 bytes), then d3 (2 + 21).
+    let index = index.with_hits_bytes_max(30);
+    let error = index.search_text("fox", 10, Match::Any).unwrap_err();
+    assert_eq!(error.kind, ErrorKind::ResponseTooLarge, "{error}");
+    assert!(error.message.contains("ask for fewer"), "{error}");
+    assert_eq!(index.search_text("fox", 1, Match::Any).unwrap().len(), 1);
+    let error = index.search_similar("fox", 10).unwrap_err();
+    assert_eq!(error.kind, ErrorKind::ResponseTooLarge, "{error}");
+}
+
 #[test]
 fn phrases_prefixes_and_all_terms() {
     let (_sim, index, mut writes) = corpus();

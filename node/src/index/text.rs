@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 
 use super::analyzer::Analyzer;
 use super::query::{Clause, Match, Query};
-use crate::storage::keys::{data_key, Keyspace};
+use crate::storage::keys::Keyspace;
 use crate::storage::{Engine, Result};
 use quiver_ring::ring::{key_token, TokenRange};
 
@@ -447,19 +447,6 @@ pub fn search(
     scored.sort_by(|a, b| b.score.total_cmp(&a.score).then_with(|| a.key.cmp(&b.key)));
     scored.truncate(k);
     Ok(scored)
-}
-
-/// The current value of each found key (the documents were current when
-/// their postings were read; a write since may have changed or deleted
-/// them: those are left out).
-pub fn with_values(engine: &Engine, scored: Vec<Scored>) -> Result<Vec<(Scored, Vec<u8>)>> {
-    let mut hits = Vec::with_capacity(scored.len());
-    for hit in scored {
-        if let Some(value) = engine.get(&data_key(&hit.key))?.and_then(Siblings::into_value) {
-            hits.push((hit, value));
-        }
-    }
-    Ok(hits)
 }
 
 #[cfg(test)]

@@ -115,6 +115,11 @@ struct Frame<T> {
     body: T,
 }
 
+/// A frame body as a link reads it: its id and message, if it decodes.
+pub fn decode_frame<T: serde::de::DeserializeOwned>(body: &[u8]) -> Option<(u64, T)> {
+    postcard::from_bytes::<Frame<T>>(body).ok().map(|frame| (frame.id, frame.body))
+}
+
 /// Why a call to a peer failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
@@ -230,10 +235,10 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, 
         let _ = send.finish();
     });
     while let Some(body) = read_frame(&mut recv).await {
-        let Ok(request) = postcard::from_bytes::<Frame<PeerRequest>>(&body) else { break };
-        let (answers, id) = (answers.clone(), request.id);
+        let Some((id, request)) = decode_frame::<PeerRequest>(&body) else { break };
+        let answers = answers.clone();
         handler.handle(
-            request.body,
+            request,
             Box::new(move |body| {
                 let mut out = Vec::new();
                 if quiver_ring::wire::encode_frame(&mut out, &Frame { id, body }, FRAME_BYTES_MAX).is_ok() {
@@ -337,10 +342,10 @@ impl PeerLink {
         let (peer, addr) = (self.name.clone(), self.addr);
         tokio::spawn(async move {
             while let Some(body) = read_frame(&mut recv).await {
-                let Ok(reply) = postcard::from_bytes::<Frame<PeerReply>>(&body) else { break };
-                let answer = lock(&reader_pending).remove(&reply.id);
+                let Some((id, reply)) = decode_frame::<PeerReply>(&body) else { break };
+                let answer = lock(&reader_pending).remove(&id);
                 if let Some(answer) = answer {
-                    answer(Ok(reply.body));
+                    answer(Ok(reply));
                 }
             }
             reader_broken.store(true, Ordering::Release);

@@ -6,7 +6,11 @@
 //! - `ca.pem`, `ca.key`: the cluster CA (`quiver certs init-ca --dir D`);
 //! - `NAME.pem`, `NAME.key`: node NAME's certificate, for its name (a DNS
 //!   name) and its IP addresses, signed by the CA (`quiver certs node
-//!   --name NAME --ip IP --dir D`).
+//!   --name NAME --ip IP --dir D`);
+//! - `cluster.secret`: 32 random bytes in hex that every node of the
+//!   cluster shares, which seal the context tokens clients are given
+//!   (made with the CA, or by `quiver certs secret --dir D` for a CA made
+//!   before there was one).
 //!
 //! Keys are written readable by their owner only. Both sides of a peer link
 //! present their certificate and check the other's against the CA alone: a
@@ -26,6 +30,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 /// The CA's certificate and key files.
 pub const CA_CERT: &str = "ca.pem";
 pub const CA_KEY: &str = "ca.key";
+
+/// The cluster's shared secret (see `service::token`).
+pub const CLUSTER_SECRET: &str = "cluster.secret";
 
 /// The ALPN protocol of peer links.
 pub const ALPN: &[u8] = b"quiver-peer/3";
@@ -83,7 +90,29 @@ pub fn init_ca(dir: &Path) -> Result<(), TlsError> {
     let key = KeyPair::generate().map_err(invalid)?;
     let cert = ca_params().self_signed(&key).map_err(invalid)?;
     write_new(dir, CA_KEY, key.serialize_pem().as_bytes(), true)?;
-    write_new(dir, CA_CERT, cert.pem().as_bytes(), false)
+    write_new(dir, CA_CERT, cert.pem().as_bytes(), false)?;
+    init_cluster_secret(dir)
+}
+
+/// Makes the cluster's shared secret in `dir` unless it holds one already
+/// (which is kept: tokens sealed with it stay valid).
+pub fn init_cluster_secret(dir: &Path) -> Result<(), TlsError> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    crate::service::token::load_or_create_secret(dir, CLUSTER_SECRET).map(|_| ()).map_err(io(&dir.join(CLUSTER_SECRET)))
+}
+
+/// Reads the cluster's shared secret from a node's certificate directory.
+pub fn read_cluster_secret(dir: &Path) -> Result<[u8; crate::service::token::SECRET_BYTES], TlsError> {
+    let path = dir.join(CLUSTER_SECRET);
+    crate::service::token::read_secret(&path).map_err(|source| match source.kind() {
+        std::io::ErrorKind::NotFound => invalid(format!(
+            "{} is missing: every node of a cluster needs the same {CLUSTER_SECRET}, made beside the cluster CA \
+             (`quiver certs init-ca`, or `quiver certs secret --dir DIR` for a CA made before); copy it to each \
+             node's certificate directory",
+            path.display()
+        )),
+        _ => TlsError::Io { path: path.display().to_string(), source },
+    })
 }
 
 /// A node name is a DNS label or name: letters, digits, `-` and `.`.

@@ -15,6 +15,7 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 use super::causal::{CausalWrite, CausalWrites, VersionsRead};
 use super::reads::{Job, ReadHook, ReadJob, ReadPool, Task};
 use super::{Done, Entries, Store, StoreStatus, Timing};
+use crate::disk_space::{DiskSpace, Writer};
 use crate::index::query::Match;
 use crate::index::text::TermStats;
 use crate::index::{Index, Search};
@@ -78,6 +79,8 @@ pub struct LocalStore {
     write_hook: Option<HookDebug>,
     /// Versions older than now minus this are refused from peers.
     gc_grace_ms: u64,
+    /// The free-space reserve other nodes' writes are held to.
+    disk: Option<Arc<DiskSpace>>,
     stale_refused: AtomicU64,
 }
 
@@ -118,6 +121,7 @@ impl LocalStore {
             drop_salt: 0,
             write_hook: None,
             gc_grace_ms: GC_GRACE_MS,
+            disk: None,
             stale_refused: AtomicU64::new(0),
             engine,
             clock,
@@ -181,6 +185,9 @@ impl LocalStore {
     /// refused and left out: a tombstone that covered it may have been
     /// purged here, and the key would come back (design section 5).
     pub fn apply_replicated(&self, sets: Vec<(Vec<u8>, Siblings)>, with: Vec<storage::Op>, done: Done<()>) {
+        if let Err(error) = self.room_for_peers() {
+            return done(Err(error));
+        }
         let mut ops = with;
         let horizon_ms = self.clock.wall_ms().saturating_sub(self.gc_grace_ms);
         for (key, siblings) in sets {
@@ -206,6 +213,20 @@ impl LocalStore {
     }
 
     /// Sets the tombstone horizon's distance from now (`gc_grace`).
+    /// Other nodes' writes are refused (`DiskFull`) below `disk`'s peer
+    /// reserve.
+    pub fn with_disk_space(mut self, disk: Arc<DiskSpace>) -> LocalStore {
+        self.disk = Some(disk);
+        self
+    }
+
+    /// Whether other nodes' writes (their replicas' parts, hints, repairs,
+    /// their bulk sets' batch log) may be written here now: `DiskFull`
+    /// below the peers' free-space reserve.
+    pub fn room_for_peers(&self) -> Result<(), ServerError> {
+        self.disk.as_ref().map_or(Ok(()), |disk| disk.check(Writer::Peer))
+    }
+
     pub fn with_gc_grace_ms(mut self, gc_grace_ms: u64) -> LocalStore {
         self.gc_grace_ms = gc_grace_ms;
         self
@@ -387,7 +408,10 @@ pub fn storage_error(error: storage::Error) -> ServerError {
     let kind = match &error {
         storage::Error::Closed => ErrorKind::ShuttingDown,
         storage::Error::TooLarge { .. } => ErrorKind::BulkTooLarge,
-        storage::Error::Failed(_) | storage::Error::Io { .. } => ErrorKind::StorageFailed,
+        storage::Error::OutOf { .. } if error.is_disk_full() => ErrorKind::DiskFull,
+        storage::Error::Failed(_) | storage::Error::Io { .. } | storage::Error::OutOf { .. } => {
+            ErrorKind::StorageFailed
+        }
         _ => ErrorKind::Internal,
     };
     ServerError::new(kind, error.to_string())

@@ -10,12 +10,14 @@
 mod causal;
 mod local;
 mod reads;
+pub mod token;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use quiver_ring::ring::{Member, RingView};
 use quiver_ring::wire::{
-    self, ContextToken, ErrorKind, NodeInfo, NodeStatus, Op, Reply, RingInfo, SearchHit, ServerError, VersionInfo,
+    self, BudgetInfo, ErrorKind, NodeInfo, NodeStatus, Op, Reply, RingInfo, SearchHit, ServerError, VersionInfo,
     Versions,
 };
 use quiver_ring::{Context, Hlc, NodeId, Siblings};
@@ -23,10 +25,12 @@ use tokio::sync::watch;
 
 pub use local::{not_indexed, storage_error, HeldWrite, LocalStore, WriteHook, GC_GRACE_MS};
 pub use reads::ReadHook;
+pub use token::TokenSeal;
 
 use crate::clock::Clock;
 use crate::cluster::store::{ClusterStore, REPLICAS};
 use crate::config::Limits;
+use crate::disk_space::{DiskSpace, Writer};
 use crate::index::query::Match;
 use crate::index::Search;
 use crate::stamping::NodeClock;
@@ -94,6 +98,45 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn hlc(&self) -> Hlc;
 }
 
+/// What the client listener counts, for `status`.
+#[derive(Debug, Default)]
+pub struct ConnectionStats {
+    /// Connections open now.
+    pub open: AtomicU64,
+    /// Connections refused at `connections_max`.
+    pub refused: AtomicU64,
+    /// Connections not reading now because their answers not yet written
+    /// are over `connection_answer_bytes_max`, and how often one stopped.
+    pub paused_now: AtomicU64,
+    pub paused: AtomicU64,
+    /// Times a connection waited for one of its request slots.
+    pub waited_for_slot: AtomicU64,
+    /// Connections closed for sending no `Hello` in time.
+    pub closed_before_hello: AtomicU64,
+    /// Connections closed for being idle, or for a client that read
+    /// nothing for as long.
+    pub closed_idle: AtomicU64,
+    /// Connections dropped at shutdown with answers their client did not
+    /// read.
+    pub dropped_at_shutdown: AtomicU64,
+}
+
+impl ConnectionStats {
+    /// Adds one to `counter`.
+    pub fn count(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// A bound for `status`.
+fn budget(name: &str, max: u64, used: u64, reached: u64, at_bound: &str) -> BudgetInfo {
+    BudgetInfo { name: name.to_owned(), max, used, reached, at_bound: at_bound.to_owned() }
+}
+
 /// The request front shared by every connection.
 #[derive(Debug)]
 pub struct Service {
@@ -109,6 +152,9 @@ pub struct Service {
     started_ms: u64,
     /// Admin requests must carry this.
     admin_token: String,
+    /// Seals the context tokens this node hands out and opens those it is
+    /// given (the cluster's secret, or this node's).
+    seal: TokenSeal,
     /// The node's cluster store (the same as `store`), when it is part of
     /// a cluster: its name, peers and ring, for `status` and `Ring`.
     cluster: Option<Arc<ClusterStore>>,
@@ -116,6 +162,9 @@ pub struct Service {
     /// with a value must have (`None`: no index here to say).
     vector_dim: Option<usize>,
     shutdown: watch::Sender<bool>,
+    connections: ConnectionStats,
+    /// The free-space reserve client writes are held to (`None`: none).
+    disk: Option<Arc<DiskSpace>>,
 }
 
 /// Bytes of a `Values` answer besides the values: the frame header, the
@@ -135,6 +184,7 @@ impl Service {
         node_id: NodeId,
         limits: Limits,
         admin_token: String,
+        seal: TokenSeal,
         client_addr: String,
         peer_addr: String,
     ) -> Service {
@@ -150,9 +200,12 @@ impl Service {
             client_addr,
             peer_addr,
             admin_token,
+            seal,
             cluster: None,
             vector_dim: None,
             shutdown,
+            connections: ConnectionStats::default(),
+            disk: None,
         }
     }
 
@@ -160,6 +213,13 @@ impl Service {
     /// dimension of this node's index).
     pub fn with_vector_dim(mut self, dim: usize) -> Service {
         self.vector_dim = Some(dim);
+        self
+    }
+
+    /// Client writes are refused (`DiskFull`) while the disk is below its
+    /// reserve; its reserves show in `status`.
+    pub fn with_disk_space(mut self, disk: Arc<DiskSpace>) -> Service {
+        self.disk = Some(disk);
         self
     }
 
@@ -189,12 +249,72 @@ impl Service {
         &self.limits
     }
 
+    /// What the client listener counts.
+    pub fn connection_stats(&self) -> &ConnectionStats {
+        &self.connections
+    }
+
+    /// The bounds of the client listener, for `status`.
+    fn connection_budgets(&self) -> Vec<BudgetInfo> {
+        let (l, c) = (&self.limits, &self.connections);
+        let get = ConnectionStats::get;
+        vec![
+            budget(
+                "connections_max",
+                l.connections_max as u64,
+                get(&c.open),
+                get(&c.refused),
+                "a new connection is refused (TooManyConnections)",
+            ),
+            budget(
+                "connection_answer_bytes_max",
+                l.connection_answer_bytes_max as u64,
+                get(&c.paused_now),
+                get(&c.paused),
+                "the connection is not read until its client reads (in use: connections paused now)",
+            ),
+            budget(
+                "requests_in_flight_max",
+                l.requests_in_flight_max as u64,
+                0,
+                get(&c.waited_for_slot),
+                "the connection is not read until a request ends",
+            ),
+            budget(
+                "idle_timeout_ms",
+                l.idle_timeout_secs.saturating_mul(1000),
+                0,
+                get(&c.closed_idle),
+                "an idle connection, or one whose client reads nothing, is closed (0: never)",
+            ),
+            budget(
+                "hello_timeout_ms",
+                l.hello_timeout_ms,
+                0,
+                get(&c.closed_before_hello),
+                "a connection without its Hello is closed",
+            ),
+            budget(
+                "shutdown_grace_ms",
+                l.shutdown_grace_ms,
+                0,
+                get(&c.dropped_at_shutdown),
+                "at shutdown, answers a client does not read are dropped",
+            ),
+        ]
+    }
+
     /// Handles one request and calls `reply` once with the answer: at once
     /// for what the front answers itself, else when the store has done it
     /// (then from one of its threads, so `reply` must be quick).
     pub fn start(&self, timing: Timing, op: Op, reply: impl FnOnce(Result<Reply, ServerError>) + Send + 'static) {
         if let Err(error) = self.wire_limits.check(&op) {
             return reply(Err(error));
+        }
+        if let (true, Some(disk)) = (is_write(&op), &self.disk) {
+            if let Err(error) = disk.check(Writer::Client) {
+                return reply(Err(error));
+            }
         }
         let response_max = (self.wire_limits.frame_bytes_max as usize).saturating_sub(response_overhead(0));
         match op {
@@ -212,23 +332,25 @@ impl Service {
             Op::Delete { key } => self.write(vec![(key, None)], timing, reply),
             Op::BulkSet { entries } => self.write(last_value_of_each_key(entries), timing, reply),
             Op::GetVersions { key } => {
-                let for_key = key.clone();
+                let (for_key, seal) = (key.clone(), self.seal.clone());
                 self.store.read_versions(
                     key,
                     timing,
-                    Box::new(move |result| reply(result.map(|found| versions_reply(&for_key, found)))),
+                    Box::new(move |result| reply(result.map(|found| versions_reply(&seal, &for_key, found)))),
                 )
             }
-            Op::SetWithContext { key, value, context } => match context.open(&key) {
-                Ok(context) => self.store.write_causal(
-                    key,
-                    value,
-                    context,
-                    timing,
-                    Box::new(move |result| reply(result.map(|()| Reply::Done))),
-                ),
-                Err(error) => reply(Err(error)),
-            },
+            Op::SetWithContext { key, value, context } => {
+                match self.seal.open(&key, &context, self.node_clock.latest_accepted()) {
+                    Ok(context) => self.store.write_causal(
+                        key,
+                        value,
+                        context,
+                        timing,
+                        Box::new(move |result| reply(result.map(|()| Reply::Done))),
+                    ),
+                    Err(error) => reply(Err(error)),
+                }
+            }
             Op::Status => reply(self.status()),
             Op::Shutdown { token } => reply(self.shutdown(&token)),
             Op::Hello { protocol } => reply(self.hello(protocol)),
@@ -276,7 +398,7 @@ impl Service {
 
     fn status(&self) -> Result<Reply, ServerError> {
         let store = self.store.status()?;
-        Ok(Reply::Status(NodeStatus {
+        Ok(Reply::Status(Box::new(NodeStatus {
             node_id: self.node_id.0,
             client_addr: self.client_addr.clone(),
             peer_addr: self.peer_addr.clone(),
@@ -295,7 +417,12 @@ impl Service {
             batches_pending: self.cluster.as_ref().map_or(0, |c| c.batches().pending()),
             indexed: store.graph_backlog.is_some(),
             graph_backlog: store.graph_backlog.unwrap_or(0),
-        }))
+            budgets: self
+                .connection_budgets()
+                .into_iter()
+                .chain(self.disk.iter().flat_map(|disk| disk.budgets()))
+                .collect(),
+        })))
     }
 
     /// The ring clients route by: the cluster's, or this node alone.
@@ -326,12 +453,33 @@ impl Service {
 }
 
 /// The answer to `GetVersions`: every sibling, and the context of them all
-/// as a token that names `key`.
-fn versions_reply(key: &[u8], found: Option<Siblings>) -> Reply {
+/// as a token sealed for `key`.
+fn versions_reply(seal: &TokenSeal, key: &[u8], found: Option<Siblings>) -> Reply {
     let siblings = found.unwrap_or_default();
-    let context = ContextToken::new(key, &siblings.context());
+    let context = seal.seal(key, &siblings.context());
     let versions = siblings.into_versions().into_iter().map(|v| VersionInfo { hlc: v.hlc, value: v.value }).collect();
     Reply::Versions(Versions { versions, context })
+}
+
+/// Whether `op` writes data (and so needs room on the disk).
+fn is_write(op: &Op) -> bool {
+    match op {
+        Op::Set { .. }
+        | Op::Delete { .. }
+        | Op::BulkSet { .. }
+        | Op::SetWithContext { .. }
+        | Op::SetWithVector { .. } => true,
+        Op::Get { .. }
+        | Op::GetMany { .. }
+        | Op::Status
+        | Op::Shutdown { .. }
+        | Op::Hello { .. }
+        | Op::GetVersions { .. }
+        | Op::Ring
+        | Op::SearchText { .. }
+        | Op::SearchSimilar { .. }
+        | Op::SearchVector { .. } => false,
+    }
 }
 
 /// A key given twice in one bulk set takes its last value (as Redis MSET

@@ -292,9 +292,15 @@ impl RealFs {
     }
 }
 
+/// Creates (or empties) `path`, readable and writable by its owner only.
+fn create_private(path: &Path) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).mode(0o600).open(path)
+}
+
 impl Fs for RealFs {
     fn create(&self, path: &Path) -> io::Result<Box<dyn File>> {
-        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
+        let file = create_private(path)?;
         Ok(Box::new(RealFile::new(file)))
     }
     fn open(&self, path: &Path) -> io::Result<Box<dyn File>> {
@@ -329,8 +335,11 @@ impl Fs for RealFs {
         }
         Ok(names)
     }
+    /// Owner-only (`0700`), as is every file made in it (`0600`): the data
+    /// is the users', not every local account's.
     fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
-        std::fs::create_dir_all(dir)
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
     }
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         std::fs::File::open(dir)?.sync_all()
@@ -342,7 +351,7 @@ impl Fs for RealFs {
     /// background (the reads to come find it warm, and the read-back, being
     /// `O_DIRECT`, still reads the disk).
     fn write_new(&self, path: &Path, bytes: &[u8]) -> io::Result<()> {
-        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
+        let file = create_private(path)?;
         let direct = RealFs::write_direct_prefix(path, bytes)?;
         std::os::unix::fs::FileExt::write_all_at(&file, &bytes[direct..], direct as u64)?;
         file.sync_data()?;

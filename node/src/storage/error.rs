@@ -36,13 +36,45 @@ pub enum Error {
     /// A write is larger than one WAL record may be.
     #[error("write of {size} bytes exceeds the limit of {max} bytes")]
     TooLarge { size: usize, max: usize },
+    /// The file system is out of something right now (free space, file
+    /// descriptors) and nothing was written: the same write succeeds once
+    /// it is back. The engine goes on.
+    #[error("{op} {}: {source}; nothing was written, and the engine tries again", path.display())]
+    OutOf { op: &'static str, path: PathBuf, source: io::Error },
+}
+
+/// Whether `error` says the system is out of a resource that comes back
+/// (free space, a quota, file descriptors), rather than that the disk
+/// failed.
+pub fn is_exhaustion(error: &io::Error) -> bool {
+    use rustix::io::Errno;
+    let Some(code) = error.raw_os_error() else { return false };
+    [Errno::NOSPC, Errno::DQUOT, Errno::MFILE, Errno::NFILE, Errno::NOMEM].iter().any(|e| e.raw_os_error() == code)
 }
 
 impl Error {
     /// Whether trying the same operation again may succeed. Corruption and
     /// oversized writes never will; a closed or failed engine needs a reopen.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::Io { .. })
+        matches!(self, Error::Io { .. } | Error::OutOf { .. })
+    }
+
+    /// This error as [`Error::OutOf`] when it is an I/O error that says the
+    /// system ran out of a resource: for a step that, failing, wrote
+    /// nothing that counts (a new file removed again, a log entry not yet
+    /// acted upon).
+    pub fn exhaustion_passes(self) -> Error {
+        match self {
+            Error::Io { op, path, source } if is_exhaustion(&source) => Error::OutOf { op, path, source },
+            other => other,
+        }
+    }
+
+    /// Whether this is the file system being full (or over a quota).
+    pub fn is_disk_full(&self) -> bool {
+        use rustix::io::Errno;
+        let full = |code: i32| code == Errno::NOSPC.raw_os_error() || code == Errno::DQUOT.raw_os_error();
+        matches!(self, Error::OutOf { source, .. } if source.raw_os_error().is_some_and(full))
     }
 
     pub(crate) fn corrupt(path: &Path, offset: u64, reason: impl Into<String>) -> Error {

@@ -130,7 +130,8 @@ impl Manifest {
                 edits_in_file: 0,
                 edits_max,
             };
-            manifest.roll_over()?;
+            let state = manifest.state.clone();
+            manifest.roll_over(&state)?;
             return Ok(manifest);
         }
 
@@ -182,12 +183,19 @@ impl Manifest {
         id
     }
 
-    /// Appends `edit` and syncs it. Returns once it is durable.
+    /// Appends `edit` and syncs it. Returns once it is durable. On a
+    /// failure the edit is not in the state, and what it may have left at
+    /// the end of the file is cut off again (so a later edit, or a crash,
+    /// never finds it): out of space, the error is [`Error::OutOf`] and the
+    /// edit can simply be tried again.
     pub fn commit(&mut self, mut edit: Edit) -> Result<()> {
         edit.next_file_id = Some(self.state.next_file_id);
         if self.edits_in_file >= self.edits_max {
-            self.state.apply(&edit);
-            return self.roll_over();
+            let mut state = self.state.clone();
+            state.apply(&edit);
+            self.roll_over(&state)?;
+            self.state = state;
+            return Ok(());
         }
         let path = self.dir.join(FILE_NAME);
         // Writing, not reading.
@@ -195,32 +203,59 @@ impl Manifest {
         let payload = postcard::to_stdvec(&edit).expect("postcard encodes an edit into a Vec without failing");
         let mut buf = Vec::with_capacity(payload.len() + frame::HEADER_LEN);
         frame::encode(&mut buf, &[], &[&payload]);
-        self.file.write_all_at(&buf, self.offset).ctx("write", &path)?;
-        self.file.sync_data().ctx("sync", &path)?;
+        let appended =
+            self.file.write_all_at(&buf, self.offset).and_then(|()| self.file.sync_data()).ctx("append to", &path);
+        if let Err(error) = appended {
+            let cut = self.file.set_len(self.offset).and_then(|()| self.file.sync_data());
+            return Err(match cut {
+                Ok(()) => error.exhaustion_passes(),
+                Err(_) => error,
+            });
+        }
         self.offset += buf.len() as u64;
         self.edits_in_file += 1;
         self.state.apply(&edit);
         Ok(())
     }
 
-    /// Writes the whole state to a new file and renames it into place.
-    fn roll_over(&mut self) -> Result<()> {
+    /// Writes `state` whole to a new file and renames it into place; on a
+    /// failure the old file stays, whole (out of space: [`Error::OutOf`]).
+    fn roll_over(&mut self, state: &State) -> Result<()> {
+        self.write_snapshot(state).map_err(Error::exhaustion_passes)
+    }
+
+    fn write_snapshot(&mut self, state: &State) -> Result<()> {
         let tmp = self.dir.join(TMP_NAME);
         let path = self.dir.join(FILE_NAME);
         let file = self.fs.create(&tmp).ctx("create", &tmp)?;
         // Writing, not reading.
         #[allow(clippy::expect_used)]
         let payload =
-            postcard::to_stdvec(&self.state.snapshot()).expect("postcard encodes an edit into a Vec without failing");
+            postcard::to_stdvec(&state.snapshot()).expect("postcard encodes an edit into a Vec without failing");
         let mut buf = MAGIC.to_vec();
         frame::encode(&mut buf, &[], &[&payload]);
-        file.write_all_at(&buf, 0).ctx("write", &tmp)?;
-        file.sync_data().ctx("sync", &tmp)?;
-        self.fs.rename(&tmp, &path).ctx("rename", &tmp)?;
-        self.fs.sync_dir(&self.dir).ctx("sync directory", &self.dir)?;
+        let written = file
+            .write_all_at(&buf, 0)
+            .and_then(|()| file.sync_data())
+            .ctx("write", &tmp)
+            .and_then(|()| self.fs.rename(&tmp, &path).ctx("rename", &tmp));
+        if let Err(error) = written {
+            // The old file is still the manifest, whole.
+            let _ = self.fs.remove(&tmp);
+            return Err(error);
+        }
+        // From here the new file is the manifest, whether or not its name
+        // is durable yet.
         self.file = file;
         self.offset = buf.len() as u64;
         self.edits_in_file = 1;
+        if let Err(error) = self.fs.sync_dir(&self.dir).ctx("sync directory", &self.dir) {
+            // The rename may not survive a crash: the next edit writes the
+            // whole state again rather than append to a file that may not
+            // be the one recovery finds.
+            self.edits_in_file = self.edits_max;
+            return Err(error);
+        }
         Ok(())
     }
 }

@@ -14,7 +14,8 @@
 //!
 //! Modules, one per on-disk format plus the machinery around them:
 //! - [`disk`]: the file trait, the real disk, the skip-write fault, and a
-//!   simulated disk that can crash;
+//!   simulated disk that can crash; [`exhaust`]: a disk that runs out of
+//!   space or file descriptors;
 //! - [`frame`]: checksummed record framing shared by the WAL and manifest;
 //! - [`wal`]: write-ahead log segments, group commit writer, recovery;
 //! - [`memtable`]: the in-memory sorted table;
@@ -30,6 +31,7 @@ pub mod compaction;
 pub mod disk;
 mod engine;
 pub mod error;
+pub mod exhaust;
 pub mod frame;
 pub mod keys;
 pub mod manifest;

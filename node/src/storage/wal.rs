@@ -53,6 +53,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use crate::storage::disk::{read_all, AlignedBuf, File, Fs, DIRECT_ALIGN};
 use crate::storage::error::{Error, IoContext, Result};
@@ -397,25 +398,38 @@ fn recycle(fs: &dyn Fs, dir: &Path, number: u64, capacity: u64) -> Result<Option
     Ok(Some(Segment { number, path, file, offset: MAGIC.len() as u64, capacity: len, recycled: true }))
 }
 
-/// Creates, zero-fills and syncs a segment and its directory entry.
+/// Creates, zero-fills and syncs a segment and its directory entry; a
+/// segment it could not finish (the disk filled up) is removed again, so no
+/// half-made segment is left for recovery to read.
 fn preallocate(fs: &dyn Fs, dir: &Path, number: u64, capacity: u64) -> Result<Segment> {
     let path = dir.join(segment_name(number));
-    let file = fs.create(&path).ctx("create", &path)?;
+    let made = make_zeroed(fs, dir, &path, capacity);
+    if made.is_err() {
+        let _ = fs.remove(&path);
+    }
+    let file = made?;
+    drop(file);
+    let file = fs.open_log(&path).ctx("open", &path)?;
+    Ok(Segment { number, path, file, offset: MAGIC.len() as u64, capacity, recycled: false })
+}
+
+/// `path`, created, zero-filled to `capacity` after the magic, synced, with
+/// its directory entry synced.
+fn make_zeroed(fs: &dyn Fs, dir: &Path, path: &Path, capacity: u64) -> Result<Box<dyn File>> {
+    let file = fs.create(path).ctx("create", path)?;
     let zeros = vec![0u8; ZERO_CHUNK];
     let mut at = 0u64;
     while at < capacity {
         let n = (capacity - at).min(ZERO_CHUNK as u64) as usize;
         // Writing: `n <= ZERO_CHUNK`, the length of `zeros`.
         #[allow(clippy::indexing_slicing)]
-        file.write_all_at(&zeros[..n], at).ctx("pre-allocate", &path)?;
+        file.write_all_at(&zeros[..n], at).ctx("pre-allocate", path)?;
         at += n as u64;
     }
-    file.write_all_at(MAGIC, 0).ctx("write", &path)?;
-    file.sync_data().ctx("sync", &path)?;
+    file.write_all_at(MAGIC, 0).ctx("write", path)?;
+    file.sync_data().ctx("sync", path)?;
     fs.sync_dir(dir).ctx("sync directory", dir)?;
-    drop(file);
-    let file = fs.open_log(&path).ctx("open", &path)?;
-    Ok(Segment { number, path, file, offset: MAGIC.len() as u64, capacity, recycled: false })
+    Ok(file)
 }
 
 /// `len` rounded up to a whole number of blocks.
@@ -439,7 +453,14 @@ pub struct WalWriter {
     fs: Arc<dyn Fs>,
     dir: PathBuf,
     segment_bytes: u64,
-    current: Segment,
+    /// `None` until a first segment could be made (a node started on a
+    /// full disk, or out of file descriptors).
+    current: Option<Segment>,
+    /// The number of the segment being written, or of the first one.
+    number: u64,
+    /// After a segment could not be made for want of space or descriptors:
+    /// when to try again, the wait after the next failure, and why.
+    retry: Option<Retry>,
     /// The next segment, being made ready in the background.
     spare: Option<JoinHandle<Result<Segment>>>,
     /// Starts with the bytes of the current segment's last, partly written
@@ -451,9 +472,29 @@ pub struct WalWriter {
     recycled: Arc<AtomicU64>,
 }
 
+/// When a segment is next tried, after one could not be made.
+#[derive(Debug)]
+struct Retry {
+    at: Instant,
+    backoff: Duration,
+    /// The error, its kind kept to answer the writes refused meanwhile.
+    op: &'static str,
+    path: PathBuf,
+    errno: Option<i32>,
+}
+
+/// The wait before trying again to make a segment, after the first
+/// failure and at most: short, since writes are refused meanwhile.
+const RETRY_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
 impl WalWriter {
     /// Starts a new segment `number` (never appends to an old one); counts
-    /// the recycled segments it writes in `recycled`.
+    /// the recycled segments it writes in `recycled`. Out of space or file
+    /// descriptors, it starts without one and makes it with the first
+    /// write that finds them back (the writes before are refused with
+    /// [`Error::OutOf`]), so an engine opens, and serves reads, on a full
+    /// disk.
     pub fn create(
         fs: Arc<dyn Fs>,
         dir: &Path,
@@ -462,42 +503,79 @@ impl WalWriter {
         recycled: Arc<AtomicU64>,
     ) -> Result<WalWriter> {
         let segment_bytes = whole_blocks(segment_bytes.max(1));
-        let current = prepare(fs.as_ref(), dir, number, segment_bytes)?;
         let mut writer = WalWriter {
             fs,
             dir: dir.to_path_buf(),
             segment_bytes,
-            current,
+            current: None,
+            number,
+            retry: None,
             spare: None,
             blocks: AlignedBuf::default(),
             group: Vec::new(),
             recycled,
         };
-        writer.started_segment();
-        writer.prepare_spare();
+        match prepare(writer.fs.as_ref(), dir, number, segment_bytes).map_err(Error::exhaustion_passes) {
+            Ok(segment) => writer.start(segment),
+            Err(error @ Error::OutOf { .. }) => {
+                tracing::warn!(%error, "no WAL segment could be made: writes are refused until one can be");
+                writer.retry_later(&error);
+            }
+            Err(error) => return Err(error),
+        }
         Ok(writer)
     }
 
     fn prepare_spare(&mut self) {
-        let (fs, dir, number, capacity) =
-            (self.fs.clone(), self.dir.clone(), self.current.number + 1, self.segment_bytes);
+        let (fs, dir, number, capacity) = (self.fs.clone(), self.dir.clone(), self.number + 1, self.segment_bytes);
         let spawned = std::thread::Builder::new()
             .name("quiver-wal-prealloc".into())
             .spawn(move || prepare(fs.as_ref(), &dir, number, capacity));
         self.spare = spawned.ok();
     }
 
-    /// The segment being written.
-    pub fn segment_number(&self) -> u64 {
-        self.current.number
+    /// The segment being written (tests).
+    #[cfg(test)]
+    fn current(&self) -> &Segment {
+        self.current.as_ref().expect("a segment is being written")
     }
 
-    /// A new segment's only bytes so far are its magic.
-    fn started_segment(&mut self) {
-        if self.current.recycled {
+    /// The segment being written (or the first one to be).
+    pub fn segment_number(&self) -> u64 {
+        self.number
+    }
+
+    /// Writes go to `segment` from now on: its only bytes so far are its
+    /// magic. The next one is made ready meanwhile.
+    fn start(&mut self, segment: Segment) {
+        if segment.recycled {
             self.recycled.fetch_add(1, Ordering::Relaxed);
         }
+        self.number = segment.number;
+        self.current = Some(segment);
+        self.retry = None;
         self.blocks.get(MAGIC.len(), 0).copy_from_slice(MAGIC);
+        self.prepare_spare();
+    }
+
+    /// No segment could be made for `error` (out of something): the next
+    /// try waits, twice as long as the last one up to a second.
+    fn retry_later(&mut self, error: &Error) {
+        let backoff = self.retry.as_ref().map_or(RETRY_BACKOFF_MIN, |r| (r.backoff * 2).min(RETRY_BACKOFF_MAX));
+        let (op, path, errno) = match error {
+            Error::OutOf { op, path, source } => (*op, path.clone(), source.raw_os_error()),
+            _ => ("make", self.dir.clone(), None),
+        };
+        self.retry = Some(Retry { at: Instant::now() + backoff, backoff, op, path, errno });
+    }
+
+    /// The error that refuses writes until the next try.
+    fn still_out(&self, retry: &Retry) -> Error {
+        let source = match retry.errno {
+            Some(code) => std::io::Error::from_raw_os_error(code),
+            None => std::io::Error::other("out of resources"),
+        };
+        Error::OutOf { op: retry.op, path: retry.path.clone(), source }
     }
 
     /// Writes one group commit: a record for each of `records` (encoded
@@ -506,13 +584,13 @@ impl WalWriter {
     /// previous call's when the log rolled over.
     pub fn append_group<'a>(&mut self, first_seq: u64, records: impl Iterator<Item = &'a [u8]> + Clone) -> Result<u64> {
         let len: u64 = records.clone().map(|ops| record_len(ops.len()) as u64).sum();
-        if self.current.offset + len > self.current.capacity {
+        if self.current.as_ref().is_none_or(|current| current.offset + len > current.capacity) {
             self.roll(len)?;
         }
         let mut group = std::mem::take(&mut self.group);
         group.clear();
         for (i, ops) in records.enumerate() {
-            encode_record(&mut group, self.current.number, first_seq + i as u64, first_seq, ops);
+            encode_record(&mut group, self.number, first_seq + i as u64, first_seq, ops);
         }
         debug_assert_eq!(group.len() as u64, len);
         let written = self.append_durable(&group);
@@ -522,14 +600,17 @@ impl WalWriter {
 
     /// Writes one framed group and returns once it is durable.
     fn append_durable(&mut self, group: &[u8]) -> Result<u64> {
-        let block_start = self.current.offset / DIRECT_ALIGN as u64 * DIRECT_ALIGN as u64;
-        let kept = (self.current.offset - block_start) as usize;
+        let Some(current) = self.current.as_mut() else {
+            return Err(Error::Failed("no WAL segment to write to".into()));
+        };
+        let block_start = current.offset / DIRECT_ALIGN as u64 * DIRECT_ALIGN as u64;
+        let kept = (current.offset - block_start) as usize;
         let end = kept + group.len();
         let mut len = whole_blocks(end as u64);
         // Fewer zeros than a frame header after the group: the next record's
         // header would run into the next block, which in a recycled segment
         // holds stale bytes. Zero that block too (if the segment has it).
-        if len - (end as u64) < frame::HEADER_LEN as u64 && block_start + len < self.current.capacity {
+        if len - (end as u64) < frame::HEADER_LEN as u64 && block_start + len < current.capacity {
             len += DIRECT_ALIGN as u64;
         }
         let blocks = self.blocks.get(len as usize, kept);
@@ -539,32 +620,56 @@ impl WalWriter {
             blocks[kept..end].copy_from_slice(group);
             blocks[end..].fill(0);
         }
-        self.current.file.write_durable_at(blocks, block_start).ctx("write", &self.current.path)?;
+        current.file.write_durable_at(blocks, block_start).ctx("write", &current.path)?;
         // The new last block, partly written, goes first for the next group.
         let last_block = end / DIRECT_ALIGN * DIRECT_ALIGN;
         blocks.copy_within(last_block..end, 0);
-        self.current.offset += group.len() as u64;
-        Ok(self.current.number)
+        current.offset += group.len() as u64;
+        Ok(current.number)
     }
 
+    /// Moves to the next segment (the first, if there is none yet), with
+    /// room for `needed` bytes. Nothing is written to the log here: a
+    /// failure for want of space or descriptors is [`Error::OutOf`], the
+    /// group that needed the room is refused, and the engine goes on (the
+    /// next group tries again, after a short wait).
     fn roll(&mut self, needed: u64) -> Result<()> {
-        let spare = match self.spare.take().map(JoinHandle::join) {
-            Some(Ok(Ok(spare))) if spare.capacity >= needed + MAGIC.len() as u64 => spare,
-            Some(Ok(Err(e))) => return Err(e),
-            other => {
-                // The spare is too small for this group (or its thread died):
-                // make one that fits, synchronously.
-                if let Some(Ok(Ok(small))) = other {
-                    self.fs.remove(&small.path).ctx("remove", &small.path)?;
-                }
-                let capacity = self.segment_bytes.max(whole_blocks(needed + MAGIC.len() as u64));
-                preallocate(self.fs.as_ref(), &self.dir, self.current.number + 1, capacity)?
+        if let Some(retry) = &self.retry {
+            if Instant::now() < retry.at {
+                return Err(self.still_out(retry));
             }
-        };
-        self.current = spare;
-        self.started_segment();
-        self.prepare_spare();
-        Ok(())
+        }
+        let next = if self.current.is_some() { self.number + 1 } else { self.number };
+        let made = self.next_segment(next, needed).map_err(Error::exhaustion_passes);
+        match made {
+            Ok(segment) => {
+                self.start(segment);
+                Ok(())
+            }
+            Err(error) => {
+                if matches!(error, Error::OutOf { .. }) {
+                    tracing::warn!(%error, "no new WAL segment: writes are refused until one can be made");
+                    self.retry_later(&error);
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Segment `number` with room for `needed`: the one made ready in the
+    /// background if it is that one and large enough, else one made here.
+    fn next_segment(&mut self, number: u64, needed: u64) -> Result<Segment> {
+        match self.spare.take().map(JoinHandle::join) {
+            Some(Ok(Ok(spare))) if spare.number == number && spare.capacity >= needed + MAGIC.len() as u64 => {
+                return Ok(spare)
+            }
+            // Too small for this group (or another number): made again.
+            Some(Ok(Ok(other))) => self.fs.remove(&other.path).ctx("remove", &other.path)?,
+            // It failed (out of space, say) or its thread died: tried again.
+            Some(Ok(Err(_))) | Some(Err(_)) | None => {}
+        }
+        let capacity = self.segment_bytes.max(whole_blocks(needed + MAGIC.len() as u64));
+        prepare(self.fs.as_ref(), &self.dir, number, capacity)
     }
 
     /// Waits for the background preparation and retires its unused file.
@@ -606,7 +711,7 @@ mod tests {
         let mut old = WalWriter::create(fs.clone(), dir, 1, 4 * DIRECT_ALIGN as u64, Arc::default()).unwrap();
         let ops = one_op(8, 100);
         let mut seq = 1;
-        while old.current.offset + record_len(ops.len()) as u64 <= old.current.capacity {
+        while old.current().offset + record_len(ops.len()) as u64 <= old.current().capacity {
             old.append_group(seq, std::iter::once(ops.as_slice())).unwrap();
             seq += 1;
         }
@@ -658,7 +763,7 @@ mod tests {
         let mut ends = Vec::new();
         for (records, value_len) in [(1, 10), (3, 200), (1, 1500), (2, 37), (1, 3000), (4, 5), (1, 700), (2, 90)] {
             let encoded: Vec<Vec<u8>> = (0..records).map(|i| one_op(8 + i, value_len)).collect();
-            let mut offset = wal.current.offset as usize;
+            let mut offset = wal.current().offset as usize;
             for ops in &encoded {
                 offset += record_len(ops.len());
                 ends.push(offset);
@@ -723,7 +828,7 @@ mod tests {
                 })
                 .collect();
             let bytes: usize = group.iter().map(|ops| record_len(ops.len())).sum();
-            if old.current.offset + bytes as u64 + DIRECT_ALIGN as u64 > old.current.capacity {
+            if old.current().offset + bytes as u64 + DIRECT_ALIGN as u64 > old.current().capacity {
                 break;
             }
             old.append_group(seq, group.iter().map(Vec::as_slice)).unwrap();
@@ -839,7 +944,7 @@ mod tests {
             let recycled = Arc::new(AtomicU64::new(0));
             let mut wal = WalWriter::create(fs.clone(), dir, 3, 4 * DIRECT_ALIGN as u64, recycled.clone()).unwrap();
             wal.append_group(2, std::iter::once(one_op(4, 10).as_slice())).unwrap();
-            let capacity = wal.current.capacity;
+            let capacity = wal.current().capacity;
             drop(wal);
             assert_eq!(recycled.load(Ordering::Relaxed), u64::from(reused), "{retired_blocks} blocks");
             let expected_blocks = if reused { retired_blocks } else { 4 };
@@ -880,7 +985,7 @@ mod tests {
             let mut wal = WalWriter::create(fs.clone(), dir, 3, 4 * DIRECT_ALIGN as u64, Arc::default()).unwrap();
             wal.append_group(seq, std::iter::once(one_op(8, 50).as_slice())).unwrap();
             // One record that leaves `gap` bytes in its block.
-            let offset = wal.current.offset as usize;
+            let offset = wal.current().offset as usize;
             let ops = (0..2 * DIRECT_ALIGN)
                 .map(|value_len| one_op(8, value_len))
                 .find(|ops| (offset + record_len(ops.len())) % DIRECT_ALIGN == (DIRECT_ALIGN - gap) % DIRECT_ALIGN)
@@ -928,10 +1033,10 @@ mod tests {
         // A group ending exactly on a block boundary, then one after it.
         let record_bytes = |key_len: usize| record_len(postcard::to_allocvec(&vec![op(key_len, 4)]).unwrap().len());
         let key_len = (1..2 * DIRECT_ALIGN)
-            .find(|&k| (wal.current.offset as usize + record_bytes(k)).is_multiple_of(DIRECT_ALIGN))
+            .find(|&k| (wal.current().offset as usize + record_bytes(k)).is_multiple_of(DIRECT_ALIGN))
             .unwrap();
         append(&mut wal, vec![vec![op(key_len, 4)]]);
-        assert_eq!(wal.current.offset % DIRECT_ALIGN as u64, 0);
+        assert_eq!(wal.current().offset % DIRECT_ALIGN as u64, 0);
         append(&mut wal, vec![vec![op(3, 1)], vec![op(5, 0)]]);
         assert!(wal.segment_number() >= 4, "the groups should have rolled over several segments");
         drop(wal);

@@ -88,6 +88,7 @@ impl InProcessNode {
             NodeId(1),
             Limits::default(),
             "token".into(),
+            quiver_node::service::TokenSeal::new(&[1; quiver_node::service::token::SECRET_BYTES]),
             addr.clone(),
             String::new(),
         ));

@@ -223,6 +223,8 @@ pub fn run(count: usize, dir: &Path) -> Result<ExitCode, String> {
         }
         None => create(&dir, count)?,
     };
+    // A cluster made before clusters had a shared secret gets one now.
+    quiver_node::net::tls::init_cluster_secret(&dir.join("certs")).map_err(|e| e.to_string())?;
     let quiverd = find_quiverd()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -55,7 +55,12 @@ pub(super) fn apply(inner: &Inner, Durable { group, rotations }: Durable) {
         }
     }
     let full = read(&inner.levels().active).bytes() >= inner.opts.memtable_bytes_max;
-    if full || !rotations.is_empty() {
+    // With flushes failing for want of space and the frozen memtables at
+    // their bound, a full memtable takes the groups already written to the
+    // WAL (they are acknowledged, not held); the commit thread refuses new
+    // ones meanwhile, so it outgrows its budget by a few groups at most.
+    let keep_applying = rotations.is_empty() && inner.memtables_out_of_room();
+    if (full && !keep_applying) || !rotations.is_empty() {
         inner.wait_for_flush_room();
         let seq = inner.rotate();
         for done in rotations {
@@ -66,13 +71,15 @@ pub(super) fn apply(inner: &Inner, Durable { group, rotations }: Durable) {
 
 impl Inner {
     /// Freezes the active memtable (where groups are applied, or open
-    /// before the threads start).
-    /// Returns the last sequence in it.
+    /// before the threads start). Returns the last sequence in it, or
+    /// when it is empty that of the newest frozen one.
     pub(super) fn rotate(&self) -> u64 {
         let mut levels = write(&self.levels);
         let max_seq = read(&levels.active).seq_range().1;
         if read(&levels.active).is_empty() {
-            return max_seq;
+            // Nothing to freeze: what waits for this rotation waits for
+            // the newest frozen memtable (a flush still to be retried).
+            return levels.frozen.first().map_or(max_seq, |newest| read(newest).seq_range().1);
         }
         let mut frozen = vec![levels.active.clone()];
         frozen.extend(levels.frozen.iter().cloned());
@@ -93,6 +100,13 @@ impl Inner {
         drop(levels);
         self.wake_background(false);
         max_seq
+    }
+
+    /// Whether the frozen memtables are at their bound while flushes fail
+    /// for want of a resource: the error number then.
+    pub(super) fn memtables_out_of_room(&self) -> bool {
+        self.flush_out_of.load(Ordering::Acquire) != 0
+            && self.levels().frozen.len() >= self.opts.frozen_memtables_max.max(1)
     }
 
     /// Blocks the thread applying groups (and so, soon, the commit thread)

@@ -162,11 +162,32 @@ pub(super) fn commit_group(
         }
         return None;
     }
+    if inner.memtables_out_of_room() {
+        // No flush can make room now: refused, nothing written, rather
+        // than left waiting for a flush that cannot happen yet.
+        let code = inner.flush_out_of.load(Ordering::Acquire);
+        inner.counters.groups_refused.fetch_add(1, Ordering::Relaxed);
+        for (_, done) in writes {
+            let source = std::io::Error::from_raw_os_error(code);
+            done(Err(Error::OutOf { op: "flush tables of", path: inner.dir.clone(), source }));
+        }
+        return None;
+    }
     let group = *next_seq;
     let last = group + writes.len() as u64 - 1;
     let synced = wal.append_group(group, writes.iter().map(|(encoded, _)| encoded.bytes()));
     let segment = match synced {
         Ok(segment) => segment,
+        // No segment could be made for it (out of space or descriptors):
+        // nothing was written, so the group is refused and the engine goes
+        // on; the next group tries again.
+        Err(e @ Error::OutOf { .. }) => {
+            inner.counters.groups_refused.fetch_add(1, Ordering::Relaxed);
+            for (_, done) in writes {
+                done(Err(Error::OutOf { op: "write", path: inner.dir.clone(), source: out_of_source(&e) }));
+            }
+            return None;
+        }
         Err(e) => {
             // After a failed write or fsync the file's state is unknown
             // (fsync errors are not retryable on Linux): stop writing.
@@ -189,6 +210,18 @@ pub(super) fn commit_group(
     inner.counters.last_seq.store(last, Ordering::Relaxed);
     inner.counters.group_commits.fetch_add(1, Ordering::Relaxed);
     Some((group, writes))
+}
+
+/// The cause of an [`Error::OutOf`], once more (an `io::Error` is not
+/// `Clone`), for each write it refuses.
+fn out_of_source(error: &Error) -> std::io::Error {
+    match error {
+        Error::OutOf { source, .. } => match source.raw_os_error() {
+            Some(code) => std::io::Error::from_raw_os_error(code),
+            None => std::io::Error::new(source.kind(), source.to_string()),
+        },
+        other => std::io::Error::other(other.to_string()),
+    }
 }
 
 impl Inner {

@@ -20,7 +20,7 @@ use quiver_ring::Siblings;
 use super::recovery::sort_newest_first;
 use super::{write, Inner, TablesChange};
 use crate::storage::compaction::{self, Policy, RunSize};
-use crate::storage::error::{IoContext, Result};
+use crate::storage::error::{Error, IoContext, Result};
 use crate::storage::keys::Keyspace;
 use crate::storage::manifest::{Edit, TableMeta};
 use crate::storage::sstable::{Table, TableBuilder, TableScan};
@@ -56,6 +56,9 @@ impl Inner {
     /// Returns whether it merged anything.
     pub(super) fn compact(&self, full: bool) -> Result<bool> {
         let _only_one = lock(&self.compaction_lock);
+        if self.manifest_unknown.load(Ordering::Acquire) {
+            return Ok(false);
+        }
         let tables = self.levels().tables.clone();
         let runs: Vec<u64> = if full {
             tables.iter().map(|t| t.run()).collect()
@@ -97,6 +100,16 @@ impl Inner {
             }
             committed
         };
+        if let Err(error) = &committed {
+            if !matches!(error, Error::OutOf { .. }) {
+                // The edit may be in effect: the engine stops, and no file
+                // is touched.
+                self.manifest_failed(error);
+                return committed.map(|()| false);
+            }
+        }
+        // Out of space, the edit is not in the manifest: the outputs go,
+        // the inputs stay.
         let obsolete = if committed.is_ok() { &inputs } else { &outputs };
         for table in obsolete {
             let _ = self.fs.remove(table.path());

@@ -82,6 +82,16 @@ pub(super) fn flush_loop(inner: Arc<Inner>) {
     });
 }
 
+/// `ENOSPC`, for a resource error that carries no number.
+fn libc_enospc() -> i32 {
+    rustix::io::Errno::NOSPC.raw_os_error()
+}
+
+/// The wait before a failed flush is tried again, after its first failure
+/// and at most.
+const FLUSH_RETRY_MIN: Duration = Duration::from_millis(100);
+const FLUSH_RETRY_MAX: Duration = Duration::from_secs(5);
+
 /// A frozen memtable and its built table, on the way to the flush writer.
 type HandedFlush = (Arc<RwLock<Memtable>>, Option<BuiltFlush>);
 
@@ -89,23 +99,32 @@ type HandedFlush = (Arc<RwLock<Memtable>>, Option<BuiltFlush>);
 /// one is tried again until it succeeds or the engine closes.
 fn flush_write_loop(inner: &Inner, writing: std::sync::mpsc::Receiver<HandedFlush>) {
     for (memtable, built) in writing {
+        let mut backoff = FLUSH_RETRY_MIN;
         loop {
             match inner.write_flush(&memtable, built.as_ref()) {
                 Ok(()) => {
                     lock(&inner.background).flush_error = None;
+                    inner.flush_out_of.store(0, Ordering::Release);
                     break;
                 }
                 Err(error) => {
+                    if let Error::OutOf { source, .. } = &error {
+                        inner.flush_out_of.store(source.raw_os_error().unwrap_or(libc_enospc()), Ordering::Release);
+                    }
                     // The data stays in the WAL; writes stall once the frozen
-                    // memtables fill up, and the flush is tried again.
-                    tracing::error!(%error, "flush failed; retrying");
+                    // memtables fill up, and the flush is tried again, a
+                    // little later each time (out of space, it may be a
+                    // while before there is room again).
+                    tracing::error!(%error, retry_in_ms = backoff.as_millis() as u64, "flush failed; retrying");
                     let mut background = lock(&inner.background);
                     background.flush_error = Some(error.to_string());
+                    background.flush_failures += 1;
                     inner.background_cv.notify_all();
                     if background.closing {
                         return;
                     }
-                    let _ = inner.background_cv.wait_timeout(background, Duration::from_millis(200));
+                    let _ = inner.background_cv.wait_timeout(background, backoff);
+                    backoff = (backoff * 2).min(FLUSH_RETRY_MAX);
                 }
             }
         }
@@ -163,8 +182,14 @@ impl Inner {
                 }
                 open_table(self.fs.as_ref(), &path, id, run.unwrap_or(id), self.block_cache.as_ref())
             })();
-            match written {
+            match written.map_err(Error::exhaustion_passes) {
                 Ok(table) => return Ok(Arc::new(table)),
+                // Out of space or descriptors: no use writing it again now.
+                // Nothing of it is left behind.
+                Err(error @ Error::OutOf { .. }) => {
+                    let _ = self.fs.remove(&path);
+                    return Err(error);
+                }
                 Err(error) => {
                     tracing::warn!(path = %path.display(), attempt, %error, "new table failed verification; writing it again");
                     self.counters.table_rewrites.fetch_add(1, Ordering::Relaxed);
@@ -174,6 +199,30 @@ impl Inner {
             }
         }
         Err(last_error.unwrap_or(Error::Closed))
+    }
+
+    /// What a failed manifest edit that names `table` leaves: out of space
+    /// (the edit is not in the manifest), the table file is removed, and
+    /// the flush is tried again later with a new one; any other failure may
+    /// have left the edit in effect, so the engine stops and nothing is
+    /// touched.
+    pub(super) fn edit_failed(&self, error: Error, table: &Table) -> Error {
+        match error {
+            Error::OutOf { .. } => {
+                let _ = self.fs.remove(table.path());
+                let _ = self.fs.sync_dir(&self.dir);
+            }
+            ref other => self.manifest_failed(other),
+        }
+        error
+    }
+
+    /// A manifest edit failed in a way that may have left it in effect:
+    /// the engine stops taking writes, and flushes and compactions stop
+    /// (they would edit a manifest whose state is no longer known).
+    pub(super) fn manifest_failed(&self, error: &Error) {
+        self.manifest_unknown.store(true, Ordering::Release);
+        self.fail(format!("a manifest edit failed: {error}"));
     }
 
     /// Flushes one frozen memtable: builds its table, then writes it in.
@@ -203,6 +252,9 @@ impl Inner {
     /// Writes a built flush of the **oldest** frozen `memtable`: verified
     /// table, manifest edit, swap, WAL cleanup.
     pub(super) fn write_flush(&self, memtable: &Arc<RwLock<Memtable>>, built: Option<&BuiltFlush>) -> Result<()> {
+        if self.manifest_unknown.load(Ordering::Acquire) {
+            return Err(Error::Failed("a manifest edit failed earlier; reopen the engine".into()));
+        }
         let table = match built {
             Some(built) => Some((self.write_table(&built.bytes, None)?, built.max_seq)),
             None => None,
@@ -213,7 +265,11 @@ impl Inner {
             if let Some((table, max_seq)) = &table {
                 let meta =
                     TableMeta { id: table.id(), run: table.run(), size: table.size(), props: table.props().clone() };
-                manifest.commit(Edit { added: vec![meta], flushed_seq: Some(*max_seq), ..Edit::default() })?;
+                let edit = Edit { added: vec![meta], flushed_seq: Some(*max_seq), ..Edit::default() };
+                if let Err(error) = manifest.commit(edit) {
+                    drop(manifest);
+                    return Err(self.edit_failed(error, table));
+                }
             }
             let mut levels = write(&self.levels);
             let frozen = levels.frozen.iter().filter(|m| !Arc::ptr_eq(m, memtable)).cloned().collect();

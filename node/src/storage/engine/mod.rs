@@ -164,6 +164,9 @@ pub struct Stats {
     pub cached_block_bytes: usize,
     /// WAL segments made from retired ones rather than zero-filled.
     pub wal_segments_recycled: u64,
+    /// Groups of writes refused, nothing written, because no WAL segment
+    /// could be made (out of space or file descriptors).
+    pub groups_refused: u64,
 }
 
 /// The readable state: memtables and tables, newest first.
@@ -339,6 +342,9 @@ struct Background {
     closing: bool,
     compaction_wanted: bool,
     flush_error: Option<String>,
+    /// Failed flush attempts so far: a caller waiting for a flush reports
+    /// only a failure of an attempt made after it began to wait.
+    flush_failures: u64,
 }
 
 #[derive(Debug, Default)]
@@ -349,6 +355,8 @@ struct Counters {
     compactions: AtomicU64,
     table_rewrites: AtomicU64,
     wal_recycled: Arc<AtomicU64>,
+    /// Groups of writes refused because no WAL segment could be made.
+    groups_refused: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -373,6 +381,14 @@ struct Inner {
     table_buffers: Mutex<Vec<Vec<u8>>>,
     /// A flushed memtable, emptied, that the next rotation makes active.
     spare_memtable: Mutex<Option<Memtable>>,
+    /// A manifest edit failed in a way that may have left it in effect:
+    /// no more flushes or compactions until the engine is reopened.
+    manifest_unknown: std::sync::atomic::AtomicBool,
+    /// The last flush failed for want of a resource (space, descriptors):
+    /// its error number, else 0. While it is set and the frozen memtables
+    /// are at their bound, new writes are refused rather than left waiting
+    /// for a flush that cannot happen yet.
+    flush_out_of: std::sync::atomic::AtomicI32,
     failed: Mutex<Option<String>>,
     counters: Counters,
     /// Shared by every table's point reads (`None` when its budget is 0).
@@ -619,6 +635,7 @@ impl Engine {
             table_rewrites: counters.table_rewrites.load(Ordering::Relaxed),
             cached_block_bytes: self.inner.block_cache.as_ref().map_or(0, |cache| cache.bytes()),
             wal_segments_recycled: counters.wal_recycled.load(Ordering::Relaxed),
+            groups_refused: counters.groups_refused.load(Ordering::Relaxed),
         }
     }
 
@@ -700,6 +717,10 @@ impl Inner {
     /// Waits until every write up to `seq` is in tables.
     fn wait_flushed(&self, seq: u64) -> Result<()> {
         let mut background = lock(&self.background);
+        let failures_before = background.flush_failures;
+        // A flush waiting to be tried again (after running out of space,
+        // say) is tried now.
+        self.background_cv.notify_all();
         loop {
             if lock(&self.manifest).state().flushed_seq >= seq || self.levels().frozen.is_empty() {
                 return Ok(());
@@ -707,7 +728,8 @@ impl Inner {
             if let Some(reason) = lock(&self.failed).clone() {
                 return Err(Error::Failed(reason));
             }
-            if let Some(reason) = background.flush_error.clone() {
+            if let Some(reason) = background.flush_error.clone().filter(|_| background.flush_failures > failures_before)
+            {
                 return Err(Error::Failed(format!("flush failed (the data is safe in the WAL): {reason}")));
             }
             if background.closing {

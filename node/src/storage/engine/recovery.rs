@@ -74,6 +74,8 @@ pub(super) fn open(fs: Arc<dyn Fs>, dir: &Path, opts: Options) -> Result<Recover
         flush_lock: Mutex::new(()),
         table_buffers: Mutex::default(),
         spare_memtable: Mutex::default(),
+        manifest_unknown: Default::default(),
+        flush_out_of: Default::default(),
         failed: Mutex::new(None),
         counters: Counters::default(),
         block_cache,
@@ -89,9 +91,18 @@ pub(super) fn open(fs: Arc<dyn Fs>, dir: &Path, opts: Options) -> Result<Recover
         };
         if full {
             // No thread runs yet: flush right here to stay within memory.
+            // Out of space, the memtable stays frozen (its records stay in
+            // the WAL) for the flush thread to try again: an engine opens,
+            // and serves reads, on a full disk.
             inner.rotate();
             if let Some(memtable) = inner.levels().frozen.last().cloned() {
-                inner.flush(&memtable)?;
+                match inner.flush(&memtable) {
+                    Ok(()) => {}
+                    Err(error @ Error::OutOf { .. }) => {
+                        tracing::warn!(%error, "a flush during recovery found no room; it is tried again later")
+                    }
+                    Err(error) => return Err(error),
+                }
             }
         }
         Ok(())
