@@ -368,6 +368,89 @@ fn connections_past_the_limit_are_refused_with_a_clear_error() {
     assert!(of_first("connections_max").reached >= 1);
 }
 
+/// Started with a soft open-files limit of 256 (the shell's `ulimit`),
+/// `quiverd` raises it to the hard limit: each connection holds a
+/// descriptor, and 256 would run out at a few hundred clients.
+#[test]
+fn quiverd_raises_its_open_files_limit_to_the_hard_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_with_ulimit(dir.path(), "-Sn 256", &[]);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", node.pid())).unwrap();
+    let files = limits.lines().find(|line| line.starts_with("Max open files")).unwrap();
+    let numbers: Vec<&str> = files.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(numbers[0], numbers[1], "the soft limit is not the hard one: {files}");
+    assert_ne!(numbers[0], "256", "{files}");
+}
+
+/// A `quiverd` run by a shell that first sets `ulimit` to `limit` (so the
+/// node cannot raise it past that).
+fn start_with_ulimit(dir: &std::path::Path, limit: &str, args: &[&str]) -> quiver_chaos::node::NodeProcess {
+    let script = dir.join("quiverd-limited");
+    let quiverd = env!("CARGO_BIN_EXE_quiverd");
+    std::fs::write(&script, format!("#!/bin/sh\nulimit {limit}\nexec {quiverd} \"$@\"\n")).unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let spec = quiver_chaos::node::NodeSpec::new(&script, &dir.join("data")).args(args.iter().copied());
+    quiver_chaos::node::NodeProcess::start(&spec).unwrap()
+}
+
+/// Idle connections take every file descriptor. Before, the next WAL
+/// segment that could not be made stopped the engine until a restart,
+/// and flushes that could not make their tables left writes waiting for
+/// ever. Now such a write is refused at once (retryable), the listener
+/// backs off, and once the connections go, writes resume, with every
+/// acknowledged one there.
+#[test]
+fn descriptors_taken_by_idle_connections_refuse_writes_until_they_are_freed() {
+    let dir = tempfile::tempdir().unwrap();
+    // Small WAL segments and memtables: new files every few dozen writes
+    // (a segment, a table). The clock's high-water mark, a file too, is
+    // written half the clock offset ahead of the stamps: half a minute
+    // here, so that the test meets the engine's files first.
+    let args = [
+        "--wal-segment-bytes",
+        "4096",
+        "--memtable-bytes-max",
+        "4096",
+        "--hello-timeout-ms",
+        "600000",
+        "--max-clock-offset-ms",
+        "60000",
+    ];
+    let node = start_with_ulimit(dir.path(), "-n 64", &args);
+    let client = Client::connect([node.addr.clone()]).unwrap();
+    client.set("before", "the descriptors ran out").unwrap();
+    let open = |client: &Client| {
+        client.status().unwrap().budgets.into_iter().find(|b| b.name == "connections_max").unwrap().used
+    };
+    let hogs: Vec<TcpStream> = (0..80).map(|_| TcpStream::connect(&node.addr).unwrap()).collect();
+    await_condition("the node to take the connections it can", || open(&client) >= 30);
+    let value = vec![b'v'; 100];
+    let mut acked = Vec::new();
+    let refused = (0..20_000).find_map(|i| {
+        let key = format!("k{i:05}");
+        match client.set(&key, &value) {
+            Ok(()) => {
+                acked.push(key);
+                None
+            }
+            Err(error) => Some(error),
+        }
+    });
+    let refused = refused.expect("no write was refused with every descriptor taken");
+    assert_eq!(refused.kind(), Some(ErrorKind::StorageFailed), "{refused}");
+    assert!(refused.to_string().contains("Too many open files"), "{refused}");
+    assert_eq!(client.get("before").unwrap().as_deref(), Some(&b"the descriptors ran out"[..]), "reads go on");
+    drop(hogs);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while let Err(error) = client.set("after", "descriptors came back") {
+        assert!(std::time::Instant::now() < deadline, "writes still refused a minute later: {error}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for chunk in acked.chunks(1000) {
+        assert!(client.get_many(chunk).unwrap().iter().all(Option::is_some), "an acknowledged write is missing");
+    }
+}
+
 /// A connection that sends no `Hello` in time, one that stops half-way
 /// through a frame, and one that says nothing for the idle timeout are
 /// closed, and counted.

@@ -641,7 +641,9 @@ pub enum ErrorKind {
     FrameTooLarge,
     /// The frame does not decode; the connection is closed.
     Malformed,
-    /// The node's storage failed; nothing more is written there.
+    /// The node's storage failed (nothing more is written there until it
+    /// restarts), or could not take the write for want of a resource that
+    /// comes back (file descriptors): the write was not applied.
     StorageFailed,
     /// The node is shutting down and takes no new requests.
     ShuttingDown,

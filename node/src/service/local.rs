@@ -353,7 +353,10 @@ impl Store for LocalStore {
         let stats = self.engine.stats();
         Ok(StoreStatus {
             keys: stats.table_entries + stats.memtable_entries as u64,
-            bytes_on_disk: self.engine.disk_bytes().map_err(storage_error)?,
+            // Out of file descriptors the directory cannot be listed:
+            // `status` still answers (it is what an operator looks at
+            // then), with the tables' bytes the engine knows.
+            bytes_on_disk: self.engine.disk_bytes().unwrap_or(stats.table_bytes),
             too_many_siblings_refused: self.causal.too_many_siblings_refused(),
             graph_backlog: self.index.as_ref().map(|index| index.vectors().backlog() as u64),
         })

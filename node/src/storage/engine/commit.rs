@@ -184,7 +184,7 @@ pub(super) fn commit_group(
         Err(e @ Error::OutOf { .. }) => {
             inner.counters.groups_refused.fetch_add(1, Ordering::Relaxed);
             for (_, done) in writes {
-                done(Err(Error::OutOf { op: "write", path: inner.dir.clone(), source: out_of_source(&e) }));
+                done(Err(once_more(&e)));
             }
             return None;
         }
@@ -212,15 +212,18 @@ pub(super) fn commit_group(
     Some((group, writes))
 }
 
-/// The cause of an [`Error::OutOf`], once more (an `io::Error` is not
-/// `Clone`), for each write it refuses.
-fn out_of_source(error: &Error) -> std::io::Error {
+/// An [`Error::OutOf`] once more (an `io::Error` is not `Clone`), for each
+/// write it refuses.
+fn once_more(error: &Error) -> Error {
     match error {
-        Error::OutOf { source, .. } => match source.raw_os_error() {
-            Some(code) => std::io::Error::from_raw_os_error(code),
-            None => std::io::Error::new(source.kind(), source.to_string()),
-        },
-        other => std::io::Error::other(other.to_string()),
+        Error::OutOf { op, path, source } => {
+            let source = match source.raw_os_error() {
+                Some(code) => std::io::Error::from_raw_os_error(code),
+                None => std::io::Error::new(source.kind(), source.to_string()),
+            };
+            Error::OutOf { op, path: path.clone(), source }
+        }
+        other => Error::Failed(other.to_string()),
     }
 }
 
