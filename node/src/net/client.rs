@@ -196,6 +196,7 @@ async fn connection(stream: TcpStream, service: Arc<Service>, mut stop: watch::R
     // many frames instead of two syscalls per frame.
     let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, reader);
     let limits = service.limits().clone();
+    let wire_limits = limits.wire();
     let frame_max = limits.frame_bytes_max;
     // Until answers say otherwise, each request in flight may bring the
     // largest value back.
@@ -279,7 +280,7 @@ async fn connection(stream: TcpStream, service: Arc<Service>, mut stop: watch::R
             Err(None) => break End::Client,
         };
         // Counts are checked before the lists they announce are decoded.
-        if let Err(error) = limits.wire().check_announced_entries(&body) {
+        if let Err(error) = wire_limits.check_announced_entries(&body) {
             let id = wire::peek_id(&body).unwrap_or(0);
             outbox.send(Response { id, hlc: service.hlc(), result: Err(error) });
             if greeted {
