@@ -6,7 +6,8 @@
 //!   (past a file's end: a new table, a new WAL segment), growing a file;
 //!   writes into bytes a file already has (a pre-allocated WAL segment)
 //!   still go through, as they do on a real file system;
-//! - out of descriptors (`EMFILE`): every open and create.
+//! - out of descriptors (`EMFILE`): every open and create, and syncing a
+//!   directory (which opens it).
 //!
 //! Tests drive the engine into these and out again, and check that it
 //! refuses what it cannot do, leaves nothing half-made, and goes on once
@@ -156,7 +157,9 @@ impl Fs for ExhaustFs {
     fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
         self.inner.create_dir_all(dir)
     }
+    /// Syncing a directory opens it: a descriptor.
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        self.shortage.descriptor()?;
         self.inner.sync_dir(dir)
     }
     // `write_new` and `first_difference` are the trait's own, through

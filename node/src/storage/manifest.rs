@@ -218,13 +218,12 @@ impl Manifest {
         Ok(())
     }
 
-    /// Writes `state` whole to a new file and renames it into place; on a
-    /// failure the old file stays, whole (out of space: [`Error::OutOf`]).
+    /// Writes `state` whole to a new file and renames it into place. A
+    /// failure before the rename leaves the old file, whole, as the
+    /// manifest (out of space: [`Error::OutOf`]); one after it (syncing the
+    /// directory) leaves the new one in place, its name perhaps not yet
+    /// durable: never `OutOf`, since the state it holds may be in effect.
     fn roll_over(&mut self, state: &State) -> Result<()> {
-        self.write_snapshot(state).map_err(Error::exhaustion_passes)
-    }
-
-    fn write_snapshot(&mut self, state: &State) -> Result<()> {
         let tmp = self.dir.join(TMP_NAME);
         let path = self.dir.join(FILE_NAME);
         let file = self.fs.create(&tmp).ctx("create", &tmp)?;
@@ -242,19 +241,22 @@ impl Manifest {
         if let Err(error) = written {
             // The old file is still the manifest, whole.
             let _ = self.fs.remove(&tmp);
-            return Err(error);
+            return Err(error.exhaustion_passes());
         }
         // From here the new file is the manifest, whether or not its name
         // is durable yet.
         self.file = file;
         self.offset = buf.len() as u64;
         self.edits_in_file = 1;
-        if let Err(error) = self.fs.sync_dir(&self.dir).ctx("sync directory", &self.dir) {
+        if let Err(error) = self.fs.sync_dir(&self.dir) {
             // The rename may not survive a crash: the next edit writes the
             // whole state again rather than append to a file that may not
             // be the one recovery finds.
             self.edits_in_file = self.edits_max;
-            return Err(error);
+            return Err(Error::Failed(format!(
+                "syncing {} after renaming a new manifest into place: {error}",
+                self.dir.display()
+            )));
         }
         Ok(())
     }

@@ -103,7 +103,7 @@ impl Inner {
     }
 
     /// Whether the frozen memtables are at their bound while flushes fail
-    /// for want of a resource: the error number then.
+    /// for want of a resource (`flush_out_of` holds its error number).
     pub(super) fn memtables_out_of_room(&self) -> bool {
         self.flush_out_of.load(Ordering::Acquire) != 0
             && self.levels().frozen.len() >= self.opts.frozen_memtables_max.max(1)

@@ -292,7 +292,12 @@ impl Inner {
             self.warm_value_cache(memtable, &before, &now);
         }
         drop(flushing);
-        self.retire_flushed_segments()
+        // The flush is done: were it failed here, it would be written
+        // again. Segments not retired now are by the next flush.
+        if let Err(error) = self.retire_flushed_segments() {
+            tracing::warn!(%error, "retiring the WAL segments a flush covered failed; the next flush tries again");
+        }
+        Ok(())
     }
 
     /// Puts what a flushed `memtable` held into the value cache as what the

@@ -164,8 +164,9 @@ pub struct Stats {
     pub cached_block_bytes: usize,
     /// WAL segments made from retired ones rather than zero-filled.
     pub wal_segments_recycled: u64,
-    /// Groups of writes refused, nothing written, because no WAL segment
-    /// could be made (out of space or file descriptors).
+    /// Groups of writes refused, nothing written, for want of space or
+    /// file descriptors: no WAL segment could be made, or no flush could
+    /// make room for more memtables.
     pub groups_refused: u64,
 }
 
@@ -355,7 +356,7 @@ struct Counters {
     compactions: AtomicU64,
     table_rewrites: AtomicU64,
     wal_recycled: Arc<AtomicU64>,
-    /// Groups of writes refused because no WAL segment could be made.
+    /// See [`Stats::groups_refused`].
     groups_refused: AtomicU64,
 }
 
