@@ -107,6 +107,12 @@ fn random_bytes() -> std::io::Result<[u8; 16]> {
     random_array()
 }
 
+/// A secret for context tokens from the system's random source, kept
+/// nowhere (see `service::token::load_or_create_secret` for one that is).
+pub fn random_secret() -> std::io::Result<[u8; crate::service::token::SECRET_BYTES]> {
+    random_array()
+}
+
 /// `N` bytes from the system's random source.
 pub(crate) fn random_array<const N: usize>() -> std::io::Result<[u8; N]> {
     let mut bytes = [0u8; N];

@@ -199,7 +199,12 @@ impl NodeClock {
         let Some(dir) = &self.dir else { return Ok(()) };
         let mark = hlc.plus_ms((self.max_offset_ms / 2).max(1));
         write_mark(dir, mark).map_err(|error| {
-            ServerError::new(ErrorKind::StorageFailed, format!("persisting the clock's high-water mark: {error}"))
+            // Refused, not stamped; the next stamp tries again.
+            let kind = match crate::storage::error::is_full(&error) {
+                true => ErrorKind::DiskFull,
+                false => ErrorKind::StorageFailed,
+            };
+            ServerError::new(kind, format!("persisting the clock's high-water mark: {error}"))
         })?;
         state.mark = mark;
         Ok(())

@@ -4,8 +4,9 @@
 //! naming the free bytes while reads go on, the node restarts on the full
 //! disk and serves reads, and when space comes back writes resume with no
 //! restart. Then with no reserve at all, the file system filled to its
-//! last byte: the engine refuses what it cannot write, and once there is
-//! room again nothing acknowledged is missing, also after a SIGKILL.
+//! last byte: the engine refuses what it cannot write, a node restarted
+//! there starts and serves reads, and once there is room again nothing
+//! acknowledged is missing, also after a SIGKILL.
 
 mod common;
 
@@ -172,7 +173,18 @@ fn filled_to_the_last_byte_the_engine_refuses_what_it_cannot_write_and_loses_not
     assert_eq!(refused.kind(), Some(ErrorKind::DiskFull), "{refused}");
     assert!(client.get("k00000").unwrap().is_some(), "reads go on");
 
+    // Killed and started again on the full disk, as a node from before
+    // context secrets (it has none to read, and no room to keep one): it
+    // starts, with no room for a WAL segment either, and serves reads.
+    node.kill();
+    std::fs::remove_file(data.join("CONTEXT_SECRET")).unwrap();
+    let filler_again = fs.fill_leaving(0);
+    let mut node = start_node(&data, &args);
+    let client = Client::connect([node.addr.clone()]).unwrap();
+    assert!(client.get("k00000").unwrap().is_some(), "reads go on after a restart on the full disk");
+
     std::fs::remove_file(&filler).unwrap();
+    std::fs::remove_file(&filler_again).unwrap();
     set_until_taken(&client, "after", b"room again");
     acked.push("after".into());
     node.kill();

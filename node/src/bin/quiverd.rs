@@ -367,8 +367,17 @@ async fn run(config: Config) -> Result<(), String> {
     let admin_token = load_or_create_admin_token(&dir).map_err(|e| format!("admin token in {}: {e}", dir.display()))?;
     let seal = match &config.tls_dir {
         Some(tls_dir) => read_cluster_secret(tls_dir).map_err(|e| format!("the cluster's secret: {e}"))?,
-        None => load_or_create_secret(&dir, CONTEXT_SECRET_FILE)
-            .map_err(|e| format!("the context secret in {}: {e}", dir.display()))?,
+        None => match load_or_create_secret(&dir, CONTEXT_SECRET_FILE) {
+            Ok(secret) => secret,
+            // A node from before there were secrets, restarted on a full
+            // disk: it still starts (and serves reads); its tokens last
+            // until it restarts with room to keep a secret.
+            Err(error) if quiver_node::storage::error::is_exhaustion(&error) => {
+                tracing::warn!(%error, "no room to keep a context secret: this run's tokens end with it");
+                quiver_node::identity::random_secret().map_err(|e| format!("a context secret: {e}"))?
+            }
+            Err(error) => return Err(format!("the context secret in {}: {error}", dir.display())),
+        },
     };
     let seal = TokenSeal::new(&seal);
     let options = config.engine_options();

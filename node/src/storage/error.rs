@@ -43,6 +43,13 @@ pub enum Error {
     OutOf { op: &'static str, path: PathBuf, source: io::Error },
 }
 
+/// Whether `error` says the file system is full (or over a quota).
+pub fn is_full(error: &io::Error) -> bool {
+    use rustix::io::Errno;
+    let code = error.raw_os_error();
+    code == Some(Errno::NOSPC.raw_os_error()) || code == Some(Errno::DQUOT.raw_os_error())
+}
+
 /// Whether `error` says the system is out of a resource that comes back
 /// (free space, a quota, file descriptors), rather than that the disk
 /// failed.
@@ -72,9 +79,7 @@ impl Error {
 
     /// Whether this is the file system being full (or over a quota).
     pub fn is_disk_full(&self) -> bool {
-        use rustix::io::Errno;
-        let full = |code: i32| code == Errno::NOSPC.raw_os_error() || code == Errno::DQUOT.raw_os_error();
-        matches!(self, Error::OutOf { source, .. } if source.raw_os_error().is_some_and(full))
+        matches!(self, Error::OutOf { source, .. } if is_full(source))
     }
 
     pub(crate) fn corrupt(path: &Path, offset: u64, reason: impl Into<String>) -> Error {
