@@ -114,8 +114,11 @@ fn status_errors_and_addr_flag() {
     let out = quiver(&node.addr, &["status"], None);
     assert!(out.status.success());
     let text = stdout(&out);
-    for field in ["node id:", "client addr:", "keys:", "bytes on disk:", "uptime:"] {
+    for field in ["node id:", "client addr:", "keys:", "bytes on disk:", "uptime:", "bounds:"] {
         assert!(text.contains(field), "{field} missing from {text}");
+    }
+    for bound in ["connections_max", "connection_answer_bytes_max", "idle_timeout_ms", "disk_reserve_bytes"] {
+        assert!(text.lines().any(|line| line.trim_start().starts_with(bound)), "{bound} missing from {text}");
     }
     assert!(text.contains(&node.addr));
 

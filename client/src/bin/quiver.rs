@@ -443,6 +443,14 @@ fn run(args: Args) -> Result<ExitCode, String> {
                 writeln!(out, "hints dropped: {} (too old, or their queue was full)", s.hints_dropped)
                     .map_err(|e| e.to_string())?;
             }
+            if !s.budgets.is_empty() {
+                writeln!(out, "bounds:        setting, in use, times reached: what happens at it")
+                    .map_err(|e| e.to_string())?;
+            }
+            for b in &s.budgets {
+                writeln!(out, "  {:<28} {:>12} {:>12} {:>6}  {}", b.name, b.max, b.used, b.reached, b.at_bound)
+                    .map_err(|e| e.to_string())?;
+            }
         }
         Command::Shutdown { .. } => {
             client.shutdown_node(&token).map_err(failed)?;
