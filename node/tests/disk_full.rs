@@ -90,10 +90,6 @@ fn set_until_taken(client: &Client, key: &str, value: &[u8]) {
     }
 }
 
-fn reserve_budget(client: &Client) -> quiver_client::BudgetInfo {
-    client.status().unwrap().budgets.into_iter().find(|b| b.name == "disk_reserve_bytes").unwrap()
-}
-
 #[test]
 fn below_its_reserve_a_node_refuses_writes_serves_reads_restarts_and_resumes_when_space_comes_back() {
     let Some(fs) = SmallFs::mount(96) else { return };
@@ -125,7 +121,7 @@ fn below_its_reserve_a_node_refuses_writes_serves_reads_restarts_and_resumes_whe
     assert_eq!(error.kind(), Some(ErrorKind::DiskFull), "{error}");
     assert!(error.to_string().contains("bytes free"), "{error}");
     assert_eq!(client.get("before").unwrap().as_deref(), Some(&b"the disk filled"[..]), "reads go on");
-    let reserve = reserve_budget(&client);
+    let reserve = common::budget_of(&client, "disk_reserve_bytes");
     assert_eq!(reserve.max, 32 << 20);
     assert!(reserve.used < reserve.max && reserve.reached >= 1, "{reserve:?}");
 

@@ -264,10 +264,10 @@ fn stray_and_hostile_frames_stop_nothing_and_lose_nothing() {
     assert_eq!(client.get("after").unwrap().as_deref(), Some(&b"the storm"[..]));
 }
 
-/// A node's bound as its `status` shows it.
+/// A node's bound as its `status` shows it, asked on a connection of its
+/// own.
 fn budget(addr: &str, name: &str) -> wire::BudgetInfo {
-    let status = Client::connect([addr.to_owned()]).unwrap().status().unwrap();
-    status.budgets.into_iter().find(|b| b.name == name).unwrap_or_else(|| panic!("no budget {name} in status"))
+    common::budget_of(&Client::connect([addr.to_owned()]).unwrap(), name)
 }
 
 /// Waits (a bound of a minute, not a pace) until `ready` holds.
@@ -358,7 +358,7 @@ fn connections_past_the_limit_are_refused_with_a_clear_error() {
     let refused = Client::connect([node.addr.clone()]).unwrap_err();
     assert_eq!(refused.kind(), Some(ErrorKind::TooManyConnections), "{refused}");
     assert!(refused.to_string().contains("connections_max"), "{refused}");
-    let of_first = |name: &str| first.status().unwrap().budgets.into_iter().find(|b| b.name == name).unwrap();
+    let of_first = |name: &str| common::budget_of(&first, name);
     let connections = of_first("connections_max");
     assert_eq!((connections.max, connections.used), (3, 3));
     assert!(connections.reached >= 1);
@@ -419,9 +419,7 @@ fn descriptors_taken_by_idle_connections_refuse_writes_until_they_are_freed() {
     let node = start_with_ulimit(dir.path(), "-n 64", &args);
     let client = Client::connect([node.addr.clone()]).unwrap();
     client.set("before", "the descriptors ran out").unwrap();
-    let open = |client: &Client| {
-        client.status().unwrap().budgets.into_iter().find(|b| b.name == "connections_max").unwrap().used
-    };
+    let open = |client: &Client| common::budget_of(client, "connections_max").used;
     let hogs: Vec<TcpStream> = (0..80).map(|_| TcpStream::connect(&node.addr).unwrap()).collect();
     await_condition("the node to take the connections it can", || open(&client) >= 30);
     let value = vec![b'v'; 100];

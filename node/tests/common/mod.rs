@@ -61,6 +61,12 @@ impl Writer {
     }
 }
 
+/// The bound `name` as a node's `status`, asked through `client`, shows it.
+pub fn budget_of(client: &quiver_client::blocking::Client, name: &str) -> quiver_client::BudgetInfo {
+    let status = client.status().unwrap();
+    status.budgets.into_iter().find(|b| b.name == name).unwrap_or_else(|| panic!("no bound {name} in status"))
+}
+
 /// Starts this build's `quiverd` on `dir` (a free port) and waits until ready.
 pub fn start_node(dir: &Path, extra: &[&str]) -> NodeProcess {
     NodeProcess::start(&NodeSpec::new(env!("CARGO_BIN_EXE_quiverd"), dir).args(extra.iter().copied()))
