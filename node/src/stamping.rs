@@ -153,6 +153,14 @@ impl NodeClock {
         Ok(())
     }
 
+    /// How long to wait before stamping a write above `seen`, so that
+    /// replicas within half the maximum offset accept the stamp
+    /// ([`quiver_ring::HlcClock::wait_before_stamp_ms`]).
+    pub fn wait_before_stamp(&self, seen: Hlc) -> std::time::Duration {
+        let wait_ms = lock(&self.state).stamper.wait_before_stamp_ms(seen, self.wall.now_ms());
+        std::time::Duration::from_millis(wait_ms)
+    }
+
     /// The stamp of a write: above `seen` (the client's timestamp) and
     /// `above` (a causal write's context), never past `deadline`.
     pub fn stamp(&self, seen: Hlc, above: Hlc, deadline: Option<Hlc>) -> Result<Stamp, ServerError> {

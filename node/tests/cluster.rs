@@ -11,14 +11,18 @@
 //! Clients made with `direct()` send every call to the node they connected
 //! to (that node coordinates); the others route by the ring.
 
+mod common;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::{now_ms, raw_call};
 use quiver_chaos::node::{cluster_specs, NodeProcess, NodeSpec};
 use quiver_client::blocking::Client;
 use quiver_client::{Consistency, ErrorKind, NodeStatus, TextSearch};
 use quiver_ring::ring::{Member, Ring, RingView};
-use quiver_ring::NodeId;
+use quiver_ring::wire::Op;
+use quiver_ring::{Hlc, NodeId};
 
 /// How long a condition on the cluster may take before the test fails
 /// (a bound, not a timing assertion: heartbeats run every second).
@@ -430,9 +434,10 @@ fn a_bulk_set_whose_coordinator_died_is_replayed_from_the_batch_log() {
     }
 }
 
-/// Hints past their age are dropped undelivered, counted in `status`:
-/// with `--hint-age-max-secs 1`, the writes n3 missed while down are not
-/// handed to it when it comes back more than a second later.
+/// Hints past their age are dropped undelivered, counted in `status`,
+/// even while their owner stays down: with `--hint-age-max-secs 1`, the
+/// writes n3 missed are gone from n1 and n2 before n3 comes back, and are
+/// not handed to it when it does.
 #[test]
 fn hints_past_their_age_are_dropped_undelivered() {
     let dir = tempfile::tempdir().unwrap();
@@ -440,18 +445,18 @@ fn hints_past_their_age_are_dropped_undelivered() {
     let aged: &[&str] = &["--hint-age-max-secs", "1", "--gc-grace-secs", "1000"];
     let mut nodes: Vec<NodeProcess> = specs.iter().map(|spec| start(spec, aged)).collect();
     let keys = written_while_n3_is_down(&mut nodes, "aged", 20);
-    let written = Instant::now();
-    let held: u64 = nodes[..2].iter().map(|n| hints_for(&direct(n).status().unwrap(), "n3")).sum();
-    assert_eq!(held, keys.len() as u64);
-    // The hints must be past their age when n3 is back: let a second pass.
-    std::thread::sleep(Duration::from_millis(1100).saturating_sub(written.elapsed()));
-    nodes[2] = start(&specs[2], aged);
     let mut dropped = 0;
     for node in &nodes[..2] {
-        let status = wait_for(&direct(node), "hints gone", |s| s.peers.iter().all(|p| p.up) && hints_for(s, "n3") == 0);
+        let status = wait_for(&direct(node), "hints gone while n3 is down", |s| {
+            s.peers.iter().any(|p| p.name == "n3" && !p.up) && hints_for(s, "n3") == 0
+        });
         dropped += status.hints_dropped;
     }
     assert_eq!(dropped, keys.len() as u64, "every hint was dropped, none delivered");
+    nodes[2] = start(&specs[2], aged);
+    for node in &nodes[..2] {
+        wait_for(&direct(node), "n3 back", |s| s.peers.iter().all(|p| p.up));
+    }
     let own = direct(&nodes[2]).with_consistency(Consistency::One);
     let values = with_paused(&[&nodes[0], &nodes[1]], || own.get_many(&keys).unwrap());
     assert!(values.iter().all(Option::is_none), "n3 got none of them: {values:?}");
@@ -555,4 +560,71 @@ fn cluster_searches_find_what_a_single_node_finds_over_the_same_data() {
     // finds the same.
     let through_n3 = direct(&nodes[2]).search_text("king", 1000).unwrap();
     assert_eq!(through_n3.len(), cluster.search_text("king", 1000).unwrap().len());
+}
+
+/// One node down never becomes an outage: with a 1 MiB hint budget and n3
+/// SIGKILLed, 6 MiB written through n1 and n2 (more than their hint queues
+/// for n3 hold) are every one acknowledged at quorum and readable; the
+/// stand-ins hold what fits and count the rest as dropped in `status`.
+#[test]
+fn a_full_hint_queue_drops_hints_and_the_writes_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let specs = cluster(dir.path(), 3);
+    let budget: &[&str] = &["--hint-bytes-max", "1048576"];
+    let mut nodes: Vec<NodeProcess> = specs.iter().map(|spec| start(spec, budget)).collect();
+    written_while_n3_is_down(&mut nodes, "before", 1);
+    let value = "v".repeat(16 << 10);
+    let keys: Vec<String> = (0..384).map(|i| format!("full-{i}")).collect();
+    let (n1, n2) = (direct(&nodes[0]), direct(&nodes[1]));
+    for (i, key) in keys.iter().enumerate() {
+        let through = if i % 2 == 0 { &n1 } else { &n2 };
+        through.set(key, &value).unwrap_or_else(|e| panic!("{key}: {e}"));
+    }
+    let read = n1.get_many(&keys).unwrap();
+    assert!(read.iter().all(|v| v.as_deref() == Some(value.as_bytes())), "every write is readable");
+    let (mut held, mut dropped) = (0, 0);
+    for client in [&n1, &n2] {
+        let status = client.status().unwrap();
+        let bytes = status.ring.iter().find(|m| m.name == "n3").map_or(0, |m| m.hint_bytes);
+        assert!(bytes <= 1 << 20, "a queue stays within its bound: {bytes}");
+        held += hints_for(&status, "n3");
+        dropped += status.hints_dropped;
+    }
+    assert!(dropped > 0, "the hints that did not fit were dropped and counted");
+    assert_eq!(held + dropped, keys.len() as u64 + 1, "each write's hint was held or counted as dropped");
+}
+
+/// A timestamp one node accepts is not refused by another for skew: a
+/// client that has seen a timestamp just under the maximum offset ahead
+/// writes through n1, whose clock is 100 ms ahead of n2's and n3's (a
+/// margin over the time the request takes to arrive). n1 waits until its
+/// stamp is within half the offset of its clock, so the write is
+/// acknowledged and every replica takes it (without the wait n2 and n3
+/// refuse it as too far ahead, and the write is unavailable).
+#[test]
+fn a_timestamp_the_coordinator_accepts_is_not_refused_by_replicas_behind_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let specs = cluster(dir.path(), 3);
+    let nodes: Vec<NodeProcess> = specs
+        .iter()
+        .enumerate()
+        .map(|(i, spec)| start(spec, if i == 0 { &["--debug-clock-offset-ms", "100"][..] } else { &[] }))
+        .collect();
+    for node in &nodes {
+        wait_for(&direct(node), "every peer up", |s| s.peers.iter().all(|p| p.up));
+    }
+    let seen = Hlc::from_physical_ms(now_ms() + 100 + 490);
+    let answer = raw_call(&nodes[0].addr, seen, Op::Set { key: b"skewed".to_vec(), value: b"v".to_vec() });
+    answer.result.expect("acknowledged");
+    let started = Instant::now();
+    loop {
+        let held = versions_on_each_node(&nodes, "skewed");
+        if held
+            .iter()
+            .all(|versions| versions.iter().any(|(value, hlc)| value.as_deref() == Some(b"v") && Hlc(*hlc) > seen))
+        {
+            break;
+        }
+        assert!(started.elapsed() < WAIT_MAX, "not on every replica: {held:?}");
+    }
 }

@@ -6,7 +6,15 @@
 //! coordinated by a replica of the key, which writes against its own
 //! siblings and sends the resulting set (design section 5). Every replica
 //! adopts the timestamps it receives, and quorum reads repair the replicas
-//! that answered stale. Every failure prints its seed;
+//! that answered stale.
+//!
+//! Each node's clock is off by up to half the maximum offset, and some
+//! clients' clocks are ahead of their coordinator's by up to all of it: a
+//! coordinator waits before stamping as the clock rule says, and a replica
+//! refuses a write with a timestamp too far ahead of its clock (a refusal
+//! is hinted like a replica that is down). In half the histories the
+//! stand-ins have no room for hints: every hint is dropped, and the
+//! replica's own part is taken all the same. Every failure prints its seed;
 //! `QUIVER_SIM_SEED=N` replays one history, `QUIVER_SIM_HISTORIES=N` runs
 //! more.
 //!
@@ -16,7 +24,8 @@
 //! quorum reads of their keys. Here a search looks for a digit in the
 //! values, scored by how often it occurs.
 //!
-//! Checked: a quorum read that starts after a quorum write was acknowledged
+//! Checked: no replica refuses a timestamp its coordinator stamped (the
+//! clock rules agree); a quorum read that starts after a quorum write was acknowledged
 //! returns that write or a later one (R + W > N); an operation that cannot
 //! reach its quorum before its deadline fails as unavailable, with the
 //! counts, and never hangs; once every message is delivered and replicas
@@ -30,8 +39,9 @@
 
 use std::collections::BTreeMap;
 
+use quiver_node::cluster::hints;
 use quiver_node::cluster::quorum::{
-    replica_handle, Consistency, DataMessage, Hinted, OpId, Outcome, Placement, Quorum, ReplicaStore,
+    replica_handle, Consistency, DataMessage, Hinted, OpId, Outcome, Placement, Quorum, Refusal, ReplicaStore,
 };
 use quiver_node::cluster::scatter;
 use quiver_ring::rand::SplitMix64;
@@ -43,12 +53,27 @@ const NODES: u64 = 5;
 const N: usize = 3;
 const KEYS: u64 = 6;
 const DEADLINE_MS: u64 = 40;
+/// The largest distance between clocks a node accepts. Each node's clock
+/// is off by less than half of it: what the clock rules promise to cope
+/// with (a timestamp one node accepts, no other refuses).
+const MAX_OFFSET_MS: u64 = 20;
 /// Hits a search asks for: fewer than the keys, so the cut matters.
 const SEARCH_K: usize = 3;
 
-/// A replica's sets, and the hints it holds for others.
+/// A replica's sets, and the hints it holds for others (each owner's at
+/// most `hint_bytes_max` bytes of values).
 #[derive(Default)]
-struct MapStore(BTreeMap<Vec<u8>, Siblings>, Vec<Hinted>);
+struct MapStore {
+    sets: BTreeMap<Vec<u8>, Siblings>,
+    hints: Vec<Hinted>,
+    hint_bytes_max: u64,
+    hints_dropped: usize,
+}
+
+/// The bytes a hint counts for here: its values.
+fn hint_bytes(sets: &[(Vec<u8>, Siblings)]) -> u64 {
+    sets.iter().flat_map(|(_, s)| s.versions()).map(|v| v.value.as_ref().map_or(1, Vec::len) as u64).sum()
+}
 
 impl MapStore {
     /// This replica's hits for the digit `digit` among its keys in
@@ -56,7 +81,7 @@ impl MapStore {
     /// occurs in it.
     fn search(&self, digit: u8, ranges: &[TokenRange]) -> Vec<SearchHit> {
         let in_ranges = |key: &[u8]| ranges.iter().any(|range| range.holds(key));
-        let winners = self.0.iter().filter(|(key, _)| in_ranges(key));
+        let winners = self.sets.iter().filter(|(key, _)| in_ranges(key));
         let winners = winners.filter_map(|(key, set)| Some((key, set.winner()?.value.clone()?)));
         winners
             .filter_map(|(key, value)| {
@@ -67,16 +92,56 @@ impl MapStore {
     }
 }
 
-impl ReplicaStore for MapStore {
-    fn merge(&mut self, sets: Vec<(Vec<u8>, Siblings)>, hints: Vec<Hinted>) {
+impl MapStore {
+    /// Merges `sets` in (no refusal: the converged state, and a causal
+    /// write's coordinator's own part).
+    fn merge_sets(&mut self, sets: Vec<(Vec<u8>, Siblings)>) {
         for (key, siblings) in sets {
-            self.0.entry(key).or_default().merge(siblings);
+            self.sets.entry(key).or_default().merge(siblings);
         }
-        self.1.extend(hints);
     }
 
     fn get(&self, key: &[u8]) -> Option<Siblings> {
-        self.0.get(key).cloned()
+        self.sets.get(key).cloned()
+    }
+}
+
+/// A node as the replica of a write: its store, and its clock, which
+/// adopts every timestamp it takes and refuses the write (all of it) if
+/// one is too far ahead of its wall clock.
+struct Replica<'a> {
+    store: &'a mut MapStore,
+    stamper: &'a mut Stamper,
+    wall_ms: u64,
+    skew_refused: &'a mut usize,
+}
+
+impl ReplicaStore for Replica<'_> {
+    fn merge(&mut self, sets: Vec<(Vec<u8>, Siblings)>, hinted: Vec<Hinted>) -> Result<Vec<NodeId>, Refusal> {
+        let versions = sets.iter().chain(hinted.iter().flat_map(|h| &h.sets)).flat_map(|(_, s)| s.versions());
+        for version in versions {
+            if self.stamper.observe(version.hlc, self.wall_ms).is_err() {
+                *self.skew_refused += 1;
+                return Err(Refusal);
+            }
+        }
+        self.store.merge_sets(sets);
+        let mut dropped = Vec::new();
+        for hint in hinted {
+            let queued: u64 =
+                self.store.hints.iter().filter(|h| h.owner == hint.owner).map(|h| hint_bytes(&h.sets)).sum();
+            if hints::fits(queued, hint_bytes(&hint.sets), self.store.hint_bytes_max) {
+                self.store.hints.push(hint);
+            } else {
+                self.store.hints_dropped += 1;
+                dropped.push(hint.owner);
+            }
+        }
+        Ok(dropped)
+    }
+
+    fn get(&self, key: &[u8]) -> Option<Siblings> {
+        self.store.get(key)
     }
 }
 
@@ -84,6 +149,8 @@ struct Node {
     quorum: Quorum,
     store: MapStore,
     stamper: Stamper,
+    /// How far this node's wall clock is ahead of the simulation's time.
+    offset_ms: u64,
     /// Operations this node coordinates: what each was.
     ops: BTreeMap<OpId, Op>,
     /// Searches this node coordinates, by number.
@@ -136,6 +203,16 @@ enum Op {
     },
 }
 
+/// A write to start at `at`: its coordinator waits for its clock before
+/// stamping it ([`Stamper::wait_before_stamp_ms`]).
+struct Deferred {
+    at: u64,
+    coordinator: NodeId,
+    key: Vec<u8>,
+    /// `None`: a causal write, with the context of the key's last read.
+    consistency: Option<Consistency>,
+}
+
 struct InFlight {
     at: u64,
     from: NodeId,
@@ -159,6 +236,17 @@ struct Sim {
     causal_acked: Vec<(Vec<u8>, Version)>,
     /// Per key, the context of the last read that completed.
     contexts: BTreeMap<Vec<u8>, Context>,
+    /// The highest timestamp any client saw: every write carries it (or
+    /// its own clock, when that is ahead).
+    client_hlc: Hlc,
+    /// Writes whose coordinator waits before stamping them.
+    deferred: Vec<Deferred>,
+    /// Writes a replica refused as too far ahead of its clock.
+    skew_refused: usize,
+    /// Writes a coordinator refused: the client's timestamp too far ahead.
+    clock_refused: usize,
+    /// Writes whose coordinator waited before stamping them.
+    waited: usize,
     unavailable: usize,
     reads_checked: usize,
     /// Every value written, and its version's order.
@@ -179,12 +267,16 @@ impl Sim {
                 peer_addr: String::new(),
             })
             .collect();
+        let mut rng = SplitMix64::new(seed);
+        // Half the histories keep no hints at all: every hint is dropped.
+        let hint_bytes_max = if rng.chance(0.5) { 0 } else { 1 << 20 };
         let nodes = (1..=NODES)
             .map(|id| {
                 let node = Node {
-                    quorum: Quorum::default(),
-                    store: MapStore::default(),
-                    stamper: Stamper::new(NodeId(id), Hlc::ZERO, u64::MAX),
+                    quorum: Quorum::new(NodeId(id)),
+                    store: MapStore { hint_bytes_max, ..MapStore::default() },
+                    stamper: Stamper::new(NodeId(id), Hlc::ZERO, MAX_OFFSET_MS),
+                    offset_ms: rng.between(0, MAX_OFFSET_MS / 2 - 1),
                     ops: BTreeMap::new(),
                     searches: BTreeMap::new(),
                 };
@@ -192,7 +284,7 @@ impl Sim {
             })
             .collect();
         Sim {
-            rng: SplitMix64::new(seed),
+            rng,
             now: 1_000,
             nodes,
             ring: Ring::new(RingView { epoch: 1, members }),
@@ -203,6 +295,11 @@ impl Sim {
             acked_any: BTreeMap::new(),
             causal_acked: Vec::new(),
             contexts: BTreeMap::new(),
+            client_hlc: Hlc::ZERO,
+            deferred: Vec::new(),
+            skew_refused: 0,
+            clock_refused: 0,
+            waited: 0,
             unavailable: 0,
             reads_checked: 0,
             written: BTreeMap::new(),
@@ -233,6 +330,13 @@ impl Sim {
     fn finish(&mut self, coordinator: NodeId, op: OpId, outcome: Outcome) {
         let seed = self.seed;
         let Some(done) = self.nodes.get_mut(&coordinator).and_then(|n| n.ops.remove(&op)) else { return };
+        let seen = match (&done, &outcome) {
+            (Op::Write { order, .. }, Outcome::Written) => Some(order.0),
+            (Op::Causal { version, .. }, Outcome::Written) => Some(version.hlc),
+            (_, Outcome::Read(found)) => found.as_ref().and_then(Siblings::winner).map(|v| v.hlc),
+            _ => None,
+        };
+        self.client_hlc = self.client_hlc.max(seen.unwrap_or_default());
         match (done, outcome) {
             (Op::Write { key, order, consistency }, Outcome::Written) => {
                 // A write at `any` may be held by a hint only: quorum reads
@@ -286,6 +390,20 @@ impl Sim {
     /// operation at a coordinator that is up.
     fn step(&mut self, new_ops: bool) {
         self.now += 1;
+        // Deferred writes whose wait is over start (once the clients stop,
+        // they give up).
+        let now = self.now;
+        let (due, later): (Vec<Deferred>, Vec<Deferred>) =
+            std::mem::take(&mut self.deferred).into_iter().partition(|d| d.at <= now);
+        self.deferred = later;
+        for write in due.into_iter().filter(|_| new_ops) {
+            if Some(write.coordinator) != self.down {
+                self.start_write(write);
+            }
+        }
+        if !new_ops {
+            self.deferred.clear();
+        }
         let mut due = Vec::new();
         let mut i = 0;
         while i < self.network.len() {
@@ -338,13 +456,13 @@ impl Sim {
         };
         match message {
             message @ (DataMessage::Write { .. } | DataMessage::Read { .. }) => {
-                if let DataMessage::Write { sets, .. } = &message {
-                    // A replica's clock adopts what it receives.
-                    for version in sets.iter().flat_map(|(_, siblings)| siblings.versions()) {
-                        node.stamper.observe(version.hlc, self.now).expect("a test clock never refuses");
-                    }
-                }
-                if let Some(reply) = replica_handle(&mut node.store, message) {
+                let mut replica = Replica {
+                    store: &mut node.store,
+                    stamper: &mut node.stamper,
+                    wall_ms: self.now + node.offset_ms,
+                    skew_refused: &mut self.skew_refused,
+                };
+                if let Some(reply) = replica_handle(&mut replica, message) {
                     let to = flight.to;
                     self.send(to, vec![(flight.from, reply)]);
                 }
@@ -364,7 +482,6 @@ impl Sim {
         let key = format!("key-{}", self.rng.between(0, KEYS - 1)).into_bytes();
         let replicas = self.ring.preference_list(&key, N);
         let deadline = self.now + DEADLINE_MS;
-        let now = self.now;
         let acked_before = self.acked.get(&key).copied();
         if self.rng.chance(0.1) {
             return self.start_search(coordinator);
@@ -373,22 +490,15 @@ impl Sim {
             0 | 1 => {
                 // Some writes at `any`: a hint may be all that holds them.
                 let consistency = if self.rng.chance(0.2) { Consistency::Any } else { Consistency::Quorum };
-                let placement = self.placement(&key, coordinator);
-                let Some(node) = self.nodes.get_mut(&coordinator) else { return };
-                let stamp = node.stamper.next(now).expect("a test clock never refuses");
-                let version = stamp.blind(Some(format!("{}", stamp.hlc).into_bytes()));
-                let order = version.order();
-                self.written.insert(version.value.clone().unwrap_or_default(), order);
-                let (op, messages) = node.quorum.start_write(
-                    vec![(key.clone(), Siblings::one(version))],
-                    vec![placement],
-                    consistency,
-                    deadline,
-                );
-                node.ops.insert(op, Op::Write { key, order, consistency });
-                self.send(coordinator, messages);
+                self.start_write(Deferred { at: self.now, coordinator, key, consistency: Some(consistency) });
             }
-            2 => self.start_causal(key, replicas, deadline),
+            2 => {
+                // Through a replica of the key that is up.
+                let coordinator = replicas[self.rng.between(0, replicas.len() as u64 - 1) as usize];
+                if Some(coordinator) != self.down {
+                    self.start_write(Deferred { at: self.now, coordinator, key, consistency: None });
+                }
+            }
             _ => {
                 let Some(node) = self.nodes.get_mut(&coordinator) else { return };
                 let (op, messages) = node.quorum.start_read(&key, &replicas, Consistency::Quorum, deadline);
@@ -398,24 +508,60 @@ impl Sim {
         }
     }
 
-    /// A causal write of `key` with the context of its last read, through a
-    /// replica that is up: stamped above the context, merged into the
-    /// replica's own siblings, and the resulting set sent to the others.
-    fn start_causal(&mut self, key: Vec<u8>, replicas: Vec<NodeId>, deadline: u64) {
-        let coordinator = replicas[self.rng.between(0, replicas.len() as u64 - 1) as usize];
-        if Some(coordinator) == self.down {
+    /// A write of `write.key` through `write.coordinator`, carrying the
+    /// highest timestamp the client saw (and a causal write, the context of
+    /// the key's last read): the coordinator checks it, and waits before
+    /// stamping as long as the clock rule says ([`Self::deferred`]).
+    fn start_write(&mut self, write: Deferred) {
+        let context = self.contexts.get(&write.key).cloned().unwrap_or_default();
+        let Some(node) = self.nodes.get_mut(&write.coordinator) else { return };
+        let wall_ms = self.now + node.offset_ms;
+        // Some clients' clocks are ahead of the coordinator's, by up to the
+        // maximum offset.
+        let client_clock = Hlc::from_physical_ms(wall_ms + self.rng.between(0, MAX_OFFSET_MS));
+        let seen = match self.rng.chance(0.2) {
+            true => self.client_hlc.max(client_clock),
+            false => self.client_hlc,
+        };
+        let seen = if write.consistency.is_none() { seen.max(context.max_hlc) } else { seen };
+        if node.stamper.check(seen, wall_ms).is_err() {
+            self.clock_refused += 1;
             return;
         }
-        let context = self.contexts.get(&key).cloned().unwrap_or_default();
-        let now = self.now;
-        let Some(node) = self.nodes.get_mut(&coordinator) else { return };
-        node.stamper.observe(context.max_hlc, now).expect("a test clock never refuses");
-        let stamp = node.stamper.next(now).expect("a test clock never refuses");
-        let version = stamp.causal(context, Some(format!("causal {}", stamp.hlc).into_bytes()));
+        let wait_ms = node.stamper.wait_before_stamp_ms(seen, wall_ms);
+        if wait_ms > 0 {
+            self.waited += 1;
+            return self.deferred.push(Deferred { at: self.now + wait_ms, ..write });
+        }
+        node.stamper.observe(seen, wall_ms).expect("checked");
+        let stamp = node.stamper.next(wall_ms).expect("within the offset after the wait");
+        let deadline = self.now + DEADLINE_MS;
+        let Some(consistency) = write.consistency else {
+            return self.start_causal(write.coordinator, write.key, stamp.causal(context, None), deadline);
+        };
+        // Unique: two nodes may stamp the same hlc.
+        let version = stamp.blind(Some(format!("{} n{}", stamp.hlc, stamp.node.0).into_bytes()));
+        let order = version.order();
+        self.written.insert(version.value.clone().unwrap_or_default(), order);
+        let placement = self.placement(&write.key, write.coordinator);
+        let Some(node) = self.nodes.get_mut(&write.coordinator) else { return };
+        let sets = vec![(write.key.clone(), Siblings::one(version))];
+        let (op, messages) = node.quorum.start_write(sets, vec![placement], consistency, deadline);
+        node.ops.insert(op, Op::Write { key: write.key, order, consistency });
+        self.send(write.coordinator, messages);
+    }
+
+    /// A causal write of `key` through `coordinator`, a replica that is
+    /// up: `version` (stamped above its context; its value is made here),
+    /// merged into the replica's own siblings, and the resulting set sent
+    /// to the others.
+    fn start_causal(&mut self, coordinator: NodeId, key: Vec<u8>, mut version: Version, deadline: u64) {
+        version.value = Some(format!("causal {} n{}", version.hlc, coordinator.0).into_bytes());
         self.written.insert(version.value.clone().unwrap_or_default(), version.order());
+        let Some(node) = self.nodes.get_mut(&coordinator) else { return };
         let mut set = node.store.get(&key).unwrap_or_default();
         set.merge(Siblings::one(version.clone()));
-        node.store.merge(vec![(key.clone(), set.clone())], vec![]);
+        node.store.merge_sets(vec![(key.clone(), set.clone())]);
         let placement = self.placement(&key, coordinator);
         let Some(node) = self.nodes.get_mut(&coordinator) else { return };
         let (op, messages, done) = node.quorum.start_write_held(
@@ -563,14 +709,15 @@ impl Sim {
         let mut rest: Vec<InFlight> = std::mem::take(&mut self.network);
         rest.append(&mut self.dropped);
         self.down = None;
-        let hints: Vec<Hinted> = self.nodes.values_mut().flat_map(|node| std::mem::take(&mut node.store.1)).collect();
+        let hints: Vec<Hinted> =
+            self.nodes.values_mut().flat_map(|node| std::mem::take(&mut node.store.hints)).collect();
         for Hinted { owner, sets } in hints {
-            self.nodes.get_mut(&owner).expect("a hint's owner is a node").store.merge(sets, vec![]);
+            self.nodes.get_mut(&owner).expect("a hint's owner is a node").store.merge_sets(sets);
         }
         for flight in rest {
             let Message::Data(message) = flight.message else { continue };
             if let (DataMessage::Write { sets, .. }, Some(node)) = (message, self.nodes.get_mut(&flight.to)) {
-                node.store.merge(sets, vec![]);
+                node.store.merge_sets(sets);
             }
         }
         for k in 0..KEYS {
@@ -584,7 +731,7 @@ impl Sim {
             }
             for id in &replicas {
                 let node = self.nodes.get_mut(id).expect("a replica is a node");
-                node.store.merge(vec![(key.clone(), all.clone())], vec![]);
+                node.store.merge_sets(vec![(key.clone(), all.clone())]);
             }
             let first = self.nodes[&replicas[0]].store.get(&key);
             for id in &replicas {
@@ -624,6 +771,8 @@ struct Checked {
     causal: usize,
     searches: usize,
     searches_unavailable: usize,
+    waited: usize,
+    hints_dropped: usize,
 }
 
 /// One history.
@@ -642,6 +791,12 @@ fn run(seed: u64) -> Checked {
     }
     let left: usize = sim.nodes.values().map(|n| n.quorum.in_flight() + n.searches.len()).sum();
     assert_eq!(left, 0, "seed {seed}: operations never ended");
+    assert_eq!(
+        sim.skew_refused, 0,
+        "seed {seed}: a replica refused a timestamp its coordinator stamped as too far ahead ({} refused by coordinators)",
+        sim.clock_refused
+    );
+    let hints_dropped = sim.nodes.values().map(|n| n.store.hints_dropped).sum();
     sim.converge();
     sim.search_converged();
     Checked {
@@ -650,6 +805,8 @@ fn run(seed: u64) -> Checked {
         causal: sim.causal_acked.len(),
         searches: sim.searches_checked,
         searches_unavailable: sim.searches_unavailable,
+        waited: sim.waited,
+        hints_dropped,
     }
 }
 
@@ -670,22 +827,29 @@ fn quorum_reads_see_acknowledged_writes_and_replicas_converge() {
         total.causal += one.causal;
         total.searches += one.searches;
         total.searches_unavailable += one.searches_unavailable;
+        total.waited += one.waited;
+        total.hints_dropped += one.hints_dropped;
     }
     assert!(total.reads > 0, "some reads completed and were checked");
     assert!(total.unavailable > 0, "some operations hit their deadline (messages dropped, a node down)");
     assert!(total.causal > 0, "some causal writes were acknowledged and checked");
     assert!(total.searches > 0, "some searches completed and were checked");
     assert!(total.searches_unavailable > 0, "some searches lost a part and failed by their deadline");
+    assert!(total.waited > 0, "some coordinators waited for their clock before stamping");
+    assert!(total.hints_dropped > 0, "some stand-ins had no room for a hint");
 }
 
 /// With two of a key's three replicas down, a quorum write is unavailable
 /// (one answer of two needed) and a write at `one` succeeds.
 #[test]
 fn two_replicas_down_quorum_is_unavailable_and_one_succeeds() {
-    let mut quorum = Quorum::default();
+    let mut quorum = Quorum::new(NodeId(1));
     let mut store = MapStore::default();
+    let mut stamper = Stamper::new(NodeId(1), Hlc::ZERO, MAX_OFFSET_MS);
+    let mut skew_refused = 0;
+    let mut replica = Replica { store: &mut store, stamper: &mut stamper, wall_ms: 1, skew_refused: &mut skew_refused };
     let replicas = [NodeId(1), NodeId(2), NodeId(3)];
-    let stamp = Stamper::new(NodeId(1), Hlc::ZERO, u64::MAX).next(1).unwrap();
+    let stamp = Stamper::new(NodeId(1), Hlc::ZERO, MAX_OFFSET_MS).next(1).unwrap();
     let sets = vec![(b"k".to_vec(), Siblings::one(stamp.blind(Some(b"v".to_vec()))))];
     for (consistency, expected) in [
         (Consistency::Quorum, Some(Outcome::Unavailable { answered: 1, needed: 2, asked: 3 })),
@@ -696,7 +860,7 @@ fn two_replicas_down_quorum_is_unavailable_and_one_succeeds() {
         for (to, message) in messages {
             // Only node 1 is up.
             if to == NodeId(1) {
-                let reply = replica_handle(&mut store, message).unwrap();
+                let reply = replica_handle(&mut replica, message).unwrap();
                 outcome = outcome.or(quorum.on_reply(to, reply).map(|(_, o)| o));
             }
         }

@@ -5,15 +5,11 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::time::Duration;
-
-use common::{now_ms, start_node};
+use common::{now_ms, raw_call, start_node};
 use quiver_chaos::node::{NodeProcess, NodeSpec};
 use quiver_client::blocking::Client;
 use quiver_client::{ErrorKind, Versions};
-use quiver_ring::wire::{self, Op, Reply, Request, Response};
+use quiver_ring::wire::Op;
 use quiver_ring::{Hlc, SIBLINGS_MAX};
 
 fn values(versions: &Versions) -> Vec<Option<&[u8]>> {
@@ -146,34 +142,6 @@ fn a_causal_write_past_the_sibling_bound_is_refused() {
     assert_eq!(client.get_versions("k").unwrap(), all, "the refused write left nothing");
     client.set_with_context("k", "resolved", &all.context).unwrap();
     assert_eq!(values(&client.get_versions("k").unwrap()), [Some(&b"resolved"[..])]);
-}
-
-/// Sends one request on a fresh connection after the handshake.
-fn raw_call(addr: &str, hlc_seen: Hlc, op: Op) -> Response {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    // A bound on the test, not a timing assertion.
-    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let mut frames = Vec::new();
-    let hello = Request {
-        id: 1,
-        hlc_seen: Hlc::ZERO,
-        op: Op::Hello { protocol: wire::PROTOCOL_VERSION },
-        deadline: Hlc::ZERO,
-        consistency: None,
-    };
-    wire::encode_frame(&mut frames, &hello, usize::MAX).unwrap();
-    let request = Request { id: 2, hlc_seen, op, deadline: Hlc(u64::MAX), consistency: None };
-    wire::encode_frame(&mut frames, &request, usize::MAX).unwrap();
-    stream.write_all(&frames).unwrap();
-    let mut answer = || {
-        let mut header = [0u8; wire::LEN_BYTES];
-        stream.read_exact(&mut header).unwrap();
-        let mut body = vec![0u8; wire::frame_len(header)];
-        stream.read_exact(&mut body).unwrap();
-        postcard::from_bytes::<Response>(&body).unwrap()
-    };
-    assert!(matches!(answer().result, Ok(Reply::Hello(_))));
-    answer()
 }
 
 /// A client whose clock is an hour ahead (or sends `u64::MAX`) is refused

@@ -160,6 +160,21 @@ impl HlcClock {
     pub fn last(&self) -> Hlc {
         self.last
     }
+
+    /// How long a coordinator waits before it stamps a write above `seen`
+    /// (the client's timestamp, or a context's), in milliseconds: until the
+    /// stamp is at most half the maximum offset ahead of its wall clock.
+    /// Replicas accept versions up to the whole offset ahead of theirs, so
+    /// every replica whose clock is within half the offset of the
+    /// coordinator's accepts what it stamps. Zero when `seen` is beyond the
+    /// offset: that is refused, not waited for.
+    pub fn wait_before_stamp_ms(&self, seen: Hlc, now_ms: u64) -> u64 {
+        if self.too_far_ahead(seen, now_ms).is_some() {
+            return 0;
+        }
+        let ahead_ms = self.last.max(seen).physical_ms().saturating_sub(now_ms);
+        ahead_ms.saturating_sub(self.max_offset_ms / 2)
+    }
 }
 
 #[cfg(test)]
@@ -179,6 +194,26 @@ mod tests {
         assert!(a < b && b < c, "{a:?} {b:?} {c:?}");
         assert_eq!(a.physical_ms(), 1_000);
         assert_eq!(c.physical_ms(), 1_000, "a clock running behind keeps the higher physical part");
+    }
+
+    /// A coordinator waits until its stamp would be at most half the
+    /// offset ahead of its wall clock: a replica whose clock is behind by
+    /// less than half the offset then accepts it.
+    #[test]
+    fn a_stamp_waits_until_it_is_within_half_the_offset() {
+        let mut clock = clock();
+        assert_eq!(clock.wait_before_stamp_ms(Hlc::from_physical_ms(1_250), 1_000), 0);
+        assert_eq!(clock.wait_before_stamp_ms(Hlc::from_physical_ms(1_490), 1_000), 240);
+        assert_eq!(clock.wait_before_stamp_ms(Hlc::from_physical_ms(1_501), 1_000), 0, "refused, not waited for");
+        clock.observe(Hlc::from_physical_ms(1_400), 1_000).unwrap();
+        assert_eq!(clock.wait_before_stamp_ms(Hlc::ZERO, 1_000), 150, "its own clock ahead waits too");
+        let seen = Hlc::from_physical_ms(1_490);
+        let waited = 1_000 + clock.wait_before_stamp_ms(seen, 1_000);
+        clock.observe(seen, waited).unwrap();
+        let stamp = clock.tick(waited).unwrap();
+        assert_eq!(stamp.physical_ms() - waited, MAX_OFFSET_MS / 2);
+        let mut replica = HlcClock::starting_after(Hlc::ZERO, MAX_OFFSET_MS);
+        replica.observe(stamp, waited - MAX_OFFSET_MS / 2 + 1).unwrap();
     }
 
     #[test]

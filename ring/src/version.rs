@@ -316,6 +316,11 @@ impl Stamper {
         self.clock.last()
     }
 
+    /// See [`HlcClock::wait_before_stamp_ms`].
+    pub fn wait_before_stamp_ms(&self, seen: Hlc, now_ms: u64) -> u64 {
+        self.clock.wait_before_stamp_ms(seen, now_ms)
+    }
+
     /// The stamp of the next write, given the wall clock.
     pub fn next(&mut self, now_ms: u64) -> Result<Stamp, ClockError> {
         Ok(Stamp { node: self.node, hlc: self.clock.tick(now_ms)? })

@@ -6,21 +6,26 @@
 //!   ([`HintStore::hold`] gives the engine ops, which go into the same WAL
 //!   record as this node's own part of that write); the owner's
 //!   acknowledgement of a delivery.
-//! - Does: bounds each owner's queue in bytes (a hint past it is refused,
-//!   and the write with it) and in age (an older hint is dropped when its
-//!   turn to be delivered comes: a hint must never outlive `gc_grace`, or a
-//!   purged tombstone's key could come back).
+//! - Does: bounds each owner's queue in bytes ([`fits`]: a hint past it is
+//!   dropped and counted, and the write it came with is taken all the same,
+//!   so one node that stays down never refuses the writes of those that are
+//!   up) and in age (an older hint is dropped, whether its owner is up or
+//!   not: a hint must never outlive `gc_grace`, or a purged tombstone's key
+//!   could come back). A hint's bytes count against the bound from when it
+//!   is accepted, and in the queue once they are durable.
 //! - Hands on: the oldest hints of an owner; their removal once the owner
 //!   has them durable.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use quiver_ring::wire::{ErrorKind, ServerError};
+use quiver_ring::wire::ServerError;
 use quiver_ring::{Hlc, NodeId};
 
 pub use super::setlog::Entry;
 use super::setlog::{Queue, SetLog};
+use crate::lock;
 use crate::net::peer::Hinted;
 use crate::stamping::NodeClock;
 use crate::storage::keys::Keyspace;
@@ -33,7 +38,34 @@ pub struct HintStore {
     clock: Arc<NodeClock>,
     /// Bound of each owner's queue.
     bytes_max: u64,
+    /// Bytes of hints accepted and not yet durable, per owner: they count
+    /// against the bound, not yet in the queue.
+    reserved: Mutex<BTreeMap<NodeId, u64>>,
     dropped: AtomicU64,
+    /// When a drop was last logged (wall-clock ms): once a minute at most.
+    logged_ms: AtomicU64,
+}
+
+/// How often dropped hints are logged, at most.
+const DROP_LOG_EVERY_MS: u64 = 60_000;
+
+/// Whether a hint of `bytes` fits in its owner's queue, which holds
+/// `queued` bytes (durable, and accepted but not yet durable), under
+/// `bytes_max`. The rule the simulation applies too.
+pub fn fits(queued: u64, bytes: u64, bytes_max: u64) -> bool {
+    queued.saturating_add(bytes) <= bytes_max
+}
+
+/// The hints of one write a stand-in accepted: the engine ops that hold
+/// them (for the write's record), and their bytes, reserved against each
+/// owner's bound until [`HintStore::written`].
+#[derive(Debug, Default)]
+#[must_use = "give the reservation back with HintStore::written"]
+pub struct Held {
+    pub ops: Vec<storage::Op>,
+    reserved: Vec<(NodeId, u64)>,
+    /// The owners whose hints were dropped.
+    pub dropped: Vec<NodeId>,
 }
 
 impl HintStore {
@@ -41,37 +73,82 @@ impl HintStore {
     pub fn open(engine: Arc<Engine>, clock: Arc<NodeClock>, bytes_max: u64) -> storage::Result<HintStore> {
         let log = SetLog::new(engine, clock.clone(), Keyspace::Hints);
         log.recount(None, &log.entries(None, u64::MAX)?);
-        Ok(HintStore { log, clock, bytes_max, dropped: AtomicU64::new(0) })
+        Ok(HintStore {
+            log,
+            clock,
+            bytes_max,
+            reserved: Mutex::default(),
+            dropped: AtomicU64::new(0),
+            logged_ms: AtomicU64::new(0),
+        })
     }
 
-    /// The engine ops that hold `hinted`, one entry per owner. Refused
-    /// (nothing is held) when an owner's queue would pass its bound.
-    pub fn hold(&self, hinted: Vec<Hinted>) -> Result<Vec<storage::Op>, ServerError> {
-        let mut ops = Vec::with_capacity(hinted.len());
+    /// The hints of `hinted` that fit ([`fits`]), one entry per owner,
+    /// reserved against their owners' bounds. One that does not fit, or
+    /// cannot be stamped, is dropped and counted: its owner stays stale
+    /// until a read repairs it; the write it came with is taken all the
+    /// same.
+    pub fn hold(&self, hinted: Vec<Hinted>) -> Held {
+        let mut held = Held::default();
         for Hinted { owner, sets } in hinted {
-            let taken = self.clock.stamp(Hlc::ZERO, Hlc::ZERO, None)?;
-            let (op, bytes) = self.log.keep_op(owner, taken.hlc, &sets)?;
-            if self.log.queue(owner).bytes + bytes > self.bytes_max {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-                return Err(ServerError::new(
-                    ErrorKind::Unavailable,
-                    format!(
-                        "the hints held for node {:016x} would pass their bound of {} bytes; the write was not \
-                         taken here",
-                        owner.0, self.bytes_max
-                    ),
-                ));
+            let op = self
+                .clock
+                .stamp(Hlc::ZERO, Hlc::ZERO, None)
+                .and_then(|taken| self.log.keep_op(owner, taken.hlc, &sets));
+            let (op, bytes) = match op {
+                Ok(op) => op,
+                Err(error) => {
+                    self.drop_one(owner, &error.message);
+                    held.dropped.push(owner);
+                    continue;
+                }
+            };
+            let mut reserved = lock(&self.reserved);
+            let queued = self.log.queue(owner).bytes + reserved.get(&owner).copied().unwrap_or(0);
+            if !fits(queued, bytes, self.bytes_max) {
+                drop(reserved);
+                self.drop_one(owner, &format!("its queue would pass its bound of {} bytes", self.bytes_max));
+                held.dropped.push(owner);
+                continue;
             }
-            ops.push((owner, bytes, op));
+            *reserved.entry(owner).or_default() += bytes;
+            held.ops.push(op);
+            held.reserved.push((owner, bytes));
         }
-        // Counted once all fit: a refused write holds nothing.
-        Ok(ops
-            .into_iter()
-            .map(|(owner, bytes, op)| {
+        held
+    }
+
+    /// The write that carried `held` ended: durable (its hints are now in
+    /// their queues) or not (they never will be).
+    pub fn written(&self, held: Held, durable: bool) {
+        let mut reserved = lock(&self.reserved);
+        for (owner, bytes) in held.reserved {
+            if let Some(left) = reserved.get_mut(&owner) {
+                *left = left.saturating_sub(bytes);
+                if *left == 0 {
+                    reserved.remove(&owner);
+                }
+            }
+            if durable {
                 self.log.kept(owner, bytes);
-                op
-            })
-            .collect())
+            }
+        }
+    }
+
+    /// Counts a hint dropped on arrival, and logs it (once a minute at most).
+    fn drop_one(&self, owner: NodeId, why: &str) {
+        let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        let now_ms = self.clock.wall_ms();
+        let last_ms = self.logged_ms.load(Ordering::Relaxed);
+        let due = last_ms == 0 || now_ms.saturating_sub(last_ms) >= DROP_LOG_EVERY_MS;
+        if due && self.logged_ms.compare_exchange(last_ms, now_ms.max(1), Ordering::Relaxed, Ordering::Relaxed).is_ok()
+        {
+            tracing::warn!(
+                owner = format_args!("{:016x}", owner.0),
+                dropped,
+                "a hint was dropped ({why}); its replica stays stale until a read repairs it"
+            );
+        }
     }
 
     /// What is held for each owner that has hints.
@@ -79,7 +156,7 @@ impl HintStore {
         self.log.queues()
     }
 
-    /// Hints dropped undelivered: refused at their bound, or too old.
+    /// Hints dropped undelivered: at their bound, or too old.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
     }

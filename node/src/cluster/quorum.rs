@@ -20,7 +20,16 @@
 //!   QUIC links in production, a seeded in-memory network in tests) and
 //!   calls [`Quorum::expire`] as time goes by, so every operation ends.
 //! - Hands on: the messages to send, each operation's outcome once, and
-//!   the read repairs to send ([`Quorum::take_repairs`]).
+//!   what to send that nobody waits for ([`Quorum::take_repairs`]): read
+//!   repairs, and hints for the replicas that refused a write or never
+//!   answered it.
+//!
+//! A replica that refuses its part of a write (for any reason: a full
+//! disk, a failed engine, a timestamp it finds too far ahead) or does not
+//! answer by the deadline is treated like one that is down: the
+//! coordinator holds a hint of its part, delivered once it takes writes
+//! again. A write stays in flight after its outcome until every node asked
+//! answered, so a late refusal is hinted too.
 //!
 //! A replica applies what it receives with [`replica_handle`], over any
 //! [`ReplicaStore`]: merging is the one merge of versions v2, so replicas
@@ -49,6 +58,12 @@ pub enum DataMessage {
     WriteAck {
         op: OpId,
     },
+    /// Written, except the hints for `owners`, which the node had no room
+    /// for: its own part counts, its hints for them do not.
+    WrittenWithoutHints {
+        op: OpId,
+        owners: Vec<NodeId>,
+    },
     Read {
         op: OpId,
         key: Vec<u8>,
@@ -57,7 +72,15 @@ pub enum DataMessage {
         op: OpId,
         found: Option<Siblings>,
     },
+    /// The replica did not do its part (an error, or no link to it).
+    Refused {
+        op: OpId,
+    },
 }
+
+/// The op id of a message whose answer nobody waits for (a hint the
+/// coordinator holds for a replica that refused).
+pub const UNAWAITED: OpId = 0;
 
 /// Where one key's copies go: its replicas, and for each replica known to
 /// be down, the healthy node that holds a hint for it instead (sloppy
@@ -81,12 +104,21 @@ impl Placement {
         self.stand_ins.iter().any(|&(down, _)| down == node)
     }
 
-    /// `(answered, needed, asked)`: a hint counts only at `Any`.
-    fn count(&self, answered: &[NodeId], consistency: Consistency) -> (usize, usize, usize) {
+    /// `(answered, needed, asked)`: a hint counts only at `Any`, and only
+    /// if its holder kept it (`(holder, owner)` pairs in `dropped` did not).
+    fn count(
+        &self,
+        answered: &[NodeId],
+        dropped: &[(NodeId, NodeId)],
+        consistency: Consistency,
+    ) -> (usize, usize, usize) {
         let real = self.replicas.iter().filter(|id| answered.contains(id)).count();
         let asked = self.replicas.len();
         if consistency == Consistency::Any {
-            let holders = self.stand_ins.iter().filter(|(_, holder)| answered.contains(holder)).count();
+            let kept = |&&(owner, holder): &&(NodeId, NodeId)| {
+                answered.contains(&holder) && !dropped.contains(&(holder, owner))
+            };
+            let holders = self.stand_ins.iter().filter(kept).count();
             return (real + holders, 1.min(asked), asked);
         }
         (real, consistency.needed(asked), asked)
@@ -126,6 +158,12 @@ pub enum Outcome {
 struct Pending {
     asked: Vec<NodeId>,
     answered: Vec<NodeId>,
+    /// Asked, and refused (or, once the deadline passed, never answered).
+    refused: Vec<NodeId>,
+    /// `(holder, owner)`: hints a node answered without keeping.
+    hints_dropped: Vec<(NodeId, NodeId)>,
+    /// For a write: its sets, each with the group of the same index.
+    sets: Vec<(Vec<u8>, Siblings)>,
     /// Each must reach its quorum: where each key went.
     groups: Vec<Placement>,
     consistency: Consistency,
@@ -172,7 +210,7 @@ impl Pending {
     fn worst(&self) -> (usize, usize, usize) {
         self.groups
             .iter()
-            .map(|g| g.count(&self.answered, self.consistency))
+            .map(|g| g.count(&self.answered, &self.hints_dropped, self.consistency))
             .min_by_key(|&(answered, needed, _)| answered as i64 - needed as i64)
             .unwrap_or((0, 0, 0))
     }
@@ -181,20 +219,57 @@ impl Pending {
         let (answered, needed, _) = self.worst();
         answered >= needed
     }
+
+    /// Whether every group can still reach its quorum, if every node asked
+    /// that has not refused answers.
+    fn reachable(&self) -> bool {
+        let may_answer: Vec<NodeId> = self.asked.iter().filter(|id| !self.refused.contains(id)).copied().collect();
+        self.groups.iter().all(|g| {
+            let (answered, needed, _) = g.count(&may_answer, &self.hints_dropped, self.consistency);
+            answered >= needed
+        })
+    }
+
+    /// Every node asked answered or refused.
+    fn heard_all(&self) -> bool {
+        self.answered.len() + self.refused.len() >= self.asked.len()
+    }
+
+    /// For a write: a hint of `replica`'s part, held by `holder`.
+    fn hint_for(&self, replica: NodeId, holder: NodeId) -> Option<(NodeId, DataMessage)> {
+        let sets: Vec<(Vec<u8>, Siblings)> = self
+            .sets
+            .iter()
+            .zip(&self.groups)
+            .filter(|(_, group)| group.replicas.contains(&replica) && !group.is_down(replica))
+            .map(|(set, _)| set.clone())
+            .collect();
+        let hints = vec![Hinted { owner: replica, sets }];
+        (replica != holder && !hints[0].sets.is_empty())
+            .then(|| (holder, DataMessage::Write { op: UNAWAITED, sets: Vec::new(), hints }))
+    }
 }
 
 /// The operations in flight at one coordinator.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Quorum {
+    /// The coordinator: it holds the hints of replicas that refuse.
+    me: NodeId,
     next: OpId,
     pending: BTreeMap<OpId, Pending>,
     repairs: Vec<(NodeId, DataMessage)>,
 }
 
 impl Quorum {
+    /// The operations coordinated by node `me`.
+    pub fn new(me: NodeId) -> Quorum {
+        Quorum { me, next: UNAWAITED, pending: BTreeMap::new(), repairs: Vec::new() }
+    }
+
     fn start(
         &mut self,
         groups: Vec<Placement>,
+        sets: Vec<(Vec<u8>, Siblings)>,
         consistency: Consistency,
         deadline_ms: u64,
         read: Option<Read>,
@@ -209,7 +284,18 @@ impl Quorum {
             .collect();
         asked.sort();
         asked.dedup();
-        let pending = Pending { asked, answered: Vec::new(), groups, consistency, deadline_ms, read, done: false };
+        let pending = Pending {
+            asked,
+            answered: Vec::new(),
+            refused: Vec::new(),
+            hints_dropped: Vec::new(),
+            sets,
+            groups,
+            consistency,
+            deadline_ms,
+            read,
+            done: false,
+        };
         self.pending.insert(self.next, pending);
         self.next
     }
@@ -225,7 +311,7 @@ impl Quorum {
         deadline_ms: u64,
     ) -> (OpId, Vec<(NodeId, DataMessage)>) {
         let mut parts: BTreeMap<NodeId, Part> = BTreeMap::new();
-        for (set, placement) in sets.into_iter().zip(&placements) {
+        for (set, placement) in sets.iter().zip(&placements) {
             for &node in placement.replicas.iter().filter(|&&id| !placement.is_down(id)) {
                 parts.entry(node).or_default().sets.push(set.clone());
             }
@@ -233,7 +319,7 @@ impl Quorum {
                 parts.entry(holder).or_default().hint(owner, set.clone());
             }
         }
-        let op = self.start(placements, consistency, deadline_ms, None);
+        let op = self.start(placements, sets, consistency, deadline_ms, None);
         let messages =
             parts.into_iter().map(|(to, Part { sets, hints })| (to, DataMessage::Write { op, sets, hints })).collect();
         (op, messages)
@@ -273,26 +359,31 @@ impl Quorum {
         deadline_ms: u64,
     ) -> (OpId, Vec<(NodeId, DataMessage)>) {
         let read = Read { key: key.to_vec(), answers: Vec::new() };
-        let op = self.start(vec![Placement::from(replicas.to_vec())], consistency, deadline_ms, Some(read));
+        let op = self.start(vec![Placement::from(replicas.to_vec())], Vec::new(), consistency, deadline_ms, Some(read));
         let messages = replicas.iter().map(|&to| (to, DataMessage::Read { op, key: key.to_vec() })).collect();
         (op, messages)
     }
 
     /// A replica's reply. Returns the operation's outcome when this reply
     /// completes it; a reply to an operation that ended, from a replica not
-    /// asked, or given twice, changes nothing. A read stays after its
-    /// outcome until every replica asked answered (or its deadline), then
-    /// queues read repair ([`Quorum::take_repairs`]).
+    /// asked, or given twice, changes nothing. An operation stays after its
+    /// outcome until every replica asked answered (or its deadline): then a
+    /// read queues its read repairs ([`Quorum::take_repairs`]). A replica
+    /// that refuses its part of a write gets a hint of it, held by this
+    /// coordinator.
     pub fn on_reply(&mut self, from: NodeId, message: DataMessage) -> Option<(OpId, Outcome)> {
-        let (op, found) = match message {
-            DataMessage::WriteAck { op } => (op, None),
-            DataMessage::ReadReply { op, found } => (op, Some(found)),
+        let (op, found, dropped) = match message {
+            DataMessage::WriteAck { op } => (op, None, Vec::new()),
+            DataMessage::WrittenWithoutHints { op, owners } => (op, None, owners),
+            DataMessage::ReadReply { op, found } => (op, Some(found), Vec::new()),
+            DataMessage::Refused { op } => return self.on_refused(from, op),
             DataMessage::Write { .. } | DataMessage::Read { .. } => return None,
         };
         let pending = self.pending.get_mut(&op)?;
-        if !pending.asked.contains(&from) || pending.answered.contains(&from) {
+        if !pending.asked.contains(&from) || pending.answered.contains(&from) || pending.refused.contains(&from) {
             return None;
         }
+        pending.hints_dropped.extend(dropped.into_iter().map(|owner| (from, owner)));
         match (&mut pending.read, found) {
             (Some(read), Some(found)) => read.answers.push((from, found)),
             (None, None) => {}
@@ -305,7 +396,31 @@ impl Quorum {
             None => Outcome::Written,
         });
         pending.done |= outcome.is_some();
-        if pending.done && (pending.read.is_none() || pending.answered.len() == pending.asked.len()) {
+        if pending.done && pending.heard_all() {
+            self.end(op);
+        }
+        outcome.map(|outcome| (op, outcome))
+    }
+
+    /// Replica `from` did not do its part of `op`: a write's part is hinted
+    /// (held by this coordinator); the operation is unavailable at once if
+    /// its quorum can no longer be reached.
+    fn on_refused(&mut self, from: NodeId, op: OpId) -> Option<(OpId, Outcome)> {
+        let me = self.me;
+        let pending = self.pending.get_mut(&op)?;
+        if !pending.asked.contains(&from) || pending.answered.contains(&from) || pending.refused.contains(&from) {
+            return None;
+        }
+        pending.refused.push(from);
+        self.repairs.extend(pending.hint_for(from, me));
+        // Too many refused to reach the quorum: unavailable now, not at
+        // the deadline.
+        let outcome = (!pending.done && !pending.reachable()).then(|| {
+            let (answered, needed, asked) = pending.worst();
+            Outcome::Unavailable { answered, needed, asked }
+        });
+        pending.done |= outcome.is_some();
+        if pending.done && pending.heard_all() {
             self.end(op);
         }
         outcome.map(|outcome| (op, outcome))
@@ -322,7 +437,8 @@ impl Quorum {
 
     /// Ends every operation whose deadline is before `now_ms`: those
     /// without an outcome yet as `Unavailable`, reads that had theirs with
-    /// the repair of the replicas that answered.
+    /// the repair of the replicas that answered; a write's replicas that
+    /// never answered get a hint, as if they had refused.
     pub fn expire(&mut self, now_ms: u64) -> Vec<(OpId, Outcome)> {
         let expired: Vec<OpId> =
             self.pending.iter().filter(|(_, p)| p.deadline_ms < now_ms).map(|(&op, _)| op).collect();
@@ -330,15 +446,19 @@ impl Quorum {
             .into_iter()
             .filter_map(|op| {
                 let pending = self.end(op)?;
+                let silent =
+                    pending.asked.iter().filter(|id| !pending.answered.contains(id) && !pending.refused.contains(id));
+                let hints: Vec<_> = silent.filter_map(|&id| pending.hint_for(id, self.me)).collect();
+                self.repairs.extend(hints);
                 let (answered, needed, asked) = pending.worst();
                 (!pending.done).then_some((op, Outcome::Unavailable { answered, needed, asked }))
             })
             .collect()
     }
 
-    /// Read repair to send: the merged set of a read to each replica that
-    /// answered it with something else. Each is a write whose
-    /// acknowledgement nobody waits for.
+    /// What to send that nobody waits for: read repairs (the merged set
+    /// of a read to each replica that answered it with something else) and
+    /// hints for replicas that refused a write (to this coordinator).
     pub fn take_repairs(&mut self) -> Vec<(NodeId, DataMessage)> {
         std::mem::take(&mut self.repairs)
     }
@@ -349,22 +469,32 @@ impl Quorum {
     }
 }
 
+/// A replica's refusal of a write: nothing of it was taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Refusal;
+
 /// Where a replica keeps sibling sets.
 pub trait ReplicaStore {
-    /// Merges every set in and holds every hint, as one record.
-    fn merge(&mut self, sets: Vec<(Vec<u8>, Siblings)>, hints: Vec<Hinted>);
+    /// Merges every set in and holds every hint that fits, as one record:
+    /// the owners whose hints had no room; or refuses all of it (a
+    /// timestamp too far ahead of its clock).
+    fn merge(&mut self, sets: Vec<(Vec<u8>, Siblings)>, hints: Vec<Hinted>) -> Result<Vec<NodeId>, Refusal>;
     fn get(&self, key: &[u8]) -> Option<Siblings>;
 }
 
 /// What a replica does with a data message: the reply to send back, if any.
 pub fn replica_handle(store: &mut impl ReplicaStore, message: DataMessage) -> Option<DataMessage> {
     match message {
-        DataMessage::Write { op, sets, hints } => {
-            store.merge(sets, hints);
-            Some(DataMessage::WriteAck { op })
-        }
+        DataMessage::Write { op, sets, hints } => Some(match store.merge(sets, hints) {
+            Ok(owners) if owners.is_empty() => DataMessage::WriteAck { op },
+            Ok(owners) => DataMessage::WrittenWithoutHints { op, owners },
+            Err(Refusal) => DataMessage::Refused { op },
+        }),
         DataMessage::Read { op, key } => Some(DataMessage::ReadReply { op, found: store.get(&key) }),
-        DataMessage::WriteAck { .. } | DataMessage::ReadReply { .. } => None,
+        DataMessage::WriteAck { .. }
+        | DataMessage::WrittenWithoutHints { .. }
+        | DataMessage::ReadReply { .. }
+        | DataMessage::Refused { .. } => None,
     }
 }
 
@@ -379,7 +509,7 @@ mod tests {
 
     #[test]
     fn a_write_is_done_at_the_needed_answers_and_only_once() {
-        let mut quorum = Quorum::default();
+        let mut quorum = Quorum::new(NodeId(1));
         let replicas = [NodeId(1), NodeId(2), NodeId(3)];
         let (op, messages) =
             quorum.start_write(vec![(b"k".to_vec(), set(5))], vec![replicas.to_vec().into()], Consistency::Quorum, 100);
@@ -397,7 +527,7 @@ mod tests {
     /// something else; one that never answers is left out at the deadline.
     #[test]
     fn a_read_repairs_the_replicas_that_answered_stale_or_nothing() {
-        let mut quorum = Quorum::default();
+        let mut quorum = Quorum::new(NodeId(1));
         let replicas = [NodeId(1), NodeId(2), NodeId(3)];
         let (op, _) = quorum.start_read(b"k", &replicas, Consistency::Quorum, 100);
         assert_eq!(quorum.on_reply(NodeId(1), DataMessage::ReadReply { op, found: Some(set(9)) }), None);
@@ -422,7 +552,7 @@ mod tests {
     /// others only, counts as one answer, and is done at once at `one`.
     #[test]
     fn a_write_held_by_its_coordinator_counts_it_as_answered() {
-        let mut quorum = Quorum::default();
+        let mut quorum = Quorum::new(NodeId(1));
         let replicas = vec![NodeId(1), NodeId(2), NodeId(3)];
         let sets = vec![(b"k".to_vec(), set(5))];
         let (op, messages, done) =
@@ -431,8 +561,54 @@ mod tests {
         assert_eq!((to, done), (vec![NodeId(1), NodeId(3)], None));
         assert_eq!(quorum.on_reply(NodeId(3), DataMessage::WriteAck { op }), Some((op, Outcome::Written)));
 
-        let (_, _, done) = quorum.start_write_held(sets, vec![replicas.into()], Consistency::One, 100, NodeId(2));
+        let (op, _, done) = quorum.start_write_held(sets, vec![replicas.into()], Consistency::One, 100, NodeId(2));
         assert_eq!(done, Some(Outcome::Written));
+        assert_eq!(quorum.in_flight(), 2, "both writes wait for their other replicas' answers");
+        assert_eq!(quorum.on_reply(NodeId(1), DataMessage::WriteAck { op }), None);
+        assert_eq!(quorum.on_reply(NodeId(3), DataMessage::WriteAck { op }), None);
+        assert_eq!(quorum.in_flight(), 1);
+    }
+
+    /// A replica that refuses its part of a write, before or after the
+    /// outcome, or never answers it, gets a hint held by the coordinator
+    /// (node 1), which nobody waits for; refusals that leave the quorum
+    /// out of reach end the write at once.
+    #[test]
+    fn a_replica_that_refuses_or_never_answers_a_write_is_hinted() {
+        let replicas = vec![NodeId(1), NodeId(2), NodeId(3)];
+        let k = || (b"k".to_vec(), set(5));
+        let hint = |owner: u64| {
+            let hints = vec![Hinted { owner: NodeId(owner), sets: vec![k()] }];
+            (NodeId(1), DataMessage::Write { op: UNAWAITED, sets: vec![], hints })
+        };
+        let mut quorum = Quorum::new(NodeId(1));
+        let (op, _) = quorum.start_write(vec![k()], vec![replicas.clone().into()], Consistency::Quorum, 100);
+        assert_eq!(quorum.on_reply(NodeId(2), DataMessage::Refused { op }), None);
+        assert_eq!(quorum.take_repairs(), vec![hint(2)]);
+        assert_eq!(quorum.on_reply(NodeId(1), DataMessage::WriteAck { op }), None);
+        assert_eq!(quorum.on_reply(NodeId(3), DataMessage::WriteAck { op }), Some((op, Outcome::Written)));
+        assert_eq!(quorum.on_reply(NodeId(2), DataMessage::WriteAck { op }), None, "a refusal is final");
+        assert_eq!(quorum.in_flight(), 0);
+
+        let (op, _) = quorum.start_write(vec![k()], vec![replicas.clone().into()], Consistency::Quorum, 100);
+        quorum.on_reply(NodeId(1), DataMessage::WriteAck { op });
+        quorum.on_reply(NodeId(2), DataMessage::WriteAck { op });
+        assert_eq!(quorum.on_reply(NodeId(3), DataMessage::Refused { op }), None, "after the outcome");
+        assert_eq!(quorum.take_repairs(), vec![hint(3)]);
+
+        let (op, _) = quorum.start_write(vec![k()], vec![replicas.clone().into()], Consistency::Quorum, 100);
+        quorum.on_reply(NodeId(2), DataMessage::Refused { op });
+        let unavailable = Outcome::Unavailable { answered: 0, needed: 2, asked: 3 };
+        assert_eq!(quorum.on_reply(NodeId(3), DataMessage::Refused { op }), Some((op, unavailable)), "at once");
+        assert_eq!(quorum.take_repairs(), vec![hint(2), hint(3)]);
+        assert_eq!(quorum.on_reply(NodeId(1), DataMessage::Refused { op }), None, "no hint for itself");
+        assert!(quorum.take_repairs().is_empty());
+
+        let (op, _) = quorum.start_write(vec![k()], vec![replicas.into()], Consistency::Quorum, 100);
+        quorum.on_reply(NodeId(1), DataMessage::WriteAck { op });
+        quorum.on_reply(NodeId(2), DataMessage::WriteAck { op });
+        assert!(quorum.expire(101).is_empty(), "it had its outcome");
+        assert_eq!(quorum.take_repairs(), vec![hint(3)], "the silent replica");
         assert_eq!(quorum.in_flight(), 0);
     }
 
@@ -440,7 +616,7 @@ mod tests {
     /// key has its quorum.
     #[test]
     fn a_write_of_several_keys_needs_each_keys_quorum() {
-        let mut quorum = Quorum::default();
+        let mut quorum = Quorum::new(NodeId(1));
         let (a, b) = (vec![NodeId(1), NodeId(2), NodeId(3)], vec![NodeId(3), NodeId(4), NodeId(5)]);
         let sets = vec![(b"a".to_vec(), set(1)), (b"b".to_vec(), set(1))];
         let (op, messages) = quorum.start_write(sets, vec![a.into(), b.into()], Consistency::Quorum, 100);
@@ -464,7 +640,7 @@ mod tests {
         let k = || (b"k".to_vec(), set(5));
         let placement =
             || Placement { replicas: vec![NodeId(1), NodeId(2), NodeId(3)], stand_ins: vec![(NodeId(3), NodeId(4))] };
-        let mut quorum = Quorum::default();
+        let mut quorum = Quorum::new(NodeId(1));
         let (op, messages) = quorum.start_write(vec![k()], vec![placement()], Consistency::Quorum, 100);
         let hint = vec![Hinted { owner: NodeId(3), sets: vec![k()] }];
         let want = vec![
@@ -482,13 +658,19 @@ mod tests {
         assert_eq!(quorum.on_reply(NodeId(4), DataMessage::WriteAck { op }), None, "one: a hint is no replica");
         let (op, _) = quorum.start_write(vec![k()], vec![placement()], Consistency::Any, 100);
         assert_eq!(quorum.on_reply(NodeId(4), DataMessage::WriteAck { op }), Some((op, Outcome::Written)));
+
+        // A hint its holder had no room for does not count, at `any` too.
+        let (op, _) = quorum.start_write(vec![k()], vec![placement()], Consistency::Any, 100);
+        let without = DataMessage::WrittenWithoutHints { op, owners: vec![NodeId(3)] };
+        assert_eq!(quorum.on_reply(NodeId(4), without), None);
+        assert_eq!(quorum.on_reply(NodeId(2), DataMessage::WriteAck { op }), Some((op, Outcome::Written)));
     }
 
     /// A causal write's coordinator, which holds its own copy already, is
     /// still sent the hints it stands in for.
     #[test]
     fn a_coordinator_holding_the_write_is_sent_only_its_hints() {
-        let mut quorum = Quorum::default();
+        let mut quorum = Quorum::new(NodeId(1));
         let placement =
             Placement { replicas: vec![NodeId(1), NodeId(2), NodeId(3)], stand_ins: vec![(NodeId(3), NodeId(1))] };
         let sets = vec![(b"k".to_vec(), set(5))];
@@ -504,7 +686,7 @@ mod tests {
 
     #[test]
     fn a_read_merges_the_answers_and_an_expired_one_names_the_counts() {
-        let mut quorum = Quorum::default();
+        let mut quorum = Quorum::new(NodeId(1));
         let replicas = [NodeId(1), NodeId(2), NodeId(3)];
         let (op, _) = quorum.start_read(b"k", &replicas, Consistency::Quorum, 100);
         assert_eq!(quorum.on_reply(NodeId(1), DataMessage::ReadReply { op, found: Some(set(5)) }), None);

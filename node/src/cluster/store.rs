@@ -91,7 +91,6 @@ fn started((op, messages): (OpId, Vec<(NodeId, DataMessage)>)) -> Started {
 
 /// The operations this node coordinates: the quorum logic (the same code
 /// the deterministic simulation runs) and whom to tell when each ends.
-#[derive(Default)]
 struct Coordinating {
     quorum: Quorum,
     waiting: BTreeMap<OpId, Then>,
@@ -169,7 +168,7 @@ impl ClusterStore {
             wall,
             ring: OnceLock::new(),
             consistency: Consistency::Quorum,
-            coordinating: Mutex::default(),
+            coordinating: Mutex::new(Coordinating { quorum: Quorum::new(me), waiting: BTreeMap::new() }),
             runtime: tokio::runtime::Handle::current(),
             exit_after_batch_log: false,
         }
@@ -339,9 +338,14 @@ impl ClusterStore {
         self.every(EXPIRY_TICK, |store| async move { store.expire() });
         self.every(HINT_TICK, |store| async move {
             let held = store.hints.queues();
-            let up = store.membership.peers().into_iter().filter(|p| p.up).filter_map(|p| p.node_id);
-            for owner in up.map(NodeId).filter(|owner| held.contains_key(owner)).collect::<Vec<_>>() {
-                if let Err(error) = store.deliver_hints(owner).await {
+            let up: Vec<NodeId> =
+                store.membership.peers().into_iter().filter(|p| p.up).filter_map(|p| p.node_id.map(NodeId)).collect();
+            for &owner in held.keys() {
+                let handed = match up.contains(&owner) {
+                    true => store.deliver_hints(owner).await,
+                    false => store.expire_hints(owner).await,
+                };
+                if let Err(error) = handed {
                     tracing::debug!(owner = owner.0, %error, "hints not delivered yet");
                 }
             }
@@ -376,18 +380,22 @@ impl ClusterStore {
         let (op, request) = match message {
             DataMessage::Write { op, sets, hints } => (op, PeerRequest::Write { sets, hints }),
             DataMessage::Read { op, key } => (op, PeerRequest::Read { key }),
-            DataMessage::WriteAck { .. } | DataMessage::ReadReply { .. } => return,
+            DataMessage::WriteAck { .. }
+            | DataMessage::WrittenWithoutHints { .. }
+            | DataMessage::ReadReply { .. }
+            | DataMessage::Refused { .. } => return,
         };
         let this = self.clone();
         let answer = move |reply: Result<PeerReply, ServerError>| {
             let message = match reply {
                 Ok(PeerReply::Written) => DataMessage::WriteAck { op },
+                Ok(PeerReply::WrittenWithoutHints(owners)) => DataMessage::WrittenWithoutHints { op, owners },
                 Ok(PeerReply::Found(found)) => DataMessage::ReadReply { op, found },
-                // A failure is no answer: the deadline ends the operation
-                // if too few others answer.
+                // A failure is no answer (the deadline ends the operation
+                // if too few others answer), and a write's part is hinted.
                 Ok(PeerReply::Failed(error)) | Err(error) => {
                     tracing::debug!(replica = to.0, %error, "a replica did not do its part");
-                    return;
+                    DataMessage::Refused { op }
                 }
                 Ok(other) => {
                     tracing::warn!(replica = to.0, ?other, "a replica answered with something else");
@@ -399,7 +407,7 @@ impl ClusterStore {
         if to == self.me {
             match request {
                 PeerRequest::Write { sets, hints } => {
-                    let done = Box::new(move |r: Result<(), ServerError>| answer(r.map(|()| PeerReply::Written)));
+                    let done = Box::new(move |r: Result<Vec<NodeId>, ServerError>| answer(r.map(written_reply)));
                     apply_write(&self.local, &self.hints, sets, hints, done)
                 }
                 PeerRequest::Read { key } => {
@@ -413,7 +421,9 @@ impl ClusterStore {
             }
             return;
         }
-        let Some(link) = self.membership.link_to(to) else { return };
+        let Some(link) = self.membership.link_to(to) else {
+            return answer(Err(ServerError::new(ErrorKind::Unavailable, format!("no link to node {:016x}", to.0))));
+        };
         let unavailable = |e: PeerError| ServerError::new(ErrorKind::Unavailable, e.to_string());
         // Sent at once on a live link; the answer comes on its reader task.
         let sent = link.try_send(request, Box::new(move |reply| answer(reply.map_err(unavailable))));
@@ -422,8 +432,10 @@ impl ClusterStore {
             // thread).
             let membership = self.membership.clone();
             self.runtime.spawn(async move {
-                let Some(link) = membership.link_to(to) else { return };
-                answer(link.call(request, OP_TIMEOUT).await);
+                match membership.link_to(to) {
+                    Some(link) => answer(link.call(request, OP_TIMEOUT).await),
+                    None => answer(Err(PeerError::Unknown(to))),
+                }
             });
         }
     }
@@ -605,40 +617,8 @@ impl Store for Arc<ClusterStore> {
     /// each replica gets all of its keys as one record, and the log entry
     /// goes once the write reached its quorum.
     fn write(&self, entries: Entries, timing: Timing, done: Done<()>) {
-        let ring = match self.ring() {
-            Ok(ring) => ring,
-            Err(error) => return done(Err(error)),
-        };
-        let stamp = match self.clock.stamp(timing.hlc_seen, Hlc::ZERO, Some(timing.deadline)) {
-            Ok(stamp) => stamp,
-            Err(error) => return done(Err(error)),
-        };
-        let placements = self.placements(&ring, entries.iter().map(|(key, _)| key.as_slice()), None);
-        let sets: Vec<(Vec<u8>, Siblings)> =
-            entries.into_iter().map(|(key, value)| (key, Siblings::one(stamp.blind(value)))).collect();
-        let consistency = timing.consistency.unwrap_or(self.consistency);
-        if sets.len() < 2 {
-            return self.write_sets(sets, placements, consistency, done);
-        }
         let this = self.clone();
-        self.runtime.spawn(async move {
-            let holders = match this.log_batch(&ring, stamp.hlc, &sets).await {
-                Ok(holders) => holders,
-                Err(error) => return done(Err(error)),
-            };
-            if this.exit_after_batch_log {
-                tracing::warn!("TEST MODE: exiting after logging a bulk set");
-                std::process::exit(9);
-            }
-            let applied = this.clone();
-            let done: Done<()> = Box::new(move |result| {
-                if result.is_ok() {
-                    applied.batch_done(holders, stamp.hlc);
-                }
-                done(result)
-            });
-            this.write_sets(sets, placements, consistency, done);
-        });
+        self.when_stampable(timing.hlc_seen, move || this.write_now(entries, timing, done));
     }
 
     fn read(&self, keys: Vec<Vec<u8>>, timing: Timing, response_bytes_max: usize, done: Done<Vec<Option<Vec<u8>>>>) {
@@ -716,7 +696,9 @@ impl Store for Arc<ClusterStore> {
                 }),
             );
         };
-        self.local.write_causal_set(key, value, context, timing, Box::new(replicate));
+        let local = self.local.clone();
+        let seen = timing.hlc_seen.max(context.max_hlc);
+        self.when_stampable(seen, move || local.write_causal_set(key, value, context, timing, Box::new(replicate)));
     }
 
     /// Scatter-gather: each token range is searched on one of its
@@ -780,6 +762,58 @@ impl Store for Arc<ClusterStore> {
 }
 
 impl ClusterStore {
+    /// Runs `then` once this node may stamp a write above `seen`: at once,
+    /// or after the wait that keeps its stamp within what every replica
+    /// accepts ([`NodeClock::wait_before_stamp`]).
+    fn when_stampable(self: &Arc<Self>, seen: Hlc, then: impl FnOnce() + Send + 'static) {
+        let wait = self.clock.wait_before_stamp(seen);
+        if wait.is_zero() {
+            return then();
+        }
+        self.runtime.spawn(async move {
+            tokio::time::sleep(wait).await;
+            then()
+        });
+    }
+
+    /// A blind write, stamped now ([`Store::write`]).
+    fn write_now(self: &Arc<Self>, entries: Entries, timing: Timing, done: Done<()>) {
+        let ring = match self.ring() {
+            Ok(ring) => ring,
+            Err(error) => return done(Err(error)),
+        };
+        let stamp = match self.clock.stamp(timing.hlc_seen, Hlc::ZERO, Some(timing.deadline)) {
+            Ok(stamp) => stamp,
+            Err(error) => return done(Err(error)),
+        };
+        let placements = self.placements(&ring, entries.iter().map(|(key, _)| key.as_slice()), None);
+        let sets: Vec<(Vec<u8>, Siblings)> =
+            entries.into_iter().map(|(key, value)| (key, Siblings::one(stamp.blind(value)))).collect();
+        let consistency = timing.consistency.unwrap_or(self.consistency);
+        if sets.len() < 2 {
+            return self.write_sets(sets, placements, consistency, done);
+        }
+        let this = self.clone();
+        self.runtime.spawn(async move {
+            let holders = match this.log_batch(&ring, stamp.hlc, &sets).await {
+                Ok(holders) => holders,
+                Err(error) => return done(Err(error)),
+            };
+            if this.exit_after_batch_log {
+                tracing::warn!("TEST MODE: exiting after logging a bulk set");
+                std::process::exit(9);
+            }
+            let applied = this.clone();
+            let done: Done<()> = Box::new(move |result| {
+                if result.is_ok() {
+                    applied.batch_done(holders, stamp.hlc);
+                }
+                done(result)
+            });
+            this.write_sets(sets, placements, consistency, done);
+        });
+    }
+
     /// Writes `sets` to their placements, through the quorum logic.
     fn write_sets(
         self: &Arc<Self>,
@@ -896,6 +930,32 @@ impl ClusterStore {
         Ok(())
     }
 
+    /// The oldest hint a node may still hand on was taken at or after this.
+    fn hint_cutoff_ms(&self) -> u64 {
+        self.wall.now_ms().saturating_sub(self.hint_age_max_ms)
+    }
+
+    /// Drops the hints held for `owner` (down) that are past their age.
+    async fn expire_hints(&self, owner: NodeId) -> Result<(), ServerError> {
+        loop {
+            let store = self.hints.clone();
+            let mut batch = off_worker(move || store.oldest(owner, HINT_BATCH_BYTES)).await?;
+            let cutoff_ms = self.hint_cutoff_ms();
+            let held = batch.len();
+            // Oldest first: the expired ones are a prefix.
+            batch.retain(|hint| hint.seq.physical_ms() < cutoff_ms);
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let expired = batch.len() as u64;
+            self.hints.remove(&batch, expired).await?;
+            tracing::warn!(owner = owner.0, expired, "hints past their age were dropped while their owner is down");
+            if batch.len() < held {
+                return Ok(());
+            }
+        }
+    }
+
     /// Sends `owner` what this node holds for it, oldest first, a batch at
     /// a time, removing each batch once the owner has it durable. Hints
     /// past their age are removed without being sent.
@@ -906,7 +966,7 @@ impl ClusterStore {
             if batch.is_empty() {
                 return Ok(());
             }
-            let cutoff_ms = self.wall.now_ms().saturating_sub(self.hint_age_max_ms);
+            let cutoff_ms = self.hint_cutoff_ms();
             let expired = batch.iter().filter(|hint| hint.seq.physical_ms() < cutoff_ms).count() as u64;
             let sets: Vec<(Vec<u8>, Siblings)> = batch
                 .iter()
@@ -963,26 +1023,43 @@ fn reply_of<T>(
 /// A peer's answer to a request that writes: `Ok` once it has it durable.
 fn written(reply: Result<PeerReply, PeerError>, what: &str) -> Result<(), ServerError> {
     reply_of(reply, what, |reply| match reply {
-        PeerReply::Written => Ok(()),
+        PeerReply::Written | PeerReply::WrittenWithoutHints(_) => Ok(()),
         other => Err(other),
     })
 }
 
 /// A node's part of a write: the sets it replicates and the hints it
-/// holds for replicas that are down, as one record; `done` once durable.
-/// Refused whole when a hint queue is full.
+/// holds for replicas that are down, as one record; `done` once durable,
+/// with the owners whose hints were dropped. A hint whose queue is full is
+/// dropped ([`HintStore::hold`]): the node's own part is written all the
+/// same.
 pub fn apply_write(
     local: &LocalStore,
-    hints: &HintStore,
+    hints: &Arc<HintStore>,
     sets: Vec<(Vec<u8>, Siblings)>,
     hinted: Vec<Hinted>,
-    done: Done<()>,
+    done: Done<Vec<NodeId>>,
 ) {
-    let with = match hints.hold(hinted) {
-        Ok(ops) => ops,
-        Err(error) => return done(Err(error)),
-    };
-    local.apply_replicated(sets, with, done)
+    let mut held = hints.hold(hinted);
+    let with = std::mem::take(&mut held.ops);
+    let dropped = std::mem::take(&mut held.dropped);
+    let hints = hints.clone();
+    local.apply_replicated(
+        sets,
+        with,
+        Box::new(move |result| {
+            hints.written(held, result.is_ok());
+            done(result.map(|()| dropped))
+        }),
+    )
+}
+
+/// The answer to a write whose hints for `dropped` were dropped.
+fn written_reply(dropped: Vec<NodeId>) -> PeerReply {
+    match dropped.is_empty() {
+        true => PeerReply::Written,
+        false => PeerReply::WrittenWithoutHints(dropped),
+    }
 }
 
 /// What a node of a cluster holds: its own data, the hints it holds for
@@ -1061,7 +1138,7 @@ impl crate::net::peer::PeerHandler for ReplicaHandler {
         match request {
             PeerRequest::Ping { .. } => reply(self.membership.pong(self.data.local.status().map_or(0, |s| s.keys))),
             PeerRequest::Write { sets, hints } => {
-                let done = Box::new(move |r: Result<(), ServerError>| reply(answer(r.map(|()| PeerReply::Written))));
+                let done = Box::new(move |r: Result<Vec<NodeId>, ServerError>| reply(answer(r.map(written_reply))));
                 apply_write(&self.data.local, &self.data.hints, sets, hints, done)
             }
             PeerRequest::LogBatch { coordinator, id, sets } => {

@@ -107,6 +107,9 @@ pub enum PeerReply {
     TermStats(TermStats),
     /// The request failed on the replica.
     Failed(ServerError),
+    /// The sets are durable here, and the hints too except those for
+    /// these owners, which had no room (a replica that is down).
+    WrittenWithoutHints(Vec<NodeId>),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -129,6 +132,8 @@ pub enum PeerError {
     Timeout { peer: String, addr: SocketAddr, timeout: Duration },
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error("no link to node {:016x}", .0.0)]
+    Unknown(NodeId),
 }
 
 /// Called once with the answer to a peer's request, from any thread.

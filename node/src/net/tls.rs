@@ -35,7 +35,7 @@ pub const CA_KEY: &str = "ca.key";
 pub const CLUSTER_SECRET: &str = "cluster.secret";
 
 /// The ALPN protocol of peer links.
-pub const ALPN: &[u8] = b"quiver-peer/3";
+pub const ALPN: &[u8] = b"quiver-peer/4";
 
 /// The CA's subject: the same every time, so a node certificate made later
 /// names the issuer its CA certificate has.

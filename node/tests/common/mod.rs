@@ -1,7 +1,10 @@
 //! Helpers shared by the engine's integration tests.
 #![allow(dead_code)]
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::path::Path;
+use std::time::Duration;
 
 use quiver_chaos::node::{NodeProcess, NodeSpec};
 
@@ -15,6 +18,7 @@ use quiver_node::net::client::serve;
 use quiver_node::service::{Service, Store};
 use quiver_node::stamping::NodeClock;
 use quiver_node::storage::{Op, Options};
+use quiver_ring::wire;
 use quiver_ring::{Hlc, NodeId, Stamper};
 
 pub fn now_ms() -> u64 {
@@ -117,4 +121,32 @@ impl Drop for InProcessNode {
             let _ = server.join();
         }
     }
+}
+
+/// Sends one request on a fresh connection after the handshake.
+pub fn raw_call(addr: &str, hlc_seen: Hlc, op: wire::Op) -> wire::Response {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    // A bound on the test, not a timing assertion.
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut frames = Vec::new();
+    let hello = wire::Request {
+        id: 1,
+        hlc_seen: Hlc::ZERO,
+        op: wire::Op::Hello { protocol: wire::PROTOCOL_VERSION },
+        deadline: Hlc::ZERO,
+        consistency: None,
+    };
+    wire::encode_frame(&mut frames, &hello, usize::MAX).unwrap();
+    let request = wire::Request { id: 2, hlc_seen, op, deadline: Hlc(u64::MAX), consistency: None };
+    wire::encode_frame(&mut frames, &request, usize::MAX).unwrap();
+    stream.write_all(&frames).unwrap();
+    let mut answer = || {
+        let mut header = [0u8; wire::LEN_BYTES];
+        stream.read_exact(&mut header).unwrap();
+        let mut body = vec![0u8; wire::frame_len(header)];
+        stream.read_exact(&mut body).unwrap();
+        postcard::from_bytes::<wire::Response>(&body).unwrap()
+    };
+    assert!(matches!(answer().result, Ok(wire::Reply::Hello(_))));
+    answer()
 }
