@@ -23,7 +23,14 @@ impl PeerHandler for Counting {
     fn handle(&self, request: PeerRequest, reply: Reply) {
         self.0.fetch_add(1, Ordering::SeqCst);
         if let PeerRequest::Ping { hlc, .. } = request {
-            reply(PeerReply::Pong { from: NodeId(1), hlc, wall_ms: 5, keys: 0, members: Vec::new() });
+            reply(PeerReply::Pong {
+                from: NodeId(1),
+                hlc,
+                wall_ms: 5,
+                keys: 0,
+                storage_failure: None,
+                members: Vec::new(),
+            });
         }
     }
 }
@@ -62,7 +69,14 @@ async fn nodes_of_one_cluster_ca_talk_and_strangers_are_refused() {
     for _ in 0..3 {
         assert_eq!(
             link.call(ping(), CALL).await.unwrap(),
-            PeerReply::Pong { from: NodeId(1), hlc: Hlc(7), wall_ms: 5, keys: 0, members: Vec::new() }
+            PeerReply::Pong {
+                from: NodeId(1),
+                hlc: Hlc(7),
+                wall_ms: 5,
+                keys: 0,
+                storage_failure: None,
+                members: Vec::new()
+            }
         );
     }
     assert_eq!(handler.0.load(Ordering::SeqCst), 3);

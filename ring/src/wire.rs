@@ -54,7 +54,7 @@ pub const ADMIN_TOKEN_FILE: &str = "ADMIN_TOKEN";
 /// search (`SearchText`), similar values (`SearchSimilar`, `SearchVector`),
 /// values with their own vectors (`SetWithVector`). 7: the node's bounds
 /// in `status` (`budgets`), `TooManyConnections`, `DiskFull`.
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// A client's request.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -539,6 +539,9 @@ pub struct NodeStatus {
     /// Why the node refuses to stamp writes now, if it does (its clock is
     /// too far ahead of its wall clock).
     pub clock_refusal: Option<String>,
+    /// Why the node's storage stopped taking writes, if it did (a disk
+    /// that failed): until it restarts, its peers hint what it would hold.
+    pub storage_failure: Option<String>,
     /// Causal writes refused because they would have left more than the
     /// sibling bound.
     pub too_many_siblings_refused: u64,
@@ -616,6 +619,9 @@ pub struct PeerInfo {
     /// How far its wall clock is ahead of this node's (negative: behind),
     /// estimated on the last heartbeat it answered.
     pub clock_offset_ms: Option<i64>,
+    /// Why its storage stopped taking writes, as it said on the last
+    /// heartbeat it answered: it is sent no writes (they are hinted).
+    pub storage_failure: Option<String>,
 }
 
 /// Why a request failed.
@@ -985,6 +991,7 @@ mod tests {
             uptime_ms: 4,
             max_clock_offset_ms: 5,
             clock_refusal: Some("r".into()),
+            storage_failure: Some("s".into()),
             too_many_siblings_refused: 6,
             name: "n".into(),
             peers: vec![PeerInfo {
@@ -995,6 +1002,7 @@ mod tests {
                 up: true,
                 keys: Some(8),
                 clock_offset_ms: Some(-2),
+                storage_failure: None,
             }],
             replicas: 3,
             ring: vec![RingMember {

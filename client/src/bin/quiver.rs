@@ -406,11 +406,19 @@ fn run(args: Args) -> Result<ExitCode, String> {
                 s.too_many_siblings_refused,
             )
             .map_err(|e| e.to_string())?;
+            if let Some(failure) = &s.storage_failure {
+                writeln!(out, "storage:       FAILED, takes no writes until restarted: {failure}")
+                    .map_err(|e| e.to_string())?;
+            }
             if !s.name.is_empty() {
                 writeln!(out, "name:          {}", s.name).map_err(|e| e.to_string())?;
             }
             for peer in &s.peers {
-                let state = if peer.up { "up" } else { "down" };
+                let state = match (peer.up, &peer.storage_failure) {
+                    (true, Some(failure)) => format!("up, storage FAILED ({failure}), its writes are hinted"),
+                    (true, None) => "up".to_owned(),
+                    (false, _) => "down".to_owned(),
+                };
                 let id = peer.node_id.map_or_else(|| "id unknown".to_owned(), |id| format!("id {id:016x}"));
                 let clock = peer.clock_offset_ms.map_or_else(String::new, |ms| format!(", clock {ms:+} ms"));
                 writeln!(out, "peer:          {} {} {state} ({id}{clock})", peer.name, peer.peer_addr)

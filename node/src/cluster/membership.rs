@@ -79,6 +79,7 @@ impl Membership {
                     up: false,
                     keys: None,
                     clock_offset_ms: None,
+                    storage_failure: None,
                 }),
                 config,
             })
@@ -91,15 +92,17 @@ impl Membership {
         KnownMember { name: self.name.clone(), id: self.me, client_addr: self.client_addr.clone() }
     }
 
-    /// The answer to a peer's heartbeat; `keys` is this node's key count.
-    pub fn pong(&self, keys: u64) -> PeerReply {
+    /// The answer to a peer's heartbeat: `keys` is this node's key count,
+    /// `storage_failure` why its storage stopped taking writes.
+    pub fn pong(&self, keys: u64, storage_failure: Option<String>) -> PeerReply {
         let mut members = vec![self.me()];
         members.extend(
             self.peers()
                 .into_iter()
                 .filter_map(|p| Some(KnownMember { name: p.name, id: NodeId(p.node_id?), client_addr: p.client_addr })),
         );
-        PeerReply::Pong { from: self.me, hlc: self.clock.last(), wall_ms: self.wall.now_ms(), keys, members }
+        let (hlc, wall_ms) = (self.clock.last(), self.wall.now_ms());
+        PeerReply::Pong { from: self.me, hlc, wall_ms, keys, storage_failure, members }
     }
 
     /// The link to the peer whose node id is `id`, once known.
@@ -107,13 +110,14 @@ impl Membership {
         self.peers.iter().find(|p| lock(&p.seen).node_id == Some(id.0)).map(|p| &p.link)
     }
 
-    /// The node ids of the peers the last heartbeats found down.
+    /// The node ids of the peers that take no writes now: those the last
+    /// heartbeats found down, or whose storage failed.
     pub fn down(&self) -> Vec<NodeId> {
         self.peers
             .iter()
             .filter_map(|p| {
                 let seen = lock(&p.seen);
-                seen.node_id.filter(|_| !seen.up).map(NodeId)
+                seen.node_id.filter(|_| !seen.up || seen.storage_failure.is_some()).map(NodeId)
             })
             .collect()
     }
@@ -151,11 +155,15 @@ impl Membership {
         }
         let mut seen = lock(&peer.seen);
         match answer {
-            Ok(PeerReply::Pong { from, wall_ms, keys, .. }) => {
+            Ok(PeerReply::Pong { from, wall_ms, keys, storage_failure, .. }) => {
                 let midpoint = sent + received.saturating_sub(sent) / 2;
                 if !seen.up {
                     tracing::info!(peer = %peer.config.name, node_id = from.0, "peer up");
                 }
+                if let (None, Some(reason)) = (&seen.storage_failure, &storage_failure) {
+                    tracing::error!(peer = %peer.config.name, %reason, "a peer's storage failed: its writes are hinted");
+                }
+                seen.storage_failure = storage_failure;
                 seen.up = true;
                 seen.node_id = Some(from.0);
                 seen.keys = Some(keys);
@@ -239,6 +247,7 @@ mod tests {
             up,
             keys: None,
             clock_offset_ms: offset,
+            storage_failure: None,
         }
     }
 

@@ -338,8 +338,9 @@ impl ClusterStore {
         self.every(EXPIRY_TICK, |store| async move { store.expire() });
         self.every(HINT_TICK, |store| async move {
             let held = store.hints.queues();
-            let up: Vec<NodeId> =
-                store.membership.peers().into_iter().filter(|p| p.up).filter_map(|p| p.node_id.map(NodeId)).collect();
+            let peers = store.membership.peers().into_iter();
+            let taking_writes = peers.filter(|p| p.up && p.storage_failure.is_none());
+            let up: Vec<NodeId> = taking_writes.filter_map(|p| p.node_id.map(NodeId)).collect();
             for &owner in held.keys() {
                 let handed = match up.contains(&owner) {
                     true => store.deliver_hints(owner).await,
@@ -1136,7 +1137,13 @@ impl crate::net::peer::PeerHandler for ReplicaHandler {
             return reply(PeerReply::Failed(error));
         }
         match request {
-            PeerRequest::Ping { .. } => reply(self.membership.pong(self.data.local.status().map_or(0, |s| s.keys))),
+            PeerRequest::Ping { .. } => {
+                let (keys, failure) = match self.data.local.status() {
+                    Ok(status) => (status.keys, status.storage_failure),
+                    Err(error) => (0, Some(error.message)),
+                };
+                reply(self.membership.pong(keys, failure))
+            }
             PeerRequest::Write { sets, hints } => {
                 let done = Box::new(move |r: Result<Vec<NodeId>, ServerError>| reply(answer(r.map(written_reply))));
                 apply_write(&self.data.local, &self.data.hints, sets, hints, done)

@@ -89,14 +89,16 @@ pub struct KnownMember {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum PeerReply {
     /// The answer to a heartbeat: the node, its clock and its wall clock,
-    /// its key count, and the members it knows by name (itself included:
-    /// node id and client address), so a node that restarts learns the ids
-    /// of peers that are down.
+    /// its key count, why its storage stopped taking writes (if it did),
+    /// and the members it knows by name (itself included: node id and
+    /// client address), so a node that restarts learns the ids of peers
+    /// that are down.
     Pong {
         from: NodeId,
         hlc: Hlc,
         wall_ms: u64,
         keys: u64,
+        storage_failure: Option<String>,
         members: Vec<KnownMember>,
     },
     /// The sets are durable here.

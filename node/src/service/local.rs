@@ -359,6 +359,7 @@ impl Store for LocalStore {
             bytes_on_disk: self.engine.disk_bytes().unwrap_or(stats.table_bytes),
             too_many_siblings_refused: self.causal.too_many_siblings_refused(),
             graph_backlog: self.index.as_ref().map(|index| index.vectors().backlog() as u64),
+            storage_failure: self.engine.failure(),
         })
     }
 

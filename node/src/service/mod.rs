@@ -54,6 +54,8 @@ pub struct StoreStatus {
     /// `Some`: the node indexes its values, and this many vector changes
     /// are not yet in its similarity graph.
     pub graph_backlog: Option<u64>,
+    /// Why its storage engine stopped taking writes, if it did.
+    pub storage_failure: Option<String>,
 }
 
 /// What a request carries besides its operation: the highest timestamp
@@ -408,6 +410,7 @@ impl Service {
             uptime_ms: self.clock.now_ms().saturating_sub(self.started_ms),
             max_clock_offset_ms: self.node_clock.max_offset_ms(),
             clock_refusal: self.node_clock.refusal(),
+            storage_failure: store.storage_failure,
             too_many_siblings_refused: store.too_many_siblings_refused,
             name: self.cluster.as_ref().map(|c| c.name().to_owned()).unwrap_or_default(),
             peers: self.cluster.as_ref().map(|c| c.membership().peers()).unwrap_or_default(),
