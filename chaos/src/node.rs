@@ -49,13 +49,14 @@ impl NodeSpec {
 /// 127.0.0.1 (kept across restarts), every node listing the others.
 pub fn cluster_specs(quiverd: &Path, dir: &Path, count: usize) -> io::Result<Vec<NodeSpec>> {
     use quiver_node::net::tls::{init_ca, issue_node};
-    let certs = dir.join("certs");
-    init_ca(&certs).map_err(io::Error::other)?;
+    let ca = dir.join("ca");
+    init_ca(&ca).map_err(io::Error::other)?;
     let names: Vec<String> = (1..=count).map(|i| format!("n{i}")).collect();
     let peer_ports = names.iter().map(|_| free_port()).collect::<io::Result<Vec<u16>>>()?;
     let mut specs = Vec::new();
     for (name, peer_port) in names.iter().zip(&peer_ports) {
-        issue_node(&certs, name, &[std::net::Ipv4Addr::LOCALHOST.into()]).map_err(io::Error::other)?;
+        let certs = dir.join("tls").join(name);
+        issue_node(&ca, &certs, name, &[std::net::Ipv4Addr::LOCALHOST.into()]).map_err(io::Error::other)?;
         let mut spec = NodeSpec::new(quiverd, &dir.join(name)).args([
             "--name".to_owned(),
             name.clone(),

@@ -12,8 +12,9 @@
 //!
 //! # In a cluster (all three, or none):
 //! name = "n1"                 # this node's name, as in its certificate
-//! tls_dir = "certs"           # ca.pem, n1.pem, n1.key (`quiver certs`)
+//! tls_dir = "tls/n1"          # ca.pem, n1.pem, n1.key, cluster.secret; never ca.key (`quiver certs`)
 //! peers = ["n2=127.0.0.1:7711", "n3=127.0.0.1:7721"]
+//! deny_nodes = []             # members whose certificates are no longer trusted (a lost machine)
 //! hint_bytes_max = 1073741824 # hints held for one node that is down, at most
 //! hint_age_max_secs = 10800   # a hint older than this is dropped (3 hours)
 //!
@@ -69,6 +70,11 @@ pub struct Config {
     pub tls_dir: Option<PathBuf>,
     /// The other nodes, as `NAME=HOST:PORT` (their peer addresses).
     pub peers: Vec<String>,
+    /// Members refused cluster-wide (set on every node): their connections
+    /// are closed and they are never dialled, so a lost machine's
+    /// certificate is no longer trusted without a new CA. They stay in the
+    /// ring, down: their writes are hinted.
+    pub deny_nodes: Vec<String>,
     /// A tombstone is kept at least this long; a version from a peer older
     /// than now minus this is refused (its tombstone may be gone). A node
     /// in a cluster keeps every tombstone (no anti-entropy repair yet).
@@ -168,6 +174,7 @@ impl Default for Config {
             name: None,
             tls_dir: None,
             peers: Vec::new(),
+            deny_nodes: Vec::new(),
             gc_grace_secs: 10 * 24 * 3600,
             hint_bytes_max: 1 << 30,
             hint_age_max_secs: 3 * 3600,
@@ -296,7 +303,10 @@ impl Config {
         if self.name.is_some() != self.tls_dir.is_some() || (!self.peers.is_empty() && self.name.is_none()) {
             return invalid("a cluster node needs name, tls_dir and its peers together".into());
         }
-        self.peer_configs()?;
+        let peers = self.peer_configs()?;
+        if let Some(name) = self.deny_nodes.iter().find(|n| !peers.iter().any(|p| &&p.name == n)) {
+            return invalid(format!("deny_nodes names {name:?}, which is not one of this node's peers"));
+        }
         if self.max_clock_offset_ms == 0 {
             return invalid("max_clock_offset_ms must be at least 1".into());
         }

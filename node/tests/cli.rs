@@ -295,26 +295,33 @@ fn versions_and_context_round_trip() {
 }
 
 /// `quiver certs`: a cluster CA once, then node certificates it signs,
-/// which a node loads.
+/// each in the node's own directory (never with the CA's key), which a
+/// node loads.
 #[test]
 fn certs_make_a_cluster_ca_and_node_certificates() {
     let dir = tempfile::tempdir().unwrap();
-    let certs = dir.path().join("certs");
-    let certs_arg = certs.to_str().unwrap();
-    let out = quiver("127.0.0.1:1", &["certs", "init-ca", "--dir", certs_arg], None);
+    let ca = dir.path().join("ca");
+    let ca_arg = ca.to_str().unwrap();
+    let out = quiver("127.0.0.1:1", &["certs", "init-ca", "--dir", ca_arg], None);
     assert!(out.status.success(), "{}", stderr(&out));
-    let out = quiver("127.0.0.1:1", &["certs", "init-ca", "--dir", certs_arg], None);
+    let out = quiver("127.0.0.1:1", &["certs", "init-ca", "--dir", ca_arg], None);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("already holds a cluster CA"), "{}", stderr(&out));
     for name in ["n1", "n2"] {
-        let out =
-            quiver("127.0.0.1:1", &["certs", "node", "--name", name, "--ip", "127.0.0.1", "--dir", certs_arg], None);
+        let own = dir.path().join(name);
+        let args = ["certs", "node", "--name", name, "--ip", "127.0.0.1", "--ca-dir", ca_arg, "--dir"];
+        let out = quiver("127.0.0.1:1", &[&args[..], &[own.to_str().unwrap()]].concat(), None);
         assert!(out.status.success(), "{}", stderr(&out));
-        let tls = quiver_node::net::tls::NodeTls::load(&certs, name).unwrap();
+        assert!(!own.join("ca.key").exists());
+        let tls = quiver_node::net::tls::NodeTls::load(&own, name).unwrap();
         tls.quic_server().unwrap();
     }
-    let out = quiver("127.0.0.1:1", &["certs", "node", "--name", "n3", "--dir", dir.path().to_str().unwrap()], None);
+    let empty = dir.path().join("empty");
+    let args = ["certs", "node", "--name", "n3", "--ca-dir", empty.to_str().unwrap(), "--dir"];
+    let out = quiver("127.0.0.1:1", &[&args[..], &[dir.path().join("n3").to_str().unwrap()]].concat(), None);
     assert_eq!(out.status.code(), Some(2), "no CA in that directory");
+    let out = quiver("127.0.0.1:1", &["certs", "node", "--name", "n3", "--ca-dir", ca_arg, "--dir", ca_arg], None);
+    assert_eq!(out.status.code(), Some(2), "not in the CA's own directory");
 }
 
 /// A running `quiver local-cluster`: its nodes as it printed them.

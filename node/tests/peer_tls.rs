@@ -1,7 +1,9 @@
 //! Peer links over real QUIC sockets on loopback: nodes with certificates
-//! from the cluster CA talk; a peer with a certificate from another CA, or
-//! with none, is refused during the handshake, and its requests never reach
-//! the node.
+//! from the cluster CA talk, and each request reaches the node with the
+//! member its certificate names; a peer with a certificate from another
+//! CA, or with none, is refused during the handshake, and one with a
+//! certificate from the cluster's CA for a name that is not a member has
+//! its connection closed: their requests never reach the node.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -16,12 +18,24 @@ use quiver_ring::{Hlc, NodeId};
 /// A bound on each call, not a timing assertion.
 const CALL: Duration = Duration::from_secs(30);
 
-/// Answers pings, and counts the requests that reached it.
-struct Counting(AtomicUsize);
+/// Answers pings, and counts the requests that reached it; admits n1, n2
+/// and n3, and keeps the name each request came from.
+struct Counting(AtomicUsize, std::sync::Mutex<Vec<String>>);
+
+impl Counting {
+    fn new() -> Counting {
+        Counting(AtomicUsize::new(0), std::sync::Mutex::default())
+    }
+}
 
 impl PeerHandler for Counting {
-    fn handle(&self, request: PeerRequest, reply: Reply) {
+    fn admitted(&self) -> Vec<String> {
+        ["n1", "n2", "n3"].map(String::from).to_vec()
+    }
+
+    fn handle(&self, from: &str, request: PeerRequest, reply: Reply) {
         self.0.fetch_add(1, Ordering::SeqCst);
+        self.1.lock().unwrap().push(from.to_owned());
         if let PeerRequest::Ping { hlc, .. } = request {
             reply(PeerReply::Pong {
                 from: NodeId(1),
@@ -35,16 +49,17 @@ impl PeerHandler for Counting {
     }
 }
 
+/// A cluster CA in `dir/ca`, and each node's certificate in `dir/NAME`.
 fn certs(dir: &Path, names: &[&str]) {
-    init_ca(dir).unwrap();
+    init_ca(&dir.join("ca")).unwrap();
     for name in names {
-        issue_node(dir, name, &["127.0.0.1".parse().unwrap()]).unwrap();
+        issue_node(&dir.join("ca"), &dir.join(name), name, &["127.0.0.1".parse().unwrap()]).unwrap();
     }
 }
 
 fn endpoint(dir: &Path, name: &str) -> PeerEndpoint {
     let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    PeerEndpoint::bind(addr, NodeTls::load(dir, name).unwrap()).unwrap()
+    PeerEndpoint::bind(addr, NodeTls::load(&dir.join(name), name).unwrap()).unwrap()
 }
 
 fn ping() -> PeerRequest {
@@ -54,12 +69,12 @@ fn ping() -> PeerRequest {
 #[tokio::test]
 async fn nodes_of_one_cluster_ca_talk_and_strangers_are_refused() {
     let cluster = tempfile::tempdir().unwrap();
-    certs(cluster.path(), &["n1", "n2", "n3"]);
+    certs(cluster.path(), &["n1", "n2", "n3", "n9"]);
     let other = tempfile::tempdir().unwrap();
     certs(other.path(), &["n3"]);
 
     let n1 = endpoint(cluster.path(), "n1");
-    let handler = Arc::new(Counting(AtomicUsize::new(0)));
+    let handler = Arc::new(Counting::new());
     n1.serve(handler.clone());
     let n1_addr = n1.local_addr().unwrap();
 
@@ -80,6 +95,13 @@ async fn nodes_of_one_cluster_ca_talk_and_strangers_are_refused() {
         );
     }
     assert_eq!(handler.0.load(Ordering::SeqCst), 3);
+    assert_eq!(*handler.1.lock().unwrap(), ["n2", "n2", "n2"], "each request comes with its sender's name");
+
+    // A certificate from the cluster's CA for a name that is no member:
+    // its connection is closed before anything is read.
+    let n9 = endpoint(cluster.path(), "n9");
+    let stranger_member = n9.link("n1", n1_addr).call(ping(), CALL).await;
+    assert!(matches!(stranger_member, Err(PeerError::Link { .. })), "{stranger_member:?}");
 
     // The same name with a certificate from another CA: refused.
     let stranger = endpoint(other.path(), "n3");
@@ -93,7 +115,7 @@ async fn nodes_of_one_cluster_ca_talk_and_strangers_are_refused() {
     assert_eq!(handler.0.load(Ordering::SeqCst), 3, "no request from a stranger reached the node");
 
     // And a node of the cluster does not trust a server of another CA.
-    stranger.serve(Arc::new(Counting(AtomicUsize::new(0))));
+    stranger.serve(Arc::new(Counting::new()));
     let fake = n2.link("n3", stranger.local_addr().unwrap()).call(ping(), CALL).await;
     assert!(matches!(fake, Err(PeerError::Link { .. })), "{fake:?}");
 
@@ -109,7 +131,7 @@ async fn try_send_delivers_on_a_live_link_and_a_lost_link_answers_with_an_error(
     let cluster = tempfile::tempdir().unwrap();
     certs(cluster.path(), &["n1", "n2"]);
     let n1 = endpoint(cluster.path(), "n1");
-    n1.serve(Arc::new(Counting(AtomicUsize::new(0))));
+    n1.serve(Arc::new(Counting::new()));
     let n2 = endpoint(cluster.path(), "n2");
     let link = n2.link("n1", n1.local_addr().unwrap());
 

@@ -181,13 +181,44 @@ impl Siblings {
         Siblings(vec![version])
     }
 
-    /// The merge of any versions: those that no other among them dominates.
-    pub fn from_versions(versions: Vec<Version>) -> Siblings {
-        let mut siblings = Siblings(Vec::with_capacity(versions.len().min(SIBLINGS_MAX)));
-        for version in versions {
-            siblings.insert(version);
+    /// The merge of any versions: those that no other among them dominates
+    /// (of several with one order, the first). In O(n log n) over the
+    /// versions and their contexts' entries, whatever their number: a
+    /// decoded set from the network or disk may be large, and inserting
+    /// one at a time would be quadratic.
+    pub fn from_versions(mut versions: Vec<Version>) -> Siblings {
+        versions.sort_by_key(Version::order);
+        versions.dedup_by(|later, first| later.order() == first.order());
+        // The last blind version dominates everything ordered before it.
+        let last_blind = versions.iter().rposition(Version::is_blind);
+        // A causal version covers what its context's floor and version
+        // vector reach: the two highest of each, so that a version is never
+        // judged by its own context.
+        let mut floors = Top2::default();
+        let mut vvs: BTreeMap<NodeId, Top2<Hlc>> = BTreeMap::new();
+        for (i, version) in versions.iter().enumerate() {
+            if let Some(causal) = &version.causal {
+                if let Some(floor) = causal.context.floor {
+                    floors.offer(floor, i);
+                }
+                for dot in causal.context.vv.dots() {
+                    vvs.entry(dot.node).or_default().offer(dot.hlc, i);
+                }
+            }
         }
-        siblings
+        let mut kept = Vec::with_capacity(versions.len().min(SIBLINGS_MAX));
+        for (i, version) in versions.into_iter().enumerate() {
+            let by_blind = last_blind.is_some_and(|last| i < last);
+            let by_floor = floors.best_besides(i).is_some_and(|floor| version.order() <= floor);
+            let by_vv = version.causal.as_ref().is_some_and(|causal| {
+                let reach = vvs.get(&causal.dot.node).and_then(|top| top.best_besides(i));
+                reach.is_some_and(|hlc| causal.dot.hlc <= hlc)
+            });
+            if !(by_blind || by_floor || by_vv) {
+                kept.push(version);
+            }
+        }
+        Siblings(kept)
     }
 
     /// The versions, oldest `(hlc, origin)` first.
@@ -274,6 +305,42 @@ impl Siblings {
     pub fn merge(&mut self, other: Siblings) {
         for version in other.0 {
             self.insert(version);
+        }
+    }
+}
+
+/// The two highest values offered, each with the index of the version it
+/// came from (the higher first).
+#[derive(Debug)]
+struct Top2<T>([Option<(T, usize)>; 2]);
+
+impl<T> Default for Top2<T> {
+    fn default() -> Top2<T> {
+        Top2([None, None])
+    }
+}
+
+impl<T: Ord + Copy> Top2<T> {
+    fn offer(&mut self, value: T, from: usize) {
+        let [first, second] = &mut self.0;
+        match *first {
+            None => *first = Some((value, from)),
+            Some((best, at)) if at == from => *first = Some((best.max(value), at)),
+            Some((best, _)) if value > best => *second = first.replace((value, from)),
+            Some(_) => {
+                if second.is_none_or(|(other, _)| value > other) {
+                    *second = Some((value, from));
+                }
+            }
+        }
+    }
+
+    /// The highest value offered by a version other than `index`.
+    fn best_besides(&self, index: usize) -> Option<T> {
+        let [first, second] = self.0;
+        match first {
+            Some((value, at)) if at != index => Some(value),
+            _ => second.map(|(value, _)| value),
         }
     }
 }

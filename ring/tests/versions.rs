@@ -12,7 +12,8 @@
 //! Checked: replicas that received the same versions hold the same siblings
 //! and winner, and that is the merge of every version ever made (the order
 //! of arrival does not matter); merge is commutative, associative and
-//! idempotent; dominance is transitive; a causal write covers only versions
+//! idempotent, and decoding a whole set at once keeps what merging its
+//! versions one at a time keeps; dominance is transitive; a causal write covers only versions
 //! its reader knew (or that something it knew dominates); two bulk sets are
 //! never end mixed on any replica.
 //!
@@ -303,6 +304,17 @@ fn check_transitive(all: &[Version]) -> Result<(), TestCaseError> {
 /// Merge is commutative, associative and idempotent on subsets of what was
 /// made.
 fn check_algebra(all: &[Version], seed: u64) -> Result<(), TestCaseError> {
+    // Decoding a set at once (sorted, O(n log n)) keeps what merging its
+    // versions in one at a time keeps, in any order.
+    let mut order: Vec<Version> = all.to_vec();
+    for _ in 0..4 {
+        let mut one_at_a_time = Siblings::default();
+        order.iter().for_each(|version| one_at_a_time.insert(version.clone()));
+        prop_assert_eq!(Siblings::from_versions(order.clone()), one_at_a_time);
+        let turn = (seed as usize) % order.len().max(1);
+        order.reverse();
+        order.rotate_left(turn);
+    }
     let mut rng = quiver_ring::rand::SplitMix64::new(seed);
     let mut subset = || {
         let picked: Vec<Version> = all.iter().filter(|_| rng.next_u64().is_multiple_of(2)).cloned().collect();

@@ -162,12 +162,17 @@ enum Certs {
         dir: PathBuf,
     },
     /// Makes node NAME's certificate (NAME.pem) and key (NAME.key), signed
-    /// by the CA in DIR, for its name and each --ip.
+    /// by the CA in --ca-dir, for its name and each --ip, in the node's own
+    /// DIR, with copies of ca.pem and cluster.secret: the node's --tls-dir.
+    /// DIR never gets the CA's key (a node refuses a directory that has it).
     Node {
         #[arg(long)]
         name: String,
         #[arg(long, value_name = "IP")]
         ip: Vec<std::net::IpAddr>,
+        /// Where the CA is (`init-ca --dir`).
+        #[arg(long, value_name = "CA_DIR")]
+        ca_dir: PathBuf,
         #[arg(long, value_name = "DIR")]
         dir: PathBuf,
     },
@@ -276,8 +281,8 @@ fn certs(command: Certs) -> Result<ExitCode, String> {
             tls::init_ca(&dir).map_err(|e| e.to_string())?;
             writeln!(out, "cluster CA: {}", dir.join(tls::CA_CERT).display()).map_err(|e| e.to_string())?;
         }
-        Certs::Node { name, ip, dir } => {
-            tls::issue_node(&dir, &name, &ip).map_err(|e| e.to_string())?;
+        Certs::Node { name, ip, ca_dir, dir } => {
+            tls::issue_node(&ca_dir, &dir, &name, &ip).map_err(|e| e.to_string())?;
             writeln!(out, "node {name}: {}", dir.join(format!("{name}.pem")).display()).map_err(|e| e.to_string())?;
         }
         Certs::Secret { dir } => {

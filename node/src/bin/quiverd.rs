@@ -125,6 +125,11 @@ struct Args {
     /// once per peer.
     #[arg(long = "peer", value_name = "NAME=HOST:PORT")]
     peers: Vec<String>,
+    /// A member whose certificate is no longer trusted (a lost machine):
+    /// its connections are refused and it is never dialled; once per name,
+    /// on every node.
+    #[arg(long = "deny-node", value_name = "NAME")]
+    deny_nodes: Vec<String>,
     /// Test-only: this node's wall clock reads this many ms ahead (negative:
     /// behind). Refused unless QUIVER_UNSAFE_TEST_MODES=1 is set.
     #[arg(long, value_name = "MS", hide = true, allow_hyphen_values = true)]
@@ -270,6 +275,9 @@ impl Args {
         }
         if !self.peers.is_empty() {
             config.peers = self.peers
+        }
+        if !self.deny_nodes.is_empty() {
+            config.deny_nodes = self.deny_nodes
         }
         if let Some(ms) = self.debug_clock_offset_ms {
             if std::env::var("QUIVER_UNSAFE_TEST_MODES").as_deref() != Ok("1") {
@@ -561,7 +569,7 @@ fn join_cluster(
     let endpoint = PeerEndpoint::bind(addr, tls).map_err(|e| e.to_string())?;
     let bound = endpoint.local_addr().map_err(|e| e.to_string())?.to_string();
     let peers = config.peer_configs().map_err(|e| e.to_string())?;
-    let membership = Arc::new(Membership::new(
+    let membership = Membership::new(
         &endpoint,
         node_id,
         name.to_owned(),
@@ -569,9 +577,10 @@ fn join_cluster(
         peers,
         node_clock.clone(),
         wall.clone(),
-    ));
-    let limits = config.limits.wire();
-    endpoint.serve(Arc::new(ReplicaHandler { membership: membership.clone(), data: data.clone(), limits }));
+    );
+    let membership = Arc::new(membership.with_denied(config.deny_nodes.clone()));
+    let (limits, clock) = (config.limits.wire(), node_clock.clone());
+    endpoint.serve(Arc::new(ReplicaHandler { membership: membership.clone(), data: data.clone(), limits, clock }));
     tokio::spawn(membership.clone().run());
     Ok((bound, membership))
 }

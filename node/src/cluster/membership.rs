@@ -1,7 +1,10 @@
 //! Membership from configuration, and heartbeats.
 //!
 //! - Owns: the configured peers (name and peer address) and what the last
-//!   heartbeat to each found: up or down, its node id, its clock offset.
+//!   heartbeat to each found: up or down, its node id, its clock offset,
+//!   whether its storage failed; the names denied (a lost machine's: never
+//!   dialled, its connections refused); the ring, once every member's node
+//!   id is known.
 //! - Receives: nothing but time: every [`HEARTBEAT`] it pings every peer
 //!   over its peer link, and answers their pings ([`Membership::pong`]:
 //!   its id, clocks, and the node ids it knows, so a node that restarts
@@ -14,9 +17,10 @@
 //! - Hands on: [`Membership::peers`] for `status`.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use quiver_ring::ring::{Member, Ring, RingView};
 use quiver_ring::wire::{ErrorKind, PeerInfo, ServerError};
 use quiver_ring::NodeId;
 
@@ -51,6 +55,9 @@ pub struct Membership {
     /// Where clients reach this node.
     client_addr: String,
     peers: Vec<Peer>,
+    /// Members whose connections are refused and who are never dialled.
+    denied: Vec<String>,
+    ring: OnceLock<Arc<Ring>>,
     clock: Arc<NodeClock>,
     wall: Arc<dyn Clock>,
 }
@@ -84,7 +91,60 @@ impl Membership {
                 config,
             })
             .collect();
-        Membership { me, name, client_addr, peers, clock, wall }
+        Membership { me, name, client_addr, peers, denied: Vec::new(), ring: OnceLock::new(), clock, wall }
+    }
+
+    /// Refuses the members named in `denied`: their connections are closed
+    /// and they are never dialled (they stay down), as for a lost machine
+    /// whose certificate must not be trusted any more.
+    pub fn with_denied(mut self, denied: Vec<String>) -> Membership {
+        self.denied = denied;
+        self
+    }
+
+    /// The names of the peers this node takes connections from: the
+    /// configured ones not denied.
+    pub fn admitted(&self) -> Vec<String> {
+        self.peers.iter().map(|p| p.config.name.clone()).filter(|name| !self.denied.contains(name)).collect()
+    }
+
+    /// The node id of the member named `name` (this node too), once known.
+    pub fn id_of(&self, name: &str) -> Option<NodeId> {
+        if name == self.name {
+            return Some(self.me);
+        }
+        let peer = self.peers.iter().find(|p| p.config.name == name)?;
+        lock(&peer.seen).node_id.map(NodeId)
+    }
+
+    /// The ring, once every member's node id is known (until then
+    /// `Unavailable`, naming a peer not heard from yet).
+    pub fn ring(&self) -> Result<Arc<Ring>, ServerError> {
+        if let Some(ring) = self.ring.get() {
+            return Ok(ring.clone());
+        }
+        let mut members = vec![Member {
+            id: self.me,
+            name: self.name.clone(),
+            client_addr: self.client_addr.clone(),
+            peer_addr: String::new(),
+        }];
+        for peer in self.peers() {
+            let Some(id) = peer.node_id else {
+                return Err(ServerError::new(
+                    ErrorKind::Unavailable,
+                    format!("the node id of peer {} is not known yet (it has not answered a heartbeat)", peer.name),
+                ));
+            };
+            members.push(Member {
+                id: NodeId(id),
+                name: peer.name,
+                client_addr: String::new(),
+                peer_addr: peer.peer_addr,
+            });
+        }
+        let ring = Arc::new(Ring::new(RingView { epoch: 1, members }));
+        Ok(self.ring.get_or_init(|| ring).clone())
     }
 
     /// This node's name and client address.
@@ -146,12 +206,16 @@ impl Membership {
 
     async fn ping(&self, index: usize) {
         let Some(peer) = self.peers.get(index) else { return };
+        if self.denied.contains(&peer.config.name) {
+            lock(&peer.seen).up = false;
+            return;
+        }
         let sent = self.wall.now_ms();
         let ping = PeerRequest::Ping { from: self.me, hlc: self.clock.last() };
         let answer = peer.link.call(ping, HEARTBEAT).await;
         let received = self.wall.now_ms();
-        if let Ok(PeerReply::Pong { members, .. }) = &answer {
-            self.learn(members);
+        if let Ok(PeerReply::Pong { from, members, .. }) = &answer {
+            self.learn(&peer.config.name, *from, members);
         }
         let mut seen = lock(&peer.seen);
         match answer {
@@ -182,16 +246,28 @@ impl Membership {
         }
     }
 
-    /// Takes what a peer knows of the members (its own entry included):
-    /// node ids this node has not learned yet, and client addresses.
-    fn learn(&self, members: &[KnownMember]) {
+    /// Takes what peer `sender` (node `sender_id`, as its certificate and
+    /// its own answer say) knows of the members: node ids this node has not
+    /// learned yet, and client addresses. An entry for the sender itself
+    /// must carry its own id; one that contradicts an id this node knows is
+    /// ignored.
+    fn learn(&self, sender: &str, sender_id: NodeId, members: &[KnownMember]) {
         for member in members {
+            if member.name == sender && member.id != sender_id {
+                tracing::warn!(peer = sender, "a peer's heartbeat names itself with another node id; ignored");
+                continue;
+            }
             if let Some(peer) = self.peers.iter().find(|p| p.config.name == member.name) {
                 let mut seen = lock(&peer.seen);
-                if seen.node_id.is_none() {
-                    seen.node_id = Some(member.id.0);
+                match seen.node_id {
+                    None => seen.node_id = Some(member.id.0),
+                    Some(known) if known != member.id.0 => {
+                        tracing::warn!(peer = sender, member = %member.name, "a peer's heartbeat gives a member another node id than this node knows; ignored");
+                        continue;
+                    }
+                    Some(_) => {}
                 }
-                if seen.node_id == Some(member.id.0) && !member.client_addr.is_empty() {
+                if !member.client_addr.is_empty() {
                     seen.client_addr = member.client_addr.clone();
                 }
             }

@@ -34,10 +34,10 @@
 //! ([`super::hints`]).
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use quiver_ring::ring::{Member, Ring, RingView, TokenRange};
+use quiver_ring::ring::{Ring, TokenRange};
 use quiver_ring::wire::{self, ErrorKind, RingInfo, RingMember, SearchHit, ServerError};
 use quiver_ring::{Context, Hlc, NodeId, Siblings};
 
@@ -108,7 +108,6 @@ pub struct ClusterStore {
     membership: Arc<Membership>,
     clock: Arc<NodeClock>,
     wall: Arc<dyn Clock>,
-    ring: OnceLock<Arc<Ring>>,
     consistency: Consistency,
     coordinating: Mutex<Coordinating>,
     /// Where the peer calls run: answers arrive on engine threads too (a
@@ -166,7 +165,6 @@ impl ClusterStore {
             membership,
             clock,
             wall,
-            ring: OnceLock::new(),
             consistency: Consistency::Quorum,
             coordinating: Mutex::new(Coordinating { quorum: Quorum::new(me), waiting: BTreeMap::new() }),
             runtime: tokio::runtime::Handle::current(),
@@ -184,32 +182,7 @@ impl ClusterStore {
 
     /// The ring, once every member's id is known.
     fn ring(&self) -> Result<Arc<Ring>, ServerError> {
-        if let Some(ring) = self.ring.get() {
-            return Ok(ring.clone());
-        }
-        let me = self.membership.me();
-        let mut members = vec![Member {
-            id: self.me,
-            name: self.name.clone(),
-            client_addr: me.client_addr,
-            peer_addr: String::new(),
-        }];
-        for peer in self.membership.peers() {
-            let Some(id) = peer.node_id else {
-                return Err(ServerError::new(
-                    ErrorKind::Unavailable,
-                    format!("the node id of peer {} is not known yet (it has not answered a heartbeat)", peer.name),
-                ));
-            };
-            members.push(Member {
-                id: NodeId(id),
-                name: peer.name,
-                client_addr: String::new(),
-                peer_addr: peer.peer_addr,
-            });
-        }
-        let ring = Arc::new(Ring::new(RingView { epoch: 1, members }));
-        Ok(self.ring.get_or_init(|| ring).clone())
+        self.membership.ring()
     }
 
     /// This node's name in the cluster.
@@ -391,7 +364,17 @@ impl ClusterStore {
             let message = match reply {
                 Ok(PeerReply::Written) => DataMessage::WriteAck { op },
                 Ok(PeerReply::WrittenWithoutHints(owners)) => DataMessage::WrittenWithoutHints { op, owners },
-                Ok(PeerReply::Found(found)) => DataMessage::ReadReply { op, found },
+                Ok(PeerReply::Found(found)) => {
+                    // What a replica answers is checked as what it sends.
+                    let latest = this.clock.latest_accepted();
+                    match found.as_ref().map(|set| check_claims(set, latest)).unwrap_or(Ok(())) {
+                        Ok(()) => DataMessage::ReadReply { op, found },
+                        Err(error) => {
+                            tracing::warn!(replica = to.0, %error, "a replica's answer was refused");
+                            DataMessage::Refused { op }
+                        }
+                    }
+                }
                 // A failure is no answer (the deadline ends the operation
                 // if too few others answer), and a write's part is hinted.
                 Ok(PeerReply::Failed(error)) | Err(error) => {
@@ -1090,14 +1073,16 @@ impl NodeData {
 /// What a node of a cluster does with its peers' requests: answers
 /// heartbeats, and as a replica merges the sets it is sent and holds the
 /// hints (answering once they are durable) and reads its own versions of a
-/// key. A peer's keys and values are held to the same limits as a client's
-/// (its versions were merged when they decoded, and their timestamps are
-/// checked as they are adopted).
+/// key. A peer is trusted for what its certificate names and no more
+/// ([`check_peer_identity`]); its keys and values are held to the same
+/// limits as a client's, its versions to the same clock
+/// ([`check_peer_versions`]).
 #[derive(Debug)]
 pub struct ReplicaHandler {
     pub membership: Arc<Membership>,
     pub data: NodeData,
     pub limits: wire::Limits,
+    pub clock: Arc<NodeClock>,
 }
 
 /// Checks a peer's request against the node's limits, as a client's is.
@@ -1116,6 +1101,117 @@ pub fn check_peer_request(limits: &wire::Limits, request: &PeerRequest) -> Resul
     }
 }
 
+/// Checks what a request from member `from` (the name its certificate
+/// gives) says against what that member is and what the ring gives this
+/// node: a heartbeat, a bulk set's log entry or its removal only in the
+/// sender's own name; a write only of keys this node replicates, and hints
+/// only for members that replicate their keys (and not for this node).
+pub fn check_peer_identity(membership: &Membership, from: &str, request: &PeerRequest) -> Result<(), ServerError> {
+    let forbidden = |what: String| ServerError::new(ErrorKind::Forbidden, what);
+    let own_name = |claimed: NodeId, what: &str| match membership.id_of(from) {
+        Some(id) if id == claimed => Ok(()),
+        Some(_) => Err(forbidden(format!("{from} sent {what} in the name of node {:016x}, not its own", claimed.0))),
+        None => Err(ServerError::new(ErrorKind::Unavailable, format!("the node id of {from} is not known yet"))),
+    };
+    match request {
+        PeerRequest::Ping { from: id, .. } => match membership.id_of(from) {
+            Some(known) if known != *id => Err(forbidden(format!("{from} pinged as node {:016x}", id.0))),
+            _ => Ok(()),
+        },
+        PeerRequest::LogBatch { coordinator, .. } => own_name(*coordinator, "a bulk set to log"),
+        PeerRequest::BatchDone { coordinator, .. } => own_name(*coordinator, "a bulk set's removal"),
+        PeerRequest::Write { sets, hints } => {
+            let ring = membership.ring()?;
+            let me = membership.me().id;
+            let replicates = |node: NodeId, key: &[u8]| ring.preference_list(key, REPLICAS).contains(&node);
+            if let Some((key, _)) = sets.iter().find(|(key, _)| !replicates(me, key)) {
+                return Err(ServerError::new(
+                    ErrorKind::NotReplica,
+                    format!("{from} sent a key this node does not replicate ({} bytes)", key.len()),
+                ));
+            }
+            for hint in hints {
+                if hint.owner == me || ring.member(hint.owner).is_none() {
+                    return Err(forbidden(format!(
+                        "{from} sent hints for node {:016x}, which is this node or no member",
+                        hint.owner.0
+                    )));
+                }
+                if hint.sets.iter().any(|(key, _)| !replicates(hint.owner, key)) {
+                    return Err(ServerError::new(
+                        ErrorKind::NotReplica,
+                        format!("{from} sent hints for node {:016x} of a key it does not replicate", hint.owner.0),
+                    ));
+                }
+            }
+            Ok(())
+        }
+        PeerRequest::Read { .. } | PeerRequest::Search { .. } | PeerRequest::TermStats { .. } => Ok(()),
+    }
+}
+
+/// Checks the versions a peer sends as a client's are checked: no
+/// timestamp, and nothing a context claims, later than this node accepts
+/// now; a bulk set's id too; no more siblings than the bound.
+pub fn check_peer_versions(clock: &NodeClock, request: &PeerRequest) -> Result<(), ServerError> {
+    let latest = clock.latest_accepted();
+    let check = |mut sets: Box<dyn Iterator<Item = &(Vec<u8>, Siblings)> + '_>| -> Result<(), ServerError> {
+        sets.try_for_each(|(_, siblings)| check_siblings(siblings, latest))
+    };
+    match request {
+        PeerRequest::Write { sets, hints } => check(Box::new(sets.iter().chain(hints.iter().flat_map(|h| &h.sets)))),
+        PeerRequest::LogBatch { id, sets, .. } => {
+            if *id > latest {
+                return Err(ServerError::new(
+                    ErrorKind::ClockSkew,
+                    format!("a bulk set stamped {id}, later than this node accepts ({latest})"),
+                ));
+            }
+            check(Box::new(sets.iter()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// One key's siblings from elsewhere: at most [`quiver_ring::SIBLINGS_MAX`]
+/// of them, and [`check_claims`].
+pub fn check_siblings(siblings: &Siblings, latest: Hlc) -> Result<(), ServerError> {
+    if siblings.len() > quiver_ring::SIBLINGS_MAX {
+        return Err(ServerError::new(
+            ErrorKind::TooManySiblings,
+            format!("{} siblings, more than the bound of {}", siblings.len(), quiver_ring::SIBLINGS_MAX),
+        ));
+    }
+    check_claims(siblings, latest)
+}
+
+/// No timestamp in `siblings` after `latest`, and no context claiming
+/// anything after it.
+pub fn check_claims(siblings: &Siblings, latest: Hlc) -> Result<(), ServerError> {
+    for version in siblings.versions() {
+        if version.hlc > latest {
+            return Err(ServerError::new(
+                ErrorKind::ClockSkew,
+                format!("a version stamped {}, later than this node accepts ({latest})", version.hlc),
+            ));
+        }
+        if let Some(causal) = &version.causal {
+            let context = &causal.context;
+            let claims = std::iter::once(causal.dot.hlc)
+                .chain(std::iter::once(context.max_hlc))
+                .chain(context.floor.map(|(hlc, _)| hlc))
+                .chain(context.vv.dots().map(|dot| dot.hlc));
+            if let Some(claim) = claims.into_iter().find(|&hlc| hlc > latest) {
+                return Err(ServerError::new(
+                    ErrorKind::InvalidContext,
+                    format!("a version's context claims {claim}, later than this node accepts ({latest})"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Checks every key and value of `sets` against the node's limits.
 fn check_sets<'a>(
     limits: &wire::Limits,
@@ -1128,12 +1224,20 @@ fn check_sets<'a>(
 }
 
 impl crate::net::peer::PeerHandler for ReplicaHandler {
-    fn handle(&self, request: PeerRequest, reply: crate::net::peer::Reply) {
+    fn admitted(&self) -> Vec<String> {
+        self.membership.admitted()
+    }
+
+    fn handle(&self, from: &str, request: PeerRequest, reply: crate::net::peer::Reply) {
         let answer = |result: Result<PeerReply, ServerError>| match result {
             Ok(answer) => answer,
             Err(error) => PeerReply::Failed(error),
         };
-        if let Err(error) = check_peer_request(&self.limits, &request) {
+        let checked = check_peer_request(&self.limits, &request)
+            .and_then(|()| check_peer_identity(&self.membership, from, &request))
+            .and_then(|()| check_peer_versions(&self.clock, &request));
+        if let Err(error) = checked {
+            tracing::warn!(peer = from, %error, "a peer's request was refused");
             return reply(PeerReply::Failed(error));
         }
         match request {

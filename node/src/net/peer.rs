@@ -13,7 +13,11 @@
 //! - Hands on: answers, or a [`PeerError`] naming the peer.
 //!
 //! A peer whose certificate the cluster CA did not sign, or that presents
-//! none, fails the handshake: it never gets a stream.
+//! none, fails the handshake: it never gets a stream. One whose
+//! certificate names no member the handler admits (a stranger with a
+//! certificate from the cluster's CA, or a denied node) has its connection
+//! closed before it is read. Every request is handed on with the member
+//! its certificate names, which the handler checks what it says against.
 
 // This module decodes bytes from the network: what it reads must never make
 // it panic.
@@ -144,7 +148,17 @@ pub type Reply = Box<dyn FnOnce(PeerReply) + Send>;
 /// What a node does with its peers' requests. Returns at once; the answer
 /// goes to `reply` when it is ready (a write once it is durable).
 pub trait PeerHandler: Send + Sync + 'static {
-    fn handle(&self, request: PeerRequest, reply: Reply);
+    /// The names of the members this node takes connections from.
+    fn admitted(&self) -> Vec<String>;
+    /// A request from `from`, the member the peer's certificate names.
+    fn handle(&self, from: &str, request: PeerRequest, reply: Reply);
+}
+
+/// The member `connection`'s certificate names, among `admitted`.
+fn member_of(connection: &quinn::Connection, admitted: &[String]) -> Option<String> {
+    let identity = connection.peer_identity()?;
+    let chain = identity.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok()?;
+    super::tls::certified_name(chain.first()?, admitted).map(str::to_owned)
 }
 
 fn transport() -> Arc<quinn::TransportConfig> {
@@ -199,8 +213,17 @@ impl PeerEndpoint {
                             return;
                         }
                     };
+                    let Some(from) = member_of(&connection, &handler.admitted()) else {
+                        tracing::warn!(
+                            addr = %connection.remote_address(),
+                            "a peer's certificate names no member this node admits; its connection is closed"
+                        );
+                        connection.close(NOT_A_MEMBER.into(), b"the certificate names no member this node admits");
+                        return;
+                    };
+                    let from: Arc<str> = from.into();
                     while let Ok((send, recv)) = connection.accept_bi().await {
-                        tokio::spawn(serve_stream(send, recv, handler.clone()));
+                        tokio::spawn(serve_stream(send, recv, handler.clone(), from.clone()));
                     }
                 });
             }
@@ -235,7 +258,15 @@ impl PeerEndpoint {
     }
 }
 
-async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, handler: Arc<dyn PeerHandler>) {
+/// The QUIC error code a connection from a stranger is closed with.
+const NOT_A_MEMBER: u32 = 403;
+
+async fn serve_stream(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    handler: Arc<dyn PeerHandler>,
+    from: Arc<str>,
+) {
     let (answers, mut queue) = mpsc::unbounded_channel::<Vec<u8>>();
     let writer = tokio::spawn(async move {
         write_frames(&mut send, &mut queue).await;
@@ -245,6 +276,7 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, 
         let Some((id, request)) = decode_frame::<PeerRequest>(&body) else { break };
         let answers = answers.clone();
         handler.handle(
+            &from,
             request,
             Box::new(move |body| {
                 let mut out = Vec::new();

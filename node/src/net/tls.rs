@@ -2,15 +2,20 @@
 //! by it, and the QUIC configurations that make every peer link mutually
 //! authenticated.
 //!
-//! A certificate directory holds:
-//! - `ca.pem`, `ca.key`: the cluster CA (`quiver certs init-ca --dir D`);
-//! - `NAME.pem`, `NAME.key`: node NAME's certificate, for its name (a DNS
-//!   name) and its IP addresses, signed by the CA (`quiver certs node
-//!   --name NAME --ip IP --dir D`);
+//! The CA's directory (`quiver certs init-ca --dir CA`) holds:
+//! - `ca.pem`, `ca.key`: the cluster CA;
 //! - `cluster.secret`: 32 random bytes in hex that every node of the
 //!   cluster shares, which seal the context tokens clients are given
-//!   (made with the CA, or by `quiver certs secret --dir D` for a CA made
+//!   (made with the CA, or by `quiver certs secret --dir CA` for a CA made
 //!   before there was one).
+//!
+//! Each node's own directory (`quiver certs node --name NAME --ip IP
+//! --ca-dir CA --dir D`) holds `NAME.pem` and `NAME.key` (its certificate,
+//! for its name, a DNS name, and its IP addresses, signed by the CA), and
+//! copies of `ca.pem` and `cluster.secret`: everything the node needs, and
+//! never the CA's key. A node refuses to start from a directory that holds
+//! `ca.key`: one that could sign certificates could take any other node's
+//! name, and a peer is trusted only for the name its certificate gives.
 //!
 //! Keys are written readable by their owner only. Both sides of a peer link
 //! present their certificate and check the other's against the CA alone: a
@@ -128,11 +133,20 @@ fn check_name(name: &str) -> Result<(), TlsError> {
     }
 }
 
-/// Makes node `name`'s certificate and key in `dir`, signed by the CA
-/// there, valid for `name` and `ips`.
-pub fn issue_node(dir: &Path, name: &str, ips: &[IpAddr]) -> Result<(), TlsError> {
+/// Makes node `name`'s certificate and key in `node_dir` (created if
+/// need be), signed by the CA in `ca_dir`, valid for `name` and `ips`, and
+/// copies the CA's certificate and the cluster's secret there: all the
+/// node needs, and never the CA's key. `node_dir` must not be `ca_dir`.
+pub fn issue_node(ca_dir: &Path, node_dir: &Path, name: &str, ips: &[IpAddr]) -> Result<(), TlsError> {
     check_name(name)?;
-    let ca_key_path = dir.join(CA_KEY);
+    std::fs::create_dir_all(node_dir).map_err(io(node_dir))?;
+    if std::fs::canonicalize(node_dir).ok() == std::fs::canonicalize(ca_dir).ok() || node_dir.join(CA_KEY).exists() {
+        return Err(invalid(format!(
+            "{} holds (or is) the cluster CA: give the node a directory of its own, without the CA's key",
+            node_dir.display()
+        )));
+    }
+    let ca_key_path = ca_dir.join(CA_KEY);
     let ca_key_pem = std::fs::read_to_string(&ca_key_path).map_err(io(&ca_key_path))?;
     let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(invalid)?;
     let issuer = Issuer::new(ca_params(), ca_key);
@@ -146,8 +160,33 @@ pub fn issue_node(dir: &Path, name: &str, ips: &[IpAddr]) -> Result<(), TlsError
         vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
     let key = KeyPair::generate().map_err(invalid)?;
     let cert = params.signed_by(&key, &issuer).map_err(invalid)?;
-    write_new(dir, &format!("{name}.key"), key.serialize_pem().as_bytes(), true)?;
-    write_new(dir, &format!("{name}.pem"), cert.pem().as_bytes(), false)
+    copy_once(ca_dir, node_dir, CA_CERT, false)?;
+    copy_once(ca_dir, node_dir, CLUSTER_SECRET, true)?;
+    write_new(node_dir, &format!("{name}.key"), key.serialize_pem().as_bytes(), true)?;
+    write_new(node_dir, &format!("{name}.pem"), cert.pem().as_bytes(), false)
+}
+
+/// Copies `from/name` to `to/name` unless the same bytes are there;
+/// refuses to replace different ones (another cluster's).
+fn copy_once(from: &Path, to: &Path, name: &str, secret: bool) -> Result<(), TlsError> {
+    let source = from.join(name);
+    let bytes = std::fs::read(&source).map_err(io(&source))?;
+    match std::fs::read(to.join(name)) {
+        Ok(there) if there == bytes => Ok(()),
+        Ok(_) => Err(invalid(format!("{} holds another cluster's {name}", to.display()))),
+        Err(_) => write_new(to, name, &bytes, secret),
+    }
+}
+
+/// The first of `names` that `cert`, a peer's certificate (already
+/// checked against the cluster CA by the handshake), is valid for: which
+/// member the peer is.
+pub fn certified_name<'n>(cert: &CertificateDer<'_>, names: &'n [String]) -> Option<&'n str> {
+    let parsed = rustls::server::ParsedCertificate::try_from(cert).ok()?;
+    names.iter().map(String::as_str).find(|name| {
+        rustls::pki_types::ServerName::try_from(*name)
+            .is_ok_and(|server| rustls::client::verify_server_name(&parsed, &server).is_ok())
+    })
 }
 
 /// A node's TLS material, loaded.
@@ -167,8 +206,17 @@ impl Clone for NodeTls {
 
 impl NodeTls {
     /// Loads the CA certificate and node `name`'s certificate and key from
-    /// `dir`.
+    /// `dir`. Refuses a directory that holds the CA's private key: a node
+    /// that could sign certificates could take any other node's name.
     pub fn load(dir: &Path, name: &str) -> Result<NodeTls, TlsError> {
+        if dir.join(CA_KEY).exists() {
+            return Err(invalid(format!(
+                "{} holds the cluster CA's private key ({CA_KEY}); a node's certificate directory must not (a node \
+                 that could sign certificates could take any other node's name): keep the CA apart and give each \
+                 node its own directory (`quiver certs node --ca-dir CA --dir NODE_DIR`)",
+                dir.display()
+            )));
+        }
         let read = |file: String| {
             let path = dir.join(file);
             std::fs::read(&path).map_err(io(&path)).map(|bytes| (path, bytes))
@@ -245,20 +293,43 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     #[test]
-    fn a_ca_and_node_certificates_are_made_once_with_private_keys() {
+    fn a_ca_and_node_certificates_are_made_once_with_private_keys_apart() {
         let dir = tempfile::tempdir().unwrap();
-        init_ca(dir.path()).unwrap();
-        assert!(init_ca(dir.path()).unwrap_err().to_string().contains("already holds a cluster CA"));
-        issue_node(dir.path(), "n1", &["127.0.0.1".parse().unwrap()]).unwrap();
-        assert!(issue_node(dir.path(), "n1", &[]).is_err(), "an existing node certificate is not replaced");
-        assert!(issue_node(dir.path(), "bad name", &[]).unwrap_err().to_string().contains("node name"));
-        for key in [CA_KEY, "n1.key"] {
-            let mode = std::fs::metadata(dir.path().join(key)).unwrap().permissions().mode();
-            assert_eq!(mode & 0o777, 0o600, "{key}");
+        let (ca, n1) = (dir.path().join("ca"), dir.path().join("n1"));
+        init_ca(&ca).unwrap();
+        assert!(init_ca(&ca).unwrap_err().to_string().contains("already holds a cluster CA"));
+        issue_node(&ca, &n1, "n1", &["127.0.0.1".parse().unwrap()]).unwrap();
+        assert!(issue_node(&ca, &n1, "n1", &[]).is_err(), "an existing node certificate is not replaced");
+        assert!(issue_node(&ca, &n1, "bad name", &[]).unwrap_err().to_string().contains("node name"));
+        assert!(issue_node(&ca, &ca, "n2", &[]).unwrap_err().to_string().contains("holds (or is) the cluster CA"));
+        for key in [ca.join(CA_KEY), n1.join("n1.key"), n1.join(CLUSTER_SECRET)] {
+            let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{}", key.display());
         }
-        let tls = NodeTls::load(dir.path(), "n1").unwrap();
+        assert!(!n1.join(CA_KEY).exists(), "the CA's key stays with the CA");
+        let tls = NodeTls::load(&n1, "n1").unwrap();
         tls.quic_server().unwrap();
         tls.quic_client().unwrap();
-        assert!(NodeTls::load(dir.path(), "n2").is_err());
+        assert!(NodeTls::load(&n1, "n2").is_err());
+        read_cluster_secret(&n1).unwrap();
+
+        // A directory that holds the CA's key is refused.
+        std::fs::copy(ca.join(CA_KEY), n1.join(CA_KEY)).unwrap();
+        let error = NodeTls::load(&n1, "n1").unwrap_err().to_string();
+        assert!(error.contains("holds the cluster CA's private key"), "{error}");
+    }
+
+    /// A peer's certificate names the member it was made for, and no other.
+    #[test]
+    fn a_certificate_is_valid_for_its_own_name_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca");
+        init_ca(&ca).unwrap();
+        issue_node(&ca, &dir.path().join("n2"), "n2", &["127.0.0.1".parse().unwrap()]).unwrap();
+        let tls = NodeTls::load(&dir.path().join("n2"), "n2").unwrap();
+        let names = |list: &[&str]| list.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        assert_eq!(certified_name(&tls.cert, &names(&["n1", "n2", "n3"])), Some("n2"));
+        assert_eq!(certified_name(&tls.cert, &names(&["n1", "n3", "n22"])), None);
+        assert_eq!(certified_name(&CertificateDer::from(vec![1, 2, 3]), &names(&["n2"])), None, "garbage");
     }
 }

@@ -1,8 +1,9 @@
 //! `quiver local-cluster`: a cluster of `quiverd` processes on this
 //! machine, on 127.0.0.1, for trying Quiver out and for local tests.
 //!
-//! The first run in a directory makes the cluster CA and each node's
-//! certificate (`certs/`), picks free ports, and writes each node's
+//! The first run in a directory makes the cluster CA (`ca/`) and each
+//! node's certificate in a directory of its own (`tls/nN/`, without the
+//! CA's key), picks free ports, and writes each node's
 //! settings (`nN.toml`, which `quiverd --config` reads) and the list of
 //! nodes (`cluster.txt`); later runs start the same nodes on the same ports
 //! with their data (`nN/`). Each node logs to `nN.log`. Once every node
@@ -63,8 +64,8 @@ fn read_manifest(dir: &Path) -> Result<Option<Vec<LocalNode>>, String> {
 /// settings and the manifest.
 fn create(dir: &Path, count: usize) -> Result<Vec<LocalNode>, String> {
     use quiver_node::net::tls;
-    let certs = dir.join("certs");
-    tls::init_ca(&certs).map_err(|e| e.to_string())?;
+    let ca = dir.join("ca");
+    tls::init_ca(&ca).map_err(|e| e.to_string())?;
     let ports = pick_ports(count)?;
     let nodes: Vec<LocalNode> = (0..count)
         .map(|i| LocalNode {
@@ -75,7 +76,8 @@ fn create(dir: &Path, count: usize) -> Result<Vec<LocalNode>, String> {
         .collect();
     let loopback = ["127.0.0.1".parse().map_err(|e| format!("{e}"))?];
     for node in &nodes {
-        tls::issue_node(&certs, &node.name, &loopback).map_err(|e| e.to_string())?;
+        let certs = dir.join("tls").join(&node.name);
+        tls::issue_node(&ca, &certs, &node.name, &loopback).map_err(|e| e.to_string())?;
         let peers: Vec<String> = nodes
             .iter()
             .filter(|other| other.name != node.name)
@@ -204,6 +206,46 @@ fn stop(nodes: &[LocalNode], children: &mut [Child]) {
     }
 }
 
+/// A cluster made before nodes refused a directory holding the CA's key
+/// shares one `certs/` with it: the CA moves to `ca/`, and each node gets
+/// `tls/NAME/` with its own certificate and key, which its settings then
+/// name. (A cluster made before clusters had a shared secret gets one.)
+fn separate_the_ca(dir: &Path, nodes: &[LocalNode]) -> Result<(), String> {
+    use quiver_node::net::tls;
+    let (shared, ca) = (dir.join("certs"), dir.join("ca"));
+    if !shared.join(tls::CA_KEY).exists() {
+        return Ok(());
+    }
+    let err = |path: &Path, e: std::io::Error| format!("{}: {e}", path.display());
+    tls::init_cluster_secret(&shared).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(&ca).map_err(|e| err(&ca, e))?;
+    for file in [tls::CA_CERT, tls::CLUSTER_SECRET] {
+        std::fs::copy(shared.join(file), ca.join(file)).map_err(|e| err(&ca.join(file), e))?;
+    }
+    for node in nodes {
+        let own = dir.join("tls").join(&node.name);
+        std::fs::create_dir_all(&own).map_err(|e| err(&own, e))?;
+        for file in [
+            tls::CA_CERT.to_owned(),
+            tls::CLUSTER_SECRET.into(),
+            format!("{}.pem", node.name),
+            format!("{}.key", node.name),
+        ] {
+            std::fs::copy(shared.join(&file), own.join(&file)).map_err(|e| err(&own.join(&file), e))?;
+        }
+        let path = dir.join(format!("{}.toml", node.name));
+        let settings = std::fs::read_to_string(&path).map_err(|e| err(&path, e))?;
+        let moved = settings.replace(
+            &format!("tls_dir = {}", toml_string(&shared.display().to_string())),
+            &format!("tls_dir = {}", toml_string(&own.display().to_string())),
+        );
+        std::fs::write(&path, moved).map_err(|e| err(&path, e))?;
+    }
+    std::fs::rename(shared.join(tls::CA_KEY), ca.join(tls::CA_KEY)).map_err(|e| err(&ca, e))?;
+    eprintln!("quiver: moved the cluster CA to {} and gave each node its own tls/NAME directory", ca.display());
+    Ok(())
+}
+
 /// `quiver local-cluster --nodes N --dir DIR`.
 pub fn run(count: usize, dir: &Path) -> Result<ExitCode, String> {
     if count == 0 {
@@ -223,8 +265,7 @@ pub fn run(count: usize, dir: &Path) -> Result<ExitCode, String> {
         }
         None => create(&dir, count)?,
     };
-    // A cluster made before clusters had a shared secret gets one now.
-    quiver_node::net::tls::init_cluster_secret(&dir.join("certs")).map_err(|e| e.to_string())?;
+    separate_the_ca(&dir, &nodes)?;
     let quiverd = find_quiverd()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
