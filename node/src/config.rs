@@ -30,6 +30,8 @@
 //! idle_timeout_secs = 300           # a connection with nothing to do, or whose client stopped reading
 //! hello_timeout_ms = 5000           # a connection must open with Hello within this
 //! shutdown_grace_ms = 5000          # at shutdown, answers a client does not read are dropped after this
+//! peer_requests_in_flight_max = 4096     # per peer link; past it a replica's part is hinted instead
+//! peer_queued_bytes_max = 268435456      # per peer link; past it a replica's part is hinted instead
 //!
 //! [storage]
 //! memtable_bytes_max = 67108864
@@ -135,6 +137,13 @@ pub struct Limits {
     /// At shutdown, a connection whose client does not take its last
     /// answers is dropped after this.
     pub shutdown_grace_ms: u64,
+    /// Requests sent on one peer link and not yet answered, at most (and
+    /// requests from one peer answered at once): past it a request fails
+    /// at once and a write's part for that peer is hinted.
+    pub peer_requests_in_flight_max: usize,
+    /// Bytes queued on one peer link and not yet sent, at most: past it
+    /// as above.
+    pub peer_queued_bytes_max: u64,
 }
 
 /// Storage engine knobs exposed to operators.
@@ -205,11 +214,23 @@ impl Default for Limits {
             idle_timeout_secs: 300,
             hello_timeout_ms: 5000,
             shutdown_grace_ms: 5000,
+            peer_requests_in_flight_max: 4096,
+            peer_queued_bytes_max: 256 << 20,
         }
     }
 }
 
 impl Limits {
+    /// The bounds of peer links. A peer frame carries a client's largest
+    /// frame and the versions' metadata beside it.
+    pub fn peer_links(&self) -> crate::net::peer::LinkBounds {
+        crate::net::peer::LinkBounds {
+            requests_in_flight_max: self.peer_requests_in_flight_max,
+            queued_bytes_max: self.peer_queued_bytes_max,
+            frame_bytes_max: self.frame_bytes_max.saturating_add(8 << 20),
+        }
+    }
+
     /// How long a connection may do nothing (`None`: for ever).
     pub fn idle_timeout(&self) -> Option<std::time::Duration> {
         (self.idle_timeout_secs > 0).then(|| std::time::Duration::from_secs(self.idle_timeout_secs))
@@ -290,10 +311,13 @@ impl Config {
             || l.connections_max == 0
             || l.connection_answer_bytes_max == 0
             || l.hello_timeout_ms == 0
+            || l.peer_requests_in_flight_max == 0
+            || l.peer_queued_bytes_max == 0
         {
             return invalid(
                 "key_bytes_max, bulk_entries_max, requests_in_flight_max, connections_max, \
-                 connection_answer_bytes_max and hello_timeout_ms must be at least 1"
+                 connection_answer_bytes_max, hello_timeout_ms, peer_requests_in_flight_max and \
+                 peer_queued_bytes_max must be at least 1"
                     .into(),
             );
         }

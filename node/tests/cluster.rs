@@ -506,7 +506,10 @@ fn cluster_searches_find_what_a_single_node_finds_over_the_same_data() {
         NodeProcess::start(&NodeSpec::new(env!("CARGO_BIN_EXE_quiverd"), &dir.path().join("single")).args(["--index"]))
             .unwrap();
     let cluster = direct(&nodes[0]).with_consistency(Consistency::All);
-    wait_for(&cluster, "every peer up", |s| s.peers.len() == 3 && s.peers.iter().all(|p| p.up));
+    // Every node knows the ring: a replica takes only the keys it gives it.
+    for node in &nodes {
+        wait_for(&direct(node), "every peer up", |s| s.peers.len() == 3 && s.peers.iter().all(|p| p.up));
+    }
     let alone = Client::connect([single.addr.clone()]).unwrap();
     let docs = documents();
     for (key, value) in &docs {

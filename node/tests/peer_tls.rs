@@ -149,3 +149,109 @@ async fn try_send_delivers_on_a_live_link_and_a_lost_link_answers_with_an_error(
     let lost = tokio::time::timeout(CALL, answer).await.expect("answered within the bound").unwrap();
     assert!(matches!(lost, Err(PeerError::Link { .. })), "{lost:?}");
 }
+
+/// Answers pings at once; holds every other request's reply until the test
+/// answers it.
+struct Holding {
+    held: std::sync::Mutex<Vec<Reply>>,
+    arrived: tokio::sync::Notify,
+}
+
+impl PeerHandler for Holding {
+    fn admitted(&self) -> Vec<String> {
+        vec!["n2".into()]
+    }
+
+    fn handle(&self, _from: &str, request: PeerRequest, reply: Reply) {
+        match request {
+            PeerRequest::Ping { hlc, .. } => reply(PeerReply::Pong {
+                from: NodeId(1),
+                hlc,
+                wall_ms: 5,
+                keys: 0,
+                storage_failure: None,
+                members: Vec::new(),
+            }),
+            _ => {
+                self.held.lock().unwrap().push(reply);
+                self.arrived.notify_one();
+            }
+        }
+    }
+}
+
+fn read() -> PeerRequest {
+    PeerRequest::Read { key: b"k".to_vec() }
+}
+
+/// A link with as many requests awaiting answers as its bound refuses the
+/// next at once (`Busy`), and counts it; a node serving a peer with as
+/// many requests being answered as its bound reads no more of them until
+/// one is answered.
+#[tokio::test]
+async fn a_link_at_its_bound_refuses_at_once_and_a_peer_past_its_bound_waits() {
+    use quiver_node::net::peer::{LinkBounds, LinkStats};
+    let cluster = tempfile::tempdir().unwrap();
+    certs(cluster.path(), &["n1", "n2"]);
+    let n1 =
+        endpoint(cluster.path(), "n1").with_bounds(LinkBounds { requests_in_flight_max: 2, ..LinkBounds::default() });
+    let holding = Arc::new(Holding { held: std::sync::Mutex::default(), arrived: tokio::sync::Notify::new() });
+    n1.serve(holding.clone());
+    let n2 =
+        endpoint(cluster.path(), "n2").with_bounds(LinkBounds { requests_in_flight_max: 3, ..LinkBounds::default() });
+    let link = n2.link("n1", n1.local_addr().unwrap());
+    link.call(ping(), CALL).await.unwrap();
+
+    let (answers, mut answered) = tokio::sync::mpsc::unbounded_channel();
+    for _ in 0..4 {
+        let answers = answers.clone();
+        assert!(link.try_send(read(), Box::new(move |reply| drop(answers.send(reply)))).is_ok());
+    }
+    let refused = answered.recv().await.unwrap();
+    assert!(matches!(refused, Err(PeerError::Busy { .. })), "the fourth is refused at once: {refused:?}");
+    let stats = n2.stats();
+    assert_eq!((LinkStats::get(&stats.refused_in_flight), LinkStats::get(&stats.in_flight)), (1, 3));
+
+    // n1 answers two at a time: the third is not read until one is done.
+    let served = n1.stats();
+    let started = std::time::Instant::now();
+    while LinkStats::get(&served.serving_paused) == 0 {
+        assert!(started.elapsed() < CALL, "n1 never reached its bound");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(holding.held.lock().unwrap().len(), 2, "no more than two are being answered");
+    let first = holding.held.lock().unwrap().remove(0);
+    first(PeerReply::Found(None));
+    assert!(matches!(answered.recv().await.unwrap(), Ok(PeerReply::Found(None))));
+    while holding.held.lock().unwrap().len() < 2 {
+        holding.arrived.notified().await;
+    }
+    assert_eq!(LinkStats::get(&served.serving), 2, "the third is read once a slot is free");
+}
+
+/// An answer larger than the peer frame limit becomes an error answer:
+/// the caller hears at once, rather than waiting for its deadline.
+#[tokio::test]
+async fn an_answer_past_the_frame_limit_becomes_an_error_answer() {
+    use quiver_node::net::peer::{LinkBounds, LinkStats};
+    use quiver_ring::wire::ErrorKind;
+    let cluster = tempfile::tempdir().unwrap();
+    certs(cluster.path(), &["n1", "n2"]);
+    let n1 = endpoint(cluster.path(), "n1").with_bounds(LinkBounds { frame_bytes_max: 1024, ..LinkBounds::default() });
+    let holding = Arc::new(Holding { held: std::sync::Mutex::default(), arrived: tokio::sync::Notify::new() });
+    n1.serve(holding.clone());
+    let n2 = endpoint(cluster.path(), "n2");
+    let link = n2.link("n1", n1.local_addr().unwrap());
+    let call = tokio::spawn(async move { link.call(read(), CALL).await });
+    while holding.held.lock().unwrap().is_empty() {
+        holding.arrived.notified().await;
+    }
+    let reply = holding.held.lock().unwrap().remove(0);
+    let big = quiver_ring::Stamp { node: NodeId(1), hlc: Hlc(1) }.blind(Some(vec![7; 4096]));
+    reply(PeerReply::Found(Some(quiver_ring::Siblings::one(big))));
+    match call.await.unwrap().unwrap() {
+        PeerReply::Failed(error) => assert_eq!(error.kind, ErrorKind::ResponseTooLarge, "{error:?}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(LinkStats::get(&n1.stats().answers_too_large), 1);
+}

@@ -68,6 +68,14 @@ struct Args {
     /// TooManyConnections [default: 4096].
     #[arg(long)]
     connections_max: Option<usize>,
+    /// Requests on one peer link awaiting answers, at most; past it a
+    /// write's part for that peer is hinted [default: 4096].
+    #[arg(long)]
+    peer_requests_in_flight_max: Option<usize>,
+    /// Bytes queued on one peer link, at most; past it a write's part for
+    /// that peer is hinted [default: 256 MiB].
+    #[arg(long)]
+    peer_queued_bytes_max: Option<u64>,
     /// Bytes of answers a connection may have waiting to be written; past
     /// it the node stops reading that connection's requests until its
     /// client reads [default: 32 MiB].
@@ -215,6 +223,12 @@ impl Args {
         }
         if let Some(v) = self.connections_max {
             config.limits.connections_max = v
+        }
+        if let Some(v) = self.peer_requests_in_flight_max {
+            config.limits.peer_requests_in_flight_max = v
+        }
+        if let Some(v) = self.peer_queued_bytes_max {
+            config.limits.peer_queued_bytes_max = v
         }
         if let Some(v) = self.connection_answer_bytes_max {
             config.limits.connection_answer_bytes_max = v
@@ -566,7 +580,7 @@ fn join_cluster(
 ) -> Result<(String, Arc<Membership>), String> {
     let tls = NodeTls::load(tls_dir, name).map_err(|e| format!("this node's certificate: {e}"))?;
     let addr = config.peer_addr.parse().map_err(|e| format!("peer address {}: {e}", config.peer_addr))?;
-    let endpoint = PeerEndpoint::bind(addr, tls).map_err(|e| e.to_string())?;
+    let endpoint = PeerEndpoint::bind(addr, tls).map_err(|e| e.to_string())?.with_bounds(config.limits.peer_links());
     let bound = endpoint.local_addr().map_err(|e| e.to_string())?.to_string();
     let peers = config.peer_configs().map_err(|e| e.to_string())?;
     let membership = Membership::new(
@@ -622,6 +636,8 @@ mod tests {
             "--shutdown-grace-ms=15",
             "--disk-reserve-bytes=16",
             "--disk-reserve-peer-bytes=17",
+            "--peer-requests-in-flight-max=18",
+            "--peer-queued-bytes-max=19",
         ])
         .unwrap();
         let config = args.into_config().unwrap();
@@ -649,6 +665,7 @@ mod tests {
             (11, 12, 13, 14)
         );
         assert_eq!(l.shutdown_grace_ms, 15);
+        assert_eq!((l.peer_requests_in_flight_max, l.peer_queued_bytes_max), (18, 19));
         assert_eq!((config.storage.disk_reserve_bytes, config.storage.disk_reserve_peer_bytes), (Some(16), Some(17)));
         assert_eq!(config.peer_configs().unwrap()[1].peer_addr, "127.0.0.1:4".parse().unwrap());
     }

@@ -42,6 +42,8 @@ pub struct HintStore {
     /// against the bound, not yet in the queue.
     reserved: Mutex<BTreeMap<NodeId, u64>>,
     dropped: AtomicU64,
+    /// Of those, hints dropped as they arrived (no room, or no stamp).
+    dropped_on_arrival: AtomicU64,
     /// When a drop was last logged (wall-clock ms): once a minute at most.
     logged_ms: AtomicU64,
 }
@@ -79,6 +81,7 @@ impl HintStore {
             bytes_max,
             reserved: Mutex::default(),
             dropped: AtomicU64::new(0),
+            dropped_on_arrival: AtomicU64::new(0),
             logged_ms: AtomicU64::new(0),
         })
     }
@@ -137,6 +140,7 @@ impl HintStore {
 
     /// Counts a hint dropped on arrival, and logs it (once a minute at most).
     fn drop_one(&self, owner: NodeId, why: &str) {
+        self.dropped_on_arrival.fetch_add(1, Ordering::Relaxed);
         let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
         let now_ms = self.clock.wall_ms();
         let last_ms = self.logged_ms.load(Ordering::Relaxed);
@@ -159,6 +163,16 @@ impl HintStore {
     /// Hints dropped undelivered: at their bound, or too old.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Hints dropped as they arrived, their owner's queue full.
+    pub fn dropped_on_arrival(&self) -> u64 {
+        self.dropped_on_arrival.load(Ordering::Relaxed)
+    }
+
+    /// The bound of each owner's queue, in bytes.
+    pub fn bytes_max(&self) -> u64 {
+        self.bytes_max
     }
 
     /// The oldest hints held for `owner`, about `bytes_max` of them (at

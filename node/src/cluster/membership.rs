@@ -26,7 +26,7 @@ use quiver_ring::NodeId;
 
 use crate::clock::Clock;
 use crate::lock;
-use crate::net::peer::{KnownMember, PeerEndpoint, PeerLink, PeerReply, PeerRequest};
+use crate::net::peer::{KnownMember, LinkBounds, LinkStats, PeerEndpoint, PeerLink, PeerReply, PeerRequest};
 use crate::stamping::NodeClock;
 
 /// How often each peer is pinged, and how long a ping may take.
@@ -58,6 +58,9 @@ pub struct Membership {
     /// Members whose connections are refused and who are never dialled.
     denied: Vec<String>,
     ring: OnceLock<Arc<Ring>>,
+    /// The peer links' bounds, and what they hold.
+    link_bounds: LinkBounds,
+    link_stats: Arc<LinkStats>,
     clock: Arc<NodeClock>,
     wall: Arc<dyn Clock>,
 }
@@ -91,7 +94,19 @@ impl Membership {
                 config,
             })
             .collect();
-        Membership { me, name, client_addr, peers, denied: Vec::new(), ring: OnceLock::new(), clock, wall }
+        let (link_bounds, link_stats) = (endpoint.bounds(), endpoint.stats());
+        Membership {
+            me,
+            name,
+            client_addr,
+            peers,
+            denied: Vec::new(),
+            ring: OnceLock::new(),
+            link_bounds,
+            link_stats,
+            clock,
+            wall,
+        }
     }
 
     /// Refuses the members named in `denied`: their connections are closed
@@ -100,6 +115,11 @@ impl Membership {
     pub fn with_denied(mut self, denied: Vec<String>) -> Membership {
         self.denied = denied;
         self
+    }
+
+    /// The peer links' bounds, and what they hold now.
+    pub fn links(&self) -> (LinkBounds, &LinkStats) {
+        (self.link_bounds, &self.link_stats)
     }
 
     /// The names of the peers this node takes connections from: the

@@ -200,6 +200,45 @@ impl ClusterStore {
         &self.hints
     }
 
+    /// Its bounds for `status`: the hint queues' and the peer links'.
+    pub fn budgets(&self) -> Vec<wire::BudgetInfo> {
+        use crate::net::peer::LinkStats;
+        use crate::service::budget;
+        let (bounds, links) = self.membership.links();
+        let get = LinkStats::get;
+        let largest = self.hints.queues().values().map(|q| q.bytes).max().unwrap_or(0);
+        vec![
+            budget(
+                "hint_bytes_max",
+                self.hints.bytes_max(),
+                largest,
+                self.hints.dropped_on_arrival(),
+                "a hint for that node is dropped and counted; the write goes on (in use: the largest queue)",
+            ),
+            budget(
+                "peer_requests_in_flight_max",
+                bounds.requests_in_flight_max as u64,
+                get(&links.in_flight),
+                get(&links.refused_in_flight) + get(&links.serving_paused),
+                "a request to that peer fails at once, a write's part is hinted; a peer's requests past it wait",
+            ),
+            budget(
+                "peer_queued_bytes_max",
+                bounds.queued_bytes_max,
+                get(&links.queued_bytes),
+                get(&links.refused_queued),
+                "a request to that peer fails at once, a write's part is hinted (in use: over every link)",
+            ),
+            budget(
+                "peer_frame_bytes_max",
+                bounds.frame_bytes_max as u64,
+                0,
+                get(&links.answers_too_large),
+                "a larger request fails; a larger answer becomes a ResponseTooLarge error",
+            ),
+        ]
+    }
+
     /// The bulk sets it holds until they are applied.
     pub fn batches(&self) -> &BatchLog {
         &self.batches

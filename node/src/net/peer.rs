@@ -10,6 +10,14 @@
 //!   matches each answer to its call by id (answers come in any order); a
 //!   writer task drains every queued frame into one write. Keep-alives hold
 //!   an idle link open; a broken link is dialled again on the next call.
+//! - Bounds ([`LinkBounds`], settings shown in `status`): a link has at
+//!   most so many requests awaiting answers and so many bytes queued to
+//!   send; a call past either fails at once (`PeerError::Busy`: the quorum
+//!   logic treats the peer as one that refused, and hints its part). A
+//!   served connection is not read while its peer has that many requests
+//!   being answered (QUIC's flow control then holds the sender). A frame
+//!   past the frame limit is never sent: a request fails, an answer is
+//!   replaced with an error answer, so no caller waits for its deadline.
 //! - Hands on: answers, or a [`PeerError`] naming the peer.
 //!
 //! A peer whose certificate the cluster CA did not sign, or that presents
@@ -42,8 +50,50 @@ use crate::index::text::TermStats;
 use crate::index::Search;
 use crate::lock;
 
-/// The largest peer frame: a full bulk set and its framing.
-const FRAME_BYTES_MAX: usize = 80 << 20;
+/// The bounds of peer links: settings (`[limits]` in the config).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkBounds {
+    /// Requests sent on one link and not yet answered, at most; and
+    /// requests from one peer being answered at once.
+    pub requests_in_flight_max: usize,
+    /// Bytes queued on one link and not yet written, at most (one frame
+    /// of any size may go when nothing is queued).
+    pub queued_bytes_max: u64,
+    /// The largest peer frame: a full bulk set and its framing.
+    pub frame_bytes_max: usize,
+}
+
+impl Default for LinkBounds {
+    fn default() -> LinkBounds {
+        LinkBounds { requests_in_flight_max: 4096, queued_bytes_max: 256 << 20, frame_bytes_max: 80 << 20 }
+    }
+}
+
+/// What the links of one endpoint hold now, and how often a bound was
+/// reached.
+#[derive(Debug, Default)]
+pub struct LinkStats {
+    /// Requests sent and not yet answered, over every link.
+    pub in_flight: AtomicU64,
+    /// Bytes queued and not yet written, over every link.
+    pub queued_bytes: AtomicU64,
+    /// Calls refused at a link's bound of requests in flight.
+    pub refused_in_flight: AtomicU64,
+    /// Calls refused at a link's bound of bytes queued.
+    pub refused_queued: AtomicU64,
+    /// Requests from peers being answered now.
+    pub serving: AtomicU64,
+    /// Times a served connection was not read, at its bound.
+    pub serving_paused: AtomicU64,
+    /// Answers past the frame limit, replaced with an error answer.
+    pub answers_too_large: AtomicU64,
+}
+
+impl LinkStats {
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
 
 /// How often an idle link proves it is alive, and how long a silent one
 /// lasts.
@@ -140,6 +190,8 @@ pub enum PeerError {
     Tls(#[from] TlsError),
     #[error("no link to node {:016x}", .0.0)]
     Unknown(NodeId),
+    #[error("peer {peer}: its link is at its bound ({bound}); not sent")]
+    Busy { peer: String, bound: String },
 }
 
 /// Called once with the answer to a peer's request, from any thread.
@@ -175,6 +227,8 @@ fn transport() -> Arc<quinn::TransportConfig> {
 pub struct PeerEndpoint {
     endpoint: quinn::Endpoint,
     tls: NodeTls,
+    bounds: LinkBounds,
+    stats: Arc<LinkStats>,
 }
 
 impl PeerEndpoint {
@@ -191,7 +245,22 @@ impl PeerEndpoint {
         let mut client = tls.quic_client()?;
         client.transport_config(transport());
         endpoint.set_default_client_config(client);
-        Ok(PeerEndpoint { endpoint, tls })
+        Ok(PeerEndpoint { endpoint, tls, bounds: LinkBounds::default(), stats: Arc::default() })
+    }
+
+    /// The bounds of its links (before any link is made or served).
+    pub fn with_bounds(mut self, bounds: LinkBounds) -> PeerEndpoint {
+        self.bounds = bounds;
+        self
+    }
+
+    pub fn bounds(&self) -> LinkBounds {
+        self.bounds
+    }
+
+    /// What its links hold now, and how often a bound was reached.
+    pub fn stats(&self) -> Arc<LinkStats> {
+        self.stats.clone()
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -202,9 +271,10 @@ impl PeerEndpoint {
     /// passes the handshake, every request on its streams.
     pub fn serve(&self, handler: Arc<dyn PeerHandler>) -> tokio::task::JoinHandle<()> {
         let endpoint = self.endpoint.clone();
+        let (bounds, stats) = (self.bounds, self.stats.clone());
         tokio::spawn(async move {
             while let Some(incoming) = endpoint.accept().await {
-                let handler = handler.clone();
+                let (handler, stats) = (handler.clone(), stats.clone());
                 tokio::spawn(async move {
                     let connection = match incoming.await {
                         Ok(connection) => connection,
@@ -222,8 +292,18 @@ impl PeerEndpoint {
                         return;
                     };
                     let from: Arc<str> = from.into();
+                    // One bound of requests being answered for the whole
+                    // connection, whatever its streams.
+                    let slots = Arc::new(tokio::sync::Semaphore::new(bounds.requests_in_flight_max.max(1)));
                     while let Ok((send, recv)) = connection.accept_bi().await {
-                        tokio::spawn(serve_stream(send, recv, handler.clone(), from.clone()));
+                        let served = Served {
+                            handler: handler.clone(),
+                            from: from.clone(),
+                            slots: slots.clone(),
+                            stats: stats.clone(),
+                            bounds,
+                        };
+                        tokio::spawn(serve_stream(send, recv, served));
                     }
                 });
             }
@@ -245,6 +325,8 @@ impl PeerEndpoint {
             addr,
             live: tokio::sync::Mutex::new(None),
             client: None,
+            bounds: self.bounds,
+            stats: self.stats.clone(),
         }
     }
 
@@ -261,28 +343,60 @@ impl PeerEndpoint {
 /// The QUIC error code a connection from a stranger is closed with.
 const NOT_A_MEMBER: u32 = 403;
 
-async fn serve_stream(
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+/// What a served stream needs: whom it serves, for whom, and its bounds.
+struct Served {
     handler: Arc<dyn PeerHandler>,
+    /// The member the peer's certificate names.
     from: Arc<str>,
-) {
-    let (answers, mut queue) = mpsc::unbounded_channel::<Vec<u8>>();
+    /// Requests from this peer being answered: while none is free, the
+    /// stream is not read.
+    slots: Arc<tokio::sync::Semaphore>,
+    stats: Arc<LinkStats>,
+    bounds: LinkBounds,
+}
+
+async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, served: Served) {
+    let Served { handler, from, slots, stats, bounds } = served;
+    // Each answer holds a slot until it is queued: never more than the
+    // slots wait here.
+    let (answers, mut queue) = mpsc::channel::<Vec<u8>>(bounds.requests_in_flight_max.max(1));
     let writer = tokio::spawn(async move {
-        write_frames(&mut send, &mut queue).await;
+        write_frames(&mut send, &mut queue, |_| {}).await;
         let _ = send.finish();
     });
-    while let Some(body) = read_frame(&mut recv).await {
+    while let Some(body) = read_frame(&mut recv, bounds.frame_bytes_max).await {
         let Some((id, request)) = decode_frame::<PeerRequest>(&body) else { break };
-        let answers = answers.clone();
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                stats.serving_paused.fetch_add(1, Ordering::Relaxed);
+                let Ok(slot) = slots.clone().acquire_owned().await else { break };
+                slot
+            }
+        };
+        stats.serving.fetch_add(1, Ordering::Relaxed);
+        let (answers, stats) = (answers.clone(), stats.clone());
         handler.handle(
             &from,
             request,
             Box::new(move |body| {
                 let mut out = Vec::new();
-                if quiver_ring::wire::encode_frame(&mut out, &Frame { id, body }, FRAME_BYTES_MAX).is_ok() {
-                    let _ = answers.send(out);
+                if quiver_ring::wire::encode_frame(&mut out, &Frame { id, body }, bounds.frame_bytes_max).is_err() {
+                    // Too large to send: the caller gets an error now, not
+                    // silence until its deadline.
+                    stats.answers_too_large.fetch_add(1, Ordering::Relaxed);
+                    out.clear();
+                    let error = ServerError::new(
+                        quiver_ring::wire::ErrorKind::ResponseTooLarge,
+                        format!("the answer is larger than the peer frame limit of {} bytes", bounds.frame_bytes_max),
+                    );
+                    let body = PeerReply::Failed(error);
+                    let _ = quiver_ring::wire::encode_frame(&mut out, &Frame { id, body }, usize::MAX);
                 }
+                // Room is certain: this answer's slot is still held.
+                let _ = answers.try_send(out);
+                stats.serving.fetch_sub(1, Ordering::Relaxed);
+                drop(slot);
             }),
         );
     }
@@ -291,8 +405,9 @@ async fn serve_stream(
 }
 
 /// Writes the frames queued, every one queued so far in one write, until
-/// the queue closes or the stream fails.
-async fn write_frames(send: &mut quinn::SendStream, queue: &mut mpsc::UnboundedReceiver<Vec<u8>>) {
+/// the queue closes or the stream fails; tells `written` the bytes of each
+/// write, and at the end those of the frames left unwritten.
+async fn write_frames(send: &mut quinn::SendStream, queue: &mut mpsc::Receiver<Vec<u8>>, written: impl Fn(u64)) {
     let mut buf = Vec::new();
     while let Some(frame) = queue.recv().await {
         buf.clear();
@@ -300,18 +415,24 @@ async fn write_frames(send: &mut quinn::SendStream, queue: &mut mpsc::UnboundedR
         while let Ok(more) = queue.try_recv() {
             buf.extend_from_slice(&more);
         }
-        if send.write_all(&buf).await.is_err() {
-            return;
+        let result = send.write_all(&buf).await;
+        written(buf.len() as u64);
+        if result.is_err() {
+            break;
         }
+    }
+    queue.close();
+    while let Ok(left) = queue.try_recv() {
+        written(left.len() as u64);
     }
 }
 
 /// One frame's body, or `None` at the end of the stream or on a bad frame.
-async fn read_frame(recv: &mut quinn::RecvStream) -> Option<Vec<u8>> {
+async fn read_frame(recv: &mut quinn::RecvStream, frame_bytes_max: usize) -> Option<Vec<u8>> {
     let mut header = [0u8; quiver_ring::wire::LEN_BYTES];
     recv.read_exact(&mut header).await.ok()?;
     let len = quiver_ring::wire::frame_len(header);
-    if len > FRAME_BYTES_MAX {
+    if len > frame_bytes_max {
         return None;
     }
     let mut body = Vec::with_capacity(len.min(64 << 10));
@@ -328,9 +449,12 @@ type Pending = Arc<Mutex<HashMap<u64, Answer>>>;
 
 /// A live stream to a peer.
 struct Live {
-    frames: mpsc::UnboundedSender<Vec<u8>>,
+    /// Room for as many frames as requests may be in flight.
+    frames: mpsc::Sender<Vec<u8>>,
     pending: Pending,
     broken: Arc<std::sync::atomic::AtomicBool>,
+    /// Bytes queued on this link and not yet written.
+    queued: Arc<AtomicU64>,
 }
 
 /// A link to one peer: calls are pipelined on one stream and matched by id.
@@ -341,6 +465,8 @@ pub struct PeerLink {
     live: tokio::sync::Mutex<Option<Arc<Live>>>,
     /// A client configuration other than the endpoint's (tests).
     client: Option<quinn::ClientConfig>,
+    bounds: LinkBounds,
+    stats: Arc<LinkStats>,
 }
 
 impl std::fmt::Debug for PeerLink {
@@ -369,18 +495,23 @@ impl PeerLink {
         let connection = connecting.await.map_err(|e| self.error(format!("handshake: {e}")))?;
         let (mut send, mut recv) =
             connection.open_bi().await.map_err(|e| self.error(format!("opening a stream: {e}")))?;
-        let (frames, mut queue) = mpsc::unbounded_channel::<Vec<u8>>();
+        let (frames, mut queue) = mpsc::channel::<Vec<u8>>(self.bounds.requests_in_flight_max.max(1));
         let pending: Pending = Arc::default();
         let broken = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let writer_broken = broken.clone();
+        let queued = Arc::new(AtomicU64::new(0));
+        let (writer_broken, writer_queued, stats) = (broken.clone(), queued.clone(), self.stats.clone());
         tokio::spawn(async move {
-            write_frames(&mut send, &mut queue).await;
+            write_frames(&mut send, &mut queue, |bytes| {
+                writer_queued.fetch_sub(bytes, Ordering::Relaxed);
+                stats.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            })
+            .await;
             writer_broken.store(true, Ordering::Release);
         });
         let (reader_pending, reader_broken) = (pending.clone(), broken.clone());
-        let (peer, addr) = (self.name.clone(), self.addr);
+        let (peer, addr, frame_bytes_max) = (self.name.clone(), self.addr, self.bounds.frame_bytes_max);
         tokio::spawn(async move {
-            while let Some(body) = read_frame(&mut recv).await {
+            while let Some(body) = read_frame(&mut recv, frame_bytes_max).await {
                 let Some((id, reply)) = decode_frame::<PeerReply>(&body) else { break };
                 let answer = lock(&reader_pending).remove(&id);
                 if let Some(answer) = answer {
@@ -394,20 +525,53 @@ impl PeerLink {
             }
             drop(connection);
         });
-        let fresh = Arc::new(Live { frames, pending, broken });
+        let fresh = Arc::new(Live { frames, pending, broken, queued });
         *live = Some(fresh.clone());
         Ok(fresh)
     }
 
-    /// Queues `request` on `live`; `answer` gets its reply.
+    /// Queues `request` on `live`; `answer` gets its reply. Refused at once
+    /// (`Busy`) at the link's bounds.
     fn send_on(&self, live: &Live, request: PeerRequest, answer: Answer) {
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let mut frame = Vec::new();
-        if let Err(e) = quiver_ring::wire::encode_frame(&mut frame, &Frame { id, body: request }, FRAME_BYTES_MAX) {
+        let frame_bytes_max = self.bounds.frame_bytes_max;
+        if let Err(e) = quiver_ring::wire::encode_frame(&mut frame, &Frame { id, body: request }, frame_bytes_max) {
             return answer(Err(self.error(e)));
         }
-        lock(&live.pending).insert(id, answer);
-        if live.frames.send(frame).is_err() {
+        let bytes = frame.len() as u64;
+        let busy = |bound: String| PeerError::Busy { peer: self.name.clone(), bound };
+        let mut pending = lock(&live.pending);
+        if pending.len() >= self.bounds.requests_in_flight_max {
+            drop(pending);
+            self.stats.refused_in_flight.fetch_add(1, Ordering::Relaxed);
+            let max = self.bounds.requests_in_flight_max;
+            return answer(Err(busy(format!("{max} requests awaiting answers"))));
+        }
+        let queued = live.queued.load(Ordering::Relaxed);
+        if queued > 0 && queued.saturating_add(bytes) > self.bounds.queued_bytes_max {
+            drop(pending);
+            self.stats.refused_queued.fetch_add(1, Ordering::Relaxed);
+            let max = self.bounds.queued_bytes_max;
+            return answer(Err(busy(format!("{queued} bytes queued of at most {max}"))));
+        }
+        let stats = self.stats.clone();
+        stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        pending.insert(
+            id,
+            Box::new(move |reply| {
+                stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+                answer(reply)
+            }),
+        );
+        drop(pending);
+        live.queued.fetch_add(bytes, Ordering::Relaxed);
+        self.stats.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
+        // Room is certain: the channel holds as many frames as requests may
+        // be pending, and this one is counted there already.
+        if live.frames.try_send(frame).is_err() {
+            live.queued.fetch_sub(bytes, Ordering::Relaxed);
+            self.stats.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
             if let Some(answer) = lock(&live.pending).remove(&id) {
                 answer(Err(self.error("link closed")));
             }

@@ -135,7 +135,7 @@ impl ConnectionStats {
 }
 
 /// A bound for `status`.
-fn budget(name: &str, max: u64, used: u64, reached: u64, at_bound: &str) -> BudgetInfo {
+pub(crate) fn budget(name: &str, max: u64, used: u64, reached: u64, at_bound: &str) -> BudgetInfo {
     BudgetInfo { name: name.to_owned(), max, used, reached, at_bound: at_bound.to_owned() }
 }
 
@@ -424,6 +424,7 @@ impl Service {
                 .connection_budgets()
                 .into_iter()
                 .chain(self.disk.iter().flat_map(|disk| disk.budgets()))
+                .chain(self.cluster.iter().flat_map(|cluster| cluster.budgets()))
                 .collect(),
         })))
     }
