@@ -30,7 +30,7 @@
 //! idle_timeout_secs = 300           # a connection with nothing to do, or whose client stopped reading
 //! hello_timeout_ms = 5000           # a connection must open with Hello within this
 //! shutdown_grace_ms = 5000          # at shutdown, answers a client does not read are dropped after this
-//! peer_requests_in_flight_max = 4096     # per peer link; past it a replica's part is hinted instead
+//! peer_requests_in_flight_max = 262144   # per peer link (a get_many sends one per key); past it a part is hinted
 //! peer_queued_bytes_max = 268435456      # per peer link; past it a replica's part is hinted instead
 //!
 //! [storage]
@@ -214,7 +214,7 @@ impl Default for Limits {
             idle_timeout_secs: 300,
             hello_timeout_ms: 5000,
             shutdown_grace_ms: 5000,
-            peer_requests_in_flight_max: 4096,
+            peer_requests_in_flight_max: 1 << 18,
             peer_queued_bytes_max: 256 << 20,
         }
     }

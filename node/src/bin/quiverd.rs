@@ -69,7 +69,8 @@ struct Args {
     #[arg(long)]
     connections_max: Option<usize>,
     /// Requests on one peer link awaiting answers, at most; past it a
-    /// write's part for that peer is hinted [default: 4096].
+    /// write's part for that peer is hinted; a get_many sends one per key
+    /// [default: 262144].
     #[arg(long)]
     peer_requests_in_flight_max: Option<usize>,
     /// Bytes queued on one peer link, at most; past it a write's part for

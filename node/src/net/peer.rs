@@ -65,7 +65,7 @@ pub struct LinkBounds {
 
 impl Default for LinkBounds {
     fn default() -> LinkBounds {
-        LinkBounds { requests_in_flight_max: 4096, queued_bytes_max: 256 << 20, frame_bytes_max: 80 << 20 }
+        LinkBounds { requests_in_flight_max: 1 << 18, queued_bytes_max: 256 << 20, frame_bytes_max: 80 << 20 }
     }
 }
 
