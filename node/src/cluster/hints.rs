@@ -194,3 +194,45 @@ impl HintStore {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::SystemClock;
+    use quiver_ring::Siblings;
+
+    fn hint(owner: u64, value_bytes: usize, clock: &NodeClock) -> Hinted {
+        let version = clock.stamp(Hlc::ZERO, Hlc::ZERO, None).unwrap().blind(Some(vec![7; value_bytes]));
+        Hinted { owner: NodeId(owner), sets: vec![(b"k".to_vec(), Siblings::one(version))] }
+    }
+
+    /// A hint that does not fit its owner's bound, counting those accepted
+    /// and not yet durable, is dropped and counted, and the others held; a
+    /// hint's bytes are in its queue once its write is durable, and free
+    /// again if the write failed.
+    #[test]
+    fn a_hint_past_its_bound_is_dropped_and_bytes_count_once_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Arc::new(Engine::open(dir.path(), storage::Options::default()).unwrap());
+        let clock = Arc::new(NodeClock::unpersisted(NodeId(9), Hlc::ZERO, 500, Arc::new(SystemClock)));
+        let hints = HintStore::open(engine.clone(), clock.clone(), 1000).unwrap();
+
+        let first = hints.hold(vec![hint(1, 600, &clock), hint(2, 600, &clock)]);
+        assert_eq!((first.ops.len(), first.dropped.clone()), (2, vec![]));
+        assert!(hints.queues().is_empty(), "nothing counts in a queue before it is durable");
+        let second = hints.hold(vec![hint(1, 600, &clock)]);
+        assert_eq!(second.dropped, [NodeId(1)], "owner 1's reserved bytes leave no room");
+        assert_eq!((hints.dropped(), hints.dropped_on_arrival()), (1, 1));
+
+        hints.written(first, true);
+        let queues = hints.queues();
+        assert!(queues[&NodeId(1)].bytes > 600 && queues[&NodeId(2)].entries == 1, "{queues:?}");
+        let failed = hints.hold(vec![hint(3, 600, &clock)]);
+        hints.written(failed, false);
+        assert!(!hints.queues().contains_key(&NodeId(3)), "a failed write holds nothing");
+        let again = hints.hold(vec![hint(3, 600, &clock)]);
+        assert!(again.dropped.is_empty(), "and its reservation is free again");
+        hints.written(again, true);
+        hints.written(second, true);
+    }
+}

@@ -417,7 +417,7 @@ impl ClusterStore {
                 // A failure is no answer (the deadline ends the operation
                 // if too few others answer), and a write's part is hinted.
                 Ok(PeerReply::Failed(error)) | Err(error) => {
-                    tracing::debug!(replica = to.0, %error, "a replica did not do its part");
+                    log_refusal(to, &error);
                     DataMessage::Refused { op }
                 }
                 Ok(other) => {
@@ -917,6 +917,7 @@ impl ClusterStore {
                     },
                 };
                 if let Err(error) = removed {
+                    log_refusal(holder, &error);
                     tracing::debug!(holder = holder.0, %error, "a batch log entry stays; it will be replayed");
                 }
             }
@@ -1006,6 +1007,19 @@ impl ClusterStore {
                 tracing::warn!(owner = owner.0, expired, "hints past their age were dropped undelivered");
             }
         }
+    }
+}
+
+/// Logs a peer's failure to do its part: a refusal of what this node sent
+/// (it claimed more than the peer grants it, which should never happen
+/// between nodes of one version) as a warning, the rest (a peer down,
+/// busy, out of disk) at debug.
+fn log_refusal(peer: NodeId, error: &ServerError) {
+    match error.kind {
+        ErrorKind::Forbidden | ErrorKind::NotReplica | ErrorKind::InvalidContext | ErrorKind::TooManySiblings => {
+            tracing::warn!(peer = format_args!("{:016x}", peer.0), %error, "a peer refused what this node sent")
+        }
+        _ => tracing::debug!(peer = format_args!("{:016x}", peer.0), %error, "a peer did not do its part"),
     }
 }
 
