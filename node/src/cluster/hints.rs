@@ -124,6 +124,9 @@ impl HintStore {
     /// The write that carried `held` ended: durable (its hints are now in
     /// their queues) or not (they never will be).
     pub fn written(&self, held: Held, durable: bool) {
+        if held.reserved.is_empty() {
+            return;
+        }
         let mut reserved = lock(&self.reserved);
         for (owner, bytes) in held.reserved {
             if let Some(left) = reserved.get_mut(&owner) {

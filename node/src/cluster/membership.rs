@@ -167,6 +167,11 @@ impl Membership {
         Ok(self.ring.get_or_init(|| ring).clone())
     }
 
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.me
+    }
+
     /// This node's name and client address.
     pub fn me(&self) -> KnownMember {
         KnownMember { name: self.name.clone(), id: self.me, client_addr: self.client_addr.clone() }

@@ -1175,8 +1175,12 @@ pub fn check_peer_identity(membership: &Membership, from: &str, request: &PeerRe
         PeerRequest::BatchDone { coordinator, .. } => own_name(*coordinator, "a bulk set's removal"),
         PeerRequest::Write { sets, hints } => {
             let ring = membership.ring()?;
-            let me = membership.me().id;
-            let replicates = |node: NodeId, key: &[u8]| ring.preference_list(key, REPLICAS).contains(&node);
+            let me = membership.id();
+            // With no more members than replicas, every member replicates
+            // every key.
+            let every_key = ring.view().members.len() <= REPLICAS;
+            let replicates =
+                |node: NodeId, key: &[u8]| every_key || ring.preference_list(key, REPLICAS).contains(&node);
             if let Some((key, _)) = sets.iter().find(|(key, _)| !replicates(me, key)) {
                 return Err(ServerError::new(
                     ErrorKind::NotReplica,
