@@ -14,32 +14,15 @@
 mod common;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use common::{now_ms, raw_call};
+use common::{hints_for, now_ms, raw_call, wait_for, WAIT_MAX};
 use quiver_chaos::node::{cluster_specs, NodeProcess, NodeSpec};
 use quiver_client::blocking::Client;
-use quiver_client::{Consistency, ErrorKind, NodeStatus, TextSearch};
+use quiver_client::{Consistency, ErrorKind, TextSearch};
 use quiver_ring::ring::{Member, Ring, RingView};
 use quiver_ring::wire::Op;
 use quiver_ring::{Hlc, NodeId};
-
-/// How long a condition on the cluster may take before the test fails
-/// (a bound, not a timing assertion: heartbeats run every second).
-const WAIT_MAX: Duration = Duration::from_secs(60);
-
-/// Polls `status` of `client` until `done` holds; fails after [`WAIT_MAX`].
-fn wait_for(client: &Client, what: &str, done: impl Fn(&NodeStatus) -> bool) -> NodeStatus {
-    let started = Instant::now();
-    loop {
-        let status = client.status().unwrap();
-        if done(&status) {
-            return status;
-        }
-        assert!(started.elapsed() < WAIT_MAX, "{what}: never happened; last status {status:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 /// A client whose calls all go to `node`, which coordinates them.
 fn direct(node: &NodeProcess) -> Client {
@@ -362,11 +345,6 @@ fn written_while_n3_is_down(nodes: &mut [NodeProcess], prefix: &str, count: usiz
         n1.set(key, key).unwrap();
     }
     keys
-}
-
-/// Hints this node holds for the member named `owner`.
-fn hints_for(status: &NodeStatus, owner: &str) -> u64 {
-    status.ring.iter().find(|m| m.name == owner).map_or(0, |m| m.hints)
 }
 
 /// While n3 is down, its copies of 40 writes go to n1 and n2 as hints, in

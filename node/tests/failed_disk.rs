@@ -11,17 +11,14 @@
 //! in theirs, send it no more writes and hold hints for it instead, and
 //! every write through them is acknowledged at quorum.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
 
+use common::{hints_for, wait_for};
 use quiver_chaos::node::{cluster_specs, NodeProcess};
 use quiver_client::blocking::Client;
-use quiver_client::NodeStatus;
-
-/// How long a condition may take before the test fails (a bound, not a
-/// timing assertion: heartbeats run every second).
-const WAIT_MAX: Duration = Duration::from_secs(60);
 
 /// An ext4 file system on a loop device over a sparse file, mounted on a
 /// fresh directory; unmounted when dropped.
@@ -72,26 +69,8 @@ impl Drop for LoopFs {
     }
 }
 
-/// Polls `status` of `client` until `done` holds; fails after [`WAIT_MAX`].
-fn wait_for(client: &Client, what: &str, done: impl Fn(&NodeStatus) -> bool) -> NodeStatus {
-    let started = Instant::now();
-    loop {
-        let status = client.status().unwrap();
-        if done(&status) {
-            return status;
-        }
-        assert!(started.elapsed() < WAIT_MAX, "{what}: never happened; last status {status:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn direct(node: &NodeProcess) -> Client {
     Client::connect([node.addr.clone()]).unwrap().direct()
-}
-
-/// Hints `status`'s node holds for `owner`.
-fn hints_for(status: &NodeStatus, owner: &str) -> u64 {
-    status.ring.iter().find(|m| m.name == owner).map_or(0, |m| m.hints)
 }
 
 #[test]

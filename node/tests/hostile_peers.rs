@@ -12,36 +12,19 @@
 //! member, the denied n4's, and another CA's are refused before any
 //! request is read. Through it all the cluster goes on serving.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use common::{now_ms, wait_for, WAIT_MAX};
 use quiver_chaos::node::{cluster_specs, NodeProcess};
 use quiver_client::blocking::Client;
-use quiver_client::{ErrorKind, NodeStatus};
+use quiver_client::ErrorKind;
 use quiver_node::net::peer::{Hinted, PeerEndpoint, PeerLink, PeerReply, PeerRequest};
 use quiver_node::net::tls::{init_ca, issue_node, NodeTls};
 use quiver_ring::ring::{Member, Ring, RingView};
 use quiver_ring::{BatchId, Causal, Context, Dot, Hlc, NodeId, Siblings, Stamp, Version};
-
-/// A bound on each call and wait, not a timing assertion.
-const WAIT_MAX: Duration = Duration::from_secs(60);
-
-fn wait_for(client: &Client, what: &str, done: impl Fn(&NodeStatus) -> bool) -> NodeStatus {
-    let started = Instant::now();
-    loop {
-        let status = client.status().unwrap();
-        if done(&status) {
-            return status;
-        }
-        assert!(started.elapsed() < WAIT_MAX, "{what}: never happened; last status {status:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
-}
 
 /// A link from a peer with the certificate in `tls_dir` for `name`, to the
 /// node whose peer address is `to`.

@@ -37,14 +37,7 @@ impl PeerHandler for Counting {
         self.0.fetch_add(1, Ordering::SeqCst);
         self.1.lock().unwrap().push(from.to_owned());
         if let PeerRequest::Ping { hlc, .. } = request {
-            reply(PeerReply::Pong {
-                from: NodeId(1),
-                hlc,
-                wall_ms: 5,
-                keys: 0,
-                storage_failure: None,
-                members: Vec::new(),
-            });
+            reply(pong(hlc));
         }
     }
 }
@@ -60,6 +53,11 @@ fn certs(dir: &Path, names: &[&str]) {
 fn endpoint(dir: &Path, name: &str) -> PeerEndpoint {
     let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
     PeerEndpoint::bind(addr, NodeTls::load(&dir.join(name), name).unwrap()).unwrap()
+}
+
+/// What the test handlers answer a ping with.
+fn pong(hlc: Hlc) -> PeerReply {
+    PeerReply::Pong { from: NodeId(1), hlc, wall_ms: 5, keys: 0, storage_failure: None, members: Vec::new() }
 }
 
 fn ping() -> PeerRequest {
@@ -82,17 +80,7 @@ async fn nodes_of_one_cluster_ca_talk_and_strangers_are_refused() {
     let n2 = endpoint(cluster.path(), "n2");
     let link = n2.link("n1", n1_addr);
     for _ in 0..3 {
-        assert_eq!(
-            link.call(ping(), CALL).await.unwrap(),
-            PeerReply::Pong {
-                from: NodeId(1),
-                hlc: Hlc(7),
-                wall_ms: 5,
-                keys: 0,
-                storage_failure: None,
-                members: Vec::new()
-            }
-        );
+        assert_eq!(link.call(ping(), CALL).await.unwrap(), pong(Hlc(7)));
     }
     assert_eq!(handler.0.load(Ordering::SeqCst), 3);
     assert_eq!(*handler.1.lock().unwrap(), ["n2", "n2", "n2"], "each request comes with its sender's name");
@@ -164,14 +152,7 @@ impl PeerHandler for Holding {
 
     fn handle(&self, _from: &str, request: PeerRequest, reply: Reply) {
         match request {
-            PeerRequest::Ping { hlc, .. } => reply(PeerReply::Pong {
-                from: NodeId(1),
-                hlc,
-                wall_ms: 5,
-                keys: 0,
-                storage_failure: None,
-                members: Vec::new(),
-            }),
+            PeerRequest::Ping { hlc, .. } => reply(pong(hlc)),
             _ => {
                 self.held.lock().unwrap().push(reply);
                 self.arrived.notify_one();

@@ -150,3 +150,29 @@ pub fn raw_call(addr: &str, hlc_seen: Hlc, op: wire::Op) -> wire::Response {
     assert!(matches!(answer().result, Ok(wire::Reply::Hello(_))));
     answer()
 }
+
+/// How long a condition on a running node may take before a test fails (a
+/// bound, not a timing assertion: heartbeats run every second).
+pub const WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Polls `status` of `client` until `done` holds; fails after [`WAIT_MAX`].
+pub fn wait_for(
+    client: &quiver_client::blocking::Client,
+    what: &str,
+    done: impl Fn(&quiver_client::NodeStatus) -> bool,
+) -> quiver_client::NodeStatus {
+    let started = std::time::Instant::now();
+    loop {
+        let status = client.status().unwrap();
+        if done(&status) {
+            return status;
+        }
+        assert!(started.elapsed() < WAIT_MAX, "{what}: never happened; last status {status:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Hints the node of `status` holds for the member named `owner`.
+pub fn hints_for(status: &quiver_client::NodeStatus, owner: &str) -> u64 {
+    status.ring.iter().find(|m| m.name == owner).map_or(0, |m| m.hints)
+}
