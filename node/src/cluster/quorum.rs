@@ -235,18 +235,20 @@ impl Pending {
         self.answered.len() + self.refused.len() >= self.asked.len()
     }
 
-    /// For a write: a hint of `replica`'s part, held by `holder`.
-    fn hint_for(&self, replica: NodeId, holder: NodeId) -> Option<(NodeId, DataMessage)> {
-        let sets: Vec<(Vec<u8>, Siblings)> = self
-            .sets
-            .iter()
-            .zip(&self.groups)
-            .filter(|(_, group)| group.replicas.contains(&replica) && !group.is_down(replica))
-            .map(|(set, _)| set.clone())
-            .collect();
-        let hints = vec![Hinted { owner: replica, sets }];
-        (replica != holder && !hints[0].sets.is_empty())
-            .then(|| (holder, DataMessage::Write { op: UNAWAITED, sets: Vec::new(), hints }))
+    /// For a write: what `refuser` was to hold, as hints held by `holder`:
+    /// its own part (for it), and the hints it stood in for (for their
+    /// owners). Nothing for `holder` itself.
+    fn hint_for(&self, refuser: NodeId, holder: NodeId) -> Option<(NodeId, DataMessage)> {
+        let mut part = Part::default();
+        for (set, group) in self.sets.iter().zip(&self.groups) {
+            let own = (group.replicas.contains(&refuser) && !group.is_down(refuser)).then_some(refuser);
+            let stood_in = group.stand_ins.iter().filter(|&&(_, h)| h == refuser).map(|&(owner, _)| owner);
+            for owner in own.into_iter().chain(stood_in).filter(|&owner| owner != holder) {
+                part.hint(owner, set.clone());
+            }
+        }
+        (!part.hints.is_empty())
+            .then(|| (holder, DataMessage::Write { op: UNAWAITED, sets: Vec::new(), hints: part.hints }))
     }
 }
 
@@ -610,6 +612,14 @@ mod tests {
         assert!(quorum.expire(101).is_empty(), "it had its outcome");
         assert_eq!(quorum.take_repairs(), vec![hint(3)], "the silent replica");
         assert_eq!(quorum.in_flight(), 0);
+
+        // Node 3 is down and node 4 stands in for it: when 4 refuses, the
+        // coordinator holds 3's hint.
+        let placement =
+            Placement { replicas: vec![NodeId(1), NodeId(2), NodeId(3)], stand_ins: vec![(NodeId(3), NodeId(4))] };
+        let (op, _) = quorum.start_write(vec![k()], vec![placement], Consistency::Quorum, 100);
+        assert_eq!(quorum.on_reply(NodeId(4), DataMessage::Refused { op }), None);
+        assert_eq!(quorum.take_repairs(), vec![hint(3)], "the stand-in's hint, now held by the coordinator");
     }
 
     /// A write of two keys with different replicas is done only when each

@@ -422,7 +422,7 @@ impl ClusterStore {
                 }
                 Ok(other) => {
                     tracing::warn!(replica = to.0, ?other, "a replica answered with something else");
-                    return;
+                    DataMessage::Refused { op }
                 }
             };
             this.on_reply(to, message);

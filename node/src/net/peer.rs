@@ -15,7 +15,8 @@
 //!   send; a call past either fails at once (`PeerError::Busy`: the quorum
 //!   logic treats the peer as one that refused, and hints its part). A
 //!   served connection is not read while its peer has that many requests
-//!   being answered (QUIC's flow control then holds the sender). A frame
+//!   being answered or whose answers are not yet written (QUIC's flow
+//!   control then holds the sender). A frame
 //!   past the frame limit is never sent: a request fails, an answer is
 //!   replaced with an error answer, so no caller waits for its deadline.
 //! - Hands on: answers, or a [`PeerError`] naming the peer.
@@ -357,9 +358,10 @@ struct Served {
 
 async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, served: Served) {
     let Served { handler, from, slots, stats, bounds } = served;
-    // Each answer holds a slot until it is queued: never more than the
-    // slots wait here.
-    let (answers, mut queue) = mpsc::channel::<Vec<u8>>(bounds.requests_in_flight_max.max(1));
+    // Each answer holds its request's slot until it is written: never more
+    // answers wait here than there are slots, and a peer that reads no
+    // answers stops being read.
+    let (answers, mut queue) = mpsc::channel::<Queued>(bounds.requests_in_flight_max.max(1));
     let writer = tokio::spawn(async move {
         write_frames(&mut send, &mut queue, |_| {}).await;
         let _ = send.finish();
@@ -393,10 +395,9 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, 
                     let body = PeerReply::Failed(error);
                     let _ = quiver_ring::wire::encode_frame(&mut out, &Frame { id, body }, usize::MAX);
                 }
-                // Room is certain: this answer's slot is still held.
-                let _ = answers.try_send(out);
                 stats.serving.fetch_sub(1, Ordering::Relaxed);
-                drop(slot);
+                // Room is certain: every answer queued holds a slot.
+                let _ = answers.try_send(Queued { bytes: out, _slot: Some(slot) });
             }),
         );
     }
@@ -404,26 +405,37 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, 
     let _ = writer.await;
 }
 
+/// A frame waiting to be written, and what it holds until then (an
+/// answer: its request's slot).
+struct Queued {
+    bytes: Vec<u8>,
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
 /// Writes the frames queued, every one queued so far in one write, until
 /// the queue closes or the stream fails; tells `written` the bytes of each
 /// write, and at the end those of the frames left unwritten.
-async fn write_frames(send: &mut quinn::SendStream, queue: &mut mpsc::Receiver<Vec<u8>>, written: impl Fn(u64)) {
+async fn write_frames(send: &mut quinn::SendStream, queue: &mut mpsc::Receiver<Queued>, written: impl Fn(u64)) {
     let mut buf = Vec::new();
+    let mut batch = Vec::new();
     while let Some(frame) = queue.recv().await {
-        buf.clear();
-        buf.extend_from_slice(&frame);
+        batch.push(frame);
         while let Ok(more) = queue.try_recv() {
-            buf.extend_from_slice(&more);
+            batch.push(more);
         }
+        buf.clear();
+        batch.iter().for_each(|frame| buf.extend_from_slice(&frame.bytes));
         let result = send.write_all(&buf).await;
         written(buf.len() as u64);
+        // Written: their slots are free.
+        batch.clear();
         if result.is_err() {
             break;
         }
     }
     queue.close();
     while let Ok(left) = queue.try_recv() {
-        written(left.len() as u64);
+        written(left.bytes.len() as u64);
     }
 }
 
@@ -450,7 +462,7 @@ type Pending = Arc<Mutex<HashMap<u64, Answer>>>;
 /// A live stream to a peer.
 struct Live {
     /// Room for as many frames as requests may be in flight.
-    frames: mpsc::Sender<Vec<u8>>,
+    frames: mpsc::Sender<Queued>,
     pending: Pending,
     broken: Arc<std::sync::atomic::AtomicBool>,
     /// Bytes queued on this link and not yet written.
@@ -495,7 +507,7 @@ impl PeerLink {
         let connection = connecting.await.map_err(|e| self.error(format!("handshake: {e}")))?;
         let (mut send, mut recv) =
             connection.open_bi().await.map_err(|e| self.error(format!("opening a stream: {e}")))?;
-        let (frames, mut queue) = mpsc::channel::<Vec<u8>>(self.bounds.requests_in_flight_max.max(1));
+        let (frames, mut queue) = mpsc::channel::<Queued>(self.bounds.requests_in_flight_max.max(1));
         let pending: Pending = Arc::default();
         let broken = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let queued = Arc::new(AtomicU64::new(0));
@@ -569,7 +581,7 @@ impl PeerLink {
         self.stats.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
         // Room is certain: the channel holds as many frames as requests may
         // be pending, and this one is counted there already.
-        if live.frames.try_send(frame).is_err() {
+        if live.frames.try_send(Queued { bytes: frame, _slot: None }).is_err() {
             live.queued.fetch_sub(bytes, Ordering::Relaxed);
             self.stats.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
             if let Some(answer) = lock(&live.pending).remove(&id) {
