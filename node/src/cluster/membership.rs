@@ -117,9 +117,13 @@ impl Membership {
         self
     }
 
-    /// The peer links' bounds, and what they hold now.
-    pub fn links(&self) -> (LinkBounds, &LinkStats) {
-        (self.link_bounds, &self.link_stats)
+    /// The peer links' bounds, how often they were reached, and what the
+    /// links hold now: requests awaiting answers and bytes queued, over
+    /// every link.
+    pub fn links(&self) -> (LinkBounds, &LinkStats, u64, u64) {
+        let in_flight = self.peers.iter().map(|p| p.link.in_flight()).sum();
+        let queued = self.peers.iter().map(|p| p.link.queued_bytes()).sum();
+        (self.link_bounds, &self.link_stats, in_flight, queued)
     }
 
     /// The names of the peers this node takes connections from: the

@@ -204,7 +204,7 @@ impl ClusterStore {
     pub fn budgets(&self) -> Vec<wire::BudgetInfo> {
         use crate::net::peer::LinkStats;
         use crate::service::budget;
-        let (bounds, links) = self.membership.links();
+        let (bounds, links, in_flight, queued) = self.membership.links();
         let get = LinkStats::get;
         let largest = self.hints.queues().values().map(|q| q.bytes).max().unwrap_or(0);
         vec![
@@ -218,14 +218,14 @@ impl ClusterStore {
             budget(
                 "peer_requests_in_flight_max",
                 bounds.requests_in_flight_max as u64,
-                get(&links.in_flight),
+                in_flight,
                 get(&links.refused_in_flight) + get(&links.serving_paused),
                 "a request to that peer fails at once, a write's part is hinted; a peer's requests past it wait",
             ),
             budget(
                 "peer_queued_bytes_max",
                 bounds.queued_bytes_max,
-                get(&links.queued_bytes),
+                queued,
                 get(&links.refused_queued),
                 "a request to that peer fails at once, a write's part is hinted (in use: over every link)",
             ),

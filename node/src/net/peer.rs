@@ -70,20 +70,15 @@ impl Default for LinkBounds {
     }
 }
 
-/// What the links of one endpoint hold now, and how often a bound was
-/// reached.
+/// How often the links of one endpoint reached a bound (what they hold now
+/// is each link's own: [`PeerLink::in_flight`], [`PeerLink::queued_bytes`];
+/// nothing here is touched by a request that passes).
 #[derive(Debug, Default)]
 pub struct LinkStats {
-    /// Requests sent and not yet answered, over every link.
-    pub in_flight: AtomicU64,
-    /// Bytes queued and not yet written, over every link.
-    pub queued_bytes: AtomicU64,
     /// Calls refused at a link's bound of requests in flight.
     pub refused_in_flight: AtomicU64,
     /// Calls refused at a link's bound of bytes queued.
     pub refused_queued: AtomicU64,
-    /// Requests from peers being answered now.
-    pub serving: AtomicU64,
     /// Times a served connection was not read, at its bound.
     pub serving_paused: AtomicU64,
     /// Answers past the frame limit, replaced with an error answer.
@@ -376,7 +371,6 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, 
                 slot
             }
         };
-        stats.serving.fetch_add(1, Ordering::Relaxed);
         let (answers, stats) = (answers.clone(), stats.clone());
         handler.handle(
             &from,
@@ -395,7 +389,6 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, 
                     let body = PeerReply::Failed(error);
                     let _ = quiver_ring::wire::encode_frame(&mut out, &Frame { id, body }, usize::MAX);
                 }
-                stats.serving.fetch_sub(1, Ordering::Relaxed);
                 // Room is certain: every answer queued holds a slot.
                 let _ = answers.try_send(Queued { bytes: out, _slot: Some(slot) });
             }),
@@ -511,11 +504,10 @@ impl PeerLink {
         let pending: Pending = Arc::default();
         let broken = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let queued = Arc::new(AtomicU64::new(0));
-        let (writer_broken, writer_queued, stats) = (broken.clone(), queued.clone(), self.stats.clone());
+        let (writer_broken, writer_queued) = (broken.clone(), queued.clone());
         tokio::spawn(async move {
             write_frames(&mut send, &mut queue, |bytes| {
                 writer_queued.fetch_sub(bytes, Ordering::Relaxed);
-                stats.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
             })
             .await;
             writer_broken.store(true, Ordering::Release);
@@ -567,27 +559,32 @@ impl PeerLink {
             let max = self.bounds.queued_bytes_max;
             return answer(Err(busy(format!("{queued} bytes queued of at most {max}"))));
         }
-        let stats = self.stats.clone();
-        stats.in_flight.fetch_add(1, Ordering::Relaxed);
-        pending.insert(
-            id,
-            Box::new(move |reply| {
-                stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-                answer(reply)
-            }),
-        );
+        pending.insert(id, answer);
         drop(pending);
         live.queued.fetch_add(bytes, Ordering::Relaxed);
-        self.stats.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
         // Room is certain: the channel holds as many frames as requests may
         // be pending, and this one is counted there already.
         if live.frames.try_send(Queued { bytes: frame, _slot: None }).is_err() {
             live.queued.fetch_sub(bytes, Ordering::Relaxed);
-            self.stats.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
             if let Some(answer) = lock(&live.pending).remove(&id) {
                 answer(Err(self.error("link closed")));
             }
         }
+    }
+
+    /// Requests sent on the live link and not yet answered.
+    pub fn in_flight(&self) -> u64 {
+        self.current().map_or(0, |live| lock(&live.pending).len() as u64)
+    }
+
+    /// Bytes queued on the live link and not yet written.
+    pub fn queued_bytes(&self) -> u64 {
+        self.current().map_or(0, |live| live.queued.load(Ordering::Relaxed))
+    }
+
+    /// The live link, if there is one and it is not being dialled.
+    fn current(&self) -> Option<Arc<Live>> {
+        self.live.try_lock().ok().and_then(|live| live.as_ref().filter(|l| !l.broken.load(Ordering::Acquire)).cloned())
     }
 
     /// Sends `request` at once if the link is up, without waiting: `answer`
@@ -596,11 +593,7 @@ impl PeerLink {
     /// Without a live link, gives both back (to [`PeerLink::call`], which
     /// dials).
     pub fn try_send(&self, request: PeerRequest, answer: Answer) -> Result<(), (PeerRequest, Answer)> {
-        let live = match self.live.try_lock() {
-            Ok(live) => live.as_ref().filter(|l| !l.broken.load(Ordering::Acquire)).cloned(),
-            Err(_) => None,
-        };
-        match live {
+        match self.current() {
             Some(live) => {
                 self.send_on(&live, request, answer);
                 Ok(())
