@@ -137,11 +137,23 @@ struct Servers {
 
 /// How the bench talks to a setup.
 enum Conn {
-    Quiver(Client),
+    Quiver(Box<Client>),
     /// One client per node; every write goes to all of them.
     Fanout(Fanout),
     /// One client per etcd member; task `t` uses member `t % 3`.
     Etcd(Vec<Etcd>),
+}
+
+impl Conn {
+    /// Calls a Quiver client sent on to another node after a failed
+    /// attempt (none for etcd).
+    fn retries(&self) -> u64 {
+        match self {
+            Conn::Quiver(client) => client.retries().total(),
+            Conn::Fanout(fanout) => fanout.nodes.iter().map(|node| node.retries().total()).sum(),
+            Conn::Etcd(_) => 0,
+        }
+    }
 }
 
 /// Writes to every node and answers once two have it; the third write goes
@@ -228,7 +240,7 @@ async fn start(setup: Setup, quiverd: &Path) -> Result<(Servers, Conn), String> 
         }
     }
     let client = Client::connect([nodes[0].addr.clone()]).await.map_err(|e| e.to_string())?;
-    Ok((Servers { _nodes: nodes, _etcd: None, _dir: dir }, Conn::Quiver(client)))
+    Ok((Servers { _nodes: nodes, _etcd: None, _dir: dir }, Conn::Quiver(Box::new(client))))
 }
 
 /// Three nodes with their certificates, each listing the others.
@@ -445,7 +457,8 @@ async fn bench() {
                 figures.push(measure(&conn, workload, seconds, run, &value).await);
             }
             let text: Vec<String> = figures.iter().map(|f| format!("{:.0}", f.keys_per_s)).collect();
-            eprintln!("{:>16} | {:<32} | runs: {}", setup.name(), workload.name(), text.join(" "));
+            let retries = conn.retries();
+            eprintln!("{:>16} | {:<32} | runs: {} | retries: {retries}", setup.name(), workload.name(), text.join(" "));
             rows.push((setup, workload, median(figures)));
             drop(conn);
             drop(servers);

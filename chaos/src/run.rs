@@ -71,17 +71,10 @@ impl Outcome {
     pub fn of<T>(result: &quiver_client::Result<T>) -> Outcome {
         match result {
             Ok(_) => Outcome::Acked,
-            // `Unavailable`: too few replicas answered in time, but some may
-            // have the write.
-            Err(e)
-                if e.is_ambiguous()
-                    || matches!(
-                        e.kind(),
-                        Some(quiver_client::ErrorKind::StorageFailed | quiver_client::ErrorKind::Unavailable)
-                    ) =>
-            {
-                Outcome::InDoubt
-            }
+            // `Unconfirmed` (ambiguous): too few replicas confirmed it in
+            // time, but some may have it. `Unavailable`: too few were up,
+            // nothing was written (checked: such a write must never show).
+            Err(e) if e.is_ambiguous() || e.kind() == Some(quiver_client::ErrorKind::StorageFailed) => Outcome::InDoubt,
             Err(_) => Outcome::Failed,
         }
     }

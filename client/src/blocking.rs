@@ -42,6 +42,11 @@ impl Client {
         Client { inner: self.inner.with_consistency(consistency), runtime: self.runtime }
     }
 
+    /// See [`crate::Client::with_ring_refresh`].
+    pub fn with_ring_refresh(self, every: Duration) -> Client {
+        Client { inner: self.inner.with_ring_refresh(every), runtime: self.runtime }
+    }
+
     /// See [`crate::Client::direct`].
     pub fn direct(self) -> Client {
         Client { inner: self.inner.direct(), runtime: self.runtime }
@@ -129,6 +134,11 @@ impl Client {
     /// See [`crate::Client::search_vector`].
     pub fn search_vector(&self, vector: &[f32], k: u32) -> Result<Vec<crate::SearchHit>> {
         self.runtime.block_on(self.inner.search_vector(vector, k))
+    }
+
+    /// See [`crate::Client::retries`].
+    pub fn retries(&self) -> crate::retry::Retries {
+        self.inner.retries()
     }
 
     /// See [`crate::Client::status`].

@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use quiver_ring::wire::ErrorKind;
 
+use crate::retry::Failure;
+
 /// Everything a client call can fail with.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -27,9 +29,31 @@ pub enum Error {
 }
 
 impl Error {
-    /// Whether a write that failed this way may still have been applied.
+    /// Whether a write that failed this way may still have been applied
+    /// (a lost connection, a timeout, or `Unconfirmed`).
     pub fn is_ambiguous(&self) -> bool {
-        matches!(self, Error::ConnectionLost { .. } | Error::Timeout { .. })
+        self.failure() == Failure::InDoubt
+    }
+
+    /// What the attempt that failed so left behind, for the retry rule
+    /// ([`crate::retry`]).
+    pub fn failure(&self) -> Failure {
+        match self {
+            Error::Connect { .. } => Failure::NotApplied,
+            Error::ConnectionLost { .. } | Error::Timeout { .. } => Failure::InDoubt,
+            Error::Server { kind, .. } => match kind {
+                ErrorKind::ShuttingDown
+                | ErrorKind::NotReplica
+                | ErrorKind::StorageFailed
+                | ErrorKind::ClockSkew
+                | ErrorKind::TooManyConnections
+                | ErrorKind::DiskFull
+                | ErrorKind::Unavailable => Failure::NotApplied,
+                ErrorKind::Unconfirmed => Failure::InDoubt,
+                _ => Failure::Final,
+            },
+            Error::Protocol(_) => Failure::Final,
+        }
     }
 
     /// Whether trying again (perhaps on another node) can help. Bad input

@@ -17,15 +17,19 @@
 //! sends each call to a replica of its key, keeping one connection per node;
 //! each connection carries every concurrent call (answers are matched by
 //! id), so a single `Client` shared by many tasks keeps many requests in
-//! flight. When a replica cannot be reached, does not answer in time or is
-//! shutting down, the call goes to the next replica (and, when none is left,
-//! to the seed node, which coordinates any key). A write that fails with
-//! [`Error::is_ambiguous`] may or may not have been applied.
+//! flight. When a replica cannot be reached, is shutting down, sees too few
+//! replicas up (`Unavailable`) or, for a blind write or a read, does not
+//! answer in time, the call goes to the next replica within the call's one
+//! timeout (and, when none is left, to the seed node, which coordinates any
+//! key): [`retry`] is the rule, [`Client::retries`] counts them. A write
+//! that fails with [`Error::is_ambiguous`] may or may not have been
+//! applied.
 //! [`blocking::Client`] offers the same calls to plain threads.
 
 pub mod blocking;
 mod connection;
 mod error;
+pub mod retry;
 mod routing;
 
 use std::collections::HashMap;
@@ -58,6 +62,7 @@ pub struct TextSearch {
 use tokio::sync::Mutex;
 
 use connection::Connection;
+use retry::{Attempts, Retries};
 use routing::Routes;
 
 /// Locks a mutex, going on after a panic elsewhere poisoned it: the values
@@ -69,8 +74,14 @@ pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, 
 /// Default time a call waits for its answer.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How often a client without a ring asks for one again.
+/// How often a client without a ring asks for one again, and the least
+/// time between two asks after a node said it is not a key's replica or
+/// sees too few replicas up.
 const RING_RETRY: Duration = Duration::from_secs(1);
+
+/// How often a client asks for the ring again, by default
+/// ([`Client::with_ring_refresh`]).
+const RING_REFRESH: Duration = Duration::from_secs(10);
 
 /// An async Quiver client.
 #[derive(Debug)]
@@ -93,26 +104,9 @@ pub struct Client {
     hlc: Arc<AtomicU64>,
     /// Asked of the node with every request (`None`: the node's default).
     consistency: Option<Consistency>,
-}
-
-/// Whether a call that failed with `error` on one replica goes on to the
-/// next. A causal write that may have been applied is not sent again (a
-/// second copy would stand beside the first as a sibling).
-fn fails_over(error: &Error, causal: bool) -> bool {
-    match error {
-        Error::Connect { .. } => true,
-        Error::ConnectionLost { .. } | Error::Timeout { .. } => !causal,
-        Error::Server { kind, .. } => matches!(
-            kind,
-            ErrorKind::ShuttingDown
-                | ErrorKind::NotReplica
-                | ErrorKind::StorageFailed
-                | ErrorKind::ClockSkew
-                | ErrorKind::TooManyConnections
-                | ErrorKind::DiskFull
-        ),
-        Error::Protocol(_) => false,
-    }
+    retries: std::sync::Mutex<Retries>,
+    /// How often the ring is asked for again.
+    ring_refresh: Duration,
 }
 
 /// Awaits every future, concurrently, and returns their outputs in order.
@@ -157,6 +151,8 @@ impl Client {
             timeout: DEFAULT_TIMEOUT,
             hlc: Arc::default(),
             consistency: None,
+            retries: std::sync::Mutex::default(),
+            ring_refresh: RING_REFRESH,
         };
         client.connection().await?;
         client.refresh_ring().await;
@@ -174,6 +170,15 @@ impl Client {
     /// quorum). A single node is its keys' only replica.
     pub fn with_consistency(mut self, consistency: Consistency) -> Client {
         self.consistency = Some(consistency);
+        self
+    }
+
+    /// Sets how often the client asks for the ring again (10 s by default):
+    /// which nodes to avoid changes as they lose and find their peers. It
+    /// also asks after a node said it is not a key's replica or sees too
+    /// few replicas up (at most once a second).
+    pub fn with_ring_refresh(mut self, every: Duration) -> Client {
+        self.ring_refresh = every;
         self
     }
 
@@ -248,18 +253,34 @@ impl Client {
         }
     }
 
-    /// The ring to route by, if there is one (asked for again now and then
-    /// while there is none).
+    /// The ring to route by, if there is one (asked for again every
+    /// `ring_refresh`, and every [`RING_RETRY`] while there is none).
     async fn routes(&self) -> Option<Arc<Routes>> {
         if !self.routing {
             return None;
         }
         let (routes, asked) = lock(&self.routes).clone();
-        if routes.is_none() && asked.is_none_or(|at| at.elapsed() >= RING_RETRY) {
+        let every = if routes.is_none() { RING_RETRY } else { self.ring_refresh };
+        if asked.is_none_or(|at| at.elapsed() >= every) {
             self.refresh_ring().await;
             return lock(&self.routes).0.clone();
         }
         routes
+    }
+
+    /// Asks for the ring again unless it was asked for within
+    /// [`RING_RETRY`].
+    async fn refresh_ring_soon(&self) {
+        let asked = lock(&self.routes).1;
+        if asked.is_none_or(|at| at.elapsed() >= RING_RETRY) {
+            self.refresh_ring().await;
+        }
+    }
+
+    /// The retries this client made: calls that went on to another replica
+    /// after an attempt failed.
+    pub fn retries(&self) -> Retries {
+        *lock(&self.retries)
     }
 
     /// The node a call about `key` goes to first (its first replica on
@@ -282,32 +303,52 @@ impl Client {
         }
     }
 
-    /// Sends `op` to the first of `targets`, going on to the next when a
-    /// node cannot be reached, does not answer in time or cannot serve it
-    /// (see [`fails_over`]); when every one failed, the seed node
-    /// coordinates it. A node that says it is not a replica of the key
-    /// makes the client ask for the ring again.
+    /// Sends `op` to the first of `targets`, and on to the next as the
+    /// retry rule says ([`retry`]), then to the seed node (which
+    /// coordinates any key) if it is not one of them; all within one
+    /// timeout. A node that says it is not a replica of the key, or sees
+    /// too few replicas up, makes the client ask for the ring again.
     async fn call_at(&self, targets: &[String], op: Op, causal: bool) -> Result<Reply> {
-        let mut last = None;
-        for addr in targets {
-            let result = match self.connection_to(addr).await {
-                Ok(connection) => connection.call(op.clone(), self.timeout, self.consistency).await,
-                Err(error) => Err(error),
-            };
-            match result {
-                Err(error) if fails_over(&error, causal) => {
-                    if error.kind() == Some(ErrorKind::NotReplica) {
-                        self.refresh_ring().await;
-                    }
-                    last = Some(error);
+        let deadline = Instant::now() + self.timeout;
+        let seed = self.live().map(|c| c.addr().to_owned());
+        let seed_too = seed.is_none_or(|seed| !targets.contains(&seed));
+        let mut attempts = Attempts::new(causal);
+        let mut last: Option<Error> = None;
+        for target in targets.iter().map(Some).chain(seed_too.then_some(None)) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let Some(error) = &last {
+                if left.is_zero() {
+                    break;
                 }
-                other => return other,
+                lock(&self.retries).count(error.failure());
+                tracing::debug!(to = target.map_or("the seed", |t| t.as_str()), %error, "retrying");
+            }
+            let connection = match target {
+                Some(addr) => self.connection_to(addr).await,
+                None => self.connection().await,
+            };
+            let error = match connection {
+                Ok(connection) => match connection.call(op.clone(), left, self.consistency).await {
+                    Ok(reply) => return Ok(reply),
+                    Err(error) => error,
+                },
+                Err(error) => error,
+            };
+            if matches!(error.kind(), Some(ErrorKind::NotReplica | ErrorKind::Unavailable)) {
+                self.refresh_ring_soon().await;
+            }
+            let go_on = attempts.go_on(error.failure());
+            // An error that says the request may be applied stands, and so
+            // does a replica's over the seed's (which says less).
+            let stands = last.as_ref().is_some_and(|last| last.is_ambiguous() && !error.is_ambiguous());
+            if !stands && (target.is_some() || last.is_none()) {
+                last = Some(error);
+            }
+            if !go_on {
+                break;
             }
         }
-        match (self.call(op).await, last) {
-            (Err(_), Some(error)) => Err(error),
-            (result, _) => result,
-        }
+        Err(last.unwrap_or_else(|| Error::Timeout { addr: targets.join(", "), timeout: self.timeout }))
     }
 
     async fn call_done(&self, key: &[u8], op: Op, causal: bool) -> Result<()> {

@@ -13,6 +13,8 @@ use quiver_ring::NodeId;
 pub(crate) struct Routes {
     ring: Ring,
     replicas: usize,
+    /// Members to try after the others ([`crate::retry::order`]).
+    avoid: Vec<NodeId>,
 }
 
 /// Where a client reaches `member`: its client address, with a wildcard
@@ -41,7 +43,7 @@ pub(crate) struct Group {
 
 impl Routes {
     pub fn new(info: RingInfo) -> Routes {
-        Routes { replicas: info.replicas.max(1) as usize, ring: Ring::new(info.view) }
+        Routes { replicas: info.replicas.max(1) as usize, ring: Ring::new(info.view), avoid: info.avoid }
     }
 
     /// Whether there is more than one node to choose from.
@@ -49,12 +51,15 @@ impl Routes {
         self.ring.view().members.len() > 1
     }
 
+    /// The client addresses of `nodes`, those to avoid last.
     fn addrs(&self, nodes: &[NodeId]) -> Vec<String> {
+        let nodes = crate::retry::order(nodes.to_vec(), &self.avoid);
         nodes.iter().filter_map(|id| self.ring.member(*id)).filter_map(reachable).collect()
     }
 
-    /// The client addresses of `key`'s replicas, first choice first
-    /// (members whose address is not known yet are left out).
+    /// The client addresses of `key`'s replicas, first choice first, those
+    /// to avoid last (members whose address is not known yet are left
+    /// out).
     pub fn replicas(&self, key: &[u8]) -> Vec<String> {
         self.addrs(&self.ring.preference_list(key, self.replicas))
     }
@@ -90,7 +95,23 @@ mod tests {
     }
 
     fn routes(members: Vec<Member>, replicas: u32) -> Routes {
-        Routes::new(RingInfo { replicas, view: RingView { epoch: 1, members } })
+        Routes::new(RingInfo { replicas, view: RingView { epoch: 1, members }, avoid: Vec::new() })
+    }
+
+    /// A member the ring says to avoid is tried after the key's other
+    /// replicas, for single keys and groups alike.
+    #[test]
+    fn members_to_avoid_come_last() {
+        let members: Vec<Member> = (1..=3).map(|i| member(i, &format!("127.0.0.1:{i}"), "")).collect();
+        let view = RingView { epoch: 1, members };
+        let routes = Routes::new(RingInfo { replicas: 3, view, avoid: vec![NodeId(3)] });
+        let keys: Vec<Vec<u8>> = (0..50u32).map(|i| i.to_be_bytes().to_vec()).collect();
+        for key in &keys {
+            let list = routes.replicas(key);
+            assert_eq!(list.len(), 3);
+            assert_eq!(list[2], "127.0.0.1:3", "{list:?}");
+        }
+        assert!(routes.split(keys.iter().map(Vec::as_slice)).iter().all(|g| g.targets[2] == "127.0.0.1:3"));
     }
 
     #[test]

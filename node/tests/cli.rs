@@ -3,33 +3,9 @@
 mod common;
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
-use common::start_node;
-
-/// The `quiver` binary, next to `quiverd`: cargo builds only this crate's
-/// binaries for its tests, so it is built (or found up to date) here, once
-/// per run, with the same profile. A stale one would speak an old protocol.
-fn quiver_bin() -> PathBuf {
-    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let path = PathBuf::from(env!("CARGO_BIN_EXE_quiverd")).with_file_name("quiver");
-            // `target/<dir>/quiverd`: the dev profile builds into `debug`,
-            // any other into a directory of its own name.
-            let dir = path.parent().and_then(|d| d.file_name()).and_then(|d| d.to_str()).unwrap_or("debug");
-            let profile = if dir == "debug" { "dev" } else { dir };
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let status = Command::new(cargo)
-                .args(["build", "--profile", profile, "-p", "quiver-client", "--bin", "quiver"])
-                .status()
-                .unwrap();
-            assert!(status.success(), "building quiver failed");
-            path
-        })
-        .clone()
-}
+use common::{quiver_bin, start_node};
 
 fn quiver(addr: &str, args: &[&str], stdin: Option<&str>) -> Output {
     let mut child = Command::new(quiver_bin())

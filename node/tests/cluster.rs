@@ -130,10 +130,13 @@ fn quorum_writes_and_reads_through_any_node_survive_a_kill() {
     }
     assert_eq!(clients[0].get("smart").unwrap().as_deref(), Some(&b"after n3 died"[..]));
 
+    // Once n1 sees n2 down too, a quorum write fails at once, and nothing
+    // of it is written.
     nodes[1].kill();
+    wait_for(&clients[0], "n2 seen down", |s| s.peers.iter().all(|p| !p.up));
     let error = clients[0].set("key-0", "with two down").unwrap_err();
     assert_eq!(error.kind(), Some(ErrorKind::Unavailable), "{error}");
-    assert!(error.to_string().contains("were needed"), "{error}");
+    assert!(error.to_string().contains("1 of 3 replicas are up as this node sees them, 2 are needed"), "{error}");
     // At `one`, the node that is up is enough, for writes and reads.
     let one = direct(&nodes[0]).with_consistency(Consistency::One);
     one.set("key-one", "written at one").unwrap();

@@ -1,7 +1,14 @@
 //! A whole cluster in one process, deterministic: five nodes, three
-//! replicas per key, coordinators chosen at random, a network that drops
-//! and delays messages by a seeded generator, time passed in, and one node
-//! that stops answering partway. Blind writes go through any coordinator;
+//! replicas per key, a network that drops and delays messages by a seeded
+//! generator, time passed in, and partway either one node that stops
+//! answering, or (in half the histories, with no other fault) one node cut
+//! off from its peers while clients still reach it. Clients follow the
+//! smart client's retry rule (`quiver_client::retry`): a call goes to the
+//! key's replicas in ring order (some clients try another node first, and
+//! only some know which node to avoid), on to the next after an attempt
+//! that applied nothing (the node is down, its clock refused, it saw too
+//! few replicas up) and, except for a causal write, after one that may
+//! have (`Unconfirmed`). Blind writes go through any coordinator;
 //! causal writes, with the context of an earlier (perhaps stale) read, are
 //! coordinated by a replica of the key, which writes against its own
 //! siblings and sends the resulting set (design section 5). Every replica
@@ -25,7 +32,10 @@
 //! values, scored by how often it occurs.
 //!
 //! Checked: no replica refuses a timestamp its coordinator stamped (the
-//! clock rules agree); a quorum read that starts after a quorum write was acknowledged
+//! clock rules agree); with a node cut off from its peers, every call that
+//! starts after the cut succeeds, and none has an attempt that waited for
+//! its deadline (the cut-off node answers at once that too few replicas are
+//! up); a quorum read that starts after a quorum write was acknowledged
 //! returns that write or a later one (R + W > N); an operation that cannot
 //! reach its quorum before its deadline fails as unavailable, with the
 //! counts, and never hangs; once every message is delivered and replicas
@@ -39,9 +49,11 @@
 
 use std::collections::BTreeMap;
 
+use quiver_client::retry::{self, Attempts, Failure, Retries};
 use quiver_node::cluster::hints;
 use quiver_node::cluster::quorum::{
-    replica_handle, Consistency, DataMessage, Hinted, OpId, Outcome, Placement, Quorum, Refusal, ReplicaStore,
+    self, outcome_error, replica_handle, Consistency, DataMessage, Ending, Hinted, OpId, Outcome, Placement, Quorum,
+    Refusal, ReplicaStore,
 };
 use quiver_node::cluster::scatter;
 use quiver_ring::rand::SplitMix64;
@@ -59,6 +71,36 @@ const DEADLINE_MS: u64 = 40;
 const MAX_OFFSET_MS: u64 = 20;
 /// Hits a search asks for: fewer than the keys, so the cut matters.
 const SEARCH_K: usize = 3;
+/// How long a client's call may take, all its attempts together.
+const CALL_DEADLINE_MS: u64 = 4 * DEADLINE_MS;
+
+/// What a client asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CallKind {
+    Blind(Consistency),
+    /// With the context of the key's last read.
+    Causal,
+    Read,
+}
+
+/// A client's call, tried at its targets in turn as the retry rule says.
+#[derive(Debug)]
+struct Call {
+    key: Vec<u8>,
+    kind: CallKind,
+    targets: Vec<NodeId>,
+    /// The next target to try.
+    next: usize,
+    attempts: Attempts,
+    started: u64,
+}
+
+/// What the client learns of an operation that failed with `outcome`: the
+/// node's error for it, classified by the client's own rule.
+fn failure_of(outcome: Outcome, ending: Ending) -> Failure {
+    let error = outcome_error(outcome, "operation", ending);
+    quiver_client::Error::Server { kind: error.kind, message: error.message }.failure()
+}
 
 /// A replica's sets, and the hints it holds for others (each owner's at
 /// most `hint_bytes_max` bytes of values).
@@ -185,16 +227,19 @@ enum Op {
         key: Vec<u8>,
         order: Order,
         consistency: Consistency,
+        call: u64,
     },
     /// A causal write coordinated by a replica: the version it made.
     Causal {
         key: Vec<u8>,
         version: Version,
+        call: u64,
     },
     /// A read, and the highest order of a write acknowledged before it began.
     Read {
         key: Vec<u8>,
         acked_before: Option<Order>,
+        call: u64,
     },
     /// A read of a search's `hit`-th merged hit.
     SearchRead {
@@ -211,6 +256,7 @@ struct Deferred {
     key: Vec<u8>,
     /// `None`: a causal write, with the context of the key's last read.
     consistency: Option<Consistency>,
+    call: u64,
 }
 
 struct InFlight {
@@ -228,6 +274,18 @@ struct Sim {
     network: Vec<InFlight>,
     dropped: Vec<InFlight>,
     down: Option<NodeId>,
+    /// The node cut off from its peers (clients still reach it), and when.
+    cut: Option<(NodeId, u64)>,
+    /// Messages are lost at random (not in the histories with a cut).
+    lossy: bool,
+    /// Clients start calls (not once they stopped, at the end).
+    clients_on: bool,
+    calls: BTreeMap<u64, Call>,
+    next_call: u64,
+    retries: Retries,
+    calls_failed: usize,
+    /// Calls started after the cut that failed or waited for a deadline.
+    cut_violations: Vec<String>,
     /// Per key, the highest order of an acknowledged write.
     acked: BTreeMap<Vec<u8>, Order>,
     /// The same for writes at `any`.
@@ -270,6 +328,7 @@ impl Sim {
         let mut rng = SplitMix64::new(seed);
         // Half the histories keep no hints at all: every hint is dropped.
         let hint_bytes_max = if rng.chance(0.5) { 0 } else { 1 << 20 };
+        let lossy = rng.chance(0.5);
         let nodes = (1..=NODES)
             .map(|id| {
                 let node = Node {
@@ -291,6 +350,14 @@ impl Sim {
             network: Vec::new(),
             dropped: Vec::new(),
             down: None,
+            cut: None,
+            lossy,
+            clients_on: true,
+            calls: BTreeMap::new(),
+            next_call: 0,
+            retries: Retries::default(),
+            calls_failed: 0,
+            cut_violations: Vec::new(),
             acked: BTreeMap::new(),
             acked_any: BTreeMap::new(),
             causal_acked: Vec::new(),
@@ -319,7 +386,7 @@ impl Sim {
         for (to, message) in messages {
             let delay = self.rng.between(0, 15);
             let flight = InFlight { at: self.now + delay, from, to, message };
-            if from != to && self.rng.chance(0.1) {
+            if from != to && self.lossy && self.rng.chance(0.1) {
                 self.dropped.push(flight);
             } else {
                 self.network.push(flight);
@@ -330,6 +397,17 @@ impl Sim {
     fn finish(&mut self, coordinator: NodeId, op: OpId, outcome: Outcome) {
         let seed = self.seed;
         let Some(done) = self.nodes.get_mut(&coordinator).and_then(|n| n.ops.remove(&op)) else { return };
+        let call = match &done {
+            Op::Write { call, .. } => Some((*call, Ending::Write)),
+            // Its coordinator's own copy was written before any was sent.
+            Op::Causal { call, .. } => Some((*call, Ending::Written)),
+            Op::Read { call, .. } => Some((*call, Ending::Read)),
+            Op::SearchRead { .. } => None,
+        };
+        let failed = match &outcome {
+            Outcome::Written | Outcome::Read(_) => None,
+            other => Some(other.clone()),
+        };
         let seen = match (&done, &outcome) {
             (Op::Write { order, .. }, Outcome::Written) => Some(order.0),
             (Op::Causal { version, .. }, Outcome::Written) => Some(version.hlc),
@@ -338,15 +416,15 @@ impl Sim {
         };
         self.client_hlc = self.client_hlc.max(seen.unwrap_or_default());
         match (done, outcome) {
-            (Op::Write { key, order, consistency }, Outcome::Written) => {
+            (Op::Write { key, order, consistency, .. }, Outcome::Written) => {
                 // A write at `any` may be held by a hint only: quorum reads
                 // need not see it, but it must survive to the end.
                 let acked = if consistency == Consistency::Any { &mut self.acked_any } else { &mut self.acked };
                 let best = acked.entry(key).or_insert(order);
                 *best = (*best).max(order);
             }
-            (Op::Causal { key, version }, Outcome::Written) => self.causal_acked.push((key, version)),
-            (Op::Read { key, acked_before }, Outcome::Read(found)) => {
+            (Op::Causal { key, version, .. }, Outcome::Written) => self.causal_acked.push((key, version)),
+            (Op::Read { key, acked_before, .. }, Outcome::Read(found)) => {
                 if let Some(found) = &found {
                     self.contexts.insert(key.clone(), found.context());
                 }
@@ -364,7 +442,7 @@ impl Sim {
                 let Some(running) = node.searches.get_mut(&search) else { return };
                 let found = match outcome {
                     Outcome::Read(found) => found,
-                    Outcome::Unavailable { .. } => {
+                    Outcome::Unavailable { .. } | Outcome::TooFewUp { .. } => {
                         node.searches.remove(&search);
                         self.searches_unavailable += 1;
                         return;
@@ -381,7 +459,105 @@ impl Sim {
                 assert!(answered < needed && needed <= asked, "seed {seed}: unavailable with {answered} of {needed}");
                 self.unavailable += 1;
             }
+            (_, Outcome::TooFewUp { up, needed, replicas }) => {
+                assert!(up < needed && needed <= replicas, "seed {seed}: too few up with {up} of {needed}");
+            }
             (op, outcome) => panic!("seed {seed}: {op:?} ended as {outcome:?}"),
+        }
+        match (call, failed) {
+            (Some((call, _)), None) => self.call_ended(call, true),
+            (Some((call, ending)), Some(outcome)) => self.call_failed(call, failure_of(outcome, ending)),
+            (None, _) => {}
+        }
+    }
+
+    /// The nodes `node` sees down: the one that stopped, and the one cut
+    /// off; all the others, for the one cut off.
+    fn down_seen_by(&self, node: NodeId) -> Vec<NodeId> {
+        match self.cut {
+            Some((cut, _)) if cut == node => self.nodes.keys().copied().filter(|&id| id != node).collect(),
+            cut => self.down.into_iter().chain(cut.map(|(cut, _)| cut)).collect(),
+        }
+    }
+
+    /// A client's call: to the key's replicas in ring order, those its
+    /// ring says to avoid last (half the clients know the node cut off),
+    /// and for half the blind writes and reads `first` before them (a
+    /// client sending to the node it is connected to); a causal write
+    /// starts at a random replica.
+    fn start_call(&mut self, first: NodeId, key: Vec<u8>, kind: CallKind) {
+        let avoid: Vec<NodeId> = self.cut.filter(|_| self.rng.chance(0.5)).map(|(cut, _)| cut).into_iter().collect();
+        let mut targets = retry::order(self.ring.preference_list(&key, N), &avoid);
+        match kind {
+            // Clients that chose another replica first.
+            CallKind::Causal => targets.rotate_left(self.rng.between(0, N as u64 - 1) as usize),
+            _ if self.rng.chance(0.5) => {
+                targets.retain(|&id| id != first);
+                targets.insert(0, first);
+            }
+            _ => {}
+        }
+        let call = self.next_call;
+        self.next_call += 1;
+        let attempts = Attempts::new(kind == CallKind::Causal);
+        self.calls.insert(call, Call { key, kind, targets, next: 0, attempts, started: self.now });
+        self.attempt(call);
+    }
+
+    /// The call's next attempt, at its next target.
+    fn attempt(&mut self, call: u64) {
+        let Some(this) = self.calls.get_mut(&call) else { return };
+        let Some(&target) = this.targets.get(this.next) else { return self.call_ended(call, false) };
+        this.next += 1;
+        let (key, kind) = (this.key.clone(), this.kind);
+        if Some(target) == self.down {
+            // The client cannot connect.
+            return self.call_failed(call, Failure::NotApplied);
+        }
+        let at = self.now;
+        match kind {
+            CallKind::Blind(consistency) => {
+                let consistency = Some(consistency);
+                self.start_write(Deferred { at, coordinator: target, key, consistency, call })
+            }
+            CallKind::Causal => self.start_write(Deferred { at, coordinator: target, key, consistency: None, call }),
+            CallKind::Read => {
+                let acked_before = self.acked.get(&key).copied();
+                let placement = self.placement(&key, target);
+                let node = self.nodes.get_mut(&target).expect("a target is a node");
+                let started = node.quorum.start_read(&key, &placement, Consistency::Quorum, at + DEADLINE_MS);
+                let (op, messages, done) = started;
+                node.ops.insert(op, Op::Read { key, acked_before, call });
+                self.send(target, messages);
+                if let Some(outcome) = done {
+                    self.finish(target, op, outcome);
+                }
+            }
+        }
+    }
+
+    /// An attempt of `call` failed so: on to its next target if the retry
+    /// rule says so and the call has time left.
+    fn call_failed(&mut self, call: u64, failure: Failure) {
+        let Some(this) = self.calls.get_mut(&call) else { return };
+        let go_on = this.attempts.go_on(failure);
+        let time_left = self.now < this.started + CALL_DEADLINE_MS;
+        if go_on && time_left && self.clients_on && this.next < this.targets.len() {
+            self.retries.count(failure);
+            return self.attempt(call);
+        }
+        self.call_ended(call, false);
+    }
+
+    fn call_ended(&mut self, call: u64, ok: bool) {
+        let Some(this) = self.calls.remove(&call) else { return };
+        self.calls_failed += usize::from(!ok);
+        let after_cut = self.cut.is_some_and(|(_, at)| this.started > at);
+        // At `any`, the node cut off takes the write as hints for the
+        // replicas: where it has no room for them, that attempt waits.
+        let checked = this.kind != CallKind::Blind(Consistency::Any);
+        if after_cut && checked && self.clients_on && (!ok || this.attempts.in_doubt()) {
+            self.cut_violations.push(format!("{this:?}: succeeded {ok}"));
         }
     }
 
@@ -390,19 +566,25 @@ impl Sim {
     /// operation at a coordinator that is up.
     fn step(&mut self, new_ops: bool) {
         self.now += 1;
+        self.clients_on = new_ops;
         // Deferred writes whose wait is over start (once the clients stop,
         // they give up).
         let now = self.now;
         let (due, later): (Vec<Deferred>, Vec<Deferred>) =
             std::mem::take(&mut self.deferred).into_iter().partition(|d| d.at <= now);
         self.deferred = later;
-        for write in due.into_iter().filter(|_| new_ops) {
-            if Some(write.coordinator) != self.down {
-                self.start_write(write);
+        for write in due {
+            match new_ops && Some(write.coordinator) != self.down {
+                true => self.start_write(write),
+                // The connection to it is lost: the client cannot know
+                // whether it was applied.
+                false => self.call_failed(write.call, Failure::InDoubt),
             }
         }
         if !new_ops {
-            self.deferred.clear();
+            for write in std::mem::take(&mut self.deferred) {
+                self.call_ended(write.call, false);
+            }
         }
         let mut due = Vec::new();
         let mut i = 0;
@@ -445,6 +627,10 @@ impl Sim {
         if Some(flight.to) == self.down {
             return;
         }
+        let across_the_cut = self.cut.is_some_and(|(cut, _)| (flight.from == cut) != (flight.to == cut));
+        if across_the_cut {
+            return self.dropped.push(flight);
+        }
         let Some(node) = self.nodes.get_mut(&flight.to) else { return };
         let message = match flight.message {
             Message::Data(message) => message,
@@ -478,34 +664,22 @@ impl Sim {
         }
     }
 
+    /// A client's operation: a search through `coordinator`, or a call
+    /// about a random key (`coordinator` is the node some clients try
+    /// first).
     fn start_op(&mut self, coordinator: NodeId) {
         let key = format!("key-{}", self.rng.between(0, KEYS - 1)).into_bytes();
-        let replicas = self.ring.preference_list(&key, N);
-        let deadline = self.now + DEADLINE_MS;
-        let acked_before = self.acked.get(&key).copied();
         if self.rng.chance(0.1) {
             return self.start_search(coordinator);
         }
-        match self.rng.between(0, 4) {
-            0 | 1 => {
-                // Some writes at `any`: a hint may be all that holds them.
-                let consistency = if self.rng.chance(0.2) { Consistency::Any } else { Consistency::Quorum };
-                self.start_write(Deferred { at: self.now, coordinator, key, consistency: Some(consistency) });
-            }
-            2 => {
-                // Through a replica of the key that is up.
-                let coordinator = replicas[self.rng.between(0, replicas.len() as u64 - 1) as usize];
-                if Some(coordinator) != self.down {
-                    self.start_write(Deferred { at: self.now, coordinator, key, consistency: None });
-                }
-            }
-            _ => {
-                let Some(node) = self.nodes.get_mut(&coordinator) else { return };
-                let (op, messages) = node.quorum.start_read(&key, &replicas, Consistency::Quorum, deadline);
-                node.ops.insert(op, Op::Read { key, acked_before });
-                self.send(coordinator, messages);
-            }
-        }
+        let kind = match self.rng.between(0, 4) {
+            // Some writes at `any`: a hint may be all that holds them.
+            0 | 1 if self.rng.chance(0.2) => CallKind::Blind(Consistency::Any),
+            0 | 1 => CallKind::Blind(Consistency::Quorum),
+            2 => CallKind::Causal,
+            _ => CallKind::Read,
+        };
+        self.start_call(coordinator, key, kind);
     }
 
     /// A write of `write.key` through `write.coordinator`, carrying the
@@ -519,14 +693,14 @@ impl Sim {
         // Some clients' clocks are ahead of the coordinator's, by up to the
         // maximum offset.
         let client_clock = Hlc::from_physical_ms(wall_ms + self.rng.between(0, MAX_OFFSET_MS));
-        let seen = match self.rng.chance(0.2) {
+        let seen = match self.lossy && self.rng.chance(0.2) {
             true => self.client_hlc.max(client_clock),
             false => self.client_hlc,
         };
         let seen = if write.consistency.is_none() { seen.max(context.max_hlc) } else { seen };
         if node.stamper.check(seen, wall_ms).is_err() {
             self.clock_refused += 1;
-            return;
+            return self.call_failed(write.call, Failure::NotApplied);
         }
         let wait_ms = node.stamper.wait_before_stamp_ms(seen, wall_ms);
         if wait_ms > 0 {
@@ -537,7 +711,8 @@ impl Sim {
         let stamp = node.stamper.next(wall_ms).expect("within the offset after the wait");
         let deadline = self.now + DEADLINE_MS;
         let Some(consistency) = write.consistency else {
-            return self.start_causal(write.coordinator, write.key, stamp.causal(context, None), deadline);
+            let version = stamp.causal(context, None);
+            return self.start_causal(write.coordinator, write.key, version, deadline, write.call);
         };
         // Unique: two nodes may stamp the same hlc.
         let version = stamp.blind(Some(format!("{} n{}", stamp.hlc, stamp.node.0).into_bytes()));
@@ -546,24 +721,30 @@ impl Sim {
         let placement = self.placement(&write.key, write.coordinator);
         let Some(node) = self.nodes.get_mut(&write.coordinator) else { return };
         let sets = vec![(write.key.clone(), Siblings::one(version))];
-        let (op, messages) = node.quorum.start_write(sets, vec![placement], consistency, deadline);
-        node.ops.insert(op, Op::Write { key: write.key, order, consistency });
+        let (op, messages, done) = node.quorum.start_write(sets, vec![placement], consistency, deadline);
+        node.ops.insert(op, Op::Write { key: write.key, order, consistency, call: write.call });
         self.send(write.coordinator, messages);
+        if let Some(outcome) = done {
+            self.finish(write.coordinator, op, outcome);
+        }
     }
 
     /// A causal write of `key` through `coordinator`, a replica that is
     /// up: `version` (stamped above its context; its value is made here),
     /// merged into the replica's own siblings, and the resulting set sent
     /// to the others.
-    fn start_causal(&mut self, coordinator: NodeId, key: Vec<u8>, mut version: Version, deadline: u64) {
+    fn start_causal(&mut self, coordinator: NodeId, key: Vec<u8>, mut version: Version, deadline: u64, call: u64) {
+        let placement = self.placement(&key, coordinator);
+        // Before its own copy is written, as the node checks: then nothing was.
+        if let Some(outcome) = quorum::unreachable(std::slice::from_ref(&placement), Consistency::Quorum) {
+            return self.call_failed(call, failure_of(outcome, Ending::Write));
+        }
         version.value = Some(format!("causal {} n{}", version.hlc, coordinator.0).into_bytes());
         self.written.insert(version.value.clone().unwrap_or_default(), version.order());
         let Some(node) = self.nodes.get_mut(&coordinator) else { return };
         let mut set = node.store.get(&key).unwrap_or_default();
         set.merge(Siblings::one(version.clone()));
         node.store.merge_sets(vec![(key.clone(), set.clone())]);
-        let placement = self.placement(&key, coordinator);
-        let Some(node) = self.nodes.get_mut(&coordinator) else { return };
         let (op, messages, done) = node.quorum.start_write_held(
             vec![(key.clone(), set)],
             vec![placement],
@@ -571,7 +752,7 @@ impl Sim {
             deadline,
             coordinator,
         );
-        node.ops.insert(op, Op::Causal { key, version });
+        node.ops.insert(op, Op::Causal { key, version, call });
         self.send(coordinator, messages);
         if let Some(outcome) = done {
             self.finish(coordinator, op, outcome);
@@ -584,7 +765,7 @@ impl Sim {
     /// here it only takes a message's delay).
     fn start_search(&mut self, coordinator: NodeId) {
         let digit = b'0' + self.rng.between(0, 9) as u8;
-        let down: Vec<NodeId> = self.down.into_iter().collect();
+        let down = self.down_seen_by(coordinator);
         let parts = match scatter::plan(&self.ring, N, coordinator, &down) {
             Ok(parts) => parts,
             Err(_) => {
@@ -631,11 +812,14 @@ impl Sim {
         let deadline = running.deadline;
         let keys: Vec<Vec<u8>> = running.hits.iter().map(|hit| hit.key.clone()).collect();
         for (hit, key) in keys.into_iter().enumerate() {
-            let replicas = self.ring.preference_list(&key, N);
+            let placement = self.placement(&key, coordinator);
             let node = self.nodes.get_mut(&coordinator).expect("the coordinator is a node");
-            let (op, messages) = node.quorum.start_read(&key, &replicas, Consistency::Quorum, deadline);
+            let (op, messages, done) = node.quorum.start_read(&key, &placement, Consistency::Quorum, deadline);
             node.ops.insert(op, Op::SearchRead { search, hit });
             self.send(coordinator, messages);
+            if let Some(outcome) = done {
+                self.finish(coordinator, op, outcome);
+            }
         }
     }
 
@@ -691,15 +875,16 @@ impl Sim {
         }
     }
 
-    /// Where `key`'s copies go, as a coordinator that knows which node is
-    /// down sees it: that replica's hint goes to the first node past the
-    /// key's replicas.
+    /// Where `key`'s copies go, as `coordinator` sees which nodes are
+    /// down: each such replica's hint goes to the first node past the key's
+    /// replicas that it sees up, else to itself.
     fn placement(&self, key: &[u8], coordinator: NodeId) -> Placement {
         let replicas = self.ring.preference_list(key, N);
-        let Some(down) = self.down.filter(|down| replicas.contains(down)) else { return replicas.into() };
+        let down = self.down_seen_by(coordinator);
         let order = self.ring.preference_list(key, NODES as usize);
-        let stand_in = order[N..].iter().copied().find(|&id| id != down).unwrap_or(coordinator);
-        Placement { replicas, stand_ins: vec![(down, stand_in)] }
+        let stand_in = order[N..].iter().copied().find(|id| !down.contains(id)).unwrap_or(coordinator);
+        let stand_ins = replicas.iter().filter(|id| down.contains(id)).map(|&id| (id, stand_in)).collect();
+        Placement { replicas, stand_ins }
     }
 
     /// The node that was down is back and gets its hints; everything else
@@ -709,6 +894,7 @@ impl Sim {
         let mut rest: Vec<InFlight> = std::mem::take(&mut self.network);
         rest.append(&mut self.dropped);
         self.down = None;
+        self.cut = None;
         let hints: Vec<Hinted> =
             self.nodes.values_mut().flat_map(|node| std::mem::take(&mut node.store.hints)).collect();
         for Hinted { owner, sets } in hints {
@@ -773,6 +959,9 @@ struct Checked {
     searches_unavailable: usize,
     waited: usize,
     hints_dropped: usize,
+    /// Histories with a node cut off, and the retries their clients made.
+    cut: usize,
+    retried_around_cut: u64,
 }
 
 /// One history.
@@ -780,11 +969,23 @@ fn run(seed: u64) -> Checked {
     let mut sim = Sim::new(seed);
     for step in 0..3_000 {
         if step == 1_000 {
-            // One node stops answering (its data stays).
-            sim.down = Some(NodeId(SplitMix64::new(seed).between(1, NODES)));
+            let node = NodeId(SplitMix64::new(seed).between(1, NODES));
+            match sim.lossy {
+                // One node stops answering (its data stays).
+                true => sim.down = Some(node),
+                // One node's peers cannot reach it, nor it them.
+                false => sim.cut = Some((node, sim.now)),
+            }
         }
         sim.step(true);
     }
+    let cut = sim.cut.is_some();
+    assert!(
+        sim.cut_violations.is_empty(),
+        "seed {seed}: with one node cut off from its peers and no other fault, calls failed or waited for a \
+         deadline: {:#?}",
+        sim.cut_violations
+    );
     // Every operation ends: what is still in flight passes its deadline.
     for _ in 0..=DEADLINE_MS + 1 {
         sim.step(false);
@@ -807,6 +1008,8 @@ fn run(seed: u64) -> Checked {
         searches_unavailable: sim.searches_unavailable,
         waited: sim.waited,
         hints_dropped,
+        cut: usize::from(cut),
+        retried_around_cut: if cut { sim.retries.not_applied } else { 0 },
     }
 }
 
@@ -829,6 +1032,8 @@ fn quorum_reads_see_acknowledged_writes_and_replicas_converge() {
         total.searches_unavailable += one.searches_unavailable;
         total.waited += one.waited;
         total.hints_dropped += one.hints_dropped;
+        total.cut += one.cut;
+        total.retried_around_cut += one.retried_around_cut;
     }
     assert!(total.reads > 0, "some reads completed and were checked");
     assert!(total.unavailable > 0, "some operations hit their deadline (messages dropped, a node down)");
@@ -837,6 +1042,7 @@ fn quorum_reads_see_acknowledged_writes_and_replicas_converge() {
     assert!(total.searches_unavailable > 0, "some searches lost a part and failed by their deadline");
     assert!(total.waited > 0, "some coordinators waited for their clock before stamping");
     assert!(total.hints_dropped > 0, "some stand-ins had no room for a hint");
+    assert!(total.cut > 0 && total.retried_around_cut > 0, "some calls went around a node cut off from its peers");
 }
 
 /// With two of a key's three replicas down, a quorum write is unavailable
@@ -855,7 +1061,7 @@ fn two_replicas_down_quorum_is_unavailable_and_one_succeeds() {
         (Consistency::Quorum, Some(Outcome::Unavailable { answered: 1, needed: 2, asked: 3 })),
         (Consistency::One, None),
     ] {
-        let (op, messages) = quorum.start_write(sets.clone(), vec![replicas.to_vec().into()], consistency, 10);
+        let (op, messages, _) = quorum.start_write(sets.clone(), vec![replicas.to_vec().into()], consistency, 10);
         let mut outcome = None;
         for (to, message) in messages {
             // Only node 1 is up.

@@ -36,6 +36,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::Hlc;
 use crate::ring::RingView;
+use crate::NodeId;
 
 /// Bytes of the length prefix.
 pub const LEN_BYTES: usize = 4;
@@ -53,8 +54,11 @@ pub const ADMIN_TOKEN_FILE: &str = "ADMIN_TOKEN";
 /// `status`. 5: consistency `Any`, hinted handoff in `status`. 6: full-text
 /// search (`SearchText`), similar values (`SearchSimilar`, `SearchVector`),
 /// values with their own vectors (`SetWithVector`). 7: the node's bounds
-/// in `status` (`budgets`), `TooManyConnections`, `DiskFull`.
-pub const PROTOCOL_VERSION: u32 = 8;
+/// in `status` (`budgets`), `TooManyConnections`, `DiskFull`. 8: a
+/// peer's failed storage in `status`. 9: `Unconfirmed` (a write sent that
+/// may be applied, where `Unavailable` now means nothing was), the members
+/// to avoid in `Ring`, `cut_off` in `status`.
+pub const PROTOCOL_VERSION: u32 = 9;
 
 /// A client's request.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -307,6 +311,10 @@ pub struct SearchHit {
 pub struct RingInfo {
     pub replicas: u32,
     pub view: RingView,
+    /// Members the node answering cannot reach (itself, when it reaches
+    /// none of its peers): a client sends them a key's requests only after
+    /// its other replicas.
+    pub avoid: Vec<NodeId>,
 }
 
 /// What a node tells a client when a connection opens.
@@ -569,6 +577,10 @@ pub struct NodeStatus {
     /// written, free disk, ...): its setting, what is in use, and how
     /// often it was reached.
     pub budgets: Vec<BudgetInfo>,
+    /// Why the node is cut off from its cluster, while it is: none of its
+    /// peers answers its heartbeats. It coordinates nothing then (too few
+    /// replicas up) and tells clients asking for the ring to avoid it.
+    pub cut_off: Option<String>,
 }
 
 /// One of a node's bounds as `status` shows it.
@@ -667,7 +679,9 @@ pub enum ErrorKind {
     /// The write could not be stamped before its deadline; it was not
     /// applied.
     Timeout,
-    /// Too few replicas answered.
+    /// Too few of the key's replicas are up, as the node sees them, for the
+    /// consistency asked: nothing was written. (For a read: too few
+    /// answered, in time.)
     Unavailable,
     /// A timestamp too far ahead of the node's clock, or the node's clock
     /// too far ahead of its wall clock.
@@ -693,6 +707,12 @@ pub enum ErrorKind {
     /// writes until space comes back (reads go on). The message names the
     /// free bytes.
     DiskFull,
+    /// The write was sent to its replicas, but fewer than the consistency
+    /// asked confirmed it in time (or too many refused it): it may be
+    /// applied on some of them, and reach the others later. Like a lost
+    /// connection: a blind write can be sent again; read before sending a
+    /// causal one again. (`Unavailable` means nothing was written.)
+    Unconfirmed,
 }
 
 impl ErrorKind {
@@ -710,6 +730,7 @@ impl ErrorKind {
                 | ErrorKind::NotReplica
                 | ErrorKind::TooManyConnections
                 | ErrorKind::DiskFull
+                | ErrorKind::Unconfirmed
         )
     }
 }
@@ -1019,6 +1040,7 @@ mod tests {
             indexed: true,
             graph_backlog: 14,
             budgets: vec![BudgetInfo { name: "c".into(), max: 15, used: 16, reached: 17, at_bound: "d".into() }],
+            cut_off: Some("x".into()),
         };
         let ring = RingInfo {
             replicas: 3,
@@ -1031,6 +1053,7 @@ mod tests {
                     peer_addr: "p".into(),
                 }],
             },
+            avoid: vec![crate::NodeId(7)],
         };
         let versions = Versions {
             versions: vec![
@@ -1047,11 +1070,11 @@ mod tests {
             (
                 response(Ok(Reply::Status(Box::new(status)))),
                 "01020003010161016201760203040501017201017306016e0101700171010701630101080103000301016e010109000a0b\
-                 0c0d010e0101630f10110164",
+                 0c0d010e0101630f10110164010178",
             ),
             (response(Ok(Reply::Hello(NodeInfo { protocol: 4, node_id: 9, limits }))), "0102000404090102030405"),
             (response(Ok(Reply::Versions(versions))), "010200050201017607000801ab"),
-            (response(Ok(Reply::Ring(ring))), "0102000603010107016e01630170"),
+            (response(Ok(Reply::Ring(ring))), "0102000603010107016e016301700107"),
             (
                 response(Ok(Reply::Hits(vec![SearchHit { key: key(), score: 0.5, value: b"v".to_vec() }]))),
                 "01020007 01 016b 000000000000e03f 0176",
@@ -1082,6 +1105,7 @@ mod tests {
             (ErrorKind::ReservedKey, "14"),
             (ErrorKind::TooManyConnections, "15"),
             (ErrorKind::DiskFull, "16"),
+            (ErrorKind::Unconfirmed, "17"),
         ];
         let mut wrong = Vec::new();
         for (message, want) in &requests {

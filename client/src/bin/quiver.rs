@@ -418,6 +418,9 @@ fn run(args: Args) -> Result<ExitCode, String> {
             if !s.name.is_empty() {
                 writeln!(out, "name:          {}", s.name).map_err(|e| e.to_string())?;
             }
+            if let Some(reason) = &s.cut_off {
+                writeln!(out, "cluster:       CUT OFF: {reason}").map_err(|e| e.to_string())?;
+            }
             for peer in &s.peers {
                 let state = match (peer.up, &peer.storage_failure) {
                     (true, Some(failure)) => format!("up, storage FAILED ({failure}), its writes are hinted"),

@@ -14,9 +14,12 @@
 //!   receive); when more than half of the configured peers are further off
 //!   than the maximum offset, tells the node's clock to refuse to stamp
 //!   writes ([`NodeClock::set_peer_skew`]), and lifts it once they are not.
+//!   When no peer answers, the node is cut off ([`Membership::cut_off`]):
+//!   it says so in `status` and the log, and tells clients to avoid it.
 //! - Hands on: [`Membership::peers`] for `status`.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -63,6 +66,11 @@ pub struct Membership {
     link_stats: Arc<LinkStats>,
     clock: Arc<NodeClock>,
     wall: Arc<dyn Clock>,
+    /// Rounds of heartbeats done: until the first, nothing is known.
+    rounds: AtomicU64,
+    /// Why the node was cut off at the last round, if it was (logged once
+    /// each way).
+    was_cut_off: Mutex<Option<String>>,
 }
 
 impl Membership {
@@ -106,6 +114,18 @@ impl Membership {
             link_stats,
             clock,
             wall,
+            rounds: AtomicU64::new(0),
+            was_cut_off: Mutex::new(None),
+        }
+    }
+
+    /// Why this node is cut off from its cluster, while it is: it has
+    /// peers, and none answered the last heartbeat (nothing is said before
+    /// the first round).
+    pub fn cut_off(&self) -> Option<String> {
+        match self.rounds.load(Ordering::Acquire) {
+            0 => None,
+            _ => cut_off(&self.peers()),
         }
     }
 
@@ -230,7 +250,16 @@ impl Membership {
             pings.spawn(async move { membership.ping(index).await });
         }
         while pings.join_next().await.is_some() {}
+        self.rounds.fetch_add(1, Ordering::AcqRel);
         self.apply_clock_rule();
+        let now = self.cut_off();
+        let mut was = lock(&self.was_cut_off);
+        match (&*was, &now) {
+            (None, Some(reason)) => tracing::error!(%reason, "this node is cut off from its cluster"),
+            (Some(_), None) => tracing::info!("this node hears its peers again"),
+            _ => {}
+        }
+        *was = now;
     }
 
     async fn ping(&self, index: usize) {
@@ -339,6 +368,19 @@ pub fn peer_skew(peers: &[PeerInfo], max_offset_ms: u64) -> Option<String> {
     })
 }
 
+/// Why a node whose heartbeats found its `peers` so is cut off from its
+/// cluster: it has peers, and none of them answered.
+pub fn cut_off(peers: &[PeerInfo]) -> Option<String> {
+    (!peers.is_empty() && peers.iter().all(|p| !p.up)).then(|| {
+        let names: Vec<&str> = peers.iter().map(|p| p.name.as_str()).collect();
+        format!(
+            "none of its peers ({}) answers its heartbeats: it coordinates no quorum request, and clients asking for \
+             the ring are told to avoid it",
+            names.join(", ")
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -368,5 +410,13 @@ mod tests {
         assert_eq!(peer_skew(&[peer("a", false, Some(9_000)), peer("b", true, Some(9_000))], 500), None);
         assert_eq!(peer_skew(&[peer("a", true, None), peer("b", true, Some(9_000))], 500), None);
         assert_eq!(peer_skew(&[], 500), None);
+    }
+
+    #[test]
+    fn a_node_is_cut_off_when_no_peer_answers() {
+        let reason = cut_off(&[peer("a", false, None), peer("b", false, None)]).expect("cut off");
+        assert!(reason.contains("(a, b)"), "{reason}");
+        assert_eq!(cut_off(&[peer("a", false, None), peer("b", true, None)]), None, "one peer answers");
+        assert_eq!(cut_off(&[]), None, "a node alone is not cut off");
     }
 }

@@ -16,7 +16,9 @@
 //!   and sends the merge of all of them to each replica whose answer
 //!   differed (read repair). An operation whose deadline passes first
 //!   fails with [`Outcome::Unavailable`], naming how many answered of how
-//!   many were needed. Nothing here waits: the caller delivers messages (the
+//!   many were needed. An operation whose replicas are too few up, as the
+//!   coordinator's failure detector sees them, ends before anything is
+//!   sent ([`Outcome::TooFewUp`]). Nothing here waits: the caller delivers messages (the
 //!   QUIC links in production, a seeded in-memory network in tests) and
 //!   calls [`Quorum::expire`] as time goes by, so every operation ends.
 //! - Hands on: the messages to send, each operation's outcome once, and
@@ -37,6 +39,7 @@
 
 use std::collections::BTreeMap;
 
+use quiver_ring::wire::{ErrorKind, ServerError};
 use quiver_ring::{NodeId, Siblings};
 
 pub use crate::net::peer::Hinted;
@@ -76,6 +79,52 @@ pub enum DataMessage {
     Refused {
         op: OpId,
     },
+}
+
+/// What an operation that ends without its quorum may leave behind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// A read: nothing.
+    Read,
+    /// A write of which no copy is durable before the quorum logic sends
+    /// it: nothing if it ends before anything is sent.
+    Write,
+    /// A write already durable somewhere (the coordinator's own copy of a
+    /// causal write, a logged bulk set): it may be applied.
+    Written,
+}
+
+/// The error of an operation that did not reach its quorum: `Unavailable`
+/// when nothing was written (or it was a read), `Unconfirmed` when it may
+/// have been.
+pub fn outcome_error(outcome: Outcome, what: &str, ending: Ending) -> ServerError {
+    let unconfirmed = |answered: usize, needed: usize, asked: usize| {
+        ServerError::new(
+            ErrorKind::Unconfirmed,
+            format!(
+                "{what}: {answered} of {asked} replicas confirmed it in time, {needed} were needed; it may be \
+                 applied on some of them"
+            ),
+        )
+    };
+    match (outcome, ending) {
+        (Outcome::TooFewUp { up, needed, replicas }, Ending::Written) => unconfirmed(up, needed, replicas),
+        (Outcome::TooFewUp { up, needed, replicas }, _) => {
+            let nothing = if ending == Ending::Read { "nothing was read" } else { "nothing was written" };
+            ServerError::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "{what}: {up} of {replicas} replicas are up as this node sees them, {needed} are needed; {nothing}"
+                ),
+            )
+        }
+        (Outcome::Unavailable { answered, needed, asked }, Ending::Read) => ServerError::new(
+            ErrorKind::Unavailable,
+            format!("{what}: {answered} of {asked} replicas answered in time, {needed} were needed"),
+        ),
+        (Outcome::Unavailable { answered, needed, asked }, _) => unconfirmed(answered, needed, asked),
+        (other, _) => ServerError::new(ErrorKind::Internal, format!("{what} ended as {other:?}")),
+    }
 }
 
 /// The op id of a message whose answer nobody waits for (a hint the
@@ -147,11 +196,51 @@ pub enum Outcome {
     Written,
     /// The merge of what the replicas that answered hold.
     Read(Option<Siblings>),
+    /// Too few replicas answered by the deadline (or too many refused):
+    /// a write was sent, and may be applied on some of them.
     Unavailable {
         answered: usize,
         needed: usize,
         asked: usize,
     },
+    /// Too few of the replicas are up, as this coordinator's failure
+    /// detector sees them, to reach the consistency asked: nothing was
+    /// sent ([`unreachable`]).
+    TooFewUp {
+        up: usize,
+        needed: usize,
+        replicas: usize,
+    },
+}
+
+/// What starting an operation gives: its id, the messages to send, and its
+/// outcome if it already has one (then nothing waits for it).
+pub type Started = (OpId, Vec<(NodeId, DataMessage)>, Option<Outcome>);
+
+/// The outcome of an operation that cannot reach `consistency` with the
+/// nodes its coordinator can send to (each key's replicas that are up, and
+/// at `Any` the stand-ins holding hints): [`Outcome::TooFewUp`], naming the
+/// counts of the key furthest from it. `None` when every key can.
+///
+/// Checked before anything is sent or written, so a node that sees its
+/// peers down answers at once, and the client can go to another replica
+/// knowing nothing was applied.
+pub fn unreachable(placements: &[Placement], consistency: Consistency) -> Option<Outcome> {
+    placements
+        .iter()
+        .map(|placement| {
+            let up: Vec<NodeId> = placement
+                .replicas
+                .iter()
+                .copied()
+                .filter(|&id| !placement.is_down(id))
+                .chain(placement.stand_ins.iter().map(|&(_, holder)| holder))
+                .collect();
+            placement.count(&up, &[], consistency)
+        })
+        .filter(|&(up, needed, _)| up < needed)
+        .min_by_key(|&(up, needed, _)| up as i64 - needed as i64)
+        .map(|(up, needed, replicas)| Outcome::TooFewUp { up, needed, replicas })
 }
 
 #[derive(Debug)]
@@ -304,14 +393,18 @@ impl Quorum {
 
     /// Starts a write of `sets` (keys and their sibling sets), each to its
     /// placement (in the same order): every node gets all of its keys and
-    /// all the hints it holds in one message. Returns the messages to send.
+    /// all the hints it holds in one message. Returns the messages to send;
+    /// nothing, and [`Outcome::TooFewUp`], when too few replicas are up.
     pub fn start_write(
         &mut self,
         sets: Vec<(Vec<u8>, Siblings)>,
         placements: Vec<Placement>,
         consistency: Consistency,
         deadline_ms: u64,
-    ) -> (OpId, Vec<(NodeId, DataMessage)>) {
+    ) -> Started {
+        if let Some(outcome) = unreachable(&placements, consistency) {
+            return (self.skip(), Vec::new(), Some(outcome));
+        }
         let mut parts: BTreeMap<NodeId, Part> = BTreeMap::new();
         for (set, placement) in sets.iter().zip(&placements) {
             for &node in placement.replicas.iter().filter(|&&id| !placement.is_down(id)) {
@@ -324,14 +417,21 @@ impl Quorum {
         let op = self.start(placements, sets, consistency, deadline_ms, None);
         let messages =
             parts.into_iter().map(|(to, Part { sets, hints })| (to, DataMessage::Write { op, sets, hints })).collect();
-        (op, messages)
+        (op, messages, None)
+    }
+
+    /// An id for an operation that ends before it starts.
+    fn skip(&mut self) -> OpId {
+        self.next += 1;
+        self.next
     }
 
     /// Starts a write of `sets` that `holder`, one of the replicas, already
     /// has durable (a causal write it coordinated, design section 5): it
     /// counts as answered and is sent only the hints it holds, if any.
     /// Returns the messages to send, and the outcome if that one answer is
-    /// already enough.
+    /// already enough (or, before anything is sent, if too few replicas
+    /// are up).
     pub fn start_write_held(
         &mut self,
         sets: Vec<(Vec<u8>, Siblings)>,
@@ -339,8 +439,11 @@ impl Quorum {
         consistency: Consistency,
         deadline_ms: u64,
         holder: NodeId,
-    ) -> (OpId, Vec<(NodeId, DataMessage)>, Option<Outcome>) {
-        let (op, mut messages) = self.start_write(sets, placements, consistency, deadline_ms);
+    ) -> Started {
+        let (op, mut messages, outcome) = self.start_write(sets, placements, consistency, deadline_ms);
+        if outcome.is_some() {
+            return (op, messages, outcome);
+        }
         messages.retain_mut(|(to, message)| match message {
             DataMessage::Write { sets, hints, .. } if *to == holder => {
                 sets.clear();
@@ -352,18 +455,27 @@ impl Quorum {
         (op, messages, done)
     }
 
-    /// Starts a read of `key` from `replicas`: the messages to send.
+    /// Starts a read of `key` from its replicas (`placement`: those down
+    /// are asked too, in case they answer; its stand-ins play no part):
+    /// the messages to send, or [`Outcome::TooFewUp`] at once when too few
+    /// replicas are up.
     pub fn start_read(
         &mut self,
         key: &[u8],
-        replicas: &[NodeId],
+        placement: &Placement,
         consistency: Consistency,
         deadline_ms: u64,
-    ) -> (OpId, Vec<(NodeId, DataMessage)>) {
+    ) -> Started {
+        let down_only = Placement { replicas: placement.replicas.clone(), stand_ins: Vec::new() };
+        let up: Vec<NodeId> = placement.replicas.iter().copied().filter(|&id| !placement.is_down(id)).collect();
+        let (up, needed, replicas) = down_only.count(&up, &[], consistency);
+        if up < needed {
+            return (self.skip(), Vec::new(), Some(Outcome::TooFewUp { up, needed, replicas }));
+        }
         let read = Read { key: key.to_vec(), answers: Vec::new() };
-        let op = self.start(vec![Placement::from(replicas.to_vec())], Vec::new(), consistency, deadline_ms, Some(read));
-        let messages = replicas.iter().map(|&to| (to, DataMessage::Read { op, key: key.to_vec() })).collect();
-        (op, messages)
+        let op = self.start(vec![down_only], Vec::new(), consistency, deadline_ms, Some(read));
+        let messages = placement.replicas.iter().map(|&to| (to, DataMessage::Read { op, key: key.to_vec() })).collect();
+        (op, messages, None)
     }
 
     /// A replica's reply. Returns the operation's outcome when this reply
@@ -513,7 +625,7 @@ mod tests {
     fn a_write_is_done_at_the_needed_answers_and_only_once() {
         let mut quorum = Quorum::new(NodeId(1));
         let replicas = [NodeId(1), NodeId(2), NodeId(3)];
-        let (op, messages) =
+        let (op, messages, _) =
             quorum.start_write(vec![(b"k".to_vec(), set(5))], vec![replicas.to_vec().into()], Consistency::Quorum, 100);
         assert_eq!(messages.len(), 3);
         assert_eq!(quorum.on_reply(NodeId(2), DataMessage::WriteAck { op }), None);
@@ -531,7 +643,7 @@ mod tests {
     fn a_read_repairs_the_replicas_that_answered_stale_or_nothing() {
         let mut quorum = Quorum::new(NodeId(1));
         let replicas = [NodeId(1), NodeId(2), NodeId(3)];
-        let (op, _) = quorum.start_read(b"k", &replicas, Consistency::Quorum, 100);
+        let (op, _, _) = quorum.start_read(b"k", &replicas.to_vec().into(), Consistency::Quorum, 100);
         assert_eq!(quorum.on_reply(NodeId(1), DataMessage::ReadReply { op, found: Some(set(9)) }), None);
         let done = quorum.on_reply(NodeId(2), DataMessage::ReadReply { op, found: Some(set(5)) });
         assert_eq!(done, Some((op, Outcome::Read(Some(set(9))))));
@@ -542,7 +654,7 @@ mod tests {
         assert_eq!(quorum.take_repairs(), vec![repair(2), repair(3)]);
         assert_eq!(quorum.in_flight(), 0);
 
-        let (op, _) = quorum.start_read(b"k", &replicas, Consistency::Quorum, 100);
+        let (op, _, _) = quorum.start_read(b"k", &replicas.to_vec().into(), Consistency::Quorum, 100);
         quorum.on_reply(NodeId(1), DataMessage::ReadReply { op, found: Some(set(9)) });
         quorum.on_reply(NodeId(2), DataMessage::ReadReply { op, found: None });
         assert!(quorum.expire(101).is_empty(), "it had its outcome: not unavailable");
@@ -584,7 +696,7 @@ mod tests {
             (NodeId(1), DataMessage::Write { op: UNAWAITED, sets: vec![], hints })
         };
         let mut quorum = Quorum::new(NodeId(1));
-        let (op, _) = quorum.start_write(vec![k()], vec![replicas.clone().into()], Consistency::Quorum, 100);
+        let (op, _, _) = quorum.start_write(vec![k()], vec![replicas.clone().into()], Consistency::Quorum, 100);
         assert_eq!(quorum.on_reply(NodeId(2), DataMessage::Refused { op }), None);
         assert_eq!(quorum.take_repairs(), vec![hint(2)]);
         assert_eq!(quorum.on_reply(NodeId(1), DataMessage::WriteAck { op }), None);
@@ -592,13 +704,13 @@ mod tests {
         assert_eq!(quorum.on_reply(NodeId(2), DataMessage::WriteAck { op }), None, "a refusal is final");
         assert_eq!(quorum.in_flight(), 0);
 
-        let (op, _) = quorum.start_write(vec![k()], vec![replicas.clone().into()], Consistency::Quorum, 100);
+        let (op, _, _) = quorum.start_write(vec![k()], vec![replicas.clone().into()], Consistency::Quorum, 100);
         quorum.on_reply(NodeId(1), DataMessage::WriteAck { op });
         quorum.on_reply(NodeId(2), DataMessage::WriteAck { op });
         assert_eq!(quorum.on_reply(NodeId(3), DataMessage::Refused { op }), None, "after the outcome");
         assert_eq!(quorum.take_repairs(), vec![hint(3)]);
 
-        let (op, _) = quorum.start_write(vec![k()], vec![replicas.clone().into()], Consistency::Quorum, 100);
+        let (op, _, _) = quorum.start_write(vec![k()], vec![replicas.clone().into()], Consistency::Quorum, 100);
         quorum.on_reply(NodeId(2), DataMessage::Refused { op });
         let unavailable = Outcome::Unavailable { answered: 0, needed: 2, asked: 3 };
         assert_eq!(quorum.on_reply(NodeId(3), DataMessage::Refused { op }), Some((op, unavailable)), "at once");
@@ -606,7 +718,7 @@ mod tests {
         assert_eq!(quorum.on_reply(NodeId(1), DataMessage::Refused { op }), None, "no hint for itself");
         assert!(quorum.take_repairs().is_empty());
 
-        let (op, _) = quorum.start_write(vec![k()], vec![replicas.into()], Consistency::Quorum, 100);
+        let (op, _, _) = quorum.start_write(vec![k()], vec![replicas.into()], Consistency::Quorum, 100);
         quorum.on_reply(NodeId(1), DataMessage::WriteAck { op });
         quorum.on_reply(NodeId(2), DataMessage::WriteAck { op });
         assert!(quorum.expire(101).is_empty(), "it had its outcome");
@@ -617,7 +729,7 @@ mod tests {
         // coordinator holds 3's hint.
         let placement =
             Placement { replicas: vec![NodeId(1), NodeId(2), NodeId(3)], stand_ins: vec![(NodeId(3), NodeId(4))] };
-        let (op, _) = quorum.start_write(vec![k()], vec![placement], Consistency::Quorum, 100);
+        let (op, _, _) = quorum.start_write(vec![k()], vec![placement], Consistency::Quorum, 100);
         assert_eq!(quorum.on_reply(NodeId(4), DataMessage::Refused { op }), None);
         assert_eq!(quorum.take_repairs(), vec![hint(3)], "the stand-in's hint, now held by the coordinator");
     }
@@ -629,7 +741,7 @@ mod tests {
         let mut quorum = Quorum::new(NodeId(1));
         let (a, b) = (vec![NodeId(1), NodeId(2), NodeId(3)], vec![NodeId(3), NodeId(4), NodeId(5)]);
         let sets = vec![(b"a".to_vec(), set(1)), (b"b".to_vec(), set(1))];
-        let (op, messages) = quorum.start_write(sets, vec![a.into(), b.into()], Consistency::Quorum, 100);
+        let (op, messages, _) = quorum.start_write(sets, vec![a.into(), b.into()], Consistency::Quorum, 100);
         assert_eq!(messages.len(), 5, "one message per replica");
         let three = messages.iter().find(|(to, _)| *to == NodeId(3)).unwrap();
         assert!(
@@ -651,7 +763,7 @@ mod tests {
         let placement =
             || Placement { replicas: vec![NodeId(1), NodeId(2), NodeId(3)], stand_ins: vec![(NodeId(3), NodeId(4))] };
         let mut quorum = Quorum::new(NodeId(1));
-        let (op, messages) = quorum.start_write(vec![k()], vec![placement()], Consistency::Quorum, 100);
+        let (op, messages, _) = quorum.start_write(vec![k()], vec![placement()], Consistency::Quorum, 100);
         let hint = vec![Hinted { owner: NodeId(3), sets: vec![k()] }];
         let want = vec![
             (NodeId(1), DataMessage::Write { op, sets: vec![k()], hints: vec![] }),
@@ -664,13 +776,13 @@ mod tests {
         assert_eq!(quorum.on_reply(NodeId(1), DataMessage::WriteAck { op }), None);
         assert_eq!(quorum.expire(101), vec![(op, Outcome::Unavailable { answered: 1, needed: 2, asked: 3 })]);
 
-        let (op, _) = quorum.start_write(vec![k()], vec![placement()], Consistency::One, 100);
+        let (op, _, _) = quorum.start_write(vec![k()], vec![placement()], Consistency::One, 100);
         assert_eq!(quorum.on_reply(NodeId(4), DataMessage::WriteAck { op }), None, "one: a hint is no replica");
-        let (op, _) = quorum.start_write(vec![k()], vec![placement()], Consistency::Any, 100);
+        let (op, _, _) = quorum.start_write(vec![k()], vec![placement()], Consistency::Any, 100);
         assert_eq!(quorum.on_reply(NodeId(4), DataMessage::WriteAck { op }), Some((op, Outcome::Written)));
 
         // A hint its holder had no room for does not count, at `any` too.
-        let (op, _) = quorum.start_write(vec![k()], vec![placement()], Consistency::Any, 100);
+        let (op, _, _) = quorum.start_write(vec![k()], vec![placement()], Consistency::Any, 100);
         let without = DataMessage::WrittenWithoutHints { op, owners: vec![NodeId(3)] };
         assert_eq!(quorum.on_reply(NodeId(4), without), None);
         assert_eq!(quorum.on_reply(NodeId(2), DataMessage::WriteAck { op }), Some((op, Outcome::Written)));
@@ -694,16 +806,50 @@ mod tests {
         assert_eq!((messages, done), (want, None));
     }
 
+    /// A coordinator that sees too few replicas up ends the operation at
+    /// once, naming the counts, and sends nothing (a node cut off from its
+    /// peers: the client goes to another replica); at `any` the hint its
+    /// stand-in holds is enough.
+    #[test]
+    fn too_few_replicas_up_ends_an_operation_before_anything_is_sent() {
+        let mut quorum = Quorum::new(NodeId(1));
+        let k = || (b"k".to_vec(), set(5));
+        let cut_off = || Placement {
+            replicas: vec![NodeId(1), NodeId(2), NodeId(3)],
+            stand_ins: vec![(NodeId(2), NodeId(1)), (NodeId(3), NodeId(1))],
+        };
+        let too_few = |up, needed| Some(Outcome::TooFewUp { up, needed, replicas: 3 });
+        let (_, messages, done) = quorum.start_write(vec![k()], vec![cut_off()], Consistency::Quorum, 100);
+        assert_eq!((messages, done), (vec![], too_few(1, 2)));
+        let (_, messages, done) = quorum.start_write_held(vec![k()], vec![cut_off()], Consistency::All, 100, NodeId(1));
+        assert_eq!((messages, done), (vec![], too_few(1, 3)));
+        let (_, messages, done) = quorum.start_read(b"k", &cut_off(), Consistency::Quorum, 100);
+        assert_eq!((messages, done), (vec![], too_few(1, 2)));
+        assert_eq!(quorum.in_flight(), 0, "nothing waits");
+
+        let (_, messages, done) = quorum.start_write(vec![k()], vec![cut_off()], Consistency::One, 100);
+        assert_eq!((messages.len(), done), (1, None), "one: the coordinator's own copy may do");
+        let (_, _, done) = quorum.start_read(b"k", &cut_off(), Consistency::One, 100);
+        assert_eq!(done, None);
+
+        // Two keys: the one furthest from its quorum is named.
+        let one_down =
+            Placement { replicas: vec![NodeId(1), NodeId(2), NodeId(4)], stand_ins: vec![(NodeId(4), NodeId(1))] };
+        let sets = vec![k(), (b"j".to_vec(), set(5))];
+        let (_, _, done) = quorum.start_write(sets, vec![one_down, cut_off()], Consistency::All, 100);
+        assert_eq!(done, too_few(1, 3));
+    }
+
     #[test]
     fn a_read_merges_the_answers_and_an_expired_one_names_the_counts() {
         let mut quorum = Quorum::new(NodeId(1));
         let replicas = [NodeId(1), NodeId(2), NodeId(3)];
-        let (op, _) = quorum.start_read(b"k", &replicas, Consistency::Quorum, 100);
+        let (op, _, _) = quorum.start_read(b"k", &replicas.to_vec().into(), Consistency::Quorum, 100);
         assert_eq!(quorum.on_reply(NodeId(1), DataMessage::ReadReply { op, found: Some(set(5)) }), None);
         let (_, outcome) = quorum.on_reply(NodeId(3), DataMessage::ReadReply { op, found: Some(set(9)) }).unwrap();
         assert_eq!(outcome, Outcome::Read(Some(set(9))));
 
-        let (op, _) = quorum.start_read(b"k", &replicas, Consistency::All, 100);
+        let (op, _, _) = quorum.start_read(b"k", &replicas.to_vec().into(), Consistency::All, 100);
         quorum.on_reply(NodeId(1), DataMessage::ReadReply { op, found: None });
         assert!(quorum.expire(100).is_empty(), "not before its deadline");
         assert_eq!(quorum.expire(101), vec![(op, Outcome::Unavailable { answered: 1, needed: 3, asked: 3 })]);

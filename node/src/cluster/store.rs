@@ -44,7 +44,9 @@ use quiver_ring::{Context, Hlc, NodeId, Siblings};
 use super::batchlog::{self, BatchLog};
 use super::hints::HintStore;
 use super::membership::Membership;
-use super::quorum::{Consistency, DataMessage, Hinted, OpId, Outcome, Placement, Quorum};
+use super::quorum::{
+    self, outcome_error, Consistency, DataMessage, Ending, Hinted, OpId, Outcome, Placement, Quorum, Started,
+};
 use super::scatter;
 use crate::clock::Clock;
 use crate::index::query::Match;
@@ -79,15 +81,6 @@ const HINT_BATCH_BYTES: u64 = 1 << 20;
 
 /// Called once with an operation's outcome.
 type Then = Box<dyn FnOnce(Outcome) + Send>;
-
-/// A started operation: its id, the messages to send, and its outcome if
-/// it is done already.
-type Started = (OpId, Vec<(NodeId, DataMessage)>, Option<Outcome>);
-
-/// An operation that is not done before its messages are answered.
-fn started((op, messages): (OpId, Vec<(NodeId, DataMessage)>)) -> Started {
-    (op, messages, None)
-}
 
 /// The operations this node coordinates: the quorum logic (the same code
 /// the deterministic simulation runs) and whom to tell when each ends.
@@ -126,21 +119,6 @@ impl std::fmt::Debug for ClusterStore {
 /// The error of a request cut short because the node is stopping.
 fn stopping() -> ServerError {
     ServerError::new(ErrorKind::ShuttingDown, "the node is stopping")
-}
-
-fn unavailable(answered: usize, needed: usize, asked: usize, what: &str) -> ServerError {
-    ServerError::new(
-        ErrorKind::Unavailable,
-        format!("{what}: {answered} of {asked} replicas answered in time, {needed} were needed"),
-    )
-}
-
-/// The error for an outcome that is not the one asked for.
-fn outcome_error(outcome: Outcome, what: &str) -> ServerError {
-    match outcome {
-        Outcome::Unavailable { answered, needed, asked } => unavailable(answered, needed, asked, what),
-        other => ServerError::new(ErrorKind::Internal, format!("{what} ended as {other:?}")),
-    }
 }
 
 impl ClusterStore {
@@ -277,7 +255,8 @@ impl ClusterStore {
     }
 
     /// The ring as clients see it: the members with the client addresses
-    /// known now (a peer's once it answered a heartbeat).
+    /// known now (a peer's once it answered a heartbeat), and those to
+    /// avoid.
     pub fn ring_info(&self) -> Result<RingInfo, ServerError> {
         let ring = self.ring()?;
         let peers = self.membership.peers();
@@ -287,7 +266,13 @@ impl ClusterStore {
                 member.client_addr = peer.client_addr.clone();
             }
         }
-        Ok(RingInfo { replicas: REPLICAS as u32, view })
+        // A node cut off from its peers tells clients to avoid it (it
+        // would answer `Unavailable`); else, to avoid the peers it sees down.
+        let avoid = match self.membership.cut_off() {
+            Some(_) => vec![self.me],
+            None => self.membership.down(),
+        };
+        Ok(RingInfo { replicas: REPLICAS as u32, view, avoid })
     }
 
     /// The ring for `status`: each member, up or not, its share as first
@@ -554,10 +539,10 @@ impl ClusterStore {
             Ok(ring) => ring,
             Err(error) => return done(Err(error)),
         };
-        let replicas = ring.preference_list(&key, REPLICAS);
+        let placement = self.placements(&ring, std::iter::once(key.as_slice()), None).pop().unwrap_or_default();
         let clock = self.clock.clone();
         self.run(
-            move |quorum, deadline| started(quorum.start_read(&key, &replicas, consistency, deadline)),
+            move |quorum, deadline| quorum.start_read(&key, &placement, consistency, deadline),
             Box::new(move |outcome| match outcome {
                 Outcome::Read(found) => {
                     // Adopt the timestamps read (one too far ahead is not
@@ -567,7 +552,7 @@ impl ClusterStore {
                     }
                     done(Ok(found))
                 }
-                other => done(Err(outcome_error(other, "read"))),
+                other => done(Err(outcome_error(other, "read", Ending::Read))),
             }),
         );
     }
@@ -700,6 +685,10 @@ impl Store for Arc<ClusterStore> {
         }
         let consistency = timing.consistency.unwrap_or(self.consistency);
         let placements = self.placements(&ring, std::iter::once(key.as_slice()), Some(self.me));
+        // Before its own copy is written: then nothing was.
+        if let Some(outcome) = quorum::unreachable(&placements, consistency) {
+            return done(Err(outcome_error(outcome, "write", Ending::Write)));
+        }
         let this = self.clone();
         let replicated_key = key.clone();
         let replicate = move |result: Result<Siblings, ServerError>| {
@@ -715,7 +704,7 @@ impl Store for Arc<ClusterStore> {
                 },
                 Box::new(move |outcome| match outcome {
                     Outcome::Written => done(Ok(())),
-                    other => done(Err(outcome_error(other, "write"))),
+                    other => done(Err(outcome_error(other, "write", Ending::Written))),
                 }),
             );
         };
@@ -810,11 +799,15 @@ impl ClusterStore {
             Err(error) => return done(Err(error)),
         };
         let placements = self.placements(&ring, entries.iter().map(|(key, _)| key.as_slice()), None);
+        let consistency = timing.consistency.unwrap_or(self.consistency);
+        // Before a bulk set is logged: then nothing was written.
+        if let Some(outcome) = quorum::unreachable(&placements, consistency) {
+            return done(Err(outcome_error(outcome, "write", Ending::Write)));
+        }
         let sets: Vec<(Vec<u8>, Siblings)> =
             entries.into_iter().map(|(key, value)| (key, Siblings::one(stamp.blind(value)))).collect();
-        let consistency = timing.consistency.unwrap_or(self.consistency);
         if sets.len() < 2 {
-            return self.write_sets(sets, placements, consistency, done);
+            return self.write_sets(sets, placements, consistency, Ending::Write, done);
         }
         let this = self.clone();
         self.runtime.spawn(async move {
@@ -833,23 +826,25 @@ impl ClusterStore {
                 }
                 done(result)
             });
-            this.write_sets(sets, placements, consistency, done);
+            this.write_sets(sets, placements, consistency, Ending::Written, done);
         });
     }
 
-    /// Writes `sets` to their placements, through the quorum logic.
+    /// Writes `sets` to their placements, through the quorum logic
+    /// (`ending`: whether a copy is durable somewhere already).
     fn write_sets(
         self: &Arc<Self>,
         sets: Vec<(Vec<u8>, Siblings)>,
         placements: Vec<Placement>,
         consistency: Consistency,
+        ending: Ending,
         done: Done<()>,
     ) {
         self.run(
-            move |quorum, deadline| started(quorum.start_write(sets, placements, consistency, deadline)),
+            move |quorum, deadline| quorum.start_write(sets, placements, consistency, deadline),
             Box::new(move |outcome| match outcome {
                 Outcome::Written => done(Ok(())),
-                other => done(Err(outcome_error(other, "write"))),
+                other => done(Err(outcome_error(other, "write", ending))),
             }),
         );
     }
@@ -896,7 +891,13 @@ impl ClusterStore {
         };
         let (local, remote) = tokio::join!(self.batches.log(self.me, id, sets), remote);
         local?;
-        remote
+        // Logged here, it is replayed from here later: it may be applied.
+        remote.map_err(|error| {
+            ServerError::new(
+                ErrorKind::Unconfirmed,
+                format!("the bulk set is logged on this node only ({error}); it may still be applied from its log"),
+            )
+        })
     }
 
     /// Batch `(this node, id)` is applied: its holders remove it (in the
@@ -944,7 +945,8 @@ impl ClusterStore {
             let (coordinator, id) = (batch.node, batch.seq);
             if id.physical_ms() >= too_old_ms {
                 let placements = self.placements(&ring, batch.sets.iter().map(|(key, _)| key.as_slice()), None);
-                answer_of(|done| self.write_sets(batch.sets, placements, Consistency::Quorum, done)).await?;
+                answer_of(|done| self.write_sets(batch.sets, placements, Consistency::Quorum, Ending::Written, done))
+                    .await?;
                 tracing::info!(coordinator = coordinator.0, %id, "replayed a bulk set");
             } else {
                 tracing::error!(coordinator = coordinator.0, %id, "a bulk set older than half of gc_grace was never applied; it is dropped");

@@ -426,6 +426,7 @@ impl Service {
                 .chain(self.disk.iter().flat_map(|disk| disk.budgets()))
                 .chain(self.cluster.iter().flat_map(|cluster| cluster.budgets()))
                 .collect(),
+            cut_off: self.cluster.as_ref().and_then(|c| c.membership().cut_off()),
         })))
     }
 
@@ -440,7 +441,7 @@ impl Service {
             client_addr: self.client_addr.clone(),
             peer_addr: self.peer_addr.clone(),
         };
-        Ok(Reply::Ring(RingInfo { replicas: 1, view: RingView { epoch: 0, members: vec![me] } }))
+        Ok(Reply::Ring(RingInfo { replicas: 1, view: RingView { epoch: 0, members: vec![me] }, avoid: Vec::new() }))
     }
 
     fn shutdown(&self, token: &str) -> Result<Reply, ServerError> {

@@ -176,3 +176,26 @@ pub fn wait_for(
 pub fn hints_for(status: &quiver_client::NodeStatus, owner: &str) -> u64 {
     status.ring.iter().find(|m| m.name == owner).map_or(0, |m| m.hints)
 }
+
+/// The `quiver` binary, next to `quiverd`: cargo builds only this crate's
+/// binaries for its tests, so it is built (or found up to date) here, once
+/// per run, with the same profile. A stale one would speak an old protocol.
+pub fn quiver_bin() -> std::path::PathBuf {
+    static BUILT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let path = std::path::PathBuf::from(env!("CARGO_BIN_EXE_quiverd")).with_file_name("quiver");
+            // `target/<dir>/quiverd`: the dev profile builds into `debug`,
+            // any other into a directory of its own name.
+            let dir = path.parent().and_then(|d| d.file_name()).and_then(|d| d.to_str()).unwrap_or("debug");
+            let profile = if dir == "debug" { "dev" } else { dir };
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let status = std::process::Command::new(cargo)
+                .args(["build", "--profile", profile, "-p", "quiver-client", "--bin", "quiver"])
+                .status()
+                .unwrap();
+            assert!(status.success(), "building quiver failed");
+            path
+        })
+        .clone()
+}
