@@ -18,9 +18,12 @@
 //!   fails with [`Outcome::Unavailable`], naming how many answered of how
 //!   many were needed. An operation whose replicas are too few up, as the
 //!   coordinator's failure detector sees them, ends before anything is
-//!   sent ([`Outcome::TooFewUp`]). Nothing here waits: the caller delivers messages (the
-//!   QUIC links in production, a seeded in-memory network in tests) and
-//!   calls [`Quorum::expire`] as time goes by, so every operation ends.
+//!   sent ([`Outcome::TooFewUp`]). Nothing here waits: the caller delivers
+//!   messages (the QUIC links in production, a seeded in-memory network in
+//!   tests) and calls [`Quorum::expire`] as time goes by, so every
+//!   operation ends. [`outcome_error`] says what an outcome means to the
+//!   client: nothing written (`Unavailable`) or perhaps written
+//!   (`Unconfirmed`).
 //! - Hands on: the messages to send, each operation's outcome once, and
 //!   what to send that nobody waits for ([`Quorum::take_repairs`]): read
 //!   repairs, and hints for the replicas that refused a write or never
