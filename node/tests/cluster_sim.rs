@@ -50,12 +50,12 @@
 use std::collections::BTreeMap;
 
 use quiver_client::retry::{self, Attempts, Failure, Retries};
-use quiver_node::cluster::hints;
 use quiver_node::cluster::quorum::{
     self, outcome_error, replica_handle, Consistency, DataMessage, Ending, Hinted, OpId, Outcome, Placement, Quorum,
     Refusal, ReplicaStore,
 };
 use quiver_node::cluster::scatter;
+use quiver_node::cluster::{hints, placement};
 use quiver_ring::rand::SplitMix64;
 use quiver_ring::ring::{Member, Ring, RingView, TokenRange};
 use quiver_ring::wire::SearchHit;
@@ -523,7 +523,7 @@ impl Sim {
             CallKind::Causal => self.start_write(Deferred { at, coordinator: target, key, consistency: None, call }),
             CallKind::Read => {
                 let acked_before = self.acked.get(&key).copied();
-                let placement = self.placement(&key, target);
+                let placement = self.placement(&key, target, false);
                 let node = self.nodes.get_mut(&target).expect("a target is a node");
                 let started = node.quorum.start_read(&key, &placement, Consistency::Quorum, at + DEADLINE_MS);
                 let (op, messages, done) = started;
@@ -718,7 +718,7 @@ impl Sim {
         let version = stamp.blind(Some(format!("{} n{}", stamp.hlc, stamp.node.0).into_bytes()));
         let order = version.order();
         self.written.insert(version.value.clone().unwrap_or_default(), order);
-        let placement = self.placement(&write.key, write.coordinator);
+        let placement = self.placement(&write.key, write.coordinator, false);
         let Some(node) = self.nodes.get_mut(&write.coordinator) else { return };
         let sets = vec![(write.key.clone(), Siblings::one(version))];
         let (op, messages, done) = node.quorum.start_write(sets, vec![placement], consistency, deadline);
@@ -734,7 +734,7 @@ impl Sim {
     /// merged into the replica's own siblings, and the resulting set sent
     /// to the others.
     fn start_causal(&mut self, coordinator: NodeId, key: Vec<u8>, mut version: Version, deadline: u64, call: u64) {
-        let placement = self.placement(&key, coordinator);
+        let placement = self.placement(&key, coordinator, true);
         // Before its own copy is written, as the node checks: then nothing was.
         if let Some(outcome) = quorum::unreachable(std::slice::from_ref(&placement), Consistency::Quorum) {
             return self.call_failed(call, failure_of(outcome, Ending::Write));
@@ -812,7 +812,7 @@ impl Sim {
         let deadline = running.deadline;
         let keys: Vec<Vec<u8>> = running.hits.iter().map(|hit| hit.key.clone()).collect();
         for (hit, key) in keys.into_iter().enumerate() {
-            let placement = self.placement(&key, coordinator);
+            let placement = self.placement(&key, coordinator, false);
             let node = self.nodes.get_mut(&coordinator).expect("the coordinator is a node");
             let (op, messages, done) = node.quorum.start_read(&key, &placement, Consistency::Quorum, deadline);
             node.ops.insert(op, Op::SearchRead { search, hit });
@@ -875,16 +875,11 @@ impl Sim {
         }
     }
 
-    /// Where `key`'s copies go, as `coordinator` sees which nodes are
-    /// down: each such replica's hint goes to the first node past the key's
-    /// replicas that it sees up, else to itself.
-    fn placement(&self, key: &[u8], coordinator: NodeId) -> Placement {
-        let replicas = self.ring.preference_list(key, N);
+    /// Where `key`'s copies go, as `coordinator` sees which nodes are down
+    /// (the node's own rule; `causal`: it holds the write already).
+    fn placement(&self, key: &[u8], coordinator: NodeId, causal: bool) -> Placement {
         let down = self.down_seen_by(coordinator);
-        let order = self.ring.preference_list(key, NODES as usize);
-        let stand_in = order[N..].iter().copied().find(|id| !down.contains(id)).unwrap_or(coordinator);
-        let stand_ins = replicas.iter().filter(|id| down.contains(id)).map(|&id| (id, stand_in)).collect();
-        Placement { replicas, stand_ins }
+        placement::place(&self.ring, key, N, &down, causal.then_some(coordinator))
     }
 
     /// The node that was down is back and gets its hints; everything else

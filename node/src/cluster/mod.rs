@@ -20,6 +20,7 @@
 pub mod batchlog;
 pub mod hints;
 pub mod membership;
+pub mod placement;
 pub mod quorum;
 pub mod scatter;
 pub mod setlog;

@@ -44,6 +44,7 @@ use quiver_ring::{Context, Hlc, NodeId, Siblings};
 use super::batchlog::{self, BatchLog};
 use super::hints::HintStore;
 use super::membership::Membership;
+use super::placement;
 use super::quorum::{
     self, outcome_error, Consistency, DataMessage, Ending, Hinted, OpId, Outcome, Placement, Quorum, Started,
 };
@@ -222,10 +223,8 @@ impl ClusterStore {
         &self.batches
     }
 
-    /// Where each key's copies go: its replicas, and for each that is down
-    /// a stand-in holding its hint: the healthy nodes past the replicas in
-    /// ring order first, then the healthy replicas, `coordinator` last (so
-    /// that a causal write's hint shares a record with a replica's part).
+    /// Where each key's copies go, as this node sees who is down
+    /// ([`placement::place`]).
     fn placements<'a>(
         &self,
         ring: &Ring,
@@ -233,25 +232,7 @@ impl ClusterStore {
         coordinator: Option<NodeId>,
     ) -> Vec<Placement> {
         let down = self.membership.down();
-        keys.map(|key| {
-            let replicas = ring.preference_list(key, REPLICAS);
-            if !replicas.iter().any(|id| down.contains(id)) {
-                return Placement::from(replicas);
-            }
-            let order = ring.preference_list(key, ring.view().members.len());
-            let healthy = |id: &&NodeId| !down.contains(id);
-            let (replicas_in_order, past) = order.split_at(replicas.len().min(order.len()));
-            let mut candidates: Vec<NodeId> = past.iter().filter(healthy).copied().collect();
-            candidates.extend(replicas_in_order.iter().filter(healthy).filter(|&&id| Some(id) != coordinator));
-            candidates.extend(coordinator.filter(|id| !down.contains(id)));
-            let down_replicas = replicas.iter().filter(|id| down.contains(id));
-            let stand_ins = match candidates.is_empty() {
-                true => Vec::new(),
-                false => down_replicas.enumerate().map(|(i, &id)| (id, candidates[i % candidates.len()])).collect(),
-            };
-            Placement { replicas, stand_ins }
-        })
-        .collect()
+        keys.map(|key| placement::place(ring, key, REPLICAS, &down, coordinator)).collect()
     }
 
     /// The ring as clients see it: the members with the client addresses
