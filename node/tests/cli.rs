@@ -305,6 +305,8 @@ struct LocalCluster {
     child: std::process::Child,
     /// `(name, client address, pid)` of each node.
     nodes: Vec<(String, String, u32)>,
+    /// What it prints after `ready`.
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
 }
 
 impl LocalCluster {
@@ -317,14 +319,14 @@ impl LocalCluster {
             .arg(dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
         let mut nodes = Vec::new();
-        for line in lines.map_while(Result::ok) {
+        while let Some(Ok(line)) = lines.next() {
             if line == "ready" {
-                return LocalCluster { child, nodes };
+                return LocalCluster { child, nodes, lines };
             }
             // node NAME client=HOST:PORT peer=HOST:PORT pid=PID
             let words: Vec<&str> = line.split_whitespace().collect();
@@ -333,6 +335,20 @@ impl LocalCluster {
             nodes.push((words[1].to_owned(), field("client="), field("pid=").parse().unwrap()));
         }
         panic!("local-cluster ended before it was ready: {:?}", child.wait());
+    }
+
+    /// SIGKILLs node `i` and reads the line saying it was restarted: its
+    /// new pid.
+    fn kill_node(&mut self, i: usize) -> u32 {
+        let pid = self.nodes[i].2.to_string();
+        assert!(Command::new("kill").args(["-KILL", &pid]).status().unwrap().success());
+        let line = self.lines.next().expect("a line after the kill").unwrap();
+        // node NAME restarted pid=PID (it exited: ...)
+        let words: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(words[..3], ["node", self.nodes[i].0.as_str(), "restarted"], "{line}");
+        let pid = words[3].strip_prefix("pid=").unwrap().parse().unwrap();
+        self.nodes[i].2 = pid;
+        pid
     }
 
     /// SIGTERM, as Ctrl-C would: it stops every node and exits.
@@ -375,4 +391,38 @@ fn local_cluster_starts_stops_and_restarts_with_its_data() {
     assert_eq!(addrs(&again.nodes), addrs(&first), "the same nodes on the same ports");
     assert_eq!(stdout(&quiver(&again.nodes[1].1, &["get", "greeting"], None)), "hello\n");
     again.stop();
+}
+
+/// `quiver local-cluster` starts a node that dies again, saying so with its
+/// new pid, and that node serves; a node that keeps dying at start (its
+/// settings broken) makes it stop the others and exit with an error naming
+/// the node and its log.
+#[test]
+fn local_cluster_restarts_a_node_that_dies_and_gives_up_on_one_that_cannot_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = LocalCluster::start(dir.path());
+    let old = cluster.nodes[1].2;
+    let new = cluster.kill_node(1);
+    assert_ne!(new, old);
+    let started = std::time::Instant::now();
+    while !quiver(&cluster.nodes[1].1, &["set", "after", "restart"], None).status.success() {
+        assert!(started.elapsed() < common::WAIT_MAX, "n2 never served again");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(stdout(&quiver(&cluster.nodes[0].1, &["get", "after"], None)), "restart\n");
+
+    let settings = dir.path().join("n3.toml");
+    let mut broken = std::fs::read_to_string(&settings).unwrap();
+    broken.push_str("\nthis is not a setting\n");
+    std::fs::write(&settings, broken).unwrap();
+    let pid = cluster.nodes[2].2.to_string();
+    assert!(Command::new("kill").args(["-KILL", &pid]).status().unwrap().success());
+    let out = cluster.child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "it gives up");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("node n3 exited 3 times within 10s of starting") && said.contains("n3.log"), "{said}");
+    for (name, _, pid) in &cluster.nodes {
+        let alive = Command::new("kill").args(["-0", &pid.to_string()]).stderr(Stdio::null()).status().unwrap();
+        assert!(!alive.success(), "{name} (pid {pid}) still runs after local-cluster gave up");
+    }
 }

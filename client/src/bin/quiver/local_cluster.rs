@@ -8,7 +8,10 @@
 //! nodes (`cluster.txt`); later runs start the same nodes on the same ports
 //! with their data (`nN/`). Each node logs to `nN.log`. Once every node
 //! sees the whole ring, it prints one line per node and `ready`; Ctrl-C or
-//! SIGTERM stops them all gracefully.
+//! SIGTERM stops them all gracefully. A node that exits is started again
+//! (a `node NAME restarted pid=PID ...` line); one that keeps exiting right
+//! after it starts makes `local-cluster` stop the others and exit with an
+//! error naming it and its log.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -25,6 +28,40 @@ const READY_WITHIN: Duration = Duration::from_secs(60);
 
 /// How long a node may take to stop after SIGTERM before it is killed.
 const STOP_WITHIN: Duration = Duration::from_secs(30);
+
+/// A node that exits within this time of its start died at start.
+const START_GRACE: Duration = Duration::from_secs(10);
+
+/// A node that dies at start this many times in a row is given up on.
+const START_FAILURES_MAX: u32 = 3;
+
+/// Whether a node that exited is started again: a rule without I/O.
+#[derive(Debug)]
+struct Keeper {
+    started: Instant,
+    /// Exits in a row that came within [`START_GRACE`] of a start.
+    failed_starts: u32,
+}
+
+impl Keeper {
+    fn new(started: Instant) -> Keeper {
+        Keeper { started, failed_starts: 0 }
+    }
+
+    /// The node exited at `now`: `true` to start it again (then
+    /// [`Keeper::restarted`]), `false` once it keeps dying at start.
+    fn exited(&mut self, now: Instant) -> bool {
+        match now.saturating_duration_since(self.started) < START_GRACE {
+            true => self.failed_starts += 1,
+            false => self.failed_starts = 0,
+        }
+        self.failed_starts < START_FAILURES_MAX
+    }
+
+    fn restarted(&mut self, now: Instant) {
+        self.started = now;
+    }
+}
 
 /// One node of the local cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -293,33 +330,80 @@ pub fn run(count: usize, dir: &Path) -> Result<ExitCode, String> {
     writeln!(out, "ready").map_err(|e| e.to_string())?;
     out.flush().map_err(|e| e.to_string())?;
     drop(out);
-    let signal = runtime.block_on(watch(&nodes, &mut children));
-    eprintln!("quiver: {signal}: stopping the cluster");
+    let ended = runtime.block_on(watch(&quiverd, &dir, &nodes, &mut children));
     stop(&nodes, &mut children);
-    Ok(ExitCode::SUCCESS)
+    match ended {
+        Ok(signal) => {
+            eprintln!("quiver: {signal}: stopped the cluster");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(error) => Err(format!("{error}; stopped the cluster")),
+    }
 }
 
-/// Waits for SIGINT or SIGTERM (which it names), telling on stderr of any
-/// node that exits meanwhile (the others go on).
-async fn watch(nodes: &[LocalNode], children: &mut [Child]) -> &'static str {
+/// Waits for SIGINT or SIGTERM (which it names), starting again any node
+/// that exits meanwhile (a line on stdout); `Err` once one keeps dying at
+/// start ([`Keeper`]).
+async fn watch(
+    quiverd: &Path,
+    dir: &Path,
+    nodes: &[LocalNode],
+    children: &mut [Child],
+) -> Result<&'static str, String> {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        return "cannot wait for signals";
+        return Err("cannot wait for signals".into());
     };
-    let mut exited = vec![false; children.len()];
-    let mut every = tokio::time::interval(Duration::from_millis(500));
+    let mut keepers: Vec<Keeper> = nodes.iter().map(|_| Keeper::new(Instant::now())).collect();
+    let mut every = tokio::time::interval(Duration::from_millis(200));
     loop {
         tokio::select! {
-            _ = term.recv() => return "SIGTERM",
-            _ = int.recv() => return "SIGINT",
+            _ = term.recv() => return Ok("SIGTERM"),
+            _ = int.recv() => return Ok("SIGINT"),
             _ = every.tick() => {
-                for ((node, child), exited) in nodes.iter().zip(children.iter_mut()).zip(exited.iter_mut()) {
-                    if let (false, Ok(Some(status))) = (*exited, child.try_wait()) {
-                        eprintln!("quiver: node {} exited ({status})", node.name);
-                        *exited = true;
+                for ((node, child), keeper) in nodes.iter().zip(children.iter_mut()).zip(&mut keepers) {
+                    let Ok(Some(status)) = child.try_wait() else { continue };
+                    let log = dir.join(format!("{}.log", node.name));
+                    if !keeper.exited(Instant::now()) {
+                        return Err(format!(
+                            "node {} exited {START_FAILURES_MAX} times within {START_GRACE:?} of starting (last: \
+                             {status}); see {}",
+                            node.name,
+                            log.display()
+                        ));
                     }
+                    *child = spawn(quiverd, dir, node)?;
+                    keeper.restarted(Instant::now());
+                    println!("node {} restarted pid={} (it exited: {status}; see {})", node.name, child.id(), log.display());
+                    let _ = std::io::stdout().flush();
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_is_restarted_unless_it_keeps_dying_at_start() {
+        let t0 = Instant::now();
+        let mut keeper = Keeper::new(t0);
+        let later = t0 + START_GRACE * 10;
+        assert!(keeper.exited(later), "after a long run: restarted");
+        keeper.restarted(later);
+        for i in 1..START_FAILURES_MAX {
+            assert!(keeper.exited(later + Duration::from_secs(1)), "death {i} at start: restarted");
+            keeper.restarted(later);
+        }
+        assert!(!keeper.exited(later + Duration::from_secs(1)), "the last one: given up");
+
+        let mut keeper = Keeper::new(t0);
+        assert!(keeper.exited(t0 + Duration::from_secs(1)));
+        keeper.restarted(t0 + Duration::from_secs(1));
+        assert!(keeper.exited(t0 + START_GRACE * 2), "a long run in between starts the count again");
+        keeper.restarted(t0 + START_GRACE * 2);
+        assert!(keeper.exited(t0 + START_GRACE * 2 + Duration::from_secs(1)));
     }
 }
