@@ -17,6 +17,10 @@
 //! deny_nodes = []             # members whose certificates are no longer trusted (a lost machine)
 //! hint_bytes_max = 1073741824 # hints held for one node that is down, at most
 //! hint_age_max_secs = 10800   # a hint older than this is dropped (3 hours)
+//! heartbeat_ms = 1000         # peers are pinged this often; one that misses a ping is down
+//! op_timeout_ms = 5000        # a quorum operation, or a call to a peer, waits this long
+//! hint_tick_ms = 1000         # hints go to their owners, the batch log is looked at, this often
+//! batch_replay_after_ms = 10000  # a bulk set logged this long ago is replayed (at least op_timeout_ms)
 //!
 //! [limits]
 //! key_bytes_max = 4096
@@ -46,6 +50,7 @@
 //! ```
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -86,6 +91,19 @@ pub struct Config {
     /// A hint older than this is dropped undelivered: well within
     /// `gc_grace_secs` (at most half of it).
     pub hint_age_max_secs: u64,
+    /// Each peer is pinged this often, and a ping waits this long: a peer
+    /// that misses one is down.
+    pub heartbeat_ms: u64,
+    /// How long a quorum operation waits for its replicas, and a call to a
+    /// peer for its answer.
+    pub op_timeout_ms: u64,
+    /// How often hints go to their owners that are up, and the batch log
+    /// is looked at for bulk sets to replay.
+    pub hint_tick_ms: u64,
+    /// A bulk set logged this long ago is replayed by whoever holds it (its
+    /// coordinator died, or did not reach its quorum): at least
+    /// `op_timeout_ms`.
+    pub batch_replay_after_ms: u64,
     /// Index the values for search: full text (BM25) and embeddings
     /// (HNSW). Every data write then also updates the index, in the same
     /// WAL record.
@@ -187,6 +205,10 @@ impl Default for Config {
             gc_grace_secs: 10 * 24 * 3600,
             hint_bytes_max: 1 << 30,
             hint_age_max_secs: 3 * 3600,
+            heartbeat_ms: 1000,
+            op_timeout_ms: 5000,
+            hint_tick_ms: 1000,
+            batch_replay_after_ms: 10_000,
             index: false,
             word_vectors: None,
             debug_clock_offset_ms: 0,
@@ -280,6 +302,23 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// The timers of a node in a cluster (`Config`'s `heartbeat_ms`,
+/// `op_timeout_ms`, `hint_tick_ms`, `batch_replay_after_ms`); tests set them
+/// short.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClusterTimers {
+    pub heartbeat: Duration,
+    pub op_timeout: Duration,
+    pub hint_tick: Duration,
+    pub batch_replay_after: Duration,
+}
+
+impl Default for ClusterTimers {
+    fn default() -> ClusterTimers {
+        Config::default().cluster_timers()
+    }
+}
+
 impl Config {
     /// Reads a TOML file; unset fields keep their defaults.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -334,6 +373,16 @@ impl Config {
         if self.max_clock_offset_ms == 0 {
             return invalid("max_clock_offset_ms must be at least 1".into());
         }
+        if self.heartbeat_ms == 0 || self.op_timeout_ms == 0 || self.hint_tick_ms == 0 {
+            return invalid("heartbeat_ms, op_timeout_ms and hint_tick_ms must be at least 1".into());
+        }
+        if self.batch_replay_after_ms < self.op_timeout_ms {
+            return invalid(format!(
+                "batch_replay_after_ms {} must be at least op_timeout_ms {}: a bulk set is replayed only once its \
+                 coordinator's own write has had its time",
+                self.batch_replay_after_ms, self.op_timeout_ms
+            ));
+        }
         if self.storage.read_threads > READ_THREADS_MAX {
             return invalid(format!("read_threads {} is above {READ_THREADS_MAX}", self.storage.read_threads));
         }
@@ -341,6 +390,17 @@ impl Config {
             return invalid("frame_bytes_max must leave room for the largest key and value".into());
         }
         Ok(())
+    }
+
+    /// The cluster's timers.
+    pub fn cluster_timers(&self) -> ClusterTimers {
+        let ms = Duration::from_millis;
+        ClusterTimers {
+            heartbeat: ms(self.heartbeat_ms),
+            op_timeout: ms(self.op_timeout_ms),
+            hint_tick: ms(self.hint_tick_ms),
+            batch_replay_after: ms(self.batch_replay_after_ms),
+        }
     }
 
     /// The peers, parsed.

@@ -158,6 +158,22 @@ struct Args {
     /// half of gc_grace_secs [default: 10800, 3 hours].
     #[arg(long)]
     hint_age_max_secs: Option<u64>,
+    /// In a cluster: ping every peer this often, in ms; a peer that does
+    /// not answer within as long is down [default: 1000].
+    #[arg(long)]
+    heartbeat_ms: Option<u64>,
+    /// In a cluster: how long a quorum operation, or a call to a peer,
+    /// waits, in ms [default: 5000].
+    #[arg(long)]
+    op_timeout_ms: Option<u64>,
+    /// In a cluster: how often hints go to their owners and the batch log
+    /// is looked at, in ms [default: 1000].
+    #[arg(long)]
+    hint_tick_ms: Option<u64>,
+    /// In a cluster: a bulk set logged this long ago, in ms, is replayed
+    /// by whoever holds it; at least op_timeout_ms [default: 10000].
+    #[arg(long)]
+    batch_replay_after_ms: Option<u64>,
     /// Index the values for search: full text with BM25 (`quiver search`)
     /// and embeddings for similar values (`quiver similar`). A node started
     /// with it over data written without it first builds the index from the
@@ -251,6 +267,18 @@ impl Args {
         }
         if let Some(v) = self.hint_age_max_secs {
             config.hint_age_max_secs = v
+        }
+        if let Some(v) = self.heartbeat_ms {
+            config.heartbeat_ms = v
+        }
+        if let Some(v) = self.op_timeout_ms {
+            config.op_timeout_ms = v
+        }
+        if let Some(v) = self.hint_tick_ms {
+            config.hint_tick_ms = v
+        }
+        if let Some(v) = self.batch_replay_after_ms {
+            config.batch_replay_after_ms = v
         }
         if let Some(v) = self.debug_skip_write_probability {
             config.debug_skip_write_probability = v
@@ -476,6 +504,7 @@ async fn run(config: Config) -> Result<(), String> {
                 node_clock.clone(),
                 clock.clone(),
             );
+            let cluster = cluster.with_timers(config.cluster_timers());
             let cluster = Arc::new(cluster.with_exit_after_batch_log(config.debug_exit_after_batch_log));
             cluster.run_in_background();
             (addr, Some(cluster.clone()), Arc::new(cluster) as Arc<dyn Store>)
@@ -593,6 +622,7 @@ fn join_cluster(
         node_clock.clone(),
         wall.clone(),
     );
+    let membership = membership.with_heartbeat(config.cluster_timers().heartbeat);
     let membership = Arc::new(membership.with_denied(config.deny_nodes.clone()));
     let (limits, clock) = (config.limits.wire(), node_clock.clone());
     endpoint.serve(Arc::new(ReplicaHandler { membership: membership.clone(), data: data.clone(), limits, clock }));
@@ -639,6 +669,10 @@ mod tests {
             "--disk-reserve-peer-bytes=17",
             "--peer-requests-in-flight-max=18",
             "--peer-queued-bytes-max=19",
+            "--heartbeat-ms=21",
+            "--op-timeout-ms=22",
+            "--hint-tick-ms=23",
+            "--batch-replay-after-ms=24",
         ])
         .unwrap();
         let config = args.into_config().unwrap();
@@ -669,6 +703,9 @@ mod tests {
         assert_eq!((l.peer_requests_in_flight_max, l.peer_queued_bytes_max), (18, 19));
         assert_eq!((config.storage.disk_reserve_bytes, config.storage.disk_reserve_peer_bytes), (Some(16), Some(17)));
         assert_eq!(config.peer_configs().unwrap()[1].peer_addr, "127.0.0.1:4".parse().unwrap());
+        let t = config.cluster_timers();
+        let ms = |d: std::time::Duration| d.as_millis();
+        assert_eq!((ms(t.heartbeat), ms(t.op_timeout), ms(t.hint_tick), ms(t.batch_replay_after)), (21, 22, 23, 24));
     }
 
     #[test]
@@ -694,5 +731,9 @@ mod tests {
         assert!(args.into_config().is_err());
         let args = Args::try_parse_from(["quiverd", "--gc-grace-secs=100", "--hint-age-max-secs=51"]).unwrap();
         assert!(args.into_config().unwrap_err().contains("at most half of gc_grace_secs"));
+        let args = Args::try_parse_from(["quiverd", "--op-timeout-ms=500", "--batch-replay-after-ms=499"]).unwrap();
+        assert!(args.into_config().unwrap_err().contains("at least op_timeout_ms"));
+        let args = Args::try_parse_from(["quiverd", "--heartbeat-ms=0"]).unwrap();
+        assert!(args.into_config().unwrap_err().contains("at least 1"));
     }
 }

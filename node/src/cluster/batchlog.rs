@@ -10,7 +10,7 @@
 //! - Does: nothing by itself; [`super::store::ClusterStore`] logs a batch
 //!   on two nodes before it sends any replica its part, removes it once
 //!   the write reached its quorum, and replays, as its coordinator, every
-//!   batch it holds that is older than [`REPLAY_AFTER_MS`] (its coordinator
+//!   batch it holds that is older than `batch_replay_after_ms` (its coordinator
 //!   died or failed to finish it).
 //! - Hands on: the batches due for replay.
 
@@ -26,10 +26,6 @@ use crate::lock;
 use crate::stamping::NodeClock;
 use crate::storage::keys::Keyspace;
 use crate::storage::{self, Engine};
-
-/// A batch older than this is replayed by whoever holds it: twice the time
-/// its coordinator gives its write ([`super::store::OP_TIMEOUT`]).
-pub const REPLAY_AFTER_MS: u64 = 10_000;
 
 /// The batches a node holds until they are applied.
 #[derive(Debug)]

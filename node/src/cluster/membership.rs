@@ -5,7 +5,7 @@
 //!   whether its storage failed; the names denied (a lost machine's: never
 //!   dialled, its connections refused); the ring, once every member's node
 //!   id is known.
-//! - Receives: nothing but time: every [`HEARTBEAT`] it pings every peer
+//! - Receives: nothing but time: every heartbeat (`heartbeat_ms`) it pings every peer
 //!   over its peer link, and answers their pings ([`Membership::pong`]:
 //!   its id, clocks, and the node ids it knows, so a node that restarts
 //!   learns the ids of peers that are down).
@@ -31,9 +31,6 @@ use crate::clock::Clock;
 use crate::lock;
 use crate::net::peer::{KnownMember, LinkBounds, LinkStats, PeerEndpoint, PeerLink, PeerReply, PeerRequest};
 use crate::stamping::NodeClock;
-
-/// How often each peer is pinged, and how long a ping may take.
-pub const HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// A configured peer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -71,6 +68,8 @@ pub struct Membership {
     /// Why the node was cut off at the last round, if it was (logged once
     /// each way).
     was_cut_off: Mutex<Option<String>>,
+    /// How often each peer is pinged, and how long a ping may take.
+    heartbeat: Duration,
 }
 
 impl Membership {
@@ -116,7 +115,14 @@ impl Membership {
             wall,
             rounds: AtomicU64::new(0),
             was_cut_off: Mutex::new(None),
+            heartbeat: crate::config::ClusterTimers::default().heartbeat,
         }
+    }
+
+    /// Pings every peer every `heartbeat`, each ping waiting as long.
+    pub fn with_heartbeat(mut self, heartbeat: Duration) -> Membership {
+        self.heartbeat = heartbeat;
+        self
     }
 
     /// Why this node is cut off from its cluster, while it is: it has
@@ -270,7 +276,7 @@ impl Membership {
         }
         let sent = self.wall.now_ms();
         let ping = PeerRequest::Ping { from: self.me, hlc: self.clock.last() };
-        let answer = peer.link.call(ping, HEARTBEAT).await;
+        let answer = peer.link.call(ping, self.heartbeat).await;
         let received = self.wall.now_ms();
         if let Ok(PeerReply::Pong { from, members, .. }) = &answer {
             self.learn(&peer.config.name, *from, members);
@@ -338,9 +344,9 @@ impl Membership {
         self.clock.set_peer_skew(peer_skew(&self.peers(), self.clock.max_offset_ms()));
     }
 
-    /// Heartbeats every [`HEARTBEAT`] until the task is dropped.
+    /// Heartbeats every `heartbeat` until the task is dropped.
     pub async fn run(self: Arc<Self>) {
-        let mut every = tokio::time::interval(HEARTBEAT);
+        let mut every = tokio::time::interval(self.heartbeat);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             every.tick().await;

@@ -12,7 +12,7 @@
 //!   timestamp, never past the deadline); the quorum logic of
 //!   [`super::quorum`], the same code the deterministic simulation runs,
 //!   sends every replica its keys as one record and counts answers per key;
-//!   an operation that does not reach its quorum within [`OP_TIMEOUT`]
+//!   an operation that does not reach its quorum within `op_timeout`
 //!   fails with `Unavailable`, naming how many answered of how many were
 //!   needed.
 //! - Hands on: the answer to the front; replicas still being written after
@@ -29,7 +29,7 @@
 //! replicas (else to another replica, the coordinator last), in the same
 //! message, so the same WAL record, as that node's own part. A hint counts
 //! toward the write's acknowledgement only at consistency `any`. Every
-//! [`HINT_TICK`] this node delivers what it holds to each owner that is up,
+//! `hint_tick` this node delivers what it holds to each owner that is up,
 //! oldest first, and removes a hint once its owner has it durable
 //! ([`super::hints`]).
 
@@ -41,7 +41,7 @@ use quiver_ring::ring::{Ring, TokenRange};
 use quiver_ring::wire::{self, ErrorKind, RingInfo, RingMember, SearchHit, ServerError};
 use quiver_ring::{Context, Hlc, NodeId, Siblings};
 
-use super::batchlog::{self, BatchLog};
+use super::batchlog::BatchLog;
 use super::hints::HintStore;
 use super::membership::Membership;
 use super::placement;
@@ -50,6 +50,7 @@ use super::quorum::{
 };
 use super::scatter;
 use crate::clock::Clock;
+use crate::config::ClusterTimers;
 use crate::index::query::Match;
 use crate::index::text::TermStats;
 use crate::index::Search;
@@ -61,17 +62,11 @@ use crate::stamping::NodeClock;
 /// Replicas per key.
 pub const REPLICAS: usize = 3;
 
-/// How long an operation waits for its quorum.
-pub const OP_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// A replica's own read: no client timestamp, no consistency of its own.
 const REPLICA_READ: Timing = Timing { hlc_seen: Hlc::ZERO, deadline: Hlc(u64::MAX), consistency: None };
 
 /// How often operations past their deadline are ended.
 const EXPIRY_TICK: Duration = Duration::from_millis(100);
-
-/// How often hints are delivered to their owners that are up.
-pub const HINT_TICK: Duration = Duration::from_secs(1);
 
 /// A bulk set is logged on one more node when the first asked has not
 /// answered within this.
@@ -109,6 +104,7 @@ pub struct ClusterStore {
     runtime: tokio::runtime::Handle,
     /// Test-only: the process exits right after logging a bulk set.
     exit_after_batch_log: bool,
+    timers: ClusterTimers,
 }
 
 impl std::fmt::Debug for ClusterStore {
@@ -148,7 +144,15 @@ impl ClusterStore {
             coordinating: Mutex::new(Coordinating { quorum: Quorum::new(me), waiting: BTreeMap::new() }),
             runtime: tokio::runtime::Handle::current(),
             exit_after_batch_log: false,
+            timers: ClusterTimers::default(),
         }
+    }
+
+    /// Its timers: how long an operation waits, how often hints and the
+    /// batch log are looked at, when a bulk set is replayed.
+    pub fn with_timers(mut self, timers: ClusterTimers) -> ClusterStore {
+        self.timers = timers;
+        self
     }
 
     /// Test-only: exit the process right after logging a bulk set on two
@@ -285,10 +289,10 @@ impl ClusterStore {
 
     /// Starts an operation: `start` makes its messages with the quorum
     /// logic (and its outcome, if it is done at once), `then` gets its
-    /// outcome. It ends by [`OP_TIMEOUT`] (and an [`EXPIRY_TICK`]) at most,
+    /// outcome. It ends by `op_timeout` (and an [`EXPIRY_TICK`]) at most,
     /// once [`ClusterStore::run_in_background`] runs.
     fn run(self: &Arc<Self>, start: impl FnOnce(&mut Quorum, u64) -> Started, then: Then) {
-        let deadline = self.wall.now_ms().saturating_add(OP_TIMEOUT.as_millis() as u64);
+        let deadline = self.wall.now_ms().saturating_add(self.timers.op_timeout.as_millis() as u64);
         let (messages, finished) = {
             let mut coordinating = lock(&self.coordinating);
             let (op, messages, done) = start(&mut coordinating.quorum, deadline);
@@ -310,11 +314,11 @@ impl ClusterStore {
 
     /// Starts what runs in the background until the store is dropped:
     /// every [`EXPIRY_TICK`], operations past their deadline end (as
-    /// `Unavailable`); every [`HINT_TICK`], hints go to their owners that
+    /// `Unavailable`); every `hint_tick`, hints go to their owners that
     /// are up, and bulk sets left in the batch log are replayed.
     pub fn run_in_background(self: &Arc<Self>) {
         self.every(EXPIRY_TICK, |store| async move { store.expire() });
-        self.every(HINT_TICK, |store| async move {
+        self.every(self.timers.hint_tick, |store| async move {
             let held = store.hints.queues();
             let peers = store.membership.peers().into_iter();
             let taking_writes = peers.filter(|p| p.up && p.storage_failure.is_none());
@@ -329,7 +333,7 @@ impl ClusterStore {
                 }
             }
         });
-        self.every(HINT_TICK, |store| async move {
+        self.every(self.timers.hint_tick, |store| async move {
             if let Err(error) = store.replay_batches().await {
                 tracing::debug!(%error, "bulk sets not replayed yet");
             }
@@ -419,10 +423,10 @@ impl ClusterStore {
         if let Err((request, answer)) = sent {
             // No live link: dial it, on the runtime (this may be an engine
             // thread).
-            let membership = self.membership.clone();
+            let (membership, timeout) = (self.membership.clone(), self.timers.op_timeout);
             self.runtime.spawn(async move {
                 match membership.link_to(to) {
-                    Some(link) => answer(link.call(request, OP_TIMEOUT).await),
+                    Some(link) => answer(link.call(request, timeout).await),
                     None => answer(Err(PeerError::Unknown(to))),
                 }
             });
@@ -481,7 +485,8 @@ impl ClusterStore {
                         return answer_of(|done| this.local.term_stats_within(query, matching, ranges, done)).await;
                     }
                     let link = this.membership.link(node)?;
-                    let reply = link.call(PeerRequest::TermStats { query, matching, ranges }, OP_TIMEOUT).await;
+                    let reply =
+                        link.call(PeerRequest::TermStats { query, matching, ranges }, this.timers.op_timeout).await;
                     reply_of(reply, "term statistics", |reply| match reply {
                         PeerReply::TermStats(stats) => Ok(stats),
                         other => Err(other),
@@ -507,7 +512,7 @@ impl ClusterStore {
             return answer_of(|done| self.local.search_within(search, Some(ranges), done)).await;
         }
         let link = self.membership.link(node)?;
-        let reply = link.call(PeerRequest::Search { search, ranges }, OP_TIMEOUT).await;
+        let reply = link.call(PeerRequest::Search { search, ranges }, self.timers.op_timeout).await;
         reply_of(reply, "a search part", |reply| match reply {
             PeerReply::Hits(hits) => Ok(hits),
             other => Err(other),
@@ -852,10 +857,11 @@ impl ClusterStore {
                 if let Some(other) = others.next() {
                     asked.push(other);
                     let (membership, me, sets) = (self.membership.clone(), self.me, sets.to_vec());
+                    let timeout = self.timers.op_timeout;
                     calls.spawn(async move {
                         let link = membership.link(other)?;
                         let request = PeerRequest::LogBatch { coordinator: me, id, sets };
-                        written(link.call(request, OP_TIMEOUT).await, "logging the bulk set")
+                        written(link.call(request, timeout).await, "logging the bulk set")
                     });
                 }
                 let answer = match tokio::time::timeout(LOG_HEDGE_AFTER, calls.join_next()).await {
@@ -893,7 +899,10 @@ impl ClusterStore {
                     false => match this.membership.link(holder) {
                         Ok(link) => {
                             let request = PeerRequest::BatchDone { coordinator: this.me, id };
-                            written(link.call(request, OP_TIMEOUT).await, "removing a bulk set from the log")
+                            written(
+                                link.call(request, this.timers.op_timeout).await,
+                                "removing a bulk set from the log",
+                            )
                         }
                         Err(error) => Err(error),
                     },
@@ -907,7 +916,7 @@ impl ClusterStore {
     }
 
     /// Replays each bulk set this node logged that is older than
-    /// [`batchlog::REPLAY_AFTER_MS`]: its coordinator died, or did not
+    /// `batch_replay_after`: its coordinator died, or did not
     /// reach its quorum. The replay is a quorum write of the same versions
     /// (which changes nothing where they are); the entry goes once it
     /// succeeds. A batch older than half of `gc_grace` is dropped: its
@@ -915,7 +924,7 @@ impl ClusterStore {
     async fn replay_batches(self: &Arc<Self>) -> Result<(), ServerError> {
         let now = self.wall.now_ms();
         let batches = self.batches.clone();
-        let before_ms = now.saturating_sub(batchlog::REPLAY_AFTER_MS);
+        let before_ms = now.saturating_sub(self.timers.batch_replay_after.as_millis() as u64);
         let due = off_worker(move || batches.due(before_ms)).await?;
         let ring = match due.is_empty() {
             true => return Ok(()),
@@ -981,8 +990,10 @@ impl ClusterStore {
                 .flat_map(|hint| hint.sets.clone())
                 .collect();
             if !sets.is_empty() {
-                let delivered =
-                    self.membership.link(owner)?.call(PeerRequest::Write { sets, hints: Vec::new() }, OP_TIMEOUT);
+                let delivered = self
+                    .membership
+                    .link(owner)?
+                    .call(PeerRequest::Write { sets, hints: Vec::new() }, self.timers.op_timeout);
                 written(delivered.await, "delivering hints")?;
             }
             self.hints.remove(&batch, expired).await?;
