@@ -300,6 +300,14 @@ fn certs_make_a_cluster_ca_and_node_certificates() {
     assert_eq!(out.status.code(), Some(2), "not in the CA's own directory");
 }
 
+/// Held by each test that runs `local-cluster`: it picks the first free
+/// ports from 7700, and two starting at once could pick the same.
+static ONE_LOCAL_CLUSTER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_local_cluster() -> std::sync::MutexGuard<'static, ()> {
+    ONE_LOCAL_CLUSTER.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// A running `quiver local-cluster`: its nodes as it printed them.
 struct LocalCluster {
     child: std::process::Child,
@@ -369,6 +377,7 @@ impl LocalCluster {
 /// directory starts the same cluster with its data.
 #[test]
 fn local_cluster_starts_stops_and_restarts_with_its_data() {
+    let _alone = one_local_cluster();
     let dir = tempfile::tempdir().unwrap();
     let cluster = LocalCluster::start(dir.path());
     let names: Vec<&str> = cluster.nodes.iter().map(|(name, _, _)| name.as_str()).collect();
@@ -399,6 +408,7 @@ fn local_cluster_starts_stops_and_restarts_with_its_data() {
 /// the node and its log.
 #[test]
 fn local_cluster_restarts_a_node_that_dies_and_gives_up_on_one_that_cannot_start() {
+    let _alone = one_local_cluster();
     let dir = tempfile::tempdir().unwrap();
     let mut cluster = LocalCluster::start(dir.path());
     let old = cluster.nodes[1].2;

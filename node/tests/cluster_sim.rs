@@ -21,7 +21,12 @@
 //! refuses a write with a timestamp too far ahead of its clock (a refusal
 //! is hinted like a replica that is down). In half the histories the
 //! stand-ins have no room for hints: every hint is dropped, and the
-//! replica's own part is taken all the same. Every failure prints its seed;
+//! replica's own part is taken all the same. Hints are handed on by the
+//! node's own rule (`hints::handoff`): every 20 ms each holder sends an
+//! owner it sees up what it holds for it, over the same network, and drops
+//! it once the owner has it; in a quarter of the histories hints expire
+//! after 150 ms. The node that stopped comes back, or the cut heals, at
+//! 2 s; in the histories with a cut no hint is left at the end. Every failure prints its seed;
 //! `QUIVER_SIM_SEED=N` replays one history, `QUIVER_SIM_HISTORIES=N` runs
 //! more.
 //!
@@ -73,6 +78,13 @@ const MAX_OFFSET_MS: u64 = 20;
 const SEARCH_K: usize = 3;
 /// How long a client's call may take, all its attempts together.
 const CALL_DEADLINE_MS: u64 = 4 * DEADLINE_MS;
+/// How often each node hands on the hints it holds.
+const HINT_TICK_MS: u64 = 20;
+/// A hint's age bound in the histories where hints expire (in the others,
+/// none does).
+const HINT_AGE_SHORT_MS: u64 = 150;
+/// When the node that stopped comes back, or the cut heals.
+const RECOVER_AT: u64 = 2_000;
 
 /// What a client asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,13 +115,27 @@ fn failure_of(outcome: Outcome, ending: Ending) -> Failure {
 }
 
 /// A replica's sets, and the hints it holds for others (each owner's at
-/// most `hint_bytes_max` bytes of values).
+/// most `hint_bytes_max` bytes of values), each with when it was taken
+/// (its holder's wall clock), oldest first.
 #[derive(Default)]
 struct MapStore {
     sets: BTreeMap<Vec<u8>, Siblings>,
-    hints: Vec<Hinted>,
+    hints: Vec<HeldHint>,
+    next_hint: u64,
     hint_bytes_max: u64,
     hints_dropped: usize,
+    /// Hints dropped past their age.
+    hints_expired: usize,
+    /// Hints their owner took.
+    hints_delivered: usize,
+}
+
+/// A hint a node holds: its number there, when it was taken (the holder's
+/// wall clock), and what it holds.
+struct HeldHint {
+    id: u64,
+    taken_ms: u64,
+    hinted: Hinted,
 }
 
 /// The bytes a hint counts for here: its values.
@@ -170,10 +196,12 @@ impl ReplicaStore for Replica<'_> {
         self.store.merge_sets(sets);
         let mut dropped = Vec::new();
         for hint in hinted {
-            let queued: u64 =
-                self.store.hints.iter().filter(|h| h.owner == hint.owner).map(|h| hint_bytes(&h.sets)).sum();
+            let held = self.store.hints.iter().map(|h| &h.hinted).filter(|h| h.owner == hint.owner);
+            let queued: u64 = held.map(|h| hint_bytes(&h.sets)).sum();
             if hints::fits(queued, hint_bytes(&hint.sets), self.store.hint_bytes_max) {
-                self.store.hints.push(hint);
+                self.store.next_hint += 1;
+                let id = self.store.next_hint;
+                self.store.hints.push(HeldHint { id, taken_ms: self.wall_ms, hinted: hint });
             } else {
                 self.store.hints_dropped += 1;
                 dropped.push(hint.owner);
@@ -197,6 +225,9 @@ struct Node {
     ops: BTreeMap<OpId, Op>,
     /// Searches this node coordinates, by number.
     searches: BTreeMap<u64, Search>,
+    /// Per owner, until when the answer to the hints sent to it is waited
+    /// for (then they are sent again).
+    handing_off: BTreeMap<NodeId, u64>,
 }
 
 /// A search in progress at its coordinator.
@@ -217,8 +248,24 @@ struct Search {
 /// What travels besides the quorum logic's messages: search parts.
 enum Message {
     Data(DataMessage),
-    SearchPart { search: u64, digit: u8, ranges: Vec<TokenRange> },
-    SearchHits { search: u64, hits: Vec<SearchHit> },
+    SearchPart {
+        search: u64,
+        digit: u8,
+        ranges: Vec<TokenRange>,
+    },
+    SearchHits {
+        search: u64,
+        hits: Vec<SearchHit>,
+    },
+    /// A holder's hints `ids` for the receiver: their sets.
+    Handoff {
+        sets: Vec<(Vec<u8>, Siblings)>,
+        ids: Vec<u64>,
+    },
+    /// The owner has them durable.
+    HandedOff {
+        ids: Vec<u64>,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -278,6 +325,10 @@ struct Sim {
     cut: Option<(NodeId, u64)>,
     /// Messages are lost at random (not in the histories with a cut).
     lossy: bool,
+    /// A node was cut off from its peers in this history.
+    had_cut: bool,
+    /// A hint taken this long ago is dropped undelivered.
+    hint_age_ms: u64,
     /// Clients start calls (not once they stopped, at the end).
     clients_on: bool,
     calls: BTreeMap<u64, Call>,
@@ -329,6 +380,7 @@ impl Sim {
         // Half the histories keep no hints at all: every hint is dropped.
         let hint_bytes_max = if rng.chance(0.5) { 0 } else { 1 << 20 };
         let lossy = rng.chance(0.5);
+        let hint_age_ms = if rng.chance(0.25) { HINT_AGE_SHORT_MS } else { u64::MAX };
         let nodes = (1..=NODES)
             .map(|id| {
                 let node = Node {
@@ -338,6 +390,7 @@ impl Sim {
                     offset_ms: rng.between(0, MAX_OFFSET_MS / 2 - 1),
                     ops: BTreeMap::new(),
                     searches: BTreeMap::new(),
+                    handing_off: BTreeMap::new(),
                 };
                 (NodeId(id), node)
             })
@@ -352,6 +405,8 @@ impl Sim {
             down: None,
             cut: None,
             lossy,
+            had_cut: false,
+            hint_age_ms,
             clients_on: true,
             calls: BTreeMap::new(),
             next_call: 0,
@@ -615,12 +670,57 @@ impl Sim {
                 self.finish(id, op, outcome);
             }
         }
+        if self.now.is_multiple_of(HINT_TICK_MS) {
+            for id in self.nodes.keys().copied().collect::<Vec<_>>() {
+                self.hand_off(id);
+            }
+        }
         if new_ops && self.rng.chance(0.5) {
             let coordinator = NodeId(self.rng.between(1, NODES));
             if Some(coordinator) != self.down {
                 self.start_op(coordinator);
             }
         }
+    }
+
+    /// A hint tick at `holder`: for each owner, what [`hints::handoff`]
+    /// says, as the node does it (hints past their age dropped, the others
+    /// sent to an owner that is up and removed once it has them).
+    fn hand_off(&mut self, holder: NodeId) {
+        if Some(holder) == self.down {
+            return;
+        }
+        let (now, down) = (self.now, self.down_seen_by(holder));
+        let node = self.nodes.get_mut(&holder).expect("a holder is a node");
+        let cutoff_ms = (now + node.offset_ms).saturating_sub(self.hint_age_ms);
+        node.handing_off.retain(|_, until| *until >= now);
+        let mut owners: Vec<NodeId> = node.store.hints.iter().map(|h| h.hinted.owner).collect();
+        owners.sort();
+        owners.dedup();
+        owners.retain(|owner| !node.handing_off.contains_key(owner));
+        let mut sends = Vec::new();
+        for owner in owners {
+            let taken: Vec<u64> =
+                node.store.hints.iter().filter(|h| h.hinted.owner == owner).map(|h| h.taken_ms).collect();
+            let expired = match hints::handoff(&taken, !down.contains(&owner), cutoff_ms) {
+                hints::Handoff::Keep => continue,
+                hints::Handoff::Expire { expired } | hints::Handoff::Deliver { expired } => expired,
+            };
+            let expired_ids: Vec<u64> =
+                node.store.hints.iter().filter(|h| h.hinted.owner == owner).take(expired).map(|h| h.id).collect();
+            node.store.hints.retain(|h| !expired_ids.contains(&h.id));
+            node.store.hints_expired += expired;
+            if down.contains(&owner) {
+                continue;
+            }
+            let held = node.store.hints.iter().filter(|h| h.hinted.owner == owner);
+            let (ids, sets) = held.map(|h| (h.id, h.hinted.sets.clone())).unzip::<_, _, Vec<_>, Vec<_>>();
+            if !ids.is_empty() {
+                node.handing_off.insert(owner, now + DEADLINE_MS);
+                sends.push((owner, Message::Handoff { sets: sets.concat(), ids }));
+            }
+        }
+        self.send_messages(holder, sends);
     }
 
     fn deliver(&mut self, flight: InFlight) {
@@ -639,6 +739,25 @@ impl Sim {
                 return self.send_messages(flight.to, vec![(flight.from, Message::SearchHits { search, hits })]);
             }
             Message::SearchHits { search, hits } => return self.search_part_answered(flight.to, search, hits),
+            Message::Handoff { sets, ids } => {
+                let mut replica = Replica {
+                    store: &mut node.store,
+                    stamper: &mut node.stamper,
+                    wall_ms: self.now + node.offset_ms,
+                    skew_refused: &mut self.skew_refused,
+                };
+                if replica.merge(sets, Vec::new()).is_ok() {
+                    self.send_messages(flight.to, vec![(flight.from, Message::HandedOff { ids })]);
+                }
+                return;
+            }
+            Message::HandedOff { ids } => {
+                let before = node.store.hints.len();
+                node.store.hints.retain(|h| !ids.contains(&h.id));
+                node.store.hints_delivered += before - node.store.hints.len();
+                node.handing_off.remove(&flight.from);
+                return;
+            }
         };
         match message {
             message @ (DataMessage::Write { .. } | DataMessage::Read { .. }) => {
@@ -890,9 +1009,9 @@ impl Sim {
         rest.append(&mut self.dropped);
         self.down = None;
         self.cut = None;
-        let hints: Vec<Hinted> =
+        let hints: Vec<HeldHint> =
             self.nodes.values_mut().flat_map(|node| std::mem::take(&mut node.store.hints)).collect();
-        for Hinted { owner, sets } in hints {
+        for HeldHint { hinted: Hinted { owner, sets }, .. } in hints {
             self.nodes.get_mut(&owner).expect("a hint's owner is a node").store.merge_sets(sets);
         }
         for flight in rest {
@@ -931,7 +1050,10 @@ impl Sim {
                 });
                 assert!(kept, "seed {}: an acknowledged causal write of {key:?} is gone: {version:?}", self.seed);
             }
-            let acked = self.acked.get(&key).into_iter().chain(self.acked_any.get(&key)).max();
+            // A write at `any` that only a hint held is gone once the hint
+            // expired: checked only where none expires.
+            let any = self.acked_any.get(&key).filter(|_| self.hint_age_ms == u64::MAX);
+            let acked = self.acked.get(&key).into_iter().chain(any).max();
             if let Some(acked) = acked {
                 let winner = first.as_ref().and_then(Siblings::winner).map(|v| v.order());
                 assert!(
@@ -954,6 +1076,8 @@ struct Checked {
     searches_unavailable: usize,
     waited: usize,
     hints_dropped: usize,
+    hints_delivered: usize,
+    hints_expired: usize,
     /// Histories with a node cut off, and the retries their clients made.
     cut: usize,
     retried_around_cut: u64,
@@ -969,12 +1093,20 @@ fn run(seed: u64) -> Checked {
                 // One node stops answering (its data stays).
                 true => sim.down = Some(node),
                 // One node's peers cannot reach it, nor it them.
-                false => sim.cut = Some((node, sim.now)),
+                false => {
+                    sim.cut = Some((node, sim.now));
+                    sim.had_cut = true;
+                }
             }
+        }
+        if step == RECOVER_AT {
+            // The node is back, or the cut heals: hints go to their owners.
+            sim.down = None;
+            sim.cut = None;
         }
         sim.step(true);
     }
-    let cut = sim.cut.is_some();
+    let cut = sim.had_cut;
     assert!(
         sim.cut_violations.is_empty(),
         "seed {seed}: with one node cut off from its peers and no other fault, calls failed or waited for a \
@@ -993,6 +1125,13 @@ fn run(seed: u64) -> Checked {
         sim.clock_refused
     );
     let hints_dropped = sim.nodes.values().map(|n| n.store.hints_dropped).sum();
+    let hints_delivered = sim.nodes.values().map(|n| n.store.hints_delivered).sum();
+    let hints_expired = sim.nodes.values().map(|n| n.store.hints_expired).sum();
+    if cut {
+        // Nothing lost, and everyone up for a while: every hint was handed on.
+        let held: usize = sim.nodes.values().map(|n| n.store.hints.len()).sum();
+        assert_eq!(held, 0, "seed {seed}: hints still held long after the cut healed");
+    }
     sim.converge();
     sim.search_converged();
     Checked {
@@ -1003,6 +1142,8 @@ fn run(seed: u64) -> Checked {
         searches_unavailable: sim.searches_unavailable,
         waited: sim.waited,
         hints_dropped,
+        hints_delivered,
+        hints_expired,
         cut: usize::from(cut),
         retried_around_cut: if cut { sim.retries.not_applied } else { 0 },
     }
@@ -1027,6 +1168,8 @@ fn quorum_reads_see_acknowledged_writes_and_replicas_converge() {
         total.searches_unavailable += one.searches_unavailable;
         total.waited += one.waited;
         total.hints_dropped += one.hints_dropped;
+        total.hints_delivered += one.hints_delivered;
+        total.hints_expired += one.hints_expired;
         total.cut += one.cut;
         total.retried_around_cut += one.retried_around_cut;
     }
@@ -1037,6 +1180,8 @@ fn quorum_reads_see_acknowledged_writes_and_replicas_converge() {
     assert!(total.searches_unavailable > 0, "some searches lost a part and failed by their deadline");
     assert!(total.waited > 0, "some coordinators waited for their clock before stamping");
     assert!(total.hints_dropped > 0, "some stand-ins had no room for a hint");
+    assert!(total.hints_delivered > 0, "some hints were handed on to their owner once it was back");
+    assert!(total.hints_expired > 0, "some hints passed their age while their owner was down");
     assert!(total.cut > 0 && total.retried_around_cut > 0, "some calls went around a node cut off from its peers");
 }
 

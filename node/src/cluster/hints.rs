@@ -58,6 +58,33 @@ pub fn fits(queued: u64, bytes: u64, bytes_max: u64) -> bool {
     queued.saturating_add(bytes) <= bytes_max
 }
 
+/// What a holder does with the oldest hints it holds for one owner: the
+/// rule the node's hint tick and the simulation both follow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Handoff {
+    /// Nothing to do: none held, or the owner is down and none is past its
+    /// age.
+    Keep,
+    /// The owner is down: drop the first `expired`, past their age; keep
+    /// the rest.
+    Expire { expired: usize },
+    /// The owner takes writes: send it the hints after the first
+    /// `expired`; once it has them durable, remove them all (the expired
+    /// ones counted as dropped).
+    Deliver { expired: usize },
+}
+
+/// The step for hints taken at `taken_ms` (oldest first) for an owner that
+/// is up or not, when a hint taken before `cutoff_ms` is past its age.
+pub fn handoff(taken_ms: &[u64], owner_up: bool, cutoff_ms: u64) -> Handoff {
+    let expired = taken_ms.iter().take_while(|&&ms| ms < cutoff_ms).count();
+    match (taken_ms.is_empty(), owner_up, expired) {
+        (true, _, _) | (false, false, 0) => Handoff::Keep,
+        (false, true, expired) => Handoff::Deliver { expired },
+        (false, false, expired) => Handoff::Expire { expired },
+    }
+}
+
 /// The hints of one write a stand-in accepted: the engine ops that hold
 /// them (for the write's record), and their bytes, reserved against each
 /// owner's bound until [`HintStore::written`].
@@ -213,6 +240,16 @@ mod tests {
     /// and not yet durable, is dropped and counted, and the others held; a
     /// hint's bytes are in its queue once its write is durable, and free
     /// again if the write failed.
+    #[test]
+    fn hints_go_to_an_owner_that_is_up_and_expire_by_age_either_way() {
+        assert_eq!(handoff(&[], true, 100), Handoff::Keep);
+        assert_eq!(handoff(&[150, 160], false, 100), Handoff::Keep, "down, none too old");
+        assert_eq!(handoff(&[50, 60, 150], false, 100), Handoff::Expire { expired: 2 });
+        assert_eq!(handoff(&[50, 60, 150], true, 100), Handoff::Deliver { expired: 2 });
+        assert_eq!(handoff(&[150], true, 100), Handoff::Deliver { expired: 0 });
+        assert_eq!(handoff(&[50], true, 100), Handoff::Deliver { expired: 1 }, "only expired: removed, nothing sent");
+    }
+
     #[test]
     fn a_hint_past_its_bound_is_dropped_and_bytes_count_once_durable() {
         let dir = tempfile::tempdir().unwrap();

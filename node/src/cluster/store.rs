@@ -42,7 +42,7 @@ use quiver_ring::wire::{self, ErrorKind, RingInfo, RingMember, SearchHit, Server
 use quiver_ring::{Context, Hlc, NodeId, Siblings};
 
 use super::batchlog::BatchLog;
-use super::hints::HintStore;
+use super::hints::{self, Handoff, HintStore};
 use super::membership::Membership;
 use super::placement;
 use super::quorum::{
@@ -324,11 +324,7 @@ impl ClusterStore {
             let taking_writes = peers.filter(|p| p.up && p.storage_failure.is_none());
             let up: Vec<NodeId> = taking_writes.filter_map(|p| p.node_id.map(NodeId)).collect();
             for &owner in held.keys() {
-                let handed = match up.contains(&owner) {
-                    true => store.deliver_hints(owner).await,
-                    false => store.expire_hints(owner).await,
-                };
-                if let Err(error) = handed {
+                if let Err(error) = store.hand_off(owner, up.contains(&owner)).await {
                     tracing::debug!(owner = owner.0, %error, "hints not delivered yet");
                 }
             }
@@ -951,44 +947,33 @@ impl ClusterStore {
         self.wall.now_ms().saturating_sub(self.hint_age_max_ms)
     }
 
-    /// Drops the hints held for `owner` (down) that are past their age.
-    async fn expire_hints(&self, owner: NodeId) -> Result<(), ServerError> {
-        loop {
-            let store = self.hints.clone();
-            let mut batch = off_worker(move || store.oldest(owner, HINT_BATCH_BYTES)).await?;
-            let cutoff_ms = self.hint_cutoff_ms();
-            let held = batch.len();
-            // Oldest first: the expired ones are a prefix.
-            batch.retain(|hint| hint.seq.physical_ms() < cutoff_ms);
-            if batch.is_empty() {
-                return Ok(());
-            }
-            let expired = batch.len() as u64;
-            self.hints.remove(&batch, expired).await?;
-            tracing::warn!(owner = owner.0, expired, "hints past their age were dropped while their owner is down");
-            if batch.len() < held {
-                return Ok(());
-            }
-        }
-    }
-
-    /// Sends `owner` what this node holds for it, oldest first, a batch at
-    /// a time, removing each batch once the owner has it durable. Hints
-    /// past their age are removed without being sent.
-    async fn deliver_hints(&self, owner: NodeId) -> Result<(), ServerError> {
+    /// Hands on what this node holds for `owner` (`up`: it takes writes),
+    /// oldest first, a batch at a time, as [`hints::handoff`] says: to an
+    /// owner that is up the batch is sent and removed once the owner has
+    /// it durable; hints past their age are removed, not sent, whether the
+    /// owner is up or not.
+    async fn hand_off(&self, owner: NodeId, up: bool) -> Result<(), ServerError> {
         loop {
             let store = self.hints.clone();
             let batch = off_worker(move || store.oldest(owner, HINT_BATCH_BYTES)).await?;
-            if batch.is_empty() {
-                return Ok(());
-            }
-            let cutoff_ms = self.hint_cutoff_ms();
-            let expired = batch.iter().filter(|hint| hint.seq.physical_ms() < cutoff_ms).count() as u64;
-            let sets: Vec<(Vec<u8>, Siblings)> = batch
-                .iter()
-                .filter(|hint| hint.seq.physical_ms() >= cutoff_ms)
-                .flat_map(|hint| hint.sets.clone())
-                .collect();
+            let taken: Vec<u64> = batch.iter().map(|hint| hint.seq.physical_ms()).collect();
+            let expired = match hints::handoff(&taken, up, self.hint_cutoff_ms()) {
+                Handoff::Keep => return Ok(()),
+                Handoff::Expire { expired } => {
+                    self.hints.remove(&batch[..expired], expired as u64).await?;
+                    tracing::warn!(
+                        owner = owner.0,
+                        expired,
+                        "hints past their age were dropped while their owner is down"
+                    );
+                    if expired < batch.len() {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                Handoff::Deliver { expired } => expired,
+            };
+            let sets: Vec<(Vec<u8>, Siblings)> = batch[expired..].iter().flat_map(|hint| hint.sets.clone()).collect();
             if !sets.is_empty() {
                 let delivered = self
                     .membership
@@ -996,7 +981,7 @@ impl ClusterStore {
                     .call(PeerRequest::Write { sets, hints: Vec::new() }, self.timers.op_timeout);
                 written(delivered.await, "delivering hints")?;
             }
-            self.hints.remove(&batch, expired).await?;
+            self.hints.remove(&batch, expired as u64).await?;
             if expired > 0 {
                 tracing::warn!(owner = owner.0, expired, "hints past their age were dropped undelivered");
             }
