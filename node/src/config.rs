@@ -436,7 +436,7 @@ impl Config {
             repair: self.storage.repair,
             debug_skip_write_probability: self.debug_skip_write_probability,
             // Until anti-entropy repair covers every range, a node of a
-            // cluster keeps its tombstones (design section 5).
+            // cluster keeps its tombstones.
             tombstone_grace_ms: match self.name {
                 Some(_) => u64::MAX,
                 None => self.gc_grace_secs.saturating_mul(1000),

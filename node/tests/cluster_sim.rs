@@ -11,7 +11,7 @@
 //! have (`Unconfirmed`). Blind writes go through any coordinator;
 //! causal writes, with the context of an earlier (perhaps stale) read, are
 //! coordinated by a replica of the key, which writes against its own
-//! siblings and sends the resulting set (design section 5). Every replica
+//! siblings and sends the resulting set. Every replica
 //! adopts the timestamps it receives, and quorum reads repair the replicas
 //! that answered stale.
 //!

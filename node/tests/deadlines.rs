@@ -1,4 +1,4 @@
-//! Write deadlines (design section 5): a write held back in the node past
+//! Write deadlines: a write held back in the node past
 //! its deadline is never applied, and the same client's next write wins.
 //!
 //! The node runs in this process with a test hook that holds one write

@@ -1,4 +1,4 @@
-//! Tombstones that stay dead (design section 5): a tombstone is purged
+//! Tombstones that stay dead: a tombstone is purged
 //! only below the horizon (now minus `gc_grace`), and a version from a
 //! peer (replication, read repair, a hint) below that horizon is refused,
 //! or a hint delivered late would bring a deleted key back.

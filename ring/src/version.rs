@@ -1,5 +1,5 @@
-//! Versions of a key and the one rule for merging them (design section 5,
-//! "Versions (v2)").
+//! Versions of a key and the one rule for merging them (versions v2;
+//! docs/architecture.md, "Versions and clocks").
 //!
 //! A key maps to its live versions, the *siblings*. Every version has an
 //! `order = (hlc, origin)`: its [`Hlc`] and the [`BatchId`] of the write or

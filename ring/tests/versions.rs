@@ -1,5 +1,4 @@
-//! Property tests of the version merge over random histories, after the
-//! executable model `shared/models/versions_v2.py` (design section 5).
+//! Property tests of the version merge over random histories.
 //!
 //! A history runs on 3 to 5 replicas that all hold the same few keys: blind
 //! writes and deletes, bulk sets over every key (one stamp), reads of a

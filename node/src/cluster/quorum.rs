@@ -430,7 +430,7 @@ impl Quorum {
     }
 
     /// Starts a write of `sets` that `holder`, one of the replicas, already
-    /// has durable (a causal write it coordinated, design section 5): it
+    /// has durable (a causal write it coordinated): it
     /// counts as answered and is sent only the hints it holds, if any.
     /// Returns the messages to send, and the outcome if that one answer is
     /// already enough (or, before anything is sent, if too few replicas

@@ -19,7 +19,7 @@
 //!   the answer get their part all the same.
 //!
 //! A causal write is coordinated by a replica of its key: it makes the
-//! write against its own siblings (design section 5) and sends the key's
+//! write against its own siblings and sends the key's
 //! whole resulting set to the other replicas; any other node refuses it
 //! with `NotReplica`. A read sends the merge of every replica's answer to
 //! those that answered stale or nothing ([`Quorum::take_repairs`]).

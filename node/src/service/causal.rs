@@ -1,5 +1,5 @@
-//! Causal writes on one node: the per-key read-modify-write (design section
-//! 5), and reads of every version of a key.
+//! Causal writes on one node: the per-key read-modify-write, and reads of
+//! every version of a key.
 //!
 //! - Owns: the per-key locks (a map from each key with a causal write in
 //!   progress to the writes waiting for it) and the count of writes

@@ -183,7 +183,7 @@ impl LocalStore {
     ///
     /// A version older than the tombstone horizon (now minus `gc_grace`) is
     /// refused and left out: a tombstone that covered it may have been
-    /// purged here, and the key would come back (design section 5).
+    /// purged here, and the key would come back.
     pub fn apply_replicated(&self, sets: Vec<(Vec<u8>, Siblings)>, with: Vec<storage::Op>, done: Done<()>) {
         if let Err(error) = self.room_for_peers() {
             return done(Err(error));

@@ -12,7 +12,7 @@
 //! with recycling).
 //!
 //! ```text
-//! segment := magic "QVWAL\0\0\x02" (8 bytes) | frame* | zeros | stale bytes
+//! segment := MAGIC (8 bytes) | frame* | zeros | stale bytes
 //! frame   := len u32 LE | crc32(salt ++ payload) u32 LE | payload   (see `frame`)
 //! salt    := the segment's number, u64 LE (not stored)
 //! payload := seq u64 LE | group u64 LE | postcard(Vec<Op>)
@@ -61,7 +61,7 @@ use crate::storage::frame::{self, Stop};
 use crate::storage::Op;
 
 /// First bytes of every segment written now: name and format version.
-/// Format 3: records hold versions v2 (design section 5). Formats 1 and 2
+/// Format 3: records hold versions v2. Formats 1 and 2
 /// held the first version model; their segments are refused.
 pub const MAGIC: &[u8; 8] = b"QVWAL\0\0\x03";
 /// The format [`MAGIC`] names.

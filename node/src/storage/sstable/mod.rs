@@ -33,8 +33,8 @@ use serde::{Deserialize, Serialize};
 
 /// Last eight bytes of every table.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"QVSST\0\0\0");
-/// The format this code writes and reads. 2: versions v2 (design section
-/// 5); tables of format 1 are refused.
+/// The format this code writes and reads. 2: versions v2; tables of format
+/// 1 are refused.
 pub const FORMAT_VERSION: u32 = 2;
 /// Size of the fixed footer.
 pub const FOOTER_LEN: usize = 52;
