@@ -302,6 +302,13 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// A configured peer: its name and peer address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerConfig {
+    pub name: String,
+    pub peer_addr: std::net::SocketAddr,
+}
+
 /// The timers of a node in a cluster (`Config`'s `heartbeat_ms`,
 /// `op_timeout_ms`, `hint_tick_ms`, `batch_replay_after_ms`); tests set them
 /// short.
@@ -404,14 +411,14 @@ impl Config {
     }
 
     /// The peers, parsed.
-    pub fn peer_configs(&self) -> Result<Vec<crate::cluster::membership::PeerConfig>, ConfigError> {
+    pub fn peer_configs(&self) -> Result<Vec<PeerConfig>, ConfigError> {
         self.peers
             .iter()
             .map(|peer| {
                 let invalid = || ConfigError::Invalid(format!("peer {peer:?} is not NAME=HOST:PORT"));
                 let (name, addr) = peer.split_once('=').ok_or_else(invalid)?;
                 let peer_addr = addr.parse().map_err(|_| invalid())?;
-                Ok(crate::cluster::membership::PeerConfig { name: name.to_owned(), peer_addr })
+                Ok(PeerConfig { name: name.to_owned(), peer_addr })
             })
             .collect()
     }

@@ -18,7 +18,6 @@
 //!   it says so in `status` and the log, and tells clients to avoid it.
 //! - Hands on: [`Membership::peers`] for `status`.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -28,16 +27,10 @@ use quiver_ring::wire::{ErrorKind, PeerInfo, ServerError};
 use quiver_ring::NodeId;
 
 use crate::clock::Clock;
+pub use crate::config::PeerConfig;
 use crate::lock;
 use crate::net::peer::{KnownMember, LinkBounds, LinkStats, PeerEndpoint, PeerLink, PeerReply, PeerRequest};
 use crate::stamping::NodeClock;
-
-/// A configured peer.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PeerConfig {
-    pub name: String,
-    pub peer_addr: SocketAddr,
-}
 
 #[derive(Debug)]
 struct Peer {

@@ -23,9 +23,9 @@ use quiver_ring::wire::{ErrorKind, ServerError};
 use quiver_ring::{Hlc, NodeId, Siblings};
 
 use crate::lock;
-use crate::service::storage_error;
 use crate::stamping::NodeClock;
 use crate::storage::keys::{keyspace_start, Keyspace};
+use crate::storage::storage_error;
 use crate::storage::{self, Engine};
 
 /// Sibling sets of several keys.

@@ -1007,7 +1007,7 @@ async fn off_worker<T: Send + 'static>(
     read: impl FnOnce() -> crate::storage::Result<T> + Send + 'static,
 ) -> Result<T, ServerError> {
     let joined = tokio::task::spawn_blocking(read).await;
-    joined.map_err(|e| ServerError::new(ErrorKind::Internal, e.to_string()))?.map_err(crate::service::storage_error)
+    joined.map_err(|e| ServerError::new(ErrorKind::Internal, e.to_string()))?.map_err(crate::storage::storage_error)
 }
 
 /// Starts work that answers through a [`Done`] (this node's store) and

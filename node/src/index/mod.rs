@@ -36,9 +36,8 @@ use quiver_ring::ring::{vector_key_base, vector_key_of, TokenRange};
 use quiver_ring::wire::{ErrorKind, SearchHit, ServerError};
 use quiver_ring::Siblings;
 
-use crate::service::storage_error;
 use crate::storage::keys::{data_key, keyspace_start, user_key, Keyspace};
-use crate::storage::{self, Engine, Op};
+use crate::storage::{self, storage_error, Engine, Op};
 use analyzer::Analyzer;
 use embed::Embedder;
 use query::{Match, Query};

@@ -25,11 +25,12 @@ use std::sync::{Arc, Mutex};
 use quiver_ring::wire::{ErrorKind, ServerError};
 use quiver_ring::{Context, Siblings, SIBLINGS_MAX};
 
-use super::local::{storage_error, Writes};
+use super::local::Writes;
 use super::reads::{Job, Jobs, Task};
 use super::{Done, Timing};
 use crate::lock;
 use crate::stamping::NodeClock;
+use crate::storage::storage_error;
 use crate::storage::{self, Engine};
 
 /// One causal write.

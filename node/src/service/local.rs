@@ -21,6 +21,7 @@ use crate::index::text::TermStats;
 use crate::index::{Index, Search};
 use crate::stamping::NodeClock;
 use crate::storage::keys::data_key;
+use crate::storage::storage_error;
 use crate::storage::{self, Engine};
 
 /// The default `gc_grace`: ten days, as Cassandra's.
@@ -405,18 +406,4 @@ impl<T: Send + 'static> Task for Closure<T> {
     fn cancel(self: Box<Self>, error: ServerError) {
         (self.done)(Err(error));
     }
-}
-
-/// The error a client sees for a storage failure.
-pub fn storage_error(error: storage::Error) -> ServerError {
-    let kind = match &error {
-        storage::Error::Closed => ErrorKind::ShuttingDown,
-        storage::Error::TooLarge { .. } => ErrorKind::BulkTooLarge,
-        storage::Error::OutOf { .. } if error.is_disk_full() => ErrorKind::DiskFull,
-        storage::Error::Failed(_) | storage::Error::Io { .. } | storage::Error::OutOf { .. } => {
-            ErrorKind::StorageFailed
-        }
-        _ => ErrorKind::Internal,
-    };
-    ServerError::new(kind, error.to_string())
 }

@@ -23,7 +23,8 @@ use quiver_ring::wire::{
 use quiver_ring::{Context, Hlc, NodeId, Siblings};
 use tokio::sync::watch;
 
-pub use local::{not_indexed, storage_error, HeldWrite, LocalStore, WriteHook, GC_GRACE_MS};
+pub use crate::storage::storage_error;
+pub use local::{not_indexed, HeldWrite, LocalStore, WriteHook, GC_GRACE_MS};
 pub use reads::ReadHook;
 pub use token::TokenSeal;
 

@@ -25,9 +25,9 @@ use std::thread::JoinHandle;
 use quiver_ring::wire::{ErrorKind, ServerError};
 use quiver_ring::Siblings;
 
-use super::local::storage_error;
 use super::Done;
 use crate::lock;
+use crate::storage::storage_error;
 use crate::storage::Engine;
 
 /// Keys a job reads before it yields its thread to the next job.

@@ -1,6 +1,8 @@
 //! The storage engine's error type.
 
 use std::io;
+
+use quiver_ring::wire::{ErrorKind, ServerError};
 use std::path::{Path, PathBuf};
 
 /// Everything that can go wrong in the storage engine.
@@ -99,4 +101,16 @@ impl<T> IoContext<T> for io::Result<T> {
     fn ctx(self, op: &'static str, path: &Path) -> Result<T> {
         self.map_err(|source| Error::Io { op, path: path.to_path_buf(), source })
     }
+}
+
+/// The error a client sees for a storage failure.
+pub fn storage_error(error: Error) -> ServerError {
+    let kind = match &error {
+        Error::Closed => ErrorKind::ShuttingDown,
+        Error::TooLarge { .. } => ErrorKind::BulkTooLarge,
+        Error::OutOf { .. } if error.is_disk_full() => ErrorKind::DiskFull,
+        Error::Failed(_) | Error::Io { .. } | Error::OutOf { .. } => ErrorKind::StorageFailed,
+        _ => ErrorKind::Internal,
+    };
+    ServerError::new(kind, error.to_string())
 }

@@ -40,7 +40,7 @@ pub mod sstable;
 pub mod wal;
 
 pub use engine::{Engine, Options, Stats};
-pub use error::{Error, Result};
+pub use error::{storage_error, Error, Result};
 
 use std::ops::Range;
 
