@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use anyhow::Context;
 use clap::Parser;
 use quiver_node::clock::{Clock, OffsetClock, SystemClock};
 use quiver_node::cluster::membership::Membership;
@@ -209,9 +210,9 @@ struct Args {
 }
 
 impl Args {
-    fn into_config(self) -> Result<Config, String> {
+    fn into_config(self) -> anyhow::Result<Config> {
         let mut config = match &self.config {
-            Some(path) => Config::load(path).map_err(|e| e.to_string())?,
+            Some(path) => Config::load(path)?,
             None => Config::default(),
         };
         if let Some(v) = self.data_dir {
@@ -324,21 +325,19 @@ impl Args {
         }
         if let Some(ms) = self.debug_clock_offset_ms {
             if std::env::var("QUIVER_UNSAFE_TEST_MODES").as_deref() != Ok("1") {
-                return Err("--debug-clock-offset-ms is a test mode; it needs QUIVER_UNSAFE_TEST_MODES=1".into());
+                anyhow::bail!("--debug-clock-offset-ms is a test mode; it needs QUIVER_UNSAFE_TEST_MODES=1");
             }
             config.debug_clock_offset_ms = ms;
         }
         if let Some(p) = self.debug_drop_acked_writes {
             if std::env::var("QUIVER_UNSAFE_TEST_MODES").as_deref() != Ok("1") {
-                return Err(
-                    "--debug-drop-acked-writes loses data on purpose; it needs QUIVER_UNSAFE_TEST_MODES=1".into()
-                );
+                anyhow::bail!("--debug-drop-acked-writes loses data on purpose; it needs QUIVER_UNSAFE_TEST_MODES=1");
             }
             config.debug_drop_acked_writes = p;
         }
         if self.debug_exit_after_batch_log {
             if std::env::var("QUIVER_UNSAFE_TEST_MODES").as_deref() != Ok("1") {
-                return Err("--debug-exit-after-batch-log is a test mode; it needs QUIVER_UNSAFE_TEST_MODES=1".into());
+                anyhow::bail!("--debug-exit-after-batch-log is a test mode; it needs QUIVER_UNSAFE_TEST_MODES=1");
             }
             config.debug_exit_after_batch_log = true;
         }
@@ -347,7 +346,7 @@ impl Args {
         if let Some(path) = self.word_vectors {
             config.word_vectors = Some(path);
         }
-        config.validate().map_err(|e| e.to_string())?;
+        config.validate()?;
         Ok(config)
     }
 }
@@ -364,7 +363,7 @@ async fn main() -> ExitCode {
     let config = match args.into_config() {
         Ok(config) => config,
         Err(error) => {
-            eprintln!("quiverd: {error}");
+            eprintln!("quiverd: {error:#}");
             return ExitCode::from(2);
         }
     };
@@ -373,11 +372,11 @@ async fn main() -> ExitCode {
             Ok(Ok(true)) => ExitCode::SUCCESS,
             Ok(Ok(false)) => ExitCode::FAILURE,
             Ok(Err(error)) => {
-                eprintln!("quiverd: {error}");
+                eprintln!("quiverd: {error:#}");
                 ExitCode::from(2)
             }
             Err(error) => {
-                eprintln!("quiverd: {error}");
+                eprintln!("quiverd: {error:#}");
                 ExitCode::from(2)
             }
         };
@@ -385,8 +384,8 @@ async fn main() -> ExitCode {
     match run(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            tracing::error!("{error}");
-            eprintln!("quiverd: {error}");
+            tracing::error!("{error:#}");
+            eprintln!("quiverd: {error:#}");
             ExitCode::FAILURE
         }
     }
@@ -394,14 +393,13 @@ async fn main() -> ExitCode {
 
 /// `--check-index`: whether the stored index matches the data (printing
 /// what differs if not).
-fn check_index_of(config: &Config) -> Result<bool, String> {
+fn check_index_of(config: &Config) -> anyhow::Result<bool> {
     let dir = &config.data_dir;
-    let _lock = lock_data_dir(dir).map_err(|e| format!("locking {}: {e}", dir.display()))?;
-    let engine = Engine::open(dir, config.engine_options()).map_err(|e| format!("opening the storage engine: {e}"))?;
-    let embedder = config.embedder()?;
-    let wrong =
-        quiver_node::index::verify(&engine, embedder.as_ref(), 20).map_err(|e| format!("reading the index: {e}"))?;
-    engine.close().map_err(|e| format!("closing: {e}"))?;
+    let _lock = lock_data_dir(dir).with_context(|| format!("locking {}", dir.display()))?;
+    let engine = Engine::open(dir, config.engine_options()).context("opening the storage engine")?;
+    let embedder = config.embedder().map_err(anyhow::Error::msg)?;
+    let wrong = quiver_node::index::verify(&engine, embedder.as_ref(), 20).context("reading the index")?;
+    engine.close().context("closing")?;
     for line in &wrong {
         println!("{line}");
     }
@@ -409,15 +407,15 @@ fn check_index_of(config: &Config) -> Result<bool, String> {
     Ok(wrong.is_empty())
 }
 
-async fn run(config: Config) -> Result<(), String> {
+async fn run(config: Config) -> anyhow::Result<()> {
     let dir = config.data_dir.clone();
-    make_private_dir(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    make_private_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
     raise_open_files_limit(config.limits.connections_max);
-    let _lock = lock_data_dir(&dir).map_err(|e| format!("locking {}: {e}", dir.display()))?;
-    let node_id = load_or_create_node_id(&dir).map_err(|e| format!("node id in {}: {e}", dir.display()))?;
-    let admin_token = load_or_create_admin_token(&dir).map_err(|e| format!("admin token in {}: {e}", dir.display()))?;
+    let _lock = lock_data_dir(&dir).with_context(|| format!("locking {}", dir.display()))?;
+    let node_id = load_or_create_node_id(&dir).with_context(|| format!("node id in {}", dir.display()))?;
+    let admin_token = load_or_create_admin_token(&dir).with_context(|| format!("admin token in {}", dir.display()))?;
     let seal = match &config.tls_dir {
-        Some(tls_dir) => read_cluster_secret(tls_dir).map_err(|e| format!("the cluster's secret: {e}"))?,
+        Some(tls_dir) => read_cluster_secret(tls_dir).context("the cluster's secret")?,
         None => match load_or_create_secret(&dir, CONTEXT_SECRET_FILE) {
             Ok(secret) => secret,
             // A node from before there were secrets, restarted on a full
@@ -425,24 +423,24 @@ async fn run(config: Config) -> Result<(), String> {
             // until it restarts with room to keep a secret.
             Err(error) if quiver_node::storage::error::is_exhaustion(&error) => {
                 tracing::warn!(%error, "no room to keep a context secret: this run's tokens end with it");
-                quiver_node::identity::random_secret().map_err(|e| format!("a context secret: {e}"))?
+                quiver_node::identity::random_secret().context("a context secret")?
             }
-            Err(error) => return Err(format!("the context secret in {}: {error}", dir.display())),
+            Err(error) => {
+                return Err(anyhow::Error::new(error).context(format!("the context secret in {}", dir.display())))
+            }
         },
     };
     let seal = TokenSeal::new(&seal);
     let options = config.engine_options();
     let engine_dir = dir.clone();
     let engine = tokio::task::spawn_blocking(move || Engine::open(&engine_dir, options))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("opening the storage engine: {e}"))?;
+        .await?
+        .context("opening the storage engine")?;
     let engine = Arc::new(engine);
 
-    let listener = TcpListener::bind(&config.client_addr)
-        .await
-        .map_err(|e| format!("listening on {}: {e}", config.client_addr))?;
-    let client_addr = listener.local_addr().map_err(|e| e.to_string())?.to_string();
+    let listener =
+        TcpListener::bind(&config.client_addr).await.with_context(|| format!("listening on {}", config.client_addr))?;
+    let client_addr = listener.local_addr()?.to_string();
     let clock: Arc<dyn Clock> = match config.debug_clock_offset_ms {
         0 => Arc::new(SystemClock),
         offset_ms => {
@@ -451,29 +449,28 @@ async fn run(config: Config) -> Result<(), String> {
         }
     };
     let node_clock = NodeClock::open(&dir, node_id, engine.max_hlc(), config.max_clock_offset_ms, clock.clone())
-        .map_err(|e| format!("the clock's high-water mark in {}: {e}", dir.display()))?;
+        .with_context(|| format!("the clock's high-water mark in {}", dir.display()))?;
     let node_clock = Arc::new(node_clock);
     if let Some(refusal) = node_clock.refusal() {
         tracing::error!(%refusal, "the clock refuses to stamp writes");
     }
     let disk = DiskSpace::new(&dir, config.storage.disk_reserve_bytes, config.storage.disk_reserve_peer_bytes)
-        .map_err(|e| format!("reading the free space of {}: {e}", dir.display()))?;
+        .with_context(|| format!("reading the free space of {}", dir.display()))?;
     let disk = Arc::new(disk);
     let mut store = LocalStore::new(engine.clone(), node_clock.clone(), config.read_threads())
-        .map_err(|e| format!("starting the reader threads: {e}"))?
+        .context("starting the reader threads")?
         .with_disk_space(disk.clone());
     let (index_engine, index_config) = (engine.clone(), config.clone());
     let index = tokio::task::spawn_blocking(move || match index_config.index {
         true => {
-            let embedder = index_config.embedder()?;
-            let index = Index::open(index_engine, embedder).map_err(|e| format!("opening the index: {e}"))?;
+            let embedder = index_config.embedder().map_err(anyhow::Error::msg)?;
+            let index = Index::open(index_engine, embedder).context("opening the index")?;
             let index = index.with_hits_bytes_max(index_config.limits.frame_bytes_max);
             Ok(Some(Arc::new(index)))
         }
-        false => Index::forget(&index_engine).map(|()| None).map_err(|e| format!("opening the index: {e}")),
+        false => Index::forget(&index_engine).map(|()| None).context("opening the index"),
     })
-    .await
-    .map_err(|e| e.to_string())??;
+    .await??;
     if let Some(index) = &index {
         store = store.with_index(index.clone());
     }
@@ -489,9 +486,8 @@ async fn run(config: Config) -> Result<(), String> {
         (Some(name), Some(tls_dir)) => {
             let (local, clock_of_data, hint_bytes_max) = (store, node_clock.clone(), config.hint_bytes_max);
             let data = tokio::task::spawn_blocking(move || NodeData::open(local, clock_of_data, hint_bytes_max))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| format!("counting the hints and bulk sets held: {e}"))?;
+                .await?
+                .context("counting the hints and bulk sets held")?;
             let joined = join_cluster(&config, name, tls_dir, node_id, &client_addr, &node_clock, &clock, &data)?;
             let (addr, membership) = joined;
             let hint_age_max_ms = config.hint_age_max_secs.saturating_mul(1000);
@@ -558,10 +554,7 @@ async fn run(config: Config) -> Result<(), String> {
     if let Some(index) = &index {
         index.stop();
     }
-    tokio::task::spawn_blocking(move || engine.shutdown())
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("closing: {e}"))?;
+    tokio::task::spawn_blocking(move || engine.shutdown()).await?.context("closing")?;
     tracing::info!("quiverd stopped");
     Ok(())
 }
@@ -607,12 +600,12 @@ fn join_cluster(
     node_clock: &Arc<NodeClock>,
     wall: &Arc<dyn Clock>,
     data: &NodeData,
-) -> Result<(String, Arc<Membership>), String> {
-    let tls = NodeTls::load(tls_dir, name).map_err(|e| format!("this node's certificate: {e}"))?;
-    let addr = config.peer_addr.parse().map_err(|e| format!("peer address {}: {e}", config.peer_addr))?;
-    let endpoint = PeerEndpoint::bind(addr, tls).map_err(|e| e.to_string())?.with_bounds(config.limits.peer_links());
-    let bound = endpoint.local_addr().map_err(|e| e.to_string())?.to_string();
-    let peers = config.peer_configs().map_err(|e| e.to_string())?;
+) -> anyhow::Result<(String, Arc<Membership>)> {
+    let tls = NodeTls::load(tls_dir, name).context("this node's certificate")?;
+    let addr = config.peer_addr.parse().with_context(|| format!("peer address {}", config.peer_addr))?;
+    let endpoint = PeerEndpoint::bind(addr, tls)?.with_bounds(config.limits.peer_links());
+    let bound = endpoint.local_addr()?.to_string();
+    let peers = config.peer_configs()?;
     let membership = Membership::new(
         &endpoint,
         node_id,
@@ -711,9 +704,9 @@ mod tests {
     #[test]
     fn a_peer_must_be_name_and_address() {
         let args = Args::try_parse_from(["quiverd", "--name=n1", "--tls-dir=/c", "--peer=n2"]).unwrap();
-        assert!(args.into_config().unwrap_err().contains("NAME=HOST:PORT"));
+        assert!(args.into_config().unwrap_err().to_string().contains("NAME=HOST:PORT"));
         let args = Args::try_parse_from(["quiverd", "--peer=n2=127.0.0.1:3"]).unwrap();
-        assert!(args.into_config().unwrap_err().contains("name, tls_dir"));
+        assert!(args.into_config().unwrap_err().to_string().contains("name, tls_dir"));
     }
 
     #[test]
@@ -721,7 +714,7 @@ mod tests {
         // The variable is not set in the test environment.
         assert!(std::env::var_os("QUIVER_UNSAFE_TEST_MODES").is_none());
         let args = Args::try_parse_from(["quiverd", "--debug-drop-acked-writes=0.1"]).unwrap();
-        let error = args.into_config().unwrap_err();
+        let error = args.into_config().unwrap_err().to_string();
         assert!(error.contains("QUIVER_UNSAFE_TEST_MODES"), "{error}");
     }
 
@@ -730,10 +723,10 @@ mod tests {
         let args = Args::try_parse_from(["quiverd", "--debug-skip-write-probability=2"]).unwrap();
         assert!(args.into_config().is_err());
         let args = Args::try_parse_from(["quiverd", "--gc-grace-secs=100", "--hint-age-max-secs=51"]).unwrap();
-        assert!(args.into_config().unwrap_err().contains("at most half of gc_grace_secs"));
+        assert!(args.into_config().unwrap_err().to_string().contains("at most half of gc_grace_secs"));
         let args = Args::try_parse_from(["quiverd", "--op-timeout-ms=500", "--batch-replay-after-ms=499"]).unwrap();
-        assert!(args.into_config().unwrap_err().contains("at least op_timeout_ms"));
+        assert!(args.into_config().unwrap_err().to_string().contains("at least op_timeout_ms"));
         let args = Args::try_parse_from(["quiverd", "--heartbeat-ms=0"]).unwrap();
-        assert!(args.into_config().unwrap_err().contains("at least 1"));
+        assert!(args.into_config().unwrap_err().to_string().contains("at least 1"));
     }
 }
