@@ -184,6 +184,14 @@ struct Replica<'a> {
     skew_refused: &'a mut usize,
 }
 
+impl Replica<'_> {
+    /// `node` as the replica of what arrives at `now`.
+    fn of<'a>(node: &'a mut Node, now: u64, skew_refused: &'a mut usize) -> Replica<'a> {
+        let wall_ms = now + node.offset_ms;
+        Replica { store: &mut node.store, stamper: &mut node.stamper, wall_ms, skew_refused }
+    }
+}
+
 impl ReplicaStore for Replica<'_> {
     fn merge(&mut self, sets: Vec<(Vec<u8>, Siblings)>, hinted: Vec<Hinted>) -> Result<Vec<NodeId>, Refusal> {
         let versions = sets.iter().chain(hinted.iter().flat_map(|h| &h.sets)).flat_map(|(_, s)| s.versions());
@@ -740,12 +748,7 @@ impl Sim {
             }
             Message::SearchHits { search, hits } => return self.search_part_answered(flight.to, search, hits),
             Message::Handoff { sets, ids } => {
-                let mut replica = Replica {
-                    store: &mut node.store,
-                    stamper: &mut node.stamper,
-                    wall_ms: self.now + node.offset_ms,
-                    skew_refused: &mut self.skew_refused,
-                };
+                let mut replica = Replica::of(node, self.now, &mut self.skew_refused);
                 if replica.merge(sets, Vec::new()).is_ok() {
                     self.send_messages(flight.to, vec![(flight.from, Message::HandedOff { ids })]);
                 }
@@ -761,12 +764,7 @@ impl Sim {
         };
         match message {
             message @ (DataMessage::Write { .. } | DataMessage::Read { .. }) => {
-                let mut replica = Replica {
-                    store: &mut node.store,
-                    stamper: &mut node.stamper,
-                    wall_ms: self.now + node.offset_ms,
-                    skew_refused: &mut self.skew_refused,
-                };
+                let mut replica = Replica::of(node, self.now, &mut self.skew_refused);
                 if let Some(reply) = replica_handle(&mut replica, message) {
                     let to = flight.to;
                     self.send(to, vec![(flight.from, reply)]);

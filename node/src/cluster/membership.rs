@@ -18,7 +18,7 @@
 //!   it says so in `status` and the log, and tells clients to avoid it.
 //! - Hands on: [`Membership::peers`] for `status`.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -56,11 +56,10 @@ pub struct Membership {
     link_stats: Arc<LinkStats>,
     clock: Arc<NodeClock>,
     wall: Arc<dyn Clock>,
-    /// Rounds of heartbeats done: until the first, nothing is known.
-    rounds: AtomicU64,
-    /// Why the node was cut off at the last round, if it was (logged once
-    /// each way).
-    was_cut_off: Mutex<Option<String>>,
+    /// A round of heartbeats is done: until then, nothing is known.
+    heard: AtomicBool,
+    /// The node was cut off at the last round (logged once each way).
+    was_cut_off: AtomicBool,
     /// How often each peer is pinged, and how long a ping may take.
     heartbeat: Duration,
 }
@@ -106,8 +105,8 @@ impl Membership {
             link_stats,
             clock,
             wall,
-            rounds: AtomicU64::new(0),
-            was_cut_off: Mutex::new(None),
+            heard: AtomicBool::new(false),
+            was_cut_off: AtomicBool::new(false),
             heartbeat: crate::config::ClusterTimers::default().heartbeat,
         }
     }
@@ -122,9 +121,9 @@ impl Membership {
     /// peers, and none answered the last heartbeat (nothing is said before
     /// the first round).
     pub fn cut_off(&self) -> Option<String> {
-        match self.rounds.load(Ordering::Acquire) {
-            0 => None,
-            _ => cut_off(&self.peers()),
+        match self.heard.load(Ordering::Acquire) {
+            false => None,
+            true => cut_off(&self.peers()),
         }
     }
 
@@ -249,16 +248,14 @@ impl Membership {
             pings.spawn(async move { membership.ping(index).await });
         }
         while pings.join_next().await.is_some() {}
-        self.rounds.fetch_add(1, Ordering::AcqRel);
+        self.heard.store(true, Ordering::Release);
         self.apply_clock_rule();
         let now = self.cut_off();
-        let mut was = lock(&self.was_cut_off);
-        match (&*was, &now) {
-            (None, Some(reason)) => tracing::error!(%reason, "this node is cut off from its cluster"),
-            (Some(_), None) => tracing::info!("this node hears its peers again"),
+        match (self.was_cut_off.swap(now.is_some(), Ordering::AcqRel), &now) {
+            (false, Some(reason)) => tracing::error!(%reason, "this node is cut off from its cluster"),
+            (true, None) => tracing::info!("this node hears its peers again"),
             _ => {}
         }
-        *was = now;
     }
 
     async fn ping(&self, index: usize) {

@@ -152,6 +152,11 @@ impl From<Vec<NodeId>> for Placement {
 }
 
 impl Placement {
+    /// The replicas this coordinator sees up, in order.
+    fn replicas_up(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.replicas.iter().copied().filter(|&id| !self.is_down(id))
+    }
+
     fn is_down(&self, node: NodeId) -> bool {
         self.stand_ins.iter().any(|&(down, _)| down == node)
     }
@@ -232,13 +237,8 @@ pub fn unreachable(placements: &[Placement], consistency: Consistency) -> Option
     placements
         .iter()
         .map(|placement| {
-            let up: Vec<NodeId> = placement
-                .replicas
-                .iter()
-                .copied()
-                .filter(|&id| !placement.is_down(id))
-                .chain(placement.stand_ins.iter().map(|&(_, holder)| holder))
-                .collect();
+            let holders = placement.stand_ins.iter().map(|&(_, holder)| holder);
+            let up: Vec<NodeId> = placement.replicas_up().chain(holders).collect();
             placement.count(&up, &[], consistency)
         })
         .filter(|&(up, needed, _)| up < needed)
@@ -372,7 +372,7 @@ impl Quorum {
         let mut asked: Vec<NodeId> = groups
             .iter()
             .flat_map(|g| {
-                let up = g.replicas.iter().copied().filter(|&id| !g.is_down(id));
+                let up = g.replicas_up();
                 up.chain(g.stand_ins.iter().map(|&(_, holder)| holder))
             })
             .collect();
@@ -410,7 +410,7 @@ impl Quorum {
         }
         let mut parts: BTreeMap<NodeId, Part> = BTreeMap::new();
         for (set, placement) in sets.iter().zip(&placements) {
-            for &node in placement.replicas.iter().filter(|&&id| !placement.is_down(id)) {
+            for node in placement.replicas_up() {
                 parts.entry(node).or_default().sets.push(set.clone());
             }
             for &(owner, holder) in &placement.stand_ins {
@@ -470,7 +470,7 @@ impl Quorum {
         deadline_ms: u64,
     ) -> Started {
         let down_only = Placement { replicas: placement.replicas.clone(), stand_ins: Vec::new() };
-        let up: Vec<NodeId> = placement.replicas.iter().copied().filter(|&id| !placement.is_down(id)).collect();
+        let up: Vec<NodeId> = placement.replicas_up().collect();
         let (up, needed, replicas) = down_only.count(&up, &[], consistency);
         if up < needed {
             return (self.skip(), Vec::new(), Some(Outcome::TooFewUp { up, needed, replicas }));

@@ -515,13 +515,20 @@ impl ClusterStore {
         })
     }
 
-    /// Reads `key` from its replicas: the merge of the first R answers.
-    fn read_key(self: &Arc<Self>, key: Vec<u8>, consistency: Consistency, done: Done<Option<Siblings>>) {
+    /// Reads `key` from its replicas (those in `down` seen down): the
+    /// merge of the first R answers.
+    fn read_key(
+        self: &Arc<Self>,
+        key: Vec<u8>,
+        consistency: Consistency,
+        down: &[NodeId],
+        done: Done<Option<Siblings>>,
+    ) {
         let ring = match self.ring() {
             Ok(ring) => ring,
             Err(error) => return done(Err(error)),
         };
-        let placement = self.placements(&ring, std::iter::once(key.as_slice()), None).pop().unwrap_or_default();
+        let placement = placement::place(&ring, &key, REPLICAS, down, None);
         let clock = self.clock.clone();
         self.run(
             move |quorum, deadline| quorum.start_read(&key, &placement, consistency, deadline),
@@ -620,11 +627,13 @@ impl Store for Arc<ClusterStore> {
         }
         let gather = Arc::new(Mutex::new(Gather::new(keys.len(), response_bytes_max, done)));
         let consistency = timing.consistency.unwrap_or(self.consistency);
+        let down = self.membership.down();
         for (i, key) in keys.into_iter().enumerate() {
             let gather = gather.clone();
             self.read_key(
                 key,
                 consistency,
+                &down,
                 Box::new(move |result| {
                     // Called outside the lock: it may run anything.
                     let over = lock(&gather).answer(i, result);
@@ -640,7 +649,8 @@ impl Store for Arc<ClusterStore> {
         if let Err(error) = self.clock.observe(timing.hlc_seen) {
             return done(Err(error));
         }
-        self.read_key(key, timing.consistency.unwrap_or(self.consistency), done);
+        let down = self.membership.down();
+        self.read_key(key, timing.consistency.unwrap_or(self.consistency), &down, done);
     }
 
     /// Coordinated by a replica of the key (any other refuses it with
@@ -782,14 +792,15 @@ impl ClusterStore {
         };
         let placements = self.placements(&ring, entries.iter().map(|(key, _)| key.as_slice()), None);
         let consistency = timing.consistency.unwrap_or(self.consistency);
-        // Before a bulk set is logged: then nothing was written.
-        if let Some(outcome) = quorum::unreachable(&placements, consistency) {
-            return done(Err(outcome_error(outcome, "write", Ending::Write)));
-        }
         let sets: Vec<(Vec<u8>, Siblings)> =
             entries.into_iter().map(|(key, value)| (key, Siblings::one(stamp.blind(value)))).collect();
         if sets.len() < 2 {
+            // `start_write` checks who is up before anything is sent.
             return self.write_sets(sets, placements, consistency, Ending::Write, done);
+        }
+        // Before a bulk set is logged: then nothing was written.
+        if let Some(outcome) = quorum::unreachable(&placements, consistency) {
+            return done(Err(outcome_error(outcome, "write", Ending::Write)));
         }
         let this = self.clone();
         self.runtime.spawn(async move {
