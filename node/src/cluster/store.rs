@@ -41,7 +41,7 @@ use quiver_ring::ring::{Ring, TokenRange};
 use quiver_ring::wire::{self, ErrorKind, RingInfo, RingMember, SearchHit, ServerError};
 use quiver_ring::{Context, Hlc, NodeId, Siblings};
 
-use super::batchlog::BatchLog;
+use super::batchlog::{self, BatchLog, Logged, Logging, Replay};
 use super::hints::{self, Handoff, HintStore};
 use super::membership::Membership;
 use super::placement;
@@ -842,56 +842,57 @@ impl ClusterStore {
         );
     }
 
-    /// Logs batch `id` (this node's) durably here and on one other node:
-    /// the next one up on the ring after the batch's first key, and if it
-    /// fails or has not answered within [`LOG_HEDGE_AFTER`] (a node killed
-    /// a moment ago still looks up until a heartbeat misses), the one
-    /// after it too, and so on. Returns every node asked: each may hold
-    /// it.
+    /// Logs batch `id` (this node's) durably here and on other nodes, as
+    /// [`batchlog::Logging`] says (hedged after [`LOG_HEDGE_AFTER`]).
+    /// Returns every node asked: each may hold it.
     async fn log_batch(&self, ring: &Ring, id: Hlc, sets: &[(Vec<u8>, Siblings)]) -> Result<Vec<NodeId>, ServerError> {
         let first = sets.first().map_or(&[][..], |(key, _)| key.as_slice());
-        let down = self.membership.down();
         let order = ring.preference_list(first, ring.view().members.len());
-        let mut others = order.into_iter().filter(|&id| id != self.me && !down.contains(&id));
-        let remote = async {
-            let mut asked = vec![self.me];
-            let mut calls = tokio::task::JoinSet::new();
-            let mut last = ServerError::new(
-                ErrorKind::Unavailable,
-                "a bulk set is logged on two nodes before any replica gets it, and no other node is up",
-            );
-            loop {
-                if let Some(other) = others.next() {
-                    asked.push(other);
-                    let (membership, me, sets) = (self.membership.clone(), self.me, sets.to_vec());
-                    let timeout = self.timers.op_timeout;
-                    calls.spawn(async move {
+        let start = tokio::time::Instant::now();
+        let now_ms = || start.elapsed().as_millis() as u64;
+        let (hedge, timeout) = (LOG_HEDGE_AFTER.as_millis() as u64, self.timers.op_timeout.as_millis() as u64);
+        let (mut logging, mut ask) = Logging::start(self.me, order, &self.membership.down(), 0, hedge, timeout);
+        let mut calls = tokio::task::JoinSet::new();
+        let here = self.batches.log(self.me, id, sets);
+        tokio::pin!(here);
+        let mut here_done = false;
+        loop {
+            for other in ask.drain(..) {
+                let (membership, me, sets) = (self.membership.clone(), self.me, sets.to_vec());
+                let timeout = self.timers.op_timeout;
+                calls.spawn(async move {
+                    let call = async {
                         let link = membership.link(other)?;
                         let request = PeerRequest::LogBatch { coordinator: me, id, sets };
                         written(link.call(request, timeout).await, "logging the bulk set")
-                    });
-                }
-                let answer = match tokio::time::timeout(LOG_HEDGE_AFTER, calls.join_next()).await {
-                    Ok(None) => return Err(last),
-                    Ok(Some(answer)) => answer,
-                    Err(_slow) => continue,
-                };
-                match answer {
-                    Ok(Ok(())) => return Ok(asked),
-                    Ok(Err(error)) => last = error,
-                    Err(error) => last = ServerError::new(ErrorKind::Internal, error.to_string()),
-                }
+                    };
+                    (other, call.await)
+                });
             }
-        };
-        let (local, remote) = tokio::join!(self.batches.log(self.me, id, sets), remote);
-        local?;
-        // Logged here, it is replayed from here later: it may be applied.
-        remote.map_err(|error| {
-            ServerError::new(
-                ErrorKind::Unconfirmed,
-                format!("the bulk set is logged on this node only ({error}); it may still be applied from its log"),
-            )
-        })
+            let timer = logging.timer().map(|at| start + Duration::from_millis(at));
+            let ended = tokio::select! {
+                result = &mut here, if !here_done => {
+                    here_done = true;
+                    logging.logged_here(result)
+                }
+                Some(answer) = calls.join_next(), if !calls.is_empty() => {
+                    let (from, result) = answer.map_err(|error| ServerError::new(ErrorKind::Internal, error.to_string()))?;
+                    let (next, ended) = logging.answered(from, result, now_ms());
+                    ask = next;
+                    ended
+                }
+                () = sleep_until_some(timer) => {
+                    let (next, ended) = logging.tick(now_ms());
+                    ask = next;
+                    ended
+                }
+            };
+            match ended {
+                Some(Logged::Both { holders }) => return Ok(holders),
+                Some(Logged::Failed(error)) => return Err(error),
+                None => {}
+            }
+        }
     }
 
     /// Batch `(this node, id)` is applied: its holders remove it (in the
@@ -931,22 +932,28 @@ impl ClusterStore {
     async fn replay_batches(self: &Arc<Self>) -> Result<(), ServerError> {
         let now = self.wall.now_ms();
         let batches = self.batches.clone();
-        let before_ms = now.saturating_sub(self.timers.batch_replay_after.as_millis() as u64);
-        let due = off_worker(move || batches.due(before_ms)).await?;
+        let (after_ms, gc_grace_ms) = (self.timers.batch_replay_after.as_millis() as u64, self.local.gc_grace_ms());
+        let due = off_worker(move || batches.due(now, after_ms, gc_grace_ms)).await?;
         let ring = match due.is_empty() {
             true => return Ok(()),
             false => self.ring()?,
         };
-        let too_old_ms = now.saturating_sub(self.local.gc_grace_ms() / 2);
         for batch in due {
             let (coordinator, id) = (batch.node, batch.seq);
-            if id.physical_ms() >= too_old_ms {
-                let placements = self.placements(&ring, batch.sets.iter().map(|(key, _)| key.as_slice()), None);
-                answer_of(|done| self.write_sets(batch.sets, placements, Consistency::Quorum, Ending::Written, done))
+            match batchlog::replay(id.physical_ms(), now, after_ms, gc_grace_ms) {
+                Replay::Wait => continue,
+                Replay::Apply => {
+                    let keys = batch.sets.iter().map(|(key, _)| key.as_slice());
+                    let placements = self.placements(&ring, keys, None);
+                    answer_of(|done| {
+                        self.write_sets(batch.sets, placements, Consistency::Quorum, Ending::Written, done)
+                    })
                     .await?;
-                tracing::info!(coordinator = coordinator.0, %id, "replayed a bulk set");
-            } else {
-                tracing::error!(coordinator = coordinator.0, %id, "a bulk set older than half of gc_grace was never applied; it is dropped");
+                    tracing::info!(coordinator = coordinator.0, %id, "replayed a bulk set");
+                }
+                Replay::Drop => {
+                    tracing::error!(coordinator = coordinator.0, %id, "a bulk set older than half of gc_grace was never applied; it is dropped");
+                }
             }
             self.batches.done(coordinator, id).await?;
         }
@@ -1029,6 +1036,14 @@ async fn answer_of<T: Send + 'static>(start: impl FnOnce(Done<T>)) -> Result<T, 
         let _ = sender.send(result);
     }));
     receiver.await.unwrap_or_else(|_| Err(stopping()))
+}
+
+/// Sleeps until `at`; for ever without one.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// A peer's answer to a request for `what`: what `pick` takes from it. A
