@@ -14,7 +14,7 @@ use std::sync::Arc;
 use quiver_ring::wire::{self, ContextToken, Request, Response};
 use quiver_ring::Hlc;
 
-use crate::net::peer::{PeerReply, PeerRequest};
+use crate::messages::{PeerReply, PeerRequest};
 use crate::service::token::{TokenSeal, SECRET_BYTES};
 use crate::storage::disk::{Fs, SimFs};
 use crate::storage::manifest::Manifest;

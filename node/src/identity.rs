@@ -13,7 +13,6 @@
 //! the same directory is refused instead of writing beside the first. The
 //! kernel releases it when the process dies, however it dies.
 
-use std::io::{Read, Write};
 use std::path::Path;
 
 use quiver_ring::NodeId;
@@ -107,36 +106,8 @@ fn random_bytes() -> std::io::Result<[u8; 16]> {
     random_array()
 }
 
-/// A secret for context tokens from the system's random source, kept
-/// nowhere (see `service::token::load_or_create_secret` for one that is).
-pub fn random_secret() -> std::io::Result<[u8; crate::service::token::SECRET_BYTES]> {
-    random_array()
-}
-
-/// `N` bytes from the system's random source.
-pub(crate) fn random_array<const N: usize>() -> std::io::Result<[u8; N]> {
-    let mut bytes = [0u8; N];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
-    Ok(bytes)
-}
-
-/// Writes `name` in `dir` whole or not at all: a temporary file of a fresh
-/// random name, created exclusively (`O_EXCL`: never a file or link someone
-/// put there first) and owner-only, synced, renamed over `name`, and the
-/// directory synced.
-pub(crate) fn write_new_file(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let suffix: String = random_array::<8>()?.iter().map(|b| format!("{b:02x}")).collect();
-    let tmp = dir.join(format!("{name}.{suffix}.tmp"));
-    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-    let written =
-        file.write_all(bytes).and_then(|()| file.sync_all()).and_then(|()| std::fs::rename(&tmp, dir.join(name)));
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written?;
-    std::fs::File::open(dir)?.sync_all()
-}
+pub use quiver_certs::{load_or_create_secret, random_secret, read_secret, SECRET_BYTES};
+use quiver_certs::{random_array, write_new_file};
 
 #[cfg(test)]
 mod tests {

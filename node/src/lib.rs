@@ -6,6 +6,7 @@
 //!   the same engine and the same WAL records as the data.
 //! - [`service`]: what the node does with each client request: the front
 //!   that checks it, and the [`Store`](service::Store) that does it.
+//! - [`messages`]: what nodes say to each other over their peer links.
 //! - [`net`]: the client listener, peer links and their TLS material.
 //! - [`cluster`]: membership and heartbeats, the quorum logic (read repair
 //!   included), and the cluster's [`Store`](service::Store).
@@ -21,6 +22,7 @@ pub mod disk_space;
 pub mod fuzzing;
 pub mod identity;
 pub mod index;
+pub mod messages;
 pub mod net;
 pub mod service;
 pub mod stamping;

@@ -81,7 +81,7 @@ fn read_mark(dir: &Path) -> std::io::Result<Hlc> {
 fn write_mark(dir: &Path, mark: Hlc) -> std::io::Result<()> {
     let mut bytes = mark.0.to_le_bytes().to_vec();
     bytes.extend_from_slice(&crc32fast::hash(&mark.0.to_le_bytes()).to_le_bytes());
-    crate::identity::write_new_file(dir, HLC_FILE, &bytes)
+    quiver_certs::write_new_file(dir, HLC_FILE, &bytes)
 }
 
 /// The error a client sees when the clock refuses.

@@ -81,12 +81,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use quiver_client::retry::{self, Attempts, Failure, Retries};
+use quiver_node::cluster::batchlog::{self, Logged, Logging, Replay};
 use quiver_node::cluster::quorum::{
     self, outcome_error, replica_handle, Consistency, DataMessage, Ending, Hinted, OpId, Outcome, Placement, Quorum,
     Refusal, ReplicaStore,
 };
 use quiver_node::cluster::scatter;
-use quiver_node::cluster::batchlog::{self, Logged, Logging, Replay};
 use quiver_node::cluster::{hints, placement};
 use quiver_ring::rand::SplitMix64;
 use quiver_ring::ring::{Member, Ring, RingView, TokenRange};
@@ -1003,9 +1003,16 @@ impl Sim {
             }
         }
         for id in self.nodes.keys().copied().collect::<Vec<_>>() {
-            let due: Vec<Hlc> = self.nodes[&id].bulks.iter().filter(|(_, b)| b.logging.timer().is_some_and(|at| at <= now)).map(|(&id, _)| id).collect();
+            let due: Vec<Hlc> = self.nodes[&id]
+                .bulks
+                .iter()
+                .filter(|(_, b)| b.logging.timer().is_some_and(|at| at <= now))
+                .map(|(&id, _)| id)
+                .collect();
             for bulk in due {
-                let Some(running) = self.nodes.get_mut(&id).and_then(|node| node.bulks.get_mut(&bulk)) else { continue };
+                let Some(running) = self.nodes.get_mut(&id).and_then(|node| node.bulks.get_mut(&bulk)) else {
+                    continue;
+                };
                 let (ask, ended) = running.logging.tick(now);
                 self.bulk_logging(id, bulk, ask, ended);
             }
@@ -1595,7 +1602,9 @@ impl Sim {
             }
             // Every bulk set some replica got a part of is applied whole:
             // every key holds it or a later write (so no two are mixed).
-            for (no, made) in self.bulks.iter().filter(|(no, made)| self.tally.bulk_reached.contains(no) && made.keys.contains(&key)) {
+            for (no, made) in
+                self.bulks.iter().filter(|(no, made)| self.tally.bulk_reached.contains(no) && made.keys.contains(&key))
+            {
                 let winner = first.as_ref().and_then(Siblings::winner).map(|v| v.order());
                 assert!(
                     winner.is_some_and(|w| w >= made.order),
@@ -1702,7 +1711,10 @@ fn run_without(seed: u64, without: Option<Safeguard>) -> Checked {
     let logged: Vec<(NodeId, Hlc)> = sim.nodes.values().flat_map(|n| n.store.batches.keys().copied()).collect();
     // (Without replays they stay: what that leaves half applied shows below.)
     let replays = without != Some(Safeguard::BatchReplay);
-    assert!(!replays || logged.is_empty(), "seed {seed}: batches still logged long after every node is back: {logged:?}");
+    assert!(
+        !replays || logged.is_empty(),
+        "seed {seed}: batches still logged long after every node is back: {logged:?}"
+    );
     assert_eq!(
         sim.tally.skew_refused, 0,
         "seed {seed}: a replica refused a timestamp its coordinator stamped as too far ahead ({} refused by coordinators)",
@@ -1787,10 +1799,16 @@ fn quorum_reads_see_acknowledged_writes_and_replicas_converge() {
         assert!(total.hints_delivered > 0, "some hints were handed on to their owner once it was back");
         assert!(total.hints_expired > 0, "some hints passed their age while their owner was down");
         assert!(total.cut > 0 && total.retried_around_cut > 0, "some calls went around a node cut off from its peers");
-        assert!(total.bulks_acked > 0 && total.bulks_reached > total.bulks_acked, "some bulk sets acknowledged, some not");
+        assert!(
+            total.bulks_acked > 0 && total.bulks_reached > total.bulks_acked,
+            "some bulk sets acknowledged, some not"
+        );
         assert!(total.replayed > 0, "some batches were replayed by a holder");
         for step in BulkStep::ALL {
-            assert!(total.crashed_at.get(&step).is_some_and(|&n| n > 0), "no bulk set's coordinator crashed at {step:?}");
+            assert!(
+                total.crashed_at.get(&step).is_some_and(|&n| n > 0),
+                "no bulk set's coordinator crashed at {step:?}"
+            );
         }
     }
 }
@@ -1845,12 +1863,8 @@ fn each_safeguard_matters() {
     let quiet = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
     let mut found = Vec::new();
-    for safeguard in [
-        Safeguard::AckWhenDurable,
-        Safeguard::BatchLog,
-        Safeguard::BatchReplay,
-        Safeguard::QuorumOverlap,
-    ] {
+    for safeguard in [Safeguard::AckWhenDurable, Safeguard::BatchLog, Safeguard::BatchReplay, Safeguard::QuorumOverlap]
+    {
         let failing = (0..SEEDS).find_map(|seed| {
             let failed = std::panic::catch_unwind(|| run_without(seed, Some(safeguard))).err()?;
             let message = failed.downcast_ref::<String>().cloned().unwrap_or_default();

@@ -33,7 +33,7 @@ fn every_corpus_input_decodes_without_a_panic() {
 #[test]
 #[ignore = "writes the seed inputs into fuzz/corpus; run by hand before a first fuzzing run"]
 fn write_seed_inputs() {
-    use quiver_node::net::peer::{Hinted, PeerRequest};
+    use quiver_node::messages::{Hinted, PeerRequest};
     use quiver_node::service::token::{TokenSeal, SECRET_BYTES};
     use quiver_node::storage::disk::SimFs;
     use quiver_node::storage::sstable::TableBuilder;

@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use quiver_node::net::peer::{PeerEndpoint, PeerError, PeerHandler, PeerReply, PeerRequest, Reply};
+use quiver_node::messages::{PeerReply, PeerRequest};
+use quiver_node::net::peer::{PeerEndpoint, PeerError, PeerHandler, Reply};
 use quiver_node::net::tls::{init_ca, issue_node, NodeTls};
 use quiver_ring::{Hlc, NodeId};
 

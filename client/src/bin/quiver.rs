@@ -274,7 +274,7 @@ fn admin_token(data_dir: Option<PathBuf>, token: Option<String>) -> Result<Strin
 }
 
 fn certs(command: Certs) -> Result<ExitCode, String> {
-    use quiver_node::net::tls;
+    use quiver_certs as tls;
     let mut out = std::io::stdout().lock();
     match command {
         Certs::InitCa { dir } => {

@@ -11,6 +11,7 @@ use quiver_node::cluster::membership::Membership;
 use quiver_node::cluster::store::{ClusterStore, NodeData, ReplicaHandler};
 use quiver_node::config::Config;
 use quiver_node::disk_space::DiskSpace;
+use quiver_node::identity::load_or_create_secret;
 use quiver_node::identity::{
     load_or_create_admin_token, load_or_create_node_id, lock_data_dir, make_private_dir, CONTEXT_SECRET_FILE,
 };
@@ -18,7 +19,6 @@ use quiver_node::index::Index;
 use quiver_node::net::client::serve;
 use quiver_node::net::peer::PeerEndpoint;
 use quiver_node::net::tls::{read_cluster_secret, NodeTls};
-use quiver_node::service::token::load_or_create_secret;
 use quiver_node::service::{LocalStore, Service, Store, TokenSeal};
 use quiver_node::stamping::NodeClock;
 use quiver_node::storage::Engine;

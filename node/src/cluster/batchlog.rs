@@ -111,7 +111,12 @@ impl Logging {
 
     /// Node `from` answered: it holds the batch durably, or refused.
     /// Returns the next node to ask (after a refusal), and the end.
-    pub fn answered(&mut self, from: NodeId, result: Result<(), ServerError>, now_ms: u64) -> (Vec<NodeId>, Option<Logged>) {
+    pub fn answered(
+        &mut self,
+        from: NodeId,
+        result: Result<(), ServerError>,
+        now_ms: u64,
+    ) -> (Vec<NodeId>, Option<Logged>) {
         if !self.waiting.remove(&from) {
             // Not asked, or answered already: a duplicate.
             return (Vec::new(), None);

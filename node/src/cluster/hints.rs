@@ -26,7 +26,7 @@ use quiver_ring::{Hlc, NodeId};
 pub use super::setlog::Entry;
 use super::setlog::{Queue, SetLog};
 use crate::lock;
-use crate::net::peer::Hinted;
+use crate::messages::Hinted;
 use crate::stamping::NodeClock;
 use crate::storage::keys::Keyspace;
 use crate::storage::{self, Engine};

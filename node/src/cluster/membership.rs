@@ -29,7 +29,8 @@ use quiver_ring::NodeId;
 use crate::clock::Clock;
 pub use crate::config::PeerConfig;
 use crate::lock;
-use crate::net::peer::{KnownMember, LinkBounds, LinkStats, PeerEndpoint, PeerLink, PeerReply, PeerRequest};
+use crate::messages::{KnownMember, PeerReply, PeerRequest};
+use crate::net::peer::{LinkBounds, LinkStats, PeerEndpoint, PeerLink};
 use crate::stamping::NodeClock;
 
 #[derive(Debug)]

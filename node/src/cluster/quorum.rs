@@ -45,7 +45,7 @@ use std::collections::BTreeMap;
 use quiver_ring::wire::{ErrorKind, ServerError};
 use quiver_ring::{NodeId, Siblings};
 
-pub use crate::net::peer::Hinted;
+pub use crate::messages::Hinted;
 
 /// A coordinator's id for one operation.
 pub type OpId = u64;

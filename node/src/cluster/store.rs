@@ -55,8 +55,9 @@ use crate::index::query::Match;
 use crate::index::text::TermStats;
 use crate::index::Search;
 use crate::lock;
-use crate::net::peer::{PeerError, PeerReply, PeerRequest};
-use crate::service::{Done, Entries, LocalStore, Store, StoreStatus, Timing};
+use crate::messages::{PeerReply, PeerRequest};
+use crate::net::peer::PeerError;
+use crate::service::{Cluster, ClusterStatus, Done, Entries, LocalStore, Store, StoreStatus, Timing};
 use crate::stamping::NodeClock;
 
 /// Replicas per key.
@@ -1036,6 +1037,25 @@ async fn answer_of<T: Send + 'static>(start: impl FnOnce(Done<T>)) -> Result<T, 
         let _ = sender.send(result);
     }));
     receiver.await.unwrap_or_else(|_| Err(stopping()))
+}
+
+impl Cluster for ClusterStore {
+    fn status(&self) -> ClusterStatus {
+        ClusterStatus {
+            name: self.name.clone(),
+            peers: self.membership.peers(),
+            replicas: REPLICAS as u32,
+            ring: self.ring_members(),
+            hints_dropped: self.hints.dropped(),
+            batches_pending: self.batches.pending(),
+            budgets: self.budgets(),
+            cut_off: self.membership.cut_off(),
+        }
+    }
+
+    fn ring_info(&self) -> Result<RingInfo, ServerError> {
+        ClusterStore::ring_info(self)
+    }
 }
 
 /// Sleeps until `at`; for ever without one.

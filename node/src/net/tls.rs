@@ -24,36 +24,18 @@
 //! provider, chosen explicitly so a second provider in the tree cannot
 //! change it.
 
-use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
 
-use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-/// The CA's certificate and key files.
-pub const CA_CERT: &str = "ca.pem";
-pub const CA_KEY: &str = "ca.key";
-
-/// The cluster's shared secret (see `service::token`).
-pub const CLUSTER_SECRET: &str = "cluster.secret";
+pub use quiver_certs::{
+    init_ca, init_cluster_secret, issue_node, read_cluster_secret, TlsError, CA_CERT, CA_KEY, CLUSTER_SECRET,
+};
 
 /// The ALPN protocol of peer links.
 pub const ALPN: &[u8] = b"quiver-peer/4";
-
-/// The CA's subject: the same every time, so a node certificate made later
-/// names the issuer its CA certificate has.
-const CA_NAME: &str = "Quiver cluster CA";
-
-/// Why TLS material could not be made or used.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
-    #[error("{0}")]
-    Invalid(String),
-}
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
     move |source| TlsError::Io { path: path.display().to_string(), source }
@@ -61,121 +43,6 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
 
 fn invalid(what: impl std::fmt::Display) -> TlsError {
     TlsError::Invalid(what.to_string())
-}
-
-fn ca_params() -> CertificateParams {
-    let mut params = CertificateParams::default();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-    let mut name = DistinguishedName::new();
-    name.push(DnType::CommonName, CA_NAME);
-    params.distinguished_name = name;
-    params
-}
-
-/// Writes `bytes` to a new file `dir/name`, readable by its owner only
-/// when `secret`; refuses to replace an existing file.
-fn write_new(dir: &Path, name: &str, bytes: &[u8], secret: bool) -> Result<(), TlsError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = dir.join(name);
-    let mode = if secret { 0o600 } else { 0o644 };
-    let mut file =
-        std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&path).map_err(io(&path))?;
-    file.write_all(bytes).and_then(|()| file.sync_all()).map_err(io(&path))
-}
-
-/// Makes a new cluster CA in `dir` (created if needed). Refuses to replace
-/// one that exists.
-pub fn init_ca(dir: &Path) -> Result<(), TlsError> {
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    if dir.join(CA_CERT).exists() || dir.join(CA_KEY).exists() {
-        return Err(invalid(format!("{} already holds a cluster CA; it is not replaced", dir.display())));
-    }
-    let key = KeyPair::generate().map_err(invalid)?;
-    let cert = ca_params().self_signed(&key).map_err(invalid)?;
-    write_new(dir, CA_KEY, key.serialize_pem().as_bytes(), true)?;
-    write_new(dir, CA_CERT, cert.pem().as_bytes(), false)?;
-    init_cluster_secret(dir)
-}
-
-/// Makes the cluster's shared secret in `dir` unless it holds one already
-/// (which is kept: tokens sealed with it stay valid).
-pub fn init_cluster_secret(dir: &Path) -> Result<(), TlsError> {
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    crate::service::token::load_or_create_secret(dir, CLUSTER_SECRET).map(|_| ()).map_err(io(&dir.join(CLUSTER_SECRET)))
-}
-
-/// Reads the cluster's shared secret from a node's certificate directory.
-pub fn read_cluster_secret(dir: &Path) -> Result<[u8; crate::service::token::SECRET_BYTES], TlsError> {
-    let path = dir.join(CLUSTER_SECRET);
-    crate::service::token::read_secret(&path).map_err(|source| match source.kind() {
-        std::io::ErrorKind::NotFound => invalid(format!(
-            "{} is missing: every node of a cluster needs the same {CLUSTER_SECRET}, made beside the cluster CA \
-             (`quiver certs init-ca`, or `quiver certs secret --dir DIR` for a CA made before); copy it to each \
-             node's certificate directory",
-            path.display()
-        )),
-        _ => TlsError::Io { path: path.display().to_string(), source },
-    })
-}
-
-/// A node name is a DNS label or name: letters, digits, `-` and `.`.
-fn check_name(name: &str) -> Result<(), TlsError> {
-    let valid = !name.is_empty()
-        && name.len() <= 63
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
-        && !name.starts_with(['-', '.']);
-    if valid {
-        Ok(())
-    } else {
-        Err(invalid(format!("node name {name:?}: use letters, digits, '-' and '.' (at most 63)")))
-    }
-}
-
-/// Makes node `name`'s certificate and key in `node_dir` (created if
-/// need be), signed by the CA in `ca_dir`, valid for `name` and `ips`, and
-/// copies the CA's certificate and the cluster's secret there: all the
-/// node needs, and never the CA's key. `node_dir` must not be `ca_dir`.
-pub fn issue_node(ca_dir: &Path, node_dir: &Path, name: &str, ips: &[IpAddr]) -> Result<(), TlsError> {
-    check_name(name)?;
-    std::fs::create_dir_all(node_dir).map_err(io(node_dir))?;
-    if std::fs::canonicalize(node_dir).ok() == std::fs::canonicalize(ca_dir).ok() || node_dir.join(CA_KEY).exists() {
-        return Err(invalid(format!(
-            "{} holds (or is) the cluster CA: give the node a directory of its own, without the CA's key",
-            node_dir.display()
-        )));
-    }
-    let ca_key_path = ca_dir.join(CA_KEY);
-    let ca_key_pem = std::fs::read_to_string(&ca_key_path).map_err(io(&ca_key_path))?;
-    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(invalid)?;
-    let issuer = Issuer::new(ca_params(), ca_key);
-    let mut params = CertificateParams::new(vec![name.to_owned()]).map_err(invalid)?;
-    params.subject_alt_names.extend(ips.iter().map(|&ip| rcgen::SanType::IpAddress(ip)));
-    let mut subject = DistinguishedName::new();
-    subject.push(DnType::CommonName, name);
-    params.distinguished_name = subject;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages =
-        vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-    let key = KeyPair::generate().map_err(invalid)?;
-    let cert = params.signed_by(&key, &issuer).map_err(invalid)?;
-    copy_once(ca_dir, node_dir, CA_CERT, false)?;
-    copy_once(ca_dir, node_dir, CLUSTER_SECRET, true)?;
-    write_new(node_dir, &format!("{name}.key"), key.serialize_pem().as_bytes(), true)?;
-    write_new(node_dir, &format!("{name}.pem"), cert.pem().as_bytes(), false)
-}
-
-/// Copies `from/name` to `to/name` unless the same bytes are there;
-/// refuses to replace different ones (another cluster's).
-fn copy_once(from: &Path, to: &Path, name: &str, secret: bool) -> Result<(), TlsError> {
-    let source = from.join(name);
-    let bytes = std::fs::read(&source).map_err(io(&source))?;
-    match std::fs::read(to.join(name)) {
-        Ok(there) if there == bytes => Ok(()),
-        Ok(_) => Err(invalid(format!("{} holds another cluster's {name}", to.display()))),
-        Err(_) => write_new(to, name, &bytes, secret),
-    }
 }
 
 /// The first of `names` that `cert`, a peer's certificate (already

@@ -3,7 +3,7 @@
 //! handshake, status, ring and admin requests, and hands every read and
 //! write to a [`Store`]: the node's own engine ([`LocalStore`]) or, in a
 //! cluster, the coordinator
-//! ([`ClusterStore`](crate::cluster::store::ClusterStore)). It never knows
+//! (the cluster's store, which it sees as a [`Cluster`]). It never knows
 //! which, and it reads no clock of its own (time comes from the [`Clock`]
 //! it is given).
 
@@ -29,7 +29,6 @@ pub use reads::ReadHook;
 pub use token::TokenSeal;
 
 use crate::clock::Clock;
-use crate::cluster::store::{ClusterStore, REPLICAS};
 use crate::config::Limits;
 use crate::disk_space::{DiskSpace, Writer};
 use crate::index::query::Match;
@@ -158,9 +157,9 @@ pub struct Service {
     /// Seals the context tokens this node hands out and opens those it is
     /// given (the cluster's secret, or this node's).
     seal: TokenSeal,
-    /// The node's cluster store (the same as `store`), when it is part of
-    /// a cluster: its name, peers and ring, for `status` and `Ring`.
-    cluster: Option<Arc<ClusterStore>>,
+    /// The node's cluster (its store is `store`), when it is part of one:
+    /// its name, peers and ring, for `status` and `Ring`.
+    cluster: Option<Arc<dyn Cluster>>,
     /// The dimension of this node's index's vectors, which a vector written
     /// with a value must have (`None`: no index here to say).
     vector_dim: Option<usize>,
@@ -168,6 +167,29 @@ pub struct Service {
     connections: ConnectionStats,
     /// The free-space reserve client writes are held to (`None`: none).
     disk: Option<Arc<DiskSpace>>,
+}
+
+/// What a node's front shows of the cluster it is part of: the cluster's
+/// store implements it, and the front never needs to know more.
+pub trait Cluster: Send + Sync + std::fmt::Debug {
+    fn status(&self) -> ClusterStatus;
+    /// The ring clients route by.
+    fn ring_info(&self) -> Result<RingInfo, ServerError>;
+}
+
+/// A cluster's part of `status`.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterStatus {
+    pub name: String,
+    pub peers: Vec<wire::PeerInfo>,
+    /// Copies of each key.
+    pub replicas: u32,
+    pub ring: Vec<wire::RingMember>,
+    pub hints_dropped: u64,
+    pub batches_pending: u64,
+    pub budgets: Vec<wire::BudgetInfo>,
+    /// Why this node is cut off from its peers, when it is.
+    pub cut_off: Option<String>,
 }
 
 /// Bytes of a `Values` answer besides the values: the frame header, the
@@ -227,7 +249,7 @@ impl Service {
     }
 
     /// This front for a node of a cluster: `cluster` is also its store.
-    pub fn with_cluster(mut self, cluster: Arc<ClusterStore>) -> Service {
+    pub fn with_cluster(mut self, cluster: Arc<dyn Cluster>) -> Service {
         self.cluster = Some(cluster);
         self
     }
@@ -401,6 +423,7 @@ impl Service {
 
     fn status(&self) -> Result<Reply, ServerError> {
         let store = self.store.status()?;
+        let cluster = self.cluster.as_ref().map(|cluster| cluster.status()).unwrap_or_default();
         Ok(Reply::Status(Box::new(NodeStatus {
             node_id: self.node_id.0,
             client_addr: self.client_addr.clone(),
@@ -413,21 +436,21 @@ impl Service {
             clock_refusal: self.node_clock.refusal(),
             storage_failure: store.storage_failure,
             too_many_siblings_refused: store.too_many_siblings_refused,
-            name: self.cluster.as_ref().map(|c| c.name().to_owned()).unwrap_or_default(),
-            peers: self.cluster.as_ref().map(|c| c.membership().peers()).unwrap_or_default(),
-            replicas: if self.cluster.is_some() { REPLICAS as u32 } else { 1 },
-            ring: self.cluster.as_ref().map(|c| c.ring_members()).unwrap_or_default(),
-            hints_dropped: self.cluster.as_ref().map_or(0, |c| c.hints().dropped()),
-            batches_pending: self.cluster.as_ref().map_or(0, |c| c.batches().pending()),
+            name: cluster.name,
+            peers: cluster.peers,
+            replicas: cluster.replicas.max(1),
+            ring: cluster.ring,
+            hints_dropped: cluster.hints_dropped,
+            batches_pending: cluster.batches_pending,
             indexed: store.graph_backlog.is_some(),
             graph_backlog: store.graph_backlog.unwrap_or(0),
             budgets: self
                 .connection_budgets()
                 .into_iter()
                 .chain(self.disk.iter().flat_map(|disk| disk.budgets()))
-                .chain(self.cluster.iter().flat_map(|cluster| cluster.budgets()))
+                .chain(cluster.budgets)
                 .collect(),
-            cut_off: self.cluster.as_ref().and_then(|c| c.membership().cut_off()),
+            cut_off: cluster.cut_off,
         })))
     }
 

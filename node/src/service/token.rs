@@ -28,8 +28,6 @@
 // it panic.
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-use std::path::Path;
-
 use quiver_ring::wire::{ContextToken, ErrorKind, ServerError};
 use quiver_ring::{Context, Hlc};
 use serde::{Deserialize, Serialize};
@@ -39,8 +37,7 @@ use serde::{Deserialize, Serialize};
 /// room for clusters of hundreds of nodes.
 pub const TOKEN_BYTES_MAX: usize = 16 << 10;
 
-/// Bytes of a secret.
-pub const SECRET_BYTES: usize = 32;
+pub use crate::identity::SECRET_BYTES;
 
 /// The format byte that opens every token.
 const FORMAT: u8 = 1;
@@ -169,41 +166,6 @@ fn same_bytes(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
 }
 
-/// Reads the secret in the file `path` (hex), or says why it cannot.
-pub fn read_secret(path: &Path) -> std::io::Result<[u8; SECRET_BYTES]> {
-    let text = std::fs::read_to_string(path)?;
-    let bad = || {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("{} is not {} hex digits", path.display(), SECRET_BYTES * 2),
-        )
-    };
-    let text = text.trim().as_bytes();
-    if text.len() != SECRET_BYTES * 2 {
-        return Err(bad());
-    }
-    let mut secret = [0u8; SECRET_BYTES];
-    for (byte, pair) in secret.iter_mut().zip(text.chunks_exact(2)) {
-        let digits = std::str::from_utf8(pair).map_err(|_| bad())?;
-        *byte = u8::from_str_radix(digits, 16).map_err(|_| bad())?;
-    }
-    Ok(secret)
-}
-
-/// Reads the secret `name` in `dir`, or makes one (from the system's
-/// random source, owner-only, synced) when there is none.
-pub fn load_or_create_secret(dir: &Path, name: &str) -> std::io::Result<[u8; SECRET_BYTES]> {
-    match read_secret(&dir.join(name)) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let secret = crate::identity::random_array::<SECRET_BYTES>()?;
-            let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
-            crate::identity::write_new_file(dir, name, format!("{hex}\n").as_bytes())?;
-            Ok(secret)
-        }
-        other => other,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,15 +229,5 @@ mod tests {
             assert_eq!(error.kind, ErrorKind::InvalidContext);
             assert!(error.message.contains("later than this node's clock allows"), "{}", error.message);
         }
-    }
-
-    #[test]
-    fn a_secret_is_made_once_and_read_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let secret = load_or_create_secret(dir.path(), "S").unwrap();
-        assert_eq!(load_or_create_secret(dir.path(), "S").unwrap(), secret);
-        assert_eq!(read_secret(&dir.path().join("S")).unwrap(), secret);
-        std::fs::write(dir.path().join("bad"), "xyz").unwrap();
-        assert!(read_secret(&dir.path().join("bad")).is_err());
     }
 }

@@ -100,7 +100,7 @@ fn read_manifest(dir: &Path) -> Result<Option<Vec<LocalNode>>, String> {
 /// Makes a new cluster of `count` nodes in `dir`: certificates, ports,
 /// settings and the manifest.
 fn create(dir: &Path, count: usize) -> Result<Vec<LocalNode>, String> {
-    use quiver_node::net::tls;
+    use quiver_certs as tls;
     let ca = dir.join("ca");
     tls::init_ca(&ca).map_err(|e| e.to_string())?;
     let ports = pick_ports(count)?;
@@ -248,7 +248,7 @@ fn stop(nodes: &[LocalNode], children: &mut [Child]) {
 /// `tls/NAME/` with its own certificate and key, which its settings then
 /// name. (A cluster made before clusters had a shared secret gets one.)
 fn separate_the_ca(dir: &Path, nodes: &[LocalNode]) -> Result<(), String> {
-    use quiver_node::net::tls;
+    use quiver_certs as tls;
     let (shared, ca) = (dir.join("certs"), dir.join("ca"));
     if !shared.join(tls::CA_KEY).exists() {
         return Ok(());
