@@ -139,6 +139,9 @@ enum Safeguard {
     QuorumOverlap,
 }
 
+/// Sibling sets by key, as a write carries them.
+type Sets = Vec<(Vec<u8>, Siblings)>;
+
 /// What a client asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum CallKind {
@@ -212,7 +215,7 @@ struct MapStore {
     sets: BTreeMap<Vec<u8>, Siblings>,
     hints: Vec<HeldHint>,
     /// Per `(coordinator, id)`, a batch held until it is applied.
-    batches: BTreeMap<(NodeId, Hlc), Vec<(Vec<u8>, Siblings)>>,
+    batches: BTreeMap<(NodeId, Hlc), Sets>,
     /// Written, not yet durable.
     unsynced: Vec<Record>,
     /// Answers waiting for the next sync.
@@ -228,9 +231,9 @@ struct MapStore {
 
 /// A write not yet durable.
 enum Record {
-    Sets(Vec<(Vec<u8>, Siblings)>),
+    Sets(Sets),
     Hint(HeldHint),
-    Batch((NodeId, Hlc), Vec<(Vec<u8>, Siblings)>),
+    Batch((NodeId, Hlc), Sets),
 }
 
 /// A hint a node holds: its number there, when it was taken (the holder's
@@ -290,7 +293,7 @@ impl MapStore {
 
     /// Merges `sets` in, durably (no refusal: the converged state, and a
     /// causal write's coordinator's own part, durable before it is sent).
-    fn merge_sets(&mut self, sets: Vec<(Vec<u8>, Siblings)>) {
+    fn merge_sets(&mut self, sets: Sets) {
         for (key, siblings) in sets {
             self.sets.entry(key).or_default().merge(siblings);
         }
@@ -336,7 +339,7 @@ fn bulk_of(value: &[u8]) -> Option<u64> {
 }
 
 impl ReplicaStore for Replica<'_> {
-    fn merge(&mut self, sets: Vec<(Vec<u8>, Siblings)>, hinted: Vec<Hinted>) -> Result<Vec<NodeId>, Refusal> {
+    fn merge(&mut self, sets: Sets, hinted: Vec<Hinted>) -> Result<Vec<NodeId>, Refusal> {
         let versions = sets.iter().chain(hinted.iter().flat_map(|h| &h.sets)).flat_map(|(_, s)| s.versions());
         for version in versions {
             if self.stamper.observe(version.hlc, self.wall_ms).is_err() {
@@ -395,7 +398,7 @@ struct Node {
 /// A bulk set being logged at its coordinator.
 struct Bulk {
     logging: Logging,
-    sets: Vec<(Vec<u8>, Siblings)>,
+    sets: Sets,
     call: u64,
     /// Its number, in its values.
     no: u64,
@@ -436,7 +439,7 @@ enum Message {
     },
     /// A holder's hints `ids` for the receiver: their sets.
     Handoff {
-        sets: Vec<(Vec<u8>, Siblings)>,
+        sets: Sets,
         ids: Vec<u64>,
     },
     /// The owner has them durable.
@@ -446,7 +449,7 @@ enum Message {
     /// Log the sender's batch `id`.
     LogBatch {
         id: Hlc,
-        sets: Vec<(Vec<u8>, Siblings)>,
+        sets: Sets,
     },
     /// The sender has batch `id` durable in its log.
     BatchLogged {
@@ -1242,7 +1245,7 @@ impl Sim {
         let mut keys: Vec<Vec<u8>> = (0..BULK_KEYS).map(|k| format!("key-{k}").into_bytes()).collect();
         keys.rotate_left(self.rng.between(0, BULK_KEYS - 1) as usize);
         keys.truncate(self.rng.between(2, 3) as usize);
-        let sets: Vec<(Vec<u8>, Siblings)> = keys
+        let sets: Sets = keys
             .iter()
             .map(|key| {
                 let value = format!("bulk#{no} {}", String::from_utf8_lossy(key)).into_bytes();
@@ -1356,7 +1359,7 @@ impl Sim {
         }
         let node = &self.nodes[&holder];
         let wall_ms = self.now + node.offset_ms;
-        let due: Vec<((NodeId, Hlc), Vec<(Vec<u8>, Siblings)>)> = node
+        let due: Vec<((NodeId, Hlc), Sets)> = node
             .store
             .batches
             .iter()
