@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::{anyhow, bail, Context};
 use clap::{Parser, Subcommand};
 use quiver_client::blocking::Client;
 use quiver_client::ContextToken;
@@ -189,111 +190,111 @@ fn main() -> ExitCode {
     let args = Args::parse();
     match run(args) {
         Ok(code) => code,
-        Err(message) => {
-            eprintln!("quiver: {message}");
+        Err(error) => {
+            eprintln!("quiver: {error:#}");
             ExitCode::from(2)
         }
     }
 }
 
 /// Splits `line` (number `n`, counting from 1) of `file` at its first tab.
-pub(crate) fn split_entry(file: &str, n: u64, line: &str) -> Result<(String, String), String> {
-    let (key, value) = line.split_once('\t').ok_or_else(|| format!("{file}, line {n}: expected KEY<TAB>VALUE"))?;
+pub(crate) fn split_entry(file: &str, n: u64, line: &str) -> anyhow::Result<(String, String)> {
+    let (key, value) = line.split_once('\t').with_context(|| format!("{file}, line {n}: expected KEY<TAB>VALUE"))?;
     Ok((key.to_owned(), value.to_owned()))
 }
 
 /// `FILE`, or stdin for `-`, as lines.
-pub(crate) fn open_input(file: &str) -> Result<Box<dyn BufRead>, String> {
+pub(crate) fn open_input(file: &str) -> anyhow::Result<Box<dyn BufRead>> {
     Ok(if file == "-" {
         Box::new(std::io::stdin().lock())
     } else {
-        Box::new(std::io::BufReader::new(std::fs::File::open(file).map_err(|e| format!("{file}: {e}"))?))
+        Box::new(std::io::BufReader::new(std::fs::File::open(file).with_context(|| file.to_owned())?))
     })
 }
 
-fn parse_entries(args: &[String], file: Option<&str>) -> Result<Vec<(String, String)>, String> {
+fn parse_entries(args: &[String], file: Option<&str>) -> anyhow::Result<Vec<(String, String)>> {
     let mut entries = Vec::new();
     for arg in args {
-        let (key, value) = arg.split_once('=').ok_or_else(|| format!("{arg:?} is not KEY=VALUE"))?;
+        let (key, value) = arg.split_once('=').with_context(|| format!("{arg:?} is not KEY=VALUE"))?;
         entries.push((key.to_owned(), value.to_owned()));
     }
     if let Some(file) = file {
         for (n, line) in open_input(file)?.lines().enumerate() {
-            let line = line.map_err(|e| format!("{file}: {e}"))?;
+            let line = line.with_context(|| file.to_owned())?;
             if !line.is_empty() {
                 entries.push(split_entry(file, n as u64 + 1, &line)?);
             }
         }
     }
     if entries.is_empty() {
-        return Err("bulk-set needs at least one entry (KEY=VALUE or --file)".into());
+        bail!("bulk-set needs at least one entry (KEY=VALUE or --file)");
     }
     Ok(entries)
 }
 
 /// A vector given as numbers separated by commas or spaces.
-fn parse_vector(text: &str) -> Result<Vec<f32>, String> {
+fn parse_vector(text: &str) -> anyhow::Result<Vec<f32>> {
     text.split(|c: char| c == ',' || c.is_whitespace())
         .filter(|part| !part.is_empty())
-        .map(|part| part.parse::<f32>().map_err(|_| format!("{part:?} in the vector is not a number")))
+        .map(|part| part.parse::<f32>().map_err(|_| anyhow!("{part:?} in the vector is not a number")))
         .collect()
 }
 
 /// Prints search hits: numbered, with score, key and value; or as JSON.
-fn print_hits(out: &mut impl Write, hits: &[quiver_client::SearchHit], json: bool) -> Result<(), String> {
+fn print_hits(out: &mut impl Write, hits: &[quiver_client::SearchHit], json: bool) -> anyhow::Result<()> {
     let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
     if json {
         let hits: Vec<serde_json::Value> = hits
             .iter()
             .map(|hit| serde_json::json!({ "key": text(&hit.key), "score": hit.score, "value": text(&hit.value) }))
             .collect();
-        let printed = serde_json::to_string_pretty(&hits).map_err(|e| e.to_string())?;
-        return writeln!(out, "{printed}").map_err(|e| e.to_string());
+        let printed = serde_json::to_string_pretty(&hits)?;
+        return Ok(writeln!(out, "{printed}")?);
     }
     if hits.is_empty() {
-        return writeln!(out, "no match").map_err(|e| e.to_string());
+        return Ok(writeln!(out, "no match")?);
     }
     for (n, hit) in hits.iter().enumerate() {
-        writeln!(out, "{:>3}. {}  (score {:.4})\n     {}", n + 1, text(&hit.key), hit.score, text(&hit.value))
-            .map_err(|e| e.to_string())?;
+        writeln!(out, "{:>3}. {}  (score {:.4})\n     {}", n + 1, text(&hit.key), hit.score, text(&hit.value))?;
     }
     Ok(())
 }
 
 /// The admin token from `--token` (or its variable), else from the node's
 /// data directory.
-fn admin_token(data_dir: Option<PathBuf>, token: Option<String>) -> Result<String, String> {
+fn admin_token(data_dir: Option<PathBuf>, token: Option<String>) -> anyhow::Result<String> {
     if let Some(token) = token {
         return Ok(token);
     }
-    let dir = data_dir.ok_or("shutdown needs the node's admin token: --data-dir DIR, --token or QUIVER_ADMIN_TOKEN")?;
+    let dir =
+        data_dir.context("shutdown needs the node's admin token: --data-dir DIR, --token or QUIVER_ADMIN_TOKEN")?;
     let path = dir.join(quiver_ring::wire::ADMIN_TOKEN_FILE);
     let token =
-        std::fs::read_to_string(&path).map_err(|e| format!("reading the admin token {}: {e}", path.display()))?;
+        std::fs::read_to_string(&path).with_context(|| format!("reading the admin token {}", path.display()))?;
     Ok(token.trim().to_owned())
 }
 
-fn certs(command: Certs) -> Result<ExitCode, String> {
+fn certs(command: Certs) -> anyhow::Result<ExitCode> {
     use quiver_certs as tls;
     let mut out = std::io::stdout().lock();
     match command {
         Certs::InitCa { dir } => {
-            tls::init_ca(&dir).map_err(|e| e.to_string())?;
-            writeln!(out, "cluster CA: {}", dir.join(tls::CA_CERT).display()).map_err(|e| e.to_string())?;
+            tls::init_ca(&dir)?;
+            writeln!(out, "cluster CA: {}", dir.join(tls::CA_CERT).display())?;
         }
         Certs::Node { name, ip, ca_dir, dir } => {
-            tls::issue_node(&ca_dir, &dir, &name, &ip).map_err(|e| e.to_string())?;
-            writeln!(out, "node {name}: {}", dir.join(format!("{name}.pem")).display()).map_err(|e| e.to_string())?;
+            tls::issue_node(&ca_dir, &dir, &name, &ip)?;
+            writeln!(out, "node {name}: {}", dir.join(format!("{name}.pem")).display())?;
         }
         Certs::Secret { dir } => {
-            tls::init_cluster_secret(&dir).map_err(|e| e.to_string())?;
-            writeln!(out, "cluster secret: {}", dir.join(tls::CLUSTER_SECRET).display()).map_err(|e| e.to_string())?;
+            tls::init_cluster_secret(&dir)?;
+            writeln!(out, "cluster secret: {}", dir.join(tls::CLUSTER_SECRET).display())?;
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn run(args: Args) -> Result<ExitCode, String> {
+fn run(args: Args) -> anyhow::Result<ExitCode> {
     // Commands that need no node.
     let args = match args.command {
         Command::Certs(command) => return certs(command),
@@ -311,16 +312,15 @@ fn run(args: Args) -> Result<ExitCode, String> {
     };
     let context = match &args.command {
         Command::Set { context: Some(text), .. } | Command::Delete { context: Some(text), .. } => {
-            Some(ContextToken::from_hex(text).map_err(|e| format!("--context: {}", e.message))?)
+            Some(ContextToken::from_hex(text).map_err(|e| anyhow!("--context: {}", e.message))?)
         }
         _ => None,
     };
     let seeds: Vec<String> = args.addr.split(',').map(str::trim).map(str::to_owned).collect();
-    let mut client = Client::connect(seeds).map_err(|e| e.to_string())?.with_timeout(Duration::from_secs(args.timeout));
+    let mut client = Client::connect(seeds)?.with_timeout(Duration::from_secs(args.timeout));
     if let Some(consistency) = args.consistency {
         client = client.with_consistency(consistency);
     }
-    let failed = |e: quiver_client::Error| e.to_string();
     let mut out = std::io::stdout().lock();
     match args.command {
         Command::Set { key, value, vector, .. } => {
@@ -328,13 +328,12 @@ fn run(args: Args) -> Result<ExitCode, String> {
                 (Some(context), _) => client.set_with_context(key, value, context),
                 (None, Some(vector)) => client.set_with_vector(key, value, &parse_vector(&vector)?),
                 (None, None) => client.set(key, value),
-            }
-            .map_err(failed)?;
-            writeln!(out, "OK").map_err(|e| e.to_string())?;
+            }?;
+            writeln!(out, "OK")?;
         }
-        Command::Get { key } => match client.get(&key).map_err(failed)? {
+        Command::Get { key } => match client.get(&key)? {
             Some(value) => {
-                out.write_all(&value).and_then(|()| writeln!(out)).map_err(|e| e.to_string())?;
+                out.write_all(&value).and_then(|()| writeln!(out))?;
             }
             None => {
                 eprintln!("quiver: key {key:?} not found");
@@ -345,20 +344,18 @@ fn run(args: Args) -> Result<ExitCode, String> {
             match &context {
                 Some(context) => client.delete_with_context(key, context),
                 None => client.delete(key),
-            }
-            .map_err(failed)?;
-            writeln!(out, "OK").map_err(|e| e.to_string())?;
+            }?;
+            writeln!(out, "OK")?;
         }
         Command::Versions { key } => {
-            let versions = client.get_versions(&key).map_err(failed)?;
+            let versions = client.get_versions(&key)?;
             for version in &versions.versions {
                 match &version.value {
                     Some(value) => writeln!(out, "{}\t{}", version.hlc, String::from_utf8_lossy(value)),
                     None => writeln!(out, "{}\t(deleted)", version.hlc),
-                }
-                .map_err(|e| e.to_string())?;
+                }?;
             }
-            writeln!(out, "context: {}", versions.context.to_hex()).map_err(|e| e.to_string())?;
+            writeln!(out, "context: {}", versions.context.to_hex())?;
             if versions.versions.is_empty() {
                 eprintln!("quiver: key {key:?} has no versions");
                 return Ok(ExitCode::from(1));
@@ -369,33 +366,33 @@ fn run(args: Args) -> Result<ExitCode, String> {
             let count = entries.len();
             client.bulk_set(entries).map_err(|e| match e.kind() {
                 Some(quiver_client::ErrorKind::BulkTooLarge | quiver_client::ErrorKind::FrameTooLarge) => {
-                    format!("{e}\n(`quiver load FILE` stores a file of any size in batches)")
+                    anyhow!("{e}\n(`quiver load FILE` stores a file of any size in batches)")
                 }
-                _ => e.to_string(),
+                _ => e.into(),
             })?;
-            writeln!(out, "OK ({count} entries)").map_err(|e| e.to_string())?;
+            writeln!(out, "OK ({count} entries)")?;
         }
         Command::Load { file, batch } => {
             let summary = load::load(&client, &file, batch)?;
-            writeln!(out, "{summary}").map_err(|e| e.to_string())?;
+            writeln!(out, "{summary}")?;
         }
         Command::Search { query, k, all, global_stats, json } => {
             let options = quiver_client::TextSearch { all, global_stats };
-            print_hits(&mut out, &client.search_text_with(&query, k, options).map_err(failed)?, json)?;
+            print_hits(&mut out, &client.search_text_with(&query, k, options)?, json)?;
         }
         Command::Similar { text, k, vector: false, json } => {
-            print_hits(&mut out, &client.search_similar(&text, k).map_err(failed)?, json)?;
+            print_hits(&mut out, &client.search_similar(&text, k)?, json)?;
         }
         Command::Similar { text, k, vector: true, json } => {
-            print_hits(&mut out, &client.search_vector(&parse_vector(&text)?, k).map_err(failed)?, json)?;
+            print_hits(&mut out, &client.search_vector(&parse_vector(&text)?, k)?, json)?;
         }
         Command::Status { json: true } => {
-            let s = client.status().map_err(failed)?;
-            let text = serde_json::to_string_pretty(&s).map_err(|e| e.to_string())?;
-            writeln!(out, "{text}").map_err(|e| e.to_string())?;
+            let s = client.status()?;
+            let text = serde_json::to_string_pretty(&s)?;
+            writeln!(out, "{text}")?;
         }
         Command::Status { json: false } => {
-            let s = client.status().map_err(failed)?;
+            let s = client.status()?;
             let uptime = Duration::from_millis(s.uptime_ms);
             writeln!(
                 out,
@@ -410,16 +407,15 @@ fn run(args: Args) -> Result<ExitCode, String> {
                 s.clock_refusal.as_deref().unwrap_or(&format!("ok (max offset {} ms)", s.max_clock_offset_ms)),
                 s.too_many_siblings_refused,
             )
-            .map_err(|e| e.to_string())?;
+            ?;
             if let Some(failure) = &s.storage_failure {
-                writeln!(out, "storage:       FAILED, takes no writes until restarted: {failure}")
-                    .map_err(|e| e.to_string())?;
+                writeln!(out, "storage:       FAILED, takes no writes until restarted: {failure}")?;
             }
             if !s.name.is_empty() {
-                writeln!(out, "name:          {}", s.name).map_err(|e| e.to_string())?;
+                writeln!(out, "name:          {}", s.name)?;
             }
             if let Some(reason) = &s.cut_off {
-                writeln!(out, "cluster:       CUT OFF: {reason}").map_err(|e| e.to_string())?;
+                writeln!(out, "cluster:       CUT OFF: {reason}")?;
             }
             for peer in &s.peers {
                 let state = match (peer.up, &peer.storage_failure) {
@@ -429,12 +425,10 @@ fn run(args: Args) -> Result<ExitCode, String> {
                 };
                 let id = peer.node_id.map_or_else(|| "id unknown".to_owned(), |id| format!("id {id:016x}"));
                 let clock = peer.clock_offset_ms.map_or_else(String::new, |ms| format!(", clock {ms:+} ms"));
-                writeln!(out, "peer:          {} {} {state} ({id}{clock})", peer.name, peer.peer_addr)
-                    .map_err(|e| e.to_string())?;
+                writeln!(out, "peer:          {} {} {state} ({id}{clock})", peer.name, peer.peer_addr)?;
             }
             if !s.ring.is_empty() {
-                writeln!(out, "ring:          {} replicas per key; share = keys it is first replica of", s.replicas)
-                    .map_err(|e| e.to_string())?;
+                writeln!(out, "ring:          {} replicas per key; share = keys it is first replica of", s.replicas)?;
             }
             for member in &s.ring {
                 let state = if member.up { "up" } else { "down" };
@@ -444,33 +438,27 @@ fn run(args: Args) -> Result<ExitCode, String> {
                     0 => String::new(),
                     n => format!("  {n} hints held for it ({} bytes)", member.hint_bytes),
                 };
-                writeln!(out, "  {:<12} {:<4} share {share:>5.1} %  {keys}{hints}", member.name, state)
-                    .map_err(|e| e.to_string())?;
+                writeln!(out, "  {:<12} {:<4} share {share:>5.1} %  {keys}{hints}", member.name, state)?;
             }
             if s.indexed {
-                writeln!(out, "index:         on; vectors not yet in the similarity graph: {}", s.graph_backlog)
-                    .map_err(|e| e.to_string())?;
+                writeln!(out, "index:         on; vectors not yet in the similarity graph: {}", s.graph_backlog)?;
             }
             if s.batches_pending > 0 {
-                writeln!(out, "bulk sets in the batch log, not yet known applied: {}", s.batches_pending)
-                    .map_err(|e| e.to_string())?;
+                writeln!(out, "bulk sets in the batch log, not yet known applied: {}", s.batches_pending)?;
             }
             if s.hints_dropped > 0 {
-                writeln!(out, "hints dropped: {} (too old, or their queue was full)", s.hints_dropped)
-                    .map_err(|e| e.to_string())?;
+                writeln!(out, "hints dropped: {} (too old, or their queue was full)", s.hints_dropped)?;
             }
             if !s.budgets.is_empty() {
-                writeln!(out, "bounds:        setting, in use, times reached: what happens at it")
-                    .map_err(|e| e.to_string())?;
+                writeln!(out, "bounds:        setting, in use, times reached: what happens at it")?;
             }
             for b in &s.budgets {
-                writeln!(out, "  {:<28} {:>12} {:>12} {:>6}  {}", b.name, b.max, b.used, b.reached, b.at_bound)
-                    .map_err(|e| e.to_string())?;
+                writeln!(out, "  {:<28} {:>12} {:>12} {:>6}  {}", b.name, b.max, b.used, b.reached, b.at_bound)?;
             }
         }
         Command::Shutdown { .. } => {
-            client.shutdown_node(&token).map_err(failed)?;
-            writeln!(out, "OK").map_err(|e| e.to_string())?;
+            client.shutdown_node(&token)?;
+            writeln!(out, "OK")?;
         }
         Command::Certs(_) | Command::LocalCluster { .. } => unreachable!("answered before connecting"),
     }

@@ -5,6 +5,7 @@
 
 use std::io::BufRead;
 
+use anyhow::{anyhow, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use quiver_client::blocking::Client;
 
@@ -26,11 +27,11 @@ struct Batch {
 
 /// Loads `file` in batches of at most `batch` entries. Returns the summary
 /// line; an error says which lines were stored.
-pub fn load(client: &Client, file: &str, batch: usize) -> Result<String, String> {
+pub fn load(client: &Client, file: &str, batch: usize) -> anyhow::Result<String> {
     if batch == 0 {
-        return Err("--batch must be at least 1".into());
+        bail!("--batch must be at least 1");
     }
-    let limits = client.limits().map_err(|e| e.to_string())?;
+    let limits = client.limits()?;
     let batch = batch.min(usize::try_from(limits.bulk_entries_max).unwrap_or(usize::MAX));
     // The bulk set's byte limit counts keys and values; the frame also holds
     // the entries' lengths and the request's header.
@@ -46,7 +47,7 @@ pub fn load(client: &Client, file: &str, batch: usize) -> Result<String, String>
         if line.is_empty() {
             continue;
         }
-        let (key, value) = split_entry(file, n, &line).map_err(|e| stored.failure(&e))?;
+        let (key, value) = split_entry(file, n, &line).map_err(|e| stored.failure(&format!("{e:#}")))?;
         let bytes = (key.len() + value.len()) as u64 + ENTRY_OVERHEAD_BYTES;
         if !current.entries.is_empty() && (current.entries.len() >= batch || current.bytes + bytes > bytes_max) {
             stored.send(client, std::mem::take(&mut current), &progress)?;
@@ -75,7 +76,7 @@ struct Stored {
 }
 
 impl Stored {
-    fn send(&mut self, client: &Client, batch: Batch, progress: &ProgressBar) -> Result<(), String> {
+    fn send(&mut self, client: &Client, batch: Batch, progress: &ProgressBar) -> anyhow::Result<()> {
         let count = batch.entries.len() as u64;
         if let Err(error) = client.bulk_set(batch.entries) {
             let what = format!(
@@ -95,11 +96,11 @@ impl Stored {
         Ok(())
     }
 
-    /// The message for a load that stopped: what is stored, what is not.
-    fn failure(&self, why: &str) -> String {
+    /// The error for a load that stopped: what is stored, what is not.
+    fn failure(&self, why: &str) -> anyhow::Error {
         match self.last_line {
-            0 => format!("{why}\nnothing was stored"),
-            last => format!(
+            0 => anyhow!("{why}\nnothing was stored"),
+            last => anyhow!(
                 "{why}\nlines 1-{last} are stored ({} entries in {}); no line after {last} was stored",
                 self.entries,
                 batches(self.batches)

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
+use anyhow::{anyhow, bail, Context};
 use quiver_client::Client;
 
 /// The list of nodes in a cluster directory.
@@ -77,12 +78,12 @@ fn toml_string(text: &str) -> String {
 }
 
 /// Reads the nodes of the cluster in `dir`, if one was made there.
-fn read_manifest(dir: &Path) -> Result<Option<Vec<LocalNode>>, String> {
+fn read_manifest(dir: &Path) -> anyhow::Result<Option<Vec<LocalNode>>> {
     let path = dir.join(MANIFEST);
     let text = match std::fs::read_to_string(&path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("{}: {e}", path.display())),
+        Err(e) => return Err(e).with_context(|| path.display().to_string()),
     };
     let nodes = text
         .lines()
@@ -91,18 +92,18 @@ fn read_manifest(dir: &Path) -> Result<Option<Vec<LocalNode>>, String> {
             [name, client, peer] => {
                 Ok(LocalNode { name: (*name).into(), client_addr: (*client).into(), peer_addr: (*peer).into() })
             }
-            _ => Err(format!("{}: cannot read the line {line:?}", path.display())),
+            _ => Err(anyhow!("{}: cannot read the line {line:?}", path.display())),
         })
-        .collect::<Result<Vec<_>, String>>()?;
+        .collect::<anyhow::Result<Vec<_>>>()?;
     Ok(Some(nodes))
 }
 
 /// Makes a new cluster of `count` nodes in `dir`: certificates, ports,
 /// settings and the manifest.
-fn create(dir: &Path, count: usize) -> Result<Vec<LocalNode>, String> {
+fn create(dir: &Path, count: usize) -> anyhow::Result<Vec<LocalNode>> {
     use quiver_certs as tls;
     let ca = dir.join("ca");
-    tls::init_ca(&ca).map_err(|e| e.to_string())?;
+    tls::init_ca(&ca)?;
     let ports = pick_ports(count)?;
     let nodes: Vec<LocalNode> = (0..count)
         .map(|i| LocalNode {
@@ -111,10 +112,10 @@ fn create(dir: &Path, count: usize) -> Result<Vec<LocalNode>, String> {
             peer_addr: format!("127.0.0.1:{}", ports.get(2 * i + 1).copied().unwrap_or(0)),
         })
         .collect();
-    let loopback = ["127.0.0.1".parse().map_err(|e| format!("{e}"))?];
+    let loopback = ["127.0.0.1".parse()?];
     for node in &nodes {
         let certs = dir.join("tls").join(&node.name);
-        tls::issue_node(&ca, &certs, &node.name, &loopback).map_err(|e| e.to_string())?;
+        tls::issue_node(&ca, &certs, &node.name, &loopback)?;
         let peers: Vec<String> = nodes
             .iter()
             .filter(|other| other.name != node.name)
@@ -131,11 +132,11 @@ fn create(dir: &Path, count: usize) -> Result<Vec<LocalNode>, String> {
             peers.join(", "),
         );
         let path = dir.join(format!("{}.toml", node.name));
-        std::fs::write(&path, settings).map_err(|e| format!("{}: {e}", path.display()))?;
+        std::fs::write(&path, settings).with_context(|| format!("{}", path.display()))?;
     }
     let manifest: String = nodes.iter().map(|n| format!("{} {} {}\n", n.name, n.client_addr, n.peer_addr)).collect();
     let path = dir.join(MANIFEST);
-    std::fs::write(&path, manifest).map_err(|e| format!("{}: {e}", path.display()))?;
+    std::fs::write(&path, manifest).with_context(|| format!("{}", path.display()))?;
     Ok(nodes)
 }
 
@@ -143,7 +144,7 @@ fn create(dir: &Path, count: usize) -> Result<Vec<LocalNode>, String> {
 /// for n2, and so on, when they are all free (so `quiver` reaches n1
 /// without `--addr`); else any free ports. Every port is held until all
 /// are picked, so none is picked twice.
-fn pick_ports(count: usize) -> Result<Vec<u16>, String> {
+fn pick_ports(count: usize) -> anyhow::Result<Vec<u16>> {
     use std::net::{TcpListener, UdpSocket};
     // Client ports are TCP, peer ports UDP (QUIC).
     let hold = |i: usize, port: u16| -> std::io::Result<(u16, Box<dyn std::any::Any>)> {
@@ -162,28 +163,29 @@ fn pick_ports(count: usize) -> Result<Vec<u16>, String> {
         }
     }
     let held = (0..count * 2).map(|i| hold(i, 0)).collect::<std::io::Result<Vec<_>>>();
-    Ok(held.map_err(|e| format!("picking a free port: {e}"))?.into_iter().map(|(port, _)| port).collect())
+    Ok(held.context("picking a free port")?.into_iter().map(|(port, _)| port).collect())
 }
 
 /// `quiverd`: beside this program, else on `PATH`.
-fn find_quiverd() -> Result<PathBuf, String> {
+fn find_quiverd() -> anyhow::Result<PathBuf> {
     let beside = std::env::current_exe().ok().and_then(|exe| Some(exe.parent()?.join("quiverd")));
     let on_path = std::env::var_os("PATH")
         .and_then(|path| std::env::split_paths(&path).map(|p| p.join("quiverd")).find(|p| p.is_file()));
-    beside.filter(|p| p.is_file()).or(on_path).ok_or_else(|| {
-        "quiverd was not found beside quiver or on PATH: build both with `cargo build --release --bins`".to_owned()
-    })
+    beside
+        .filter(|p| p.is_file())
+        .or(on_path)
+        .context("quiverd was not found beside quiver or on PATH: build both with `cargo build --release --bins`")
 }
 
 /// Starts node `node` of the cluster in `dir`, its log appended to
 /// `dir/NAME.log`.
-fn spawn(quiverd: &Path, dir: &Path, node: &LocalNode) -> Result<Child, String> {
+fn spawn(quiverd: &Path, dir: &Path, node: &LocalNode) -> anyhow::Result<Child> {
     let log_path = dir.join(format!("{}.log", node.name));
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&log_path)
-        .map_err(|e| format!("{}: {e}", log_path.display()))?;
+        .with_context(|| format!("{}", log_path.display()))?;
     Command::new(quiverd)
         .arg("--config")
         .arg(dir.join(format!("{}.toml", node.name)))
@@ -191,16 +193,16 @@ fn spawn(quiverd: &Path, dir: &Path, node: &LocalNode) -> Result<Child, String> 
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
-        .map_err(|e| format!("starting {}: {e}", quiverd.display()))
+        .with_context(|| format!("starting {}", quiverd.display()))
 }
 
 /// Waits until every node answers and sees every member of the ring up.
-async fn wait_ready(nodes: &[LocalNode], children: &mut [Child], dir: &Path) -> Result<(), String> {
+async fn wait_ready(nodes: &[LocalNode], children: &mut [Child], dir: &Path) -> anyhow::Result<()> {
     let started = Instant::now();
     for (node, child) in nodes.iter().zip(children.iter_mut()) {
         loop {
             if let Ok(Some(status)) = child.try_wait() {
-                return Err(format!(
+                return Err(anyhow!(
                     "{} exited ({status}); see {}",
                     node.name,
                     dir.join(format!("{}.log", node.name)).display()
@@ -214,7 +216,7 @@ async fn wait_ready(nodes: &[LocalNode], children: &mut [Child], dir: &Path) -> 
                 break;
             }
             if started.elapsed() > READY_WITHIN {
-                return Err(format!("{} did not see the whole cluster within {READY_WITHIN:?}", node.name));
+                return Err(anyhow!("{} did not see the whole cluster within {READY_WITHIN:?}", node.name));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -247,53 +249,53 @@ fn stop(nodes: &[LocalNode], children: &mut [Child]) {
 /// shares one `certs/` with it: the CA moves to `ca/`, and each node gets
 /// `tls/NAME/` with its own certificate and key, which its settings then
 /// name. (A cluster made before clusters had a shared secret gets one.)
-fn separate_the_ca(dir: &Path, nodes: &[LocalNode]) -> Result<(), String> {
+fn separate_the_ca(dir: &Path, nodes: &[LocalNode]) -> anyhow::Result<()> {
     use quiver_certs as tls;
     let (shared, ca) = (dir.join("certs"), dir.join("ca"));
     if !shared.join(tls::CA_KEY).exists() {
         return Ok(());
     }
-    let err = |path: &Path, e: std::io::Error| format!("{}: {e}", path.display());
-    tls::init_cluster_secret(&shared).map_err(|e| e.to_string())?;
-    std::fs::create_dir_all(&ca).map_err(|e| err(&ca, e))?;
+    let at = |path: &Path| path.display().to_string();
+    tls::init_cluster_secret(&shared)?;
+    std::fs::create_dir_all(&ca).with_context(|| at(&ca))?;
     for file in [tls::CA_CERT, tls::CLUSTER_SECRET] {
-        std::fs::copy(shared.join(file), ca.join(file)).map_err(|e| err(&ca.join(file), e))?;
+        std::fs::copy(shared.join(file), ca.join(file)).with_context(|| at(&ca.join(file)))?;
     }
     for node in nodes {
         let own = dir.join("tls").join(&node.name);
-        std::fs::create_dir_all(&own).map_err(|e| err(&own, e))?;
+        std::fs::create_dir_all(&own).with_context(|| at(&own))?;
         for file in [
             tls::CA_CERT.to_owned(),
             tls::CLUSTER_SECRET.into(),
             format!("{}.pem", node.name),
             format!("{}.key", node.name),
         ] {
-            std::fs::copy(shared.join(&file), own.join(&file)).map_err(|e| err(&own.join(&file), e))?;
+            std::fs::copy(shared.join(&file), own.join(&file)).with_context(|| at(&own.join(&file)))?;
         }
         let path = dir.join(format!("{}.toml", node.name));
-        let settings = std::fs::read_to_string(&path).map_err(|e| err(&path, e))?;
+        let settings = std::fs::read_to_string(&path).with_context(|| at(&path))?;
         let moved = settings.replace(
             &format!("tls_dir = {}", toml_string(&shared.display().to_string())),
             &format!("tls_dir = {}", toml_string(&own.display().to_string())),
         );
-        std::fs::write(&path, moved).map_err(|e| err(&path, e))?;
+        std::fs::write(&path, moved).with_context(|| at(&path))?;
     }
-    std::fs::rename(shared.join(tls::CA_KEY), ca.join(tls::CA_KEY)).map_err(|e| err(&ca, e))?;
+    std::fs::rename(shared.join(tls::CA_KEY), ca.join(tls::CA_KEY)).with_context(|| at(&ca))?;
     eprintln!("quiver: moved the cluster CA to {} and gave each node its own tls/NAME directory", ca.display());
     Ok(())
 }
 
 /// `quiver local-cluster --nodes N --dir DIR`.
-pub fn run(count: usize, dir: &Path) -> Result<ExitCode, String> {
+pub fn run(count: usize, dir: &Path) -> anyhow::Result<ExitCode> {
     if count == 0 {
-        return Err("a cluster needs at least one node".into());
+        bail!("a cluster needs at least one node");
     }
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let dir = dir.canonicalize().map_err(|e| format!("{}: {e}", dir.display()))?;
+    std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
+    let dir = dir.canonicalize().with_context(|| format!("{}", dir.display()))?;
     let nodes = match read_manifest(&dir)? {
         Some(nodes) if nodes.len() == count => nodes,
         Some(nodes) => {
-            return Err(format!(
+            return Err(anyhow!(
                 "{} holds a cluster of {} nodes: run with --nodes {} or use another --dir",
                 dir.display(),
                 nodes.len(),
@@ -304,10 +306,7 @@ pub fn run(count: usize, dir: &Path) -> Result<ExitCode, String> {
     };
     separate_the_ca(&dir, &nodes)?;
     let quiverd = find_quiverd()?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("starting a runtime: {e}"))?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting a runtime")?;
     let mut children = Vec::new();
     for node in &nodes {
         match spawn(&quiverd, &dir, node) {
@@ -324,11 +323,10 @@ pub fn run(count: usize, dir: &Path) -> Result<ExitCode, String> {
     }
     let mut out = std::io::stdout().lock();
     for (node, child) in nodes.iter().zip(&children) {
-        writeln!(out, "node {} client={} peer={} pid={}", node.name, node.client_addr, node.peer_addr, child.id())
-            .map_err(|e| e.to_string())?;
+        writeln!(out, "node {} client={} peer={} pid={}", node.name, node.client_addr, node.peer_addr, child.id())?;
     }
-    writeln!(out, "ready").map_err(|e| e.to_string())?;
-    out.flush().map_err(|e| e.to_string())?;
+    writeln!(out, "ready")?;
+    out.flush()?;
     drop(out);
     let ended = runtime.block_on(watch(&quiverd, &dir, &nodes, &mut children));
     stop(&nodes, &mut children);
@@ -337,7 +335,7 @@ pub fn run(count: usize, dir: &Path) -> Result<ExitCode, String> {
             eprintln!("quiver: {signal}: stopped the cluster");
             Ok(ExitCode::SUCCESS)
         }
-        Err(error) => Err(format!("{error}; stopped the cluster")),
+        Err(error) => Err(error.context("stopped the cluster")),
     }
 }
 
@@ -349,10 +347,10 @@ async fn watch(
     dir: &Path,
     nodes: &[LocalNode],
     children: &mut [Child],
-) -> Result<&'static str, String> {
+) -> anyhow::Result<&'static str> {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        return Err("cannot wait for signals".into());
+        bail!("cannot wait for signals");
     };
     let mut keepers: Vec<Keeper> = nodes.iter().map(|_| Keeper::new(Instant::now())).collect();
     let mut every = tokio::time::interval(Duration::from_millis(200));
@@ -365,7 +363,7 @@ async fn watch(
                     let Ok(Some(status)) = child.try_wait() else { continue };
                     let log = dir.join(format!("{}.log", node.name));
                     if !keeper.exited(Instant::now()) {
-                        return Err(format!(
+                        return Err(anyhow!(
                             "node {} exited {START_FAILURES_MAX} times within {START_GRACE:?} of starting (last: \
                              {status}); see {}",
                             node.name,
