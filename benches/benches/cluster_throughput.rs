@@ -130,7 +130,7 @@ impl Setup {
 
 /// Running servers; dropping it stops them, then removes their data.
 struct Servers {
-    _nodes: Vec<NodeProcess>,
+    nodes: Vec<NodeProcess>,
     _etcd: Option<EtcdCluster>,
     _dir: tempfile::TempDir,
 }
@@ -217,12 +217,12 @@ async fn start(setup: Setup, quiverd: &Path) -> Result<(Servers, Conn), String> 
             // task can have a write behind it, not a growing queue.
             let behind = Arc::new(tokio::sync::Semaphore::new(2 * Workload::Set64.in_flight() as usize));
             let fanout = Fanout { nodes: clients, behind };
-            return Ok((Servers { _nodes: nodes, _etcd: None, _dir: dir }, Conn::Fanout(fanout)));
+            return Ok((Servers { nodes, _etcd: None, _dir: dir }, Conn::Fanout(fanout)));
         }
         Setup::Etcd => {
             let etcd = EtcdCluster::start(dir.path(), ETCD_BASE_PORT, 1000)?;
             let clients = etcd.ready().await?;
-            return Ok((Servers { _nodes: Vec::new(), _etcd: Some(etcd), _dir: dir }, Conn::Etcd(clients)));
+            return Ok((Servers { nodes: Vec::new(), _etcd: Some(etcd), _dir: dir }, Conn::Etcd(clients)));
         }
     };
     if setup == Setup::Cluster {
@@ -240,7 +240,7 @@ async fn start(setup: Setup, quiverd: &Path) -> Result<(Servers, Conn), String> 
         }
     }
     let client = Client::connect([nodes[0].addr.clone()]).await.map_err(|e| e.to_string())?;
-    Ok((Servers { _nodes: nodes, _etcd: None, _dir: dir }, Conn::Quiver(Box::new(client))))
+    Ok((Servers { nodes, _etcd: None, _dir: dir }, Conn::Quiver(Box::new(client))))
 }
 
 /// Three nodes with their certificates, each listing the others.
@@ -306,12 +306,26 @@ async fn measure(conn: &Arc<Conn>, workload: Workload, seconds: u64, run: u64, v
     .await
 }
 
-type Row = (Setup, Workload, Figure);
+/// A setup's figures for a workload, and the CPU time of every process
+/// (its nodes and the client) per acknowledged key, in µs (`None` for
+/// etcd, whose members' CPU is not read).
+type Row = (Setup, Workload, Figure, Option<f64>);
+
+/// CPU time (user and system) `pid` has used so far, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the command name, which may hold spaces, in parentheses.
+    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    // utime and stime are fields 14 and 15 of the file; USER_HZ is 100.
+    (ticks(11) + ticks(12)) as f64 / 100.0
+}
 
 fn report(rows: &[Row], runs: u64, seconds: u64, value_bytes: usize) -> std::io::Result<()> {
     let out = workspace().join("target/quiver-bench");
     std::fs::create_dir_all(&out)?;
     let find = |setup: Setup, w: Workload| rows.iter().find(|r| r.0 == setup && r.1 == w).map(|r| r.2);
+    let cpu = |setup: Setup, w: Workload| rows.iter().find(|r| r.0 == setup && r.1 == w).and_then(|r| r.3);
     println!(
         "\nDurable writes, {value_bytes}-byte values, one smart client (runtime of 1 thread); median of {runs} runs \
          of {seconds}s; every process on this machine's {} cores.\n",
@@ -322,9 +336,17 @@ fn report(rows: &[Row], runs: u64, seconds: u64, value_bytes: usize) -> std::io:
          p99 ms | etcd, 3 members keys/s | p50 / p99 ms | 3 nodes / 1 node | Quiver 3 nodes / etcd | fan-out / etcd |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    let mut csv = String::from("setup,workload,keys_per_s,p50_ms,p99_ms\n");
-    for (setup, workload, f) in rows {
-        csv += &format!("{},{},{:.0},{:.3},{:.3}\n", setup.short(), workload.short(), f.keys_per_s, f.p50_ms, f.p99_ms);
+    let mut csv = String::from("setup,workload,keys_per_s,p50_ms,p99_ms,cpu_us_per_key\n");
+    for (setup, workload, f, cpu) in rows {
+        let cpu = cpu.map_or_else(String::new, |cpu| format!("{cpu:.2}"));
+        csv += &format!(
+            "{},{},{:.0},{:.3},{:.3},{cpu}\n",
+            setup.short(),
+            workload.short(),
+            f.keys_per_s,
+            f.p50_ms,
+            f.p99_ms
+        );
     }
     let cell = |f: Option<Figure>| {
         f.map_or(("-".into(), "-".into()), |f| {
@@ -346,6 +368,23 @@ fn report(rows: &[Row], runs: u64, seconds: u64, value_bytes: usize) -> std::io:
             ratio(cluster, etcd),
             ratio(fanout, etcd)
         );
+    }
+    println!(
+        "\nThe cluster against its ceiling, the client fan-out (goal: at least 0.9x its writes/s, at most 1.15x its \
+         CPU per write); CPU is every process's user and system time (nodes and client, from /proc) per \
+         acknowledged key.\n"
+    );
+    println!("| workload | 3 nodes / fan-out | CPU µs/key, 3 nodes | CPU µs/key, fan-out | CPU 3 nodes / fan-out |");
+    println!("|---|---:|---:|---:|---:|");
+    for w in Workload::ALL {
+        let (c, f) = (cpu(Setup::Cluster, w), cpu(Setup::Fanout, w));
+        let us = |x: Option<f64>| x.map_or_else(|| "-".into(), |x| format!("{x:.1}"));
+        let cpu_ratio = match (c, f) {
+            (Some(c), Some(f)) if f > 0.0 => format!("{:.2}x", c / f),
+            _ => "-".into(),
+        };
+        let rate = ratio(find(Setup::Cluster, w), find(Setup::Fanout, w));
+        println!("| {} | {rate} | {} | {} | {cpu_ratio} |", w.name(), us(c), us(f));
     }
     std::fs::write(out.join("cluster_throughput.csv"), csv)?;
     plot(rows, &out.join("cluster_throughput.svg")).map_err(std::io::Error::other)?;
@@ -411,16 +450,18 @@ fn read_csv(path: &Path) -> Result<Vec<Row>, String> {
     let mut rows = Vec::new();
     for line in text.lines().skip(1) {
         let fields: Vec<&str> = line.split(',').collect();
-        let [setup, workload, keys_per_s, p50_ms, p99_ms] = fields[..] else {
+        let (&[setup, workload, keys_per_s, p50_ms, p99_ms], cpu) = (&fields[..fields.len().min(5)], fields.get(5))
+        else {
             return Err(format!("bad CSV line {line:?}"));
         };
+        let cpu = cpu.and_then(|cpu| cpu.parse::<f64>().ok());
         let setup = Setup::ALL.into_iter().find(|s| s.short() == setup).ok_or(format!("unknown setup {setup:?}"))?;
         let workload = Workload::ALL
             .into_iter()
             .find(|w| w.short() == workload)
             .ok_or(format!("unknown workload {workload:?}"))?;
         let figure = Figure::from_csv(keys_per_s, p50_ms, p99_ms)?;
-        rows.push((setup, workload, figure));
+        rows.push((setup, workload, figure, cpu));
     }
     Ok(rows)
 }
@@ -452,14 +493,24 @@ async fn bench() {
                 Err(e) => panic!("{}: {e}", setup.name()),
             };
             let conn = Arc::new(conn);
+            let pids: Vec<u32> = servers.nodes.iter().map(NodeProcess::pid).chain([std::process::id()]).collect();
             let mut figures = Vec::new();
+            let mut cpu_per_key = Vec::new();
             for run in 0..runs {
-                figures.push(measure(&conn, workload, seconds, run, &value).await);
+                let cpu_before: f64 = pids.iter().map(|&pid| cpu_seconds(pid)).sum();
+                let started = Instant::now();
+                let figure = measure(&conn, workload, seconds, run, &value).await;
+                let cpu: f64 = pids.iter().map(|&pid| cpu_seconds(pid)).sum::<f64>() - cpu_before;
+                let keys = figure.keys_per_s * started.elapsed().as_secs_f64();
+                cpu_per_key.push(cpu * 1e6 / keys.max(1.0));
+                figures.push(figure);
             }
+            cpu_per_key.sort_by(f64::total_cmp);
+            let cpu = (setup != Setup::Etcd).then(|| cpu_per_key[cpu_per_key.len() / 2]);
             let text: Vec<String> = figures.iter().map(|f| format!("{:.0}", f.keys_per_s)).collect();
             let retries = conn.retries();
             eprintln!("{:>16} | {:<32} | runs: {} | retries: {retries}", setup.name(), workload.name(), text.join(" "));
-            rows.push((setup, workload, median(figures)));
+            rows.push((setup, workload, median(figures), cpu));
             drop(conn);
             drop(servers);
         }
