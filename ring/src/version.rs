@@ -1,5 +1,5 @@
 //! Versions of a key and the one rule for merging them (versions v2;
-//! docs/architecture.md, "Versions and clocks").
+//! docs/versions.md).
 //!
 //! A key maps to its live versions, the *siblings*. Every version has an
 //! `order = (hlc, origin)`: its [`Hlc`] and the [`BatchId`] of the write or
@@ -21,7 +21,7 @@
 //! transitive, so the merge is commutative, associative and idempotent:
 //! whatever order versions arrive in, through memtables, tables,
 //! compaction, decoding or replicas, the same versions leave the same
-//! siblings. `docs/architecture.md` gives the argument; the property tests
+//! siblings. `docs/versions.md` gives the argument; the property tests
 //! in `tests/versions.rs` check it over random histories.
 //!
 //! Every [`Siblings`] is built by that merge, decoding included: there is
