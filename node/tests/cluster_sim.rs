@@ -137,6 +137,11 @@ enum Safeguard {
     /// Reads and writes at quorum overlap (R + W > N): without it, reads
     /// are at `one`.
     QuorumOverlap,
+    /// A coordinator waits before stamping while a timestamp it saw is
+    /// ahead of its clock.
+    WaitBeforeStamp,
+    /// A search keeps only hits whose value a quorum read finds current.
+    StaleHits,
 }
 
 /// Sibling sets by key, as a write carries them.
@@ -1203,7 +1208,7 @@ impl Sim {
             return self.call_failed(write.call, Failure::NotApplied);
         }
         let wait_ms = node.stamper.wait_before_stamp_ms(seen, wall_ms);
-        if wait_ms > 0 {
+        if wait_ms > 0 && self.without != Some(Safeguard::WaitBeforeStamp) {
             self.waited += 1;
             return self.deferred.push(Deferred { at: self.now + wait_ms, ..write });
         }
@@ -1500,7 +1505,10 @@ impl Sim {
             return;
         };
         let current = running.current.into_iter().map(|found| found.expect("every read answered")).collect();
-        let answer = scatter::keep_current(running.hits, current);
+        let answer = match self.without {
+            Some(Safeguard::StaleHits) => running.hits,
+            _ => scatter::keep_current(running.hits, current),
+        };
         assert!(answer.len() <= SEARCH_K, "seed {seed}: {} hits of {SEARCH_K} asked", answer.len());
         for (i, hit) in answer.iter().enumerate() {
             assert!(hit.value.contains(&running.digit), "seed {seed}: a hit without the digit: {hit:?}");
@@ -1856,7 +1864,11 @@ fn two_replicas_down_quorum_is_unavailable_and_one_succeeds() {
 /// - `BatchReplay`: seed 51: the same, though the batch was logged on two
 ///   nodes;
 /// - `QuorumOverlap`: seed 0: a read at `one` missed a write acknowledged
-///   before it.
+///   before it;
+/// - `WaitBeforeStamp`: seed 0: replicas refused timestamps their
+///   coordinators stamped (too far ahead of their clocks);
+/// - `StaleHits`: seed 5: a search returned a value older than a write of
+///   its key acknowledged before the search began.
 ///
 /// A causal write's coordinator sends its whole resulting sibling set:
 /// `quiver-ring`'s `tests/versions.rs` fails at once without it.
@@ -1866,8 +1878,14 @@ fn each_safeguard_matters() {
     let quiet = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
     let mut found = Vec::new();
-    for safeguard in [Safeguard::AckWhenDurable, Safeguard::BatchLog, Safeguard::BatchReplay, Safeguard::QuorumOverlap]
-    {
+    for safeguard in [
+        Safeguard::AckWhenDurable,
+        Safeguard::BatchLog,
+        Safeguard::BatchReplay,
+        Safeguard::QuorumOverlap,
+        Safeguard::WaitBeforeStamp,
+        Safeguard::StaleHits,
+    ] {
         let failing = (0..SEEDS).find_map(|seed| {
             let failed = std::panic::catch_unwind(|| run_without(seed, Some(safeguard))).err()?;
             let message = failed.downcast_ref::<String>().cloned().unwrap_or_default();
