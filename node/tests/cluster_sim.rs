@@ -1664,6 +1664,73 @@ struct Checked {
     retried_around_cut: u64,
 }
 
+impl Checked {
+    fn add(&mut self, one: Checked) {
+        self.reads += one.reads;
+        self.unavailable += one.unavailable;
+        self.causal += one.causal;
+        self.searches += one.searches;
+        self.searches_unavailable += one.searches_unavailable;
+        self.waited += one.waited;
+        self.hints_dropped += one.hints_dropped;
+        self.hints_delivered += one.hints_delivered;
+        self.hints_expired += one.hints_expired;
+        self.bulks_acked += one.bulks_acked;
+        self.bulks_reached += one.bulks_reached;
+        self.replayed += one.replayed;
+        self.crashes += one.crashes;
+        for (step, n) in one.crashed_at {
+            *self.crashed_at.entry(step).or_default() += n;
+        }
+        self.cut += one.cut;
+        self.retried_around_cut += one.retried_around_cut;
+    }
+
+    fn report(&self) {
+        eprintln!(
+            "checked: {} quorum reads, {} causal writes, {} searches; {} operations unavailable; {} bulk sets \
+             acknowledged, {} reached a replica, {} replayed; {} crashes ({:?} at bulk steps); hints {} dropped, {} \
+             delivered, {} expired; {} histories with a cut, {} calls retried around it",
+            self.reads,
+            self.causal,
+            self.searches,
+            self.unavailable,
+            self.bulks_acked,
+            self.bulks_reached,
+            self.replayed,
+            self.crashes,
+            self.crashed_at,
+            self.hints_dropped,
+            self.hints_delivered,
+            self.hints_expired,
+            self.cut,
+            self.retried_around_cut
+        );
+    }
+
+    /// The histories met what they are there for.
+    fn assert_met(&self) {
+        assert!(self.reads > 0, "some reads completed and were checked");
+        assert!(self.unavailable > 0, "some operations hit their deadline (messages dropped, a node down)");
+        assert!(self.causal > 0, "some causal writes were acknowledged and checked");
+        assert!(self.searches > 0, "some searches completed and were checked");
+        assert!(self.searches_unavailable > 0, "some searches lost a part and failed by their deadline");
+        assert!(self.waited > 0, "some coordinators waited for their clock before stamping");
+        assert!(self.hints_dropped > 0, "some stand-ins had no room for a hint");
+        assert!(self.hints_delivered > 0, "some hints were handed on to their owner once it was back");
+        assert!(self.hints_expired > 0, "some hints passed their age while their owner was down");
+        assert!(self.cut > 0 && self.retried_around_cut > 0, "some calls went around a node cut off from its peers");
+        assert!(self.bulks_acked > 0 && self.bulks_reached > self.bulks_acked, "some bulk sets acknowledged, some not");
+        assert!(self.replayed > 0, "some batches were replayed by a holder");
+        for step in BulkStep::ALL {
+            assert!(
+                self.crashed_at.get(&step).is_some_and(|&n| n > 0),
+                "no bulk set's coordinator crashed at {step:?}"
+            );
+        }
+    }
+}
+
 /// One history.
 fn run(seed: u64) -> Checked {
     run_without(seed, None)
@@ -1774,54 +1841,49 @@ fn quorum_reads_see_acknowledged_writes_and_replicas_converge() {
     };
     let mut total = Checked::default();
     for seed in seeds {
-        let one = run(seed);
-        total.reads += one.reads;
-        total.unavailable += one.unavailable;
-        total.causal += one.causal;
-        total.searches += one.searches;
-        total.searches_unavailable += one.searches_unavailable;
-        total.waited += one.waited;
-        total.hints_dropped += one.hints_dropped;
-        total.hints_delivered += one.hints_delivered;
-        total.hints_expired += one.hints_expired;
-        total.bulks_acked += one.bulks_acked;
-        total.bulks_reached += one.bulks_reached;
-        total.replayed += one.replayed;
-        total.crashes += one.crashes;
-        for (step, n) in one.crashed_at {
-            *total.crashed_at.entry(step).or_default() += n;
-        }
-        total.cut += one.cut;
-        total.retried_around_cut += one.retried_around_cut;
+        total.add(run(seed));
     }
-    eprintln!(
-        "{} bulk sets acknowledged, {} reached a replica, {} replayed, {} crashes ({:?} at bulk steps)",
-        total.bulks_acked, total.bulks_reached, total.replayed, total.crashes, total.crashed_at
-    );
+    total.report();
     // What the histories together must have met (not one replayed alone).
     if replay.is_none() {
-        assert!(total.reads > 0, "some reads completed and were checked");
-        assert!(total.unavailable > 0, "some operations hit their deadline (messages dropped, a node down)");
-        assert!(total.causal > 0, "some causal writes were acknowledged and checked");
-        assert!(total.searches > 0, "some searches completed and were checked");
-        assert!(total.searches_unavailable > 0, "some searches lost a part and failed by their deadline");
-        assert!(total.waited > 0, "some coordinators waited for their clock before stamping");
-        assert!(total.hints_dropped > 0, "some stand-ins had no room for a hint");
-        assert!(total.hints_delivered > 0, "some hints were handed on to their owner once it was back");
-        assert!(total.hints_expired > 0, "some hints passed their age while their owner was down");
-        assert!(total.cut > 0 && total.retried_around_cut > 0, "some calls went around a node cut off from its peers");
-        assert!(
-            total.bulks_acked > 0 && total.bulks_reached > total.bulks_acked,
-            "some bulk sets acknowledged, some not"
-        );
-        assert!(total.replayed > 0, "some batches were replayed by a holder");
-        for step in BulkStep::ALL {
-            assert!(
-                total.crashed_at.get(&step).is_some_and(|&n| n > 0),
-                "no bulk set's coordinator crashed at {step:?}"
-            );
-        }
+        total.assert_met();
     }
+}
+
+/// The long run: 100,000 histories, seeds 0 to 99,999, on every core
+/// (`cargo test --release -p quiver-node --test cluster_sim -- --ignored`;
+/// its figures are in docs/cluster.md).
+#[test]
+#[ignore = "the long run: about half an hour on two cores"]
+fn a_hundred_thousand_histories() {
+    const HISTORIES: u64 = 100_000;
+    let next = std::sync::atomic::AtomicU64::new(0);
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    let started = std::time::Instant::now();
+    let total = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut total = Checked::default();
+                    loop {
+                        let seed = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if seed >= HISTORIES {
+                            return total;
+                        }
+                        total.add(run(seed));
+                    }
+                })
+            })
+            .collect();
+        let mut total = Checked::default();
+        for worker in workers {
+            total.add(worker.join().expect("a history failed: its seed is above"));
+        }
+        total
+    });
+    eprintln!("{HISTORIES} histories on {threads} threads in {:?}", started.elapsed());
+    total.report();
+    total.assert_met();
 }
 
 /// With two of a key's three replicas down, a quorum write is unavailable
