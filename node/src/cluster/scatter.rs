@@ -8,29 +8,45 @@ use std::collections::BTreeMap;
 
 use quiver_ring::ring::{Ring, TokenRange};
 use quiver_ring::wire::{ErrorKind, SearchHit, ServerError};
+
+/// A search that cannot be planned: every replica of this range is down,
+/// and the search would miss its keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Unplannable {
+    pub range: TokenRange,
+}
+
+impl From<Unplannable> for ServerError {
+    fn from(unplannable: Unplannable) -> ServerError {
+        let TokenRange { after, upto } = unplannable.range;
+        ServerError::new(
+            ErrorKind::Unavailable,
+            format!(
+                "every replica of the ring's range ({after:016x}, {upto:016x}] is down: a search would miss its keys"
+            ),
+        )
+    }
+}
 use quiver_ring::NodeId;
 
 /// Which node searches which ranges: each range of the ring goes to one of
 /// its `replicas` replicas, `me` where it is one (no message), else the
 /// first that is not `down`; so every key is looked at exactly once. When
 /// every replica of some range is down the search would miss its keys, so
-/// it is refused as `Unavailable`.
+/// it is refused (the node answers `Unavailable`).
 pub fn plan(
     ring: &Ring,
     replicas: usize,
     me: NodeId,
     down: &[NodeId],
-) -> Result<BTreeMap<NodeId, Vec<TokenRange>>, ServerError> {
+) -> Result<BTreeMap<NodeId, Vec<TokenRange>>, Unplannable> {
     let mut parts: BTreeMap<NodeId, Vec<TokenRange>> = BTreeMap::new();
     for (range, holders) in ring.ranges(replicas) {
         let chosen = match holders.contains(&me) {
             true => Some(me),
             false => holders.iter().find(|id| !down.contains(id)).copied(),
         };
-        let Some(node) = chosen else {
-            let message = "every replica of a part of the ring is down: a search would miss its keys";
-            return Err(ServerError::new(ErrorKind::Unavailable, message));
-        };
+        let Some(node) = chosen else { return Err(Unplannable { range }) };
         parts.entry(node).or_default().push(range);
     }
     Ok(parts)
@@ -114,8 +130,10 @@ mod tests {
     #[test]
     fn a_range_with_every_replica_down_is_unavailable() {
         let ring = ring(4);
-        let error = plan(&ring, 3, NodeId(1), &[NodeId(2), NodeId(3), NodeId(4)]).unwrap_err();
-        assert_eq!(error.kind, ErrorKind::Unavailable);
+        let down = [NodeId(2), NodeId(3), NodeId(4)];
+        let Unplannable { range } = plan(&ring, 3, NodeId(1), &down).unwrap_err();
+        assert!(ring.preference_list_of_token(range.upto, 3).iter().all(|id| down.contains(id)));
+        assert_eq!(ServerError::from(Unplannable { range }).kind, ErrorKind::Unavailable);
     }
 
     #[test]

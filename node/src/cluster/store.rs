@@ -721,7 +721,7 @@ impl Store for Arc<ClusterStore> {
         };
         let parts = match scatter::plan(&ring, REPLICAS, self.me, &self.membership.down()) {
             Ok(parts) => parts,
-            Err(error) => return done(Err(error)),
+            Err(unplannable) => return done(Err(unplannable.into())),
         };
         let this = self.clone();
         self.runtime.spawn(async move {
