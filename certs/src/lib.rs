@@ -34,12 +34,15 @@ pub enum TlsError {
     Invalid(String),
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
-    move |source| TlsError::Io { path: path.display().to_string(), source }
-}
+impl TlsError {
+    /// An I/O error on `path`, for `map_err`.
+    pub fn at(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
+        move |source| TlsError::Io { path: path.display().to_string(), source }
+    }
 
-fn invalid(what: impl std::fmt::Display) -> TlsError {
-    TlsError::Invalid(what.to_string())
+    pub fn invalid(what: impl std::fmt::Display) -> TlsError {
+        TlsError::Invalid(what.to_string())
+    }
 }
 
 fn ca_params() -> CertificateParams {
@@ -60,19 +63,19 @@ fn write_new(dir: &Path, name: &str, bytes: &[u8], secret: bool) -> Result<(), T
     let path = dir.join(name);
     let mode = if secret { 0o600 } else { 0o644 };
     let mut file =
-        std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&path).map_err(io(&path))?;
-    file.write_all(bytes).and_then(|()| file.sync_all()).map_err(io(&path))
+        std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&path).map_err(TlsError::at(&path))?;
+    file.write_all(bytes).and_then(|()| file.sync_all()).map_err(TlsError::at(&path))
 }
 
 /// Makes a new cluster CA in `dir` (created if needed). Refuses to replace
 /// one that exists.
 pub fn init_ca(dir: &Path) -> Result<(), TlsError> {
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    std::fs::create_dir_all(dir).map_err(TlsError::at(dir))?;
     if dir.join(CA_CERT).exists() || dir.join(CA_KEY).exists() {
-        return Err(invalid(format!("{} already holds a cluster CA; it is not replaced", dir.display())));
+        return Err(TlsError::invalid(format!("{} already holds a cluster CA; it is not replaced", dir.display())));
     }
-    let key = KeyPair::generate().map_err(invalid)?;
-    let cert = ca_params().self_signed(&key).map_err(invalid)?;
+    let key = KeyPair::generate().map_err(TlsError::invalid)?;
+    let cert = ca_params().self_signed(&key).map_err(TlsError::invalid)?;
     write_new(dir, CA_KEY, key.serialize_pem().as_bytes(), true)?;
     write_new(dir, CA_CERT, cert.pem().as_bytes(), false)?;
     init_cluster_secret(dir)
@@ -81,15 +84,15 @@ pub fn init_ca(dir: &Path) -> Result<(), TlsError> {
 /// Makes the cluster's shared secret in `dir` unless it holds one already
 /// (which is kept: tokens sealed with it stay valid).
 pub fn init_cluster_secret(dir: &Path) -> Result<(), TlsError> {
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    load_or_create_secret(dir, CLUSTER_SECRET).map(|_| ()).map_err(io(&dir.join(CLUSTER_SECRET)))
+    std::fs::create_dir_all(dir).map_err(TlsError::at(dir))?;
+    load_or_create_secret(dir, CLUSTER_SECRET).map(|_| ()).map_err(TlsError::at(&dir.join(CLUSTER_SECRET)))
 }
 
 /// Reads the cluster's shared secret from a node's certificate directory.
 pub fn read_cluster_secret(dir: &Path) -> Result<[u8; SECRET_BYTES], TlsError> {
     let path = dir.join(CLUSTER_SECRET);
     read_secret(&path).map_err(|source| match source.kind() {
-        std::io::ErrorKind::NotFound => invalid(format!(
+        std::io::ErrorKind::NotFound => TlsError::invalid(format!(
             "{} is missing: every node of a cluster needs the same {CLUSTER_SECRET}, made beside the cluster CA \
              (`quiver certs init-ca`, or `quiver certs secret --dir DIR` for a CA made before); copy it to each \
              node's certificate directory",
@@ -108,7 +111,7 @@ fn check_name(name: &str) -> Result<(), TlsError> {
     if valid {
         Ok(())
     } else {
-        Err(invalid(format!("node name {name:?}: use letters, digits, '-' and '.' (at most 63)")))
+        Err(TlsError::invalid(format!("node name {name:?}: use letters, digits, '-' and '.' (at most 63)")))
     }
 }
 
@@ -118,18 +121,18 @@ fn check_name(name: &str) -> Result<(), TlsError> {
 /// node needs, and never the CA's key. `node_dir` must not be `ca_dir`.
 pub fn issue_node(ca_dir: &Path, node_dir: &Path, name: &str, ips: &[IpAddr]) -> Result<(), TlsError> {
     check_name(name)?;
-    std::fs::create_dir_all(node_dir).map_err(io(node_dir))?;
+    std::fs::create_dir_all(node_dir).map_err(TlsError::at(node_dir))?;
     if std::fs::canonicalize(node_dir).ok() == std::fs::canonicalize(ca_dir).ok() || node_dir.join(CA_KEY).exists() {
-        return Err(invalid(format!(
+        return Err(TlsError::invalid(format!(
             "{} holds (or is) the cluster CA: give the node a directory of its own, without the CA's key",
             node_dir.display()
         )));
     }
     let ca_key_path = ca_dir.join(CA_KEY);
-    let ca_key_pem = std::fs::read_to_string(&ca_key_path).map_err(io(&ca_key_path))?;
-    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(invalid)?;
+    let ca_key_pem = std::fs::read_to_string(&ca_key_path).map_err(TlsError::at(&ca_key_path))?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(TlsError::invalid)?;
     let issuer = Issuer::new(ca_params(), ca_key);
-    let mut params = CertificateParams::new(vec![name.to_owned()]).map_err(invalid)?;
+    let mut params = CertificateParams::new(vec![name.to_owned()]).map_err(TlsError::invalid)?;
     params.subject_alt_names.extend(ips.iter().map(|&ip| rcgen::SanType::IpAddress(ip)));
     let mut subject = DistinguishedName::new();
     subject.push(DnType::CommonName, name);
@@ -137,8 +140,8 @@ pub fn issue_node(ca_dir: &Path, node_dir: &Path, name: &str, ips: &[IpAddr]) ->
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages =
         vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-    let key = KeyPair::generate().map_err(invalid)?;
-    let cert = params.signed_by(&key, &issuer).map_err(invalid)?;
+    let key = KeyPair::generate().map_err(TlsError::invalid)?;
+    let cert = params.signed_by(&key, &issuer).map_err(TlsError::invalid)?;
     copy_once(ca_dir, node_dir, CA_CERT, false)?;
     copy_once(ca_dir, node_dir, CLUSTER_SECRET, true)?;
     write_new(node_dir, &format!("{name}.key"), key.serialize_pem().as_bytes(), true)?;
@@ -149,10 +152,10 @@ pub fn issue_node(ca_dir: &Path, node_dir: &Path, name: &str, ips: &[IpAddr]) ->
 /// refuses to replace different ones (another cluster's).
 fn copy_once(from: &Path, to: &Path, name: &str, secret: bool) -> Result<(), TlsError> {
     let source = from.join(name);
-    let bytes = std::fs::read(&source).map_err(io(&source))?;
+    let bytes = std::fs::read(&source).map_err(TlsError::at(&source))?;
     match std::fs::read(to.join(name)) {
         Ok(there) if there == bytes => Ok(()),
-        Ok(_) => Err(invalid(format!("{} holds another cluster's {name}", to.display()))),
+        Ok(_) => Err(TlsError::invalid(format!("{} holds another cluster's {name}", to.display()))),
         Err(_) => write_new(to, name, &bytes, secret),
     }
 }

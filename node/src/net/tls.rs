@@ -37,14 +37,6 @@ pub use quiver_certs::{
 /// The ALPN protocol of peer links.
 pub const ALPN: &[u8] = b"quiver-peer/4";
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
-    move |source| TlsError::Io { path: path.display().to_string(), source }
-}
-
-fn invalid(what: impl std::fmt::Display) -> TlsError {
-    TlsError::Invalid(what.to_string())
-}
-
 /// The first of `names` that `cert`, a peer's certificate (already
 /// checked against the cluster CA by the handshake), is valid for: which
 /// member the peer is.
@@ -77,7 +69,7 @@ impl NodeTls {
     /// that could sign certificates could take any other node's name.
     pub fn load(dir: &Path, name: &str) -> Result<NodeTls, TlsError> {
         if dir.join(CA_KEY).exists() {
-            return Err(invalid(format!(
+            return Err(TlsError::invalid(format!(
                 "{} holds the cluster CA's private key ({CA_KEY}); a node's certificate directory must not (a node \
                  that could sign certificates could take any other node's name): keep the CA apart and give each \
                  node its own directory (`quiver certs node --ca-dir CA --dir NODE_DIR`)",
@@ -86,9 +78,9 @@ impl NodeTls {
         }
         let read = |file: String| {
             let path = dir.join(file);
-            std::fs::read(&path).map_err(io(&path)).map(|bytes| (path, bytes))
+            std::fs::read(&path).map_err(TlsError::at(&path)).map(|bytes| (path, bytes))
         };
-        let pem = |path: &Path, e: rustls::pki_types::pem::Error| invalid(format!("{}: {e}", path.display()));
+        let pem = |path: &Path, e: rustls::pki_types::pem::Error| TlsError::invalid(format!("{}: {e}", path.display()));
         let (path, bytes) = read(CA_CERT.to_owned())?;
         let ca = CertificateDer::from_pem_slice(&bytes).map_err(|e| pem(&path, e))?;
         let (path, bytes) = read(format!("{name}.pem"))?;
@@ -100,7 +92,7 @@ impl NodeTls {
 
     fn roots(&self) -> Result<Arc<rustls::RootCertStore>, TlsError> {
         let mut roots = rustls::RootCertStore::empty();
-        roots.add(self.ca.clone()).map_err(invalid)?;
+        roots.add(self.ca.clone()).map_err(TlsError::invalid)?;
         Ok(Arc::new(roots))
     }
 
@@ -110,15 +102,15 @@ impl NodeTls {
         let provider = provider();
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots()?, provider.clone())
             .build()
-            .map_err(invalid)?;
+            .map_err(TlsError::invalid)?;
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(invalid)?
+            .map_err(TlsError::invalid)?
             .with_client_cert_verifier(verifier)
             .with_single_cert(vec![self.cert.clone()], self.key.clone_key())
-            .map_err(invalid)?;
+            .map_err(TlsError::invalid)?;
         config.alpn_protocols = vec![ALPN.to_vec()];
-        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(config).map_err(invalid)?;
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(config).map_err(TlsError::invalid)?;
         Ok(quinn::ServerConfig::with_crypto(Arc::new(crypto)))
     }
 
@@ -137,15 +129,15 @@ impl NodeTls {
     fn client_config(&self, present_certificate: bool) -> Result<quinn::ClientConfig, TlsError> {
         let builder = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(invalid)?
+            .map_err(TlsError::invalid)?
             .with_root_certificates(self.roots()?);
         let mut config = if present_certificate {
-            builder.with_client_auth_cert(vec![self.cert.clone()], self.key.clone_key()).map_err(invalid)?
+            builder.with_client_auth_cert(vec![self.cert.clone()], self.key.clone_key()).map_err(TlsError::invalid)?
         } else {
             builder.with_no_client_auth()
         };
         config.alpn_protocols = vec![ALPN.to_vec()];
-        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(config).map_err(invalid)?;
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(config).map_err(TlsError::invalid)?;
         Ok(quinn::ClientConfig::new(Arc::new(crypto)))
     }
 }
