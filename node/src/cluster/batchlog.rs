@@ -162,11 +162,6 @@ impl Logging {
         (!self.ended && !self.there).then(|| hedge.unwrap_or(self.deadline_ms).min(self.deadline_ms))
     }
 
-    /// Every node asked so far, this one first.
-    pub fn asked(&self) -> &[NodeId] {
-        &self.asked
-    }
-
     fn ask_next(&mut self, now_ms: u64) -> Vec<NodeId> {
         self.hedge_at = now_ms.saturating_add(self.hedge_after_ms);
         match self.others.next() {
@@ -278,15 +273,19 @@ impl BatchLog {
         lock(&self.pending).len() as u64
     }
 
-    /// Every batch held that [`replay`] says not to wait for, at `now_ms`.
-    /// Reads files: not for an async worker.
-    pub fn due(&self, now_ms: u64, replay_after_ms: u64, gc_grace_ms: u64) -> storage::Result<Vec<Entry>> {
-        let due = |id: &Hlc| replay(id.physical_ms(), now_ms, replay_after_ms, gc_grace_ms) != Replay::Wait;
-        let due: Vec<(NodeId, Hlc)> = lock(&self.pending).iter().filter(|(_, id)| due(id)).copied().collect();
+    /// Every batch held that [`replay`] says not to wait for, at `now_ms`,
+    /// with what it says to do. Reads files: not for an async worker.
+    pub fn due(&self, now_ms: u64, replay_after_ms: u64, gc_grace_ms: u64) -> storage::Result<Vec<(Replay, Entry)>> {
+        let decide = |id: &Hlc| replay(id.physical_ms(), now_ms, replay_after_ms, gc_grace_ms);
+        let due: Vec<(Replay, NodeId, Hlc)> = lock(&self.pending)
+            .iter()
+            .map(|&(coordinator, id)| (decide(&id), coordinator, id))
+            .filter(|(decision, _, _)| *decision != Replay::Wait)
+            .collect();
         let mut batches = Vec::with_capacity(due.len());
-        for (coordinator, id) in due {
+        for (decision, coordinator, id) in due {
             match self.log.entry(coordinator, id)? {
-                Some(batch) => batches.push(batch),
+                Some(batch) => batches.push((decision, batch)),
                 None => {
                     lock(&self.pending).remove(&(coordinator, id));
                 }

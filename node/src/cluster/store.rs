@@ -41,7 +41,7 @@ use quiver_ring::ring::{Ring, TokenRange};
 use quiver_ring::wire::{self, ErrorKind, RingInfo, RingMember, SearchHit, ServerError};
 use quiver_ring::{Context, Hlc, NodeId, Siblings};
 
-use super::batchlog::{self, BatchLog, Logged, Logging, Replay};
+use super::batchlog::{BatchLog, Logged, Logging, Replay};
 use super::hints::{self, Handoff, HintStore};
 use super::membership::Membership;
 use super::placement;
@@ -844,7 +844,7 @@ impl ClusterStore {
     }
 
     /// Logs batch `id` (this node's) durably here and on other nodes, as
-    /// [`batchlog::Logging`] says (hedged after [`LOG_HEDGE_AFTER`]).
+    /// [`Logging`] says (hedged after [`LOG_HEDGE_AFTER`]).
     /// Returns every node asked: each may hold it.
     async fn log_batch(&self, ring: &Ring, id: Hlc, sets: &[(Vec<u8>, Siblings)]) -> Result<Vec<NodeId>, ServerError> {
         let first = sets.first().map_or(&[][..], |(key, _)| key.as_slice());
@@ -939,9 +939,9 @@ impl ClusterStore {
             true => return Ok(()),
             false => self.ring()?,
         };
-        for batch in due {
+        for (decision, batch) in due {
             let (coordinator, id) = (batch.node, batch.seq);
-            match batchlog::replay(id.physical_ms(), now, after_ms, gc_grace_ms) {
+            match decision {
                 Replay::Wait => continue,
                 Replay::Apply => {
                     let keys = batch.sets.iter().map(|(key, _)| key.as_slice());
