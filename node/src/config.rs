@@ -36,6 +36,7 @@
 //! shutdown_grace_ms = 5000          # at shutdown, answers a client does not read are dropped after this
 //! peer_requests_in_flight_max = 262144   # per peer link (a get_many sends one per key); past it a part is hinted
 //! peer_queued_bytes_max = 268435456      # per peer link; past it a replica's part is hinted instead
+//! peer_socket_buffer_bytes = 4194304     # the peer UDP socket's kernel buffers (capped by net.core.rmem_max)
 //!
 //! [storage]
 //! memtable_bytes_max = 67108864
@@ -162,6 +163,10 @@ pub struct Limits {
     /// Bytes queued on one peer link and not yet sent, at most: past it
     /// as above.
     pub peer_queued_bytes_max: u64,
+    /// The kernel's receive and send buffers asked for the peer UDP
+    /// socket (the kernel grants at most `net.core.rmem_max`): datagrams
+    /// arriving to a full buffer are dropped and sent again by QUIC.
+    pub peer_socket_buffer_bytes: usize,
 }
 
 /// Storage engine knobs exposed to operators.
@@ -238,6 +243,7 @@ impl Default for Limits {
             shutdown_grace_ms: 5000,
             peer_requests_in_flight_max: 1 << 18,
             peer_queued_bytes_max: 256 << 20,
+            peer_socket_buffer_bytes: 4 << 20,
         }
     }
 }
@@ -250,6 +256,7 @@ impl Limits {
             requests_in_flight_max: self.peer_requests_in_flight_max,
             queued_bytes_max: self.peer_queued_bytes_max,
             frame_bytes_max: self.frame_bytes_max.saturating_add(8 << 20),
+            socket_buffer_bytes: self.peer_socket_buffer_bytes,
         }
     }
 

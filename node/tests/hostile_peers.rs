@@ -32,7 +32,7 @@ use quiver_ring::{BatchId, Causal, Context, Dot, Hlc, NodeId, Siblings, Stamp, V
 fn link_as(runtime: &tokio::runtime::Runtime, tls_dir: &Path, name: &str, to: &str) -> (PeerEndpoint, PeerLink) {
     let _entered = runtime.enter();
     let tls = NodeTls::load(tls_dir, name).unwrap();
-    let endpoint = PeerEndpoint::bind("127.0.0.1:0".parse().unwrap(), tls).unwrap();
+    let endpoint = PeerEndpoint::bind("127.0.0.1:0".parse().unwrap(), tls, Default::default()).unwrap();
     let to: SocketAddr = to.parse().unwrap();
     let link = endpoint.link("n1", to);
     (endpoint, link)

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quiver_node::messages::{PeerReply, PeerRequest};
-use quiver_node::net::peer::{PeerEndpoint, PeerError, PeerHandler, Reply};
+use quiver_node::net::peer::{LinkBounds, LinkStats, PeerEndpoint, PeerError, PeerHandler, Reply};
 use quiver_node::net::tls::{init_ca, issue_node, NodeTls};
 use quiver_ring::{Hlc, NodeId};
 
@@ -52,8 +52,12 @@ fn certs(dir: &Path, names: &[&str]) {
 }
 
 fn endpoint(dir: &Path, name: &str) -> PeerEndpoint {
+    bounded_endpoint(dir, name, LinkBounds::default())
+}
+
+fn bounded_endpoint(dir: &Path, name: &str, bounds: LinkBounds) -> PeerEndpoint {
     let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    PeerEndpoint::bind(addr, NodeTls::load(&dir.join(name), name).unwrap()).unwrap()
+    PeerEndpoint::bind(addr, NodeTls::load(&dir.join(name), name).unwrap(), bounds).unwrap()
 }
 
 /// What the test handlers answer a ping with.
@@ -172,15 +176,12 @@ fn read() -> PeerRequest {
 /// one is answered.
 #[tokio::test]
 async fn a_link_at_its_bound_refuses_at_once_and_a_peer_past_its_bound_waits() {
-    use quiver_node::net::peer::{LinkBounds, LinkStats};
     let cluster = tempfile::tempdir().unwrap();
     certs(cluster.path(), &["n1", "n2"]);
-    let n1 =
-        endpoint(cluster.path(), "n1").with_bounds(LinkBounds { requests_in_flight_max: 2, ..LinkBounds::default() });
+    let n1 = bounded_endpoint(cluster.path(), "n1", LinkBounds { requests_in_flight_max: 2, ..LinkBounds::default() });
     let holding = Arc::new(Holding { held: std::sync::Mutex::default(), arrived: tokio::sync::Notify::new() });
     n1.serve(holding.clone());
-    let n2 =
-        endpoint(cluster.path(), "n2").with_bounds(LinkBounds { requests_in_flight_max: 3, ..LinkBounds::default() });
+    let n2 = bounded_endpoint(cluster.path(), "n2", LinkBounds { requests_in_flight_max: 3, ..LinkBounds::default() });
     let link = n2.link("n1", n1.local_addr().unwrap());
     link.call(ping(), CALL).await.unwrap();
 
@@ -217,11 +218,10 @@ async fn a_link_at_its_bound_refuses_at_once_and_a_peer_past_its_bound_waits() {
 /// the caller hears at once, rather than waiting for its deadline.
 #[tokio::test]
 async fn an_answer_past_the_frame_limit_becomes_an_error_answer() {
-    use quiver_node::net::peer::{LinkBounds, LinkStats};
     use quiver_ring::wire::ErrorKind;
     let cluster = tempfile::tempdir().unwrap();
     certs(cluster.path(), &["n1", "n2"]);
-    let n1 = endpoint(cluster.path(), "n1").with_bounds(LinkBounds { frame_bytes_max: 1024, ..LinkBounds::default() });
+    let n1 = bounded_endpoint(cluster.path(), "n1", LinkBounds { frame_bytes_max: 1024, ..LinkBounds::default() });
     let holding = Arc::new(Holding { held: std::sync::Mutex::default(), arrived: tokio::sync::Notify::new() });
     n1.serve(holding.clone());
     let n2 = endpoint(cluster.path(), "n2");

@@ -603,7 +603,7 @@ fn join_cluster(
 ) -> anyhow::Result<(String, Arc<Membership>)> {
     let tls = NodeTls::load(tls_dir, name).context("this node's certificate")?;
     let addr = config.peer_addr.parse().with_context(|| format!("peer address {}", config.peer_addr))?;
-    let endpoint = PeerEndpoint::bind(addr, tls)?.with_bounds(config.limits.peer_links());
+    let endpoint = PeerEndpoint::bind(addr, tls, config.limits.peer_links())?;
     let bound = endpoint.local_addr()?.to_string();
     let peers = config.peer_configs()?;
     let membership = Membership::new(

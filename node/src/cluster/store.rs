@@ -191,6 +191,7 @@ impl ClusterStore {
         let (bounds, links, in_flight, queued) = self.membership.links();
         let get = LinkStats::get;
         let largest = self.hints.queues().values().map(|q| q.bytes).max().unwrap_or(0);
+        let (socket_queued, socket_dropped) = links.socket_buffer().unwrap_or((0, 0));
         vec![
             budget(
                 "hint_bytes_max",
@@ -212,6 +213,13 @@ impl ClusterStore {
                 queued,
                 get(&links.refused_queued),
                 "a request to that peer fails at once, a write's part is hinted (in use: over every link)",
+            ),
+            budget(
+                "peer_socket_buffer_bytes",
+                get(&links.socket_buffer_granted),
+                socket_queued,
+                socket_dropped,
+                "the kernel drops a datagram to a full buffer, QUIC sends it again (max: what the kernel granted)",
             ),
             budget(
                 "peer_frame_bytes_max",

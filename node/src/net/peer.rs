@@ -59,11 +59,22 @@ pub struct LinkBounds {
     pub queued_bytes_max: u64,
     /// The largest peer frame: a full bulk set and its framing.
     pub frame_bytes_max: usize,
+    /// The endpoint's UDP receive and send buffers, asked of the kernel
+    /// (which grants at most `net.core.rmem_max`/`wmem_max`). A datagram
+    /// that arrives to a full buffer is dropped by the kernel and sent
+    /// again by QUIC, late: a burst of bulk sets from two peers overflows
+    /// the kernel's default of about 200 KiB.
+    pub socket_buffer_bytes: usize,
 }
 
 impl Default for LinkBounds {
     fn default() -> LinkBounds {
-        LinkBounds { requests_in_flight_max: 1 << 18, queued_bytes_max: 256 << 20, frame_bytes_max: 80 << 20 }
+        LinkBounds {
+            requests_in_flight_max: 1 << 18,
+            queued_bytes_max: 256 << 20,
+            frame_bytes_max: 80 << 20,
+            socket_buffer_bytes: 4 << 20,
+        }
     }
 }
 
@@ -80,12 +91,47 @@ pub struct LinkStats {
     pub serving_paused: AtomicU64,
     /// Answers past the frame limit, replaced with an error answer.
     pub answers_too_large: AtomicU64,
+    /// The receive buffer the kernel granted the endpoint's socket.
+    pub socket_buffer_granted: AtomicU64,
+    /// The socket's inode, to find it in `/proc/net/udp` (0: unknown).
+    socket_inode: AtomicU64,
 }
 
 impl LinkStats {
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
     }
+
+    /// The bytes waiting in the endpoint socket's receive buffer, and the
+    /// datagrams the kernel dropped there because it was full, as
+    /// `/proc/net/udp` tells (`None` where it cannot be read).
+    pub fn socket_buffer(&self) -> Option<(u64, u64)> {
+        let inode = self.socket_inode.load(Ordering::Relaxed);
+        ["/proc/self/net/udp", "/proc/self/net/udp6"]
+            .iter()
+            .filter_map(|table| std::fs::read_to_string(table).ok())
+            .find_map(|text| udp_socket_use(&text, inode))
+    }
+}
+
+/// In a `/proc/net/udp` table, the socket `inode`'s receive queue (bytes)
+/// and drops.
+fn udp_socket_use(table: &str, inode: u64) -> Option<(u64, u64)> {
+    if inode == 0 {
+        return None;
+    }
+    table.lines().skip(1).find_map(|line| {
+        // sl local rem st tx_queue:rx_queue tr:when retrnsmt uid timeout
+        // inode ref pointer drops
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.get(9)?.parse::<u64>().ok()? != inode {
+            return None;
+        }
+        let (_, rx_queue) = fields.get(4)?.split_once(':')?;
+        let queued = u64::from_str_radix(rx_queue, 16).ok()?;
+        let drops = fields.last()?.parse().ok()?;
+        Some((queued, drops))
+    })
 }
 
 /// How often an idle link proves it is alive, and how long a silent one
@@ -158,25 +204,29 @@ pub struct PeerEndpoint {
 
 impl PeerEndpoint {
     /// Binds `addr` (UDP) with this node's certificate, serving and
-    /// dialling.
-    pub fn bind(addr: SocketAddr, tls: NodeTls) -> Result<PeerEndpoint, PeerError> {
+    /// dialling, its links held to `bounds`.
+    pub fn bind(addr: SocketAddr, tls: NodeTls, bounds: LinkBounds) -> Result<PeerEndpoint, PeerError> {
+        let binding =
+            |e: std::io::Error| PeerError::Link { peer: tls.name.clone(), addr, reason: format!("binding: {e}") };
+        let socket = std::net::UdpSocket::bind(addr).map_err(binding)?;
+        let state = quinn::udp::UdpSocketState::new((&socket).into()).map_err(binding)?;
+        // The kernel may grant less than asked (its own maximum): that is
+        // what `socket_buffers` shows.
+        let _ = state.set_recv_buffer_size((&socket).into(), bounds.socket_buffer_bytes);
+        let _ = state.set_send_buffer_size((&socket).into(), bounds.socket_buffer_bytes);
+        let stats = Arc::new(LinkStats::default());
+        let granted = state.recv_buffer_size((&socket).into()).unwrap_or(0);
+        stats.socket_buffer_granted.store(granted as u64, Ordering::Relaxed);
+        stats.socket_inode.store(socket_inode(&socket), Ordering::Relaxed);
         let mut server = tls.quic_server()?;
         server.transport_config(transport());
-        let mut endpoint = quinn::Endpoint::server(server, addr).map_err(|e| PeerError::Link {
-            peer: tls.name.clone(),
-            addr,
-            reason: format!("binding: {e}"),
-        })?;
+        let runtime = Arc::new(quinn::TokioRuntime);
+        let mut endpoint =
+            quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, runtime).map_err(binding)?;
         let mut client = tls.quic_client()?;
         client.transport_config(transport());
         endpoint.set_default_client_config(client);
-        Ok(PeerEndpoint { endpoint, tls, bounds: LinkBounds::default(), stats: Arc::default() })
-    }
-
-    /// The bounds of its links (before any link is made or served).
-    pub fn with_bounds(mut self, bounds: LinkBounds) -> PeerEndpoint {
-        self.bounds = bounds;
-        self
+        Ok(PeerEndpoint { endpoint, tls, bounds, stats })
     }
 
     pub fn bounds(&self) -> LinkBounds {
@@ -263,6 +313,13 @@ impl PeerEndpoint {
         link.client = Some(client);
         Ok(link)
     }
+}
+
+/// The inode of `socket`, as `/proc/net/udp` names it (0: unknown).
+fn socket_inode(socket: &std::net::UdpSocket) -> u64 {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(format!("/proc/self/fd/{}", socket.as_raw_fd())).map_or(0, |m| m.ino())
 }
 
 /// The QUIC error code a connection from a stranger is closed with.
@@ -553,5 +610,35 @@ impl PeerLink {
                 Err(PeerError::Timeout { peer: self.name.clone(), addr: self.addr, timeout })
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sockets_queue_and_drops_are_read_from_the_udp_table() {
+        let table = "   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n\
+            \x20 12: 0100007F:1F41 00000000:0000 07 00000000:00000000 00:00000000 00000000  1000        0 4242 2 0000000000000000 0\n\
+            \x20 13: 0100007F:1F42 00000000:0000 07 00000000:00001A00 00:00000000 00000000  1000        0 4343 2 0000000000000000 17\n";
+        assert_eq!(udp_socket_use(table, 4343), Some((0x1A00, 17)));
+        assert_eq!(udp_socket_use(table, 4242), Some((0, 0)));
+        assert_eq!(udp_socket_use(table, 99), None);
+        assert_eq!(udp_socket_use(table, 0), None);
+        assert_eq!(udp_socket_use("header\ngarbage line", 4343), None);
+    }
+
+    #[tokio::test]
+    async fn a_bound_endpoint_finds_its_own_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        quiver_certs::init_ca(&dir.path().join("ca")).unwrap();
+        let ip = "127.0.0.1".parse().unwrap();
+        quiver_certs::issue_node(&dir.path().join("ca"), &dir.path().join("n1"), "n1", &[ip]).unwrap();
+        let tls = NodeTls::load(&dir.path().join("n1"), "n1").unwrap();
+        let endpoint = PeerEndpoint::bind("127.0.0.1:0".parse().unwrap(), tls, LinkBounds::default()).unwrap();
+        let stats = endpoint.stats();
+        assert!(LinkStats::get(&stats.socket_buffer_granted) > 0);
+        assert_eq!(stats.socket_buffer().map(|(_, drops)| drops), Some(0));
     }
 }
