@@ -16,7 +16,10 @@
 //! - [`hints`]: the hints a node holds for replicas that are down (sloppy
 //!   quorum, hinted handoff); [`batchlog`]: bulk sets logged on two nodes
 //!   before they are applied; both kept in a [`setlog`].
+//! - [`antientropy`]: hash trees of what a node holds, and the exchange
+//!   that finds the keys two replicas hold differently, without I/O.
 
+pub mod antientropy;
 pub mod batchlog;
 pub mod hints;
 pub mod membership;
