@@ -6,7 +6,9 @@
 //!   keeps one per replica set). Each key has a *leaf*: a hash of the key
 //!   and of its live versions' identities (their `(hlc, origin)`, which no
 //!   two versions share; never the value bytes). A key falls in one of
-//!   [`SEGMENTS`] segments by a hash of its own; a segment is the XOR of
+//!   [`SEGMENTS`] segments by its token's first 12 bits, so that a
+//!   segment's keys are one span of tokens, which a node's storage keeps
+//!   together (listing them is a range scan); a segment is the XOR of
 //!   its keys' leaves, a branch the XOR of [`SEGMENTS_PER_BRANCH`]
 //!   segments, the root the XOR of the branches. A write changes a key's
 //!   leaf from `old` to `new`: three XORs, no rebuild.
@@ -29,9 +31,10 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use quiver_ring::ring::key_token;
 use quiver_ring::Siblings;
 use serde::{Deserialize, Serialize};
-use xxhash_rust::xxh3::{xxh3_64_with_seed, Xxh3};
+use xxhash_rust::xxh3::Xxh3;
 
 /// Segments of a tree: a key's segment is a hash of the key modulo this.
 pub const SEGMENTS: usize = 4096;
@@ -39,17 +42,29 @@ pub const SEGMENTS: usize = 4096;
 pub const SEGMENTS_PER_BRANCH: usize = 64;
 pub const BRANCHES: usize = SEGMENTS / SEGMENTS_PER_BRANCH;
 
-/// Seeds that keep a key's segment independent of its leaf and of its
-/// place on the ring.
-const SEGMENT_SEED: u64 = 0x5e67_e475;
+/// A seed that keeps a key's leaf independent of its token.
 const LEAF_SEED: u64 = 0x1eaf_1eaf;
+
+/// The bits of a token below its segment number.
+const SEGMENT_SHIFT: u32 = 64 - SEGMENTS.trailing_zeros();
 
 /// A segment's number, `0..SEGMENTS`.
 pub type Segment = u16;
 
-/// The segment `key` falls in.
+/// The segment `key` falls in: its token's first bits.
 pub fn segment_of(key: &[u8]) -> Segment {
-    (xxh3_64_with_seed(key, SEGMENT_SEED) % SEGMENTS as u64) as Segment
+    segment_of_token(key_token(key))
+}
+
+/// The segment of keys whose token is `token`.
+pub fn segment_of_token(token: u64) -> Segment {
+    (token >> SEGMENT_SHIFT) as Segment
+}
+
+/// The tokens of `segment`'s keys: from the first to the last, inclusive.
+pub fn segment_tokens(segment: Segment) -> (u64, u64) {
+    let first = (segment as u64) << SEGMENT_SHIFT;
+    (first, first | (u64::MAX >> SEGMENTS.trailing_zeros()))
 }
 
 /// The leaf of `key` holding `siblings`: a hash of the key and each live
@@ -453,6 +468,16 @@ mod tests {
         match outcome {
             Outcome::Synced(summary) => summary.keys_repaired,
             Outcome::Failed(why) => panic!("failed: {why}"),
+        }
+    }
+
+    #[test]
+    fn a_segment_is_one_span_of_tokens() {
+        assert_eq!(segment_tokens(0), (0, (1 << SEGMENT_SHIFT) - 1));
+        assert_eq!(segment_tokens(SEGMENTS as u16 - 1).1, u64::MAX);
+        for key in [&b"a"[..], b"bb", b"some key"] {
+            let (first, last) = segment_tokens(segment_of(key));
+            assert!((first..=last).contains(&key_token(key)));
         }
     }
 

@@ -17,7 +17,8 @@
 //!   quorum, hinted handoff); [`batchlog`]: bulk sets logged on two nodes
 //!   before they are applied; both kept in a [`setlog`].
 //! - [`antientropy`]: hash trees of what a node holds, and the exchange
-//!   that finds the keys two replicas hold differently, without I/O.
+//!   that finds the keys two replicas hold differently, without I/O;
+//!   [`trees`]: the trees a node keeps of its own data.
 
 pub mod antientropy;
 pub mod batchlog;
@@ -28,3 +29,4 @@ pub mod quorum;
 pub mod scatter;
 pub mod setlog;
 pub mod store;
+pub mod trees;

@@ -1,0 +1,244 @@
+//! The hash trees a node keeps of its own data (see [`super::antientropy`]
+//! for what a tree is): one per replica set it belongs to.
+//!
+//! - Owns: the trees, and each key's leaf, by a 64-bit hash of the key (16
+//!   bytes a key in a hash table: 17-34 MB per million keys, as the table
+//!   is more or less full).
+//! - Receives: the keys of each write once it is durable and visible
+//!   ([`Trees::written`]), on a thread that may read the engine.
+//! - Does: reads each such key's merged versions from the engine, after the
+//!   write, and moves the key's leaf in its replica set's tree. A key's
+//!   leaf is always what the engine held when it was read, so the order in
+//!   which writes are reported, or a write reported twice, does not matter.
+//! - Is built at start by one scan of the data ([`Trees::build`]): trees
+//!   are not persisted, so a restart costs a scan and a crash loses
+//!   nothing. [`Trees::check`] compares them with a fresh scan.
+//!
+//! Two keys whose 64-bit hashes collide (about one pair in 10^7 at a
+//! million keys) share a leaf slot: their segment then differs from a
+//! replica's that holds the same data, and exchanges find no key to repair
+//! there. It costs a listing of that segment per exchange, never data.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use quiver_ring::ring::Ring;
+use quiver_ring::{NodeId, Siblings};
+use xxhash_rust::xxh3::xxh3_64_with_seed;
+
+use super::antientropy::{leaf, segment_tokens, Segment, Tree};
+use crate::lock;
+use crate::storage::keys::{data_key, keyspace_start, token_range_start, user_key, Keyspace};
+use crate::storage::{self, Engine};
+
+/// The nodes that replicate a key, in id order.
+pub type ReplicaSet = Vec<NodeId>;
+
+/// A seed for the hash that names a key in the table of leaves.
+const KEY_SEED: u64 = 0x7ee5_0f1e_a5ed;
+
+/// The trees and leaves of one node.
+#[derive(Debug, Default)]
+struct Kept {
+    trees: HashMap<ReplicaSet, Tree>,
+    leaves: HashMap<u64, u64>,
+}
+
+/// A node's hash trees (see the module's doc).
+#[derive(Debug)]
+pub struct Trees {
+    engine: Arc<Engine>,
+    ring: Arc<Ring>,
+    replicas: usize,
+    kept: Mutex<Kept>,
+}
+
+impl Trees {
+    /// The trees of what `engine` holds, its keys placed on `ring` with
+    /// `replicas` copies each: one scan of the data.
+    pub fn build(engine: Arc<Engine>, ring: Arc<Ring>, replicas: usize) -> storage::Result<Trees> {
+        let trees = Trees { engine, ring, replicas, kept: Mutex::default() };
+        let kept = trees.scanned()?;
+        *lock(&trees.kept) = kept;
+        Ok(trees)
+    }
+
+    /// The replica set of `key`.
+    pub fn replica_set(&self, key: &[u8]) -> ReplicaSet {
+        let mut set = self.ring.preference_list(key, self.replicas);
+        set.sort_unstable();
+        set
+    }
+
+    /// Trees and leaves as a scan of the data finds them now.
+    fn scanned(&self) -> storage::Result<Kept> {
+        let mut kept = Kept::default();
+        let data = self.engine.scan(&keyspace_start(Keyspace::Data), Some(&keyspace_start(Keyspace::Hints)));
+        for entry in data {
+            let (stored, siblings) = entry?;
+            let Some(key) = user_key(&stored) else { continue };
+            let leaf = leaf(key, Some(&siblings));
+            if leaf != 0 {
+                kept.leaves.insert(xxh3_64_with_seed(key, KEY_SEED), leaf);
+                kept.trees.entry(self.replica_set(key)).or_default().change(key, 0, leaf);
+            }
+        }
+        Ok(kept)
+    }
+
+    /// `keys` were written (durable and visible): their leaves follow what
+    /// the engine holds of them now.
+    pub fn written<'a>(&self, keys: impl IntoIterator<Item = &'a [u8]>) -> storage::Result<()> {
+        for key in keys {
+            let siblings = self.engine.get(&data_key(key))?;
+            let new = leaf(key, siblings.as_ref());
+            let mut kept = lock(&self.kept);
+            let slot = xxh3_64_with_seed(key, KEY_SEED);
+            let old = match new {
+                0 => kept.leaves.remove(&slot),
+                _ => kept.leaves.insert(slot, new),
+            }
+            .unwrap_or(0);
+            if old != new {
+                kept.trees.entry(self.replica_set(key)).or_default().change(key, old, new);
+            }
+        }
+        Ok(())
+    }
+
+    /// The tree of `set` now (empty if this node holds none of its keys).
+    pub fn tree(&self, set: &[NodeId]) -> Tree {
+        lock(&self.kept).trees.get(set).cloned().unwrap_or_default()
+    }
+
+    /// The replica sets this node holds keys of.
+    pub fn sets(&self) -> Vec<ReplicaSet> {
+        lock(&self.kept).trees.keys().cloned().collect()
+    }
+
+    /// This node's keys of `set` in `segments`, each with its leaf: a range
+    /// scan per segment.
+    pub fn list(&self, set: &[NodeId], segments: &[Segment]) -> storage::Result<Vec<(Vec<u8>, u64)>> {
+        let mut listed = Vec::new();
+        for &segment in segments {
+            let (first, last) = segment_tokens(segment);
+            let end = last.checked_add(1).map_or_else(|| keyspace_start(Keyspace::Hints), token_range_start);
+            for entry in self.engine.scan(&token_range_start(first), Some(&end)) {
+                let (stored, siblings) = entry?;
+                let Some(key) = user_key(&stored) else { continue };
+                let leaf = leaf(key, Some(&siblings));
+                if leaf != 0 && self.replica_set(key) == set {
+                    listed.push((key.to_vec(), leaf));
+                }
+            }
+        }
+        Ok(listed)
+    }
+
+    /// The sibling sets of `keys` here (`None` for a key not held).
+    pub fn siblings(&self, keys: &[Vec<u8>]) -> storage::Result<Vec<(Vec<u8>, Option<Siblings>)>> {
+        keys.iter().map(|key| Ok((key.clone(), self.engine.get(&data_key(key))?))).collect()
+    }
+
+    /// Whether the trees kept are the trees of the data now (a fresh
+    /// scan): `Err` names the first replica set that differs. Call it
+    /// while nothing is written.
+    pub fn check(&self) -> Result<(), String> {
+        let scanned = self.scanned().map_err(|e| format!("scanning the data: {e}"))?;
+        let kept = lock(&self.kept);
+        let empty = Tree::default();
+        let sets = kept.trees.keys().chain(scanned.trees.keys());
+        for set in sets {
+            let (ours, fresh) = (kept.trees.get(set).unwrap_or(&empty), scanned.trees.get(set).unwrap_or(&empty));
+            if ours != fresh {
+                return Err(format!(
+                    "the tree of replica set {:?} has {} keys and root {:016x}; the data, {} keys and root {:016x}",
+                    set.iter().map(|id| format!("{:016x}", id.0)).collect::<Vec<_>>(),
+                    ours.keys(),
+                    ours.root(),
+                    fresh.keys(),
+                    fresh.root()
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::antientropy::segment_of;
+    use crate::storage::{Op, Options};
+    use quiver_ring::ring::{Member, RingView};
+    use quiver_ring::{BatchId, Hlc, Version};
+
+    fn ring(nodes: u64) -> Arc<Ring> {
+        let member = |id: u64| Member {
+            id: NodeId(id),
+            name: format!("n{id}"),
+            client_addr: String::new(),
+            peer_addr: String::new(),
+        };
+        Arc::new(Ring::new(RingView { epoch: 1, members: (1..=nodes).map(member).collect() }))
+    }
+
+    fn write(engine: &Engine, key: &[u8], hlc: u64, value: Option<&[u8]>) {
+        let version = Version {
+            hlc: Hlc(hlc),
+            origin: BatchId { node: NodeId(1), counter: hlc },
+            causal: None,
+            value: value.map(<[u8]>::to_vec),
+        };
+        engine.write_blocking(vec![Op { key: data_key(key), version }]).unwrap();
+    }
+
+    #[test]
+    fn trees_fed_by_writes_are_the_trees_of_the_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Arc::new(Engine::open(dir.path(), Options::default()).unwrap());
+        for i in 0..500u64 {
+            write(&engine, format!("old{i}").as_bytes(), i + 1, Some(b"v"));
+        }
+        let trees = Trees::build(engine.clone(), ring(5), 3).unwrap();
+        assert!(trees.sets().len() > 1, "five nodes, three replicas: several replica sets");
+        trees.check().unwrap();
+        let mut keys: Vec<Vec<u8>> = Vec::new();
+        for i in 0..300u64 {
+            let key = format!("k{}", i % 120).into_bytes();
+            write(&engine, &key, 1000 + i, (i % 7 != 0).then_some(&b"w"[..]));
+            keys.push(key);
+        }
+        // Overwritten keys too, and a key reported twice or out of order.
+        write(&engine, b"old3", 5000, None);
+        keys.extend([b"old3".to_vec(), b"k5".to_vec(), b"old3".to_vec()]);
+        trees.written(keys.iter().rev().map(Vec::as_slice)).unwrap();
+        trees.check().unwrap();
+
+        write(&engine, b"unreported", 6000, Some(b"x"));
+        assert!(trees.check().is_err(), "a write not reported leaves a tree behind the data");
+        trees.written([&b"unreported"[..]]).unwrap();
+        trees.check().unwrap();
+    }
+
+    #[test]
+    fn a_segment_lists_its_keys_of_one_replica_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Arc::new(Engine::open(dir.path(), Options::default()).unwrap());
+        let keys: Vec<Vec<u8>> = (0..2000u64).map(|i| format!("key{i}").into_bytes()).collect();
+        for (i, key) in keys.iter().enumerate() {
+            write(&engine, key, i as u64 + 1, Some(b"v"));
+        }
+        let trees = Trees::build(engine, ring(4), 3).unwrap();
+        let key = &keys[17];
+        let (set, segment) = (trees.replica_set(key), segment_of(key));
+        let listed = trees.list(&set, &[segment]).unwrap();
+        assert!(listed.iter().any(|(k, _)| k == key));
+        let expected = keys.iter().filter(|k| segment_of(k) == segment && trees.replica_set(k) == set);
+        assert_eq!(listed.len(), expected.count());
+        let mut tree = Tree::default();
+        listed.iter().for_each(|(k, leaf)| tree.change(k, 0, *leaf));
+        let (branch, at) = (segment / 64, segment as usize % 64);
+        assert_eq!(tree.segments_of(branch)[at], trees.tree(&set).segments_of(branch)[at]);
+    }
+}
