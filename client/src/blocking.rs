@@ -146,6 +146,11 @@ impl Client {
         self.runtime.block_on(self.inner.status())
     }
 
+    /// See [`crate::Client::repair`].
+    pub fn repair(&self, timeout: std::time::Duration) -> Result<crate::RepairReport> {
+        self.runtime.block_on(self.inner.repair(timeout))
+    }
+
     /// See [`crate::Client::limits`].
     pub fn limits(&self) -> Result<crate::Limits> {
         self.runtime.block_on(self.inner.limits())

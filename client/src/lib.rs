@@ -43,7 +43,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 pub use error::{Error, Result};
 pub use quiver_ring::wire::{
-    BudgetInfo, Consistency, ContextToken, ErrorKind, Limits, NodeStatus, SearchHit, VersionInfo, Versions,
+    AntiEntropyInfo, BudgetInfo, Consistency, ContextToken, ErrorKind, Limits, NodeStatus, RepairReport, SearchHit,
+    VersionInfo, Versions,
 };
 use quiver_ring::wire::{Op, Reply};
 pub use quiver_ring::Hlc;
@@ -521,6 +522,19 @@ impl Client {
         match self.call(Op::Status).await? {
             Reply::Status(status) => Ok(*status),
             other => Err(Error::Protocol(format!("expected a status, got {other:?}"))),
+        }
+    }
+
+    /// In a cluster: runs an anti-entropy round on the connected node now
+    /// (its hash trees against each other replica's, every difference
+    /// repaired both ways) and waits at most `timeout` for what it did. A
+    /// round covers the keys that node replicates: run it on every node to
+    /// cover every key (in a cluster of as many nodes as replicas, one
+    /// node's round covers all of them).
+    pub async fn repair(&self, timeout: Duration) -> Result<RepairReport> {
+        match self.connection().await?.call(Op::Repair, timeout, self.consistency).await? {
+            Reply::Repaired(report) => Ok(report),
+            other => Err(Error::Protocol(format!("expected a repair's report, got {other:?}"))),
         }
     }
 

@@ -21,6 +21,9 @@
 //! op_timeout_ms = 5000        # a quorum operation, or a call to a peer, waits this long
 //! hint_tick_ms = 1000         # hints go to their owners, the batch log is looked at, this often
 //! batch_replay_after_ms = 10000  # a bulk set logged this long ago is replayed (at least op_timeout_ms)
+//! anti_entropy_ms = 600000    # replicas compare their hash trees this often (0: only on `quiver repair`)
+//! repair_bytes_per_sec = 16777216  # what anti-entropy repairs send and pull, at most
+//! repair_keys_per_sec = 50000
 //!
 //! [limits]
 //! key_bytes_max = 4096
@@ -37,6 +40,7 @@
 //! peer_requests_in_flight_max = 262144   # per peer link (a get_many sends one per key); past it a part is hinted
 //! peer_queued_bytes_max = 268435456      # per peer link; past it a replica's part is hinted instead
 //! peer_socket_buffer_bytes = 4194304     # the peer UDP socket's kernel buffers (capped by net.core.rmem_max)
+//! tree_feed_keys_max = 1048576  # written keys waiting to reach the hash trees; past it they are rebuilt by a scan
 //!
 //! [storage]
 //! memtable_bytes_max = 67108864
@@ -105,6 +109,12 @@ pub struct Config {
     /// coordinator died, or did not reach its quorum): at least
     /// `op_timeout_ms`.
     pub batch_replay_after_ms: u64,
+    /// Replicas compare their hash trees and repair what differs this
+    /// often (0: only when asked, `quiver repair`).
+    pub anti_entropy_ms: u64,
+    /// What anti-entropy's repairs send and pull, per second, at most.
+    pub repair_bytes_per_sec: u64,
+    pub repair_keys_per_sec: u64,
     /// Index the values for search: full text (BM25) and embeddings
     /// (HNSW). Every data write then also updates the index, in the same
     /// WAL record.
@@ -167,6 +177,10 @@ pub struct Limits {
     /// socket (the kernel grants at most `net.core.rmem_max`): datagrams
     /// arriving to a full buffer are dropped and sent again by QUIC.
     pub peer_socket_buffer_bytes: usize,
+    /// Written keys waiting to be read back into the hash trees, at most:
+    /// past it a write's keys are dropped (counted) and the trees rebuilt
+    /// by a scan.
+    pub tree_feed_keys_max: u64,
 }
 
 /// Storage engine knobs exposed to operators.
@@ -214,6 +228,9 @@ impl Default for Config {
             op_timeout_ms: 5000,
             hint_tick_ms: 1000,
             batch_replay_after_ms: 10_000,
+            anti_entropy_ms: 600_000,
+            repair_bytes_per_sec: 16 << 20,
+            repair_keys_per_sec: 50_000,
             index: false,
             word_vectors: None,
             debug_clock_offset_ms: 0,
@@ -244,6 +261,7 @@ impl Default for Limits {
             peer_requests_in_flight_max: 1 << 18,
             peer_queued_bytes_max: 256 << 20,
             peer_socket_buffer_bytes: 4 << 20,
+            tree_feed_keys_max: 1 << 20,
         }
     }
 }
@@ -325,6 +343,28 @@ pub struct ClusterTimers {
     pub op_timeout: Duration,
     pub hint_tick: Duration,
     pub batch_replay_after: Duration,
+}
+
+/// Segments whose keys one anti-entropy ask lists, at most (and what a
+/// node answers).
+pub const SEGMENTS_PER_ASK_MAX: usize = 64;
+
+/// The settings of anti-entropy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RepairSettings {
+    /// Rounds start this often (`None`: only on demand).
+    pub every: Option<Duration>,
+    /// What repairs may send and pull, per second, at most.
+    pub bytes_per_sec: u64,
+    pub keys_per_sec: u64,
+    /// Segments listed per ask.
+    pub segments_per_ask: usize,
+}
+
+impl Default for RepairSettings {
+    fn default() -> RepairSettings {
+        Config::default().repair()
+    }
 }
 
 impl Default for ClusterTimers {
@@ -414,6 +454,16 @@ impl Config {
             op_timeout: ms(self.op_timeout_ms),
             hint_tick: ms(self.hint_tick_ms),
             batch_replay_after: ms(self.batch_replay_after_ms),
+        }
+    }
+
+    /// The settings of anti-entropy.
+    pub fn repair(&self) -> RepairSettings {
+        RepairSettings {
+            every: (self.anti_entropy_ms > 0).then(|| Duration::from_millis(self.anti_entropy_ms)),
+            bytes_per_sec: self.repair_bytes_per_sec.max(1),
+            keys_per_sec: self.repair_keys_per_sec.max(1),
+            segments_per_ask: SEGMENTS_PER_ASK_MAX,
         }
     }
 

@@ -33,6 +33,32 @@ pub enum PeerRequest {
     /// This node's statistics of a full-text query's terms over its keys in
     /// `ranges` (the first round of a search with cluster-wide statistics).
     TermStats { query: String, matching: Match, ranges: Vec<TokenRange> },
+    /// A step of an anti-entropy exchange over the keys whose replicas are
+    /// `set` (both nodes among them).
+    Exchange { set: Vec<NodeId>, ask: Ask },
+    /// Every version of each of these keys this replica holds (an
+    /// exchange's repair).
+    Pull { keys: Vec<Vec<u8>> },
+}
+
+/// What one replica asks the other in an anti-entropy exchange
+/// (`cluster::antientropy`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Ask {
+    /// Its root and every branch.
+    Branches,
+    /// The segments under these branches.
+    Segments(Vec<u16>),
+    /// Its keys in these segments, each with its leaf.
+    Keys(Vec<u16>),
+}
+
+/// The answer to an [`Ask`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Told {
+    Branches { root: u64, branches: Vec<u64> },
+    Segments(Vec<(u16, Vec<u64>)>),
+    Keys(Vec<(Vec<u8>, u64)>),
 }
 
 /// Sibling sets held for `owner`, a replica that is down, until it is
@@ -78,4 +104,8 @@ pub enum PeerReply {
     /// The sets are durable here, and the hints too except those for
     /// these owners, which had no room (a replica that is down).
     WrittenWithoutHints(Vec<NodeId>),
+    /// An exchange's answer.
+    Told(Told),
+    /// The versions of the keys pulled, in the order asked.
+    Sets(Vec<(Vec<u8>, Option<Siblings>)>),
 }

@@ -57,8 +57,9 @@ pub const ADMIN_TOKEN_FILE: &str = "ADMIN_TOKEN";
 /// in `status` (`budgets`), `TooManyConnections`, `DiskFull`. 8: a
 /// peer's failed storage in `status`. 9: `Unconfirmed` (a write sent that
 /// may be applied, where `Unavailable` now means nothing was), the members
-/// to avoid in `Ring`, `cut_off` in `status`.
-pub const PROTOCOL_VERSION: u32 = 9;
+/// to avoid in `Ring`, `cut_off` in `status`. 10: anti-entropy (`Repair`,
+/// `anti_entropy` in `status`).
+pub const PROTOCOL_VERSION: u32 = 10;
 
 /// A client's request.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -210,6 +211,11 @@ pub enum Op {
         value: Vec<u8>,
         vector: Vec<f32>,
     },
+    /// In a cluster: run an anti-entropy round now (this node's hash trees
+    /// against each other replica's, every difference repaired), waiting
+    /// for the round that runs, if one does; answered with
+    /// [`Reply::Repaired`] once it is over.
+    Repair,
 }
 
 /// A read's context as the client holds it: opaque bytes, printable as
@@ -292,6 +298,45 @@ pub enum Reply {
     Ring(RingInfo),
     /// For searches: the hits, best first.
     Hits(Vec<SearchHit>),
+    /// For `Repair`.
+    Repaired(RepairReport),
+}
+
+/// What an anti-entropy round did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepairReport {
+    /// Exchanges run with other replicas.
+    pub exchanges: u64,
+    /// Keys found different and repaired both ways.
+    pub keys_repaired: u64,
+    /// Replica sets this node holds keys of, and those whose every other
+    /// replica was up and exchanged with in full.
+    pub sets: u64,
+    pub sets_synced: u64,
+    /// What did not go (a replica down, an exchange that failed).
+    pub failed: Vec<String>,
+}
+
+/// A node's anti-entropy, as `status` shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AntiEntropyInfo {
+    /// Whether the hash trees are built (they are once the ring is known),
+    /// and the keys in them.
+    pub trees_built: bool,
+    pub tree_keys: u64,
+    /// Replica sets this node holds keys of, and those exchanged in full
+    /// with every other replica so far.
+    pub sets: u64,
+    pub sets_synced: u64,
+    /// The oldest of the sets' last full exchanges (ms since the epoch; 0:
+    /// a set has had none yet).
+    pub oldest_full_exchange_ms: u64,
+    pub keys_repaired: u64,
+    pub bytes_sent: u64,
+    pub exchanges: u64,
+    pub exchanges_failed: u64,
+    /// The round running: exchanges done, of how many.
+    pub round: Option<(u64, u64)>,
 }
 
 /// One hit of a search: a key, its score (higher is better) and its value.
@@ -515,7 +560,7 @@ impl Limits {
                 self.check_value(value)?;
                 check_vector(vector, 0)
             }
-            Op::Status | Op::Shutdown { .. } | Op::Hello { .. } | Op::Ring => Ok(()),
+            Op::Status | Op::Shutdown { .. } | Op::Hello { .. } | Op::Ring | Op::Repair => Ok(()),
         }
     }
 
@@ -581,6 +626,8 @@ pub struct NodeStatus {
     /// peers answers its heartbeats. It coordinates nothing then (too few
     /// replicas up) and tells clients asking for the ring to avoid it.
     pub cut_off: Option<String>,
+    /// In a cluster: its anti-entropy.
+    pub anti_entropy: Option<AntiEntropyInfo>,
 }
 
 /// One of a node's bounds as `status` shows it.
@@ -998,6 +1045,7 @@ mod tests {
                 request(Op::SetWithVector { key: key(), value: b"v".to_vec(), vector: vec![1.0] }),
                 "01020e016b0176010000803f0300",
             ),
+            (request(Op::Repair), "01020f0300"),
         ];
         let response = |result: Result<Reply, ServerError>| Response { id: 1, hlc: Hlc(2), result };
         let limits =
@@ -1041,6 +1089,18 @@ mod tests {
             graph_backlog: 14,
             budgets: vec![BudgetInfo { name: "c".into(), max: 15, used: 16, reached: 17, at_bound: "d".into() }],
             cut_off: Some("x".into()),
+            anti_entropy: Some(AntiEntropyInfo {
+                trees_built: true,
+                tree_keys: 18,
+                sets: 1,
+                sets_synced: 1,
+                oldest_full_exchange_ms: 19,
+                keys_repaired: 20,
+                bytes_sent: 21,
+                exchanges: 22,
+                exchanges_failed: 23,
+                round: Some((1, 2)),
+            }),
         };
         let ring = RingInfo {
             replicas: 3,
@@ -1070,7 +1130,7 @@ mod tests {
             (
                 response(Ok(Reply::Status(Box::new(status)))),
                 "01020003010161016201760203040501017201017306016e0101700171010701630101080103000301016e010109000a0b\
-                 0c0d010e0101630f10110164010178",
+                 0c0d010e0101630f1011016401017801011201011314151617010102",
             ),
             (response(Ok(Reply::Hello(NodeInfo { protocol: 4, node_id: 9, limits }))), "0102000404090102030405"),
             (response(Ok(Reply::Versions(versions))), "010200050201017607000801ab"),
@@ -1078,6 +1138,16 @@ mod tests {
             (
                 response(Ok(Reply::Hits(vec![SearchHit { key: key(), score: 0.5, value: b"v".to_vec() }]))),
                 "01020007 01 016b 000000000000e03f 0176",
+            ),
+            (
+                response(Ok(Reply::Repaired(RepairReport {
+                    exchanges: 1,
+                    keys_repaired: 2,
+                    sets: 3,
+                    sets_synced: 4,
+                    failed: vec!["f".into()],
+                }))),
+                "01020008 01 02 03 04 01 0166",
             ),
             (response(Err(ServerError::new(ErrorKind::Timeout, "m"))), "0102010c016d"),
         ];

@@ -4,6 +4,8 @@
 mod load;
 #[path = "quiver/local_cluster.rs"]
 mod local_cluster;
+#[path = "quiver/repair.rs"]
+mod repair;
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -124,6 +126,15 @@ enum Command {
         /// The same, as one JSON object (for scripts).
         #[arg(long)]
         json: bool,
+    },
+    /// In a cluster: the node at --addr compares its hash trees with each
+    /// other replica's now and repairs every difference both ways (a bar
+    /// shows the exchanges done). It covers the keys that node replicates:
+    /// run it on every node to cover every key.
+    Repair {
+        /// Wait at most this long for the round to end, in seconds.
+        #[arg(long, default_value_t = 3600)]
+        wait_secs: u64,
     },
     /// Makes the cluster's TLS material: `init-ca` once, then `node` for
     /// each node.
@@ -317,7 +328,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         _ => None,
     };
     let seeds: Vec<String> = args.addr.split(',').map(str::trim).map(str::to_owned).collect();
-    let mut client = Client::connect(seeds)?.with_timeout(Duration::from_secs(args.timeout));
+    let mut client = Client::connect(seeds.clone())?.with_timeout(Duration::from_secs(args.timeout));
     if let Some(consistency) = args.consistency {
         client = client.with_consistency(consistency);
     }
@@ -443,6 +454,24 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             if s.indexed {
                 writeln!(out, "index:         on; vectors not yet in the similarity graph: {}", s.graph_backlog)?;
             }
+            if let Some(ae) = &s.anti_entropy {
+                let trees = match ae.trees_built {
+                    true => format!("hash trees of {} keys", ae.tree_keys),
+                    false => "hash trees not built yet (the ring is not known)".to_owned(),
+                };
+                let oldest = match ae.oldest_full_exchange_ms {
+                    0 => "a set has had none yet".to_owned(),
+                    ms => format!("the oldest {}s ago", age_secs(ms)),
+                };
+                writeln!(
+                    out,
+                    "anti-entropy:  {trees}; replica sets in sync {} of {} (last full exchanges: {oldest}); {} keys repaired, {} bytes sent, {} exchanges ({} failed)",
+                    ae.sets_synced, ae.sets, ae.keys_repaired, ae.bytes_sent, ae.exchanges, ae.exchanges_failed
+                )?;
+                if let Some((done, total)) = ae.round {
+                    writeln!(out, "               a round is running: {done} of {total} exchanges done")?;
+                }
+            }
             if s.batches_pending > 0 {
                 writeln!(out, "bulk sets in the batch log, not yet known applied: {}", s.batches_pending)?;
             }
@@ -456,6 +485,20 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 writeln!(out, "  {:<28} {:>12} {:>12} {:>6}  {}", b.name, b.max, b.used, b.reached, b.at_bound)?;
             }
         }
+        Command::Repair { wait_secs } => {
+            let report = repair::run(&client, &seeds, Duration::from_secs(wait_secs))?;
+            writeln!(
+                out,
+                "exchanges: {}\nkeys repaired: {}\nreplica sets in sync: {} of {}",
+                report.exchanges, report.keys_repaired, report.sets_synced, report.sets
+            )?;
+            for failed in &report.failed {
+                writeln!(out, "not done: {failed}")?;
+            }
+            if !report.failed.is_empty() {
+                return Ok(ExitCode::from(1));
+            }
+        }
         Command::Shutdown { .. } => {
             client.shutdown_node(&token)?;
             writeln!(out, "OK")?;
@@ -463,4 +506,10 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         Command::Certs(_) | Command::LocalCluster { .. } => unreachable!("answered before connecting"),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Seconds from `ms` (since the epoch) to now, by this machine's clock.
+fn age_secs(ms: u64) -> u64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    (now.as_millis() as u64).saturating_sub(ms) / 1000
 }

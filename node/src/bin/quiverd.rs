@@ -8,7 +8,8 @@ use anyhow::Context;
 use clap::Parser;
 use quiver_node::clock::{Clock, OffsetClock, SystemClock};
 use quiver_node::cluster::membership::Membership;
-use quiver_node::cluster::store::{ClusterStore, NodeData, ReplicaHandler};
+use quiver_node::cluster::store::{ClusterStore, NodeData, ReplicaHandler, REPLICAS};
+use quiver_node::cluster::trees::TreeKeeper;
 use quiver_node::config::Config;
 use quiver_node::disk_space::DiskSpace;
 use quiver_node::identity::load_or_create_secret;
@@ -175,6 +176,11 @@ struct Args {
     /// by whoever holds it; at least op_timeout_ms [default: 10000].
     #[arg(long)]
     batch_replay_after_ms: Option<u64>,
+    /// In a cluster: replicas compare their hash trees and repair what
+    /// differs this often, in ms; 0: only on `quiver repair`
+    /// [default: 600000].
+    #[arg(long)]
+    anti_entropy_ms: Option<u64>,
     /// Index the values for search: full text with BM25 (`quiver search`)
     /// and embeddings for similar values (`quiver similar`). A node started
     /// with it over data written without it first builds the index from the
@@ -280,6 +286,9 @@ impl Args {
         }
         if let Some(v) = self.batch_replay_after_ms {
             config.batch_replay_after_ms = v
+        }
+        if let Some(v) = self.anti_entropy_ms {
+            config.anti_entropy_ms = v
         }
         if let Some(v) = self.debug_skip_write_probability {
             config.debug_skip_write_probability = v
@@ -481,15 +490,32 @@ async fn run(config: Config) -> anyhow::Result<()> {
         );
         store = store.with_dropped_writes(config.debug_drop_acked_writes, node_id.0);
     }
+    // In a cluster, the hash trees hear of every write; their ring comes
+    // from the membership, made below.
+    let members: Arc<std::sync::OnceLock<Arc<Membership>>> = Arc::default();
+    let trees = match (&config.name, &config.tls_dir) {
+        (Some(_), Some(_)) => {
+            let members = members.clone();
+            let ring = Box::new(move || members.get().and_then(|m| m.ring().ok()));
+            let keeper = TreeKeeper::start(engine.clone(), ring, REPLICAS, config.limits.tree_feed_keys_max)
+                .context("starting the hash trees' thread")?;
+            let keeper = Arc::new(keeper);
+            let fed = keeper.clone();
+            store = store.with_written_hook(Arc::new(move |keys| fed.written(keys)));
+            Some(keeper)
+        }
+        _ => None,
+    };
     let store = Arc::new(store.with_gc_grace_ms(config.gc_grace_secs.saturating_mul(1000)));
-    let (peer_addr, cluster, store): (String, _, Arc<dyn Store>) = match (&config.name, &config.tls_dir) {
-        (Some(name), Some(tls_dir)) => {
+    let (peer_addr, cluster, store): (String, _, Arc<dyn Store>) = match (&config.name, &config.tls_dir, trees) {
+        (Some(name), Some(tls_dir), Some(trees)) => {
             let (local, clock_of_data, hint_bytes_max) = (store, node_clock.clone(), config.hint_bytes_max);
-            let data = tokio::task::spawn_blocking(move || NodeData::open(local, clock_of_data, hint_bytes_max))
+            let data = tokio::task::spawn_blocking(move || NodeData::open(local, clock_of_data, hint_bytes_max, trees))
                 .await?
                 .context("counting the hints and bulk sets held")?;
             let joined = join_cluster(&config, name, tls_dir, node_id, &client_addr, &node_clock, &clock, &data)?;
             let (addr, membership) = joined;
+            let _ = members.set(membership.clone());
             let hint_age_max_ms = config.hint_age_max_secs.saturating_mul(1000);
             let cluster = ClusterStore::new(
                 node_id,
@@ -500,7 +526,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 node_clock.clone(),
                 clock.clone(),
             );
-            let cluster = cluster.with_timers(config.cluster_timers());
+            let cluster = cluster.with_timers(config.cluster_timers()).with_repair(config.repair());
             let cluster = Arc::new(cluster.with_exit_after_batch_log(config.debug_exit_after_batch_log));
             cluster.run_in_background();
             (addr, Some(cluster.clone()), Arc::new(cluster) as Arc<dyn Store>)

@@ -33,8 +33,9 @@ use std::collections::{BTreeMap, VecDeque};
 
 use quiver_ring::ring::key_token;
 use quiver_ring::Siblings;
-use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::Xxh3;
+
+pub use crate::messages::{Ask, Told};
 
 /// Segments of a tree: a key's segment is a hash of the key modulo this.
 pub const SEGMENTS: usize = 4096;
@@ -142,25 +143,6 @@ impl Tree {
         let start = branch as usize * SEGMENTS_PER_BRANCH;
         self.segments.get(start..start + SEGMENTS_PER_BRANCH).unwrap_or(&[])
     }
-}
-
-/// What one replica asks the other in an exchange.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Ask {
-    /// Its root and every branch.
-    Branches,
-    /// The segments under these branches.
-    Segments(Vec<u16>),
-    /// Its keys in these segments, each with its leaf.
-    Keys(Vec<Segment>),
-}
-
-/// What the other replica answers.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Told {
-    Branches { root: u64, branches: Vec<u64> },
-    Segments(Vec<(u16, Vec<u64>)>),
-    Keys(Vec<(Vec<u8>, u64)>),
 }
 
 /// The answer to `ask` from `tree`; `list` lists this node's keys in the

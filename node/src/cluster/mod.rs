@@ -18,14 +18,17 @@
 //!   before they are applied; both kept in a [`setlog`].
 //! - [`antientropy`]: hash trees of what a node holds, and the exchange
 //!   that finds the keys two replicas hold differently, without I/O;
-//!   [`trees`]: the trees a node keeps of its own data.
+//!   [`trees`]: the trees a node keeps of its own data; [`repair`]: the
+//!   exchanges between nodes, on a schedule and on demand.
 
 pub mod antientropy;
 pub mod batchlog;
+pub mod calls;
 pub mod hints;
 pub mod membership;
 pub mod placement;
 pub mod quorum;
+pub mod repair;
 pub mod scatter;
 pub mod setlog;
 pub mod store;

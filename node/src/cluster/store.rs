@@ -41,21 +41,25 @@ use quiver_ring::ring::{Ring, TokenRange};
 use quiver_ring::wire::{self, ErrorKind, RingInfo, RingMember, SearchHit, ServerError};
 use quiver_ring::{Context, Hlc, NodeId, Siblings};
 
+use super::antientropy;
 use super::batchlog::{BatchLog, Logged, Logging, Replay};
+use super::calls::{answer_of, off_worker, reply_of, stopping, written};
 use super::hints::{self, Handoff, HintStore};
 use super::membership::Membership;
 use super::placement;
 use super::quorum::{
     self, outcome_error, Consistency, DataMessage, Ending, Hinted, OpId, Outcome, Placement, Quorum, Started,
 };
+use super::repair::{self, Repairer};
 use super::scatter;
+use super::trees::TreeKeeper;
 use crate::clock::Clock;
 use crate::config::ClusterTimers;
 use crate::index::query::Match;
 use crate::index::text::TermStats;
 use crate::index::Search;
 use crate::lock;
-use crate::messages::{PeerReply, PeerRequest};
+use crate::messages::{Ask, PeerReply, PeerRequest};
 use crate::net::peer::PeerError;
 use crate::service::{Cluster, ClusterStatus, Done, Entries, LocalStore, Store, StoreStatus, Timing};
 use crate::stamping::NodeClock;
@@ -106,6 +110,7 @@ pub struct ClusterStore {
     /// Test-only: the process exits right after logging a bulk set.
     exit_after_batch_log: bool,
     timers: ClusterTimers,
+    repairer: Arc<Repairer>,
 }
 
 impl std::fmt::Debug for ClusterStore {
@@ -114,24 +119,29 @@ impl std::fmt::Debug for ClusterStore {
     }
 }
 
-/// The error of a request cut short because the node is stopping.
-fn stopping() -> ServerError {
-    ServerError::new(ErrorKind::ShuttingDown, "the node is stopping")
-}
-
 impl ClusterStore {
     /// A node's store in a cluster; must be made inside the tokio runtime
     /// its peer links run on.
     pub fn new(
         me: NodeId,
         name: String,
-        NodeData { local, hints, batches }: NodeData,
+        NodeData { local, hints, batches, trees }: NodeData,
         hint_age_max_ms: u64,
         membership: Arc<Membership>,
         clock: Arc<NodeClock>,
         wall: Arc<dyn Clock>,
     ) -> ClusterStore {
+        let timers = ClusterTimers::default();
+        let repairer = Repairer::new(
+            trees,
+            membership.clone(),
+            local.clone(),
+            wall.clone(),
+            repair::RepairSettings::default(),
+            timers.op_timeout,
+        );
         ClusterStore {
+            repairer: Arc::new(repairer),
             me,
             name,
             local,
@@ -145,8 +155,23 @@ impl ClusterStore {
             coordinating: Mutex::new(Coordinating { quorum: Quorum::new(me), waiting: BTreeMap::new() }),
             runtime: tokio::runtime::Handle::current(),
             exit_after_batch_log: false,
-            timers: ClusterTimers::default(),
+            timers,
         }
+    }
+
+    /// Its anti-entropy settings (after [`ClusterStore::with_timers`]:
+    /// its calls wait `op_timeout`).
+    pub fn with_repair(mut self, settings: repair::RepairSettings) -> ClusterStore {
+        let (trees, wall) = (self.repairer.trees().clone(), self.wall.clone());
+        let repairer =
+            Repairer::new(trees, self.membership.clone(), self.local.clone(), wall, settings, self.timers.op_timeout);
+        self.repairer = Arc::new(repairer);
+        self
+    }
+
+    /// Its anti-entropy.
+    pub fn repairer(&self) -> &Arc<Repairer> {
+        &self.repairer
     }
 
     /// Its timers: how long an operation waits, how often hints and the
@@ -192,6 +217,7 @@ impl ClusterStore {
         let get = LinkStats::get;
         let largest = self.hints.queues().values().map(|q| q.bytes).max().unwrap_or(0);
         let (socket_queued, socket_dropped) = links.socket_buffer().unwrap_or((0, 0));
+        let trees = self.repairer.trees().status();
         vec![
             budget(
                 "hint_bytes_max",
@@ -220,6 +246,13 @@ impl ClusterStore {
                 socket_queued,
                 socket_dropped,
                 "the kernel drops a datagram to a full buffer, QUIC sends it again (max: what the kernel granted)",
+            ),
+            budget(
+                "tree_feed_keys_max",
+                trees.feed_keys_max,
+                trees.queued,
+                trees.dropped,
+                "a write's keys are dropped (counted) and the hash trees rebuilt by a scan",
             ),
             budget(
                 "peer_frame_bytes_max",
@@ -326,6 +359,7 @@ impl ClusterStore {
     /// `Unavailable`); every `hint_tick`, hints go to their owners that
     /// are up, and bulk sets left in the batch log are replayed.
     pub fn run_in_background(self: &Arc<Self>) {
+        self.repairer.run_in_background();
         self.every(EXPIRY_TICK, |store| async move { store.expire() });
         self.every(self.timers.hint_tick, |store| async move {
             let held = store.hints.queues();
@@ -415,7 +449,9 @@ impl ClusterStore {
                 | PeerRequest::LogBatch { .. }
                 | PeerRequest::BatchDone { .. }
                 | PeerRequest::Search { .. }
-                | PeerRequest::TermStats { .. } => {}
+                | PeerRequest::TermStats { .. }
+                | PeerRequest::Exchange { .. }
+                | PeerRequest::Pull { .. } => {}
             }
             return;
         }
@@ -1029,24 +1065,6 @@ fn log_refusal(peer: NodeId, error: &ServerError) {
     }
 }
 
-/// Runs `read`, which reads files, off the async workers.
-async fn off_worker<T: Send + 'static>(
-    read: impl FnOnce() -> crate::storage::Result<T> + Send + 'static,
-) -> Result<T, ServerError> {
-    let joined = tokio::task::spawn_blocking(read).await;
-    joined.map_err(|e| ServerError::new(ErrorKind::Internal, e.to_string()))?.map_err(crate::storage::storage_error)
-}
-
-/// Starts work that answers through a [`Done`] (this node's store) and
-/// waits for its answer; `ShuttingDown` if the work is dropped unanswered.
-async fn answer_of<T: Send + 'static>(start: impl FnOnce(Done<T>)) -> Result<T, ServerError> {
-    let (sender, receiver) = tokio::sync::oneshot::channel();
-    start(Box::new(move |result| {
-        let _ = sender.send(result);
-    }));
-    receiver.await.unwrap_or_else(|_| Err(stopping()))
-}
-
 impl Cluster for ClusterStore {
     fn status(&self) -> ClusterStatus {
         ClusterStatus {
@@ -1058,11 +1076,17 @@ impl Cluster for ClusterStore {
             batches_pending: self.batches.pending(),
             budgets: self.budgets(),
             cut_off: self.membership.cut_off(),
+            anti_entropy: Some(self.repairer.status()),
         }
     }
 
     fn ring_info(&self) -> Result<RingInfo, ServerError> {
         ClusterStore::ring_info(self)
+    }
+
+    fn repair(&self, done: Done<wire::RepairReport>) {
+        let repairer = self.repairer.clone();
+        self.runtime.spawn(async move { done(Ok(repairer.round().await)) });
     }
 }
 
@@ -1072,30 +1096,6 @@ async fn sleep_until_some(at: Option<tokio::time::Instant>) {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
-}
-
-/// A peer's answer to a request for `what`: what `pick` takes from it. A
-/// peer's refusal is its error; another answer than `pick` takes is an
-/// internal error, no answer at all `Unavailable`.
-fn reply_of<T>(
-    reply: Result<PeerReply, PeerError>,
-    what: &str,
-    pick: impl FnOnce(PeerReply) -> Result<T, PeerReply>,
-) -> Result<T, ServerError> {
-    match reply {
-        Ok(PeerReply::Failed(error)) => Err(error),
-        Ok(reply) => pick(reply)
-            .map_err(|other| ServerError::new(ErrorKind::Internal, format!("{what}: the peer answered {other:?}"))),
-        Err(error) => Err(ServerError::new(ErrorKind::Unavailable, format!("{what}: {error}"))),
-    }
-}
-
-/// A peer's answer to a request that writes: `Ok` once it has it durable.
-fn written(reply: Result<PeerReply, PeerError>, what: &str) -> Result<(), ServerError> {
-    reply_of(reply, what, |reply| match reply {
-        PeerReply::Written | PeerReply::WrittenWithoutHints(_) => Ok(()),
-        other => Err(other),
-    })
 }
 
 /// A node's part of a write: the sets it replicates and the hints it
@@ -1139,6 +1139,8 @@ pub struct NodeData {
     pub local: Arc<LocalStore>,
     pub hints: Arc<HintStore>,
     pub batches: Arc<BatchLog>,
+    /// The hash trees of its data, which anti-entropy compares.
+    pub trees: Arc<TreeKeeper>,
 }
 
 impl NodeData {
@@ -1148,11 +1150,12 @@ impl NodeData {
         local: Arc<LocalStore>,
         clock: Arc<NodeClock>,
         hint_bytes_max: u64,
+        trees: Arc<TreeKeeper>,
     ) -> crate::storage::Result<NodeData> {
         let engine = local.engine().clone();
         let hints = Arc::new(HintStore::open(engine.clone(), clock.clone(), hint_bytes_max)?);
         let batches = Arc::new(BatchLog::open(engine, clock)?);
-        Ok(NodeData { local, hints, batches })
+        Ok(NodeData { local, hints, batches, trees })
     }
 }
 
@@ -1184,6 +1187,25 @@ pub fn check_peer_request(limits: &wire::Limits, request: &PeerRequest) -> Resul
         }
         PeerRequest::Search { search: Search::Vector { vector, k }, .. } => wire::check_vector_search(vector, 0, *k),
         PeerRequest::TermStats { query, .. } => wire::check_search(query, 1),
+        PeerRequest::Exchange { set, ask } => {
+            let fits = set.len() <= REPLICAS
+                && match ask {
+                    Ask::Branches => true,
+                    Ask::Segments(branches) => branches.len() <= antientropy::BRANCHES,
+                    Ask::Keys(segments) => segments.len() <= repair::SEGMENTS_PER_ASK_MAX,
+                };
+            match fits {
+                true => Ok(()),
+                false => Err(ServerError::new(ErrorKind::Malformed, "an exchange step past its bounds")),
+            }
+        }
+        PeerRequest::Pull { keys } => {
+            if keys.len() > repair::PULL_KEYS_MAX {
+                let message = format!("a pull of {} keys, more than {}", keys.len(), repair::PULL_KEYS_MAX);
+                return Err(ServerError::new(ErrorKind::Malformed, message));
+            }
+            keys.iter().try_for_each(|key| limits.check_key(key))
+        }
     }
 }
 
@@ -1236,7 +1258,17 @@ pub fn check_peer_identity(membership: &Membership, from: &str, request: &PeerRe
             }
             Ok(())
         }
-        PeerRequest::Read { .. } | PeerRequest::Search { .. } | PeerRequest::TermStats { .. } => Ok(()),
+        PeerRequest::Exchange { set, .. } => match membership.id_of(from) {
+            Some(id) if set.contains(&id) && set.contains(&membership.id()) => Ok(()),
+            Some(_) => {
+                Err(forbidden(format!("{from} asked for an exchange over keys it and this node do not both replicate")))
+            }
+            None => Err(ServerError::new(ErrorKind::Unavailable, format!("the node id of {from} is not known yet"))),
+        },
+        PeerRequest::Read { .. }
+        | PeerRequest::Search { .. }
+        | PeerRequest::TermStats { .. }
+        | PeerRequest::Pull { .. } => Ok(()),
     }
 }
 
@@ -1367,6 +1399,22 @@ impl crate::net::peer::PeerHandler for ReplicaHandler {
                 Some(ranges),
                 Box::new(move |r| reply(answer(r.map(PeerReply::Hits)))),
             ),
+            PeerRequest::Exchange { set, ask } => {
+                let (trees, me) = (self.data.trees.clone(), self.membership.id());
+                let Some(from) = self.membership.id_of(from) else {
+                    return reply(PeerReply::Failed(ServerError::new(
+                        ErrorKind::Unavailable,
+                        "the peer's id is unknown",
+                    )));
+                };
+                tokio::spawn(async move {
+                    reply(answer(repair::answer(&trees, me, from, set, ask).await.map(PeerReply::Told)))
+                });
+            }
+            PeerRequest::Pull { keys } => {
+                let trees = self.data.trees.clone();
+                tokio::spawn(async move { reply(answer(repair::pull(&trees, keys).await.map(PeerReply::Sets))) });
+            }
             PeerRequest::TermStats { query, matching, ranges } => self.data.local.term_stats_within(
                 query,
                 matching,

@@ -20,7 +20,9 @@
 //! there. It costs a listing of that segment per exchange, never data.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
 
 use quiver_ring::ring::Ring;
 use quiver_ring::{NodeId, Siblings};
@@ -106,6 +108,16 @@ impl Trees {
         Ok(())
     }
 
+    /// Keys with a leaf, over every tree.
+    pub fn keys(&self) -> u64 {
+        lock(&self.kept).leaves.len() as u64
+    }
+
+    /// The ring the trees place keys on.
+    pub fn ring(&self) -> &Arc<Ring> {
+        &self.ring
+    }
+
     /// The tree of `set` now (empty if this node holds none of its keys).
     pub fn tree(&self, set: &[NodeId]) -> Tree {
         lock(&self.kept).trees.get(set).cloned().unwrap_or_default()
@@ -162,6 +174,173 @@ impl Trees {
             }
         }
         Ok(())
+    }
+}
+
+/// Where the ring comes from: `None` while it is not known yet.
+pub type RingSource = Box<dyn Fn() -> Option<Arc<Ring>> + Send>;
+
+/// Keeps a node's [`Trees`] on a thread of its own (`quiver-trees`): builds
+/// them once the ring is known (and again when it changes, or after keys
+/// were dropped at the feed's bound), then feeds them the keys written.
+///
+/// - Bound: `feed_keys_max` keys waiting to be read back (a setting);
+///   past it a write's keys are dropped and counted, and the trees are
+///   rebuilt by a scan (nothing is lost: the scan reads every key).
+#[derive(Debug)]
+pub struct TreeKeeper {
+    trees: Arc<Mutex<Option<Arc<Trees>>>>,
+    feed: mpsc::Sender<Vec<Vec<u8>>>,
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    queued: AtomicU64,
+    feed_keys_max: u64,
+    dropped: AtomicU64,
+    overflowed: AtomicBool,
+    builds: AtomicU64,
+    fed: AtomicU64,
+    failure: Mutex<Option<String>>,
+}
+
+/// What `status` shows of a [`TreeKeeper`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeeperStatus {
+    pub built: bool,
+    pub keys: u64,
+    pub sets: usize,
+    pub queued: u64,
+    pub feed_keys_max: u64,
+    pub dropped: u64,
+    pub builds: u64,
+    pub fed: u64,
+    pub failure: Option<String>,
+}
+
+impl TreeKeeper {
+    /// Starts the thread that keeps `engine`'s trees, with `replicas`
+    /// copies of each key on the ring `ring` gives.
+    pub fn start(
+        engine: Arc<Engine>,
+        ring: RingSource,
+        replicas: usize,
+        feed_keys_max: u64,
+    ) -> std::io::Result<TreeKeeper> {
+        let (feed, fed) = mpsc::channel();
+        let shared = Arc::new(Shared { feed_keys_max, ..Shared::default() });
+        let trees = Arc::new(Mutex::new(None));
+        let kept = Keeping { engine, ring, replicas, trees: trees.clone(), shared: shared.clone() };
+        std::thread::Builder::new().name("quiver-trees".into()).spawn(move || kept.run(fed))?;
+        Ok(TreeKeeper { trees, feed, shared })
+    }
+
+    /// The keys of a write, durable and visible (quick: queues them).
+    pub fn written(&self, keys: Vec<Vec<u8>>) {
+        let n = keys.len() as u64;
+        let queued = self.shared.queued.fetch_add(n, Ordering::AcqRel);
+        if queued.saturating_add(n) > self.shared.feed_keys_max {
+            self.shared.queued.fetch_sub(n, Ordering::AcqRel);
+            self.shared.dropped.fetch_add(n, Ordering::Relaxed);
+            self.shared.overflowed.store(true, Ordering::Release);
+            return;
+        }
+        if self.feed.send(keys).is_err() {
+            self.shared.queued.fetch_sub(n, Ordering::AcqRel);
+        }
+    }
+
+    /// The trees, once built.
+    pub fn trees(&self) -> Option<Arc<Trees>> {
+        lock(&self.trees).clone()
+    }
+
+    /// Whether every key written so far has been read back into the trees
+    /// (and they are built).
+    pub fn caught_up(&self) -> bool {
+        self.trees().is_some()
+            && self.shared.queued.load(Ordering::Acquire) == 0
+            && !self.shared.overflowed.load(Ordering::Acquire)
+    }
+
+    pub fn status(&self) -> KeeperStatus {
+        let trees = self.trees();
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        KeeperStatus {
+            built: trees.is_some(),
+            keys: trees.as_ref().map_or(0, |t| t.keys()),
+            sets: trees.as_ref().map_or(0, |t| t.sets().len()),
+            queued: get(&self.shared.queued),
+            feed_keys_max: self.shared.feed_keys_max,
+            dropped: get(&self.shared.dropped),
+            builds: get(&self.shared.builds),
+            fed: get(&self.shared.fed),
+            failure: lock(&self.shared.failure).clone(),
+        }
+    }
+}
+
+/// What the keeper's thread holds.
+struct Keeping {
+    engine: Arc<Engine>,
+    ring: RingSource,
+    replicas: usize,
+    trees: Arc<Mutex<Option<Arc<Trees>>>>,
+    shared: Arc<Shared>,
+}
+
+/// How long the keeper waits for keys before it looks at the ring again.
+const KEEPER_TICK: Duration = Duration::from_millis(100);
+
+impl Keeping {
+    fn run(self, fed: mpsc::Receiver<Vec<Vec<u8>>>) {
+        loop {
+            let keys = match fed.recv_timeout(KEEPER_TICK) {
+                Ok(keys) => Some(keys),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            };
+            let current = lock(&self.trees).clone();
+            let ring = (self.ring)();
+            let stale = match (&current, &ring) {
+                (_, None) => false,
+                (None, Some(_)) => true,
+                (Some(trees), Some(ring)) => !Arc::ptr_eq(&trees.ring, ring) && trees.ring.view() != ring.view(),
+            };
+            if stale || self.shared.overflowed.swap(false, Ordering::AcqRel) {
+                if let Some(ring) = ring {
+                    // Keys queued before the scan are in it: they are
+                    // read again after, which changes nothing.
+                    self.build(ring);
+                }
+            }
+            let Some(keys) = keys else { continue };
+            let n = keys.len() as u64;
+            if let Some(trees) = lock(&self.trees).clone() {
+                if let Err(error) = trees.written(keys.iter().map(Vec::as_slice)) {
+                    // The trees may now be behind the data: built again.
+                    *lock(&self.shared.failure) = Some(format!("reading written keys back: {error}"));
+                    self.shared.overflowed.store(true, Ordering::Release);
+                }
+                self.shared.fed.fetch_add(n, Ordering::Relaxed);
+            }
+            self.shared.queued.fetch_sub(n, Ordering::AcqRel);
+        }
+    }
+
+    fn build(&self, ring: Arc<Ring>) {
+        match Trees::build(self.engine.clone(), ring, self.replicas) {
+            Ok(trees) => {
+                *lock(&self.trees) = Some(Arc::new(trees));
+                self.shared.builds.fetch_add(1, Ordering::Relaxed);
+                *lock(&self.shared.failure) = None;
+            }
+            Err(error) => {
+                *lock(&self.shared.failure) = Some(format!("building the trees: {error}"));
+                self.shared.overflowed.store(true, Ordering::Release);
+            }
+        }
     }
 }
 

@@ -478,6 +478,7 @@ fn answer_bytes(response: &Response) -> usize {
                 versions.context.0.len() + versions.versions.iter().map(|v| of(&v.value) + 10).sum::<usize>()
             }
             Ok(Reply::Status(_)) => 4096,
+            Ok(Reply::Repaired(report)) => report.failed.iter().map(|f| f.len() + 2).sum(),
             Ok(Reply::Ring(ring)) => ring.view.members.len() * 128,
             Ok(Reply::Done) | Ok(Reply::Hello(_)) => 0,
             Err(error) => error.message.len(),

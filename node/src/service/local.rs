@@ -20,7 +20,7 @@ use crate::index::query::Match;
 use crate::index::text::TermStats;
 use crate::index::{Index, Search};
 use crate::stamping::NodeClock;
-use crate::storage::keys::data_key;
+use crate::storage::keys::{data_key, user_key};
 use crate::storage::storage_error;
 use crate::storage::{self, Engine};
 
@@ -45,20 +45,51 @@ pub struct HeldWrite {
     pub outcome: std::sync::mpsc::Sender<Result<(), ServerError>>,
 }
 
+/// Called with the user keys of each data write once it is durable and
+/// visible, on the engine's thread: it must be quick (queue them). The
+/// cluster's hash trees are fed so.
+pub type WrittenHook = Arc<dyn Fn(Vec<Vec<u8>>) + Send + Sync>;
+
 /// Where a node's data writes go: to the engine, or through the index
-/// stage, which adds each write's index changes to its record.
+/// stage, which adds each write's index changes to its record; and who
+/// hears of the keys written.
+#[derive(Clone)]
+pub(super) struct Writes {
+    to: WritesTo,
+    written: Option<WrittenHook>,
+}
+
 #[derive(Clone, Debug)]
-pub(super) enum Writes {
+enum WritesTo {
     Engine(Arc<Engine>),
     Indexed(Arc<Index>),
+}
+
+impl std::fmt::Debug for Writes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writes").field("to", &self.to).field("written", &self.written.is_some()).finish()
+    }
 }
 
 impl Writes {
     /// Writes `ops` as one record (see [`Engine::write_then`]).
     pub fn write_then(&self, ops: Vec<storage::Op>, done: impl FnOnce(storage::Result<u64>) + Send + 'static) {
-        match self {
-            Writes::Engine(engine) => engine.write_then(ops, done),
-            Writes::Indexed(index) => index.write_then(ops, Box::new(done)),
+        let done: storage::Done = match &self.written {
+            None => Box::new(done),
+            Some(hook) => {
+                let keys: Vec<Vec<u8>> = ops.iter().filter_map(|op| user_key(&op.key)).map(<[u8]>::to_vec).collect();
+                let hook = hook.clone();
+                Box::new(move |result: storage::Result<u64>| {
+                    if result.is_ok() && !keys.is_empty() {
+                        hook(keys);
+                    }
+                    done(result)
+                })
+            }
+        };
+        match &self.to {
+            WritesTo::Engine(engine) => engine.write_then(ops, done),
+            WritesTo::Indexed(index) => index.write_then(ops, done),
         }
     }
 }
@@ -111,7 +142,7 @@ impl LocalStore {
         hook: Option<ReadHook>,
     ) -> std::io::Result<LocalStore> {
         let reads = ReadPool::new(engine.clone(), read_threads, hook)?;
-        let writes = Writes::Engine(engine.clone());
+        let writes = Writes { to: WritesTo::Engine(engine.clone()), written: None };
         Ok(LocalStore {
             causal: Arc::new(CausalWrites::new(clock.clone(), reads.jobs().clone(), writes.clone())),
             writes,
@@ -144,9 +175,17 @@ impl LocalStore {
     /// Every data write goes through `index`, which keeps it up to date,
     /// and searches read it.
     pub fn with_index(mut self, index: Arc<Index>) -> LocalStore {
-        self.writes = Writes::Indexed(index.clone());
+        self.writes.to = WritesTo::Indexed(index.clone());
         self.causal = Arc::new(CausalWrites::new(self.clock.clone(), self.reads.jobs().clone(), self.writes.clone()));
         self.index = Some(index);
+        self
+    }
+
+    /// `hook` hears of the keys of every data write once it is durable and
+    /// visible.
+    pub fn with_written_hook(mut self, hook: WrittenHook) -> LocalStore {
+        self.writes.written = Some(hook);
+        self.causal = Arc::new(CausalWrites::new(self.clock.clone(), self.reads.jobs().clone(), self.writes.clone()));
         self
     }
 

@@ -175,6 +175,8 @@ pub trait Cluster: Send + Sync + std::fmt::Debug {
     fn status(&self) -> ClusterStatus;
     /// The ring clients route by.
     fn ring_info(&self) -> Result<RingInfo, ServerError>;
+    /// Runs an anti-entropy round now; `done` gets what it did.
+    fn repair(&self, done: Done<wire::RepairReport>);
 }
 
 /// A cluster's part of `status`.
@@ -190,6 +192,7 @@ pub struct ClusterStatus {
     pub budgets: Vec<wire::BudgetInfo>,
     /// Why this node is cut off from its peers, when it is.
     pub cut_off: Option<String>,
+    pub anti_entropy: Option<wire::AntiEntropyInfo>,
 }
 
 /// Bytes of a `Values` answer besides the values: the frame header, the
@@ -380,6 +383,13 @@ impl Service {
             Op::Shutdown { token } => reply(self.shutdown(&token)),
             Op::Hello { protocol } => reply(self.hello(protocol)),
             Op::Ring => reply(self.ring()),
+            Op::Repair => match &self.cluster {
+                Some(cluster) => cluster.repair(Box::new(move |result| reply(result.map(Reply::Repaired)))),
+                None => reply(Ok(Reply::Repaired(wire::RepairReport {
+                    failed: vec!["this node runs alone: it has no replicas to compare with".into()],
+                    ..wire::RepairReport::default()
+                }))),
+            },
             Op::SearchText { query, k, all, global_stats } => {
                 let matching = if all { Match::All } else { Match::Any };
                 self.search(Search::Text { query, k, matching, global: global_stats, stats: None }, timing, reply)
@@ -451,6 +461,7 @@ impl Service {
                 .chain(cluster.budgets)
                 .collect(),
             cut_off: cluster.cut_off,
+            anti_entropy: cluster.anti_entropy,
         })))
     }
 
@@ -505,6 +516,7 @@ fn is_write(op: &Op) -> bool {
         | Op::Hello { .. }
         | Op::GetVersions { .. }
         | Op::Ring
+        | Op::Repair
         | Op::SearchText { .. }
         | Op::SearchSimilar { .. }
         | Op::SearchVector { .. } => false,
