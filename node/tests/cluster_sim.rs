@@ -69,8 +69,12 @@
 //! up); a quorum read that starts after a quorum write was acknowledged
 //! returns that write or a later one (R + W > N); an operation that cannot
 //! reach its quorum before its deadline fails as unavailable, with the
-//! counts, and never hangs; once every message is delivered and replicas
-//! exchange what they hold, all replicas of a key hold the same siblings,
+//! counts, and never hangs; once every message is delivered and the
+//! nodes run anti-entropy rounds by the node's rule (`antientropy`: each
+//! node's hash trees, kept as sets are merged, compared with each other
+//! replica's, differing keys merged both ways), all replicas of a key hold
+//! the same siblings and the same trees, a second round repairs nothing,
+//! and each node's trees equal trees built afresh from its data;
 //! and every acknowledged causal write is among them or made obsolete by
 //! one of them (a later write whose context covered it). A search answers
 //! at most k hits, one per key, best first, none older than a write of its
@@ -81,6 +85,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use quiver_client::retry::{self, Attempts, Failure, Retries};
+use quiver_node::cluster::antientropy::{self, leaf, Exchange, Step, Tree};
 use quiver_node::cluster::batchlog::{self, Logged, Logging, Replay};
 use quiver_node::cluster::quorum::{
     self, outcome_error, replica_handle, Consistency, DataMessage, Ending, Hinted, OpId, Outcome, Placement, Quorum,
@@ -232,6 +237,11 @@ struct MapStore {
     hints_expired: usize,
     /// Hints their owner took.
     hints_delivered: usize,
+    /// The ring its keys' replica sets come from, and per replica set the
+    /// hash tree anti-entropy compares, kept as sets are merged (the node's
+    /// rule: `antientropy::Tree`).
+    ring: Option<Ring>,
+    trees: BTreeMap<Vec<NodeId>, Tree>,
 }
 
 /// A write not yet durable.
@@ -300,8 +310,41 @@ impl MapStore {
     /// causal write's coordinator's own part, durable before it is sent).
     fn merge_sets(&mut self, sets: Sets) {
         for (key, siblings) in sets {
-            self.sets.entry(key).or_default().merge(siblings);
+            let old = leaf(&key, self.sets.get(&key));
+            let merged = self.sets.entry(key.clone()).or_default();
+            merged.merge(siblings);
+            let new = leaf(&key, Some(merged));
+            let set = self.replica_set(&key);
+            self.trees.entry(set).or_default().change(&key, old, new);
         }
+    }
+
+    /// The nodes that replicate `key`, in id order.
+    fn replica_set(&self, key: &[u8]) -> Vec<NodeId> {
+        let mut set = self.ring.as_ref().expect("a store knows its ring").preference_list(key, N);
+        set.sort_unstable();
+        set
+    }
+
+    /// Its tree of `set`'s keys.
+    fn tree(&self, set: &[NodeId]) -> Tree {
+        self.trees.get(set).cloned().unwrap_or_default()
+    }
+
+    /// Its keys of `set` in `segments`, with their leaves.
+    fn list(&self, set: &[NodeId], segments: &[antientropy::Segment]) -> Vec<(Vec<u8>, u64)> {
+        let listed = self.sets.iter().filter(|(key, _)| segments.contains(&antientropy::segment_of(key)));
+        let listed = listed.filter(|(key, _)| self.replica_set(key) == set);
+        listed.map(|(key, siblings)| (key.clone(), leaf(key, Some(siblings)))).filter(|(_, l)| *l != 0).collect()
+    }
+
+    /// Its trees, built afresh from what it holds.
+    fn rebuilt_trees(&self) -> BTreeMap<Vec<NodeId>, Tree> {
+        let mut trees: BTreeMap<Vec<NodeId>, Tree> = BTreeMap::new();
+        for (key, siblings) in &self.sets {
+            trees.entry(self.replica_set(key)).or_default().change(key, 0, leaf(key, Some(siblings)));
+        }
+        trees
     }
 
     fn get(&self, key: &[u8]) -> Option<Siblings> {
@@ -559,6 +602,8 @@ struct Sim {
     bulks_acked: usize,
     /// Batches replayed by a holder.
     replayed: usize,
+    /// Keys anti-entropy repaired once the cluster converged.
+    anti_entropy_repaired: usize,
     /// Replays start (not once the cluster stops, at the very end).
     replays_on: bool,
     crashes: usize,
@@ -616,12 +661,13 @@ impl Sim {
         // Half the histories keep no hints at all: every hint is dropped.
         let hint_bytes_max = if rng.chance(0.5) { 0 } else { 1 << 20 };
         let lossy = rng.chance(0.5);
+        let ring = Ring::new(RingView { epoch: 1, members });
         let hint_age_ms = if rng.chance(0.25) { HINT_AGE_SHORT_MS } else { u64::MAX };
         let nodes = (1..=NODES)
             .map(|id| {
                 let node = Node {
                     quorum: Quorum::new(NodeId(id)),
-                    store: MapStore { hint_bytes_max, ..MapStore::default() },
+                    store: MapStore { hint_bytes_max, ring: Some(ring.clone()), ..MapStore::default() },
                     stamper: Stamper::new(NodeId(id), Hlc::ZERO, MAX_OFFSET_MS),
                     offset_ms: rng.between(0, MAX_OFFSET_MS / 2 - 1),
                     ops: BTreeMap::new(),
@@ -639,7 +685,7 @@ impl Sim {
             rng,
             now: 1_000,
             nodes,
-            ring: Ring::new(RingView { epoch: 1, members }),
+            ring,
             network: Vec::new(),
             dropped: Vec::new(),
             down: BTreeMap::new(),
@@ -653,6 +699,7 @@ impl Sim {
             next_bulk: 0,
             bulks_acked: 0,
             replayed: 0,
+            anti_entropy_repaired: 0,
             replays_on: true,
             crashes: 0,
             hint_age_ms,
@@ -1559,9 +1606,35 @@ impl Sim {
         placement::place(&self.ring, key, N, &down, causal.then_some(coordinator))
     }
 
+    /// One anti-entropy round, run to its end with the network healed:
+    /// each node, with each other replica of each set it holds keys of, an
+    /// exchange (`antientropy::Exchange`), the other side answering by the
+    /// node's rule (`antientropy::answer`), each differing key's sibling
+    /// sets merged both ways.
+    fn anti_entropy_round(&mut self) -> Round {
+        let mut round = Round::default();
+        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+        for &a in &ids {
+            let sets: Vec<Vec<NodeId>> = self.nodes[&a].store.trees.keys().cloned().collect();
+            for set in sets {
+                for &b in set.iter().filter(|&&b| b != a) {
+                    let mut ours = std::mem::take(&mut self.nodes.get_mut(&a).expect("a node").store);
+                    let theirs = &mut self.nodes.get_mut(&b).expect("a replica is a node").store;
+                    match exchange(&mut ours, theirs, &set) {
+                        Some(keys) => round.keys += keys,
+                        None => round.failed += 1,
+                    }
+                    self.nodes.get_mut(&a).expect("a node").store = ours;
+                }
+            }
+        }
+        round
+    }
+
     /// The node that was down is back and gets its hints; everything else
-    /// is delivered (the dropped messages too, as retries will), then every
-    /// replica of every key merges the others'.
+    /// is delivered (the dropped messages too, as retries will), then
+    /// anti-entropy rounds bring every replica of every key to the same
+    /// siblings.
     fn converge(&mut self) {
         let mut rest: Vec<InFlight> = std::mem::take(&mut self.network);
         rest.append(&mut self.dropped);
@@ -1581,18 +1654,28 @@ impl Sim {
                 node.store.merge_sets(sets);
             }
         }
+        // Anti-entropy, by the node's rule: every node exchanges with each
+        // other replica of each set it holds keys of; a second round then
+        // repairs nothing, and the trees kept as sets were merged are
+        // those of the data.
+        let repaired = self.anti_entropy_round();
+        assert!(repaired.failed == 0, "seed {}: an exchange failed", self.seed);
+        let again = self.anti_entropy_round();
+        assert_eq!(again.keys, 0, "seed {}: a second anti-entropy round repaired keys", self.seed);
+        self.anti_entropy_repaired = repaired.keys;
+        for (id, node) in &self.nodes {
+            let kept: BTreeMap<_, _> = node.store.trees.iter().filter(|(_, t)| t.keys() > 0).collect();
+            let rebuilt = node.store.rebuilt_trees();
+            let rebuilt: BTreeMap<_, _> = rebuilt.iter().filter(|(_, t)| t.keys() > 0).collect();
+            assert_eq!(kept, rebuilt, "seed {}: node {}'s trees are not those of its data", self.seed, id.0);
+        }
         for k in 0..KEYS {
             let key = format!("key-{k}").into_bytes();
             let replicas = self.ring.preference_list(&key, N);
-            let mut all = Siblings::default();
+            let set = self.nodes[&replicas[0]].store.replica_set(&key);
+            let tree = self.nodes[&replicas[0]].store.tree(&set);
             for id in &replicas {
-                if let Some(found) = self.nodes[id].store.get(&key) {
-                    all.merge(found);
-                }
-            }
-            for id in &replicas {
-                let node = self.nodes.get_mut(id).expect("a replica is a node");
-                node.store.merge_sets(vec![(key.clone(), all.clone())]);
+                assert_eq!(self.nodes[id].store.tree(&set), tree, "seed {}: trees of {set:?} differ", self.seed);
             }
             let first = self.nodes[&replicas[0]].store.get(&key);
             for id in &replicas {
@@ -1656,6 +1739,8 @@ struct Checked {
     bulks_reached: usize,
     /// Batches a holder replayed.
     replayed: usize,
+    /// Keys anti-entropy found different and repaired.
+    anti_entropy_repaired: usize,
     crashes: usize,
     /// Crashes of a bulk set's coordinator, per step.
     crashed_at: BTreeMap<BulkStep, usize>,
@@ -1678,6 +1763,7 @@ impl Checked {
         self.bulks_acked += one.bulks_acked;
         self.bulks_reached += one.bulks_reached;
         self.replayed += one.replayed;
+        self.anti_entropy_repaired += one.anti_entropy_repaired;
         self.crashes += one.crashes;
         for (step, n) in one.crashed_at {
             *self.crashed_at.entry(step).or_default() += n;
@@ -1690,7 +1776,8 @@ impl Checked {
         eprintln!(
             "checked: {} quorum reads, {} causal writes, {} searches; {} operations unavailable; {} bulk sets \
              acknowledged, {} reached a replica, {} replayed; {} crashes ({:?} at bulk steps); hints {} dropped, {} \
-             delivered, {} expired; {} histories with a cut, {} calls retried around it",
+             delivered, {} expired; {} histories with a cut, {} calls retried around it; {} keys repaired by \
+             anti-entropy",
             self.reads,
             self.causal,
             self.searches,
@@ -1704,7 +1791,8 @@ impl Checked {
             self.hints_delivered,
             self.hints_expired,
             self.cut,
-            self.retried_around_cut
+            self.retried_around_cut,
+            self.anti_entropy_repaired
         );
     }
 
@@ -1722,6 +1810,7 @@ impl Checked {
         assert!(self.cut > 0 && self.retried_around_cut > 0, "some calls went around a node cut off from its peers");
         assert!(self.bulks_acked > 0 && self.bulks_reached > self.bulks_acked, "some bulk sets acknowledged, some not");
         assert!(self.replayed > 0, "some batches were replayed by a holder");
+        assert!(self.anti_entropy_repaired > 0, "anti-entropy found keys whose replicas differed, and repaired them");
         for step in BulkStep::ALL {
             assert!(
                 self.crashed_at.get(&step).is_some_and(|&n| n > 0),
@@ -1732,6 +1821,42 @@ impl Checked {
 }
 
 /// One history.
+/// What an anti-entropy round did.
+#[derive(Default)]
+struct Round {
+    keys: usize,
+    failed: usize,
+}
+
+/// An exchange from `ours` with `theirs` over `set`'s keys, to its end:
+/// the keys repaired (`None` if it failed).
+fn exchange(ours: &mut MapStore, theirs: &mut MapStore, set: &[NodeId]) -> Option<usize> {
+    let mut exchange = Exchange::start(8);
+    for _ in 0..10_000 {
+        match exchange.poll()? {
+            Step::Ask(ask) => {
+                let told = antientropy::answer(&theirs.tree(set), &ask, 8, |segments| theirs.list(set, segments))?;
+                exchange.told(told, &ours.tree(set));
+            }
+            Step::List(segments) => exchange.listed(ours.list(set, &segments)),
+            Step::Repair(keys) => {
+                for key in keys {
+                    if let Some(mine) = ours.get(&key) {
+                        theirs.merge_sets(vec![(key.clone(), mine)]);
+                    }
+                    if let Some(other) = theirs.get(&key) {
+                        ours.merge_sets(vec![(key, other)]);
+                    }
+                }
+                exchange.repaired();
+            }
+            Step::Done(antientropy::Outcome::Synced(summary)) => return Some(summary.keys_repaired),
+            Step::Done(antientropy::Outcome::Failed(_)) => return None,
+        }
+    }
+    None
+}
+
 fn run(seed: u64) -> Checked {
     run_without(seed, None)
 }
@@ -1821,6 +1946,7 @@ fn run_without(seed: u64, without: Option<Safeguard>) -> Checked {
         bulks_acked: sim.bulks_acked,
         bulks_reached: sim.tally.bulk_reached.len(),
         replayed: sim.replayed,
+        anti_entropy_repaired: sim.anti_entropy_repaired,
         crashes: sim.crashes,
         crashed_at: sim.crashed_at.clone(),
         cut: usize::from(cut),
