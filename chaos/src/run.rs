@@ -28,6 +28,11 @@ type ClusterRing = (Vec<(String, NodeId)>, Ring, usize);
 /// Rounds of the replicas' convergence check.
 const CONVERGE_ROUNDS: usize = 5;
 
+/// How long the final anti-entropy round on a node may take, and how long
+/// replicas' trees then have to agree.
+const REPAIR_MAX: Duration = Duration::from_secs(600);
+const TREES_AGREE_MAX: Duration = Duration::from_secs(30);
+
 /// How a run is set up.
 #[derive(Clone, Debug, Serialize)]
 pub struct Settings {
@@ -328,6 +333,43 @@ impl Context {
         Vec::new()
     }
 
+    /// In a cluster: an anti-entropy round on every node (`quiver
+    /// repair`), which must end with every exchange in sync; then every
+    /// replica of each replica set must show the same hash tree (waiting
+    /// a little for each node's trees to read back what the round wrote).
+    fn repaired_trees_agree(&self) -> Vec<String> {
+        for addr in &self.addrs {
+            let report = Client::connect([addr.clone()]).and_then(|c| c.direct().repair(REPAIR_MAX));
+            match report {
+                Ok(report) if report.failed.is_empty() => {}
+                Ok(report) => return vec![format!("the repair on the node at {addr} did not finish: {report:?}")],
+                Err(error) => return vec![format!("the repair on the node at {addr} failed: {error}")],
+            }
+        }
+        let started = Instant::now();
+        loop {
+            let mut roots: std::collections::BTreeMap<Vec<u64>, Vec<(String, u64, u64)>> = Default::default();
+            for addr in &self.addrs {
+                let status = Client::connect([addr.clone()]).and_then(|c| c.direct().status());
+                let Some(info) = status.ok().and_then(|s| s.anti_entropy) else {
+                    return vec![format!("the node at {addr} shows no anti-entropy in its status")];
+                };
+                for root in info.roots {
+                    roots.entry(root.set).or_default().push((addr.clone(), root.root, root.keys));
+                }
+            }
+            let differing: Vec<String> = roots
+                .iter()
+                .filter(|(_, on)| on.iter().any(|(_, root, _)| *root != on[0].1))
+                .map(|(set, on)| format!("TREES DIFFER for replica set {set:x?}: (node, root, keys) {on:x?}"))
+                .collect();
+            if differing.is_empty() || started.elapsed() > TREES_AGREE_MAX {
+                return differing;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// Each node's client address and id, the ring they make, and the
     /// replicas per key.
     fn ring(&self) -> Result<ClusterRing, String> {
@@ -415,7 +457,8 @@ pub struct Report {
     pub checkpoints: u64,
     pub extra: Vec<(String, u64)>,
     pub violations: usize,
-    /// The first violations found (at most 100).
+    /// The first violations found (at most 100; the first of each kind
+    /// among them).
     pub violation_samples: Vec<String>,
     pub ok: bool,
 }
@@ -514,6 +557,7 @@ pub fn run(mode: &str, settings: Settings, workload: Arc<dyn Workload>) -> Resul
     violations.extend(workload.check(&ctx, true));
     if ctx.specs.len() > 1 {
         violations.extend(ctx.converged(&workload.keys()));
+        violations.extend(ctx.repaired_trees_agree());
     }
     let clean_exits = {
         let mut nodes = lock(&ctx.nodes);
@@ -530,7 +574,7 @@ pub fn run(mode: &str, settings: Settings, workload: Arc<dyn Workload>) -> Resul
 
     let c = &ctx.counters;
     let count = violations.len();
-    violations.truncate(100);
+    let violations = samples_of(violations, 100);
     Ok(Report {
         mode: mode.to_owned(),
         settings: ctx.settings.clone(),
@@ -545,6 +589,23 @@ pub fn run(mode: &str, settings: Settings, workload: Arc<dyn Workload>) -> Resul
         violation_samples: violations,
         ok: count == 0,
     })
+}
+
+/// At most `max` of `violations`, in order: the first of each kind (its
+/// first word: `LOST`, `DIVERGED`, `TREES`, ...) always among them.
+fn samples_of(violations: Vec<String>, max: usize) -> Vec<String> {
+    let kind = |v: &str| v.split_whitespace().next().unwrap_or("").to_owned();
+    let mut kinds = std::collections::BTreeSet::new();
+    let firsts: Vec<bool> = violations.iter().map(|v| kinds.insert(kind(v))).collect();
+    let mut room = max.saturating_sub(kinds.len());
+    let keep = violations.into_iter().zip(firsts).filter(|(_, first)| {
+        *first || {
+            let fits = room > 0;
+            room = room.saturating_sub(1);
+            fits
+        }
+    });
+    keep.map(|(v, _)| v).take(max).collect()
 }
 
 /// Runs `quiverd --check-index` on a stopped node's data: whether the
@@ -642,5 +703,23 @@ impl Report {
         }
         out += if self.ok { "result: OK, no violations\n" } else { "result: FAILED\n" };
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samples_keep_the_first_of_each_kind() {
+        let mut violations: Vec<String> = (0..300).map(|i| format!("DIVERGED key{i}")).collect();
+        violations.push("TREES DIFFER for a set".into());
+        violations.push("LOST k".into());
+        let samples = samples_of(violations, 100);
+        assert_eq!(samples.len(), 100);
+        assert_eq!(samples[0], "DIVERGED key0");
+        assert_eq!(samples[97], "DIVERGED key97", "the others in order, with room left for the other kinds");
+        assert_eq!(&samples[98..], ["TREES DIFFER for a set", "LOST k"]);
+        assert_eq!(samples_of(vec!["a".into(), "b".into()], 100), ["a", "b"]);
     }
 }

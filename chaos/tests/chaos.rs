@@ -130,7 +130,9 @@ fn durability_checker_reports_writes_a_node_dropped() {
 
 /// In a cluster whose replicas each drop their part of some keys' writes
 /// (acknowledging them all the same), the merge of all replicas still holds
-/// every key, but reading each replica alone shows they did not converge.
+/// every key, but reading each replica alone shows they did not converge;
+/// and even after an anti-entropy round on every node (whose repairs those
+/// replicas drop too) their hash trees differ.
 #[test]
 fn convergence_check_reports_replicas_that_dropped_writes() {
     let args =
@@ -139,6 +141,7 @@ fn convergence_check_reports_replicas_that_dropped_writes() {
     assert_eq!(code, 1, "{report:#}");
     let samples = report["violation_samples"].as_array().unwrap();
     assert!(samples.iter().any(|v| v.as_str().unwrap().starts_with("DIVERGED")), "{report:#}");
+    assert!(samples.iter().any(|v| v.as_str().unwrap().starts_with("TREES DIFFER")), "{report:#}");
 }
 
 #[test]

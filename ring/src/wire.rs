@@ -337,6 +337,17 @@ pub struct AntiEntropyInfo {
     pub exchanges_failed: u64,
     /// The round running: exchanges done, of how many.
     pub round: Option<(u64, u64)>,
+    /// Per replica set (its node ids), the root of this node's tree and
+    /// the keys in it: replicas in sync show the same.
+    pub roots: Vec<TreeRoot>,
+}
+
+/// The root of one of a node's hash trees.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TreeRoot {
+    pub set: Vec<u64>,
+    pub root: u64,
+    pub keys: u64,
 }
 
 /// One hit of a search: a key, its score (higher is better) and its value.
@@ -1100,6 +1111,7 @@ mod tests {
                 exchanges: 22,
                 exchanges_failed: 23,
                 round: Some((1, 2)),
+                roots: vec![TreeRoot { set: vec![1, 7], root: 24, keys: 25 }],
             }),
         };
         let ring = RingInfo {
@@ -1130,7 +1142,7 @@ mod tests {
             (
                 response(Ok(Reply::Status(Box::new(status)))),
                 "01020003010161016201760203040501017201017306016e0101700171010701630101080103000301016e010109000a0b\
-                 0c0d010e0101630f1011016401017801011201011314151617010102",
+                 0c0d010e0101630f10110164010178010112010113141516170101020102010718 19",
             ),
             (response(Ok(Reply::Hello(NodeInfo { protocol: 4, node_id: 9, limits }))), "0102000404090102030405"),
             (response(Ok(Reply::Versions(versions))), "010200050201017607000801ab"),

@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use quiver_ring::wire::{AntiEntropyInfo, ErrorKind, RepairReport, ServerError};
+use quiver_ring::wire::{AntiEntropyInfo, ErrorKind, RepairReport, ServerError, TreeRoot};
 use quiver_ring::{NodeId, Siblings};
 
 use super::antientropy::{self, Exchange, Outcome, Step, Summary};
@@ -260,16 +260,23 @@ impl Repairer {
     }
 
     pub fn status(&self) -> AntiEntropyInfo {
-        let sets: Vec<ReplicaSet> = self
-            .trees
-            .trees()
-            .map_or_else(Vec::new, |trees| trees.sets().into_iter().filter(|set| set.contains(&self.me)).collect());
+        let trees = self.trees.trees();
+        let sets: Vec<ReplicaSet> = trees.as_ref().map_or_else(Vec::new, |trees| {
+            trees.sets().into_iter().filter(|set| set.contains(&self.me)).collect()
+        });
+        let roots = sets
+            .iter()
+            .map(|set| {
+                let tree = trees.as_ref().map(|trees| trees.tree(set)).unwrap_or_default();
+                TreeRoot { set: set.iter().map(|id| id.0).collect(), root: tree.root(), keys: tree.keys() }
+            })
+            .collect();
         let synced = lock(&self.synced);
         let full: Vec<u64> = sets.iter().map(|set| synced.get(set).copied().unwrap_or(0)).collect();
-        let trees = self.trees.status();
+        let keeper = self.trees.status();
         AntiEntropyInfo {
-            trees_built: trees.built,
-            tree_keys: trees.keys,
+            trees_built: keeper.built,
+            tree_keys: keeper.keys,
             sets: sets.len() as u64,
             sets_synced: full.iter().filter(|&&at| at > 0).count() as u64,
             oldest_full_exchange_ms: full.iter().copied().min().unwrap_or(0),
@@ -278,6 +285,7 @@ impl Repairer {
             exchanges: self.exchanges.load(Ordering::Relaxed),
             exchanges_failed: self.exchanges_failed.load(Ordering::Relaxed),
             round: *lock(&self.round),
+            roots,
         }
     }
 }
