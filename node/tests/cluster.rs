@@ -336,7 +336,8 @@ fn quorum_reads_repair_a_replica_that_missed_writes() {
 
 /// Once every node sees the others up, SIGKILLs n3 and, once n1 and n2
 /// see it down (so they hold hints for it), writes `count` keys through
-/// n1, each its own value; returns them.
+/// n1, each its own value (more than 100: in bulk sets of 1000); returns
+/// them.
 fn written_while_n3_is_down(nodes: &mut [NodeProcess], prefix: &str, count: usize) -> Vec<String> {
     for node in nodes.iter() {
         wait_for(&direct(node), "every peer up", |s| s.peers.iter().all(|p| p.up));
@@ -347,8 +348,14 @@ fn written_while_n3_is_down(nodes: &mut [NodeProcess], prefix: &str, count: usiz
     }
     let keys: Vec<String> = (0..count).map(|i| format!("{prefix}-{i}")).collect();
     let n1 = direct(&nodes[0]);
-    for key in &keys {
-        n1.set(key, key).unwrap();
+    if count <= 100 {
+        for key in &keys {
+            n1.set(key, key).unwrap();
+        }
+    } else {
+        for chunk in keys.chunks(1000) {
+            n1.bulk_set(chunk.iter().map(|k| (k, k))).unwrap();
+        }
     }
     keys
 }
@@ -632,11 +639,24 @@ fn quiver_repair(node: &NodeProcess) -> String {
 /// `status` shows the exchanges and the replica set in sync.
 #[test]
 fn quiver_repair_restores_a_replica_that_missed_writes_with_hints_off() {
+    repair_restores_a_replica_that_missed(2000);
+}
+
+/// The same with 100,000 keys, in release (`cargo test --release -p
+/// quiver-node --test cluster -- --ignored`): prints how long the repair
+/// took and what it sent.
+#[test]
+#[ignore = "opt-in: 100,000 keys"]
+fn quiver_repair_restores_a_replica_that_missed_100_000_writes() {
+    repair_restores_a_replica_that_missed(100_000);
+}
+
+fn repair_restores_a_replica_that_missed(count: usize) {
     let dir = tempfile::tempdir().unwrap();
     let specs = cluster(dir.path(), 3);
     let settings: &[&str] = &["--hint-bytes-max", "0", "--anti-entropy-ms", "0"];
     let mut nodes: Vec<NodeProcess> = specs.iter().map(|spec| start(spec, settings)).collect();
-    let keys = written_while_n3_is_down(&mut nodes, "missed", 2000);
+    let keys = written_while_n3_is_down(&mut nodes, "missed", count);
     nodes[2] = start(&specs[2], settings);
     for node in &nodes {
         wait_for(&direct(node), "every peer up", |s| s.peers.iter().all(|p| p.up));
@@ -646,7 +666,9 @@ fn quiver_repair_restores_a_replica_that_missed_writes_with_hints_off() {
         wait_for(&direct(&nodes[2]), "n3's trees built", |s| s.anti_entropy.as_ref().is_some_and(|a| a.trees_built));
     assert_eq!((n3.keys, n3.anti_entropy.unwrap().tree_keys), (0, 0), "n3 missed every write: no hint reached it");
 
+    let started = Instant::now();
     let printed = quiver_repair(&nodes[0]);
+    let took = started.elapsed();
     assert!(printed.contains(&format!("keys repaired: {}", keys.len())), "{printed}");
     assert!(printed.contains("replica sets in sync: 1 of 1"), "{printed}");
     let own = direct(&nodes[2]).with_consistency(Consistency::One);
@@ -663,4 +685,5 @@ fn quiver_repair_restores_a_replica_that_missed_writes_with_hints_off() {
     assert_eq!((anti_entropy.sets, anti_entropy.sets_synced, anti_entropy.exchanges), (1, 1, 4), "{anti_entropy:?}");
     assert_eq!(anti_entropy.keys_repaired, keys.len() as u64);
     assert!(anti_entropy.tree_keys >= keys.len() as u64);
+    eprintln!("repaired {} keys in {took:?}, {} bytes sent and pulled", keys.len(), anti_entropy.bytes_sent);
 }

@@ -261,9 +261,9 @@ impl Repairer {
 
     pub fn status(&self) -> AntiEntropyInfo {
         let trees = self.trees.trees();
-        let sets: Vec<ReplicaSet> = trees.as_ref().map_or_else(Vec::new, |trees| {
-            trees.sets().into_iter().filter(|set| set.contains(&self.me)).collect()
-        });
+        let sets: Vec<ReplicaSet> = trees
+            .as_ref()
+            .map_or_else(Vec::new, |trees| trees.sets().into_iter().filter(|set| set.contains(&self.me)).collect());
         let roots = sets
             .iter()
             .map(|set| {

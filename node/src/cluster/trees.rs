@@ -129,13 +129,19 @@ impl Trees {
     }
 
     /// This node's keys of `set` in `segments`, each with its leaf: a range
-    /// scan per segment.
+    /// scan per run of adjacent segments (a scan reads every memtable
+    /// entry once, so one per segment would cost a memtable's worth each).
     pub fn list(&self, set: &[NodeId], segments: &[Segment]) -> storage::Result<Vec<(Vec<u8>, u64)>> {
+        let mut sorted = segments.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
         let mut listed = Vec::new();
-        for &segment in segments {
-            let (first, last) = segment_tokens(segment);
-            let end = last.checked_add(1).map_or_else(|| keyspace_start(Keyspace::Hints), token_range_start);
-            for entry in self.engine.scan(&token_range_start(first), Some(&end)) {
+        for run in sorted.chunk_by(|a, b| a.checked_add(1) == Some(*b)) {
+            let (Some(&first), Some(&last)) = (run.first(), run.last()) else { continue };
+            let (start, _) = segment_tokens(first);
+            let (_, end) = segment_tokens(last);
+            let end = end.checked_add(1).map_or_else(|| keyspace_start(Keyspace::Hints), token_range_start);
+            for entry in self.engine.scan(&token_range_start(start), Some(&end)) {
                 let (stored, siblings) = entry?;
                 let Some(key) = user_key(&stored) else { continue };
                 let leaf = leaf(key, Some(&siblings));
@@ -417,6 +423,12 @@ mod tests {
         assert_eq!(listed.len(), expected.count());
         let mut tree = Tree::default();
         listed.iter().for_each(|(k, leaf)| tree.change(k, 0, *leaf));
+        let several = [segment, segment.wrapping_add(1) % 4096, segment.wrapping_add(7) % 4096];
+        let mut together = trees.list(&set, &several).unwrap();
+        let mut one_by_one: Vec<_> = several.iter().flat_map(|&s| trees.list(&set, &[s]).unwrap()).collect();
+        together.sort();
+        one_by_one.sort();
+        assert_eq!(together, one_by_one, "runs of adjacent segments list what each lists");
         let (branch, at) = (segment / 64, segment as usize % 64);
         assert_eq!(tree.segments_of(branch)[at], trees.tree(&set).segments_of(branch)[at]);
     }
