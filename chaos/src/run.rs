@@ -333,11 +333,17 @@ impl Context {
         Vec::new()
     }
 
-    /// In a cluster: an anti-entropy round on every node (`quiver
-    /// repair`), which must end with every exchange in sync; then every
+    /// In a cluster: once every node sees the others up, an anti-entropy
+    /// round on every node (`quiver repair`), which must end with every
+    /// exchange in sync; then every
     /// replica of each replica set must show the same hash tree (waiting
     /// a little for each node's trees to read back what the round wrote).
     fn repaired_trees_agree(&self) -> Vec<String> {
+        // The convergence check stopped nodes for a while: each sees the
+        // others up again first, or its round would skip them.
+        if let Err(error) = self.wait_for_ring() {
+            return vec![error];
+        }
         for addr in &self.addrs {
             let report = Client::connect([addr.clone()]).and_then(|c| c.direct().repair(REPAIR_MAX));
             match report {
