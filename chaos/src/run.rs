@@ -28,8 +28,9 @@ type ClusterRing = (Vec<(String, NodeId)>, Ring, usize);
 /// Rounds of the replicas' convergence check.
 const CONVERGE_ROUNDS: usize = 5;
 
-/// How long the final anti-entropy round on a node may take, and how long
-/// replicas' trees then have to agree.
+/// How long the final anti-entropy round on a node may take; how long a
+/// node's rounds are tried again while it sees a peer down, and replicas'
+/// trees then have to agree.
 const REPAIR_MAX: Duration = Duration::from_secs(600);
 const TREES_AGREE_MAX: Duration = Duration::from_secs(30);
 
@@ -345,11 +346,17 @@ impl Context {
             return vec![error];
         }
         for addr in &self.addrs {
-            let report = Client::connect([addr.clone()]).and_then(|c| c.direct().repair(REPAIR_MAX));
-            match report {
-                Ok(report) if report.failed.is_empty() => {}
-                Ok(report) => return vec![format!("the repair on the node at {addr} did not finish: {report:?}")],
-                Err(error) => return vec![format!("the repair on the node at {addr} failed: {error}")],
+            // A node may still see a peer down for a heartbeat or two after
+            // the pause: its round then skips that peer, and runs again.
+            let started = Instant::now();
+            loop {
+                let report = Client::connect([addr.clone()]).and_then(|c| c.direct().repair(REPAIR_MAX));
+                match report {
+                    Ok(report) if report.failed.is_empty() => break,
+                    Ok(_) if started.elapsed() < TREES_AGREE_MAX => std::thread::sleep(Duration::from_millis(500)),
+                    Ok(report) => return vec![format!("the repair on the node at {addr} did not finish: {report:?}")],
+                    Err(error) => return vec![format!("the repair on the node at {addr} failed: {error}")],
+                }
             }
         }
         let started = Instant::now();

@@ -328,8 +328,9 @@ pub struct AntiEntropyInfo {
     /// with every other replica so far.
     pub sets: u64,
     pub sets_synced: u64,
-    /// The oldest of the sets' last full exchanges (ms since the epoch; 0:
-    /// a set has had none yet).
+    /// When the oldest of the sets' last full exchanges began (ms since
+    /// the epoch; 0: a set has had none yet): what every replica held then
+    /// is on every replica.
     pub oldest_full_exchange_ms: u64,
     pub keys_repaired: u64,
     pub bytes_sent: u64,

@@ -3,7 +3,8 @@
 //!
 //! - Owns: what the exchanges found (keys repaired, bytes sent, the last
 //!   full exchange of each replica set: one with every other replica of
-//!   it, all synced), and the progress of the round running.
+//!   it, all synced, recorded by when it began), and the progress of the
+//!   round running.
 //! - Receives: its schedule (`anti_entropy_ms`; 0: only on demand) and
 //!   `quiver repair`'s requests; other nodes' asks ([`answer`]).
 //! - Does: a *round*: for each replica set this node holds keys of, an
@@ -52,7 +53,7 @@ pub struct Repairer {
     wall: Arc<dyn Clock>,
     settings: RepairSettings,
     timeout: Duration,
-    /// The last full exchange of each replica set (wall ms).
+    /// When the last full exchange of each replica set began (wall ms).
     synced: Mutex<HashMap<ReplicaSet, u64>>,
     round: Mutex<Option<(u64, u64)>>,
     running: tokio::sync::Mutex<()>,
@@ -137,6 +138,9 @@ impl Repairer {
         *lock(&self.round) = Some((0, total));
         report.sets = sets.len() as u64;
         for set in sets {
+            // Recorded if every exchange of the set ends in sync: whatever
+            // any replica held when it began is then on every replica.
+            let began = self.wall.now_ms();
             let mut full = true;
             for &peer in set.iter().filter(|&&id| id != self.me) {
                 if !up.contains(&peer) {
@@ -158,7 +162,7 @@ impl Repairer {
             }
             if full {
                 report.sets_synced += 1;
-                lock(&self.synced).insert(set, self.wall.now_ms());
+                lock(&self.synced).insert(set, began);
             }
         }
         *lock(&self.round) = None;

@@ -309,13 +309,13 @@ impl Keeping {
             };
             let current = lock(&self.trees).clone();
             let ring = (self.ring)();
-            let stale = match (&current, &ring) {
-                (_, None) => false,
-                (None, Some(_)) => true,
-                (Some(trees), Some(ring)) => !Arc::ptr_eq(&trees.ring, ring) && trees.ring.view() != ring.view(),
-            };
-            if stale || self.shared.overflowed.swap(false, Ordering::AcqRel) {
-                if let Some(ring) = ring {
+            // Until the ring is known nothing is built (a later scan reads
+            // what is written meanwhile).
+            if let Some(ring) = ring {
+                let stale = current
+                    .as_ref()
+                    .is_none_or(|trees| !Arc::ptr_eq(&trees.ring, &ring) && trees.ring.view() != ring.view());
+                if stale || self.shared.overflowed.swap(false, Ordering::AcqRel) {
                     // Keys queued before the scan are in it: they are
                     // read again after, which changes nothing.
                     self.build(ring);
