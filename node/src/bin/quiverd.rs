@@ -692,6 +692,7 @@ mod tests {
             "--op-timeout-ms=22",
             "--hint-tick-ms=23",
             "--batch-replay-after-ms=24",
+            "--anti-entropy-ms=25",
         ])
         .unwrap();
         let config = args.into_config().unwrap();
@@ -725,6 +726,7 @@ mod tests {
         let t = config.cluster_timers();
         let ms = |d: std::time::Duration| d.as_millis();
         assert_eq!((ms(t.heartbeat), ms(t.op_timeout), ms(t.hint_tick), ms(t.batch_replay_after)), (21, 22, 23, 24));
+        assert_eq!(config.repair().every, Some(std::time::Duration::from_millis(25)));
     }
 
     #[test]
