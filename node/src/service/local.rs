@@ -74,22 +74,23 @@ impl std::fmt::Debug for Writes {
 impl Writes {
     /// Writes `ops` as one record (see [`Engine::write_then`]).
     pub fn write_then(&self, ops: Vec<storage::Op>, done: impl FnOnce(storage::Result<u64>) + Send + 'static) {
-        let done: storage::Done = match &self.written {
-            None => Box::new(done),
-            Some(hook) => {
-                let keys: Vec<Vec<u8>> = ops.iter().filter_map(|op| user_key(&op.key)).map(<[u8]>::to_vec).collect();
-                let hook = hook.clone();
-                Box::new(move |result: storage::Result<u64>| {
-                    if result.is_ok() && !keys.is_empty() {
-                        hook(keys);
-                    }
-                    done(result)
-                })
+        let Some(hook) = &self.written else { return self.to.write_then(ops, done) };
+        let keys: Vec<Vec<u8>> = ops.iter().filter_map(|op| user_key(&op.key)).map(<[u8]>::to_vec).collect();
+        let hook = hook.clone();
+        self.to.write_then(ops, move |result: storage::Result<u64>| {
+            if result.is_ok() && !keys.is_empty() {
+                hook(keys);
             }
-        };
-        match &self.to {
+            done(result)
+        })
+    }
+}
+
+impl WritesTo {
+    fn write_then(&self, ops: Vec<storage::Op>, done: impl FnOnce(storage::Result<u64>) + Send + 'static) {
+        match self {
             WritesTo::Engine(engine) => engine.write_then(ops, done),
-            WritesTo::Indexed(index) => index.write_then(ops, done),
+            WritesTo::Indexed(index) => index.write_then(ops, Box::new(done)),
         }
     }
 }
