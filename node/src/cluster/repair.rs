@@ -20,7 +20,7 @@
 //! refused by the replica they are sent to, as every replica refuses them:
 //! a key that only holds such versions on one side stays different.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -88,6 +88,10 @@ impl Repairer {
             exchanges: AtomicU64::new(0),
             exchanges_failed: AtomicU64::new(0),
         }
+    }
+
+    pub fn settings(&self) -> RepairSettings {
+        self.settings
     }
 
     /// The trees it compares.
@@ -243,10 +247,11 @@ impl Repairer {
             other => Err(other),
         })?;
         // Only what was asked is taken.
+        let asked: HashSet<&Vec<u8>> = keys.iter().collect();
         let theirs: Vec<(Vec<u8>, Siblings)> =
-            theirs.into_iter().filter(|(key, _)| keys.contains(key)).filter_map(|(key, s)| Some((key, s?))).collect();
+            theirs.into_iter().filter(|(key, _)| asked.contains(key)).filter_map(|(key, s)| Some((key, s?))).collect();
         bytes += encoded_len(&theirs);
-        let repaired = theirs.len().max(keys.len()) as u64;
+        let repaired = keys.len() as u64;
         if !theirs.is_empty() {
             let local = self.local.clone();
             answer_of(move |done| local.apply_replicated(theirs, Vec::new(), done)).await?;
@@ -320,36 +325,21 @@ impl Pace {
     }
 }
 
-/// The answer to `from`'s exchange step over `set`: `Forbidden` unless
-/// both nodes replicate the set's keys; `Unavailable` while the trees are
-/// not built.
-pub async fn answer(
-    trees: &TreeKeeper,
-    me: NodeId,
-    from: NodeId,
-    set: Vec<NodeId>,
-    ask: Ask,
-) -> Result<Told, ServerError> {
-    if !set.contains(&me) || !set.contains(&from) || !set.is_sorted() {
-        return Err(ServerError::new(
-            ErrorKind::Forbidden,
-            format!("an exchange over a replica set of {} nodes that does not hold both sides", set.len()),
-        ));
-    }
+/// The answer to a peer's exchange step over `set`, a request already
+/// checked (`check_peer_request`: its shape and bounds;
+/// `check_peer_identity`: both nodes are in the set). `Unavailable` while
+/// the trees are not built.
+pub async fn answer(trees: &TreeKeeper, set: Vec<NodeId>, ask: Ask) -> Result<Told, ServerError> {
     let Some(trees) = trees.trees() else {
         return Err(ServerError::new(ErrorKind::Unavailable, "this node's hash trees are not built yet"));
     };
     let tree = trees.tree(&set);
-    let segments = match &ask {
-        Ask::Keys(segments) if segments.len() <= SEGMENTS_PER_ASK_MAX => segments.clone(),
-        _ => Vec::new(),
-    };
-    let listed = match segments.is_empty() {
-        true => Vec::new(),
-        false => {
-            let set = set.clone();
+    let listed = match &ask {
+        Ask::Keys(segments) => {
+            let segments = segments.clone();
             off_worker(move || trees.list(&set, &segments)).await?
         }
+        Ask::Branches | Ask::Segments(_) => Vec::new(),
     };
     antientropy::answer(&tree, &ask, SEGMENTS_PER_ASK_MAX, |_| listed)
         .ok_or_else(|| ServerError::new(ErrorKind::Malformed, "an exchange step past its bounds"))

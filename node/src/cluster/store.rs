@@ -159,14 +159,18 @@ impl ClusterStore {
         }
     }
 
-    /// Its anti-entropy settings (after [`ClusterStore::with_timers`]:
-    /// its calls wait `op_timeout`).
+    /// Its anti-entropy settings.
     pub fn with_repair(mut self, settings: repair::RepairSettings) -> ClusterStore {
-        let (trees, wall) = (self.repairer.trees().clone(), self.wall.clone());
-        let repairer =
-            Repairer::new(trees, self.membership.clone(), self.local.clone(), wall, settings, self.timers.op_timeout);
-        self.repairer = Arc::new(repairer);
+        self.repairer = self.repairer_with(settings);
         self
+    }
+
+    /// A repairer of its trees with `settings`, its calls waiting
+    /// `op_timeout` (the store's builders make it again when either
+    /// changes).
+    fn repairer_with(&self, settings: repair::RepairSettings) -> Arc<Repairer> {
+        let (trees, membership, local) = (self.repairer.trees().clone(), self.membership.clone(), self.local.clone());
+        Arc::new(Repairer::new(trees, membership, local, self.wall.clone(), settings, self.timers.op_timeout))
     }
 
     /// Its anti-entropy.
@@ -178,6 +182,7 @@ impl ClusterStore {
     /// batch log are looked at, when a bulk set is replayed.
     pub fn with_timers(mut self, timers: ClusterTimers) -> ClusterStore {
         self.timers = timers;
+        self.repairer = self.repairer_with(self.repairer.settings());
         self
     }
 
@@ -1188,13 +1193,20 @@ pub fn check_peer_request(limits: &wire::Limits, request: &PeerRequest) -> Resul
         PeerRequest::Search { search: Search::Vector { vector, k }, .. } => wire::check_vector_search(vector, 0, *k),
         PeerRequest::TermStats { query, .. } => wire::check_search(query, 1),
         PeerRequest::Exchange { set, ask } => {
-            let fits = set.len() <= REPLICAS
-                && match ask {
-                    Ask::Branches => true,
-                    Ask::Segments(branches) => branches.len() <= antientropy::BRANCHES,
-                    Ask::Keys(segments) => segments.len() <= repair::SEGMENTS_PER_ASK_MAX,
-                };
-            match fits {
+            // A replica set: at most N nodes, in id order, each once.
+            let set_fits = set.len() <= REPLICAS && set.windows(2).all(|pair| pair[0] < pair[1]);
+            let ask_fits = match ask {
+                Ask::Branches => true,
+                Ask::Segments(branches) => {
+                    branches.len() <= antientropy::BRANCHES
+                        && branches.iter().all(|&b| (b as usize) < antientropy::BRANCHES)
+                }
+                Ask::Keys(segments) => {
+                    segments.len() <= repair::SEGMENTS_PER_ASK_MAX
+                        && segments.iter().all(|&s| (s as usize) < antientropy::SEGMENTS)
+                }
+            };
+            match set_fits && ask_fits {
                 true => Ok(()),
                 false => Err(ServerError::new(ErrorKind::Malformed, "an exchange step past its bounds")),
             }
@@ -1400,16 +1412,8 @@ impl crate::net::peer::PeerHandler for ReplicaHandler {
                 Box::new(move |r| reply(answer(r.map(PeerReply::Hits)))),
             ),
             PeerRequest::Exchange { set, ask } => {
-                let (trees, me) = (self.data.trees.clone(), self.membership.id());
-                let Some(from) = self.membership.id_of(from) else {
-                    return reply(PeerReply::Failed(ServerError::new(
-                        ErrorKind::Unavailable,
-                        "the peer's id is unknown",
-                    )));
-                };
-                tokio::spawn(async move {
-                    reply(answer(repair::answer(&trees, me, from, set, ask).await.map(PeerReply::Told)))
-                });
+                let trees = self.data.trees.clone();
+                tokio::spawn(async move { reply(answer(repair::answer(&trees, set, ask).await.map(PeerReply::Told))) });
             }
             PeerRequest::Pull { keys } => {
                 let trees = self.data.trees.clone();
@@ -1454,6 +1458,31 @@ mod tests {
         assert_eq!(kind(PeerRequest::Write { sets: vec![], hints }), Some(ErrorKind::ValueTooLarge), "a hint too");
         assert_eq!(kind(PeerRequest::Read { key: vec![] }), Some(ErrorKind::EmptyKey));
         assert_eq!(kind(PeerRequest::Ping { from: NodeId(1), hlc: Hlc(1) }), None);
+    }
+
+    /// An anti-entropy step is checked before it is read: a replica set of
+    /// at most N nodes in id order, branches and segments that exist, no
+    /// more segments than an ask lists, no more keys than a pull takes.
+    #[test]
+    fn a_peers_exchange_steps_are_held_to_their_bounds() {
+        let limits = wire::Limits::default();
+        let kind = |request: PeerRequest| check_peer_request(&limits, &request).err().map(|e| e.kind);
+        let exchange =
+            |set: &[u64], ask: Ask| PeerRequest::Exchange { set: set.iter().map(|&i| NodeId(i)).collect(), ask };
+        let malformed = Some(ErrorKind::Malformed);
+        assert_eq!(kind(exchange(&[1, 2, 3], Ask::Branches)), None);
+        assert_eq!(kind(exchange(&[2, 1, 3], Ask::Branches)), malformed, "not in id order");
+        assert_eq!(kind(exchange(&[1, 1, 3], Ask::Branches)), malformed, "a node twice");
+        assert_eq!(kind(exchange(&[1, 2, 3, 4], Ask::Branches)), malformed, "more than N");
+        assert_eq!(kind(exchange(&[1, 2], Ask::Segments(vec![0, 63]))), None);
+        assert_eq!(kind(exchange(&[1, 2], Ask::Segments(vec![64]))), malformed, "no such branch");
+        assert_eq!(kind(exchange(&[1, 2], Ask::Keys((0..64).collect()))), None);
+        assert_eq!(kind(exchange(&[1, 2], Ask::Keys((0..65).collect()))), malformed, "too many segments");
+        assert_eq!(kind(exchange(&[1, 2], Ask::Keys(vec![4096]))), malformed, "no such segment");
+        let pull = |n: usize| PeerRequest::Pull { keys: (0..n).map(|i| format!("k{i}").into_bytes()).collect() };
+        assert_eq!(kind(pull(1000)), None);
+        assert_eq!(kind(pull(1001)), malformed);
+        assert_eq!(kind(PeerRequest::Pull { keys: vec![vec![]] }), Some(ErrorKind::EmptyKey));
     }
 
     /// A multi-key read ends as soon as the values gathered pass the
