@@ -406,11 +406,12 @@ impl Config {
             || l.hello_timeout_ms == 0
             || l.peer_requests_in_flight_max == 0
             || l.peer_queued_bytes_max == 0
+            || l.tree_feed_keys_max == 0
         {
             return invalid(
                 "key_bytes_max, bulk_entries_max, requests_in_flight_max, connections_max, \
-                 connection_answer_bytes_max, hello_timeout_ms, peer_requests_in_flight_max and \
-                 peer_queued_bytes_max must be at least 1"
+                 connection_answer_bytes_max, hello_timeout_ms, peer_requests_in_flight_max, \
+                 peer_queued_bytes_max and tree_feed_keys_max must be at least 1"
                     .into(),
             );
         }
@@ -556,5 +557,16 @@ mod tests {
     fn out_of_range_probability_is_invalid() {
         let config = Config { debug_skip_write_probability: 1.5, ..Config::default() };
         assert!(config.validate().is_err());
+    }
+
+    /// A feed of no keys would drop every write's keys and rebuild the
+    /// trees by a scan every tick: refused at start instead.
+    #[test]
+    fn a_tree_feed_of_no_keys_is_invalid() {
+        let mut config = Config::default();
+        config.limits.tree_feed_keys_max = 0;
+        assert!(config.validate().unwrap_err().to_string().contains("tree_feed_keys_max"));
+        config.limits.tree_feed_keys_max = 1;
+        assert!(config.validate().is_ok());
     }
 }
