@@ -151,6 +151,11 @@ impl Client {
         self.runtime.block_on(self.inner.repair(timeout))
     }
 
+    /// See [`crate::Client::compact`].
+    pub fn compact(&self, timeout: std::time::Duration) -> Result<()> {
+        self.runtime.block_on(self.inner.compact(timeout))
+    }
+
     /// See [`crate::Client::limits`].
     pub fn limits(&self) -> Result<crate::Limits> {
         self.runtime.block_on(self.inner.limits())

@@ -538,6 +538,16 @@ impl Client {
         }
     }
 
+    /// Merges every table of the connected node's storage into one now
+    /// (dropping overwritten versions, and the tombstones that may go), and
+    /// waits at most `timeout` for it.
+    pub async fn compact(&self, timeout: Duration) -> Result<()> {
+        match self.connection().await?.call(Op::Compact, timeout, self.consistency).await? {
+            Reply::Done => Ok(()),
+            other => Err(Error::Protocol(format!("expected Done, got {other:?}"))),
+        }
+    }
+
     /// Admin: asks the connected node to shut down gracefully. `token` is
     /// the node's admin token (the `ADMIN_TOKEN` file in its data
     /// directory); without it the node answers [`ErrorKind::Forbidden`].

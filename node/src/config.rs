@@ -500,12 +500,9 @@ impl Config {
             record_bytes_max: self.limits.frame_bytes_max.max(self.limits.bulk_bytes_max * 2),
             repair: self.storage.repair,
             debug_skip_write_probability: self.debug_skip_write_probability,
-            // Until anti-entropy repair covers every range, a node of a
-            // cluster keeps its tombstones.
-            tombstone_grace_ms: match self.name {
-                Some(_) => u64::MAX,
-                None => self.gc_grace_secs.saturating_mul(1000),
-            },
+            // A node of a cluster purges only what anti-entropy covered:
+            // its `purge` is set where its trees are made.
+            tombstone_grace_ms: self.gc_grace_secs.saturating_mul(1000),
             ..crate::storage::Options::default()
         }
     }

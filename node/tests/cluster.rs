@@ -14,7 +14,7 @@
 mod common;
 
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use common::{hints_for, now_ms, raw_call, wait_for, WAIT_MAX};
 use quiver_chaos::node::{cluster_specs, NodeProcess, NodeSpec};
@@ -686,4 +686,82 @@ fn repair_restores_a_replica_that_missed(count: usize) {
     assert_eq!(anti_entropy.keys_repaired, keys.len() as u64);
     assert!(anti_entropy.tree_keys >= keys.len() as u64);
     eprintln!("repaired {} keys in {took:?}, {} bytes sent and pulled", keys.len(), anti_entropy.bytes_sent);
+}
+
+fn quiver_compact(node: &NodeProcess) {
+    let output =
+        std::process::Command::new(common::quiver_bin()).args(["--addr", &node.addr, "compact"]).output().unwrap();
+    assert!(output.status.success(), "quiver compact failed: {}", String::from_utf8_lossy(&output.stderr));
+}
+
+/// Tombstones are purged only where a full exchange covered them, never
+/// on a quorum: n3 is down while keys it holds are deleted and stays down
+/// past `gc_grace`; n1 and n2 then repair and compact, and keep every
+/// tombstone (a purge there would let n3's copies come back). Once n3 is
+/// back, a repair deletes them on n3 too, and the tombstones go on every
+/// node: each replica alone then serves every key as deleted.
+#[test]
+fn deleted_keys_stay_deleted_when_a_replica_that_missed_the_deletes_returns_after_gc_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let specs = cluster(dir.path(), 3);
+    let settings: &[&str] =
+        &["--hint-bytes-max", "0", "--anti-entropy-ms", "0", "--gc-grace-secs", "2", "--hint-age-max-secs", "1"];
+    let mut nodes: Vec<NodeProcess> = specs.iter().map(|spec| start(spec, settings)).collect();
+    for node in &nodes {
+        wait_for(&direct(node), "every peer up", |s| s.peers.iter().all(|p| p.up));
+    }
+    let keys: Vec<String> = (0..200).map(|i| format!("doomed-{i}")).collect();
+    let all = direct(&nodes[0]).with_consistency(Consistency::All);
+    all.bulk_set(keys.iter().map(|k| (k, k))).unwrap();
+    nodes[2].kill();
+    for node in &nodes[..2] {
+        wait_for(&direct(node), "n3 seen down", |s| s.peers.iter().any(|p| p.name == "n3" && !p.up));
+    }
+    let n1 = direct(&nodes[0]);
+    for key in &keys {
+        n1.delete(key).unwrap();
+    }
+    let deleted_at = Instant::now();
+
+    // Past gc_grace, with n3 still down: no full exchange, no purge.
+    let tombstones = |node: &NodeProcess| {
+        let anti_entropy = direct(node).status().unwrap().anti_entropy.unwrap();
+        (anti_entropy.tombstones_waiting, anti_entropy.tombstones_purged)
+    };
+    // Time itself is the condition here: the deletes pass the horizon.
+    std::thread::sleep(Duration::from_secs(3).saturating_sub(deleted_at.elapsed()));
+    let report = n1.repair(Duration::from_secs(60)).unwrap();
+    assert_eq!(report.sets_synced, 0, "n3 is down: {report:?}");
+    for node in &nodes[..2] {
+        quiver_compact(node);
+        assert_eq!(tombstones(node), (keys.len() as u64, 0), "tombstones kept while n3 missed them");
+    }
+
+    // n3 returns with every key, older than gc_grace: the repair deletes them there.
+    nodes[2] = start(&specs[2], settings);
+    for node in &nodes {
+        wait_for(&direct(node), "every peer up", |s| s.peers.iter().all(|p| p.up));
+    }
+    wait_for(&direct(&nodes[2]), "n3's trees built", |s| s.anti_entropy.as_ref().is_some_and(|a| a.trees_built));
+    let printed = quiver_repair(&nodes[0]);
+    assert!(printed.contains("replica sets in sync: 1 of 1"), "{printed}");
+
+    // Each node's own full exchange covers its tombstones; then they go.
+    for node in &nodes {
+        quiver_repair(node);
+    }
+    for node in &nodes {
+        quiver_compact(node);
+        assert_eq!(tombstones(node), (0, keys.len() as u64), "every tombstone purged");
+    }
+    for i in 0..nodes.len() {
+        let others: Vec<&NodeProcess> = nodes.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, n)| n).collect();
+        let own = direct(&nodes[i]).with_consistency(Consistency::One);
+        let values = with_paused(&others, || own.get_many(&keys).unwrap());
+        assert!(values.iter().all(Option::is_none), "a deleted key is back on n{}", i + 1);
+    }
+    let again = quiver_repair(&nodes[0]);
+    assert!(again.contains("keys repaired: 0"), "nothing left to repair: {again}");
+    let roots: Vec<_> = nodes.iter().map(|n| direct(n).status().unwrap().anti_entropy.unwrap().roots).collect();
+    assert!(roots.windows(2).all(|pair| pair[0] == pair[1]), "{roots:?}");
 }

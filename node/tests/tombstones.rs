@@ -72,3 +72,40 @@ fn a_stale_hint_delivered_after_its_tombstone_was_purged_does_not_bring_the_key_
     replicate(fresh.clone());
     assert_eq!(versions(&store, b"k"), Some(Siblings::one(fresh)));
 }
+
+/// A tombstone below the horizon is refused like any version, except
+/// where it deletes a live version held: a replica that missed a delete
+/// for longer than `gc_grace` takes it from anti-entropy, and the deleted
+/// key does not live on there.
+#[test]
+fn a_tombstone_past_the_horizon_is_taken_only_where_it_deletes_a_live_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options { background_compaction: false, tombstone_grace_ms: GC_GRACE_MS, ..Options::default() };
+    let engine = Arc::new(Engine::open(dir.path(), options).unwrap());
+    let wall = Arc::new(ManualClock::new(now_ms() - 3 * GC_GRACE_MS));
+    let clock: Arc<dyn Clock> = wall.clone();
+    let node_clock = Arc::new(NodeClock::unpersisted(NodeId(1), Hlc::ZERO, MAX_OFFSET_MS, clock));
+    let store = LocalStore::new(engine.clone(), node_clock.clone(), 2).unwrap().with_gc_grace_ms(GC_GRACE_MS);
+    let stamp = || node_clock.stamp(Hlc::ZERO, Hlc::ZERO, None).unwrap();
+    let replicate = |key: &[u8], version: Version| {
+        wait(|done| store.apply_replicated(vec![(key.to_vec(), Siblings::one(version))], vec![], done))
+    };
+
+    // Three gc_grace ago: "missed" written here, its delete made elsewhere;
+    // "never" never written here.
+    replicate(b"missed", stamp().blind(Some(b"old".to_vec())));
+    wall.advance(10);
+    let (deleted, never_held) = (stamp().blind(None), stamp().blind(None));
+    wall.set(now_ms());
+
+    replicate(b"never", never_held);
+    assert_eq!(versions(&store, b"never"), None, "a tombstone that deletes nothing here is refused");
+    assert_eq!(store.stale_refused(), 1);
+    replicate(b"missed", deleted.clone());
+    assert_eq!(versions(&store, b"missed"), Some(Siblings::one(deleted.clone())), "the live version is deleted");
+    assert_eq!(store.stale_refused(), 1);
+    // Once more: now it deletes nothing live, and changes nothing.
+    replicate(b"missed", deleted.clone());
+    assert_eq!(store.stale_refused(), 2);
+    assert_eq!(versions(&store, b"missed"), Some(Siblings::one(deleted)));
+}

@@ -58,8 +58,9 @@ pub const ADMIN_TOKEN_FILE: &str = "ADMIN_TOKEN";
 /// peer's failed storage in `status`. 9: `Unconfirmed` (a write sent that
 /// may be applied, where `Unavailable` now means nothing was), the members
 /// to avoid in `Ring`, `cut_off` in `status`. 10: anti-entropy (`Repair`,
-/// `anti_entropy` in `status`).
-pub const PROTOCOL_VERSION: u32 = 10;
+/// `anti_entropy` in `status`). 11: `Compact`, tombstones in
+/// `anti_entropy`.
+pub const PROTOCOL_VERSION: u32 = 11;
 
 /// A client's request.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -216,6 +217,10 @@ pub enum Op {
     /// for the round that runs, if one does; answered with
     /// [`Reply::Repaired`] once it is over.
     Repair,
+    /// Flush this node's memtables and merge every table into one now
+    /// (dropping shadowed versions, and tombstones that may go), waiting
+    /// for the one that runs, if one does; answered with [`Reply::Done`].
+    Compact,
 }
 
 /// A read's context as the client holds it: opaque bytes, printable as
@@ -341,6 +346,10 @@ pub struct AntiEntropyInfo {
     /// Per replica set (its node ids), the root of this node's tree and
     /// the keys in it: replicas in sync show the same.
     pub roots: Vec<TreeRoot>,
+    /// Deleted keys in this node's tables (a key in several tables counts
+    /// several times), and those purged since it started.
+    pub tombstones_waiting: u64,
+    pub tombstones_purged: u64,
 }
 
 /// The root of one of a node's hash trees.
@@ -572,7 +581,7 @@ impl Limits {
                 self.check_value(value)?;
                 check_vector(vector, 0)
             }
-            Op::Status | Op::Shutdown { .. } | Op::Hello { .. } | Op::Ring | Op::Repair => Ok(()),
+            Op::Status | Op::Shutdown { .. } | Op::Hello { .. } | Op::Ring | Op::Repair | Op::Compact => Ok(()),
         }
     }
 
@@ -1058,6 +1067,7 @@ mod tests {
                 "01020e016b0176010000803f0300",
             ),
             (request(Op::Repair), "01020f0300"),
+            (request(Op::Compact), "0102100300"),
         ];
         let response = |result: Result<Reply, ServerError>| Response { id: 1, hlc: Hlc(2), result };
         let limits =
@@ -1113,6 +1123,8 @@ mod tests {
                 exchanges_failed: 23,
                 round: Some((1, 2)),
                 roots: vec![TreeRoot { set: vec![1, 7], root: 24, keys: 25 }],
+                tombstones_waiting: 26,
+                tombstones_purged: 27,
             }),
         };
         let ring = RingInfo {
@@ -1143,7 +1155,7 @@ mod tests {
             (
                 response(Ok(Reply::Status(Box::new(status)))),
                 "01020003010161016201760203040501017201017306016e0101700171010701630101080103000301016e010109000a0b\
-                 0c0d010e0101630f10110164010178010112010113141516170101020102010718 19",
+                 0c0d010e0101630f10110164010178010112010113141516170101020102010718 19 1a 1b",
             ),
             (response(Ok(Reply::Hello(NodeInfo { protocol: 4, node_id: 9, limits }))), "0102000404090102030405"),
             (response(Ok(Reply::Versions(versions))), "010200050201017607000801ab"),

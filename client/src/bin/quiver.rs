@@ -136,6 +136,14 @@ enum Command {
         #[arg(long, default_value_t = 3600)]
         wait_secs: u64,
     },
+    /// Merges every table of the node at --addr into one now, dropping
+    /// overwritten versions and the tombstones that may go (in a cluster,
+    /// those a full anti-entropy exchange covered); waits for it.
+    Compact {
+        /// Wait at most this long, in seconds.
+        #[arg(long, default_value_t = 3600)]
+        wait_secs: u64,
+    },
     /// Makes the cluster's TLS material: `init-ca` once, then `node` for
     /// each node.
     #[command(subcommand)]
@@ -471,6 +479,11 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 if let Some((done, total)) = ae.round {
                     writeln!(out, "               a round is running: {done} of {total} exchanges done")?;
                 }
+                writeln!(
+                    out,
+                    "tombstones:    {} in tables, waiting to be purged; {} purged",
+                    ae.tombstones_waiting, ae.tombstones_purged
+                )?;
             }
             if s.batches_pending > 0 {
                 writeln!(out, "bulk sets in the batch log, not yet known applied: {}", s.batches_pending)?;
@@ -498,6 +511,10 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             if !report.failed.is_empty() {
                 return Ok(ExitCode::from(1));
             }
+        }
+        Command::Compact { wait_secs } => {
+            client.compact(Duration::from_secs(wait_secs))?;
+            writeln!(out, "OK")?;
         }
         Command::Shutdown { .. } => {
             client.shutdown_node(&token)?;

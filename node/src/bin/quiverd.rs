@@ -9,7 +9,7 @@ use clap::Parser;
 use quiver_node::clock::{Clock, OffsetClock, SystemClock};
 use quiver_node::cluster::membership::Membership;
 use quiver_node::cluster::store::{ClusterStore, NodeData, ReplicaHandler, REPLICAS};
-use quiver_node::cluster::trees::TreeKeeper;
+use quiver_node::cluster::trees::{PurgeByExchanges, TreeKeeper};
 use quiver_node::config::Config;
 use quiver_node::disk_space::DiskSpace;
 use quiver_node::identity::load_or_create_secret;
@@ -440,7 +440,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
         },
     };
     let seal = TokenSeal::new(&seal);
-    let options = config.engine_options();
+    let mut options = config.engine_options();
+    // In a cluster, deleted keys are purged only where anti-entropy allows
+    // (asking the hash trees, made below).
+    let purge = Arc::new(PurgeByExchanges::default());
+    if config.name.is_some() {
+        options.purge = Some(purge.clone());
+    }
     let engine_dir = dir.clone();
     let engine = tokio::task::spawn_blocking(move || Engine::open(&engine_dir, options))
         .await?
@@ -500,6 +506,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             let keeper = TreeKeeper::start(engine.clone(), ring, REPLICAS, config.limits.tree_feed_keys_max)
                 .context("starting the hash trees' thread")?;
             let keeper = Arc::new(keeper);
+            purge.attach(&keeper);
             let fed = keeper.clone();
             store = store.with_written_hook(Arc::new(move |keys| fed.written(keys)));
             Some(keeper)

@@ -16,9 +16,15 @@
 //!   time.
 //! - Hands on: a [`RepairReport`]; what `status` shows ([`AntiEntropyInfo`]).
 //!
+//! A round starts behind a barrier (the trees hold every write
+//! acknowledged before it); a set whose exchanges all end in sync is
+//! recorded as covered up to that write ([`TreeKeeper::covered`]), which is
+//! what lets its tombstones be purged.
+//!
 //! Versions older than the tombstone horizon (now minus `gc_grace`) are
-//! refused by the replica they are sent to, as every replica refuses them:
-//! a key that only holds such versions on one side stays different.
+//! refused by the replica they are sent to, as every replica refuses them,
+//! except a tombstone that deletes a live version held there: a key that
+//! holds only other such versions on one side stays different.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -126,7 +132,9 @@ impl Repairer {
     pub async fn round(&self) -> RepairReport {
         let _running = self.running.lock().await;
         let mut report = RepairReport::default();
-        let Some(trees) = self.trees_caught_up().await else {
+        // Every write acknowledged so far, up to `held`, is in the trees
+        // every exchange below compares.
+        let (Some(held), Some(trees)) = (self.trees.barrier().await, self.trees.trees()) else {
             report.failed.push("the hash trees are not built yet (the ring is not known)".into());
             return report;
         };
@@ -143,7 +151,9 @@ impl Repairer {
         report.sets = sets.len() as u64;
         for set in sets {
             // Recorded if every exchange of the set ends in sync: whatever
-            // any replica held when it began is then on every replica.
+            // this node held when it began is then on every replica (or
+            // deletes nothing there), so its tombstones up to `held` may
+            // be purged once past the grace period.
             let began = self.wall.now_ms();
             let mut full = true;
             for &peer in set.iter().filter(|&&id| id != self.me) {
@@ -166,23 +176,12 @@ impl Repairer {
             }
             if full {
                 report.sets_synced += 1;
+                self.trees.covered(set.clone(), held);
                 lock(&self.synced).insert(set, began);
             }
         }
         *lock(&self.round) = None;
         report
-    }
-
-    /// The trees once they are built and hold every key written so far
-    /// (waits a little for the keeper to catch up; `None` if not built).
-    async fn trees_caught_up(&self) -> Option<Arc<Trees>> {
-        for _ in 0..100 {
-            if self.trees.caught_up() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        self.trees.trees()
     }
 
     /// One exchange with `peer` over the keys of `set`.
@@ -295,6 +294,8 @@ impl Repairer {
             exchanges_failed: self.exchanges_failed.load(Ordering::Relaxed),
             round: *lock(&self.round),
             roots,
+            tombstones_waiting: self.local.engine().stats().table_tombstones,
+            tombstones_purged: keeper.purged,
         }
     }
 }

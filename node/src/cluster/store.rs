@@ -810,6 +810,10 @@ impl Store for Arc<ClusterStore> {
         self.local.status()
     }
 
+    fn compact(&self, done: Done<()>) {
+        self.local.compact(done)
+    }
+
     fn hlc(&self) -> Hlc {
         self.local.hlc()
     }

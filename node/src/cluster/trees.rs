@@ -10,6 +10,10 @@
 //!   write, and moves the key's leaf in its replica set's tree. A key's
 //!   leaf is always what the engine held when it was read, so the order in
 //!   which writes are reported, or a write reported twice, does not matter.
+//! - Decides which deleted keys compaction may purge
+//!   ([`TreeKeeper::may_purge`], through [`PurgeByExchanges`]): those a
+//!   full exchange of their replica set covered ([`TreeKeeper::covered`],
+//!   after a [`TreeKeeper::barrier`]).
 //! - Is built at start by one scan of the data ([`Trees::build`]): trees
 //!   are not persisted, so a restart costs a scan and a crash loses
 //!   nothing. [`Trees::check`] compares them with a fresh scan.
@@ -21,7 +25,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use quiver_ring::ring::Ring;
@@ -195,9 +199,22 @@ pub type RingSource = Box<dyn Fn() -> Option<Arc<Ring>> + Send>;
 ///   rebuilt by a scan (nothing is lost: the scan reads every key).
 #[derive(Debug)]
 pub struct TreeKeeper {
+    engine: Arc<Engine>,
     trees: Arc<Mutex<Option<Arc<Trees>>>>,
-    feed: mpsc::Sender<Vec<Vec<u8>>>,
+    feed: mpsc::Sender<Feed>,
     shared: Arc<Shared>,
+    /// For each replica set, the sequence up to which a full exchange
+    /// covered this node's writes (see [`TreeKeeper::may_purge`]).
+    covered: Mutex<HashMap<ReplicaSet, u64>>,
+    purged: AtomicU64,
+}
+
+/// What the keeper's thread is sent.
+enum Feed {
+    /// The keys of a write.
+    Keys(Vec<Vec<u8>>),
+    /// Answer once the trees hold every write up to this sequence.
+    Barrier(u64, tokio::sync::oneshot::Sender<Option<u64>>),
 }
 
 #[derive(Debug, Default)]
@@ -223,6 +240,8 @@ pub struct KeeperStatus {
     pub builds: u64,
     pub fed: u64,
     pub failure: Option<String>,
+    /// Deleted keys purged (see [`TreeKeeper::may_purge`]).
+    pub purged: u64,
 }
 
 impl TreeKeeper {
@@ -237,9 +256,53 @@ impl TreeKeeper {
         let (feed, fed) = mpsc::channel();
         let shared = Arc::new(Shared { feed_keys_max, ..Shared::default() });
         let trees = Arc::new(Mutex::new(None));
-        let kept = Keeping { engine, ring, replicas, trees: trees.clone(), shared: shared.clone() };
+        let kept = Keeping { engine: engine.clone(), ring, replicas, trees: trees.clone(), shared: shared.clone() };
         std::thread::Builder::new().name("quiver-trees".into()).spawn(move || kept.run(fed))?;
-        Ok(TreeKeeper { trees, feed, shared })
+        Ok(TreeKeeper { engine, trees, feed, shared, covered: Mutex::default(), purged: AtomicU64::new(0) })
+    }
+
+    /// Waits until the trees hold every write acknowledged before the
+    /// call, and returns the engine's sequence they hold writes up to
+    /// (`None` if they are not built: the ring is not known).
+    pub async fn barrier(&self) -> Option<u64> {
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let feed = self.feed.clone();
+        // Acknowledgements come in sequence order, each write's keys fed
+        // before it is acknowledged: once the engine answers, every write
+        // up to `seq` has been fed, and the keeper reads the barrier after.
+        self.engine.after_acknowledged(move |acknowledged| match acknowledged {
+            Ok(seq) => {
+                let _ = feed.send(Feed::Barrier(seq, answer));
+            }
+            Err(_) => drop(answer),
+        });
+        answered.await.ok().flatten()
+    }
+
+    /// A full exchange of `set` that began once the trees held every write
+    /// up to `seq` ended in sync.
+    pub fn covered(&self, set: ReplicaSet, seq: u64) {
+        let mut covered = lock(&self.covered);
+        let at = covered.entry(set).or_default();
+        *at = (*at).max(seq);
+    }
+
+    /// Whether `key`, deleted, past the grace period and written here at
+    /// `written_seq` or before, may be purged: only if a full exchange of
+    /// its replica set began after its tree held that write. Such an
+    /// exchange gave every other replica the tombstone (or found it there,
+    /// or found that it held no live version it deletes), and every replica
+    /// refuses versions older than the horizon: nothing it deleted can
+    /// come back.
+    pub fn may_purge(&self, key: &[u8], written_seq: u64) -> bool {
+        let Some(trees) = self.trees() else { return false };
+        lock(&self.covered).get(&trees.replica_set(key)).is_some_and(|&seq| written_seq <= seq)
+    }
+
+    /// Deleted keys were purged: their leaves go.
+    pub fn purged(&self, keys: Vec<Vec<u8>>) {
+        self.purged.fetch_add(keys.len() as u64, Ordering::Relaxed);
+        self.written(keys);
     }
 
     /// The keys of a write, durable and visible (quick: queues them).
@@ -252,7 +315,7 @@ impl TreeKeeper {
             self.shared.overflowed.store(true, Ordering::Release);
             return;
         }
-        if self.feed.send(keys).is_err() {
+        if self.feed.send(Feed::Keys(keys)).is_err() {
             self.shared.queued.fetch_sub(n, Ordering::AcqRel);
         }
     }
@@ -260,14 +323,6 @@ impl TreeKeeper {
     /// The trees, once built.
     pub fn trees(&self) -> Option<Arc<Trees>> {
         lock(&self.trees).clone()
-    }
-
-    /// Whether every key written so far has been read back into the trees
-    /// (and they are built).
-    pub fn caught_up(&self) -> bool {
-        self.trees().is_some()
-            && self.shared.queued.load(Ordering::Acquire) == 0
-            && !self.shared.overflowed.load(Ordering::Acquire)
     }
 
     pub fn status(&self) -> KeeperStatus {
@@ -283,6 +338,36 @@ impl TreeKeeper {
             builds: get(&self.shared.builds),
             fed: get(&self.shared.fed),
             failure: lock(&self.shared.failure).clone(),
+            purged: get(&self.purged),
+        }
+    }
+}
+
+/// The engine's [`Purge`](storage::Purge) on a node of a cluster:
+/// asks the node's [`TreeKeeper`] (made after the engine it reads, hence
+/// attached later, and held weakly: it holds the engine). Until then,
+/// nothing is purged.
+#[derive(Debug, Default)]
+pub struct PurgeByExchanges(OnceLock<Weak<TreeKeeper>>);
+
+impl PurgeByExchanges {
+    pub fn attach(&self, keeper: &Arc<TreeKeeper>) {
+        let _ = self.0.set(Arc::downgrade(keeper));
+    }
+
+    fn keeper(&self) -> Option<Arc<TreeKeeper>> {
+        self.0.get().and_then(Weak::upgrade)
+    }
+}
+
+impl storage::Purge for PurgeByExchanges {
+    fn may_drop(&self, key: &[u8], written_seq: u64) -> bool {
+        self.keeper().is_some_and(|keeper| keeper.may_purge(key, written_seq))
+    }
+
+    fn dropped(&self, keys: Vec<Vec<u8>>) {
+        if let Some(keeper) = self.keeper() {
+            keeper.purged(keys);
         }
     }
 }
@@ -300,10 +385,10 @@ struct Keeping {
 const KEEPER_TICK: Duration = Duration::from_millis(100);
 
 impl Keeping {
-    fn run(self, fed: mpsc::Receiver<Vec<Vec<u8>>>) {
+    fn run(self, fed: mpsc::Receiver<Feed>) {
         loop {
             let keys = match fed.recv_timeout(KEEPER_TICK) {
-                Ok(keys) => Some(keys),
+                Ok(feed) => Some(feed),
                 Err(mpsc::RecvTimeoutError::Timeout) => None,
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
             };
@@ -321,7 +406,17 @@ impl Keeping {
                     self.build(ring);
                 }
             }
-            let Some(keys) = keys else { continue };
+            let keys = match keys {
+                None => continue,
+                Some(Feed::Keys(keys)) => keys,
+                Some(Feed::Barrier(seq, answer)) => {
+                    // Built (by a scan after `seq`, or fed every key up to
+                    // it) and nothing dropped since.
+                    let held = lock(&self.trees).is_some() && !self.shared.overflowed.load(Ordering::Acquire);
+                    let _ = answer.send(held.then_some(seq));
+                    continue;
+                }
+            };
             let n = keys.len() as u64;
             if let Some(trees) = lock(&self.trees).clone() {
                 if let Err(error) = trees.written(keys.iter().map(Vec::as_slice)) {

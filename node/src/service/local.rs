@@ -4,7 +4,7 @@
 //! read-modify-write of [`super::causal`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use quiver_ring::rand::{threshold, AtomicSplitMix64};
 use quiver_ring::ring::TokenRange;
@@ -19,6 +19,7 @@ use crate::disk_space::{DiskSpace, Writer};
 use crate::index::query::Match;
 use crate::index::text::TermStats;
 use crate::index::{Index, Search};
+use crate::lock;
 use crate::stamping::NodeClock;
 use crate::storage::keys::{data_key, user_key};
 use crate::storage::storage_error;
@@ -114,7 +115,19 @@ pub struct LocalStore {
     gc_grace_ms: u64,
     /// The free-space reserve other nodes' writes are held to.
     disk: Option<Arc<DiskSpace>>,
-    stale_refused: AtomicU64,
+    stale_refused: Arc<AtomicU64>,
+    compacting: Compacting,
+}
+
+/// Who waits for the compaction `quiver compact` runs (`Some` while one
+/// runs).
+#[derive(Clone, Default)]
+struct Compacting(Arc<Mutex<Option<Vec<Done<()>>>>>);
+
+impl std::fmt::Debug for Compacting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Compacting").field("running", &lock(&self.0).is_some()).finish()
+    }
 }
 
 /// A [`WriteHook`] that `Debug` can print.
@@ -155,7 +168,8 @@ impl LocalStore {
             write_hook: None,
             gc_grace_ms: GC_GRACE_MS,
             disk: None,
-            stale_refused: AtomicU64::new(0),
+            stale_refused: Arc::default(),
+            compacting: Compacting::default(),
             engine,
             clock,
         })
@@ -224,12 +238,15 @@ impl LocalStore {
     ///
     /// A version older than the tombstone horizon (now minus `gc_grace`) is
     /// refused and left out: a tombstone that covered it may have been
-    /// purged here, and the key would come back.
+    /// purged here, and the key would come back. Except a tombstone that
+    /// deletes a live version held here (read first, on a reader thread):
+    /// that version was deleted, and only this tombstone can still say so.
     pub fn apply_replicated(&self, sets: Vec<(Vec<u8>, Siblings)>, with: Vec<storage::Op>, done: Done<()>) {
         if let Err(error) = self.room_for_peers() {
             return done(Err(error));
         }
         let mut ops = with;
+        let mut old_tombstones = Vec::new();
         let horizon_ms = self.clock.wall_ms().saturating_sub(self.gc_grace_ms);
         for (key, siblings) in sets {
             if self.drop_threshold > 0 && xxh3_64_with_seed(&key, self.drop_salt) < self.drop_threshold {
@@ -238,7 +255,12 @@ impl LocalStore {
             let stored = data_key(&key);
             for version in siblings.into_versions() {
                 if version.hlc.physical_ms() < horizon_ms {
-                    self.stale_refused.fetch_add(1, Ordering::Relaxed);
+                    match version.is_tombstone() {
+                        true => old_tombstones.push(storage::Op { key: stored.clone(), version }),
+                        false => {
+                            self.stale_refused.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
                     continue;
                 }
                 if let Err(error) = self.clock.observe(version.hlc) {
@@ -247,10 +269,33 @@ impl LocalStore {
                 ops.push(storage::Op { key: stored.clone(), version });
             }
         }
-        if ops.is_empty() {
-            return done(Ok(()));
+        let writes = self.writes.clone();
+        let write = move |ops: Vec<storage::Op>, done: Done<()>| match ops.is_empty() {
+            true => done(Ok(())),
+            false => writes.write_then(ops, move |result| done(result.map(drop).map_err(storage_error))),
+        };
+        if old_tombstones.is_empty() {
+            return write(ops, done);
         }
-        self.writes.write_then(ops, move |result| done(result.map(drop).map_err(storage_error)));
+        let (engine, refused) = (self.engine.clone(), self.stale_refused.clone());
+        let deleting = move || {
+            for op in old_tombstones {
+                let held = engine.get(&op.key).map_err(storage_error)?;
+                let live = held.iter().flat_map(|held| held.versions()).filter(|v| !v.is_tombstone());
+                match live.into_iter().any(|v| op.version.dominates(v)) {
+                    true => ops.push(op),
+                    false => {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            Ok(ops)
+        };
+        let then = Box::new(move |read: Result<Vec<storage::Op>, ServerError>| match read {
+            Ok(ops) => write(ops, done),
+            Err(error) => done(Err(error)),
+        });
+        self.reads.jobs().submit(Job::Task(Box::new(Closure { run: Box::new(deleting), done: then })));
     }
 
     /// Sets the tombstone horizon's distance from now (`gc_grace`).
@@ -388,6 +433,29 @@ impl Store for LocalStore {
             return done(Err(error));
         }
         self.search_within(search, None, done);
+    }
+
+    fn compact(&self, done: Done<()>) {
+        let mut running = lock(&self.compacting.0);
+        if let Some(waiting) = running.as_mut() {
+            return waiting.push(done);
+        }
+        *running = Some(vec![done]);
+        drop(running);
+        let (engine, compacting) = (self.engine.clone(), self.compacting.clone());
+        let answer = move |result: Result<(), ServerError>| {
+            for done in lock(&compacting.0).take().unwrap_or_default() {
+                done(result.clone());
+            }
+        };
+        // A thread of its own: it reads and writes every table.
+        let compacted = answer.clone();
+        let spawned = std::thread::Builder::new()
+            .name("quiver-compact-all".into())
+            .spawn(move || compacted(engine.flush().and_then(|()| engine.compact()).map_err(storage_error)));
+        if let Err(error) = spawned {
+            answer(Err(ServerError::new(ErrorKind::Internal, format!("cannot start a compaction: {error}"))));
+        }
     }
 
     fn status(&self) -> Result<StoreStatus, ServerError> {

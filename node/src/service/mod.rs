@@ -96,6 +96,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Sizes for `status`.
     fn status(&self) -> Result<StoreStatus, ServerError>;
 
+    /// Flushes the node's memtables and merges every table into one
+    /// (`quiver compact`); a caller that asks while one runs waits for
+    /// that one.
+    fn compact(&self, done: Done<()>);
+
     /// The highest timestamp stamped or seen, sent back with every answer.
     fn hlc(&self) -> Hlc;
 }
@@ -390,6 +395,7 @@ impl Service {
                     ..wire::RepairReport::default()
                 }))),
             },
+            Op::Compact => self.store.compact(Box::new(move |result| reply(result.map(|()| Reply::Done)))),
             Op::SearchText { query, k, all, global_stats } => {
                 let matching = if all { Match::All } else { Match::Any };
                 self.search(Search::Text { query, k, matching, global: global_stats, stats: None }, timing, reply)
@@ -517,6 +523,7 @@ fn is_write(op: &Op) -> bool {
         | Op::GetVersions { .. }
         | Op::Ring
         | Op::Repair
+        | Op::Compact
         | Op::SearchText { .. }
         | Op::SearchSimilar { .. }
         | Op::SearchVector { .. } => false,

@@ -39,7 +39,7 @@ pub mod memtable;
 pub mod sstable;
 pub mod wal;
 
-pub use engine::{Engine, Options, Stats};
+pub use engine::{Engine, Options, Purge, Stats};
 pub use error::{storage_error, Error, Result};
 
 use std::ops::Range;

@@ -36,7 +36,7 @@ pub(super) fn apply_loop(inner: &Inner, applying: std::sync::mpsc::Receiver<Dura
 /// writes, and rotates the memtable when it is full or asked to. Runs on the
 /// apply thread, or on the commit thread when the apply thread is idle; one
 /// group at a time either way, in order.
-pub(super) fn apply(inner: &Inner, Durable { group, rotations }: Durable) {
+pub(super) fn apply(inner: &Inner, Durable { group, rotations, barriers }: Durable) {
     if let Some((group, writes)) = group {
         let mut acks = Vec::with_capacity(writes.len());
         {
@@ -53,6 +53,10 @@ pub(super) fn apply(inner: &Inner, Durable { group, rotations }: Durable) {
         for (done, seq) in acks {
             done(Ok(seq));
         }
+    }
+    let (acknowledged, barriers) = barriers;
+    for done in barriers {
+        done(Ok(acknowledged));
     }
     let full = read(&inner.levels().active).bytes() >= inner.opts.memtable_bytes_max;
     // With flushes failing for want of space and the frozen memtables at

@@ -34,6 +34,11 @@ pub(super) enum Request {
     Rotate {
         done: oneshot::Sender<Result<u64>>,
     },
+    /// Answer once every write submitted before is acknowledged, with the
+    /// last sequence acknowledged.
+    Barrier {
+        done: Done,
+    },
 }
 
 impl std::fmt::Debug for Request {
@@ -41,6 +46,7 @@ impl std::fmt::Debug for Request {
         match self {
             Request::Write { encoded, .. } => write!(f, "Write({} ops)", encoded.ops().len()),
             Request::Rotate { .. } => write!(f, "Rotate"),
+            Request::Barrier { .. } => write!(f, "Barrier"),
         }
     }
 }
@@ -91,19 +97,22 @@ pub(super) fn commit_loop(inner: Arc<Inner>, mut wal: WalWriter, mut next_seq: u
                 std::mem::take(&mut queue.requests)
             };
             let mut writes = Vec::with_capacity(requests.len());
-            let mut rotations = Vec::new();
+            let (mut rotations, mut barriers) = (Vec::new(), Vec::new());
             for request in requests {
                 match request {
                     Request::Write { encoded, done } => writes.push((encoded, done)),
                     Request::Rotate { done } => rotations.push(done),
+                    Request::Barrier { done } => barriers.push(done),
                 }
             }
             let group = if writes.is_empty() { None } else { commit_group(&inner, &mut wal, &mut next_seq, writes) };
-            if group.is_none() && rotations.is_empty() {
+            if group.is_none() && rotations.is_empty() && barriers.is_empty() {
                 continue;
             }
             let keys: usize = group.as_ref().map_or(0, |(_, writes)| writes.iter().map(|(e, _)| e.ops().len()).sum());
-            let durable = Durable { group, rotations };
+            // Groups are applied in order: once this one is, every
+            // sequence before `next_seq` is acknowledged.
+            let durable = Durable { group, rotations, barriers: (next_seq - 1, barriers) };
             let worth_handing = keys >= HAND_OFF_KEYS_MIN && !lock(&inner.queue).requests.is_empty();
             // Acquire: every group handed over before is in the memtable.
             if handed.load(Ordering::Acquire) == 0 && !worth_handing {
@@ -133,6 +142,9 @@ pub(super) type Write = (EncodedOps, Done);
 pub(super) struct Durable {
     pub group: Option<(u64, Vec<Write>)>,
     pub rotations: Vec<oneshot::Sender<Result<u64>>>,
+    /// The barriers submitted with the group, and the last sequence
+    /// acknowledged once it is applied.
+    pub barriers: (u64, Vec<Done>),
 }
 
 impl Durable {
@@ -142,6 +154,9 @@ impl Durable {
         }
         for done in self.rotations {
             let _ = done.send(Err(Error::Failed(reason.to_owned())));
+        }
+        for done in self.barriers.1 {
+            done(Err(Error::Failed(reason.to_owned())));
         }
     }
 }

@@ -21,7 +21,7 @@ use super::recovery::sort_newest_first;
 use super::{write, Inner, TablesChange};
 use crate::storage::compaction::{self, Policy, RunSize};
 use crate::storage::error::{Error, IoContext, Result};
-use crate::storage::keys::Keyspace;
+use crate::storage::keys::{user_key, Keyspace};
 use crate::storage::manifest::{Edit, TableMeta};
 use crate::storage::sstable::{Table, TableBuilder, TableScan};
 use crate::{lock, now_ms};
@@ -82,6 +82,7 @@ impl Inner {
             tables.into_iter().partition(|t| runs.contains(&t.run()));
         let ids: Vec<u64> = inputs.iter().map(|t| t.id()).collect();
         let (outputs, dropped) = self.merge_tables(&inputs, &outside)?;
+        let dropped_any = dropped.any;
         let committed = {
             let mut manifest = lock(&self.manifest);
             let added = outputs
@@ -95,7 +96,7 @@ impl Inner {
                     levels.tables.iter().filter(|t| !ids.contains(&t.id())).cloned().collect();
                 tables.extend(outputs.iter().cloned());
                 sort_newest_first(&mut tables);
-                let change = if dropped { TablesChange::Dropped } else { TablesChange::Kept };
+                let change = if dropped_any { TablesChange::Dropped } else { TablesChange::Kept };
                 *levels = Arc::new(levels.changed(levels.frozen.clone(), tables, change));
             }
             committed
@@ -117,24 +118,29 @@ impl Inner {
         self.fs.sync_dir(&self.dir).ctx("sync directory", &self.dir)?;
         committed?;
         self.counters.compactions.fetch_add(1, Ordering::Relaxed);
+        self.counters.tombstones_dropped.fetch_add(dropped.deleted_keys, Ordering::Relaxed);
+        if let (Some(purge), false) = (&self.opts.purge, dropped.data_keys.is_empty()) {
+            purge.dropped(dropped.data_keys);
+        }
         Ok(true)
     }
 
-    /// Merges `inputs` into new verified tables, and says whether it left
-    /// any key out. Tombstones may be dropped only when no table in
-    /// `outside` can hold an older version of the key.
+    /// Merges `inputs` into new verified tables, and says which keys it
+    /// left out. Tombstones may be dropped only when no table in `outside`
+    /// can hold an older version of the key, and a data key's only where
+    /// the [`Purge`](super::Purge), if there is one, allows it.
     ///
     /// A key held by one input only, in a table without tombstones, is
     /// copied as stored: nothing to merge and nothing to drop, so its bytes
     /// are not decoded and encoded again.
-    fn merge_tables(&self, inputs: &[Arc<Table>], outside: &[Arc<Table>]) -> Result<(Vec<Arc<Table>>, bool)> {
+    fn merge_tables(&self, inputs: &[Arc<Table>], outside: &[Arc<Table>]) -> Result<(Vec<Arc<Table>>, Dropped)> {
         let min_seq = inputs.iter().map(|t| t.props().min_seq).min().unwrap_or(0);
         let max_seq = inputs.iter().map(|t| t.props().max_seq).max().unwrap_or(0);
         let horizon_ms = now_ms().saturating_sub(self.opts.tombstone_grace_ms);
         let new_builder = || self.table_builder(min_seq, max_seq);
         let mut outputs: Vec<Arc<Table>> = Vec::new();
         let mut builder = new_builder();
-        let mut dropped = false;
+        let mut dropped = Dropped::default();
         // Writes the builder's table as the next file of this merge's run
         // (the first file's id names the run) and starts a new one in the
         // buffer it leaves.
@@ -176,8 +182,14 @@ impl Inner {
                     for &i in &holders {
                         merged.merge(scans[i].table().decode_value(stored(i))?);
                     }
-                    if droppable(key, &merged, horizon_ms, outside) {
-                        dropped = true;
+                    // The newest write of the key here is in one of these.
+                    let written_seq = holders.iter().map(|&i| scans[i].table().props().max_seq).max().unwrap_or(0);
+                    if droppable(key, &merged, horizon_ms, outside) && self.purge_allows(key, written_seq) {
+                        dropped.any = true;
+                        dropped.deleted_keys += 1;
+                        if let (Some(user), Some(_)) = (user_key(key), &self.opts.purge) {
+                            dropped.data_keys.push(user.to_vec());
+                        }
                     } else {
                         builder.add(key, &merged);
                     }
@@ -204,6 +216,27 @@ impl Inner {
             }
         }
     }
+}
+
+impl Inner {
+    /// Whether the [`Purge`](super::Purge), if any, lets the stored key
+    /// `key` go (only data keys are asked).
+    fn purge_allows(&self, key: &[u8], written_seq: u64) -> bool {
+        match (&self.opts.purge, user_key(key)) {
+            (Some(purge), Some(user)) => purge.may_drop(user, written_seq),
+            _ => true,
+        }
+    }
+}
+
+/// What a merge left out.
+#[derive(Debug, Default)]
+struct Dropped {
+    any: bool,
+    /// Keys whose versions were all tombstones.
+    deleted_keys: u64,
+    /// The user keys of data keys left out, for the [`Purge`](super::Purge).
+    data_keys: Vec<Vec<u8>>,
 }
 
 /// Whether a merged entry can leave the store: all tombstones, the newest

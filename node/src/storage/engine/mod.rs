@@ -107,6 +107,10 @@ pub struct Options {
     pub background_compaction: bool,
     /// Tombstones younger than this are kept by compaction.
     pub tombstone_grace_ms: u64,
+    /// What else decides whether a data key's tombstones past the grace
+    /// period may go (a cluster node's anti-entropy); `None`: the grace
+    /// period alone.
+    pub purge: Option<Arc<dyn Purge>>,
     /// Tries to write and verify one table before giving up for now.
     pub table_write_attempts: u32,
     /// Manifest edits before it is rolled over to a snapshot.
@@ -134,12 +138,25 @@ impl Default for Options {
             compaction_max_tables: 32,
             background_compaction: true,
             tombstone_grace_ms: 10 * 24 * 3600 * 1000,
+            purge: None,
             table_write_attempts: 16,
             manifest_edits_max: 1024,
             repair: false,
             debug_skip_write_probability: 0.0,
         }
     }
+}
+
+/// Decides, beside the grace period, which deleted data keys compaction
+/// may drop, and hears which it dropped. Called on the compaction thread:
+/// quick, no I/O.
+pub trait Purge: Send + Sync + std::fmt::Debug {
+    /// Whether `key` (a user key), all tombstones past the grace period,
+    /// and written here at sequence `written_seq` or before, may be dropped.
+    fn may_drop(&self, key: &[u8], written_seq: u64) -> bool;
+    /// `keys` were dropped: the tables without them are the ones readers
+    /// see.
+    fn dropped(&self, keys: Vec<Vec<u8>>);
 }
 
 /// Counters and sizes, for status reports and tests.
@@ -168,6 +185,12 @@ pub struct Stats {
     /// file descriptors: no WAL segment could be made, or no flush could
     /// make room for more memtables.
     pub groups_refused: u64,
+    /// Table entries whose versions are all tombstones (a key in several
+    /// tables counts several times).
+    pub table_tombstones: u64,
+    /// Deleted keys compaction dropped (past the grace period, and with a
+    /// [`Purge`] where it allowed).
+    pub tombstones_dropped: u64,
 }
 
 /// The readable state: memtables and tables, newest first.
@@ -358,6 +381,7 @@ struct Counters {
     wal_recycled: Arc<AtomicU64>,
     /// See [`Stats::groups_refused`].
     groups_refused: AtomicU64,
+    tombstones_dropped: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -462,6 +486,16 @@ impl Engine {
             return done(Err(Error::TooLarge { size, max: self.inner.opts.record_bytes_max }));
         }
         if let Err(Request::Write { done, .. }) = self.inner.submit(Request::Write { encoded, done: Box::new(done) }) {
+            done(Err(Error::Closed));
+        }
+    }
+
+    /// Calls `done` once every write submitted before this call is
+    /// acknowledged (its `done` called), with the last sequence
+    /// acknowledged then: what a reader of acknowledged writes waits for
+    /// to know it heard of every write up to a sequence.
+    pub fn after_acknowledged(&self, done: impl FnOnce(Result<u64>) + Send + 'static) {
+        if let Err(Request::Barrier { done }) = self.inner.submit(Request::Barrier { done: Box::new(done) }) {
             done(Err(Error::Closed));
         }
     }
@@ -637,6 +671,8 @@ impl Engine {
             cached_block_bytes: self.inner.block_cache.as_ref().map_or(0, |cache| cache.bytes()),
             wal_segments_recycled: counters.wal_recycled.load(Ordering::Relaxed),
             groups_refused: counters.groups_refused.load(Ordering::Relaxed),
+            table_tombstones: levels.tables.iter().map(|t| t.props().tombstone_entries).sum(),
+            tombstones_dropped: counters.tombstones_dropped.load(Ordering::Relaxed),
         }
     }
 

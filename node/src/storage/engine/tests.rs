@@ -441,3 +441,91 @@ fn the_value_cache_never_answers_for_tables_that_changed() {
     assert_eq!(value_of(&engine, b"k"), None);
     assert_eq!(engine.stats().tables, 0, "the tombstone and all it shadowed are gone");
 }
+
+/// A [`Purge`] that lets a key go only if it was written at or before a
+/// sequence, and records what was dropped.
+#[derive(Debug, Default)]
+struct PurgeUpTo {
+    seq: Mutex<u64>,
+    dropped: Mutex<Vec<Vec<u8>>>,
+}
+
+impl Purge for PurgeUpTo {
+    fn may_drop(&self, _key: &[u8], written_seq: u64) -> bool {
+        written_seq <= *self.seq.lock().unwrap()
+    }
+
+    fn dropped(&self, keys: Vec<Vec<u8>>) {
+        self.dropped.lock().unwrap().extend(keys);
+    }
+}
+
+/// With a [`Purge`], a deleted data key leaves only where it allows (by
+/// the sequence it was written at), and the purge hears of it once the
+/// compaction is what readers see; other keyspaces' tombstones go by the
+/// grace period alone.
+#[test]
+fn a_purge_decides_which_deleted_data_keys_compaction_drops() {
+    use crate::storage::keys::{data_key, keyspace_start, Keyspace};
+    let purge = Arc::new(PurgeUpTo::default());
+    let opts = Options { purge: Some(purge.clone()), ..Options::default() };
+    let (engine, _gate, _sim, _dir, mut stamper) = engine_compacting_on_demand_with(opts);
+    let (early, late) = (data_key(b"early"), data_key(b"late"));
+    let mut hint = keyspace_start(Keyspace::Hints);
+    hint.extend_from_slice(b"h");
+    engine.write_blocking(vec![op(&mut stamper, &early, b"1"), op(&mut stamper, &hint, b"2")]).unwrap();
+    let deleted_early = engine.write_blocking(vec![delete(&mut stamper, &early), delete(&mut stamper, &hint)]).unwrap();
+    engine.flush().unwrap();
+    engine.write_blocking(vec![op(&mut stamper, &late, b"3")]).unwrap();
+    engine.write_blocking(vec![delete(&mut stamper, &late)]).unwrap();
+    engine.flush().unwrap();
+
+    engine.compact().unwrap();
+    assert_eq!(engine.stats().tombstones_dropped, 1, "only the hint's tombstone goes: the purge allows nothing");
+    assert!(purge.dropped.lock().unwrap().is_empty());
+    assert_eq!(engine.stats().table_tombstones, 2);
+
+    // Both deletes are in one table now, written up to the later one: the
+    // earlier alone is not enough.
+    *purge.seq.lock().unwrap() = deleted_early;
+    engine.compact().unwrap();
+    assert_eq!(engine.stats().tombstones_dropped, 1);
+    *purge.seq.lock().unwrap() = engine.stats().last_seq;
+    engine.compact().unwrap();
+    assert_eq!(engine.stats().tombstones_dropped, 3);
+    assert_eq!(engine.stats().table_tombstones, 0);
+    let mut dropped = purge.dropped.lock().unwrap().clone();
+    dropped.sort();
+    assert_eq!(dropped, [b"early".to_vec(), b"late".to_vec()], "user keys, each once");
+    assert_eq!(engine.get(&early).unwrap(), None);
+}
+
+/// A barrier answers only after every write submitted before it was
+/// acknowledged, with the last sequence acknowledged.
+#[test]
+fn a_barrier_answers_after_every_earlier_write_is_acknowledged() {
+    let (engine, gate, _sim, _dir) = gated_engine(Options::default());
+    let _open = OpenOnDrop(gate.clone());
+    let mut stamper = Stamper::new(NodeId(1), Hlc(0), u64::MAX);
+    engine.write_blocking(vec![op(&mut stamper, b"a", b"1")]).unwrap();
+    gate.arm(Step::WalWrite);
+    let (events, heard) = std::sync::mpsc::channel();
+    let acked = events.clone();
+    engine.write_then(vec![op(&mut stamper, b"b", b"2")], move |result| {
+        let _ = acked.send(("write", result.unwrap()));
+    });
+    gate.wait_holding();
+    engine.after_acknowledged(move |result| {
+        let _ = events.send(("barrier", result.unwrap()));
+    });
+    assert!(heard.recv_timeout(Duration::from_millis(50)).is_err(), "the barrier passed a write not yet durable");
+    gate.open();
+    assert_eq!(heard.recv_timeout(WAIT_MAX).unwrap(), ("write", 2));
+    assert_eq!(heard.recv_timeout(WAIT_MAX).unwrap(), ("barrier", 2));
+    // With nothing in flight, at once, with the last sequence.
+    let (answer, answered) = std::sync::mpsc::channel();
+    engine.after_acknowledged(move |result| {
+        let _ = answer.send(result.unwrap());
+    });
+    assert_eq!(answered.recv_timeout(WAIT_MAX).unwrap(), 2);
+}
