@@ -37,8 +37,16 @@ fn versions(store: &LocalStore, key: &[u8]) -> Option<Siblings> {
     wait(|done| store.read_versions(key.to_vec(), timing, done))
 }
 
-#[test]
-fn a_stale_hint_delivered_after_its_tombstone_was_purged_does_not_bring_the_key_back() {
+/// A node's store whose wall clock reads three `gc_grace` ago.
+struct Node {
+    _dir: tempfile::TempDir,
+    engine: Arc<Engine>,
+    wall: Arc<ManualClock>,
+    node_clock: Arc<NodeClock>,
+    store: LocalStore,
+}
+
+fn node_three_gc_grace_ago() -> Node {
     let dir = tempfile::tempdir().unwrap();
     let options = Options { background_compaction: false, tombstone_grace_ms: GC_GRACE_MS, ..Options::default() };
     let engine = Arc::new(Engine::open(dir.path(), options).unwrap());
@@ -46,6 +54,12 @@ fn a_stale_hint_delivered_after_its_tombstone_was_purged_does_not_bring_the_key_
     let clock: Arc<dyn Clock> = wall.clone();
     let node_clock = Arc::new(NodeClock::unpersisted(NodeId(1), Hlc::ZERO, MAX_OFFSET_MS, clock));
     let store = LocalStore::new(engine.clone(), node_clock.clone(), 2).unwrap().with_gc_grace_ms(GC_GRACE_MS);
+    Node { _dir: dir, engine, wall, node_clock, store }
+}
+
+#[test]
+fn a_stale_hint_delivered_after_its_tombstone_was_purged_does_not_bring_the_key_back() {
+    let Node { _dir, engine, wall, node_clock, store } = node_three_gc_grace_ago();
     let stamp = || node_clock.stamp(Hlc::ZERO, Hlc::ZERO, None).unwrap();
     let replicate = |version: Version| {
         wait(|done| store.apply_replicated(vec![(b"k".to_vec(), Siblings::one(version))], vec![], done))
@@ -79,13 +93,7 @@ fn a_stale_hint_delivered_after_its_tombstone_was_purged_does_not_bring_the_key_
 /// key does not live on there.
 #[test]
 fn a_tombstone_past_the_horizon_is_taken_only_where_it_deletes_a_live_version() {
-    let dir = tempfile::tempdir().unwrap();
-    let options = Options { background_compaction: false, tombstone_grace_ms: GC_GRACE_MS, ..Options::default() };
-    let engine = Arc::new(Engine::open(dir.path(), options).unwrap());
-    let wall = Arc::new(ManualClock::new(now_ms() - 3 * GC_GRACE_MS));
-    let clock: Arc<dyn Clock> = wall.clone();
-    let node_clock = Arc::new(NodeClock::unpersisted(NodeId(1), Hlc::ZERO, MAX_OFFSET_MS, clock));
-    let store = LocalStore::new(engine.clone(), node_clock.clone(), 2).unwrap().with_gc_grace_ms(GC_GRACE_MS);
+    let Node { _dir, wall, node_clock, store, .. } = node_three_gc_grace_ago();
     let stamp = || node_clock.stamp(Hlc::ZERO, Hlc::ZERO, None).unwrap();
     let replicate = |key: &[u8], version: Version| {
         wait(|done| store.apply_replicated(vec![(key.to_vec(), Siblings::one(version))], vec![], done))
