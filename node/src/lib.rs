@@ -20,6 +20,7 @@ pub mod cluster;
 pub mod config;
 pub mod disk_space;
 pub mod fuzzing;
+pub mod horizon;
 pub mod identity;
 pub mod index;
 pub mod messages;

@@ -39,6 +39,10 @@ pub enum PeerRequest {
     /// Every version of each of these keys this replica holds (an
     /// exchange's repair).
     Pull { keys: Vec<Vec<u8>> },
+    /// Merge these sibling sets, the sender's current state of keys an
+    /// exchange found different (held to the horizon as a stream, not as a
+    /// message: `horizon::Carried`), durably.
+    Repair { sets: Vec<(Vec<u8>, Siblings)> },
 }
 
 /// What one replica asks the other in an anti-entropy exchange

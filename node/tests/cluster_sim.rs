@@ -93,6 +93,7 @@ use quiver_node::cluster::quorum::{
 };
 use quiver_node::cluster::scatter;
 use quiver_node::cluster::{hints, placement};
+use quiver_node::horizon::{self, Carried};
 use quiver_ring::rand::SplitMix64;
 use quiver_ring::ring::{Member, Ring, RingView, TokenRange};
 use quiver_ring::wire::{SearchHit, ServerError};
@@ -151,6 +152,17 @@ enum Safeguard {
 
 /// Sibling sets by key, as a write carries them.
 type Sets = Vec<(Vec<u8>, Siblings)>;
+
+/// The ring of the simulated nodes `n1`..`n{NODES}`.
+fn ring_of_nodes() -> Ring {
+    let member = |id: u64| Member {
+        id: NodeId(id),
+        name: format!("n{id}"),
+        client_addr: String::new(),
+        peer_addr: String::new(),
+    };
+    Ring::new(RingView { epoch: 1, members: (1..=NODES).map(member).collect() })
+}
 
 /// What a client asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -242,6 +254,13 @@ struct MapStore {
     /// rule: `antientropy::Tree`).
     ring: Option<Ring>,
     trees: BTreeMap<Vec<NodeId>, Tree>,
+    /// Merges so far (the engine's sequence), and each key's last.
+    seq: u64,
+    written_seq: BTreeMap<Vec<u8>, u64>,
+    /// The tombstone horizon peers' versions are held to (0: none is
+    /// refused), and per replica set the sequence full exchanges covered.
+    horizon_ms: u64,
+    covered: BTreeMap<Vec<NodeId>, u64>,
 }
 
 /// A write not yet durable.
@@ -309,6 +328,7 @@ impl MapStore {
     /// Merges `sets` in, durably (no refusal: the converged state, and a
     /// causal write's coordinator's own part, durable before it is sent).
     fn merge_sets(&mut self, sets: Sets) {
+        self.seq += 1;
         for (key, siblings) in sets {
             let old = leaf(&key, self.sets.get(&key));
             let merged = self.sets.entry(key.clone()).or_default();
@@ -316,7 +336,59 @@ impl MapStore {
             let new = leaf(&key, Some(merged));
             let set = self.replica_set(&key);
             self.trees.entry(set).or_default().change(&key, old, new);
+            self.written_seq.insert(key, self.seq);
         }
+    }
+
+    /// Merges a peer's `sets`, carried so, as the node does
+    /// (`LocalStore::apply_replicated` and `apply_streamed`): versions past
+    /// the horizon only as `horizon::takes` allows. Without `RefuseOld`, a
+    /// message's are taken as a stream's; without `TakeOldTombstone`, an
+    /// old tombstone never is.
+    fn merge_replicated(&mut self, sets: Sets, carried: Carried, without: Option<PurgeSafeguard>) {
+        let mut taken = Vec::new();
+        for (key, siblings) in sets {
+            let held = self.sets.get(&key);
+            let carried = match without {
+                Some(PurgeSafeguard::RefuseOld) => Carried::Stream,
+                _ => carried,
+            };
+            let kept: Vec<Version> = siblings
+                .into_versions()
+                .into_iter()
+                .filter(|v| match without {
+                    Some(PurgeSafeguard::TakeOldTombstone) if horizon::needs_held(v, self.horizon_ms) => false,
+                    _ => horizon::takes(v, self.horizon_ms, carried, held),
+                })
+                .collect();
+            if !kept.is_empty() {
+                taken.push((key, Siblings::from_versions(kept)));
+            }
+        }
+        if !taken.is_empty() {
+            self.merge_sets(taken);
+        }
+    }
+
+    /// Compaction's purge: every deleted key past the horizon whose replica
+    /// set full exchanges covered (without `Covered`: past the horizon
+    /// alone). Returns the tombstones purged.
+    fn purge(&mut self, without: Option<PurgeSafeguard>) -> Vec<(Vec<u8>, Version)> {
+        let mut purged = Vec::new();
+        let keys: Vec<Vec<u8>> = self.sets.keys().cloned().collect();
+        for key in keys {
+            let siblings = &self.sets[&key];
+            let covered = self.covered.get(&self.replica_set(&key)).copied();
+            let covered = without == Some(PurgeSafeguard::Covered)
+                || horizon::covered(self.written_seq.get(&key).copied().unwrap_or(0), covered);
+            if horizon::expired(siblings, self.horizon_ms) && covered {
+                let siblings = self.sets.remove(&key).expect("a key held");
+                let set = self.replica_set(&key);
+                self.trees.entry(set).or_default().change(&key, leaf(&key, Some(&siblings)), 0);
+                purged.extend(siblings.into_versions().into_iter().map(|v| (key.clone(), v)));
+            }
+        }
+        purged
     }
 
     /// The nodes that replicate `key`, in id order.
@@ -649,19 +721,11 @@ struct Sim {
 
 impl Sim {
     fn new(seed: u64, without: Option<Safeguard>) -> Sim {
-        let members = (1..=NODES)
-            .map(|id| Member {
-                id: NodeId(id),
-                name: format!("n{id}"),
-                client_addr: String::new(),
-                peer_addr: String::new(),
-            })
-            .collect();
         let mut rng = SplitMix64::new(seed);
         // Half the histories keep no hints at all: every hint is dropped.
         let hint_bytes_max = if rng.chance(0.5) { 0 } else { 1 << 20 };
         let lossy = rng.chance(0.5);
-        let ring = Ring::new(RingView { epoch: 1, members });
+        let ring = ring_of_nodes();
         let hint_age_ms = if rng.chance(0.25) { HINT_AGE_SHORT_MS } else { u64::MAX };
         let nodes = (1..=NODES)
             .map(|id| {
@@ -1831,6 +1895,17 @@ struct Round {
 /// An exchange from `ours` with `theirs` over `set`'s keys, to its end:
 /// the keys repaired (`None` if it failed).
 fn exchange(ours: &mut MapStore, theirs: &mut MapStore, set: &[NodeId]) -> Option<usize> {
+    exchange_without(ours, theirs, set, None)
+}
+
+/// [`exchange`], its repairs merged as a replica merges a peer's versions
+/// ([`MapStore::merge_replicated`]).
+fn exchange_without(
+    ours: &mut MapStore,
+    theirs: &mut MapStore,
+    set: &[NodeId],
+    without: Option<PurgeSafeguard>,
+) -> Option<usize> {
     let mut exchange = Exchange::start(8);
     for _ in 0..10_000 {
         match exchange.poll()? {
@@ -1842,10 +1917,10 @@ fn exchange(ours: &mut MapStore, theirs: &mut MapStore, set: &[NodeId]) -> Optio
             Step::Repair(keys) => {
                 for key in keys {
                     if let Some(mine) = ours.get(&key) {
-                        theirs.merge_sets(vec![(key.clone(), mine)]);
+                        theirs.merge_replicated(vec![(key.clone(), mine)], Carried::Stream, without);
                     }
                     if let Some(other) = theirs.get(&key) {
-                        ours.merge_sets(vec![(key, other)]);
+                        ours.merge_replicated(vec![(key, other)], Carried::Stream, without);
                     }
                 }
                 exchange.repaired();
@@ -2085,5 +2160,202 @@ fn each_safeguard_matters() {
     eprintln!("{found:#?}");
     for (safeguard, failing) in found {
         assert!(failing.is_some(), "without {safeguard:?}, none of {SEEDS} histories failed");
+    }
+}
+
+/// A safeguard of the tombstone rules ([`horizon`]) that a purge history
+/// may run without ([`each_purge_safeguard_matters`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PurgeSafeguard {
+    /// A deleted key goes only where a full exchange covered it (without:
+    /// past the horizon alone, as a quorum-based purge would).
+    Covered,
+    /// A replica refuses a message's versions past the horizon (without:
+    /// takes them as an exchange's).
+    RefuseOld,
+    /// A replica takes a tombstone past the horizon that deletes a live
+    /// version it holds (without: refuses it).
+    TakeOldTombstone,
+}
+
+/// `gc_grace` in the purge histories.
+const PURGE_GRACE_MS: u64 = 200;
+
+/// A purge history: five nodes, three replicas per key, writes and deletes
+/// that reach some replicas only (the rest get a copy late, or never),
+/// nodes down for a while, and, at random points, a node's anti-entropy
+/// round, a node's purge, a late copy delivered; all by the node's rules
+/// (`antientropy`, `horizon`). After every step no replica holds a live
+/// version that a purged tombstone deleted; at the end, with everyone up,
+/// rounds and purges leave the replicas of every key identical, their
+/// trees too, and a further round repairs nothing. Returns the tombstones
+/// purged.
+fn purge_history(seed: u64, without: Option<PurgeSafeguard>) -> usize {
+    let ring = ring_of_nodes();
+    let mut rng = SplitMix64::new(seed ^ 0x9e37_79b9);
+    let ids: Vec<NodeId> = (1..=NODES).map(NodeId).collect();
+    let mut stores: BTreeMap<NodeId, MapStore> =
+        ids.iter().map(|&id| (id, MapStore { ring: Some(ring.clone()), ..MapStore::default() })).collect();
+    let mut stamper = Stamper::new(NodeId(1), Hlc::ZERO, u64::MAX);
+    let mut now: u64 = 1_000_000;
+    let mut down: Vec<NodeId> = Vec::new();
+    // Copies on their way: (to, key, versions).
+    let mut late: Vec<(NodeId, Vec<u8>, Siblings)> = Vec::new();
+    let mut purged: Vec<(Vec<u8>, Version)> = Vec::new();
+    let set_horizons = |stores: &mut BTreeMap<NodeId, MapStore>, now: u64| {
+        for store in stores.values_mut() {
+            store.horizon_ms = horizon::horizon_ms(now, PURGE_GRACE_MS);
+        }
+    };
+    let round = |stores: &mut BTreeMap<NodeId, MapStore>, a: NodeId, down: &[NodeId]| -> usize {
+        let held = stores[&a].seq;
+        let sets: Vec<Vec<NodeId>> = stores[&a].trees.keys().cloned().collect();
+        let mut repaired = 0;
+        for set in sets {
+            let mut full = true;
+            for &b in set.iter().filter(|&&b| b != a) {
+                if down.contains(&b) {
+                    full = false;
+                    continue;
+                }
+                let mut ours = std::mem::take(stores.get_mut(&a).expect("a node"));
+                let theirs = stores.get_mut(&b).expect("a replica is a node");
+                match exchange_without(&mut ours, theirs, &set, without) {
+                    Some(keys) => repaired += keys,
+                    None => full = false,
+                }
+                *stores.get_mut(&a).expect("a node") = ours;
+            }
+            if full {
+                let covered = stores.get_mut(&a).expect("a node").covered.entry(set).or_default();
+                *covered = (*covered).max(held);
+            }
+        }
+        repaired
+    };
+    let resurrected = |stores: &BTreeMap<NodeId, MapStore>, purged: &[(Vec<u8>, Version)]| {
+        for (id, store) in stores {
+            for (key, tombstone) in purged {
+                let live = store.sets.get(key).into_iter().flat_map(|s| s.versions()).filter(|v| !v.is_tombstone());
+                if let Some(back) = live.into_iter().find(|v| tombstone.dominates(v)) {
+                    return Some(format!("{key:?} on node {}: {back:?}, deleted by purged {tombstone:?}", id.0));
+                }
+            }
+        }
+        None
+    };
+
+    for step in 0..400 {
+        now += rng.between(1, 10);
+        set_horizons(&mut stores, now);
+        let r = rng.next_u64() % 100;
+        if r < 40 {
+            // A write or a delete of one key, at some of its replicas.
+            let key = format!("key-{}", rng.next_u64() % KEYS).into_bytes();
+            let value = (!rng.chance(0.4)).then(|| format!("v{step}").into_bytes());
+            let version = stamper.next(now).expect("a test clock").blind(value);
+            let replicas = ring.preference_list(&key, N);
+            let reached = rng.between(0, N as u64 - 1) as usize;
+            for (i, &to) in replicas.iter().enumerate() {
+                let siblings = Siblings::one(version.clone());
+                if (i == reached || rng.chance(0.5)) && !down.contains(&to) {
+                    stores.get_mut(&to).expect("a replica").merge_sets(vec![(key.clone(), siblings)]);
+                } else if rng.chance(0.5) {
+                    late.push((to, key.clone(), siblings));
+                }
+            }
+        } else if r < 55 && !late.is_empty() {
+            let at = (rng.next_u64() % late.len() as u64) as usize;
+            if !down.contains(&late[at].0) {
+                let (to, key, siblings) = late.swap_remove(at);
+                let store = stores.get_mut(&to).expect("a replica");
+                store.merge_replicated(vec![(key, siblings)], Carried::Message, without);
+            }
+        } else if r < 70 {
+            let a = ids[(rng.next_u64() % NODES) as usize];
+            if !down.contains(&a) {
+                round(&mut stores, a, &down);
+            }
+        } else if r < 85 {
+            let a = ids[(rng.next_u64() % NODES) as usize];
+            purged.extend(stores.get_mut(&a).expect("a node").purge(without));
+        } else if r < 90 {
+            // A node goes down, or the one down comes back.
+            match down.pop() {
+                Some(_) => {}
+                None => down.push(ids[(rng.next_u64() % NODES) as usize]),
+            }
+        } else {
+            now += rng.between(0, PURGE_GRACE_MS);
+        }
+        if let Some(back) = resurrected(&stores, &purged) {
+            panic!("seed {seed}: a deleted version is back at step {step}: {back}");
+        }
+    }
+
+    // Everyone up; every late copy arrives; rounds and purges past the
+    // horizon until nothing changes.
+    down.clear();
+    for (to, key, siblings) in std::mem::take(&mut late) {
+        stores.get_mut(&to).expect("a replica").merge_replicated(vec![(key, siblings)], Carried::Message, without);
+    }
+    now += 2 * PURGE_GRACE_MS;
+    set_horizons(&mut stores, now);
+    for _ in 0..3 {
+        for &a in &ids {
+            round(&mut stores, a, &down);
+        }
+        for &a in &ids {
+            purged.extend(stores.get_mut(&a).expect("a node").purge(without));
+        }
+        if let Some(back) = resurrected(&stores, &purged) {
+            panic!("seed {seed}: a deleted version is back at the end: {back}");
+        }
+    }
+    let again: usize = ids.iter().map(|&a| round(&mut stores, a, &down)).sum();
+    assert_eq!(again, 0, "seed {seed}: a round after the purges repaired keys");
+    for k in 0..KEYS {
+        let key = format!("key-{k}").into_bytes();
+        let replicas = ring.preference_list(&key, N);
+        let first = stores[&replicas[0]].get(&key);
+        assert!(first.as_ref().is_none_or(|s| !s.all_tombstones()), "seed {seed}: {key:?} kept its tombstones");
+        for id in &replicas {
+            assert_eq!(stores[id].get(&key), first, "seed {seed}: replicas of {key:?} differ");
+        }
+    }
+    for store in stores.values() {
+        let kept: BTreeMap<_, _> = store.trees.iter().filter(|(_, t)| t.keys() > 0).collect();
+        let rebuilt = store.rebuilt_trees();
+        let rebuilt: BTreeMap<_, _> = rebuilt.iter().filter(|(_, t)| t.keys() > 0).collect();
+        assert_eq!(kept, rebuilt, "seed {seed}: trees are not those of the data after purges");
+    }
+    purged.len()
+}
+
+#[test]
+fn deletes_stay_deleted_with_purges_at_random_points() {
+    let purged: usize = (0..300).map(|seed| purge_history(seed, None)).sum();
+    eprintln!("300 purge histories: {purged} tombstones purged");
+    assert!(purged > 300, "the histories purge tombstones: {purged}");
+}
+
+#[test]
+fn each_purge_safeguard_matters() {
+    const SEEDS: u64 = 300;
+    let quiet = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let mut found = Vec::new();
+    for safeguard in [PurgeSafeguard::Covered, PurgeSafeguard::RefuseOld, PurgeSafeguard::TakeOldTombstone] {
+        let failing = (0..SEEDS).find_map(|seed| {
+            let failed = std::panic::catch_unwind(|| purge_history(seed, Some(safeguard))).err()?;
+            let message = failed.downcast_ref::<String>().cloned().unwrap_or_default();
+            Some((seed, message.chars().take(300).collect::<String>()))
+        });
+        found.push((safeguard, failing));
+    }
+    std::panic::set_hook(quiet);
+    eprintln!("{found:#?}");
+    for (safeguard, failing) in found {
+        assert!(failing.is_some(), "without {safeguard:?}, none of {SEEDS} purge histories failed");
     }
 }

@@ -104,6 +104,10 @@ fn a_member_is_trusted_for_what_its_certificate_names_and_strangers_not_at_all()
     // Keys n1 does not replicate; hints for no member.
     let theirs_write = write(at(&theirs, blind(ids[1], now, "x")), vec![]);
     assert_eq!(refused(&runtime, &n2, theirs_write), Some(ErrorKind::NotReplica));
+    let theirs_repair = PeerRequest::Repair { sets: at(&theirs, blind(ids[1], now, "x")) };
+    assert_eq!(refused(&runtime, &n2, theirs_repair), Some(ErrorKind::NotReplica), "an exchange's repair");
+    let ahead_repair = PeerRequest::Repair { sets: at(&ours, blind(ids[1], ahead, "ahead")) };
+    assert_eq!(refused(&runtime, &n2, ahead_repair), Some(ErrorKind::ClockSkew));
     let stranger_hint = vec![Hinted { owner: NodeId(12345), sets: at(&ours, blind(ids[1], now, "x")) }];
     assert_eq!(refused(&runtime, &n2, write(vec![], stranger_hint)), Some(ErrorKind::Forbidden));
     let own_hint = vec![Hinted { owner: ids[0], sets: at(&ours, blind(ids[1], now, "x")) }];

@@ -87,10 +87,10 @@ fn a_stale_hint_delivered_after_its_tombstone_was_purged_does_not_bring_the_key_
     assert_eq!(versions(&store, b"k"), Some(Siblings::one(fresh)));
 }
 
-/// A tombstone below the horizon is refused like any version, except
-/// where it deletes a live version held: a replica that missed a delete
-/// for longer than `gc_grace` takes it from anti-entropy, and the deleted
-/// key does not live on there.
+/// A message's tombstone below the horizon is refused like any version,
+/// except where it deletes a live version held: a replica that missed a
+/// delete for longer than `gc_grace` still takes it, and the deleted key
+/// does not live on there.
 #[test]
 fn a_tombstone_past_the_horizon_is_taken_only_where_it_deletes_a_live_version() {
     let Node { _dir, wall, node_clock, store, .. } = node_three_gc_grace_ago();
@@ -116,4 +116,29 @@ fn a_tombstone_past_the_horizon_is_taken_only_where_it_deletes_a_live_version() 
     replicate(b"missed", deleted.clone());
     assert_eq!(store.stale_refused(), 2);
     assert_eq!(versions(&store, b"missed"), Some(Siblings::one(deleted)));
+}
+
+/// Anti-entropy streams another replica's current state: a live version
+/// older than the horizon is taken (no replica's state holds what a purged
+/// tombstone deleted), an old tombstone only where it deletes a live
+/// version (a replica that purged it does not take it back).
+#[test]
+fn an_exchange_takes_old_live_versions_and_old_tombstones_only_where_they_delete() {
+    let Node { _dir, wall, node_clock, store, .. } = node_three_gc_grace_ago();
+    let stamp = || node_clock.stamp(Hlc::ZERO, Hlc::ZERO, None).unwrap();
+    let stream = |key: &[u8], version: Version| {
+        wait(|done| store.apply_streamed(vec![(key.to_vec(), Siblings::one(version))], done))
+    };
+    let (old, purged_here) = (stamp().blind(Some(b"old".to_vec())), stamp().blind(None));
+    wall.advance(10);
+    let deletes_old = stamp().blind(None);
+    wall.set(now_ms());
+
+    stream(b"missed", old.clone());
+    assert_eq!(versions(&store, b"missed"), Some(Siblings::one(old)), "an old live version is taken");
+    stream(b"purged", purged_here);
+    assert_eq!(versions(&store, b"purged"), None, "an old tombstone that deletes nothing is not");
+    stream(b"missed", deletes_old.clone());
+    assert_eq!(versions(&store, b"missed"), Some(Siblings::one(deletes_old)));
+    assert_eq!(store.stale_refused(), 1);
 }

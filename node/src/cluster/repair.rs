@@ -9,9 +9,9 @@
 //!   `quiver repair`'s requests; other nodes' asks ([`answer`]).
 //! - Does: a *round*: for each replica set this node holds keys of, an
 //!   exchange with each other replica that is up. An exchange's repairs go
-//!   both ways: this node's sibling sets are written to the other replica
-//!   (its part of a write, merged there), the other's are pulled and
-//!   merged here, `repair_keys_per_ask` keys at a time, paced to
+//!   both ways: this node's sibling sets are sent to the other replica
+//!   and merged there, the other's are pulled and merged here, 1,000 keys
+//!   at a time, paced to
 //!   `repair_bytes_per_sec` and `repair_keys_per_sec`. One round runs at a
 //!   time.
 //! - Hands on: a [`RepairReport`]; what `status` shows ([`AntiEntropyInfo`]).
@@ -21,10 +21,10 @@
 //! recorded as covered up to that write ([`TreeKeeper::covered`]), which is
 //! what lets its tombstones be purged.
 //!
-//! Versions older than the tombstone horizon (now minus `gc_grace`) are
-//! refused by the replica they are sent to, as every replica refuses them,
-//! except a tombstone that deletes a live version held there: a key that
-//! holds only other such versions on one side stays different.
+//! Repairs stream each side's current state (`PeerRequest::Repair`, and
+//! the pull merged here), held to the horizon as streams are
+//! ([`crate::horizon`]): whole, but for tombstones older than the horizon
+//! that delete nothing on the receiving side (it purged them already).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -237,8 +237,7 @@ impl Repairer {
         let sets: Vec<(Vec<u8>, Siblings)> = ours.into_iter().filter_map(|(key, s)| Some((key, s?))).collect();
         let mut bytes = encoded_len(&sets);
         if !sets.is_empty() {
-            let write = PeerRequest::Write { sets, hints: Vec::new() };
-            written(self.call(peer, write).await, "a repair")?;
+            written(self.call(peer, PeerRequest::Repair { sets }).await, "a repair")?;
         }
         let pulled = self.call(peer, PeerRequest::Pull { keys: keys.clone() }).await;
         let theirs = reply_of(pulled, "a repair's pull", |reply| match reply {
@@ -253,7 +252,7 @@ impl Repairer {
         let repaired = keys.len() as u64;
         if !theirs.is_empty() {
             let local = self.local.clone();
-            answer_of(move |done| local.apply_replicated(theirs, Vec::new(), done)).await?;
+            answer_of(move |done| local.apply_streamed(theirs, done)).await?;
         }
         self.keys_repaired.fetch_add(repaired, Ordering::Relaxed);
         self.bytes_sent.fetch_add(bytes, Ordering::Relaxed);

@@ -456,7 +456,8 @@ impl ClusterStore {
                 | PeerRequest::Search { .. }
                 | PeerRequest::TermStats { .. }
                 | PeerRequest::Exchange { .. }
-                | PeerRequest::Pull { .. } => {}
+                | PeerRequest::Pull { .. }
+                | PeerRequest::Repair { .. } => {}
             }
             return;
         }
@@ -1190,6 +1191,13 @@ pub fn check_peer_request(limits: &wire::Limits, request: &PeerRequest) -> Resul
         PeerRequest::Read { key } => limits.check_key(key),
         PeerRequest::BatchDone { .. } => Ok(()),
         PeerRequest::Write { sets, hints } => check_sets(limits, sets.iter().chain(hints.iter().flat_map(|h| &h.sets))),
+        PeerRequest::Repair { sets } => {
+            if sets.len() > repair::PULL_KEYS_MAX {
+                let message = format!("a repair of {} keys, more than {}", sets.len(), repair::PULL_KEYS_MAX);
+                return Err(ServerError::new(ErrorKind::Malformed, message));
+            }
+            check_sets(limits, sets.iter())
+        }
         PeerRequest::LogBatch { sets, .. } => check_sets(limits, sets.iter()),
         PeerRequest::Search { search: Search::Text { query: text, k, .. } | Search::Similar { text, k }, .. } => {
             wire::check_search(text, *k)
@@ -1244,36 +1252,8 @@ pub fn check_peer_identity(membership: &Membership, from: &str, request: &PeerRe
         },
         PeerRequest::LogBatch { coordinator, .. } => own_name(*coordinator, "a bulk set to log"),
         PeerRequest::BatchDone { coordinator, .. } => own_name(*coordinator, "a bulk set's removal"),
-        PeerRequest::Write { sets, hints } => {
-            let ring = membership.ring()?;
-            let me = membership.id();
-            // With no more members than replicas, every member replicates
-            // every key.
-            let every_key = ring.view().members.len() <= REPLICAS;
-            let replicates =
-                |node: NodeId, key: &[u8]| every_key || ring.preference_list(key, REPLICAS).contains(&node);
-            if let Some((key, _)) = sets.iter().find(|(key, _)| !replicates(me, key)) {
-                return Err(ServerError::new(
-                    ErrorKind::NotReplica,
-                    format!("{from} sent a key this node does not replicate ({} bytes)", key.len()),
-                ));
-            }
-            for hint in hints {
-                if hint.owner == me || ring.member(hint.owner).is_none() {
-                    return Err(forbidden(format!(
-                        "{from} sent hints for node {:016x}, which is this node or no member",
-                        hint.owner.0
-                    )));
-                }
-                if hint.sets.iter().any(|(key, _)| !replicates(hint.owner, key)) {
-                    return Err(ServerError::new(
-                        ErrorKind::NotReplica,
-                        format!("{from} sent hints for node {:016x} of a key it does not replicate", hint.owner.0),
-                    ));
-                }
-            }
-            Ok(())
-        }
+        PeerRequest::Repair { sets } => check_replicated(membership, from, sets, &[]),
+        PeerRequest::Write { sets, hints } => check_replicated(membership, from, sets, hints),
         PeerRequest::Exchange { set, .. } => match membership.id_of(from) {
             Some(id) if set.contains(&id) && set.contains(&membership.id()) => Ok(()),
             Some(_) => {
@@ -1288,6 +1268,45 @@ pub fn check_peer_identity(membership: &Membership, from: &str, request: &PeerRe
     }
 }
 
+/// A write's (or repair's) sets only of keys this node replicates, and
+/// hints only for members that replicate their keys (and not for this
+/// node).
+fn check_replicated(
+    membership: &Membership,
+    from: &str,
+    sets: &[(Vec<u8>, Siblings)],
+    hints: &[Hinted],
+) -> Result<(), ServerError> {
+    let forbidden = |what: String| ServerError::new(ErrorKind::Forbidden, what);
+    let ring = membership.ring()?;
+    let me = membership.id();
+    // With no more members than replicas, every member replicates
+    // every key.
+    let every_key = ring.view().members.len() <= REPLICAS;
+    let replicates = |node: NodeId, key: &[u8]| every_key || ring.preference_list(key, REPLICAS).contains(&node);
+    if let Some((key, _)) = sets.iter().find(|(key, _)| !replicates(me, key)) {
+        return Err(ServerError::new(
+            ErrorKind::NotReplica,
+            format!("{from} sent a key this node does not replicate ({} bytes)", key.len()),
+        ));
+    }
+    for hint in hints {
+        if hint.owner == me || ring.member(hint.owner).is_none() {
+            return Err(forbidden(format!(
+                "{from} sent hints for node {:016x}, which is this node or no member",
+                hint.owner.0
+            )));
+        }
+        if hint.sets.iter().any(|(key, _)| !replicates(hint.owner, key)) {
+            return Err(ServerError::new(
+                ErrorKind::NotReplica,
+                format!("{from} sent hints for node {:016x} of a key it does not replicate", hint.owner.0),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Checks the versions a peer sends as a client's are checked: no
 /// timestamp, and nothing a context claims, later than this node accepts
 /// now; a bulk set's id too; no more siblings than the bound.
@@ -1298,6 +1317,7 @@ pub fn check_peer_versions(clock: &NodeClock, request: &PeerRequest) -> Result<(
     };
     match request {
         PeerRequest::Write { sets, hints } => check(Box::new(sets.iter().chain(hints.iter().flat_map(|h| &h.sets)))),
+        PeerRequest::Repair { sets } => check(Box::new(sets.iter())),
         PeerRequest::LogBatch { id, sets, .. } => {
             if *id > latest {
                 return Err(ServerError::new(
@@ -1419,6 +1439,10 @@ impl crate::net::peer::PeerHandler for ReplicaHandler {
                 let trees = self.data.trees.clone();
                 tokio::spawn(async move { reply(answer(repair::answer(&trees, set, ask).await.map(PeerReply::Told))) });
             }
+            PeerRequest::Repair { sets } => {
+                let done = Box::new(move |r: Result<(), ServerError>| reply(answer(r.map(|()| PeerReply::Written))));
+                self.data.local.apply_streamed(sets, done)
+            }
             PeerRequest::Pull { keys } => {
                 let trees = self.data.trees.clone();
                 tokio::spawn(async move { reply(answer(repair::pull(&trees, keys).await.map(PeerReply::Sets))) });
@@ -1487,6 +1511,11 @@ mod tests {
         assert_eq!(kind(pull(1000)), None);
         assert_eq!(kind(pull(1001)), malformed);
         assert_eq!(kind(PeerRequest::Pull { keys: vec![vec![]] }), Some(ErrorKind::EmptyKey));
+        let repair =
+            |n: usize| PeerRequest::Repair { sets: (0..n).map(|i| set(format!("k{i}").as_bytes(), vec![1])).collect() };
+        assert_eq!(kind(repair(1000)), None);
+        assert_eq!(kind(repair(1001)), malformed);
+        assert_eq!(kind(PeerRequest::Repair { sets: vec![set(b"", vec![1])] }), Some(ErrorKind::EmptyKey));
     }
 
     /// A multi-key read ends as soon as the values gathered pass the

@@ -33,9 +33,9 @@ use quiver_ring::{NodeId, Siblings};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use super::antientropy::{leaf, segment_tokens, Segment, Tree};
-use crate::lock;
 use crate::storage::keys::{data_key, keyspace_start, token_range_start, user_key, Keyspace};
 use crate::storage::{self, Engine};
+use crate::{horizon, lock};
 
 /// The nodes that replicate a key, in id order.
 pub type ReplicaSet = Vec<NodeId>;
@@ -296,7 +296,7 @@ impl TreeKeeper {
     /// come back.
     pub fn may_purge(&self, key: &[u8], written_seq: u64) -> bool {
         let Some(trees) = self.trees() else { return false };
-        lock(&self.covered).get(&trees.replica_set(key)).is_some_and(|&seq| written_seq <= seq)
+        horizon::covered(written_seq, lock(&self.covered).get(&trees.replica_set(key)).copied())
     }
 
     /// Deleted keys were purged: their leaves go.

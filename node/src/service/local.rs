@@ -16,6 +16,7 @@ use super::causal::{CausalWrite, CausalWrites, VersionsRead};
 use super::reads::{Job, ReadHook, ReadJob, ReadPool, Task};
 use super::{Done, Entries, Store, StoreStatus, Timing};
 use crate::disk_space::{DiskSpace, Writer};
+use crate::horizon::{self, Carried};
 use crate::index::query::Match;
 use crate::index::text::TermStats;
 use crate::index::{Index, Search};
@@ -236,31 +237,42 @@ impl LocalStore {
     /// and `with` (hints it holds) as one record, and adopts their
     /// timestamps (refusing any too far ahead); `done` once durable.
     ///
-    /// A version older than the tombstone horizon (now minus `gc_grace`) is
-    /// refused and left out: a tombstone that covered it may have been
-    /// purged here, and the key would come back. Except a tombstone that
-    /// deletes a live version held here (read first, on a reader thread):
-    /// that version was deleted, and only this tombstone can still say so.
+    /// Versions older than the tombstone horizon (now minus `gc_grace`)
+    /// are refused (a tombstone that covered one may have been purged here,
+    /// and the key would come back), but for a tombstone that deletes a
+    /// live version held here ([`horizon::takes`]).
     pub fn apply_replicated(&self, sets: Vec<(Vec<u8>, Siblings)>, with: Vec<storage::Op>, done: Done<()>) {
+        self.apply_carried(sets, with, Carried::Message, done)
+    }
+
+    /// Another replica's sibling sets, as an anti-entropy repair streams
+    /// them (its current state): merged whole, but for tombstones older
+    /// than the horizon that delete nothing held here ([`horizon::takes`]).
+    pub fn apply_streamed(&self, sets: Vec<(Vec<u8>, Siblings)>, done: Done<()>) {
+        self.apply_carried(sets, Vec::new(), Carried::Stream, done)
+    }
+
+    fn apply_carried(&self, sets: Vec<(Vec<u8>, Siblings)>, with: Vec<storage::Op>, carried: Carried, done: Done<()>) {
         if let Err(error) = self.room_for_peers() {
             return done(Err(error));
         }
         let mut ops = with;
-        let mut old_tombstones = Vec::new();
-        let horizon_ms = self.clock.wall_ms().saturating_sub(self.gc_grace_ms);
+        // Versions whose fate depends on what is held of their key: read
+        // first, on a reader thread.
+        let mut undecided = Vec::new();
+        let horizon_ms = horizon::horizon_ms(self.clock.wall_ms(), self.gc_grace_ms);
         for (key, siblings) in sets {
             if self.drop_threshold > 0 && xxh3_64_with_seed(&key, self.drop_salt) < self.drop_threshold {
                 continue;
             }
             let stored = data_key(&key);
             for version in siblings.into_versions() {
-                if version.hlc.physical_ms() < horizon_ms {
-                    match version.is_tombstone() {
-                        true => old_tombstones.push(storage::Op { key: stored.clone(), version }),
-                        false => {
-                            self.stale_refused.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
+                if horizon::needs_held(&version, horizon_ms) {
+                    undecided.push(storage::Op { key: stored.clone(), version });
+                    continue;
+                }
+                if !horizon::takes(&version, horizon_ms, carried, None) {
+                    self.stale_refused.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
                 if let Err(error) = self.clock.observe(version.hlc) {
@@ -274,15 +286,14 @@ impl LocalStore {
             true => done(Ok(())),
             false => writes.write_then(ops, move |result| done(result.map(drop).map_err(storage_error))),
         };
-        if old_tombstones.is_empty() {
+        if undecided.is_empty() {
             return write(ops, done);
         }
         let (engine, refused) = (self.engine.clone(), self.stale_refused.clone());
-        let deleting = move || {
-            for op in old_tombstones {
+        let deciding = move || {
+            for op in undecided {
                 let held = engine.get(&op.key).map_err(storage_error)?;
-                let live = held.iter().flat_map(|held| held.versions()).filter(|v| !v.is_tombstone());
-                match live.into_iter().any(|v| op.version.dominates(v)) {
+                match horizon::takes(&op.version, horizon_ms, carried, held.as_ref()) {
                     true => ops.push(op),
                     false => {
                         refused.fetch_add(1, Ordering::Relaxed);
@@ -295,10 +306,9 @@ impl LocalStore {
             Ok(ops) => write(ops, done),
             Err(error) => done(Err(error)),
         });
-        self.reads.jobs().submit(Job::Task(Box::new(Closure { run: Box::new(deleting), done: then })));
+        self.reads.jobs().submit(Job::Task(Box::new(Closure { run: Box::new(deciding), done: then })));
     }
 
-    /// Sets the tombstone horizon's distance from now (`gc_grace`).
     /// Other nodes' writes are refused (`DiskFull`) below `disk`'s peer
     /// reserve.
     pub fn with_disk_space(mut self, disk: Arc<DiskSpace>) -> LocalStore {
@@ -313,6 +323,7 @@ impl LocalStore {
         self.disk.as_ref().map_or(Ok(()), |disk| disk.check(Writer::Peer))
     }
 
+    /// Sets the tombstone horizon's distance from now (`gc_grace`).
     pub fn with_gc_grace_ms(mut self, gc_grace_ms: u64) -> LocalStore {
         self.gc_grace_ms = gc_grace_ms;
         self

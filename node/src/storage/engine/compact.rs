@@ -24,7 +24,7 @@ use crate::storage::error::{Error, IoContext, Result};
 use crate::storage::keys::{user_key, Keyspace};
 use crate::storage::manifest::{Edit, TableMeta};
 use crate::storage::sstable::{Table, TableBuilder, TableScan};
-use crate::{lock, now_ms};
+use crate::{horizon, lock, now_ms};
 
 pub(super) fn compact_loop(inner: Arc<Inner>) {
     loop {
@@ -136,7 +136,7 @@ impl Inner {
     fn merge_tables(&self, inputs: &[Arc<Table>], outside: &[Arc<Table>]) -> Result<(Vec<Arc<Table>>, Dropped)> {
         let min_seq = inputs.iter().map(|t| t.props().min_seq).min().unwrap_or(0);
         let max_seq = inputs.iter().map(|t| t.props().max_seq).max().unwrap_or(0);
-        let horizon_ms = now_ms().saturating_sub(self.opts.tombstone_grace_ms);
+        let horizon_ms = horizon::horizon_ms(now_ms(), self.opts.tombstone_grace_ms);
         let new_builder = || self.table_builder(min_seq, max_seq);
         let mut outputs: Vec<Arc<Table>> = Vec::new();
         let mut builder = new_builder();
@@ -246,7 +246,7 @@ struct Dropped {
 fn droppable(key: &[u8], siblings: &Siblings, horizon_ms: u64, outside: &[Arc<Table>]) -> bool {
     let Some(newest) = siblings.winner() else { return true };
     let data = key.first() == Some(&(Keyspace::Data as u8));
-    siblings.all_tombstones()
-        && (!data || newest.hlc.physical_ms() < horizon_ms)
+    let horizon_ms = if data { horizon_ms } else { u64::MAX };
+    horizon::expired(siblings, horizon_ms)
         && outside.iter().all(|t| t.props().min_hlc > newest.hlc.0 || !t.may_contain(key))
 }
