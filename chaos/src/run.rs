@@ -338,7 +338,9 @@ impl Context {
     /// round on every node (`quiver repair`), which must end with every
     /// exchange in sync; then every
     /// replica of each replica set must show the same hash tree (waiting
-    /// a little for each node's trees to read back what the round wrote).
+    /// a little for each node's trees to read back what the round wrote),
+    /// and each node's trees must be those of its data (`quiver
+    /// check-trees`).
     fn repaired_trees_agree(&self) -> Vec<String> {
         // The convergence check stopped nodes for a while: each sees the
         // others up again first, or its round would skip them.
@@ -376,10 +378,27 @@ impl Context {
                 .filter(|(_, on)| on.iter().any(|(_, root, _)| *root != on[0].1))
                 .map(|(set, on)| format!("TREES DIFFER for replica set {set:x?}: (node, root, keys) {on:x?}"))
                 .collect();
-            if differing.is_empty() || started.elapsed() > TREES_AGREE_MAX {
+            if !differing.is_empty() && started.elapsed() <= TREES_AGREE_MAX {
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            }
+            if !differing.is_empty() {
                 return differing;
             }
-            std::thread::sleep(Duration::from_millis(200));
+            // And each node's trees are those of its data.
+            let mut wrong = Vec::new();
+            for addr in &self.addrs {
+                match Client::connect([addr.clone()]).and_then(|c| c.direct().check_trees(REPAIR_MAX)) {
+                    Ok(check) if check.differing.is_empty() => {}
+                    Ok(check) => wrong.push(format!(
+                        "TREES DIFFER from the data on the node at {addr}: {} keys, e.g. {:?}",
+                        check.differing.len(),
+                        String::from_utf8_lossy(&check.differing[0])
+                    )),
+                    Err(error) => wrong.push(format!("checking the trees of the node at {addr} failed: {error}")),
+                }
+            }
+            return wrong;
         }
     }
 

@@ -151,6 +151,11 @@ impl Client {
         self.runtime.block_on(self.inner.repair(timeout))
     }
 
+    /// See [`crate::Client::check_trees`].
+    pub fn check_trees(&self, timeout: std::time::Duration) -> Result<crate::TreesCheck> {
+        self.runtime.block_on(self.inner.check_trees(timeout))
+    }
+
     /// See [`crate::Client::compact`].
     pub fn compact(&self, timeout: std::time::Duration) -> Result<()> {
         self.runtime.block_on(self.inner.compact(timeout))

@@ -44,7 +44,7 @@ use bytes::Bytes;
 pub use error::{Error, Result};
 pub use quiver_ring::wire::{
     AntiEntropyInfo, BudgetInfo, Consistency, ContextToken, ErrorKind, Limits, NodeStatus, RepairReport, SearchHit,
-    VersionInfo, Versions,
+    TreesCheck, VersionInfo, Versions,
 };
 use quiver_ring::wire::{Op, Reply};
 pub use quiver_ring::Hlc;
@@ -535,6 +535,16 @@ impl Client {
         match self.connection().await?.call(Op::Repair, timeout, self.consistency).await? {
             Reply::Repaired(report) => Ok(report),
             other => Err(Error::Protocol(format!("expected a repair's report, got {other:?}"))),
+        }
+    }
+
+    /// In a cluster: the connected node compares its hash trees with a
+    /// fresh scan of its data (while writes go on) and says which keys'
+    /// leaves differ (none, if the trees are right).
+    pub async fn check_trees(&self, timeout: Duration) -> Result<TreesCheck> {
+        match self.connection().await?.call(Op::CheckTrees, timeout, self.consistency).await? {
+            Reply::TreesChecked(check) => Ok(check),
+            other => Err(Error::Protocol(format!("expected a trees check, got {other:?}"))),
         }
     }
 

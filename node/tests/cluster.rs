@@ -680,12 +680,21 @@ fn repair_restores_a_replica_that_missed(count: usize) {
 
     let again = quiver_repair(&nodes[0]);
     assert!(again.contains("keys repaired: 0"), "a second round finds nothing: {again}");
+    nodes.iter().for_each(trees_match_the_data);
     let status = direct(&nodes[0]).status().unwrap();
     let anti_entropy = status.anti_entropy.unwrap();
     assert_eq!((anti_entropy.sets, anti_entropy.sets_synced, anti_entropy.exchanges), (1, 1, 4), "{anti_entropy:?}");
     assert_eq!(anti_entropy.keys_repaired, keys.len() as u64);
     assert!(anti_entropy.tree_keys >= keys.len() as u64);
     eprintln!("repaired {} keys in {took:?}, {} bytes sent and pulled", keys.len(), anti_entropy.bytes_sent);
+}
+
+/// `quiver check-trees` on `node`: its trees must be those of its data.
+fn trees_match_the_data(node: &NodeProcess) {
+    let output =
+        std::process::Command::new(common::quiver_bin()).args(["--addr", &node.addr, "check-trees"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success() && stdout.contains("the hash trees match the data"), "{stdout}");
 }
 
 fn quiver_compact(node: &NodeProcess) {
@@ -762,6 +771,10 @@ fn deleted_keys_stay_deleted_when_a_replica_that_missed_the_deletes_returns_afte
     }
     let again = quiver_repair(&nodes[0]);
     assert!(again.contains("keys repaired: 0"), "nothing left to repair: {again}");
-    let roots: Vec<_> = nodes.iter().map(|n| direct(n).status().unwrap().anti_entropy.unwrap().roots).collect();
+    nodes.iter().for_each(trees_match_the_data);
+    let roots: Vec<Vec<_>> = nodes
+        .iter()
+        .map(|n| direct(n).status().unwrap().anti_entropy.unwrap().roots.into_iter().map(|r| (r.set, r.root)).collect())
+        .collect();
     assert!(roots.windows(2).all(|pair| pair[0] == pair[1]), "{roots:?}");
 }

@@ -33,6 +33,7 @@
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use serde::{Deserialize, Serialize};
+pub use serde_bytes::ByteBuf;
 
 use crate::clock::Hlc;
 use crate::ring::RingView;
@@ -221,6 +222,10 @@ pub enum Op {
     /// (dropping shadowed versions, and tombstones that may go), waiting
     /// for the one that runs, if one does; answered with [`Reply::Done`].
     Compact,
+    /// In a cluster: compare this node's hash trees with a fresh scan of
+    /// its data (while writes go on); answered with
+    /// [`Reply::TreesChecked`].
+    CheckTrees,
 }
 
 /// A read's context as the client holds it: opaque bytes, printable as
@@ -305,6 +310,8 @@ pub enum Reply {
     Hits(Vec<SearchHit>),
     /// For `Repair`.
     Repaired(RepairReport),
+    /// For `CheckTrees`.
+    TreesChecked(TreesCheck),
 }
 
 /// What an anti-entropy round did.
@@ -320,6 +327,16 @@ pub struct RepairReport {
     pub sets_synced: u64,
     /// What did not go (a replica down, an exchange that failed).
     pub failed: Vec<String>,
+}
+
+/// What a check of a node's hash trees against its data found.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TreesCheck {
+    /// Keys scanned.
+    pub keys: u64,
+    /// Keys whose leaf is not what the data holds (at most 100; a leaf
+    /// whose key the data no longer holds is named by its 8-byte slot).
+    pub differing: Vec<ByteBuf>,
 }
 
 /// A node's anti-entropy, as `status` shows it.
@@ -358,6 +375,9 @@ pub struct TreeRoot {
     pub set: Vec<u64>,
     pub root: u64,
     pub keys: u64,
+    /// When this node's last full exchange of the set began (ms since the
+    /// epoch; 0: none since it started).
+    pub full_exchange_ms: u64,
 }
 
 /// One hit of a search: a key, its score (higher is better) and its value.
@@ -581,7 +601,13 @@ impl Limits {
                 self.check_value(value)?;
                 check_vector(vector, 0)
             }
-            Op::Status | Op::Shutdown { .. } | Op::Hello { .. } | Op::Ring | Op::Repair | Op::Compact => Ok(()),
+            Op::Status
+            | Op::Shutdown { .. }
+            | Op::Hello { .. }
+            | Op::Ring
+            | Op::Repair
+            | Op::Compact
+            | Op::CheckTrees => Ok(()),
         }
     }
 
@@ -1068,6 +1094,7 @@ mod tests {
             ),
             (request(Op::Repair), "01020f0300"),
             (request(Op::Compact), "0102100300"),
+            (request(Op::CheckTrees), "0102110300"),
         ];
         let response = |result: Result<Reply, ServerError>| Response { id: 1, hlc: Hlc(2), result };
         let limits =
@@ -1122,7 +1149,7 @@ mod tests {
                 exchanges: 22,
                 exchanges_failed: 23,
                 round: Some((1, 2)),
-                roots: vec![TreeRoot { set: vec![1, 7], root: 24, keys: 25 }],
+                roots: vec![TreeRoot { set: vec![1, 7], root: 24, keys: 25, full_exchange_ms: 28 }],
                 tombstones_waiting: 26,
                 tombstones_purged: 27,
             }),
@@ -1155,7 +1182,7 @@ mod tests {
             (
                 response(Ok(Reply::Status(Box::new(status)))),
                 "01020003010161016201760203040501017201017306016e0101700171010701630101080103000301016e010109000a0b\
-                 0c0d010e0101630f10110164010178010112010113141516170101020102010718 19 1a 1b",
+                 0c0d010e0101630f10110164010178010112010113141516170101020102010718 19 1c 1a 1b",
             ),
             (response(Ok(Reply::Hello(NodeInfo { protocol: 4, node_id: 9, limits }))), "0102000404090102030405"),
             (response(Ok(Reply::Versions(versions))), "010200050201017607000801ab"),
@@ -1173,6 +1200,10 @@ mod tests {
                     failed: vec!["f".into()],
                 }))),
                 "01020008 01 02 03 04 01 0166",
+            ),
+            (
+                response(Ok(Reply::TreesChecked(TreesCheck { keys: 2, differing: vec![ByteBuf::from(vec![7])] }))),
+                "01020009 02 01 0107",
             ),
             (response(Err(ServerError::new(ErrorKind::Timeout, "m"))), "0102010c016d"),
         ];

@@ -136,6 +136,14 @@ enum Command {
         #[arg(long, default_value_t = 3600)]
         wait_secs: u64,
     },
+    /// In a cluster: the node at --addr compares its hash trees with a
+    /// fresh scan of its data (while writes go on) and names the keys whose
+    /// leaves differ; exit status 1 if any does.
+    CheckTrees {
+        /// Wait at most this long, in seconds.
+        #[arg(long, default_value_t = 3600)]
+        wait_secs: u64,
+    },
     /// Merges every table of the node at --addr into one now, dropping
     /// overwritten versions and the tombstones that may go (in a cluster,
     /// those a full anti-entropy exchange covered); waits for it.
@@ -479,6 +487,19 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 if let Some((done, total)) = ae.round {
                     writeln!(out, "               a round is running: {done} of {total} exchanges done")?;
                 }
+                let name_of = |id: u64| match s.peers.iter().find(|p| p.node_id == Some(id)) {
+                    Some(peer) => peer.name.clone(),
+                    None if id == s.node_id => s.name.clone(),
+                    None => format!("{id:016x}"),
+                };
+                for root in &ae.roots {
+                    let set: Vec<String> = root.set.iter().map(|&id| name_of(id)).collect();
+                    let full = match root.full_exchange_ms {
+                        0 => "no full exchange yet".to_owned(),
+                        ms => format!("last full exchange {}s ago", age_secs(ms)),
+                    };
+                    writeln!(out, "  {:<28} {:>10} keys, root {:016x}, {full}", set.join(","), root.keys, root.root)?;
+                }
                 writeln!(
                     out,
                     "tombstones:    {} in tables, waiting to be purged; {} purged",
@@ -509,6 +530,18 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 writeln!(out, "not done: {failed}")?;
             }
             if !report.failed.is_empty() {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Command::CheckTrees { wait_secs } => {
+            let check = client.check_trees(Duration::from_secs(wait_secs))?;
+            if check.differing.is_empty() {
+                writeln!(out, "the hash trees match the data ({} keys)", check.keys)?;
+            } else {
+                writeln!(out, "{} keys of {} differ from the hash trees:", check.differing.len(), check.keys)?;
+                for key in &check.differing {
+                    writeln!(out, "  {}", String::from_utf8_lossy(key))?;
+                }
                 return Ok(ExitCode::from(1));
             }
         }

@@ -271,15 +271,17 @@ impl Repairer {
         let sets: Vec<ReplicaSet> = trees
             .as_ref()
             .map_or_else(Vec::new, |trees| trees.sets().into_iter().filter(|set| set.contains(&self.me)).collect());
-        let roots = sets
-            .iter()
-            .map(|set| {
-                let tree = trees.as_ref().map(|trees| trees.tree(set)).unwrap_or_default();
-                TreeRoot { set: set.iter().map(|id| id.0).collect(), root: tree.root(), keys: tree.keys() }
-            })
-            .collect();
         let synced = lock(&self.synced);
         let full: Vec<u64> = sets.iter().map(|set| synced.get(set).copied().unwrap_or(0)).collect();
+        let roots = sets
+            .iter()
+            .zip(&full)
+            .map(|(set, &full_exchange_ms)| {
+                let tree = trees.as_ref().map(|trees| trees.tree(set)).unwrap_or_default();
+                let set = set.iter().map(|id| id.0).collect();
+                TreeRoot { set, root: tree.root(), keys: tree.keys(), full_exchange_ms }
+            })
+            .collect();
         let keeper = self.trees.status();
         AntiEntropyInfo {
             trees_built: keeper.built,

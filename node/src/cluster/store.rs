@@ -1098,6 +1098,17 @@ impl Cluster for ClusterStore {
         let repairer = self.repairer.clone();
         self.runtime.spawn(async move { done(Ok(repairer.round().await)) });
     }
+
+    fn check_trees(&self, done: Done<wire::TreesCheck>) {
+        let trees = self.repairer.trees().clone();
+        self.runtime.spawn(async move {
+            let checked = trees.check().await.map(|(differing, keys)| wire::TreesCheck {
+                keys,
+                differing: differing.into_iter().map(wire::ByteBuf::from).collect(),
+            });
+            done(checked.map_err(|why| ServerError::new(ErrorKind::Unavailable, why)))
+        });
+    }
 }
 
 /// Sleeps until `at`; for ever without one.

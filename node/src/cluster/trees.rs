@@ -162,6 +162,33 @@ impl Trees {
         keys.iter().map(|key| Ok((key.clone(), self.engine.get(&data_key(key))?))).collect()
     }
 
+    /// The keys whose kept leaf is not the leaf of what a scan of the data
+    /// finds now, or that one of them lacks (at most `max`), and the keys
+    /// the scan read. Writes during the scan make keys differ for a while:
+    /// see [`TreeKeeper::check`].
+    fn leaves_differing(&self, max: usize) -> storage::Result<(Vec<Vec<u8>>, u64)> {
+        let mut unseen: std::collections::HashSet<u64> = lock(&self.kept).leaves.keys().copied().collect();
+        let (mut differing, mut scanned) = (Vec::new(), 0);
+        let data = self.engine.scan(&keyspace_start(Keyspace::Data), Some(&keyspace_start(Keyspace::Hints)));
+        for entry in data {
+            let (stored, siblings) = entry?;
+            let Some(key) = user_key(&stored) else { continue };
+            scanned += 1;
+            let slot = xxh3_64_with_seed(key, KEY_SEED);
+            unseen.remove(&slot);
+            let kept = lock(&self.kept).leaves.get(&slot).copied().unwrap_or(0);
+            if kept != leaf(key, Some(&siblings)) && differing.len() < max {
+                differing.push(key.to_vec());
+            }
+        }
+        // Leaves of keys the data no longer holds (by their slot only: the
+        // key itself is not kept).
+        if differing.len() < max && !unseen.is_empty() {
+            differing.extend(unseen.into_iter().take(max - differing.len()).map(|slot| slot.to_be_bytes().to_vec()));
+        }
+        Ok((differing, scanned))
+    }
+
     /// Whether the trees kept are the trees of the data now (a fresh
     /// scan): `Err` names the first replica set that differs. Call it
     /// while nothing is written.
@@ -297,6 +324,33 @@ impl TreeKeeper {
     pub fn may_purge(&self, key: &[u8], written_seq: u64) -> bool {
         let Some(trees) = self.trees() else { return false };
         horizon::covered(written_seq, lock(&self.covered).get(&trees.replica_set(key)).copied())
+    }
+
+    /// Checks the kept trees against the data while writes go on: a scan
+    /// behind a barrier finds the keys whose leaf differs from the data; a
+    /// key written during the scan may differ then, so the scan is made
+    /// again behind a new barrier, up to three times, and only what every
+    /// scan found is reported (at most 100 keys; a leaf whose key the data
+    /// no longer holds is named by its 8-byte slot), with the keys scanned.
+    pub async fn check(&self) -> Result<(Vec<Vec<u8>>, u64), String> {
+        let not_built = || "the hash trees are not built yet (the ring is not known)".to_owned();
+        let mut found: Option<(Vec<Vec<u8>>, u64)> = None;
+        for _ in 0..3 {
+            self.barrier().await.ok_or_else(not_built)?;
+            let trees = self.trees().ok_or_else(not_built)?;
+            let scanned = tokio::task::spawn_blocking(move || trees.leaves_differing(100)).await;
+            let (differing, keys) = scanned.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+            let differing = match found {
+                None => differing,
+                Some((before, _)) => before.into_iter().filter(|key| differing.contains(key)).collect(),
+            };
+            let done = differing.is_empty();
+            found = Some((differing, keys));
+            if done {
+                break;
+            }
+        }
+        Ok(found.unwrap_or_default())
     }
 
     /// Deleted keys were purged: their leaves go.
@@ -526,5 +580,31 @@ mod tests {
         assert_eq!(together, one_by_one, "runs of adjacent segments list what each lists");
         let (branch, at) = (segment / 64, segment as usize % 64);
         assert_eq!(tree.segments_of(branch)[at], trees.tree(&set).segments_of(branch)[at]);
+    }
+
+    /// The keeper's trees, checked while writes go on, match the data when
+    /// every write is fed, and name a key written behind their back; a
+    /// barrier answers once what was written before is in the trees.
+    #[test]
+    fn a_check_finds_a_key_written_behind_the_trees_back_and_nothing_else() {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Arc::new(Engine::open(dir.path(), storage::Options::default()).unwrap());
+        let ring = ring(4);
+        let keeper = TreeKeeper::start(engine.clone(), Box::new(move || Some(ring.clone())), 3, 1 << 20).unwrap();
+        assert!(runtime.block_on(keeper.barrier()).is_some(), "built once the ring is known");
+        for i in 0..300u64 {
+            let key = format!("key{i}").into_bytes();
+            write(&engine, &key, i + 1, (i % 5 != 0).then_some(&b"v"[..]));
+            keeper.written(vec![key]);
+        }
+        assert_eq!(runtime.block_on(keeper.check()).unwrap(), (Vec::new(), 300));
+        assert_eq!(keeper.trees().unwrap().keys(), 300);
+
+        write(&engine, b"unfed", 1000, Some(b"x"));
+        let (differing, keys) = runtime.block_on(keeper.check()).unwrap();
+        assert_eq!((differing, keys), (vec![b"unfed".to_vec()], 301));
+        keeper.written(vec![b"unfed".to_vec()]);
+        assert_eq!(runtime.block_on(keeper.check()).unwrap(), (Vec::new(), 301));
     }
 }

@@ -479,6 +479,7 @@ fn answer_bytes(response: &Response) -> usize {
             }
             Ok(Reply::Status(_)) => 4096,
             Ok(Reply::Repaired(report)) => report.failed.iter().map(|f| f.len() + 2).sum(),
+            Ok(Reply::TreesChecked(check)) => check.differing.iter().map(|key| key.len() + 2).sum(),
             Ok(Reply::Ring(ring)) => ring.view.members.len() * 128,
             Ok(Reply::Done) | Ok(Reply::Hello(_)) => 0,
             Err(error) => error.message.len(),

@@ -182,6 +182,8 @@ pub trait Cluster: Send + Sync + std::fmt::Debug {
     fn ring_info(&self) -> Result<RingInfo, ServerError>;
     /// Runs an anti-entropy round now; `done` gets what it did.
     fn repair(&self, done: Done<wire::RepairReport>);
+    /// Checks the hash trees against the data now.
+    fn check_trees(&self, done: Done<wire::TreesCheck>);
 }
 
 /// A cluster's part of `status`.
@@ -396,6 +398,12 @@ impl Service {
                 }))),
             },
             Op::Compact => self.store.compact(Box::new(move |result| reply(result.map(|()| Reply::Done)))),
+            Op::CheckTrees => match &self.cluster {
+                Some(cluster) => cluster.check_trees(Box::new(move |result| reply(result.map(Reply::TreesChecked)))),
+                None => {
+                    reply(Err(ServerError::new(ErrorKind::BadQuery, "this node runs alone: it keeps no hash trees")))
+                }
+            },
             Op::SearchText { query, k, all, global_stats } => {
                 let matching = if all { Match::All } else { Match::Any };
                 self.search(Search::Text { query, k, matching, global: global_stats, stats: None }, timing, reply)
@@ -524,6 +532,7 @@ fn is_write(op: &Op) -> bool {
         | Op::Ring
         | Op::Repair
         | Op::Compact
+        | Op::CheckTrees
         | Op::SearchText { .. }
         | Op::SearchSimilar { .. }
         | Op::SearchVector { .. } => false,
