@@ -778,3 +778,40 @@ fn deleted_keys_stay_deleted_when_a_replica_that_missed_the_deletes_returns_afte
         .collect();
     assert!(roots.windows(2).all(|pair| pair[0] == pair[1]), "{roots:?}");
 }
+
+/// One key differing among 1,000,000: the repair that finds and fixes it
+/// sends and pulls less than 1 MB, exchange steps included (opt-in, in
+/// release: `cargo test --release -p quiver-node --test cluster --
+/// --ignored one_differing`; prints the bytes).
+#[test]
+#[ignore = "opt-in: 1,000,000 keys"]
+fn one_differing_key_among_a_million_costs_less_than_a_megabyte_to_repair() {
+    let dir = tempfile::tempdir().unwrap();
+    let specs = cluster(dir.path(), 3);
+    let settings: &[&str] = &["--hint-bytes-max", "0", "--anti-entropy-ms", "0"];
+    let mut nodes: Vec<NodeProcess> = specs.iter().map(|spec| start(spec, settings)).collect();
+    for node in &nodes {
+        wait_for(&direct(node), "every peer up", |s| s.peers.iter().all(|p| p.up));
+    }
+    let all = direct(&nodes[0]).with_consistency(Consistency::All);
+    let keys: Vec<String> = (0..1_000_000).map(|i| format!("million-{i:07}")).collect();
+    for chunk in keys.chunks(10_000) {
+        all.bulk_set(chunk.iter().map(|k| (k, k))).unwrap();
+    }
+    let missed = written_while_n3_is_down(&mut nodes, "the-one", 1);
+    nodes[2] = start(&specs[2], settings);
+    for node in &nodes {
+        wait_for(&direct(node), "every peer up", |s| s.peers.iter().all(|p| p.up));
+    }
+    wait_for(&direct(&nodes[2]), "n3's trees built", |s| s.anti_entropy.as_ref().is_some_and(|a| a.trees_built));
+    let before = direct(&nodes[0]).status().unwrap().anti_entropy.unwrap().bytes_sent;
+    let report = direct(&nodes[0]).repair(Duration::from_secs(600)).unwrap();
+    let sent = direct(&nodes[0]).status().unwrap().anti_entropy.unwrap().bytes_sent - before;
+    eprintln!("one differing key among 1,000,000: {sent} bytes of exchange steps, answers and repairs; {report:?}");
+    assert_eq!(report.keys_repaired, 1, "{report:?}");
+    assert!(sent < 1 << 20, "{sent} bytes");
+    let own = direct(&nodes[2]).with_consistency(Consistency::One);
+    let others = [&nodes[0], &nodes[1]];
+    let value = with_paused(&others, || own.get(&missed[0]).unwrap());
+    assert_eq!(value.as_deref(), Some(missed[0].as_bytes()));
+}

@@ -355,6 +355,8 @@ pub struct AntiEntropyInfo {
     /// is on every replica.
     pub oldest_full_exchange_ms: u64,
     pub keys_repaired: u64,
+    /// Bytes of exchanges' steps and answers, and of repairs both ways
+    /// (their sibling sets).
     pub bytes_sent: u64,
     pub exchanges: u64,
     pub exchanges_failed: u64,

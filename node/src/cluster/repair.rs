@@ -204,10 +204,12 @@ impl Repairer {
             match step {
                 Step::Ask(ask) => {
                     let request = PeerRequest::Exchange { set: set.clone(), ask };
+                    let asked = encoded_len(&request);
                     let told = reply_of(self.call(peer, request).await, "an exchange", |reply| match reply {
                         PeerReply::Told(told) => Ok(told),
                         other => Err(other),
                     })?;
+                    self.bytes_sent.fetch_add(asked + encoded_len(&told), Ordering::Relaxed);
                     exchange.told(told, &trees.tree(set));
                 }
                 Step::List(segments) => {
