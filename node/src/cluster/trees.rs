@@ -25,7 +25,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use quiver_ring::ring::Ring;
@@ -228,7 +228,6 @@ pub type RingSource = Box<dyn Fn() -> Option<Arc<Ring>> + Send>;
 pub struct TreeKeeper {
     engine: Arc<Engine>,
     trees: Arc<Mutex<Option<Arc<Trees>>>>,
-    feed: mpsc::Sender<Feed>,
     shared: Arc<Shared>,
     /// For each replica set, the sequence up to which a full exchange
     /// covered this node's writes (see [`TreeKeeper::may_purge`]).
@@ -237,6 +236,7 @@ pub struct TreeKeeper {
 }
 
 /// What the keeper's thread is sent.
+#[derive(Debug)]
 enum Feed {
     /// The keys of a write.
     Keys(Vec<Vec<u8>>),
@@ -246,6 +246,11 @@ enum Feed {
 
 #[derive(Debug, Default)]
 struct Shared {
+    /// What waits for the keeper's thread. Writers queue their keys
+    /// without waking it (a wake per write cost a few microseconds of CPU
+    /// each): it looks every `FEED_TICK`, and at once for a barrier.
+    feed: Mutex<Queue>,
+    fed_ready: Condvar,
     queued: AtomicU64,
     feed_keys_max: u64,
     dropped: AtomicU64,
@@ -253,6 +258,22 @@ struct Shared {
     builds: AtomicU64,
     fed: AtomicU64,
     failure: Mutex<Option<String>>,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    items: Vec<Feed>,
+    /// The keeper is dropped: its thread ends.
+    closed: bool,
+}
+
+impl Shared {
+    fn send(&self, feed: Feed, wake: bool) {
+        lock(&self.feed).items.push(feed);
+        if wake {
+            self.fed_ready.notify_one();
+        }
+    }
 }
 
 /// What `status` shows of a [`TreeKeeper`].
@@ -280,12 +301,11 @@ impl TreeKeeper {
         replicas: usize,
         feed_keys_max: u64,
     ) -> std::io::Result<TreeKeeper> {
-        let (feed, fed) = mpsc::channel();
         let shared = Arc::new(Shared { feed_keys_max, ..Shared::default() });
         let trees = Arc::new(Mutex::new(None));
         let kept = Keeping { engine: engine.clone(), ring, replicas, trees: trees.clone(), shared: shared.clone() };
-        std::thread::Builder::new().name("quiver-trees".into()).spawn(move || kept.run(fed))?;
-        Ok(TreeKeeper { engine, trees, feed, shared, covered: Mutex::default(), purged: AtomicU64::new(0) })
+        std::thread::Builder::new().name("quiver-trees".into()).spawn(move || kept.run())?;
+        Ok(TreeKeeper { engine, trees, shared, covered: Mutex::default(), purged: AtomicU64::new(0) })
     }
 
     /// Waits until the trees hold every write acknowledged before the
@@ -293,14 +313,12 @@ impl TreeKeeper {
     /// (`None` if they are not built: the ring is not known).
     pub async fn barrier(&self) -> Option<u64> {
         let (answer, answered) = tokio::sync::oneshot::channel();
-        let feed = self.feed.clone();
+        let shared = self.shared.clone();
         // Acknowledgements come in sequence order, each write's keys fed
         // before it is acknowledged: once the engine answers, every write
         // up to `seq` has been fed, and the keeper reads the barrier after.
         self.engine.after_acknowledged(move |acknowledged| match acknowledged {
-            Ok(seq) => {
-                let _ = feed.send(Feed::Barrier(seq, answer));
-            }
+            Ok(seq) => shared.send(Feed::Barrier(seq, answer), true),
             Err(_) => drop(answer),
         });
         answered.await.ok().flatten()
@@ -369,9 +387,7 @@ impl TreeKeeper {
             self.shared.overflowed.store(true, Ordering::Release);
             return;
         }
-        if self.feed.send(Feed::Keys(keys)).is_err() {
-            self.shared.queued.fetch_sub(n, Ordering::AcqRel);
-        }
+        self.shared.send(Feed::Keys(keys), false);
     }
 
     /// The trees, once built.
@@ -435,16 +451,29 @@ struct Keeping {
     shared: Arc<Shared>,
 }
 
-/// How long the keeper waits for keys before it looks at the ring again.
-const KEEPER_TICK: Duration = Duration::from_millis(100);
+/// How often the keeper looks for keys written (and at the ring).
+const FEED_TICK: Duration = Duration::from_millis(10);
+
+impl Drop for TreeKeeper {
+    fn drop(&mut self) {
+        lock(&self.shared.feed).closed = true;
+        self.shared.fed_ready.notify_one();
+    }
+}
 
 impl Keeping {
-    fn run(self, fed: mpsc::Receiver<Feed>) {
+    fn run(self) {
         loop {
-            let keys = match fed.recv_timeout(KEEPER_TICK) {
-                Ok(feed) => Some(feed),
-                Err(mpsc::RecvTimeoutError::Timeout) => None,
-                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            let batch = {
+                let mut queue = lock(&self.shared.feed);
+                if queue.items.is_empty() && !queue.closed {
+                    queue =
+                        self.shared.fed_ready.wait_timeout(queue, FEED_TICK).map_or_else(|p| p.into_inner().0, |w| w.0);
+                }
+                if queue.closed {
+                    return;
+                }
+                std::mem::take(&mut queue.items)
             };
             let current = lock(&self.trees).clone();
             let ring = (self.ring)();
@@ -460,28 +489,32 @@ impl Keeping {
                     self.build(ring);
                 }
             }
-            let keys = match keys {
-                None => continue,
-                Some(Feed::Keys(keys)) => keys,
-                Some(Feed::Barrier(seq, answer)) => {
-                    // Built (by a scan after `seq`, or fed every key up to
-                    // it) and nothing dropped since.
-                    let held = lock(&self.trees).is_some() && !self.shared.overflowed.load(Ordering::Acquire);
-                    let _ = answer.send(held.then_some(seq));
-                    continue;
+            for feed in batch {
+                match feed {
+                    Feed::Keys(keys) => self.read_back(keys),
+                    Feed::Barrier(seq, answer) => {
+                        // Built (by a scan after `seq`, or fed every key up
+                        // to it) and nothing dropped since.
+                        let held = lock(&self.trees).is_some() && !self.shared.overflowed.load(Ordering::Acquire);
+                        let _ = answer.send(held.then_some(seq));
+                    }
                 }
-            };
-            let n = keys.len() as u64;
-            if let Some(trees) = lock(&self.trees).clone() {
-                if let Err(error) = trees.written(keys.iter().map(Vec::as_slice)) {
-                    // The trees may now be behind the data: built again.
-                    *lock(&self.shared.failure) = Some(format!("reading written keys back: {error}"));
-                    self.shared.overflowed.store(true, Ordering::Release);
-                }
-                self.shared.fed.fetch_add(n, Ordering::Relaxed);
             }
-            self.shared.queued.fetch_sub(n, Ordering::AcqRel);
         }
+    }
+
+    /// Moves the leaves of `keys` to what the engine holds of them now.
+    fn read_back(&self, keys: Vec<Vec<u8>>) {
+        let n = keys.len() as u64;
+        if let Some(trees) = lock(&self.trees).clone() {
+            if let Err(error) = trees.written(keys.iter().map(Vec::as_slice)) {
+                // The trees may now be behind the data: built again.
+                *lock(&self.shared.failure) = Some(format!("reading written keys back: {error}"));
+                self.shared.overflowed.store(true, Ordering::Release);
+            }
+            self.shared.fed.fetch_add(n, Ordering::Relaxed);
+        }
+        self.shared.queued.fetch_sub(n, Ordering::AcqRel);
     }
 
     fn build(&self, ring: Arc<Ring>) {
