@@ -8,11 +8,14 @@
 //!   ([`Carried::Message`]): once a tombstone is past the horizon, nothing
 //!   it deleted can arrive again.
 //! - Anti-entropy *streams* replicas' current states ([`Carried::Stream`]),
-//!   and takes them whole, but for tombstones below the horizon that delete
-//!   nothing held: no replica's current state holds a version that a purged
-//!   tombstone deleted (the full exchange that allowed the purge gave every
-//!   replica the tombstone), and a replica that purged a tombstone does not
-//!   take it back from one that has not yet.
+//!   and takes them whole, but below the horizon a tombstone that deletes
+//!   nothing held, or a live version that something held deletes: no
+//!   replica's current state holds a version that a purged tombstone
+//!   deleted (the full exchange that allowed the purge gave every replica
+//!   the tombstone), a replica that purged a tombstone does not take it
+//!   back from one that has not yet, and an old version a tombstone held
+//!   here deletes never lands beside it (where the tombstone's purge would
+//!   uncover it).
 //! - Below the horizon, a tombstone that deletes a live version held is
 //!   taken either way: where a delete was missed, it still deletes.
 //! - A deleted key goes ([`expired`]) once its newest tombstone is past the
@@ -42,21 +45,21 @@ pub enum Carried {
 }
 
 /// Whether [`takes`] needs what the replica holds of `version`'s key to
-/// decide (a tombstone below the horizon); otherwise it needs nothing.
-pub fn needs_held(version: &Version, horizon_ms: u64) -> bool {
-    below(version, horizon_ms) && version.is_tombstone()
+/// decide (below the horizon, a tombstone, or a stream's live version);
+/// otherwise it needs nothing.
+pub fn needs_held(version: &Version, horizon_ms: u64, carried: Carried) -> bool {
+    below(version, horizon_ms) && (version.is_tombstone() || carried == Carried::Stream)
 }
 
 /// Whether a replica that holds `held` of a key takes `version` of it from
 /// a peer, carried `carried` (see the module's doc).
 pub fn takes(version: &Version, horizon_ms: u64, carried: Carried, held: Option<&Siblings>) -> bool {
-    let deletes_live =
-        || held.is_some_and(|held| held.versions().iter().any(|v| !v.is_tombstone() && version.dominates(v)));
+    let held = held.map_or(&[][..], Siblings::versions);
     match (below(version, horizon_ms), version.is_tombstone(), carried) {
         (false, _, _) => true,
-        (true, true, _) => deletes_live(),
+        (true, true, _) => held.iter().any(|v| !v.is_tombstone() && version.dominates(v)),
         (true, false, Carried::Message) => false,
-        (true, false, Carried::Stream) => true,
+        (true, false, Carried::Stream) => !held.iter().any(|v| v.dominates(version)),
     }
 }
 

@@ -357,7 +357,11 @@ impl MapStore {
                 .into_versions()
                 .into_iter()
                 .filter(|v| match without {
-                    Some(PurgeSafeguard::TakeOldTombstone) if horizon::needs_held(v, self.horizon_ms) => false,
+                    Some(PurgeSafeguard::TakeOldTombstone)
+                        if v.is_tombstone() && horizon::below(v, self.horizon_ms) =>
+                    {
+                        false
+                    }
                     _ => horizon::takes(v, self.horizon_ms, carried, held),
                 })
                 .collect();
@@ -2137,20 +2141,32 @@ fn two_replicas_down_quorum_is_unavailable_and_one_succeeds() {
 /// `quiver-ring`'s `tests/versions.rs` fails at once without it.
 #[test]
 fn each_safeguard_matters() {
-    const SEEDS: u64 = 200;
-    let quiet = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
-    let mut found = Vec::new();
-    for safeguard in [
+    let safeguards = [
         Safeguard::AckWhenDurable,
         Safeguard::BatchLog,
         Safeguard::BatchReplay,
         Safeguard::QuorumOverlap,
         Safeguard::WaitBeforeStamp,
         Safeguard::StaleHits,
-    ] {
-        let failing = (0..SEEDS).find_map(|seed| {
-            let failed = std::panic::catch_unwind(|| run_without(seed, Some(safeguard))).err()?;
+    ];
+    each_fails_a_seed(&safeguards, 200, |seed, safeguard| {
+        run_without(seed, Some(safeguard));
+    });
+}
+
+/// For each of `safeguards`, the first of `seeds` histories that `run`
+/// without it fails; asserts that each has one.
+fn each_fails_a_seed<S: Copy + std::fmt::Debug + std::panic::RefUnwindSafe>(
+    safeguards: &[S],
+    seeds: u64,
+    run: impl Fn(u64, S) + std::panic::RefUnwindSafe,
+) {
+    let quiet = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let mut found = Vec::new();
+    for &safeguard in safeguards {
+        let failing = (0..seeds).find_map(|seed| {
+            let failed = std::panic::catch_unwind(|| run(seed, safeguard)).err()?;
             let message = failed.downcast_ref::<String>().cloned().unwrap_or_default();
             Some((seed, message.chars().take(300).collect::<String>()))
         });
@@ -2159,7 +2175,7 @@ fn each_safeguard_matters() {
     std::panic::set_hook(quiet);
     eprintln!("{found:#?}");
     for (safeguard, failing) in found {
-        assert!(failing.is_some(), "without {safeguard:?}, none of {SEEDS} histories failed");
+        assert!(failing.is_some(), "without {safeguard:?}, none of {seeds} histories failed");
     }
 }
 
@@ -2341,21 +2357,8 @@ fn deletes_stay_deleted_with_purges_at_random_points() {
 
 #[test]
 fn each_purge_safeguard_matters() {
-    const SEEDS: u64 = 300;
-    let quiet = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
-    let mut found = Vec::new();
-    for safeguard in [PurgeSafeguard::Covered, PurgeSafeguard::RefuseOld, PurgeSafeguard::TakeOldTombstone] {
-        let failing = (0..SEEDS).find_map(|seed| {
-            let failed = std::panic::catch_unwind(|| purge_history(seed, Some(safeguard))).err()?;
-            let message = failed.downcast_ref::<String>().cloned().unwrap_or_default();
-            Some((seed, message.chars().take(300).collect::<String>()))
-        });
-        found.push((safeguard, failing));
-    }
-    std::panic::set_hook(quiet);
-    eprintln!("{found:#?}");
-    for (safeguard, failing) in found {
-        assert!(failing.is_some(), "without {safeguard:?}, none of {SEEDS} purge histories failed");
-    }
+    let safeguards = [PurgeSafeguard::Covered, PurgeSafeguard::RefuseOld, PurgeSafeguard::TakeOldTombstone];
+    each_fails_a_seed(&safeguards, 300, |seed, safeguard| {
+        purge_history(seed, Some(safeguard));
+    });
 }

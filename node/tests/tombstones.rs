@@ -139,6 +139,16 @@ fn an_exchange_takes_old_live_versions_and_old_tombstones_only_where_they_delete
     stream(b"purged", purged_here);
     assert_eq!(versions(&store, b"purged"), None, "an old tombstone that deletes nothing is not");
     stream(b"missed", deletes_old.clone());
-    assert_eq!(versions(&store, b"missed"), Some(Siblings::one(deletes_old)));
+    assert_eq!(versions(&store, b"missed"), Some(Siblings::one(deletes_old.clone())));
     assert_eq!(store.stale_refused(), 1);
+    // An old live version that what is held here deletes does not land
+    // beside it (the tombstone's purge would uncover it).
+    stream(b"missed", stamp_before(&deletes_old));
+    assert_eq!(store.stale_refused(), 2);
+    assert_eq!(versions(&store, b"missed"), Some(Siblings::one(deletes_old)));
+}
+
+/// A live version stamped just before `version`.
+fn stamp_before(version: &Version) -> Version {
+    Version { hlc: Hlc(version.hlc.0 - 1), value: Some(b"older".to_vec()), ..version.clone() }
 }

@@ -246,8 +246,9 @@ impl LocalStore {
     }
 
     /// Another replica's sibling sets, as an anti-entropy repair streams
-    /// them (its current state): merged whole, but for tombstones older
-    /// than the horizon that delete nothing held here ([`horizon::takes`]).
+    /// them (its current state): merged whole, but below the horizon for
+    /// tombstones that delete nothing held here and live versions that
+    /// something held here deletes ([`horizon::takes`]).
     pub fn apply_streamed(&self, sets: Vec<(Vec<u8>, Siblings)>, done: Done<()>) {
         self.apply_carried(sets, Vec::new(), Carried::Stream, done)
     }
@@ -267,7 +268,7 @@ impl LocalStore {
             }
             let stored = data_key(&key);
             for version in siblings.into_versions() {
-                if horizon::needs_held(&version, horizon_ms) {
+                if horizon::needs_held(&version, horizon_ms, carried) {
                     undecided.push(storage::Op { key: stored.clone(), version });
                     continue;
                 }

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use quiver_ring::Siblings;
 
 use super::recovery::sort_newest_first;
-use super::{write, Inner, TablesChange};
+use super::{read, write, Inner, TablesChange};
 use crate::storage::compaction::{self, Policy, RunSize};
 use crate::storage::error::{Error, IoContext, Result};
 use crate::storage::keys::{user_key, Keyspace};
@@ -184,7 +184,10 @@ impl Inner {
                     }
                     // The newest write of the key here is in one of these.
                     let written_seq = holders.iter().map(|&i| scans[i].table().props().max_seq).max().unwrap_or(0);
-                    if droppable(key, &merged, horizon_ms, outside) && self.purge_allows(key, written_seq) {
+                    if droppable(key, &merged, horizon_ms, outside)
+                        && !self.in_memtables(key)
+                        && self.purge_allows(key, written_seq)
+                    {
                         dropped.any = true;
                         dropped.deleted_keys += 1;
                         if let (Some(user), Some(_)) = (user_key(key), &self.opts.purge) {
@@ -219,6 +222,15 @@ impl Inner {
 }
 
 impl Inner {
+    /// Whether a memtable holds a version of `key`: a deleted key stays
+    /// then (its tombstones are not merged with the memtable's versions, so
+    /// dropping them could uncover an older one there).
+    fn in_memtables(&self, key: &[u8]) -> bool {
+        let levels = self.levels();
+        let memtables = std::iter::once(&levels.active).chain(&levels.frozen);
+        memtables.into_iter().any(|memtable| read(memtable).get(key).is_some())
+    }
+
     /// Whether the [`Purge`](super::Purge), if any, lets the stored key
     /// `key` go (only data keys are asked).
     fn purge_allows(&self, key: &[u8], written_seq: u64) -> bool {

@@ -529,3 +529,23 @@ fn a_barrier_answers_after_every_earlier_write_is_acknowledged() {
     });
     assert_eq!(answered.recv_timeout(WAIT_MAX).unwrap(), 2);
 }
+
+/// A deleted key whose memtable holds a version is not dropped: the
+/// tombstone is not merged with the memtable, and dropping it would
+/// uncover an older version written there after it (a repair's).
+#[test]
+fn a_tombstone_stays_while_a_memtable_holds_its_key() {
+    let (engine, _gate, _sim, _dir, mut stamper) = engine_compacting_on_demand();
+    let older = op(&mut stamper, b"k", b"old");
+    engine.write_blocking(vec![delete(&mut stamper, b"k")]).unwrap();
+    engine.flush().unwrap();
+    engine.write_blocking(vec![older]).unwrap();
+    assert_eq!(value_of(&engine, b"k"), None, "the tombstone deletes the older version");
+    engine.compact().unwrap();
+    assert_eq!(engine.stats().tombstones_dropped, 0, "kept while the memtable holds the key");
+    assert_eq!(value_of(&engine, b"k"), None);
+    engine.flush().unwrap();
+    engine.compact().unwrap();
+    assert_eq!(engine.stats().tombstones_dropped, 1, "merged with the older version, and dropped with it");
+    assert_eq!(value_of(&engine, b"k"), None);
+}
