@@ -23,8 +23,9 @@
 //!
 //! Repairs stream each side's current state (`PeerRequest::Repair`, and
 //! the pull merged here), held to the horizon as streams are
-//! ([`crate::horizon`]): whole, but for tombstones older than the horizon
-//! that delete nothing on the receiving side (it purged them already).
+//! ([`crate::horizon`]): whole, but below the horizon for tombstones that
+//! delete nothing on the receiving side (it purged them already) and live
+//! versions that something there deletes.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
