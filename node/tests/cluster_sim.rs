@@ -1680,21 +1680,17 @@ impl Sim {
     /// node's rule (`antientropy::answer`), each differing key's sibling
     /// sets merged both ways.
     fn anti_entropy_round(&mut self) -> Round {
+        let mut stores: BTreeMap<NodeId, MapStore> =
+            self.nodes.iter_mut().map(|(&id, node)| (id, std::mem::take(&mut node.store))).collect();
+        let ids: Vec<NodeId> = stores.keys().copied().collect();
         let mut round = Round::default();
-        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
-        for &a in &ids {
-            let sets: Vec<Vec<NodeId>> = self.nodes[&a].store.trees.keys().cloned().collect();
-            for set in sets {
-                for &b in set.iter().filter(|&&b| b != a) {
-                    let mut ours = std::mem::take(&mut self.nodes.get_mut(&a).expect("a node").store);
-                    let theirs = &mut self.nodes.get_mut(&b).expect("a replica is a node").store;
-                    match exchange(&mut ours, theirs, &set) {
-                        Some(keys) => round.keys += keys,
-                        None => round.failed += 1,
-                    }
-                    self.nodes.get_mut(&a).expect("a node").store = ours;
-                }
-            }
+        for a in ids {
+            let one = node_round(&mut stores, a, &[], None);
+            round.keys += one.keys;
+            round.failed += one.failed;
+        }
+        for (id, store) in stores {
+            self.nodes.get_mut(&id).expect("a node").store = store;
         }
         round
     }
@@ -1896,15 +1892,50 @@ struct Round {
     failed: usize,
 }
 
-/// An exchange from `ours` with `theirs` over `set`'s keys, to its end:
-/// the keys repaired (`None` if it failed).
-fn exchange(ours: &mut MapStore, theirs: &mut MapStore, set: &[NodeId]) -> Option<usize> {
-    exchange_without(ours, theirs, set, None)
+/// Node `a`'s anti-entropy round, by the node's rule (`Repairer::round`):
+/// with each other replica of each set it holds keys of that is not
+/// `down`, an exchange; a set whose every exchange ended in sync is
+/// covered up to what `a` held when the round began.
+fn node_round(
+    stores: &mut BTreeMap<NodeId, MapStore>,
+    a: NodeId,
+    down: &[NodeId],
+    without: Option<PurgeSafeguard>,
+) -> Round {
+    let held = stores[&a].seq;
+    let sets: Vec<Vec<NodeId>> = stores[&a].trees.keys().cloned().collect();
+    let mut round = Round::default();
+    for set in sets {
+        let mut full = true;
+        for &b in set.iter().filter(|&&b| b != a) {
+            if down.contains(&b) {
+                full = false;
+                continue;
+            }
+            let mut ours = std::mem::take(stores.get_mut(&a).expect("a node"));
+            let theirs = stores.get_mut(&b).expect("a replica is a node");
+            match exchange(&mut ours, theirs, &set, without) {
+                Some(keys) => round.keys += keys,
+                None => {
+                    full = false;
+                    round.failed += 1;
+                }
+            }
+            *stores.get_mut(&a).expect("a node") = ours;
+        }
+        if full {
+            let covered = stores.get_mut(&a).expect("a node").covered.entry(set).or_default();
+            *covered = (*covered).max(held);
+        }
+    }
+    round
 }
 
-/// [`exchange`], its repairs merged as a replica merges a peer's versions
-/// ([`MapStore::merge_replicated`]).
-fn exchange_without(
+/// An exchange from `ours` with `theirs` over `set`'s keys, to its end,
+/// its repairs merged as a replica merges an exchange's versions
+/// ([`MapStore::merge_replicated`]): the keys repaired (`None` if it
+/// failed).
+fn exchange(
     ours: &mut MapStore,
     theirs: &mut MapStore,
     set: &[NodeId],
@@ -2223,32 +2254,8 @@ fn purge_history(seed: u64, without: Option<PurgeSafeguard>) -> usize {
             store.horizon_ms = horizon::horizon_ms(now, PURGE_GRACE_MS);
         }
     };
-    let round = |stores: &mut BTreeMap<NodeId, MapStore>, a: NodeId, down: &[NodeId]| -> usize {
-        let held = stores[&a].seq;
-        let sets: Vec<Vec<NodeId>> = stores[&a].trees.keys().cloned().collect();
-        let mut repaired = 0;
-        for set in sets {
-            let mut full = true;
-            for &b in set.iter().filter(|&&b| b != a) {
-                if down.contains(&b) {
-                    full = false;
-                    continue;
-                }
-                let mut ours = std::mem::take(stores.get_mut(&a).expect("a node"));
-                let theirs = stores.get_mut(&b).expect("a replica is a node");
-                match exchange_without(&mut ours, theirs, &set, without) {
-                    Some(keys) => repaired += keys,
-                    None => full = false,
-                }
-                *stores.get_mut(&a).expect("a node") = ours;
-            }
-            if full {
-                let covered = stores.get_mut(&a).expect("a node").covered.entry(set).or_default();
-                *covered = (*covered).max(held);
-            }
-        }
-        repaired
-    };
+    let round =
+        |stores: &mut BTreeMap<NodeId, MapStore>, a: NodeId, down: &[NodeId]| node_round(stores, a, down, without).keys;
     let resurrected = |stores: &BTreeMap<NodeId, MapStore>, purged: &[(Vec<u8>, Version)]| {
         for (id, store) in stores {
             for (key, tombstone) in purged {

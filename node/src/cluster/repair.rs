@@ -1,10 +1,10 @@
 //! Anti-entropy between nodes: runs the exchange of
 //! [`super::antientropy`] over the peer links, and answers other nodes'.
 //!
-//! - Owns: what the exchanges found (keys repaired, bytes sent, the last
-//!   full exchange of each replica set: one with every other replica of
-//!   it, all synced, recorded by when it began), and the progress of the
-//!   round running.
+//! - Owns: what the exchanges found (keys repaired, bytes sent), and the
+//!   progress of the round running; the last full exchange of each
+//!   replica set (one with every other replica of it, all synced) it
+//!   records in the [`TreeKeeper`].
 //! - Receives: its schedule (`anti_entropy_ms`; 0: only on demand) and
 //!   `quiver repair`'s requests; other nodes' asks ([`answer`]).
 //! - Does: a *round*: for each replica set this node holds keys of, an
@@ -27,7 +27,7 @@
 //! delete nothing on the receiving side (it purged them already) and live
 //! versions that something there deletes.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -38,7 +38,7 @@ use quiver_ring::{NodeId, Siblings};
 use super::antientropy::{self, Exchange, Outcome, Step, Summary};
 use super::calls::{answer_of, off_worker, reply_of, written};
 use super::membership::Membership;
-use super::trees::{ReplicaSet, TreeKeeper, Trees};
+use super::trees::{not_built, FullExchange, ReplicaSet, TreeKeeper, Trees};
 use crate::clock::Clock;
 pub use crate::config::RepairSettings;
 use crate::lock;
@@ -60,8 +60,6 @@ pub struct Repairer {
     wall: Arc<dyn Clock>,
     settings: RepairSettings,
     timeout: Duration,
-    /// When the last full exchange of each replica set began (wall ms).
-    synced: Mutex<HashMap<ReplicaSet, u64>>,
     round: Mutex<Option<(u64, u64)>>,
     running: tokio::sync::Mutex<()>,
     keys_repaired: AtomicU64,
@@ -87,7 +85,6 @@ impl Repairer {
             wall,
             settings,
             timeout,
-            synced: Mutex::default(),
             round: Mutex::default(),
             running: tokio::sync::Mutex::new(()),
             keys_repaired: AtomicU64::new(0),
@@ -136,7 +133,7 @@ impl Repairer {
         // Every write acknowledged so far, up to `held`, is in the trees
         // every exchange below compares.
         let (Some(held), Some(trees)) = (self.trees.barrier().await, self.trees.trees()) else {
-            report.failed.push("the hash trees are not built yet (the ring is not known)".into());
+            report.failed.push(not_built().message);
             return report;
         };
         let up: Vec<NodeId> = self
@@ -177,8 +174,7 @@ impl Repairer {
             }
             if full {
                 report.sets_synced += 1;
-                self.trees.covered(set.clone(), held);
-                lock(&self.synced).insert(set, began);
+                self.trees.covered(set, FullExchange { held, began_ms: began });
             }
         }
         *lock(&self.round) = None;
@@ -274,8 +270,8 @@ impl Repairer {
         let sets: Vec<ReplicaSet> = trees
             .as_ref()
             .map_or_else(Vec::new, |trees| trees.sets().into_iter().filter(|set| set.contains(&self.me)).collect());
-        let synced = lock(&self.synced);
-        let full: Vec<u64> = sets.iter().map(|set| synced.get(set).copied().unwrap_or(0)).collect();
+        let full: Vec<u64> =
+            sets.iter().map(|set| self.trees.last_full_exchange(set).map_or(0, |full| full.began_ms)).collect();
         let roots = sets
             .iter()
             .zip(&full)
@@ -335,9 +331,7 @@ impl Pace {
 /// `check_peer_identity`: both nodes are in the set). `Unavailable` while
 /// the trees are not built.
 pub async fn answer(trees: &TreeKeeper, set: Vec<NodeId>, ask: Ask) -> Result<Told, ServerError> {
-    let Some(trees) = trees.trees() else {
-        return Err(ServerError::new(ErrorKind::Unavailable, "this node's hash trees are not built yet"));
-    };
+    let trees = trees.trees().ok_or_else(not_built)?;
     let tree = trees.tree(&set);
     let listed = match &ask {
         Ask::Keys(segments) => {
@@ -350,15 +344,10 @@ pub async fn answer(trees: &TreeKeeper, set: Vec<NodeId>, ask: Ask) -> Result<To
         .ok_or_else(|| ServerError::new(ErrorKind::Malformed, "an exchange step past its bounds"))
 }
 
-/// The answer to a pull of `keys` (at most [`PULL_KEYS_MAX`]).
+/// The answer to a pull of `keys`, a request already checked
+/// (`check_peer_request`: at most [`PULL_KEYS_MAX`] keys).
 pub async fn pull(trees: &TreeKeeper, keys: Vec<Vec<u8>>) -> Result<Vec<(Vec<u8>, Option<Siblings>)>, ServerError> {
-    if keys.len() > PULL_KEYS_MAX {
-        let message = format!("a pull of {} keys, more than {PULL_KEYS_MAX}", keys.len());
-        return Err(ServerError::new(ErrorKind::Malformed, message));
-    }
-    let Some(trees) = trees.trees() else {
-        return Err(ServerError::new(ErrorKind::Unavailable, "this node's hash trees are not built yet"));
-    };
+    let trees = trees.trees().ok_or_else(not_built)?;
     off_worker(move || trees.siblings(&keys)).await
 }
 

@@ -1106,7 +1106,7 @@ impl Cluster for ClusterStore {
                 keys,
                 differing: differing.into_iter().map(wire::ByteBuf::from).collect(),
             });
-            done(checked.map_err(|why| ServerError::new(ErrorKind::Unavailable, why)))
+            done(checked)
         });
     }
 }
@@ -1203,10 +1203,7 @@ pub fn check_peer_request(limits: &wire::Limits, request: &PeerRequest) -> Resul
         PeerRequest::BatchDone { .. } => Ok(()),
         PeerRequest::Write { sets, hints } => check_sets(limits, sets.iter().chain(hints.iter().flat_map(|h| &h.sets))),
         PeerRequest::Repair { sets } => {
-            if sets.len() > repair::PULL_KEYS_MAX {
-                let message = format!("a repair of {} keys, more than {}", sets.len(), repair::PULL_KEYS_MAX);
-                return Err(ServerError::new(ErrorKind::Malformed, message));
-            }
+            keys_at_most(sets.len(), "a repair")?;
             check_sets(limits, sets.iter())
         }
         PeerRequest::LogBatch { sets, .. } => check_sets(limits, sets.iter()),
@@ -1235,11 +1232,20 @@ pub fn check_peer_request(limits: &wire::Limits, request: &PeerRequest) -> Resul
             }
         }
         PeerRequest::Pull { keys } => {
-            if keys.len() > repair::PULL_KEYS_MAX {
-                let message = format!("a pull of {} keys, more than {}", keys.len(), repair::PULL_KEYS_MAX);
-                return Err(ServerError::new(ErrorKind::Malformed, message));
-            }
+            keys_at_most(keys.len(), "a pull")?;
             keys.iter().try_for_each(|key| limits.check_key(key))
+        }
+    }
+}
+
+/// An exchange's repair or pull carries at most [`repair::PULL_KEYS_MAX`]
+/// keys.
+fn keys_at_most(keys: usize, what: &str) -> Result<(), ServerError> {
+    match keys <= repair::PULL_KEYS_MAX {
+        true => Ok(()),
+        false => {
+            let message = format!("{what} of {keys} keys, more than {}", repair::PULL_KEYS_MAX);
+            Err(ServerError::new(ErrorKind::Malformed, message))
         }
     }
 }

@@ -29,10 +29,12 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use quiver_ring::ring::Ring;
+use quiver_ring::wire::{ErrorKind, ServerError};
 use quiver_ring::{NodeId, Siblings};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use super::antientropy::{leaf, segment_tokens, Segment, Tree};
+use super::calls::off_worker;
 use crate::storage::keys::{data_key, keyspace_start, token_range_start, user_key, Keyspace};
 use crate::storage::{self, Engine};
 use crate::{horizon, lock};
@@ -214,6 +216,11 @@ impl Trees {
     }
 }
 
+/// The error of what needs a node's trees before they are built.
+pub fn not_built() -> ServerError {
+    ServerError::new(ErrorKind::Unavailable, "this node's hash trees are not built yet (the ring is not known)")
+}
+
 /// Where the ring comes from: `None` while it is not known yet.
 pub type RingSource = Box<dyn Fn() -> Option<Arc<Ring>> + Send>;
 
@@ -229,10 +236,21 @@ pub struct TreeKeeper {
     engine: Arc<Engine>,
     trees: Arc<Mutex<Option<Arc<Trees>>>>,
     shared: Arc<Shared>,
-    /// For each replica set, the sequence up to which a full exchange
-    /// covered this node's writes (see [`TreeKeeper::may_purge`]).
-    covered: Mutex<HashMap<ReplicaSet, u64>>,
+    /// For each replica set, its last full exchange: the sequence up to
+    /// which it covered this node's writes (see [`TreeKeeper::may_purge`]),
+    /// and when it began (wall ms).
+    covered: Mutex<HashMap<ReplicaSet, FullExchange>>,
     purged: AtomicU64,
+}
+
+/// A replica set's last full exchange (one with every other replica, all
+/// in sync).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FullExchange {
+    /// It began once the trees held every write up to this sequence.
+    pub held: u64,
+    /// When it began (wall ms).
+    pub began_ms: u64,
 }
 
 /// What the keeper's thread is sent.
@@ -324,12 +342,17 @@ impl TreeKeeper {
         answered.await.ok().flatten()
     }
 
-    /// A full exchange of `set` that began once the trees held every write
-    /// up to `seq` ended in sync.
-    pub fn covered(&self, set: ReplicaSet, seq: u64) {
+    /// A full exchange of `set` ended in sync.
+    pub fn covered(&self, set: ReplicaSet, full: FullExchange) {
         let mut covered = lock(&self.covered);
-        let at = covered.entry(set).or_default();
-        *at = (*at).max(seq);
+        let last = covered.entry(set).or_default();
+        *last = FullExchange { held: last.held.max(full.held), began_ms: last.began_ms.max(full.began_ms) };
+    }
+
+    /// The last full exchange of `set` (`None`: none since the node
+    /// started).
+    pub fn last_full_exchange(&self, set: &[NodeId]) -> Option<FullExchange> {
+        lock(&self.covered).get(set).copied()
     }
 
     /// Whether `key`, deleted, past the grace period and written here at
@@ -341,7 +364,7 @@ impl TreeKeeper {
     /// come back.
     pub fn may_purge(&self, key: &[u8], written_seq: u64) -> bool {
         let Some(trees) = self.trees() else { return false };
-        horizon::covered(written_seq, lock(&self.covered).get(&trees.replica_set(key)).copied())
+        horizon::covered(written_seq, self.last_full_exchange(&trees.replica_set(key)).map(|full| full.held))
     }
 
     /// Checks the kept trees against the data while writes go on: a scan
@@ -350,14 +373,12 @@ impl TreeKeeper {
     /// again behind a new barrier, up to three times, and only what every
     /// scan found is reported (at most 100 keys; a leaf whose key the data
     /// no longer holds is named by its 8-byte slot), with the keys scanned.
-    pub async fn check(&self) -> Result<(Vec<Vec<u8>>, u64), String> {
-        let not_built = || "the hash trees are not built yet (the ring is not known)".to_owned();
+    pub async fn check(&self) -> Result<(Vec<Vec<u8>>, u64), ServerError> {
         let mut found: Option<(Vec<Vec<u8>>, u64)> = None;
         for _ in 0..3 {
             self.barrier().await.ok_or_else(not_built)?;
             let trees = self.trees().ok_or_else(not_built)?;
-            let scanned = tokio::task::spawn_blocking(move || trees.leaves_differing(100)).await;
-            let (differing, keys) = scanned.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+            let (differing, keys) = off_worker(move || trees.leaves_differing(100)).await?;
             let differing = match found {
                 None => differing,
                 Some((before, _)) => before.into_iter().filter(|key| differing.contains(key)).collect(),
