@@ -362,7 +362,7 @@ impl Context {
             }
         }
         let started = Instant::now();
-        loop {
+        let differing = loop {
             let mut roots: std::collections::BTreeMap<Vec<u64>, Vec<(String, u64, u64)>> = Default::default();
             for addr in &self.addrs {
                 let status = Client::connect([addr.clone()]).and_then(|c| c.direct().status());
@@ -378,28 +378,28 @@ impl Context {
                 .filter(|(_, on)| on.iter().any(|(_, root, _)| *root != on[0].1))
                 .map(|(set, on)| format!("TREES DIFFER for replica set {set:x?}: (node, root, keys) {on:x?}"))
                 .collect();
-            if !differing.is_empty() && started.elapsed() <= TREES_AGREE_MAX {
-                std::thread::sleep(Duration::from_millis(200));
-                continue;
+            if differing.is_empty() || started.elapsed() > TREES_AGREE_MAX {
+                break differing;
             }
-            if !differing.is_empty() {
-                return differing;
-            }
-            // And each node's trees are those of its data.
-            let mut wrong = Vec::new();
-            for addr in &self.addrs {
-                match Client::connect([addr.clone()]).and_then(|c| c.direct().check_trees(REPAIR_MAX)) {
-                    Ok(check) if check.differing.is_empty() => {}
-                    Ok(check) => wrong.push(format!(
-                        "TREES DIFFER from the data on the node at {addr}: {} keys, e.g. {:?}",
-                        check.differing.len(),
-                        String::from_utf8_lossy(&check.differing[0])
-                    )),
-                    Err(error) => wrong.push(format!("checking the trees of the node at {addr} failed: {error}")),
-                }
-            }
-            return wrong;
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        if !differing.is_empty() {
+            return differing;
         }
+        // And each node's trees are those of its data.
+        let mut wrong = Vec::new();
+        for addr in &self.addrs {
+            match Client::connect([addr.clone()]).and_then(|c| c.direct().check_trees(REPAIR_MAX)) {
+                Ok(check) if check.differing.is_empty() => {}
+                Ok(check) => wrong.push(format!(
+                    "TREES DIFFER from the data on the node at {addr}: {} keys, e.g. {:?}",
+                    check.differing.len(),
+                    String::from_utf8_lossy(&check.differing[0])
+                )),
+                Err(error) => wrong.push(format!("checking the trees of the node at {addr} failed: {error}")),
+            }
+        }
+        wrong
     }
 
     /// Each node's client address and id, the ring they make, and the
